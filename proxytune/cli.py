@@ -1,0 +1,235 @@
+"""The `proxytune` command. Commands import their heavy dependencies lazily so that `validate`,
+`schema` and a no-op `apply` stay fast."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from proxytune.errors import ProxytuneError
+
+STEPS = ("teacher", "synthesis", "student", "evaluate")
+
+
+def user_errors(func):
+    """Print ProxytuneError as one line on stderr and exit 2; no traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ProxytuneError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: re-run the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="proxytune")
+def main() -> None:
+    """Proxy-Tuning: personalise autoregressive image generators through a diffusion teacher."""
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@user_errors
+def validate(specs: tuple[str, ...]) -> None:
+    """Check spec files (schema, reference folders and images); write nothing."""
+    from proxytune.project import resolve_spec
+
+    for path in specs:
+        resolved = resolve_spec(path, Path.cwd())
+        names = ", ".join(s.name for s in resolved.spec.subjects)
+        click.echo(f"{path}: ok (experiment {resolved.spec.name}; subjects {names})")
+
+
+@main.command()
+def schema() -> None:
+    """Print the spec's JSON Schema (for editor completion)."""
+    from proxytune.spec import ExperimentSpec
+
+    click.echo(json.dumps(ExperimentSpec.model_json_schema(by_alias=True), indent=2))
+
+
+def _compile(specs: tuple[str, ...]):
+    from proxytune.project import resolve_spec, write_compiled
+
+    root = Path.cwd()
+    resolved = [resolve_spec(path, root) for path in specs]
+    write_compiled(resolved, root)
+    return root, resolved
+
+
+@main.command(name="compile")
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@user_errors
+def compile_cmd(specs: tuple[str, ...]) -> None:
+    """Write dvc.yaml (and runs/EXPERIMENT/SUBJECT/params.yaml) for the specs."""
+    from proxytune import compile as compiler
+
+    _, resolved = _compile(specs)
+    for item in resolved:
+        for subject in item.spec.subjects:
+            names = [compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
+            click.echo(" → ".join(names))
+    click.echo("wrote dvc.yaml")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--subject", "subjects", multiple=True, help="Only these subjects (repeatable).")
+@user_errors
+def apply(specs: tuple[str, ...], subjects: tuple[str, ...]) -> None:
+    """Validate, compile and run the specs' stages with `dvc repro` (resumes after a crash)."""
+    from proxytune import compile as compiler
+    from proxytune import project
+
+    root, resolved = _compile(specs)
+    known = {s.name for item in resolved for s in item.spec.subjects}
+    unknown = sorted(set(subjects) - known)
+    if unknown:
+        raise ProxytuneError(f"--subject: no subject named {', '.join(unknown)} in {', '.join(specs)}")
+    project.ensure_dvc(root)
+    targets = compiler.targets(resolved, set(subjects) or None)
+    stale = project.stale_stages(root, targets)
+    if not stale:
+        click.echo("up to date: no stage to run")
+        return
+    click.echo(f"stages to run: {', '.join(stale)}")
+    from proxytune import tracking
+
+    parents, uris = {}, {}
+    for item in resolved:
+        uri = tracking.resolve_uri(item.spec.tracking.uri, root)
+        experiment = item.spec.tracking.experiment or item.spec.name
+        tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
+        parents[item.spec.name] = tracking.start_parent_run(experiment, uri, root, tags)
+        uris[item.spec.name] = uri
+    code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(parents)})
+    for name, run_id in parents.items():
+        tracking.end_parent_run(run_id, uris[name], "FINISHED" if code == 0 else "FAILED")
+    if code != 0:
+        raise ProxytuneError(f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
+    click.echo("done")
+
+
+@main.command(hidden=True)
+@click.argument("step", type=click.Choice(STEPS))
+@click.option("--params", "params_path", required=True, type=click.Path(dir_okay=False))
+@user_errors
+def stage(step: str, params_path: str) -> None:
+    """Run one stage (DVC calls this; see dvc.yaml)."""
+    import importlib
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # keep stage logs to progress and results
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+    module = importlib.import_module(f"proxytune.stages.{step}")
+    module.run(params_path)
+
+
+@main.group()
+def registry() -> None:
+    """Registered adapters (teacher and student LoRAs) in the MLflow registry."""
+
+
+def _uri(uri: str | None) -> str:
+    from proxytune import tracking
+
+    return tracking.resolve_uri(uri, Path.cwd())
+
+
+@registry.command(name="list")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def registry_list(uri: str | None) -> None:
+    """Every registered version with its aliases, role and base model."""
+    from proxytune import tracking
+
+    rows = tracking.list_versions(_uri(uri))
+    if not rows:
+        click.echo("registry is empty")
+        return
+    width = max(len(f"{r['name']}@{r['version']}") for r in rows)
+    for r in rows:
+        click.echo(f"{r['name'] + '@' + r['version']:<{width}}  {r['role']:<8} {r['aliases'] or '-':<20} {r['base_model']}")
+
+
+@registry.command(name="pull")
+@click.argument("ref")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the adapter to.")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def registry_pull(ref: str, output: str, uri: str | None) -> None:
+    """Download NAME[@VERSION|@ALIAS]; the folder loads with diffusers / peft as it is."""
+    from proxytune import tracking
+
+    path, resolved = tracking.pull(_uri(uri), ref, Path(output))
+    click.echo(f"pulled {resolved} → {path}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def lineage(ref: str, as_json: bool, uri: str | None) -> None:
+    """References → teacher → proxy set → student → metrics behind NAME@VERSION."""
+    from proxytune import tracking
+
+    chain = tracking.lineage(_uri(uri), ref)
+    if as_json:
+        click.echo(json.dumps(chain, indent=2))
+        return
+    click.echo(chain["ref"])
+    refs = chain.get("references")
+    if refs:
+        click.echo(f"└─ references {refs['folder']}  digest {str(refs['digest'])[:16]}")
+        for name, sha in refs["files"].items():
+            click.echo(f"   ├─ {name}  sha256 {sha[:16]}")
+    teacher = chain.get("teacher")
+    if teacher:
+        click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}  adapter {str(teacher['adapter_digest'])[:16]}")
+    proxy = chain.get("proxy")
+    if proxy:
+        click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}")
+    student = chain.get("student")
+    if student:
+        click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}  adapter {str(student['adapter_digest'])[:16]}")
+        for evaluation in chain.get("evaluations", []):
+            metrics = "  ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items())
+            click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}")
+
+
+@main.group()
+def data() -> None:
+    """Reference datasets."""
+
+
+@data.command(name="dreambench")
+@click.option("--dest", default="data/dreambench", show_default=True, type=click.Path(file_okay=False))
+@click.option("--subject", "subjects", multiple=True, help="Subjects to fetch (default: all 30).")
+@user_errors
+def data_dreambench(dest: str, subjects: tuple[str, ...]) -> None:
+    """Download DreamBench subjects (CC-BY-4.0) from the dataset's public repository.
+
+    Point PROXYTUNE_DREAMBENCH at a local copy instead to skip the download.
+    """
+    from proxytune import dreambench
+
+    for name, count in dreambench.download(Path(dest), list(subjects) or None):
+        click.echo(f"{name}: {count} images")
+    click.echo(f"done: set PROXYTUNE_DREAMBENCH={Path(dest).resolve()} or keep the default ./data/dreambench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Compile specs into DVC stages: a pure function from validated specs to the dvc.yaml dict and the
+per-subject params files. All stage wiring (teacher → synthesis → student → evaluate) lives here.
+
+Each subject of each experiment is one foreach item keyed `EXPERIMENT.SUBJECT`, so stages are named
+`teacher@dog-demo.dog`. Every stage reads one resolved params file and declares as DVC params only
+the sections it reads: editing `student:` re-runs only the student and evaluation stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxytune.spec import ExperimentSpec
+
+RUNS_DIR = "runs"
+STEPS = ("teacher", "synthesis", "student", "evaluate")
+OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "student": "student", "evaluate": "eval"}
+METRICS_FILE = "metrics.json"
+
+# The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
+# stages because synthesis and evaluation load the base pipeline again.
+_TEACHER_BASE = ["teacher.model", "teacher.revision", "teacher.resolution"]
+STAGE_PARAMS = {
+    "teacher": ["seed", "subject", "teacher"],
+    "synthesis": ["seed", "subject", "synthesis", *_TEACHER_BASE],
+    "student": ["seed", "subject", "student"],
+    "evaluate": ["seed", "subject", "evaluation", "synthesis", *_TEACHER_BASE, "student.model", "student.sampling"],
+}
+
+
+@dataclass(frozen=True)
+class ResolvedSpec:
+    """A validated spec with the facts compile needs from the file system, looked up beforehand."""
+
+    spec: ExperimentSpec
+    spec_path: str  # as given, relative to the project root when inside it
+    spec_digest: str  # sha256 of the spec file's bytes
+    references: dict[str, str]  # subject name -> reference folder (relative when inside the project)
+
+
+def subject_dir(experiment: str, subject: str) -> str:
+    return f"{RUNS_DIR}/{experiment}/{subject}"
+
+
+def item_key(experiment: str, subject: str) -> str:
+    return f"{experiment}.{subject}"
+
+
+def stage_name(step: str, experiment: str, subject: str) -> str:
+    return f"{step}@{item_key(experiment, subject)}"
+
+
+def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
+    """The resolved params file of one subject: every default filled in, so DVC sees real values."""
+    spec = resolved.spec
+    subject = next(s for s in spec.subjects if s.name == subject_name)
+    dump = spec.model_dump(mode="json", by_alias=True)
+    return {
+        "experiment": spec.name,
+        "seed": spec.seed,
+        "subject": subject.model_dump(mode="json", by_alias=True, exclude={"images"}),
+        "teacher": dump["teacher"],
+        "synthesis": dump["synthesis"],
+        "student": dump["student"],
+        "evaluation": dump["evaluation"],
+        # Below: read by stages but not DVC params (moving a folder or a server must not retrain).
+        "tracking": dump["tracking"],
+        "source": {
+            "spec_file": resolved.spec_path,
+            "spec_digest": resolved.spec_digest,
+            "references": resolved.references[subject_name],
+            "images": subject.images,
+        },
+    }
+
+
+def _template(step: str) -> dict:
+    item_dir = "${item.dir}"
+    out = f"{item_dir}/{OUT_DIRS[step]}"
+    upstream = {
+        "teacher": ["${item.refs}"],
+        "synthesis": [f"{item_dir}/teacher"],
+        "student": [f"{item_dir}/proxy"],
+        "evaluate": ["${item.refs}", f"{item_dir}/teacher", f"{item_dir}/student"],
+    }[step]
+    stage = {
+        "cmd": f"proxytune stage {step} --params {item_dir}/params.yaml",
+        "deps": upstream,
+        "params": [{f"{item_dir}/params.yaml": STAGE_PARAMS[step]}],
+        "outs": [out],
+    }
+    if step == "evaluate":
+        stage["metrics"] = [{f"{item_dir}/{METRICS_FILE}": {"cache": False}}]
+    return stage
+
+
+def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) -> tuple[dict, dict[str, dict]]:
+    """Build the dvc.yaml content and the params files for `resolved`, keeping other experiments.
+
+    Args:
+        resolved: specs to (re)compile; their experiments' items are replaced as a whole.
+        existing: the current dvc.yaml content, if any.
+    Returns:
+        (dvc.yaml dict, {params file path: params dict}).
+    """
+    compiled = {spec.spec.name for spec in resolved}
+    stages = dict((existing or {}).get("stages", {}))
+    params_files: dict[str, dict] = {}
+    for step in STEPS:
+        items = dict(stages.get(step, {}).get("foreach", {}))
+        # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
+        items = {key: value for key, value in items.items() if key.split(".", 1)[0] not in compiled}
+        for spec in resolved:
+            for subject in spec.spec.subjects:
+                directory = subject_dir(spec.spec.name, subject.name)
+                items[item_key(spec.spec.name, subject.name)] = {
+                    "dir": directory,
+                    "refs": spec.references[subject.name],
+                }
+                params_files[f"{directory}/params.yaml"] = params_for(spec, subject.name)
+        if items:
+            stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
+        else:
+            stages.pop(step, None)
+    ordered = {step: stages[step] for step in STEPS if step in stages}
+    ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
+    return {"stages": ordered}, params_files
+
+
+def targets(resolved: list[ResolvedSpec], subjects: set[str] | None = None) -> list[str]:
+    """The `evaluate@...` stage names to repro (DVC pulls in their upstream stages)."""
+    names = []
+    for spec in resolved:
+        for subject in spec.spec.subjects:
+            if subjects is None or subject.name in subjects:
+                names.append(stage_name("evaluate", spec.spec.name, subject.name))
+    return names
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    """A path as DVC should see it: relative when inside the project, absolute otherwise."""
+    path = path.resolve()
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()

@@ -1,0 +1,120 @@
+"""Spec layer: parse a YAML file into a typed ExperimentSpec, with one-line errors naming the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from proxytune.errors import SpecError
+from proxytune.spec.evaluation import EvaluationSpec
+from proxytune.spec.experiment import ExperimentSpec
+from proxytune.spec.student import StudentSpec
+from proxytune.spec.subject import SubjectSpec
+from proxytune.spec.synthesis import SynthesisSpec
+from proxytune.spec.teacher import TeacherSpec
+from proxytune.spec.tracking import TrackingSpec
+
+__all__ = [
+    "ExperimentSpec",
+    "SubjectSpec",
+    "TeacherSpec",
+    "SynthesisSpec",
+    "StudentSpec",
+    "EvaluationSpec",
+    "TrackingSpec",
+    "load_spec",
+    "parse_spec",
+    "resolve_images",
+    "dreambench_root",
+]
+
+
+def _key_path(loc: tuple) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("function-after", "function-before", "literal['dreambench']", "list[str]") or "[" in str(item):
+            continue  # pydantic's union/validator branch labels are not keys
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _message(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("greater_than", "int_type", "int_parsing", "int_from_float") and err.get("ctx", {}).get("gt") == 0:
+        return "must be a positive integer"
+    return msg.removeprefix("Value error, ")
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """First error as `file: key.path: message` (one line; the count of others follows)."""
+    errors = error.errors()
+    first = errors[0]
+    line = f"{source}: {_key_path(first['loc'])}: {_message(first)}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
+
+
+def parse_spec(data: object, source: str) -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: (top level): must be a mapping of keys (name, subjects, teacher, ...)")
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(source, err)) from None
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a spec file.
+
+    Raises:
+        SpecError: missing file, malformed YAML, unknown keys, wrong types or values.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
+        raise SpecError(f"{path}: cannot read spec ({err.__class__.__name__})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}: {where}malformed YAML: {problem}") from None
+    return parse_spec(data, str(path))
+
+
+def dreambench_root() -> Path:
+    """Local DreamBench copy: $PROXYTUNE_DREAMBENCH, else ./data/dreambench (see `proxytune data dreambench`)."""
+    return Path(os.environ.get("PROXYTUNE_DREAMBENCH", "data/dreambench")).expanduser().resolve()
+
+
+def resolve_images(subject: SubjectSpec, spec_path: str | Path, index: int) -> Path:
+    """The subject's reference folder as an absolute path.
+
+    Raises:
+        SpecError: the folder does not exist.
+    """
+    if subject.images.startswith("dreambench:"):
+        name = subject.images.split(":", 1)[1]
+        folder = dreambench_root() / name
+        hint = " (set PROXYTUNE_DREAMBENCH or run `proxytune data dreambench`)"
+    else:
+        folder = (Path(spec_path).parent / subject.images).expanduser().resolve()
+        hint = ""
+    if not folder.is_dir():
+        raise SpecError(f"{spec_path}: subjects[{index}].images: no such folder {folder}{hint}")
+    return folder

@@ -1,0 +1,56 @@
+"""Shared pieces of the spec schema: the strict base model and field types."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Built-in tiny architectures, by role. The backends own the builders; tests check both lists agree.
+TINY_TEACHERS = ("tiny-sd",)
+TINY_STUDENTS = ("tiny-llamagen",)
+TINY_CLIP = ("tiny-clip",)
+TINY_DINO = ("tiny-dino",)
+
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, values are re-checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _safe_name(value: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise ValueError(
+            "must be 1-64 characters of lowercase letters, digits, '-' or '_', starting with a letter or "
+            "digit (it becomes a folder and a registry name)"
+        )
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(_safe_name)]
+PositiveInt = Annotated[int, Field(gt=0, strict=True)]
+NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def model_ref_checker(builtins: tuple[str, ...]):
+    """Validator for a model field: a built-in tiny name, a local path or a hub id ("org/name")."""
+
+    def check(value: str) -> str:
+        if value in builtins:
+            return value
+        if value.startswith(("/", ".", "~")):
+            return value  # a local path: existence is checked when the spec is resolved
+        if _HUB_ID.match(value):
+            return value
+        raise ValueError(
+            f"unknown model {value!r}: use a built-in ({', '.join(builtins)}), a local path or a hub id 'org/name'"
+        )
+
+    return AfterValidator(check)

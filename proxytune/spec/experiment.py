@@ -1,0 +1,35 @@
+"""The whole spec file: one experiment with its subjects and the four stage sections."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from proxytune.spec.common import NonNegativeInt, SafeName, Strict
+from proxytune.spec.evaluation import EvaluationSpec
+from proxytune.spec.student import StudentSpec
+from proxytune.spec.subject import SubjectSpec
+from proxytune.spec.synthesis import SynthesisSpec
+from proxytune.spec.teacher import TeacherSpec
+from proxytune.spec.tracking import TrackingSpec
+
+
+class ExperimentSpec(Strict):
+    """A proxytune spec: `proxytune apply` turns it into DVC stages and MLflow runs."""
+
+    name: SafeName = Field(description="Experiment name; folder runs/NAME and MLflow experiment.")
+    seed: NonNegativeInt = Field(default=0, description="Base seed for every stage.")
+    subjects: list[SubjectSpec] = Field(min_length=1, description="Subjects to personalise, each on its own.")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Diffusion teacher (DreamBooth LoRA).")
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec, description="Proxy set generation.")
+    student: StudentSpec = Field(default_factory=StudentSpec, description="AR student (LoRA on proxies).")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="DreamBench evaluation.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
+
+    @model_validator(mode="after")
+    def _unique_subjects(self) -> "ExperimentSpec":
+        seen: set[str] = set()
+        for subject in self.subjects:
+            if subject.name in seen:
+                raise ValueError(f"subjects: duplicate subject name {subject.name!r}")
+            seen.add(subject.name)
+        return self
