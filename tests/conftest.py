@@ -1,0 +1,80 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dreambench_dir() -> Path:
+    """The local DreamBench copy tests use: $PROXYTUNE_DREAMBENCH, else ../shared/dreambench."""
+    env = os.environ.get("PROXYTUNE_DREAMBENCH")
+    return Path(env) if env else REPO.parent / "shared" / "dreambench"
+
+
+@pytest.fixture(scope="session")
+def dreambench() -> Path:
+    root = dreambench_dir()
+    if not (root / "dog").is_dir():
+        pytest.fail(f"DreamBench copy not found at {root}: set PROXYTUNE_DREAMBENCH")
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_cache(tmp_path_factory):
+    """One tiny-model cache for the session (PROXYTUNE_HOME), unless the caller set one."""
+    if "PROXYTUNE_HOME" not in os.environ:
+        os.environ["PROXYTUNE_HOME"] = str(tmp_path_factory.mktemp("proxytune-home"))
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    yield
+
+
+@pytest.fixture
+def project(tmp_path, dreambench, monkeypatch):
+    """A fresh project folder (no git) with DreamBench pointed at the shared copy; cwd is inside it."""
+    monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(dreambench))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "specs").mkdir()
+    return tmp_path
+
+
+def copy_images(src: Path, dst: Path, count: int | None = None) -> Path:
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir())[:count]:
+        shutil.copy(path, dst / path.name)
+    return dst
+
+
+def make_params(project: Path, spec: dict, subject: str | None = None):
+    """Write `spec` into the project, compile it, and return the StageParams of one subject."""
+    import yaml
+
+    from proxytune.project import resolve_spec, write_compiled
+    from proxytune.stages.params import load_params
+
+    path = project / "specs" / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    write_compiled([resolve_spec(path, project)], project)
+    subject = subject or spec["subjects"][0]["name"]
+    return load_params(project / "runs" / spec["name"] / subject / "params.yaml")
+
+
+def tiny_spec(name: str = "t", **sections) -> dict:
+    """A spec sized for tests: tiny models, few steps, few images."""
+    spec = {
+        "name": name,
+        "seed": 0,
+        "subjects": [{"name": "dog", "class": "dog", "images": "dreambench:dog"}],
+        "teacher": {"model": "tiny-sd", "resolution": 64, "steps": 20, "batch_size": 2, "learning_rate": 1e-3,
+                    "checkpoint_every": 10},
+        "synthesis": {"num_images": 6, "num_inference_steps": 4, "batch_size": 4},
+        "student": {"model": "tiny-llamagen", "steps": 20, "batch_size": 4, "learning_rate": 1e-3,
+                    "checkpoint_every": 10, "sampling": {"cfg_scale": 2.0, "top_k": 50}},
+        "evaluation": {"num_prompts": 2, "images_per_prompt": 2, "clip_model": "tiny-clip",
+                       "dino_model": "tiny-dino", "grid_prompts": 2},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    return spec

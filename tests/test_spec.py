@@ -1,0 +1,125 @@
+"""Spec validation: every bad input gives one line naming the file and key, exit code 2, nothing written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from proxytune.cli import main
+from proxytune.spec import ExperimentSpec, load_spec
+
+GOOD = {
+    "name": "t",
+    "subjects": [{"name": "dog", "class": "dog", "images": "dreambench:dog"}],
+    "teacher": {"model": "tiny-sd"},
+}
+
+
+def write(project: Path, data, name: str = "spec.yaml") -> Path:
+    path = project / "specs" / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def with_(**overrides):
+    data = json.loads(json.dumps(GOOD))
+    for dotted, value in overrides.items():
+        node = data
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {}) if not key.isdigit() else node[int(key)]
+        node[keys[-1] if not keys[-1].isdigit() else int(keys[-1])] = value
+    return data
+
+
+BAD_SPECS = [
+    ("name: t\nsubjects: [\n", "malformed YAML"),
+    ("- just\n- a list\n", "(top level): must be a mapping"),
+    (with_(teacher__lora={"rank": 0}), "teacher.lora.rank: must be a positive integer"),
+    (with_(teacher__lora={"rank": -3}), "teacher.lora.rank: must be a positive integer"),
+    (with_(teacher__lora={"rnk": 4}), "teacher.lora.rnk: unknown key"),
+    (with_(teachr={"steps": 3}), "teachr: unknown key"),
+    (with_(teacher__steps="many"), "teacher.steps:"),
+    (with_(student__cfg_dropout=1.5), "student.cfg_dropout:"),
+    (with_(name="../evil"), "name: must be"),
+    (with_(name="a/b"), "name: must be"),
+    (with_(subjects__0__name="dog/.."), "subjects[0].name: must be"),
+    (with_(student__model="gpt-17"), "student.model: unknown model 'gpt-17'"),
+    (with_(teacher__model="sdxl"), "teacher.model: unknown model 'sdxl'"),
+    (with_(synthesis__prompt="a photo of a {class}"), "synthesis.prompt: must contain '{token}'"),
+    ({"name": "t", "subjects": [{"name": "dog", "images": "x"}]}, "subjects[0].class: required key is missing"),
+    ({"name": "t", "subjects": []}, "subjects:"),
+    (with_(subjects__0__images="no/such/folder"), "subjects[0].images: no such folder"),
+]
+
+
+@pytest.mark.parametrize("data,expected", BAD_SPECS, ids=[e for _, e in BAD_SPECS])
+@pytest.mark.parametrize("command", ["validate", "compile", "apply"])
+def test_bad_spec_one_line_exit_2_nothing_written(project, data, expected, command):
+    path = write(project, data)
+    result = CliRunner().invoke(main, [command, str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {path}: "), lines[0]
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in project.iterdir()) == ["specs"]  # no dvc.yaml, runs/, registry/, .dvc/
+
+
+def test_missing_spec_file(project):
+    result = CliRunner().invoke(main, ["validate", "specs/nope.yaml"])
+    assert result.exit_code == 2
+    assert "specs/nope.yaml: no such spec file" in result.output
+
+
+def test_empty_and_corrupt_reference_images(project):
+    empty = project / "refs-empty"
+    empty.mkdir()
+    path = write(project, with_(subjects__0__images="../refs-empty"))
+    result = CliRunner().invoke(main, ["apply", str(path)])
+    assert result.exit_code == 2 and "subjects[0].images" in result.output and "no reference images" in result.output
+
+    corrupt = project / "refs-corrupt"
+    corrupt.mkdir()
+    (corrupt / "00.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    path = write(project, with_(subjects__0__images="../refs-corrupt"))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "00.jpg: not a readable image" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_defaults_are_filled_and_typed(project):
+    spec = load_spec(write(project, GOOD))
+    assert isinstance(spec, ExperimentSpec)
+    assert spec.subjects[0].token == "S*"
+    assert spec.synthesis.num_images == 1000  # the paper's proxy set size is the default
+    assert spec.student.betas == (0.9, 0.95)
+    assert spec.evaluation.images_per_prompt == 4
+
+
+def test_schema_command_prints_json_schema():
+    result = CliRunner().invoke(main, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert schema["additionalProperties"] is False
+    assert "teacher" in schema["properties"] and "subjects" in schema["required"]
+
+
+def test_shipped_specs_validate(dreambench, monkeypatch):
+    monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(dreambench))
+    for path in sorted((Path(__file__).parents[1] / "specs").glob("*.yaml")):
+        load_spec(path)
+
+
+def test_builtin_names_match_backends():
+    from proxytune.backends import ar, diffusion, encoders
+    from proxytune.spec import common
+
+    assert set(common.TINY_TEACHERS) == set(diffusion.TINY_TEACHERS)
+    assert set(common.TINY_STUDENTS) == set(ar.TINY_STUDENTS)
+    assert set(common.TINY_CLIP) == set(encoders.TINY_CLIP)
+    assert set(common.TINY_DINO) == set(encoders.TINY_DINO)
