@@ -280,6 +280,8 @@ def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
     """Download a registered adapter into out_dir (atomically) and return (path, 'name@version')."""
     from proxytune.files import staged_dir
 
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ProxytuneError(f"-o {out_dir}: already exists and is not an empty folder")
     mlflow = _mlflow()
     client = connect(uri)
     version = get_version(client, ref)
