@@ -1,0 +1,438 @@
+"""LlamaGen-style autoregressive student: a Llama decoder over the VQ codes of an image tokenizer.
+
+A sequence is [caption slots (C); image codes (L)]. The caption slots are the text encoder's
+features (pads zeroed) through a small MLP; the codes are a VQ tokenizer's grid in raster order.
+The model predicts every code from the caption and the codes before it, so training is one
+teacher-forced pass and sampling is L steps with a KV cache.
+
+A student folder (tiny, local or on the hub) holds transformer/ (ARStudent), vqvae/ (diffusers
+VQModel), text_encoder/ (T5 encoder), tokenizer/ and proxytune_student.json ({"image_size": S}).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
+
+from proxytune.backends import hub
+from proxytune.backends.tokenizer import char_vocab_size, write_char_clip_tokenizer
+from proxytune.errors import ProxytuneError
+
+try:  # transformers 5: init helpers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as init
+except ImportError:  # transformers 4 only initialises missing weights anyway
+    from torch.nn import init
+
+STUDENT_META = "proxytune_student.json"
+# Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# -----------------------------------------------------------------------------
+# model
+
+
+class ARStudentConfig(PretrainedConfig):
+    """Defaults follow LlamaGen's text-to-image GPT-XL (FLAN-T5-XL captions, 16x16 codes)."""
+
+    model_type = "proxytune_ar"
+
+    codebook_size: int = 16384
+    hidden_size: int = 1280
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 20
+    intermediate_size: int = 3584
+    cond_len: int = 120  # caption slots before the first image code
+    text_dim: int = 2048  # text encoder width
+    grid_size: int = 16  # codes per image side: L = grid_size ** 2
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size**2
+
+
+class CaptionProjection(nn.Module):
+    """Text features -> model width, as LlamaGen's caption embedder (no biases, so zero pads stay zero)."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(text_dim, hidden_size, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def backbone_config(config: ARStudentConfig) -> LlamaConfig:
+    """The Llama decoder of a student: its vocabulary is the VQ codebook."""
+    return LlamaConfig(
+        vocab_size=config.codebook_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.cond_len + config.seq_len,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_theta=config.rope_theta,
+        initializer_range=config.initializer_range,
+        # no special tokens: a pad id would give code 0 a zero, frozen embedding
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+
+
+class ARStudent(PreTrainedModel):
+    config_class = ARStudentConfig
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: ARStudentConfig):
+        super().__init__(config)
+        self.cap_proj = CaptionProjection(config.text_dim, config.hidden_size)
+        # What a dropped caption is replaced by (classifier-free guidance); saved with the weights.
+        self.register_buffer("uncond_embedding", torch.empty(config.cond_len, config.text_dim))
+        self.backbone = LlamaModel(backbone_config(config))
+        self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ARStudent):
+            init.normal_(module.uncond_embedding, std=1.0 / math.sqrt(module.config.text_dim))
+
+    def embed_caption(self, text_feats: torch.Tensor, drop_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, Dt) text features -> (B, C, H) input embeddings; dropped rows use the uncond embedding."""
+        cond = text_feats.to(self.uncond_embedding.dtype)
+        if drop_cond is not None:
+            cond = torch.where(drop_cond.to(cond.device)[:, None, None], self.uncond_embedding, cond)
+        return self.cap_proj(cond)
+
+    def forward(
+        self,
+        text_feats: torch.Tensor,
+        codes: torch.Tensor,
+        drop_cond: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """Teacher-forced logits: logits[:, i] predicts codes[:, i] from the caption and codes[:, :i].
+
+        The last code is only a target and is never read, so the next code after a prefix p is
+        `forward(text, cat(p, placeholder))[:, -1]`. With a cache, only the inputs it has not seen
+        yet are run (and the cache is extended in place), and only their logits are returned: the
+        sampler passes the same arguments with or without a cache and reads the last position.
+
+        Args:
+            text_feats: (B, C, Dt) caption features (only read while the cache holds fewer than C).
+            codes: (B, T) code indices, T <= L.
+            drop_cond: (B,) bool, True where the caption is replaced by the uncond embedding.
+            past_key_values: a transformers DynamicCache holding the inputs before these.
+            use_cache: store the new keys/values in `past_key_values`.
+
+        Returns:
+            (B, T', V) logits for the last T' targets (T' = T without a cache).
+        """
+        C = self.config.cond_len
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        parts = []
+        if seen < C:
+            parts.append(self.embed_caption(text_feats, drop_cond)[:, seen:])  # (B, C - seen, H)
+        parts.append(self.backbone.embed_tokens(codes[:, max(seen - C, 0) : -1]))  # unseen codes, (B, *, H)
+        x = torch.cat(parts, dim=1)
+        out = self.backbone(inputs_embeds=x, past_key_values=past_key_values, use_cache=use_cache)
+        h = out.last_hidden_state[:, max(C - 1 - seen, 0) :]  # caption slots before the last predict nothing
+        return self.lm_head(h)  # (B, T', V)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def sample_next(
+    logits: torch.Tensor, generators: list[torch.Generator], *, top_k: int, temperature: float
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) codes; row i draws one number from generators[i] only.
+
+    temperature 0 means argmax. Draws happen on the CPU so a seed gives the same choice anywhere.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()  # (B, V)
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
+    return torch.cat(picks).to(logits.device)
+
+
+# -----------------------------------------------------------------------------
+# bundle
+
+
+@dataclass
+class ARStudentBundle:
+    """A student and its image and text tokenizers. `model` may be swapped for a peft PeftModel."""
+
+    model: Any  # ARStudent, or a PeftModel wrapping it
+    vq: Any  # diffusers VQModel
+    text_encoder: Any  # transformers T5EncoderModel
+    tokenizer: Any
+    image_size: int
+    path: str
+    random_init: bool
+
+    @property
+    def config(self) -> ARStudentConfig:
+        return self.model.config
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels in [-1, 1] -> (B, L) code indices, raster order."""
+        pixels = pixels.to(self.vq.device, self.vq.dtype)
+        latents = self.vq.encode(pixels).latents  # (B, D, g, g), after quant_conv
+        _, _, (_, _, indices) = self.vq.quantize(latents)  # indices (B * g * g,)
+        return indices.view(pixels.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        """(B, L) code indices -> B RGB images of image_size pixels."""
+        B, L = codes.shape
+        g = math.isqrt(L)
+        indices = codes.reshape(-1).to(self.vq.device)
+        shape = (B, g, g, self.vq.config.vq_embed_dim or self.vq.config.latent_channels)
+        if self.vq.config.lookup_from_codebook:
+            pixels = self.vq.decode(indices, force_not_quantize=True, shape=shape).sample
+        else:
+            quant = self.vq.quantize.get_codebook_entry(indices, shape)  # (B, D, g, g)
+            pixels = self.vq.decode(quant, force_not_quantize=True).sample  # (B, 3, S, S)
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> (B, C, Dt) T5 features, padded/truncated to C slots, pad positions zeroed."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.config.cond_len, truncation=True, return_tensors="pt"
+        ).to(self.text_encoder.device)
+        feats = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, C, Dt)
+
+    def loss(
+        self, text_feats: torch.Tensor, codes: torch.Tensor, *, cfg_dropout: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Next-code cross-entropy on image tokens; each caption is dropped with p = cfg_dropout.
+
+        Args:
+            text_feats: (B, C, Dt) caption features.
+            codes: (B, L) target codes.
+            cfg_dropout: probability a sample's caption is replaced by the uncond embedding.
+            generator: the CPU generator the drops are drawn from (B numbers per call).
+        """
+        drop = torch.rand(codes.shape[0], generator=generator) < cfg_dropout  # (B,)
+        logits = self.model(text_feats, codes, drop_cond=drop.to(codes.device))  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        cfg_scale: float = 7.5,
+        top_k: int = 1000,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample (B, L) codes with classifier-free guidance; image i depends only on prompts[i], seeds[i].
+
+        Args:
+            prompts: one caption per image.
+            seeds: one seed per image; its own generator makes every draw for that image.
+            cfg_scale: logits = uncond + cfg_scale * (cond - uncond); at 1.0 the uncond half is skipped.
+            top_k: sample among the k most likely codes.
+            temperature: softmax temperature; 0 is greedy (argmax).
+            use_cache: decode incrementally with a KV cache (else recompute the whole prefix each step).
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        model = self.model
+        B, L = len(prompts), self.config.seq_len
+        text = self.encode_prompts(prompts)  # (B, C, Dt)
+        drop = torch.zeros(B, dtype=torch.bool)
+        guided = cfg_scale != 1.0
+        if guided:  # one batch [cond; uncond]
+            text = torch.cat([text, text])
+            drop = torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        text = text.to(self.model_device)
+        codes = torch.zeros(len(text), L, dtype=torch.long, device=text.device)  # codes[:, t] is a placeholder until drawn
+        cache = DynamicCache() if use_cache else None
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        for t in tqdm(range(L), desc="student: sample", unit="code", leave=False, disable=None):
+            logits = model(text, codes[:, : t + 1], drop_cond=drop, past_key_values=cache, use_cache=use_cache)
+            logits = logits[:, -1].float()  # (B or 2B, V)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)  # (B,)
+            codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+        return codes[:B]
+
+    def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images (square, image_size; resized bicubic if not) -> (B, 3, S, S) in [-1, 1]."""
+        S = self.image_size
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (S, S):
+                image = image.resize((S, S), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(image))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
+        return pixels / 127.5 - 1.0
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# -----------------------------------------------------------------------------
+# tiny built-in and loading
+
+TINY_COND_LEN = 32
+
+
+def _build_tiny_llamagen(folder: Path) -> None:
+    """64 px images, x4 VQ (16x16 = 256 codes, 512 entries), 2-layer Llama, 2-layer T5 encoder."""
+    from diffusers import VQModel
+    from transformers import T5Config, T5EncoderModel
+
+    student_config = ARStudentConfig(
+        codebook_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        cond_len=TINY_COND_LEN,
+        text_dim=32,
+        grid_size=16,
+        # LoRA leaves lm_head frozen, so its scale bounds the logits: at 0.02 they stay under ~1.3
+        # and fine-tuning cannot lower the loss much; 1/sqrt(hidden) leaves room.
+        initializer_range=0.125,
+    )
+    text_config = T5Config(
+        vocab_size=char_vocab_size(),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=513,
+        eos_token_id=513,
+        decoder_start_token_id=513,
+    )
+    with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
+        torch.manual_seed(0)
+        ARStudent(student_config).save_pretrained(folder / "transformer")
+        VQModel(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            latent_channels=8,
+            vq_embed_dim=8,
+            num_vq_embeddings=512,
+            norm_num_groups=16,
+            sample_size=64,
+        ).save_pretrained(folder / "vqvae")
+        T5EncoderModel(text_config).save_pretrained(folder / "text_encoder")
+    write_char_clip_tokenizer(folder / "tokenizer", model_max_length=TINY_COND_LEN)
+    (folder / STUDENT_META).write_text(json.dumps({"image_size": 64}) + "\n")
+
+
+TINY_STUDENTS = {"tiny-llamagen": lambda: hub.materialize("tiny-llamagen-v1", _build_tiny_llamagen)}
+
+
+def _from_pretrained(cls, path: str, subfolder: str, ref: str):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder)
+    except OSError as err:  # missing folder / file, or the hub could not be reached
+        raise ProxytuneError(f"student model {ref!r}: cannot load {subfolder}/ ({err})") from None
+
+
+def _read_image_size(path: str, vq) -> int:
+    """proxytune_student.json's image_size, else the VQ model's sample_size."""
+    if Path(path).is_dir():
+        meta_path = Path(path) / STUDENT_META
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            meta = json.loads(Path(hf_hub_download(path, STUDENT_META)).read_text())
+        except EntryNotFoundError:
+            meta = {}
+    return int(meta.get("image_size", vq.config.sample_size))
+
+
+def _check_parts(ref: str, bundle: ARStudentBundle) -> None:
+    """The parts of a student folder must agree on widths, codebook and grid."""
+    config, vq = bundle.config, bundle.vq
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    problems = []
+    if bundle.text_encoder.config.d_model != config.text_dim:
+        problems.append(f"text encoder width {bundle.text_encoder.config.d_model} != text_dim {config.text_dim}")
+    if vq.config.num_vq_embeddings != config.codebook_size:
+        problems.append(f"VQ codebook {vq.config.num_vq_embeddings} != codebook_size {config.codebook_size}")
+    if bundle.image_size // factor != config.grid_size:
+        problems.append(f"image_size {bundle.image_size} / VQ factor {factor} != grid_size {config.grid_size}")
+    if problems:
+        raise ProxytuneError(f"student model {ref!r}: " + "; ".join(problems))
+
+
+def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
+    """Load a student (built-in tiny name, local folder or hub id), frozen and in eval mode.
+
+    Raises:
+        ProxytuneError: unknown name, unloadable part, or parts that do not fit together.
+    """
+    from diffusers import VQModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    path = hub.resolve(ref, TINY_STUDENTS, what="student model")
+    model = _from_pretrained(ARStudent, path, "transformer", ref)
+    vq = _from_pretrained(VQModel, path, "vqvae", ref)
+    text_encoder = _from_pretrained(T5EncoderModel, path, "text_encoder", ref)
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", ref)
+    for part in (model, vq, text_encoder):
+        part.to(device).eval().requires_grad_(False)
+    bundle = ARStudentBundle(
+        model=model,
+        vq=vq,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        image_size=_read_image_size(path, vq),
+        path=path,
+        random_init=hub.is_random_init(path),
+    )
+    _check_parts(ref, bundle)
+    return bundle

@@ -1,0 +1,207 @@
+"""AR student backend proved by behaviour: a deterministic tiny build, VQ round trips, LoRA that
+learns and reloads exactly, and a KV-cached sampler that matches full recomputation."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from proxytune.backends import ar
+from proxytune.errors import ProxytuneError
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A tiny-model cache of this module's own."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("ar-home")
+        mp.setenv("PROXYTUNE_HOME", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def bundle(home):
+    """The frozen base student; tests must not wrap or train it."""
+    return ar.load_student("tiny-llamagen")
+
+
+def picture(seed: int = 0) -> Image.Image:
+    """A 64 px RGB test picture: smooth waves plus a little fixed noise."""
+    y, x = np.mgrid[0:64, 0:64] / 63.0
+    rng = np.random.default_rng(seed)
+    rgb = np.stack([np.sin(7 * x + seed), np.cos(5 * y), np.sin(4 * (x + y))], axis=-1)
+    rgb = (rgb + 1) * 127.5 + rng.normal(0, 20, rgb.shape)
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def file_hashes(folder):
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# -----------------------------------------------------------------------------
+# building and loading
+
+
+def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
+    folders = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("PROXYTUNE_HOME", str(tmp_path / name))
+        folders.append(ar.TINY_STUDENTS["tiny-llamagen"]())
+    first, second = (file_hashes(f) for f in folders)
+    assert folders[0] != folders[1]
+    assert sum(name.endswith(".safetensors") for name in first) == 3  # transformer, vqvae, text_encoder
+    assert first == second
+
+
+def test_save_and_load_round_trip_exactly(bundle, tmp_path):
+    bundle.model.save_pretrained(tmp_path)
+    again = ar.ARStudent.from_pretrained(tmp_path).eval()
+    before, after = bundle.model.state_dict(), again.state_dict()
+    assert "uncond_embedding" in after and after["uncond_embedding"].abs().sum() > 0
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    text = torch.randn(2, bundle.config.cond_len, bundle.config.text_dim)
+    codes = torch.randint(0, bundle.config.codebook_size, (2, bundle.config.seq_len))
+    drop = torch.tensor([False, True])
+    with torch.no_grad():
+        assert torch.equal(bundle.model(text, codes, drop_cond=drop), again(text, codes, drop_cond=drop))
+
+
+def test_loaded_student_is_frozen_and_sized(bundle):
+    assert bundle.random_init and bundle.image_size == 64
+    assert not any(p.requires_grad for m in (bundle.model, bundle.vq, bundle.text_encoder) for p in m.parameters())
+    assert not bundle.model.training
+
+
+def test_unknown_student_names_it():
+    with pytest.raises(ProxytuneError, match="nonsense-model"):
+        ar.load_student("nonsense-model")
+
+
+def test_incomplete_local_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ProxytuneError, match="transformer"):
+        ar.load_student(str(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+def test_images_to_codes_and_back(bundle):
+    pixels = bundle.images_to_pixels([picture(0), picture(1).resize((80, 80))])
+    assert pixels.shape == (2, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1
+    codes = bundle.encode_images(pixels)
+    assert codes.shape == (2, 256) and codes.dtype == torch.long
+    assert 0 <= codes.min() and codes.max() < bundle.config.codebook_size
+    assert torch.equal(codes, bundle.encode_images(pixels))
+    images = bundle.decode_codes(codes)
+    assert [(im.mode, im.size) for im in images] == [("RGB", (64, 64))] * 2
+    again = bundle.encode_images(bundle.images_to_pixels(images))
+    assert again.shape == (2, 256) and again.dtype == torch.long
+
+
+def test_prompt_features_zero_the_padding(bundle):
+    prompts = ["a dog", "a much longer prompt about a dog, far past the thirty-two slots"]
+    feats = bundle.encode_prompts(prompts)
+    assert feats.shape == (2, 32, 32)
+    # the pad token is EOS too, so only the mask tells padding from text
+    mask = bundle.tokenizer(prompts, padding="max_length", max_length=32, truncation=True).attention_mask
+    mask = torch.tensor(mask, dtype=torch.bool)
+    assert 0 < mask[0].sum() < 32 and mask[1].all()
+    nonzero = feats.abs().sum(-1) > 0  # (2, 32)
+    assert torch.equal(nonzero, mask)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+@pytest.fixture(scope="module")
+def tuned(home):
+    """A fresh student whose LoRA has overfitted one picture under one prompt."""
+    from peft import LoraConfig, get_peft_model
+
+    student = ar.load_student("tiny-llamagen")
+    codes = student.encode_images(student.images_to_pixels([picture(0)]))  # (1, L)
+    text = student.encode_prompts([PROMPT])  # (1, C, Dt)
+    student.model = get_peft_model(student.model, LoraConfig(r=8, lora_alpha=8, target_modules=ar.LORA_TARGET_MODULES))
+    trainable = [p for p in student.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    student.model.train()
+    for _ in range(150):
+        loss = student.loss(text, codes, cfg_dropout=0.0, generator=generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the student stage; unclipped lr 1e-2 spikes
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    student.model.eval()
+    return student, codes, text, losses
+
+
+def test_lora_targets_only_the_llama_projections(tuned):
+    student = tuned[0]
+    adapted = {name for name, module in student.model.named_modules() if hasattr(module, "lora_A")}
+    assert len(adapted) == 2 * len(ar.LORA_TARGET_MODULES)
+    assert all(".backbone.layers." in name for name in adapted)
+    trainable = [name for name, p in student.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_overfitting_one_image_reproduces_it_greedily(tuned):
+    student, codes, _, losses = tuned
+    assert len(codes.unique()) >= 10  # a non-trivial target
+    assert np.mean(losses[-5:]) < 0.15 * losses[0], (losses[0], losses[-5:])
+    out = student.generate([PROMPT], [0], cfg_scale=1.0, temperature=0)
+    assert torch.equal(out, codes)
+
+
+def test_saved_adapter_reloads_to_identical_logits(tuned, tmp_path):
+    from peft import PeftModel
+
+    student, codes, text, _ = tuned
+    student.model.save_pretrained(str(tmp_path / "adapter"))
+    fresh = ar.load_student("tiny-llamagen")
+    drop = torch.tensor([False, True])
+    text2, codes2 = text.expand(2, -1, -1), codes.expand(2, -1)
+    with torch.no_grad():
+        base = fresh.model(text2, codes2, drop_cond=drop)
+        fresh.model = PeftModel.from_pretrained(fresh.model, str(tmp_path / "adapter"))
+        fresh.model.eval()
+        reloaded = fresh.model(text2, codes2, drop_cond=drop)
+        trained = student.model(text2, codes2, drop_cond=drop)
+    assert torch.equal(reloaded, trained)
+    assert not torch.allclose(base, trained, atol=1e-3)  # the adapter really changes the model
+    assert torch.equal(fresh.generate([PROMPT], [0], cfg_scale=1.0, temperature=0), codes)
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+
+def test_cached_greedy_equals_full_recompute(bundle):
+    prompts = ["a red cube", "a blue ball"]
+    cached = bundle.generate(prompts, [0, 1], cfg_scale=7.5, temperature=0, use_cache=True)
+    full = bundle.generate(prompts, [0, 1], cfg_scale=7.5, temperature=0, use_cache=False)
+    assert cached.shape == (2, 256)
+    assert torch.equal(cached, full)
+
+
+def test_sampling_depends_only_on_own_prompt_and_seed(bundle):
+    kwargs = dict(cfg_scale=4.0, top_k=50, temperature=1.0)
+    pair = bundle.generate(["a red cube", "a blue ball"], [3, 4], **kwargs)
+    assert torch.equal(pair, bundle.generate(["a red cube", "a blue ball"], [3, 4], **kwargs))
+    assert torch.equal(pair[1:], bundle.generate(["a blue ball"], [4], **kwargs))
+    other_seed = bundle.generate(["a red cube"], [5], **kwargs)
+    assert not torch.equal(pair[:1], other_seed)
+    assert 0 <= pair.min() and pair.max() < bundle.config.codebook_size
