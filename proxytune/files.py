@@ -79,3 +79,22 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def canonicalize_safetensors(path: str | Path) -> None:
+    """Rewrite a .safetensors file with its header keys in sorted order.
+
+    The safetensors writer keeps `__metadata__` in a hash map whose order changes between
+    processes, so the same tensors and metadata can give different bytes. Sorting the header makes
+    the file a function of its content (same spec + seed => byte-identical adapters).
+    """
+    import struct
+
+    path = Path(path)
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format allows space padding; keep tensors 8-byte aligned
+    write_bytes_atomic(path, struct.pack("<Q", len(text)) + text + body)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -286,7 +287,11 @@ def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
     client = connect(uri)
     version = get_version(client, ref)
     with staged_dir(out_dir) as tmp:
-        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp))
+        # The artifact is a folder: it lands as tmp/download/adapter; its files go to the top of out_dir.
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp / "download")))
+        for child in local.iterdir():
+            os.replace(child, tmp / child.name)
+        shutil.rmtree(tmp / "download")
     return out_dir, f"{version.name}@{version.version}"
 
 

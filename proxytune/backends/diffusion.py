@@ -15,6 +15,7 @@ import torch
 from proxytune.backends import hub
 from proxytune.backends.tokenizer import char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
+from proxytune.files import canonicalize_safetensors
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd"}
@@ -166,6 +167,7 @@ def save_lora(pipeline_cls, unet, folder: Path, metadata: dict | None = None) ->
         safe_serialization=True,
         unet_lora_adapter_metadata=metadata,
     )
+    canonicalize_safetensors(folder / LORA_WEIGHT_NAME)
     return folder / LORA_WEIGHT_NAME
 
 

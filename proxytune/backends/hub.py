@@ -38,7 +38,10 @@ def materialize(key: str, build: Callable[[Path], None]) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
     try:
-        build(tmp)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's RNG must not move
+            build(tmp)
         (tmp / TINY_MARKER).write_text(json.dumps({"name": key, "random_init": True}) + "\n")
         (tmp / ".complete").write_text("ok\n")
         if target.exists():  # a half-built folder from a crash, or a concurrent winner

@@ -56,6 +56,7 @@ class StudentRecipe:
             lora_dropout=cfg.lora.dropout,
             target_modules=ar.LORA_TARGET_MODULES,
         )
+        torch.manual_seed(self.params.seed + cfg.seed_offset)  # LoRA init draws from the global RNG
         self.bundle.model = get_peft_model(self.bundle.model, lora)
         self.bundle.model.peft_config["default"].base_model_name_or_path = cfg.model
         self.trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]

@@ -56,6 +56,7 @@ class TeacherRecipe:
         self.reference_files = list_images(self.params.references_dir)
         self.references = load_references(self.params.references_dir, cfg.resolution)
         self._cache_inputs()
+        torch.manual_seed(self.params.seed)  # LoRA init draws from the global RNG
         self.trainable = diffusion.add_lora(
             self.pipe.unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
         )
