@@ -140,8 +140,10 @@ def targets(resolved: list[ResolvedSpec], subjects: set[str] | None = None) -> l
 
 def relative_to_root(path: Path, root: Path) -> str:
     """A path as DVC should see it: relative when inside the project, absolute otherwise."""
-    path = path.resolve()
+    import os
+
+    path = Path(os.path.abspath(path))  # not resolve(): a symlinked data folder keeps its project path
     try:
-        return path.relative_to(root.resolve()).as_posix()
+        return path.relative_to(Path(os.path.abspath(root))).as_posix()
     except ValueError:
         return path.as_posix()
