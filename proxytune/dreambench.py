@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +14,7 @@ from proxytune.errors import ProxytuneError
 from proxytune.files import write_bytes_atomic
 
 REPO = "google/dreambooth"
-LISTING = "https://api.github.com/repos/{repo}/contents/dataset{sub}"
+LISTING = "https://api.github.com/repos/{repo}/contents/dataset/{name}"
 SUBJECTS = (
     "backpack backpack_dog bear_plushie berry_bowl can candle cat cat2 clock colorful_sneaker dog dog2 dog3 dog5 "
     "dog6 dog7 dog8 duck_toy fancy_boot grey_sloth_plushie monster_toy pink_sunglasses poop_emoji rc_car "
@@ -29,12 +30,17 @@ def _get(url: str) -> bytes:
         raise ProxytuneError(f"{url}: download failed ({err}); set PROXYTUNE_DREAMBENCH to a local copy instead") from None
 
 
+def listing_url(name: str) -> str:
+    """GitHub's folder listing, or $PROXYTUNE_DREAMBENCH_LISTING (a mirror; tests use a local server)."""
+    return os.environ.get("PROXYTUNE_DREAMBENCH_LISTING", LISTING).format(repo=REPO, name=name)
+
+
 def download(dest: Path, subjects: list[str] | None = None):
     """Download subjects into dest/NAME/*.jpg (files already present are kept); yields (name, count)."""
     for name in subjects or SUBJECTS:
         if name not in SUBJECTS:
             raise ProxytuneError(f"--subject: unknown DreamBench subject {name!r}")
-        listing = json.loads(_get(LISTING.format(repo=REPO, sub=f"/{name}")))
+        listing = json.loads(_get(listing_url(name)))
         files = [entry for entry in listing if entry.get("type") == "file" and entry["name"].lower().endswith((".jpg", ".jpeg", ".png"))]
         for entry in tqdm(files, desc=name, unit="img", leave=False):
             target = dest / name / entry["name"]

@@ -300,6 +300,7 @@ def _run_tag(run, key: str) -> str | None:
 
 
 def _load_json_artifact(run_id: str, path: str) -> object | None:
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a small JSON: no progress bar
     try:
         return _mlflow().artifacts.load_dict(f"runs:/{run_id}/{path}")
     except Exception:

@@ -1,7 +1,8 @@
 """Synthesis stage: the tuned teacher generates the proxy set the student learns from.
 
-Image i always gets seed `synthesis.seed + i`, whatever the batch size, so a re-run, a resumed
-run or a sharded run yields the same files. Images are generated into a scratch folder that
+Image i always gets seed `synthesis.seed + i`, whatever the batch size, and batches are fixed
+blocks of indices, so a re-run or a resumed run yields byte-identical files (another batch size
+gives the same images up to float rounding). Images are generated into a scratch folder that
 survives a crash (finished, readable images are kept); the output folder `proxy/` appears at the
 end with images/, manifest.json (file, prompt, seed, sha256 for each image, the set's digest and the
 teacher version), preview.png and record.json.
@@ -47,20 +48,23 @@ def manifest_digest(entries: list[dict]) -> str:
 def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> None:
     cfg = params.synthesis
     prompt = proxy_prompt(params)
-    todo = [i for i in range(cfg.num_images) if not _is_complete(scratch / f"{i:05d}.png")]
+    # Batches are fixed blocks of image indices: float kernels may round differently for another
+    # batch shape, so a resumed run regenerates whole blocks to stay byte-identical.
+    blocks = [list(range(i, min(i + cfg.batch_size, cfg.num_images))) for i in range(0, cfg.num_images, cfg.batch_size)]
+    todo = [block for block in blocks if not all(_is_complete(scratch / f"{i:05d}.png") for i in block)]
     if not todo:
         return
-    if len(todo) < cfg.num_images:
-        tqdm.write(f"synthesis: resuming, {cfg.num_images - len(todo)} images already done")
+    done = cfg.num_images - sum(len(block) for block in todo)
+    if done:
+        tqdm.write(f"synthesis: resuming, {done} images already done")
     common.seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(
         params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=cfg.lora_scale
     )
     pipe.to(common.device())
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=cfg.num_images, initial=cfg.num_images - len(todo), desc="synthesis", unit="img")
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
+    bar = tqdm(total=cfg.num_images, initial=done, desc="synthesis", unit="img")
+    for batch in todo:
         images = diffusion.generate(
             pipe,
             [prompt] * len(batch),
