@@ -137,6 +137,20 @@ def stage(step: str, params_path: str) -> None:
     module.run(params_path)
 
 
+@main.command(name="report")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@user_errors
+def report_cmd(spec: str) -> None:
+    """Write runs/EXPERIMENT/report.html (self-contained) and report.md; log both to MLflow."""
+    from proxytune import report, tracking
+
+    root = Path.cwd()
+    written = report.write_report(spec, root)
+    uri = tracking.resolve_uri(written.report.tracking_uri, root)
+    run_id = tracking.log_report(uri, written.report.mlflow_experiment, root, [written.html, written.md], written.report.tags())
+    click.echo(f"wrote {written.html.relative_to(root)} and {written.md.relative_to(root)}; logged as MLflow run {run_id}")
+
+
 @main.group()
 def registry() -> None:
     """Registered adapters (teacher and student LoRAs) in the MLflow registry."""
@@ -208,6 +222,25 @@ def lineage(ref: str, as_json: bool, uri: str | None) -> None:
         for evaluation in chain.get("evaluations", []):
             metrics = "  ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items())
             click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}")
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def compare(a: str, b: str, uri: str | None) -> None:
+    """Evaluation metrics of A and B side by side (student NAME@VERSION|ALIAS or evaluation run ids)."""
+    from proxytune import tracking
+
+    result = tracking.compare(_uri(uri), a, b)
+    width = max([len(k) for k in result["metrics"]] + [6])
+    click.echo(f"{'metric':<{width}}  {a:>22}  {b:>22}  {'B - A':>9}")
+    for key, (va, vb) in result["metrics"].items():
+        fmt = lambda v: f"{v:22.4f}" if v is not None else f"{'-':>22}"  # noqa: E731
+        delta = f"{vb - va:+9.4f}" if va is not None and vb is not None else f"{'-':>9}"
+        click.echo(f"{key:<{width}}  {fmt(va)}  {fmt(vb)}  {delta}")
+    click.echo(f"runs: A {result['runs'][a]}  B {result['runs'][b]}")
 
 
 @main.group()

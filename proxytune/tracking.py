@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -20,6 +21,7 @@ from pathlib import Path
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file
 
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PARENT_RUNS_ENV = "PROXYTUNE_PARENT_RUNS"  # JSON {experiment: parent run id}, set by `apply`
 TAG = "proxytune."  # prefix of every tag we write
 
@@ -358,3 +360,65 @@ def lineage(uri: str, ref: str) -> dict:
             {"run_id": e.info.run_id, "metrics": dict(sorted(e.data.metrics.items()))} for e in evaluations
         ]
     return chain
+
+
+# -- evaluation: promotion gate and comparisons -------------------------------------------------
+def record_gate(uri: str, version_ref: str, passed: bool, rule: str) -> None:
+    """Tag the student version with the gate result; only a pass moves the `champion` alias to it."""
+    client = connect(uri)
+    version = get_version(client, version_ref)
+    client.set_model_version_tag(version.name, version.version, f"{TAG}gate", "passed" if passed else "failed")
+    client.set_model_version_tag(version.name, version.version, f"{TAG}gate_rule", rule)
+    if passed:
+        client.set_registered_model_alias(version.name, "champion", version.version)
+
+
+def evaluation_run(uri: str, ref: str):
+    """The newest evaluation run of a registered student version, or the run with that id."""
+    client = connect(uri)
+    if RUN_ID.match(ref):
+        try:
+            return client.get_run(ref)
+        except Exception:
+            raise ProxytuneError(f"{ref}: no such run") from None
+    version = get_version(client, ref)
+    key = f"{version.name}@{version.version}"
+    run = client.get_run(version.run_id)
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.`{TAG}student_version` = '{key}' and tags.`{TAG}stage` = 'evaluate'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        raise ProxytuneError(f"{key}: no evaluation run records this version")
+    return found[0]
+
+
+def compare(uri: str, a: str, b: str) -> dict:
+    """Metrics of two evaluation runs (given as student versions or run ids), side by side."""
+    runs = {a: evaluation_run(uri, a), b: evaluation_run(uri, b)}
+    keys = sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics))
+    return {
+        "runs": {label: run.info.run_id for label, run in runs.items()},
+        "metrics": {k: [runs[a].data.metrics.get(k), runs[b].data.metrics.get(k)] for k in keys},
+    }
+
+
+# -- report -------------------------------------------------------------------------------------
+def log_report(uri: str, experiment: str, root: Path, files: list[Path], tags: dict[str, str]) -> str:
+    """Log the report files as artifacts of a new run named "report" (tag kind=report); return its id."""
+    client = connect(uri)
+    run_tags = {f"{TAG}kind": "report", **{TAG + k: str(v) for k, v in tags.items()}}
+    commit = git_commit(root)
+    if commit:
+        run_tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id(experiment, uri, root), run_name="report", tags=run_tags)
+    try:
+        for path in files:
+            client.log_artifact(run.info.run_id, str(path))
+    except BaseException:
+        client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id

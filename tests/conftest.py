@@ -73,7 +73,8 @@ def tiny_spec(name: str = "t", **sections) -> dict:
         "student": {"model": "tiny-llamagen", "steps": 20, "batch_size": 4, "learning_rate": 1e-3,
                     "checkpoint_every": 10, "sampling": {"cfg_scale": 2.0, "top_k": 50}},
         "evaluation": {"num_prompts": 2, "images_per_prompt": 2, "clip_model": "tiny-clip",
-                       "dino_model": "tiny-dino", "grid_prompts": 2},
+                       "dino_model": "tiny-dino", "grid_prompts": 2, "variance_samples": 4,
+                       "bootstrap_resamples": 200, "gate": [{"metric": "dino", "vs": "teacher"}]},
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value

@@ -144,6 +144,36 @@ def test_lineage_shows_the_chain_with_digests(applied, dreambench):
     assert chain["references"]["files"]["00.jpg"] == ref_sha
 
 
+def test_evaluation_outputs_intervals_variance_and_gate(applied):
+    project, _ = applied
+    eval_dir = subject_dir(project) / "eval"
+    summary = json.loads((eval_dir / "metrics.json").read_text())
+    for model in ("teacher", "student"):
+        for name in ("clip_i", "clip_t", "dino"):
+            value = summary["models"][model][name]
+            assert value["ci95"][0] <= value["mean"] <= value["ci95"][1]
+    prompts = json.loads((eval_dir / "prompts.json").read_text())
+    assert len(prompts) == 2 and len(list((eval_dir / "images" / "student").glob("p*_k*.png"))) == 4
+    variance = json.loads((eval_dir / "variance.json").read_text())
+    for model in ("teacher", "student"):
+        assert len(variance["models"][model]["distances"]) == 4 and variance["models"][model]["total_variance"] > 0
+    gate = json.loads((eval_dir / "gate.json").read_text())
+    flat = json.loads((subject_dir(project) / "metrics.json").read_text())
+    assert gate["passed"] == (flat["student"]["dino"] >= flat["teacher"]["dino"])
+    show = cli(project, "registry", "list").stdout
+    student_line = next(line for line in show.splitlines() if line.startswith("t.dog.student@1"))
+    assert ("champion" in student_line) == gate["passed"]
+
+
+def test_compare_two_evaluations(applied):
+    project, _ = applied
+    record = json.loads((subject_dir(project) / "eval" / "record.json").read_text())
+    out = cli(project, "compare", "t.dog.student@1", record["run_id"]).stdout
+    assert "student.dino" in out and "teacher.clip_i" in out and "+0.0000" in out
+    bad = cli(project, "compare", "t.dog.student@7", record["run_id"], check=False)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: t.dog.student@7")
+
+
 def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreambench):
     project, _ = applied
     other = new_project(tmp_path / "again", dreambench, tiny_spec())

@@ -321,19 +321,26 @@ class DinoEncoder:
         self.model = model.to(device).eval()
 
     @torch.no_grad()
-    def image_embeds(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
-        """Embed images with the DreamBench DINO preprocessing (see `dino_preprocess`).
+    def image_features(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """Raw (unnormalised) CLS features with the DreamBench DINO preprocessing: (N, D) float32 CPU.
 
-        Returns:
-            (N, D) float32 CPU tensor, rows L2-normalised.
+        The feature-distribution analysis (variance, distances to a centroid) needs these scales.
         """
         _require_images(images)
         out = []
         for batch in _batches(images, batch_size):
             pixels = dino_preprocess(batch).to(self.device)
             hidden = self.model(pixel_values=pixels).last_hidden_state
-            out.append(_l2_normalize(hidden[:, 0]).cpu())
+            out.append(hidden[:, 0].float().cpu())
         return torch.cat(out)
+
+    def image_embeds(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """Embed images with the DreamBench DINO preprocessing (see `dino_preprocess`).
+
+        Returns:
+            (N, D) float32 CPU tensor, rows L2-normalised.
+        """
+        return _l2_normalize(self.image_features(images, batch_size))
 
     def describe(self) -> dict:
         """Encoder id, weights path, preprocessing and embedding, for the evaluation record."""
@@ -393,20 +400,30 @@ def load_dino(ref: str, *, device: str = "cpu") -> DinoEncoder:
 # --- metrics ---------------------------------------------------------------------------------
 
 
-def mean_pairwise_cosine(gen: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean cosine similarity over all N x M (generated, reference) pairs.
+def _check_pairs(gen: torch.Tensor, ref: torch.Tensor) -> None:
+    if gen.ndim != 2 or ref.ndim != 2 or gen.shape[1] != ref.shape[1]:
+        raise ValueError(f"expected (N, D) and (M, D) embeddings, got {tuple(gen.shape)} and {tuple(ref.shape)}")
+    if gen.shape[0] == 0 or ref.shape[0] == 0:
+        raise ValueError("empty embeddings")
+
+
+def per_image_pairwise_cosine(gen: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """(N,) mean cosine of each generated image to all M references; its mean is the metric.
 
     Both inputs are L2-normalised here (a no-op for encoder outputs), so raw embeddings work too.
+    """
+    _check_pairs(gen, ref)
+    return (_l2_normalize(gen) @ _l2_normalize(ref).T).mean(dim=1)
+
+
+def mean_pairwise_cosine(gen: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean cosine similarity over all N x M (generated, reference) pairs.
 
     Args:
         gen: (N, D) generated-image embeddings.
         ref: (M, D) reference-image embeddings.
     """
-    if gen.ndim != 2 or ref.ndim != 2 or gen.shape[1] != ref.shape[1]:
-        raise ValueError(f"expected (N, D) and (M, D) embeddings, got {tuple(gen.shape)} and {tuple(ref.shape)}")
-    if gen.shape[0] == 0 or ref.shape[0] == 0:
-        raise ValueError("empty embeddings")
-    return float((_l2_normalize(gen) @ _l2_normalize(ref).T).mean())
+    return float(per_image_pairwise_cosine(gen, ref).mean())
 
 
 def clip_i(gen: torch.Tensor, ref: torch.Tensor) -> float:
@@ -419,6 +436,17 @@ def dino(gen: torch.Tensor, ref: torch.Tensor) -> float:
     return mean_pairwise_cosine(gen, ref)
 
 
+def per_image_clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """(N,) cosine between image i and the text of its prompt; raw, no x100, no clamping."""
+    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+        raise ValueError(
+            f"expected two (N, D) tensors of the same shape, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
+        )
+    if image_embeds.shape[0] == 0:
+        raise ValueError("empty embeddings")
+    return (_l2_normalize(image_embeds) * _l2_normalize(text_embeds)).sum(dim=-1)
+
+
 def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
     """CLIP-T: mean of row-wise cosines between image i and the text of its prompt.
 
@@ -428,13 +456,7 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
         image_embeds: (N, D) generated-image embeddings.
         text_embeds: (N, D) embeddings of each image's prompt, identifier removed.
     """
-    if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-        raise ValueError(
-            f"expected two (N, D) tensors of the same shape, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}"
-        )
-    if image_embeds.shape[0] == 0:
-        raise ValueError("empty embeddings")
-    return float((_l2_normalize(image_embeds) * _l2_normalize(text_embeds)).sum(dim=-1).mean())
+    return float(per_image_clip_t(image_embeds, text_embeds).mean())
 
 
 # --- prompts ---------------------------------------------------------------------------------

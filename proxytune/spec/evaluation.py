@@ -8,6 +8,22 @@ from pydantic import Field
 
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, NonNegativeInt, PositiveInt, Strict, model_ref_checker
 
+Metric = Literal["clip_i", "clip_t", "dino"]
+
+
+class GateRule(Strict):
+    """student.METRIC >= (teacher.METRIC or a number) + margin."""
+
+    metric: Metric = Field(description="Metric the rule reads.")
+    vs: Literal["teacher"] | float = Field(
+        default="teacher", description="'teacher' to compare with the teacher's score, or an absolute threshold."
+    )
+    margin: float = Field(default=0.0, description="Extra amount the student must clear.")
+
+    def describe(self) -> str:
+        target = f"teacher.{self.metric}" if self.vs == "teacher" else f"{self.vs:g}"
+        return f"student.{self.metric} >= {target}" + (f" + {self.margin:g}" if self.margin else "")
+
 ClipModel = Annotated[str, model_ref_checker(TINY_CLIP)]
 DinoModel = Annotated[str, model_ref_checker(TINY_DINO)]
 
@@ -26,3 +42,20 @@ class EvaluationSpec(Strict):
     clip_model: ClipModel = Field(default="openai/clip-vit-base-patch32", description="CLIP for CLIP-I and CLIP-T.")
     dino_model: DinoModel = Field(default="facebook/dino-vits16", description="DINO ViT-S/16 for DINO.")
     grid_prompts: PositiveInt = Field(default=4, description="Prompts shown in the report's image grid.")
+    bootstrap_resamples: PositiveInt = Field(
+        default=1000, description="Bootstrap resamples (over generated images) for the 95% interval of each mean."
+    )
+    variance_samples: NonNegativeInt = Field(
+        default=100,
+        description=(
+            "Samples per model with the proxy prompt for the feature-distribution analysis (paper supplement: "
+            "100); 0 turns it off."
+        ),
+    )
+    gate: list[GateRule] = Field(
+        default_factory=list,
+        description=(
+            "Promotion gate: the student version gets the alias 'champion' only when every rule passes, e.g. "
+            "[{metric: dino, vs: teacher}]. The result is recorded either way."
+        ),
+    )

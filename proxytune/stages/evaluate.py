@@ -1,9 +1,15 @@
-"""Evaluation stage: DreamBench prompts, CLIP-I / CLIP-T / DINO of teacher and student.
+"""Evaluation stage: the DreamBench protocol for teacher and student, side by side.
 
-Both models see the same prompts and seeds (image k of prompt p: seed + 1000 p + k). Metrics are
-means over all generated x reference pairs (CLIP-I, DINO) and over generated images against their
-prompt with the identifier removed (CLIP-T, raw cosine). Writes metrics.json (DVC metrics) beside
-the output folder `eval/`: table.md, per_prompt.json, encoders.json, grid.png, record.json.
+Every model sees the same prompts and seeds (image k of prompt p: seed + 1000 p + k). Scores follow
+the DreamBench conventions: CLIP-I and DINO are means over all generated x reference pairs, CLIP-T
+the raw cosine between each image and its prompt with the identifier removed. Each mean comes with
+a 95% bootstrap interval over generated images. The feature-distribution analysis of the paper's
+supplement (total variance of DINO features of M samples of the proxy prompt, and their L2
+distances to the samples' centroid) and the promotion gate run here too.
+
+Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json (with
+intervals), prompts.json, per_prompt.json, variance.json, gate.json, encoders.json, table.md,
+grid.png, images/MODEL/pPP_kK.png, record.json.
 """
 
 from __future__ import annotations
@@ -11,16 +17,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import stats, tracking
 from proxytune.backends import ar, diffusion, encoders
-from proxytune.files import staged_dir, write_json_atomic, write_text_atomic
+from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
 METRICS = ("clip_i", "clip_t", "dino")
+VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
 
 
 def eval_prompts(params: StageParams) -> list[str]:
@@ -37,125 +46,205 @@ def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
     return [cfg.seed + 1000 * prompt_index + k for k in range(cfg.images_per_prompt)]
 
 
+# -- generators: one object per model with the same call --------------------------------------
+class TeacherSampler:
+    def __init__(self, params: StageParams):
+        self.params = params
+        self.pipe = diffusion.load_pipeline_with_lora(
+            params.teacher.model, params.out("teacher") / "adapter", revision=params.teacher.revision,
+            scale=params.synthesis.lora_scale,
+        )
+        self.pipe.to(common.device())
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list:
+        s = self.params.synthesis
+        return diffusion.generate(self.pipe, prompts, seeds, steps=s.num_inference_steps, guidance=s.guidance_scale,
+                                  size=self.params.teacher.resolution)
+
+
+class StudentSampler:
+    def __init__(self, params: StageParams):
+        from peft import PeftModel
+
+        self.params = params
+        self.bundle = ar.load_student(params.student.model, device=str(common.device()))
+        self.bundle.model = PeftModel.from_pretrained(self.bundle.model, str(params.out("student") / "adapter")).eval()
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> list:
+        s = self.params.student.sampling
+        codes = self.bundle.generate(prompts, seeds, cfg_scale=s.cfg_scale, top_k=s.top_k, temperature=s.temperature)
+        return self.bundle.decode_codes(codes)
+
+
 @torch.no_grad()
-def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
-    pipe = diffusion.load_pipeline_with_lora(
-        params.teacher.model, params.out("teacher") / "adapter", revision=params.teacher.revision,
-        scale=params.synthesis.lora_scale,
-    )
-    pipe.to(common.device())
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    for p, prompt in enumerate(tqdm(prompts, desc="evaluate: teacher", unit="prompt")):
-        seeds = seeds_for(params, p)
-        out.append(
-            diffusion.generate(
-                pipe, [prompt] * len(seeds), seeds, steps=params.synthesis.num_inference_steps,
-                guidance=params.synthesis.guidance_scale, size=params.teacher.resolution,
-            )
-        )
-    return out
+def sample_dreambench(sampler, params: StageParams, prompts: list[str], name: str) -> list[list]:
+    return [sampler([p] * params.evaluation.images_per_prompt, seeds_for(params, i))
+            for i, p in enumerate(tqdm(prompts, desc=f"evaluate: {name}", unit="prompt"))]
 
 
 @torch.no_grad()
-def student_images(params: StageParams, prompts: list[str]) -> list[list]:
-    from peft import PeftModel
-
-    bundle = ar.load_student(params.student.model, device=str(common.device()))
-    bundle.model = PeftModel.from_pretrained(bundle.model, str(params.out("student") / "adapter"))
-    bundle.model.eval()
-    sampling = params.student.sampling
-    out = []
-    for p, prompt in enumerate(tqdm(prompts, desc="evaluate: student", unit="prompt")):
-        seeds = seeds_for(params, p)
-        codes = bundle.generate(
-            [prompt] * len(seeds), seeds, cfg_scale=sampling.cfg_scale, top_k=sampling.top_k,
-            temperature=sampling.temperature,
-        )
-        out.append(bundle.decode_codes(codes))
-    return out
+def sample_variance(sampler, params: StageParams, prompt: str, name: str, batch: int = 8) -> list:
+    count = params.evaluation.variance_samples
+    seeds = [params.evaluation.seed + VARIANCE_SEED_OFFSET + i for i in range(count)]
+    images = []
+    for start in tqdm(range(0, count, batch), desc=f"evaluate: {name} variance samples", unit="batch"):
+        chunk = seeds[start : start + batch]
+        images += sampler([prompt] * len(chunk), chunk)
+    return images
 
 
-def score(images: list[list], prompts: list[str], token: str, clip, dino, ref_clip, ref_dino) -> tuple[dict, list[dict]]:
-    """Overall and per-prompt CLIP-I, CLIP-T and DINO for one model's images."""
-    per_prompt, all_clip, all_text, all_dino = [], [], [], []
-    for prompt, group in zip(prompts, images):
-        gen_clip = clip.image_embeds(group)
-        text = clip.text_embeds([encoders.strip_identifier(prompt, token)] * len(group))
-        gen_dino = dino.image_embeds(group)
-        per_prompt.append(
-            {
-                "prompt": prompt,
-                "clip_i": encoders.clip_i(gen_clip, ref_clip),
-                "clip_t": encoders.clip_t(gen_clip, text),
-                "dino": encoders.dino(gen_dino, ref_dino),
-            }
-        )
-        all_clip.append(gen_clip), all_text.append(text), all_dino.append(gen_dino)
-    gen_clip, text, gen_dino = torch.cat(all_clip), torch.cat(all_text), torch.cat(all_dino)
-    overall = {
-        "clip_i": encoders.clip_i(gen_clip, ref_clip),
-        "clip_t": encoders.clip_t(gen_clip, text),
-        "dino": encoders.dino(gen_dino, ref_dino),
+# -- scoring ----------------------------------------------------------------------------------
+def per_image_scores(images: list[list], prompts: list[str], token: str, clip, dino, ref_clip, ref_dino) -> dict:
+    """(N,) arrays of CLIP-I, CLIP-T and DINO per generated image, prompt-major order."""
+    flat = [image for group in images for image in group]
+    texts = [encoders.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
+    gen_clip = clip.image_embeds(flat)
+    return {
+        "clip_i": encoders.per_image_pairwise_cosine(gen_clip, ref_clip).numpy(),
+        "clip_t": encoders.per_image_clip_t(gen_clip, clip.text_embeds(texts)).numpy(),
+        "dino": encoders.per_image_pairwise_cosine(dino.image_embeds(flat), ref_dino).numpy(),
     }
-    return overall, per_prompt
 
 
-def table(metrics: dict[str, dict], random_init: bool, n_prompts: int, k: int) -> str:
+def summarize(scores: dict, resamples: int, seed: int) -> dict:
+    return {m: {"mean": float(np.mean(v)), "ci95": list(stats.bootstrap_ci(v, resamples, seed))} for m, v in scores.items()}
+
+
+def per_prompt(scores: dict, prompts: list[str], k: int) -> list[dict]:
+    return [{"prompt": p, **{m: float(np.mean(scores[m][i * k : (i + 1) * k])) for m in METRICS}}
+            for i, p in enumerate(prompts)]
+
+
+def evaluate_gate(rules, means: dict[str, dict[str, float]]) -> tuple[bool, list[str]]:
+    details, passed = [], True
+    for rule in rules:
+        student = means["student"][rule.metric]
+        target = (means["teacher"][rule.metric] if rule.vs == "teacher" else float(rule.vs)) + rule.margin
+        ok = student >= target
+        passed &= ok
+        details.append(f"{rule.describe()}: {student:.4f} {'>=' if ok else '<'} {target:.4f} {'pass' if ok else 'FAIL'}")
+    return passed, details
+
+
+def reference_embeddings(params: StageParams, clip, dino, references: list, files: list[Path]):
+    """CLIP and DINO embeddings of the references, computed once per encoder pair and cached."""
+    from safetensors.torch import load_file, save
+
+    digest = digest_files([(p.name, sha256_file(p)) for p in files])
+    cache = params.work("evaluate") / f"refs-{common.config_key(clip.ref, dino.ref, digest)}.safetensors"
+    if cache.exists():
+        tensors = load_file(cache)
+        return tensors["clip"], tensors["dino"]
+    ref_clip, ref_dino = clip.image_embeds(references), dino.image_embeds(references)
+    write_bytes_atomic(cache, save({"clip": ref_clip.contiguous(), "dino": ref_dino.contiguous()}))
+    return ref_clip, ref_dino
+
+
+def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
     lines = ["| model | CLIP-I | CLIP-T | DINO |", "|---|---|---|---|"]
     for model, values in metrics.items():
-        lines.append(f"| {model} | " + " | ".join(f"{values[m]:.4f}" for m in METRICS) + " |")
-    lines.append("")
-    lines.append(f"{n_prompts} prompts x {k} images per model; CLIP-I and DINO: mean cosine over all generated x reference pairs.")
+        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" for m in METRICS]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval over images]. "
+              "CLIP-I and DINO: mean cosine over all generated x reference pairs; CLIP-T: raw cosine, identifier removed."]
     if random_init:
-        lines.append("")
-        lines.append("**Random-initialised models or encoders were used: these numbers test the pipeline, they say nothing about quality.**")
+        lines += ["", "**Random-initialised models or encoders were used: these numbers test the pipeline, they say nothing about quality.**"]
     return "\n".join(lines) + "\n"
 
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
+    cfg = params.evaluation
     common.seed_everything(params.seed)
     teacher_record = common.read_record(params.out("teacher"))
     student_record = common.read_record(params.out("student"))
     prompts = eval_prompts(params)
-    references = [open_rgb(p) for p in list_images(params.references_dir)]
+    proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
+    reference_files = list_images(params.references_dir)
+    references = [open_rgb(p) for p in reference_files]
 
-    generated = {"teacher": teacher_images(params, prompts), "student": student_images(params, prompts)}
+    generated, variance_images = {}, {}
+    for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
+        sampler = make(params)
+        generated[name] = sample_dreambench(sampler, params, prompts, name)
+        if cfg.variance_samples:
+            variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
+        del sampler
 
-    clip = encoders.load_clip(params.evaluation.clip_model)
-    dino = encoders.load_dino(params.evaluation.dino_model)
-    ref_clip, ref_dino = clip.image_embeds(references), dino.image_embeds(references)  # once, shared by both models
-    metrics, per_prompt = {}, {}
-    for model, images in generated.items():
-        metrics[model], per_prompt[model] = score(images, prompts, params.subject.token, clip, dino, ref_clip, ref_dino)
-    random_init = any(
-        [clip.describe()["random_init"], dino.describe()["random_init"], params.teacher.model.startswith("tiny-"),
-         params.student.model.startswith("tiny-")]
-    )
-    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init,
-                 "prompts": len(prompts), "images_per_prompt": params.evaluation.images_per_prompt}
+    clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
+    ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)
+    metrics, breakdown = {}, {}
+    for name, images in generated.items():
+        scores = per_image_scores(images, prompts, params.subject.token, clip, dino, ref_clip, ref_dino)
+        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed)
+        breakdown[name] = per_prompt(scores, prompts, cfg.images_per_prompt)
+    variance = None
+    if variance_images:
+        variance = {"feature": f"DINO CLS of last_hidden_state, unnormalised ({cfg.dino_model})",
+                    "samples": cfg.variance_samples, "prompt": proxy_prompt,
+                    "centroid": "mean feature of the model's own samples", "models": {}}
+        for name, images in variance_images.items():
+            features = dino.image_features(images).numpy()
+            variance["models"][name] = {"total_variance": stats.total_variance(features),
+                                        "distances": stats.centroid_distances(features).tolist()}
+    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
+    gate = None
+    if cfg.gate:
+        passed, details = evaluate_gate(cfg.gate, means)
+        gate = {"rule": " and ".join(r.describe() for r in cfg.gate), "passed": passed, "details": details,
+                "student_version": f"{student_record['model']}@{student_record['version']}"}
+    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"],
+                       params.teacher.model.startswith("tiny-"), params.student.model.startswith("tiny-")])
+    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init}
+    summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts),
+               "images_per_prompt": cfg.images_per_prompt,
+               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "image"}}
 
     tags = {
         "teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
         "student_version": f"{student_record['model']}@{student_record['version']}",
         "random_init": str(random_init),
+        "clip_model": cfg.clip_model,
+        "dino_model": cfg.dino_model,
     }
     out_dir = params.out("eval")
     with common.stage_run(params, "evaluate", tags) as run, staged_dir(out_dir) as tmp:
-        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), params.evaluation.images_per_prompt))
-        write_json_atomic(tmp / "per_prompt.json", per_prompt)
+        for name, groups in generated.items():
+            (tmp / "images" / name).mkdir(parents=True)
+            for p, group in enumerate(groups):
+                for k, image in enumerate(group):
+                    image.save(tmp / "images" / name / f"p{p:02d}_k{k}.png")
+        write_json_atomic(tmp / "metrics.json", summary)
+        write_json_atomic(tmp / "prompts.json", prompts)
+        write_json_atomic(tmp / "per_prompt.json", breakdown)
         write_json_atomic(tmp / "encoders.json", described)
+        if variance:
+            write_json_atomic(tmp / "variance.json", variance)
+        if gate:
+            write_json_atomic(tmp / "gate.json", gate)
+        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), cfg.images_per_prompt))
         rows = []
-        for p in range(min(params.evaluation.grid_prompts, len(prompts))):
+        for p in range(min(cfg.grid_prompts, len(prompts))):
             rows += [references[:4], generated["teacher"][p], generated["student"][p]]
         grid(rows, cell=128).save(tmp / "grid.png")
-        run.log_metrics({f"{model}.{m}": v for model, values in metrics.items() for m, v in values.items()})
-        run.log_params({"evaluation": params.evaluation.model_dump(mode="json")})
+        run.log_params({"evaluation": cfg.model_dump(mode="json"), "encoders": described})
+        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
+        if variance:
+            run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
+        if gate:
+            run.log_metrics({"gate_passed": float(gate["passed"])})
+            tracking.record_gate(run.uri, gate["student_version"], gate["passed"], gate["rule"])
         run.log_artifacts(tmp, "eval")
-        common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": metrics})
-        write_json_atomic(params.subject_dir / "metrics.json", {**metrics, "random_init": random_init})
-    tqdm.write(table(metrics, random_init, len(prompts), params.evaluation.images_per_prompt))
+        common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": means,
+                                  "gate": gate["passed"] if gate else None})
+        flat = {**means, "random_init": random_init}
+        if gate:
+            flat["gate_passed"] = gate["passed"]
+        write_json_atomic(params.subject_dir / "metrics.json", flat)
+    tqdm.write(table(metrics, random_init, len(prompts), cfg.images_per_prompt))
+    if gate:
+        tqdm.write("gate: " + ("passed: alias 'champion' set" if gate["passed"] else "failed: no alias") + "\n  " + "\n  ".join(gate["details"]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""Evaluation protocol: bootstrap intervals, feature-distribution statistics, gate, shared seeds."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_params, tiny_spec
+from proxytune import stats
+from proxytune.backends import encoders
+from proxytune.spec.evaluation import GateRule
+from proxytune.stages import evaluate
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.3, 0.05, size=200)
+    low, high = stats.bootstrap_ci(values, resamples=2000, seed=0)
+    assert low < values.mean() < high
+    # ~ mean +- 1.96 * sd / sqrt(n) for a normal sample
+    half = 1.96 * values.std(ddof=1) / np.sqrt(values.size)
+    assert abs((high - low) / 2 - half) < 0.2 * half
+    assert stats.bootstrap_ci(values, resamples=2000, seed=0) == (low, high)
+    narrow = stats.bootstrap_ci(np.tile(values, 16), resamples=2000, seed=0)
+    assert narrow[1] - narrow[0] < (high - low) / 2
+
+
+def test_total_variance_and_centroid_distances_match_direct_computation():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(50, 8)) * np.arange(1, 9)
+    assert stats.total_variance(features) == pytest.approx(np.trace(np.cov(features, rowvar=False)))
+    distances = stats.centroid_distances(features)
+    assert distances.shape == (50,)
+    assert distances[3] == pytest.approx(np.linalg.norm(features[3] - features.mean(axis=0)))
+    tight = features * 0.5
+    assert stats.total_variance(tight) == pytest.approx(stats.total_variance(features) / 4)
+
+
+def test_per_image_scores_average_to_the_dreambench_metric():
+    gen, ref = torch.randn(6, 16), torch.randn(4, 16)
+    per_image = encoders.per_image_pairwise_cosine(gen, ref)
+    assert per_image.shape == (6,)
+    assert float(per_image.mean()) == pytest.approx(encoders.clip_i(gen, ref), abs=1e-6)
+    direct = torch.nn.functional.cosine_similarity(gen[:, None], ref[None], dim=-1).mean()
+    assert encoders.dino(gen, ref) == pytest.approx(float(direct), abs=1e-6)
+    texts = torch.randn(6, 16)
+    assert float(encoders.per_image_clip_t(gen, texts).mean()) == pytest.approx(encoders.clip_t(gen, texts), abs=1e-6)
+
+
+def test_gate_rules():
+    means = {"teacher": {"clip_i": 0.80, "clip_t": 0.32, "dino": 0.72}, "student": {"clip_i": 0.81, "clip_t": 0.28, "dino": 0.74}}
+    passed, details = evaluate.evaluate_gate([GateRule(metric="dino")], means)
+    assert passed and "pass" in details[0]
+    passed, details = evaluate.evaluate_gate([GateRule(metric="dino"), GateRule(metric="clip_t")], means)
+    assert not passed and "FAIL" in details[1]
+    assert evaluate.evaluate_gate([GateRule(metric="dino", margin=0.05)], means)[0] is False
+    assert evaluate.evaluate_gate([GateRule(metric="clip_t", vs=0.25)], means)[0] is True
+
+
+def test_every_model_sees_the_same_prompts_and_seeds(project):
+    params = make_params(project, tiny_spec(evaluation={"num_prompts": 3, "images_per_prompt": 2}))
+    prompts = evaluate.eval_prompts(params)
+    assert prompts == encoders.dreambench_prompts("S*", "dog")[:3]
+    calls = {"teacher": [], "student": []}
+    for name in calls:
+        sampler = lambda p, s, name=name: calls[name].append((p, s)) or [None] * len(s)  # noqa: E731
+        evaluate.sample_dreambench(sampler, params, prompts, name)
+    assert calls["teacher"] == calls["student"]
+    seeds = [s for _, batch in calls["teacher"] for s in batch]
+    assert len(set(seeds)) == 6 and seeds[:2] == [0, 1] and seeds[2:4] == [1000, 1001]
+
+
+def test_custom_prompt_list(project):
+    params = make_params(project, tiny_spec(evaluation={"prompts": ["a {token} {class} on the moon"], "num_prompts": None}))
+    assert evaluate.eval_prompts(params) == ["a S* dog on the moon"]
