@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from proxytune import tracking
-from proxytune.files import sha256_file, write_json_atomic
+from proxytune.files import sha256_file, write_bytes_atomic, write_json_atomic
 from proxytune.stages.params import StageParams
 
 RECORD = "record.json"
@@ -74,3 +74,29 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
         tags=tags,
         mlflow_experiment=params.tracking.experiment,
     )
+
+
+def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], state: dict) -> None:
+    """Write a resumable checkpoint: LoRA weights (safetensors), then the training state.
+
+    Each file is written atomically, weights first, so a state file always sits next to weights at
+    least as new. `state` holds only tensors, numbers, lists and dicts (optimizer and scheduler
+    state dicts, RNG state, step) so it loads with `torch.load(weights_only=True)`.
+    """
+    import io
+
+    from safetensors.torch import save
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes_atomic(folder / "lora.safetensors", save({k: v.detach().cpu().contiguous() for k, v in lora.items()}))
+    write_bytes_atomic(folder / "state.pt", buffer.getvalue())
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The (LoRA weights, training state) of `save_checkpoint`, or None when there is none."""
+    if not (folder / "state.pt").exists():
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(folder / "lora.safetensors"), torch.load(folder / "state.pt", weights_only=True)

@@ -9,7 +9,6 @@ loads with `PeftModel.from_pretrained`), samples.png, record.json.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,34 +93,29 @@ class StudentRecipe:
 
     # -- checkpointing ---------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        state_path = self.checkpoint_dir / "state.pt"
-        if not state_path.exists():
+        checkpoint = common.load_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
             return
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.bundle.model, load_file(self.checkpoint_dir / "lora.safetensors"))
-        state = torch.load(state_path, weights_only=True)
+        lora, state = checkpoint
+        set_peft_model_state_dict(self.bundle.model, lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.progress = TrainingProgress(step=int(state["step"]), losses=list(state["losses"]))
         tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
+        """LoRA weights, optimiser, RNG and step."""
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save
 
-        lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.bundle.model).items()}
         state = {
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "step": self.progress.step,
             "losses": self.progress.losses,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_bytes_atomic(self.checkpoint_dir / "lora.safetensors", save(lora))
-        write_bytes_atomic(self.checkpoint_dir / "state.pt", buffer.getvalue())
+        common.save_checkpoint(self.checkpoint_dir, get_peft_model_state_dict(self.bundle.model), state)
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self) -> float:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from proxytune.backends import diffusion
-from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic
+from proxytune.files import digest_files, sha256_file, staged_dir
 from proxytune.images import grid, list_images, load_references
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -97,14 +97,13 @@ class TeacherRecipe:
 
     # -- checkpointing ---------------------------------------------------------------------------
     def _maybe_resume(self) -> None:
-        state_path = self.checkpoint_dir / "state.pt"
-        if not state_path.exists():
+        checkpoint = common.load_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
             return
         from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.pipe.unet, load_file(self.checkpoint_dir / "lora.safetensors"))
-        state = torch.load(state_path, weights_only=True)
+        lora, state = checkpoint
+        set_peft_model_state_dict(self.pipe.unet, lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
@@ -112,13 +111,9 @@ class TeacherRecipe:
         tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """LoRA weights, optimiser, LR schedule, RNG and step, each file written atomically."""
-        import io
-
+        """LoRA weights, optimiser, LR schedule, RNG and step."""
         from peft.utils import get_peft_model_state_dict
-        from safetensors.torch import save
 
-        lora = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.pipe.unet).items()}
         state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -126,11 +121,7 @@ class TeacherRecipe:
             "step": self.progress.step,
             "losses": self.progress.losses,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        # Weights first, state last: a state file always points at weights at least as new.
-        write_bytes_atomic(self.checkpoint_dir / "lora.safetensors", save(lora))
-        write_bytes_atomic(self.checkpoint_dir / "state.pt", buffer.getvalue())
+        common.save_checkpoint(self.checkpoint_dir, get_peft_model_state_dict(self.pipe.unet), state)
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self) -> float:
