@@ -1,0 +1,343 @@
+"""Original LlamaGen text-to-image GPT checkpoints on proxytune's AR student (key conversion).
+
+LlamaGen's T2I GPT is a Llama decoder over [120 caption slots; image codes] with two
+differences from transformers' Llama that a port has to carry:
+
+1. Its attention projects q, k, v with one fused `wqkv` and rotates interleaved pairs
+   (x[2i], x[2i+1]) of each head as complex numbers; transformers rotates (x[i], x[i + d/2])
+   ("rotate-half"). Splitting `wqkv` and permuting the q and k rows of every head from
+   interleaved to rotate-half order gives the same attention scores (q.k is unchanged when q
+   and k are permuted alike; v and the output projection are untouched).
+2. Its RoPE is 2D: within each head, the first d/4 pairs rotate by the code's row in the
+   image grid and the last d/4 pairs by its column, one frequency ladder base^(-2k/(d/2)),
+   k < d/4, shared by both axes; the caption slots get cos = sin = 0, so their q and k are
+   exactly zero. `LlamaGenStudent` is an `ar.ARStudent` whose Llama backbone takes its
+   (cos, sin) from these tables (`rope_2d_tables`) instead of the 1D rotary embedding; after
+   the permutation, pair i of the original lives in dims (i, i + d/2), so the 2D structure is
+   carried by the table alone and transformers' own `apply_rotary_pos_emb` is used unchanged.
+
+Key map (original, under ckpt["model"] -> student):
+
+    cls_embedding.uncond_embedding             -> uncond_embedding
+    cls_embedding.cap_proj.fc{1,2}.weight      -> cap_proj.fc{1,2}.weight
+    tok_embeddings.weight                      -> backbone.embed_tokens.weight
+    layers.i.attention.wqkv.weight             -> backbone.layers.i.self_attn.{q,k,v}_proj.weight (q, k permuted)
+    layers.i.attention.wo.weight               -> backbone.layers.i.self_attn.o_proj.weight
+    layers.i.feed_forward.w1 / w3 / w2.weight  -> backbone.layers.i.mlp.gate_proj / up_proj / down_proj.weight
+    layers.i.attention_norm.weight             -> backbone.layers.i.input_layernorm.weight
+    layers.i.ffn_norm.weight                   -> backbone.layers.i.post_attention_layernorm.weight
+    norm.weight                                -> backbone.norm.weight
+    output.weight                              -> lm_head.weight
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from proxytune.backends import ar
+from proxytune.errors import ProxytuneError
+
+# Top-level entries a LlamaGen checkpoint may keep its weights under (training checkpoints
+# also hold "optimizer", "steps" and an argparse "args"); otherwise the file is the bare dict.
+WEIGHT_ENTRIES = ("model", "module", "state_dict")
+
+# Per-layer renames that are plain copies; wqkv is split and permuted separately.
+LAYER_RENAMES = {
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+GLOBAL_RENAMES = {
+    "cls_embedding.uncond_embedding": "uncond_embedding",
+    "cls_embedding.cap_proj.fc1.weight": "cap_proj.fc1.weight",
+    "cls_embedding.cap_proj.fc2.weight": "cap_proj.fc2.weight",
+    "tok_embeddings.weight": "backbone.embed_tokens.weight",
+    "norm.weight": "backbone.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+# -----------------------------------------------------------------------------
+# config presets
+
+
+class LlamaGenStudentConfig(ar.ARStudentConfig):
+    """An `ARStudentConfig` whose model uses LlamaGen's 2D RoPE (own model_type, so a saved folder says so)."""
+
+    model_type = "proxytune_llamagen"
+
+
+def llamagen_ffn_dim(dim: int, multiple_of: int = 256) -> int:
+    """LlamaGen's SwiGLU width: 2/3 of 4 * dim, rounded up to a multiple (1280 -> 3584)."""
+    hidden = int(2 * (4 * dim) / 3)
+    return -(-hidden // multiple_of) * multiple_of
+
+
+def llamagen_t2i_xl(*, grid_size: int = 16) -> LlamaGenStudentConfig:
+    """LlamaGen T2I GPT-XL (about 775M parameters) with FLAN-T5-XL captions.
+
+    Args:
+        grid_size: codes per image side; 16 for the 256 px checkpoints, 32 for 512 px.
+            Default: 16.
+    """
+    return LlamaGenStudentConfig(
+        codebook_size=16384,
+        hidden_size=1280,
+        num_hidden_layers=36,
+        num_attention_heads=20,
+        intermediate_size=llamagen_ffn_dim(1280),
+        cond_len=120,
+        text_dim=2048,
+        grid_size=grid_size,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+
+
+def llamagen_t2i_tiny() -> LlamaGenStudentConfig:
+    """About 0.1M parameters in the same layout, for tests: head dim 16 (4 pairs per axis), 4x4 codes."""
+    return LlamaGenStudentConfig(
+        codebook_size=64,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=llamagen_ffn_dim(64, multiple_of=32),
+        cond_len=8,
+        text_dim=32,
+        grid_size=4,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+
+
+# -----------------------------------------------------------------------------
+# 2D RoPE
+
+
+def head_dim(config: ar.ARStudentConfig) -> int:
+    """Per-head width; must split into a row half and a column half of whole pairs.
+
+    Raises:
+        ValueError: hidden_size not divisible by num_attention_heads, or a head width not divisible by 4.
+    """
+    d, rest = divmod(config.hidden_size, config.num_attention_heads)
+    if rest or d % 4:
+        raise ValueError(
+            f"2D RoPE needs hidden_size / num_attention_heads to be a multiple of 4, "
+            f"got {config.hidden_size} / {config.num_attention_heads}"
+        )
+    return d
+
+
+def rope_2d_tables(
+    config: ar.ARStudentConfig, *, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for every input position [caption slots (zeros); image codes in raster order].
+
+    Rotate-half layout: column j and j + d/2 hold pair j's angle. Pairs j < d/4 turn by the
+    code's row times base^(-2j/(d/2)), pairs j >= d/4 by its column times base^(-2(j - d/4)/(d/2)),
+    computed in float32 as the original does.
+
+    Returns:
+        cos, sin: (cond_len + grid_size**2, head_dim) float32 each.
+    """
+    d, g, C = head_dim(config), config.grid_size, config.cond_len
+    half = d // 2  # one axis' share of the head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, device=device).float() / half))  # (d/4,)
+    pos = torch.arange(g * g, device=device)
+    rows, cols = pos // g, pos % g  # (L,) each
+    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)  # (L, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, d): pair j in columns j and j + d/2
+    blank = torch.zeros(C, d, device=device)  # caption slots: q and k become exactly zero
+    return torch.cat([blank, angles.cos()]), torch.cat([blank, angles.sin()])
+
+
+class Rope2D(nn.Module):
+    """Drop-in for LlamaModel.rotary_emb: position ids index the 2D tables.
+
+    LlamaModel numbers its inputs 0.. (plus the cache length), which is exactly the row of
+    `rope_2d_tables`. The tables are rebuilt per call ((C + L) x d numbers, once per forward,
+    not per layer) and are no buffer, so nothing is saved and from_pretrained has nothing to
+    initialise.
+    """
+
+    def __init__(self, config: ar.ARStudentConfig):
+        super().__init__()
+        self.config = config
+        head_dim(config)  # fail at build time, not at the first forward
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_2d_tables(self.config, device=x.device)
+        return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)  # (B or 1, T, d) each
+
+
+class LlamaGenStudent(ar.ARStudent):
+    """`ar.ARStudent` with LlamaGen's 2D RoPE; same weights, forward, sampling and LoRA targets."""
+
+    config_class = LlamaGenStudentConfig
+
+    def __init__(self, config: LlamaGenStudentConfig):
+        super().__init__(config)
+        self.backbone.rotary_emb = Rope2D(config)
+
+
+# -----------------------------------------------------------------------------
+# conversion
+
+
+def original_shapes(config: ar.ARStudentConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of an original LlamaGen T2I GPT state dict and its shape for `config`."""
+    H, V, Dt, C, F = (
+        config.hidden_size,
+        config.codebook_size,
+        config.text_dim,
+        config.cond_len,
+        config.intermediate_size,
+    )
+    shapes = {
+        "cls_embedding.uncond_embedding": (C, Dt),
+        "cls_embedding.cap_proj.fc1.weight": (H, Dt),
+        "cls_embedding.cap_proj.fc2.weight": (H, H),
+        "tok_embeddings.weight": (V, H),
+        "norm.weight": (H,),
+        "output.weight": (V, H),
+    }
+    for i in range(config.num_hidden_layers):
+        shapes |= {
+            f"layers.{i}.attention.wqkv.weight": (3 * H, H),  # LlamaGen T2I has n_kv_head == n_head
+            f"layers.{i}.attention.wo.weight": (H, H),
+            f"layers.{i}.feed_forward.w1.weight": (F, H),
+            f"layers.{i}.feed_forward.w3.weight": (F, H),
+            f"layers.{i}.feed_forward.w2.weight": (H, F),
+            f"layers.{i}.attention_norm.weight": (H,),
+            f"layers.{i}.ffn_norm.weight": (H,),
+        }
+    return shapes
+
+
+def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Reorder q or k projection rows of each head: pair (2i, 2i + 1) -> rows (i, i + d/2).
+
+    Args:
+        weight: (num_heads * d, in) rows in the original's interleaved order.
+    Returns:
+        (num_heads * d, in), a new tensor.
+    """
+    out_dim, in_dim = weight.shape
+    d = out_dim // num_heads
+    return weight.reshape(num_heads, d // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _check_keys(original: dict, config: ar.ARStudentConfig) -> None:
+    expected = original_shapes(config)
+    problems = []
+    missing = [k for k in expected if k not in original]
+    unexpected = sorted(k for k in original if k not in expected)
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{label} keys {', '.join(keys[:3])}{more}")
+    for key, shape in expected.items():
+        if key in original and tuple(original[key].shape) != shape:
+            problems.append(f"{key} has shape {tuple(original[key].shape)}, config expects {shape}")
+    if problems:
+        raise ProxytuneError("LlamaGen checkpoint does not fit the config: " + "; ".join(problems[:5]))
+
+
+def convert_state_dict(original: dict[str, torch.Tensor], config: ar.ARStudentConfig) -> dict[str, torch.Tensor]:
+    """Original LlamaGen T2I GPT weights -> a `LlamaGenStudent` state dict (see the module's key map).
+
+    Plain renames keep the caller's tensors (no copy); q, k and v are new tensors.
+
+    Args:
+        original: the checkpoint's state dict (ckpt["model"]), original key names.
+        config: the architecture it was trained with (e.g. `llamagen_t2i_xl()`).
+    Raises:
+        ProxytuneError: a key is missing or unexpected, or a shape disagrees with `config`.
+        ValueError: the head width cannot carry the 2D RoPE.
+    """
+    head_dim(config)
+    _check_keys(original, config)
+    H, heads = config.hidden_size, config.num_attention_heads
+    state = {new: original[old] for old, new in GLOBAL_RENAMES.items()}
+    for i in range(config.num_hidden_layers):
+        src, dst = f"layers.{i}.", f"backbone.layers.{i}."
+        q, k, v = original[src + "attention.wqkv.weight"].split(H, dim=0)  # (H, H) each
+        state[dst + "self_attn.q_proj.weight"] = interleaved_to_rotate_half(q, heads)
+        state[dst + "self_attn.k_proj.weight"] = interleaved_to_rotate_half(k, heads)
+        state[dst + "self_attn.v_proj.weight"] = v.clone()  # not a view into the whole wqkv
+        for old, new in LAYER_RENAMES.items():
+            state[dst + new] = original[src + old]
+    return state
+
+
+def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a LlamaGen checkpoint file, without running any pickled code.
+
+    `.safetensors` files are read with safetensors; anything else with
+    torch.load(weights_only=True), allowing only argparse.Namespace beyond tensors and plain
+    containers (LlamaGen's training script stores its arguments as one). The weights are taken
+    from the first of "model", "module", "state_dict" present, else the file is the state dict.
+
+    Raises:
+        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ckpt = load_file(path)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # refused by weights_only, corrupt archive, bad safetensors header
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ProxytuneError(
+            f"LlamaGen checkpoint {str(path)!r}: cannot read it as weights only ({first_line})"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: holds a {type(ckpt).__name__}, not a state dict")
+    for entry in WEIGHT_ENTRIES:
+        if isinstance(ckpt.get(entry), dict):
+            return ckpt[entry]
+    return ckpt
+
+
+def load_original_checkpoint(
+    path: str | Path, config: LlamaGenStudentConfig, *, dtype: torch.dtype | None = None
+) -> LlamaGenStudent:
+    """Build a `LlamaGenStudent` (an `ar.ARStudent`) from an original LlamaGen T2I GPT checkpoint.
+
+    The model is built on the meta device and takes the converted tensors as they are, so the
+    full-size model is never random-initialised first.
+
+    Args:
+        path: a LlamaGen `.pt` / `.pth` checkpoint (or a `.safetensors` file with the original keys).
+        config: its architecture, e.g. `llamagen_t2i_xl()`.
+        dtype: cast floating weights to this dtype. Default: None (keep the checkpoint's).
+    Returns:
+        The model on the CPU in eval mode (not frozen).
+    Raises:
+        ProxytuneError: see `read_original_state_dict` and `convert_state_dict`.
+    """
+    state = convert_state_dict(read_original_state_dict(path), config)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = LlamaGenStudent(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # every tensor of the model must have come from the checkpoint
+        raise RuntimeError(f"not loaded from the checkpoint: {', '.join(left)}")
+    return model.eval()
