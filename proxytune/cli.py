@@ -59,13 +59,32 @@ def schema() -> None:
     click.echo(json.dumps(ExperimentSpec.model_json_schema(by_alias=True), indent=2))
 
 
-def _compile(specs: tuple[str, ...]):
-    from proxytune.project import resolve_spec, write_compiled
+def _resolve(specs: tuple[str, ...]):
+    from proxytune.project import resolve_spec
 
     root = Path.cwd()
-    resolved = [resolve_spec(path, root) for path in specs]
-    write_compiled(resolved, root)
-    return root, resolved
+    return root, [resolve_spec(path, root) for path in specs]
+
+
+def _waiting() -> None:
+    click.echo("waiting for another proxytune apply in this project…", err=True)
+
+
+def _check_servers(paths: tuple[str, ...], resolved) -> None:
+    """Fail fast (one line, before anything is written) when a spec's MLflow server does not answer."""
+    from proxytune import tracking
+
+    checked: set[str] = set()
+    for path, item in zip(paths, resolved):
+        uri = tracking.remote_uri(item.spec.tracking.uri)
+        if uri is None or uri in checked:
+            continue
+        key = "tracking.uri" if item.spec.tracking.uri else "tracking.uri (unset; from $MLFLOW_TRACKING_URI)"
+        try:
+            tracking.check_reachable(uri)
+        except ProxytuneError as err:
+            raise ProxytuneError(f"{path}: {key}: {err}") from None
+        checked.add(uri)
 
 
 @main.command(name="compile")
@@ -74,8 +93,11 @@ def _compile(specs: tuple[str, ...]):
 def compile_cmd(specs: tuple[str, ...]) -> None:
     """Write dvc.yaml (and runs/EXPERIMENT/SUBJECT/params.yaml) for the specs."""
     from proxytune import compile as compiler
+    from proxytune import project
 
-    _, resolved = _compile(specs)
+    root, resolved = _resolve(specs)
+    with project.project_lock(root, _waiting):
+        project.write_compiled(resolved, root)
     for item in resolved:
         for subject in item.spec.subjects:
             names = [compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
@@ -86,36 +108,45 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--subject", "subjects", multiple=True, help="Only these subjects (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Compile and list the stages that would run; run nothing.")
 @user_errors
-def apply(specs: tuple[str, ...], subjects: tuple[str, ...]) -> None:
-    """Validate, compile and run the specs' stages with `dvc repro` (resumes after a crash)."""
-    from proxytune import compile as compiler
-    from proxytune import project
+def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> None:
+    """Validate, compile and run the specs' stages with `dvc repro` (resumes after a crash).
 
-    root, resolved = _compile(specs)
+    One apply runs at a time per project: a second one waits for the first (project lock).
+    """
+    from proxytune import compile as compiler
+    from proxytune import project, tracking
+
+    root, resolved = _resolve(specs)
     known = {s.name for item in resolved for s in item.spec.subjects}
     unknown = sorted(set(subjects) - known)
     if unknown:
         raise ProxytuneError(f"--subject: no subject named {', '.join(unknown)} in {', '.join(specs)}")
-    project.ensure_dvc(root)
-    targets = compiler.targets(resolved, set(subjects) or None)
-    stale = project.stale_stages(root, targets)
-    if not stale:
-        click.echo("up to date: no stage to run")
-        return
-    click.echo(f"stages to run: {', '.join(stale)}")
-    from proxytune import tracking
-
-    parents, uris = {}, {}
-    for item in resolved:
-        uri = tracking.resolve_uri(item.spec.tracking.uri, root)
-        experiment = item.spec.tracking.experiment or item.spec.name
-        tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
-        parents[item.spec.name] = tracking.start_parent_run(experiment, uri, root, tags)
-        uris[item.spec.name] = uri
-    code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(parents)})
-    for name, run_id in parents.items():
-        tracking.end_parent_run(run_id, uris[name], "FINISHED" if code == 0 else "FAILED")
+    if not dry_run:
+        _check_servers(specs, resolved)
+    with project.project_lock(root, _waiting):
+        project.write_compiled(resolved, root)
+        project.ensure_dvc(root)
+        targets = compiler.targets(resolved, set(subjects) or None)
+        stale = project.stale_stages(root, targets)
+        if not stale:
+            click.echo("up to date: no stage to run")
+            return
+        click.echo(f"stages to run: {', '.join(stale)}")
+        if dry_run:
+            click.echo("dry run: nothing was run")
+            return
+        parents, uris = {}, {}
+        for item in resolved:
+            uri = tracking.resolve_uri(item.spec.tracking.uri, root)
+            experiment = item.spec.tracking.experiment or item.spec.name
+            tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
+            parents[item.spec.name] = tracking.start_parent_run(experiment, uri, root, tags)
+            uris[item.spec.name] = uri
+        code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(parents)})
+        for name, run_id in parents.items():
+            tracking.end_parent_run(run_id, uris[name], "FINISHED" if code == 0 else "FAILED")
     if code != 0:
         raise ProxytuneError(f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
     click.echo("done")
@@ -188,40 +219,105 @@ def registry_pull(ref: str, output: str, uri: str | None) -> None:
     from proxytune import tracking
 
     path, resolved = tracking.pull(_uri(uri), ref, Path(output))
-    click.echo(f"pulled {resolved} → {path}")
+    click.echo(f"pulled {resolved} → {path} (every file matches its recorded sha256)")
+
+
+@registry.command(name="show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def registry_show(ref: str, as_json: bool, uri: str | None) -> None:
+    """One version (NAME@VERSION|@ALIAS): aliases, run, source, tags, files with their sha256."""
+    from proxytune import tracking
+
+    info = tracking.show(_uri(uri), ref)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(info["ref"])
+    click.echo(f"  aliases: {', '.join(info['aliases']) or '-'}")
+    click.echo(f"  run:     {info['run_id']}")
+    click.echo(f"  source:  {info['source']}")
+    click.echo(f"  status:  {info['status']}")
+    click.echo("  tags:")
+    for key, value in info["tags"].items():
+        click.echo(f"    {key}: {value}")
+    click.echo("  files (sha256 recorded at registration):")
+    for name, sha in info["files"].items():
+        click.echo(f"    {name}  {sha}")
+
+
+@registry.command(name="promote")
+@click.argument("ref")
+@click.argument("alias")
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def registry_promote(ref: str, alias: str, uri: str | None) -> None:
+    """Point ALIAS (e.g. champion) at NAME@VERSION (or at the version another alias names)."""
+    from proxytune import tracking
+
+    resolved = tracking.promote(_uri(uri), ref, alias)
+    click.echo(f"{resolved.rsplit('@', 1)[0]}@{alias} → {resolved}")
+
+
+@main.command()
+@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@user_errors
+def audit(uri: str | None) -> None:
+    """Re-hash every registered version's files and check every lineage link; exit 1 on any problem."""
+    from proxytune import tracking
+
+    result = tracking.audit(_uri(uri))
+    summary = f"{result['versions']} versions, {result['files']} files, {result['evaluations']} evaluation runs"
+    if result["problems"]:
+        for problem in result["problems"]:
+            click.echo(f"problem: {problem}")
+        click.echo(f"audit: {len(result['problems'])} problems ({summary} checked)")
+        sys.exit(1)
+    click.echo(f"audit: ok ({summary} checked; every file matches its recorded sha256, every link resolves)")
 
 
 @main.command()
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
+@click.option("--mermaid", is_flag=True, help="Print the chain as a mermaid flowchart.")
 @click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
 @user_errors
-def lineage(ref: str, as_json: bool, uri: str | None) -> None:
-    """References → teacher → proxy set → student → metrics behind NAME@VERSION."""
-    from proxytune import tracking
+def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
+    """References → teacher → proxy set → student → metrics behind NAME@VERSION|@ALIAS.
 
-    chain = tracking.lineage(_uri(uri), ref)
+    Each node is marked stale when the spec or its inputs changed since (`dvc status` of the stage
+    the run recorded, run in this project), or "unknown" when the project is not here.
+    """
+    from proxytune import provenance, tracking
+
+    chain = provenance.mark_stale(tracking.lineage(_uri(uri), ref), Path.cwd())
     if as_json:
         click.echo(json.dumps(chain, indent=2))
         return
+    if mermaid:
+        click.echo(provenance.to_mermaid(chain))
+        return
+    mark = provenance.mark
     click.echo(chain["ref"])
     refs = chain.get("references")
     if refs:
-        click.echo(f"└─ references {refs['folder']}  digest {str(refs['digest'])[:16]}")
+        click.echo(f"└─ references {refs['folder']}  digest {str(refs['digest'])[:16]}{mark(refs)}")
         for name, sha in refs["files"].items():
             click.echo(f"   ├─ {name}  sha256 {sha[:16]}")
     teacher = chain.get("teacher")
     if teacher:
-        click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}  adapter {str(teacher['adapter_digest'])[:16]}")
+        click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}  adapter {str(teacher['adapter_digest'])[:16]}{mark(teacher)}")
     proxy = chain.get("proxy")
     if proxy:
-        click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}")
+        click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
     student = chain.get("student")
     if student:
-        click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}  adapter {str(student['adapter_digest'])[:16]}")
+        click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}  adapter {str(student['adapter_digest'])[:16]}{mark(student)}")
         for evaluation in chain.get("evaluations", []):
             metrics = "  ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items())
-            click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}")
+            click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}{mark(evaluation)}")
 
 
 @main.command()

@@ -3,10 +3,12 @@ drive DVC through its CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
@@ -17,6 +19,7 @@ from proxytune.images import list_images, open_rgb
 from proxytune.spec import load_spec, resolve_images
 
 DVC_ENV = {"DVC_NO_ANALYTICS": "1", "DVC_IGNORE_UPDATER": "1"}
+LOCK_DIR = ".proxytune"  # project-level state of proxytune itself (git-ignored by its own .gitignore)
 
 
 def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> compiler.ResolvedSpec:
@@ -111,3 +114,50 @@ def stale_stages(root: Path, targets: list[str]) -> list[str]:
 def repro(root: Path, targets: list[str], env: dict[str, str]) -> int:
     """Run `dvc repro` on the targets, streaming its output (and the stages' progress bars)."""
     return subprocess.run([_dvc(), "repro", *targets], cwd=root, env=dvc_env(env)).returncode
+
+
+def dvc_status(root: Path, stages: list[str]) -> dict | None:
+    """`dvc status --json` of exactly these stages (no upstream); None when DVC cannot tell."""
+    import json
+
+    if not stages:
+        return {}
+    try:
+        result = subprocess.run(
+            [_dvc(), "status", "--json", *stages], cwd=root, env=dvc_env(), capture_output=True, text=True, timeout=120
+        )
+        return json.loads(result.stdout or "{}") if result.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, ProxytuneError):
+        return None
+
+
+@contextlib.contextmanager
+def project_lock(root: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold the project's exclusive lock: one `apply` (or `compile`) at a time per project.
+
+    Two applies in one project would race on dvc.yaml (read, merge, write) and on DVC's own lock,
+    which makes a concurrent `dvc repro` fail rather than wait. With this lock the second apply
+    waits (calling `on_wait` once), then compiles on top of the first one's dvc.yaml and runs only
+    what is still stale. It is an flock(2) on .proxytune/apply.lock: the kernel releases it when
+    the holder exits or is killed, so a crash never leaves a stale lock behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    folder = root / LOCK_DIR
+    folder.mkdir(exist_ok=True)
+    if not (folder / ".gitignore").exists():
+        (folder / ".gitignore").write_text("*\n")
+    fd = os.open(folder / "apply.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -18,12 +18,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxytune import faults
 from proxytune.errors import ProxytuneError
-from proxytune.files import sha256_file
+from proxytune.files import digest_files, sha256_file
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PARENT_RUNS_ENV = "PROXYTUNE_PARENT_RUNS"  # JSON {experiment: parent run id}, set by `apply`
 TAG = "proxytune."  # prefix of every tag we write
+FILES_TAG = "adapter_files"  # version tag (after TAG): JSON {relative file: sha256} of the adapter
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -118,6 +120,7 @@ class StageRun:
     root: Path
     tags: dict[str, str]
     mlflow_experiment: str | None = None  # defaults to `experiment`
+    git_commit: str | None = None  # set on entry: HEAD of the project's git repository, if any
 
     def __enter__(self) -> "StageRun":
         mlflow = _mlflow()
@@ -130,7 +133,7 @@ class StageRun:
             f"{TAG}subject": self.subject,
             **{TAG + k: str(v) for k, v in self.tags.items()},
         }
-        commit = git_commit(self.root)
+        commit = self.git_commit = git_commit(self.root)
         if commit:
             tags["mlflow.source.git.commit"] = commit
         self._run = mlflow.start_run(
@@ -178,12 +181,32 @@ class StageRun:
         mlflow.log_input(dataset, context=context, tags={"digest_sha256": digest})
 
     def register(self, folder: Path, role: str, tags: dict[str, str]) -> str:
-        """Log `folder` as artifact path `adapter` and register it as a new model version."""
+        """Log `folder` as artifact path `adapter` and register it as a model version; return the version.
+
+        The sha256 of every file is recorded on the version (tag `proxytune.adapter_files`, beside
+        the artifact `adapter_files.json` of the run): `registry pull` and `audit` check downloads
+        against it. Version tags also carry the spec digest, the git commit (when there is one),
+        backend, base model and subject.
+
+        Idempotent: when a version of this model already holds the same adapter (`adapter_digest`)
+        made from the same spec (`spec_digest`) -- e.g. registered by a stage that crashed before
+        its output folder was renamed into place -- that version is reused, not duplicated.
+        """
         client = connect(self.uri)
-        self.log_artifacts(folder, "adapter")
         files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-        self.log_dict(files, "adapter_files.json")
         name = registered_name(self.experiment, self.subject, role)
+        version_tags = {
+            "role": role,
+            "experiment": self.experiment,
+            "subject": self.subject,
+            **{k: self.tags[k] for k in ("spec_digest", "spec_file", "dvc_stage") if k in self.tags},
+            **({"git_commit": self.git_commit} if self.git_commit else {}),
+            **tags,
+            "files_digest": digest_files(list(files.items())),
+            FILES_TAG: json.dumps(files, sort_keys=True),
+        }
+        version_tags = {TAG + k: str(v) for k, v in version_tags.items()}
+        self.log_dict(files, "adapter_files.json")
         try:
             client.get_registered_model(name)
         except Exception:
@@ -191,19 +214,19 @@ class StageRun:
                 client.create_registered_model(name, tags={f"{TAG}role": role})
             except Exception:
                 pass  # created concurrently
-        version = client.create_model_version(
-            name,
-            source=f"{self._run.info.artifact_uri}/adapter",
-            run_id=self.run_id,
-            tags={
-                f"{TAG}role": role,
-                f"{TAG}experiment": self.experiment,
-                f"{TAG}subject": self.subject,
-                **{TAG + k: str(v) for k, v in tags.items()},
-            },
-        )
-        client.set_registered_model_alias(name, "candidate", version.version)
-        return str(version.version)
+        existing = _same_adapter_version(client, name, version_tags)
+        if existing is not None:
+            version = str(existing.version)
+            self.set_tags({"reused_version": f"{name}@{version}"})
+        else:
+            self.log_artifacts(folder, "adapter")
+            created = client.create_model_version(
+                name, source=f"{self._run.info.artifact_uri}/adapter", run_id=self.run_id, tags=version_tags
+            )
+            version = str(created.version)
+        client.set_registered_model_alias(name, "candidate", version)
+        faults.checkpoint(self.stage, "registered")
+        return version
 
     def log_series(self, key: str, values: list[float], first_step: int = 0) -> None:
         """Log a whole curve in batches (one sqlite write per 1000 points, not one per step)."""
@@ -285,16 +308,210 @@ def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ProxytuneError(f"-o {out_dir}: already exists and is not an empty folder")
-    mlflow = _mlflow()
     client = connect(uri)
     version = get_version(client, ref)
+    key = f"{version.name}@{version.version}"
+    recorded = recorded_files(version)
+    if recorded is None:
+        raise ProxytuneError(f"{key}: no sha256 recorded for its files; refusing to pull what cannot be verified")
     with staged_dir(out_dir) as tmp:
-        # The artifact is a folder: it lands as tmp/download/adapter; its files go to the top of out_dir.
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(tmp / "download")))
-        for child in local.iterdir():
-            os.replace(child, tmp / child.name)
-        shutil.rmtree(tmp / "download")
-    return out_dir, f"{version.name}@{version.version}"
+        _download_adapter(version, tmp)
+        problems = verify_files(tmp, recorded)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ProxytuneError(f"{key}: refusing to pull a tampered or truncated artifact: {problems[0]}{more}")
+    return out_dir, key
+
+
+def _download_adapter(version, dest: Path) -> None:
+    """Download a version's adapter folder; its files land at the top of `dest`."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        local = Path(_mlflow().artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest / ".download")))
+    except Exception as err:
+        raise ProxytuneError(
+            f"{version.name}@{version.version}: cannot download {version.source} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
+    for child in local.iterdir():
+        os.replace(child, dest / child.name)
+    shutil.rmtree(dest / ".download")
+
+
+def recorded_files(version) -> dict[str, str] | None:
+    """{relative file: sha256} recorded at registration: the version tag, else the run's adapter_files.json."""
+    raw = version.tags.get(TAG + FILES_TAG)
+    if raw:
+        try:
+            files = json.loads(raw)
+        except ValueError:
+            files = None
+    else:
+        files = _load_json_artifact(version.run_id, "adapter_files.json") if version.run_id else None
+    if not isinstance(files, dict) or not files:
+        return None
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def verify_files(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """Problems (one line each) between the files under `folder` and their recorded sha256."""
+    present = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    problems = []
+    for name, expected in sorted(recorded.items()):
+        if name not in present:
+            problems.append(f"{name}: missing")
+            continue
+        actual = sha256_file(present[name])
+        if actual != expected:
+            size = present[name].stat().st_size
+            problems.append(f"{name}: sha256 {actual[:16]} does not match the recorded {expected[:16]} ({size} bytes)")
+    problems += [f"{name}: not among the recorded files" for name in sorted(set(present) - set(recorded))]
+    return problems
+
+
+def _same_adapter_version(client, name: str, version_tags: dict[str, str]):
+    """An existing version of `name` with the same adapter digest and spec digest, else None."""
+    digest, spec = version_tags.get(f"{TAG}adapter_digest"), version_tags.get(f"{TAG}spec_digest")
+    if not digest or not spec:
+        return None
+    for version in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        tags = version.tags or {}
+        if tags.get(f"{TAG}adapter_digest") == digest and tags.get(f"{TAG}spec_digest") == spec:
+            return version
+    return None
+
+
+def _aliases_of(client, version) -> list[str]:
+    model = client.get_registered_model(version.name)
+    return sorted(alias for alias, v in (model.aliases or {}).items() if str(v) == str(version.version))
+
+
+def show(uri: str, ref: str) -> dict:
+    """One registered version: aliases, run, source, tags and its files with their recorded sha256."""
+    client = connect(uri)
+    version = get_version(client, ref)
+    return {
+        "ref": f"{version.name}@{version.version}",
+        "name": version.name,
+        "version": str(version.version),
+        "aliases": _aliases_of(client, version),
+        "run_id": version.run_id,
+        "source": version.source,
+        "status": str(version.status),
+        "tags": {k: v for k, v in sorted(version.tags.items()) if k != TAG + FILES_TAG},
+        "files": recorded_files(version) or {},
+    }
+
+
+def promote(uri: str, ref: str, alias: str) -> str:
+    """Point `alias` (e.g. champion) at the version `ref` names; return 'name@version'."""
+    client = connect(uri)
+    version = get_version(client, ref)
+    try:
+        client.set_registered_model_alias(version.name, alias, version.version)
+    except Exception as err:
+        raise ProxytuneError(f"alias {alias!r}: {str(err).splitlines()[0]}") from None
+    return f"{version.name}@{version.version}"
+
+
+def _all_runs(client, filter_string: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, filter_string=filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def audit(uri: str) -> dict:
+    """Re-hash every registered version's files and resolve every lineage link.
+
+    Returns {"problems": [one line each], "versions": n, "files": n, "evaluations": n}.
+    """
+    import tempfile
+
+    client = connect(uri)
+    versions = {}
+    for model in client.search_registered_models():
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            versions[f"{version.name}@{version.version}"] = version
+    problems: list[str] = []
+    files_checked = 0
+
+    def check_link(owner: str, what: str, ref: str | None) -> None:
+        if not ref:
+            problems.append(f"{owner}: no {what} recorded")
+        elif ref not in versions:
+            problems.append(f"{owner}: {what} {ref} is not in the registry")
+
+    for key, version in sorted(versions.items(), key=lambda kv: (kv[1].name, int(kv[1].version))):
+        run = _find_run(client, version.run_id)
+        if run is None:
+            problems.append(f"{key}: run {version.run_id} not found")
+        recorded = recorded_files(version)
+        if recorded is None:
+            problems.append(f"{key}: no sha256 recorded for its files")
+        else:
+            with tempfile.TemporaryDirectory(prefix="proxytune-audit-") as tmp:
+                try:
+                    _download_adapter(version, Path(tmp))
+                    problems += [f"{key}: {p}" for p in verify_files(Path(tmp), recorded)]
+                    files_checked += len(recorded)
+                except ProxytuneError as err:
+                    problems.append(str(err))
+            digest = version.tags.get(f"{TAG}adapter_digest")
+            if digest and digest not in recorded.values():
+                problems.append(f"{key}: adapter_digest {digest[:16]} is none of its recorded files")
+        role = version.tags.get(f"{TAG}role")
+        if role == "teacher" and run is not None and not _run_tag(run, "references_digest"):
+            problems.append(f"{key}: no references digest recorded on run {run.info.run_id}")
+        elif role == "student":
+            check_link(key, "teacher version", version.tags.get(f"{TAG}teacher_version") or (run and _run_tag(run, "teacher_version")))
+            if run is not None:
+                synthesis = _run_tag(run, "synthesis_run_id")
+                if not synthesis:
+                    problems.append(f"{key}: no synthesis run recorded")
+                elif _find_run(client, synthesis) is None:
+                    problems.append(f"{key}: synthesis run {synthesis} not found")
+                if not _run_tag(run, "proxy_digest"):
+                    problems.append(f"{key}: no proxy set digest recorded")
+        elif role not in ("teacher", "student"):
+            problems.append(f"{key}: no proxytune role tag")
+    evaluations = _all_runs(client, f"tags.`{TAG}stage` = 'evaluate'")
+    for run in evaluations:
+        owner = f"evaluation run {run.info.run_id}"
+        for what in ("student_version", "teacher_version"):
+            check_link(owner, what.replace("_", " "), _run_tag(run, what))
+    return {"problems": problems, "versions": len(versions), "files": files_checked, "evaluations": len(evaluations)}
+
+
+def remote_uri(spec_uri: str | None) -> str | None:
+    """The tracking URI a spec resolves to when it is an MLflow server (http/https), else None."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri.lower().startswith(("http://", "https://")) else None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Ask the server's /health, waiting at most `timeout` seconds.
+
+    Raises:
+        ProxytuneError: nothing answers (refused, unknown host, timeout) or the server answers 5xx.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return  # something answered (an auth proxy may guard /health): the server is there
+        raise ProxytuneError(f"MLflow server {uri} answered HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ProxytuneError(f"cannot reach the MLflow server {uri} ({reason}) within {timeout:g} s") from None
 
 
 def _run_tag(run, key: str) -> str | None:
@@ -336,19 +553,23 @@ def lineage(uri: str, ref: str) -> dict:
             "run_id": teacher_run.info.run_id,
             "base_model": teacher_version.tags.get(f"{TAG}base_model"),
             "adapter_digest": teacher_version.tags.get(f"{TAG}adapter_digest"),
+            **_origin(teacher_run),
         }
     if student_run is not None:
+        synthesis_id = _run_tag(student_run, "synthesis_run_id")
         chain["proxy"] = {
             "digest": _run_tag(student_run, "proxy_digest"),
             "num_images": _run_tag(student_run, "proxy_images"),
             "prompts_digest": _run_tag(student_run, "proxy_prompts_digest"),
-            "synthesis_run_id": _run_tag(student_run, "synthesis_run_id"),
+            "synthesis_run_id": synthesis_id,
+            **_origin(_find_run(client, synthesis_id)),
         }
         chain["student"] = {
             "version": f"{student_version.name}@{student_version.version}",
             "run_id": student_run.info.run_id,
             "base_model": student_version.tags.get(f"{TAG}base_model"),
             "adapter_digest": student_version.tags.get(f"{TAG}adapter_digest"),
+            **_origin(student_run),
         }
         key = f"{student_version.name}@{student_version.version}"
         evaluations = client.search_runs(
@@ -357,9 +578,23 @@ def lineage(uri: str, ref: str) -> dict:
             order_by=["attributes.start_time DESC"],
         )
         chain["evaluations"] = [
-            {"run_id": e.info.run_id, "metrics": dict(sorted(e.data.metrics.items()))} for e in evaluations
+            {"run_id": e.info.run_id, "metrics": dict(sorted(e.data.metrics.items())), **_origin(e)} for e in evaluations
         ]
     return chain
+
+
+def _find_run(client, run_id: str | None):
+    try:
+        return client.get_run(run_id) if run_id else None
+    except Exception:
+        return None
+
+
+def _origin(run) -> dict:
+    """Where a stage run came from (DVC stage, project folder, spec): `lineage` checks staleness with it."""
+    if run is None:
+        return {}
+    return {key: _run_tag(run, key) for key in ("dvc_stage", "project_root", "spec_file", "spec_digest")}
 
 
 # -- evaluation: promotion gate and comparisons -------------------------------------------------

@@ -115,6 +115,8 @@ def resolve_images(subject: SubjectSpec, spec_path: str | Path, index: int) -> P
     else:
         folder = (Path(spec_path).parent / subject.images).expanduser().resolve()
         hint = ""
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"{spec_path}: subjects[{index}].images: {folder} is a file, not a folder of images")
     if not folder.is_dir():
         raise SpecError(f"{spec_path}: subjects[{index}].images: no such folder {folder}{hint}")
     return folder

@@ -56,13 +56,25 @@ def file_digests(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def remove_stale_staging(params: StageParams, stage: str) -> None:
+    """Delete staging folders that a killed run of this stage left beside its output (never resumed)."""
+    import shutil
+
+    from proxytune.compile import OUT_DIRS
+
+    for leftover in params.subject_dir.glob(f".{OUT_DIRS[stage]}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = None) -> tracking.StageRun:
     root = Path.cwd()
+    remove_stale_staging(params, stage)  # called right before the stage stages its output
     uri = tracking.resolve_uri(params.tracking.uri, root)
     tags = {
         "spec_file": params.source.spec_file,
         "spec_digest": params.source.spec_digest,
         "dvc_stage": f"{stage}@{params.experiment}.{params.subject.name}",
+        "project_root": str(root),
         **(tags or {}),
     }
     return tracking.StageRun(

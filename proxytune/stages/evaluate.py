@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import faults
 from proxytune import stats, tracking
 from proxytune.backends import ar, diffusion, encoders
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -171,6 +172,7 @@ def run(params_path: str | Path) -> None:
         if cfg.variance_samples:
             variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
         del sampler
+    faults.checkpoint("evaluate", "generated")
 
     clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
     ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import faults
 from proxytune.backends import ar
-from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
+from proxytune.files import sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -57,7 +58,6 @@ class StudentRecipe:
         )
         torch.manual_seed(self.params.seed + cfg.seed_offset)  # LoRA init draws from the global RNG
         self.bundle.model = get_peft_model(self.bundle.model, lora)
-        self.bundle.model.peft_config["default"].base_model_name_or_path = cfg.model
         self.trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
@@ -150,6 +150,7 @@ class StudentRecipe:
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
+            faults.checkpoint("student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
 
@@ -183,6 +184,13 @@ class StudentRecipe:
                             digest=self.proxy["digest"], context="training")
             adapter = tmp / "adapter"
             self.bundle.model.save_pretrained(str(adapter))
+            # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
+            config_path = adapter / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = self.cfg.model
+            if isinstance(adapter_config.get("target_modules"), list):  # peft writes a set: order varies per run
+                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+            write_json_atomic(config_path, adapter_config)
             adapter_digest = sha256_file(adapter / "adapter_model.safetensors")
             self.sample_grid().save(tmp / "samples.png")
             run.log_artifact(tmp / "samples.png")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
@@ -64,7 +65,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
     pipe.to(common.device())
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=cfg.num_images, initial=done, desc="synthesis", unit="img")
-    for batch in todo:
+    for count, batch in enumerate(todo, 1):
         images = diffusion.generate(
             pipe,
             [prompt] * len(batch),
@@ -78,6 +79,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
             image.save(buffer, format="PNG")
             write_bytes_atomic(scratch / f"{i:05d}.png", buffer.getvalue())
         bar.update(len(batch))
+        faults.checkpoint("synthesis", "batch", count)
     bar.close()
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.files import digest_files, sha256_file, staged_dir
 from proxytune.images import grid, list_images, load_references
@@ -177,6 +178,7 @@ class TeacherRecipe:
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
+            faults.checkpoint("teacher", "step", self.progress.step)
         bar.close()
         self.pipe.unet.eval()
 
