@@ -179,7 +179,7 @@ def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreamben
     other = new_project(tmp_path / "again", dreambench, tiny_spec())
     cli(other, "apply", "specs/t.yaml")
     for rel in ("teacher/adapter/pytorch_lora_weights.safetensors", "proxy/manifest.json",
-                "student/adapter/adapter_model.safetensors", "metrics.json"):
+                "student/adapter/adapter_model.safetensors", "student/adapter/adapter_config.json", "metrics.json"):
         a, b = subject_dir(project) / rel, subject_dir(other) / rel
         if rel.endswith(".json"):
             da, db = json.loads(a.read_text()), json.loads(b.read_text())
