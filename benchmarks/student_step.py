@@ -1,0 +1,194 @@
+"""Student training throughput: cached VQ codes vs encoding the proxy images every step.
+
+optimised: `StudentRecipe.setup()` (tokenizes every proxy image with the VQ encoder and encodes
+           every distinct caption once) then `StudentRecipe.train_step()`.
+baseline:  a plain LoRA loop written here: the same tiny-llamagen student and LoRA, the proxy images
+           decoded once and kept in memory as pixels, and every step runs the VQ encoder on its
+           batch and the text encoder on its captions before the transformer forward/backward.
+Same spec (tests/conftest.py tiny_spec, batch 8 as specs/dog.yaml), proxy set, optimiser.
+Throughput counts image tokens (the training targets): batch x 256 codes per step.
+
+Target (issue): tokens/s cached / naive >= 3 on the tiny config.
+
+    python benchmarks/student_step.py      # ~1 minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import _common as C
+
+SCRIPT = os.path.abspath(__file__)  # the cwd moves into a temp project later
+TARGET = 3.0
+PROXY_IMAGES = 16
+
+
+def make_params(batch_size: int):
+    """A compiled tiny spec plus a proxy folder laid out as the synthesis stage writes it.
+
+    The proxy images are the DreamBench dog references at the student's 64 px (every other one
+    mirrored); their content does not change the cost of a step.
+    """
+    from conftest import make_params as compile_params
+    from conftest import tiny_spec
+    from PIL import ImageOps
+
+    from proxytune.files import sha256_file
+    from proxytune.images import load_references
+    from proxytune.stages.synthesis import manifest_digest, proxy_prompt
+
+    project = C.temp_project("student")
+    params = compile_params(project, tiny_spec(name="bench-student", student={"batch_size": batch_size}))
+    references = load_references(C.dreambench_subject("dog"), 64)
+    proxy = params.out("proxy")
+    (proxy / "images").mkdir(parents=True)
+    prompt = proxy_prompt(params)
+    entries = []
+    for i in range(PROXY_IMAGES):
+        image = references[i % len(references)]
+        image = ImageOps.mirror(image) if (i // len(references)) % 2 else image
+        name = f"images/{i:05d}.png"
+        image.save(proxy / name)
+        entries.append({"file": name, "prompt": prompt, "seed": i, "sha256": sha256_file(proxy / name)})
+    digest = manifest_digest(entries)
+    (proxy / "manifest.json").write_text(json.dumps({"images": entries, "digest": digest}))
+    (proxy / "record.json").write_text(json.dumps({
+        "stage": "synthesis", "run_id": "benchmark", "digest": digest, "prompts_digest": "benchmark",
+        "num_images": PROXY_IMAGES, "teacher_version": "benchmark.dog.teacher@0",
+    }))
+    return params
+
+
+class CachedStudent:
+    """The optimised path: the stage's own recipe."""
+
+    def __init__(self, params):
+        from proxytune.stages.student import StudentRecipe
+
+        self.recipe = StudentRecipe(params)
+        self.recipe.setup()
+        self.recipe.bundle.model.train()  # as StudentRecipe.train() does before its loop
+        self.step = self.recipe.train_step
+        self.tokens_per_step = self.recipe.codes.shape[1] * params.student.batch_size
+
+
+class NaiveStudent:
+    """A straightforward LoRA loop that runs the VQ and text encoders in every step."""
+
+    def __init__(self, params):
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        from proxytune.backends import ar
+        from proxytune.images import center_crop_resize, open_rgb
+        from proxytune.stages.common import seed_everything
+
+        cfg = self.cfg = params.student
+        self.generator = seed_everything(params.seed + cfg.seed_offset)  # same seeding and flags as the stage
+        proxy = params.out("proxy")
+        entries = json.loads((proxy / "manifest.json").read_text())["images"]
+        self.bundle = ar.load_student(cfg.model)
+        size = self.bundle.image_size
+        self.pixels = self.bundle.images_to_pixels([center_crop_resize(open_rgb(proxy / e["file"]), size) for e in entries])
+        self.prompts = [e["prompt"] for e in entries]
+        torch.manual_seed(params.seed + cfg.seed_offset)
+        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=ar.LORA_TARGET_MODULES)
+        self.bundle.model = get_peft_model(self.bundle.model, lora)
+        self.trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        self.bundle.model.train()
+        self.tokens_per_step = self.bundle.config.seq_len * cfg.batch_size
+
+    def batch_index(self):
+        import torch
+
+        return torch.randint(len(self.pixels), (self.cfg.batch_size,), generator=self.generator)
+
+    def encode(self, index):
+        """(B, L) VQ codes and (B, C, Dt) caption features, no gradients."""
+        import torch
+
+        with torch.no_grad():
+            codes = self.bundle.encode_images(self.pixels[index])
+            text = self.bundle.encode_prompts([self.prompts[i] for i in index.tolist()])
+        return codes, text
+
+    def encode_only(self):
+        return self.encode(self.batch_index())
+
+    def step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        codes, text = self.encode(self.batch_index())
+        drop = torch.rand(len(codes), generator=self.generator) < self.cfg.cfg_dropout
+        logits = self.bundle.model(text, codes, drop_cond=drop)  # (B, L, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+VARIANTS = {"naive": lambda params: NaiveStudent(params).step, "cached": lambda params: CachedStudent(params).step}
+
+
+def main() -> None:
+    p = C.parser(__doc__.splitlines()[0], warmup=3, repeats=7, inner=10)
+    p.add_argument("--batch-size", type=int, default=8, help="proxy images per step (default 8, as specs/dog.yaml)")
+    args = p.parse_args()
+    C.prepare_env()
+    if args.probe:
+        params = make_params(json.loads(args.probe_config)["batch_size"])
+        C.probe_memory(lambda: VARIANTS[args.probe](params), steps=3)
+        return
+    C.say(f"student_step: {C.now()}; {C.machine()}")
+    C.say(f"timing: {args.warmup} warm-up steps per variant, then median of {args.repeats} interleaved rounds of "
+          f"{args.inner} steps; target tokens/s cached/naive >= {TARGET}")
+    params = make_params(args.batch_size)
+    cfg = params.student
+    C.say(f"\n== student step, {cfg.model}, batch {cfg.batch_size}, {PROXY_IMAGES} proxy images, "
+          f"LoRA rank {cfg.lora.rank} on the Llama projections")
+    C.say("  setting up both variants ...")
+    naive = NaiveStudent(params)
+    cached = CachedStudent(params)
+    tokens = cached.tokens_per_step
+    assert tokens == naive.tokens_per_step
+    samples = C.time_interleaved(
+        {"naive": naive.step, "cached": cached.step}, warmup=args.warmup, repeats=args.repeats, inner=args.inner
+    )
+    encode = C.time_interleaved({"encode": naive.encode_only}, warmup=1, repeats=args.repeats, inner=args.inner, log=False)
+    del naive, cached
+    gc.collect()
+    memory = {} if args.no_memory else C.run_probes(SCRIPT, list(VARIANTS), {"batch_size": args.batch_size})
+
+    t_naive, t_cached, t_encode = C.median(samples.times["naive"]), C.median(samples.times["cached"]), C.median(encode.times["encode"])
+    speedup = t_naive / t_cached
+    share = t_encode / t_naive
+    C.say("")
+    C.table(
+        ["variant", "median s/step", "min-max s", "image tokens/s"],
+        [
+            ["naive (VQ + text encoder every step)", f"{t_naive:.4f}", C.spread(samples.times["naive"]), f"{tokens / t_naive:.0f}"],
+            ["cached (StudentRecipe.train_step)", f"{t_cached:.4f}", C.spread(samples.times["cached"]), f"{tokens / t_cached:.0f}"],
+            ["  encoding alone (part of naive)", f"{t_encode:.4f}", C.spread(encode.times["encode"]), ""],
+        ],
+    )
+    if memory:
+        C.say("")
+        C.table(C.MEMORY_HEADER, C.memory_rows(memory, list(VARIANTS)))
+    bound = f"{1 / (1 - share):.2f}x" if share < 1 else "an unbounded speed-up (timing noise)"
+    C.say(f"\n  {tokens} image tokens per step; encoding is {share:.0%} of a naive step: removing it entirely could "
+          f"give at best {bound}")
+    C.say("  " + samples.note())
+    C.say(f"  RESULT: tokens/s cached/naive = {speedup:.2f}x (target >= {TARGET:g}x): {C.verdict(speedup >= TARGET)}")
+
+
+if __name__ == "__main__":
+    main()
