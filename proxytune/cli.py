@@ -32,6 +32,9 @@ def user_errors(func):
     return wrapper
 
 
+uri_option = click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="proxytune")
 def main() -> None:
@@ -194,7 +197,7 @@ def _uri(uri: str | None) -> str:
 
 
 @registry.command(name="list")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def registry_list(uri: str | None) -> None:
     """Every registered version with its aliases, role and base model."""
@@ -212,7 +215,7 @@ def registry_list(uri: str | None) -> None:
 @registry.command(name="pull")
 @click.argument("ref")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the adapter to.")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def registry_pull(ref: str, output: str, uri: str | None) -> None:
     """Download NAME[@VERSION|@ALIAS]; the folder loads with diffusers / peft as it is."""
@@ -225,7 +228,7 @@ def registry_pull(ref: str, output: str, uri: str | None) -> None:
 @registry.command(name="show")
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def registry_show(ref: str, as_json: bool, uri: str | None) -> None:
     """One version (NAME@VERSION|@ALIAS): aliases, run, source, tags, files with their sha256."""
@@ -251,7 +254,7 @@ def registry_show(ref: str, as_json: bool, uri: str | None) -> None:
 @registry.command(name="promote")
 @click.argument("ref")
 @click.argument("alias")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def registry_promote(ref: str, alias: str, uri: str | None) -> None:
     """Point ALIAS (e.g. champion) at NAME@VERSION (or at the version another alias names)."""
@@ -262,7 +265,7 @@ def registry_promote(ref: str, alias: str, uri: str | None) -> None:
 
 
 @main.command()
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def audit(uri: str | None) -> None:
     """Re-hash every registered version's files and check every lineage link; exit 1 on any problem."""
@@ -282,7 +285,7 @@ def audit(uri: str | None) -> None:
 @click.argument("ref")
 @click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
 @click.option("--mermaid", is_flag=True, help="Print the chain as a mermaid flowchart.")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
     """References → teacher → proxy set → student → metrics behind NAME@VERSION|@ALIAS.
@@ -323,7 +326,7 @@ def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
 @main.command()
 @click.argument("a")
 @click.argument("b")
-@click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
+@uri_option
 @user_errors
 def compare(a: str, b: str, uri: str | None) -> None:
     """Evaluation metrics of A and B side by side (student NAME@VERSION|ALIAS or evaluation run ids)."""

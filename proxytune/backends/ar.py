@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
 from proxytune.backends import hub
-from proxytune.backends.tokenizer import char_vocab_size, write_char_clip_tokenizer
+from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
 
 try:  # transformers 5: init helpers that leave weights loaded from a checkpoint alone
@@ -343,9 +343,9 @@ def _build_tiny_llamagen(folder: Path) -> None:
         d_ff=64,
         num_layers=2,
         num_heads=2,
-        pad_token_id=513,
-        eos_token_id=513,
-        decoder_start_token_id=513,
+        pad_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID,
     )
     with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
         torch.manual_seed(0)

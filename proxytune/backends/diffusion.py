@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from proxytune.backends import hub
-from proxytune.backends.tokenizer import char_vocab_size, write_char_clip_tokenizer
+from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
@@ -58,9 +58,9 @@ def _build_tiny_sd(folder: Path) -> None:
             num_hidden_layers=2,
             num_attention_heads=2,
             max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=EOS_ID,  # the tokenizer pads with <|endoftext|>
         )
     )
     tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok"))

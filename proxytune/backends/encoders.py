@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from proxytune.backends import hub
-from proxytune.backends.tokenizer import char_vocab_size, write_char_clip_tokenizer
+from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
 
 LIVE_CLASSES = frozenset({"dog", "cat"})
@@ -112,11 +112,10 @@ def _build_tiny_clip(folder: Path) -> None:
         num_attention_heads=2,
         max_position_embeddings=77,
         projection_dim=32,
-        # ids of <|startoftext|> / <|endoftext|> in the char tokenizer's vocab.json; the text model
-        # pools at the first eos_token_id, and the tokenizer pads with <|endoftext|>
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
+        # the text model pools at the first eos_token_id, and the tokenizer pads with <|endoftext|>
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=EOS_ID,
     )
     vision = dict(
         image_size=224,

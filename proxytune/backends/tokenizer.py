@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Their ids: the vocab is 256 byte characters, the same 256 with "</w>", then BOS and EOS.
+BOS_ID, EOS_ID = 512, 513
 
 
 def _byte_alphabet() -> list[str]:
@@ -37,6 +39,7 @@ def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) ->
         vocab[ch + "</w>"] = len(vocab)
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
+    assert (vocab[BOS], vocab[EOS]) == (BOS_ID, EOS_ID)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
     (directory / "merges.txt").write_text("#version: 0.2\n")
     config = {
@@ -53,4 +56,4 @@ def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) ->
 
 
 def char_vocab_size() -> int:
-    return 2 * 256 + 2
+    return EOS_ID + 1

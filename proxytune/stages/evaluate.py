@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune import stats, tracking
-from proxytune.backends import ar, diffusion, encoders
+from proxytune.backends import ar, diffusion, encoders, hub
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
@@ -57,6 +57,7 @@ class TeacherSampler:
         )
         self.pipe.to(common.device())
         self.pipe.set_progress_bar_config(disable=True)
+        self.random_init = hub.is_random_init(diffusion.resolve(params.teacher.model))
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
         s = self.params.synthesis
@@ -71,6 +72,7 @@ class StudentSampler:
         self.params = params
         self.bundle = ar.load_student(params.student.model, device=str(common.device()))
         self.bundle.model = PeftModel.from_pretrained(self.bundle.model, str(params.out("student") / "adapter")).eval()
+        self.random_init = self.bundle.random_init
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
         s = self.params.student.sampling
@@ -166,8 +168,10 @@ def run(params_path: str | Path) -> None:
     references = [open_rgb(p) for p in reference_files]
 
     generated, variance_images = {}, {}
+    random_models = []
     for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
         sampler = make(params)
+        random_models.append(sampler.random_init)
         generated[name] = sample_dreambench(sampler, params, prompts, name)
         if cfg.variance_samples:
             variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
@@ -196,8 +200,7 @@ def run(params_path: str | Path) -> None:
         passed, details = evaluate_gate(cfg.gate, means)
         gate = {"rule": " and ".join(r.describe() for r in cfg.gate), "passed": passed, "details": details,
                 "student_version": f"{student_record['model']}@{student_record['version']}"}
-    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"],
-                       params.teacher.model.startswith("tiny-"), params.student.model.startswith("tiny-")])
+    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
     described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init}
     summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts),
                "images_per_prompt": cfg.images_per_prompt,
