@@ -432,17 +432,15 @@ code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.88em;wor
 .muted{color:#59636e}
 """
 
-# Marks the page once every <img> has decoded (the browser test reads data-images-loaded="n/total").
+# Marks the page once every <img> has loaded (the browser test reads data-images-loaded="n/total").
+# The window "load" event waits for every image, and a headless --dump-dom waits for "load", so the mark
+# is set synchronously there; a promise chain (img.decode) could still be pending when the DOM is dumped.
 SCRIPT = """
-(function () {
+window.addEventListener("load", function () {
   var images = Array.prototype.slice.call(document.images);
-  Promise.all(images.map(function (img) {
-    return img.decode ? img.decode().catch(function () {}) : null;
-  })).then(function () {
-    var ok = images.filter(function (img) { return img.complete && img.naturalWidth > 0; }).length;
-    document.body.dataset.imagesLoaded = ok + "/" + images.length;
-  });
-})();
+  var ok = images.filter(function (img) { return img.complete && img.naturalWidth > 0; }).length;
+  document.body.dataset.imagesLoaded = ok + "/" + images.length;
+});
 """
 
 
