@@ -168,7 +168,29 @@ def stage(step: str, params_path: str) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
     module = importlib.import_module(f"proxytune.stages.{step}")
+    processes = module.processes(params_path) if hasattr(module, "processes") else 1
+    if processes > 1 and "PROXYTUNE_LAUNCHED" not in os.environ:
+        raise SystemExit(_launch(step, params_path, processes))
     module.run(params_path)
+
+
+def _launch(step: str, params_path: str, processes: int) -> int:
+    """Re-run this stage under `accelerate launch` with `processes` data-parallel processes.
+
+    The stage module says how many (from its spec section); CPU processes use the gloo backend.
+    """
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--multi_gpu"] if torch.cuda.device_count() >= processes else ["--cpu"]
+    command += ["-m", "proxytune.cli", "stage", step, "--params", params_path]
+    click.echo(f"{step}: launching {processes} processes with accelerate", err=True)
+    return subprocess.call(command, env={**os.environ, "PROXYTUNE_LAUNCHED": "1"})
 
 
 @main.command(name="report")

@@ -8,8 +8,8 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # Built-in tiny architectures, by role. The backends own the builders; tests check both lists agree.
-TINY_TEACHERS = ("tiny-sd",)
-TINY_STUDENTS = ("tiny-llamagen",)
+TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+TINY_STUDENTS = ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")
 TINY_CLIP = ("tiny-clip",)
 TINY_DINO = ("tiny-dino",)
 

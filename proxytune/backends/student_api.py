@@ -1,0 +1,67 @@
+"""The one interface every AR student backend offers (llamagen, janus, lumina-mgpt).
+
+Stages and benchmarks program against `StudentBackend` only; `load_student` picks the backend from
+the checkpoint's own files (proxytune_student.json's "backend", else config.json's model_type), never
+from its name.
+
+Conventions shared by every backend:
+- codes are (B, L) int64 in raster order, L = seq_len, values in [0, codebook_size);
+- a condition ("cond") is one batch-first tensor per prompt batch, as `encode_prompts` returns it;
+  `cond[index]` is a valid batch, so the student stage caches conds per distinct prompt;
+- `image_logits(cond, codes, drop_cond)` is one teacher-forced pass: logits[:, t] predicts codes[:, t]
+  from the condition and codes[:, :t]; rows where drop_cond is True see the unconditional prompt
+  (classifier-free guidance dropout in training, the uncond half in sampling);
+- `generate` samples with CFG, top-k, temperature and a KV cache; image i depends only on
+  prompts[i] and seeds[i].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+
+@runtime_checkable
+class StudentBackend(Protocol):
+    backend: str  # "llamagen", "janus", "lumina-mgpt"
+    model: Any  # the trainable module; the stage wraps it in a peft PeftModel
+    image_size: int  # pixels per side of the images the tokenizer encodes/decodes
+    path: str  # resolved folder or hub id
+    random_init: bool  # built-in tiny (random weights): reports say so
+
+    @property
+    def seq_len(self) -> int: ...
+
+    @property
+    def codebook_size(self) -> int: ...
+
+    # peft LoraConfig(target_modules=...): a list of suffixes or a regex string restricted to the
+    # language model (never the vision tower / VQ / text encoder).
+    def lora_target_modules(self, groups: list[str] | None = None) -> list[str] | str:
+        """Targets for the named module groups ("attention", "mlp"; None = all of them)."""
+        ...
+
+    def num_layers(self) -> int: ...
+
+    def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor: ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]: ...
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor: ...
+
+    def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor: ...
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        cfg_scale: float = 7.5,
+        top_k: int = 1000,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+    ) -> torch.Tensor: ...
