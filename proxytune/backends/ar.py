@@ -36,7 +36,8 @@ except ImportError:  # transformers 4 only initialises missing weights anyway
 
 STUDENT_META = "proxytune_student.json"
 # Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+LORA_TARGET_MODULES = [name for group in LORA_GROUPS.values() for name in group]
 
 
 # -----------------------------------------------------------------------------
@@ -199,9 +200,34 @@ class ARStudentBundle:
     path: str
     random_init: bool
 
+    backend = "llamagen"
+
     @property
     def config(self) -> ARStudentConfig:
         return self.model.config
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
+        """Llama projection suffixes of the named groups ("attention", "mlp"; None = both)."""
+        chosen = groups or list(LORA_GROUPS)
+        unknown = [g for g in chosen if g not in LORA_GROUPS]
+        if unknown:
+            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(LORA_GROUPS)})")
+        return [name for group in chosen for name in LORA_GROUPS[group]]
+
+    def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) teacher-forced logits; logits[:, t] predicts codes[:, t]."""
+        return self.model(cond, codes, drop_cond=drop_cond)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
