@@ -116,10 +116,10 @@ def test_shipped_specs_validate(dreambench, monkeypatch):
 
 
 def test_builtin_names_match_backends():
-    from proxytune.backends import ar, diffusion, encoders
+    from proxytune.backends import diffusion, encoders, students
     from proxytune.spec import common
 
     assert set(common.TINY_TEACHERS) == set(diffusion.TINY_TEACHERS)
-    assert set(common.TINY_STUDENTS) == set(ar.TINY_STUDENTS)
+    assert set(common.TINY_STUDENTS) == set(students.TINY_STUDENTS)
     assert set(common.TINY_CLIP) == set(encoders.TINY_CLIP)
     assert set(common.TINY_DINO) == set(encoders.TINY_DINO)
