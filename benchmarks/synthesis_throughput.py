@@ -38,10 +38,10 @@ def load_pipe(config: dict):
     lora = LoraSpec()
     base = diffusion.load_pipeline(config["model"])
     torch.manual_seed(0)
-    diffusion.add_lora(base.unet, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+    diffusion.add_lora(diffusion.denoiser(base), rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
     adapter = folder / "adapter"
     adapter.mkdir()
-    diffusion.save_lora(type(base), base.unet, adapter, {"r": lora.rank, "lora_alpha": lora.alpha,
+    diffusion.save_lora(base, adapter, {"r": lora.rank, "lora_alpha": lora.alpha,
                                                          "target_modules": lora.target_modules})
     del base
     pipe = diffusion.load_pipeline_with_lora(config["model"], adapter)

@@ -25,12 +25,13 @@ SCRIPT = os.path.abspath(__file__)  # the cwd moves into a temp project later
 TARGET = 0.7
 
 
-def make_params(resolution: int, batch_size: int):
+def make_params(resolution: int, batch_size: int, model: str = "tiny-sd"):
     from conftest import make_params as compile_params
     from conftest import tiny_spec
 
-    project = C.temp_project(f"teacher{resolution}")
-    spec = tiny_spec(name=f"bench-teacher-{resolution}", teacher={"resolution": resolution, "batch_size": batch_size})
+    project = C.temp_project(f"teacher-{model}-{resolution}")
+    spec = tiny_spec(name=f"bench-teacher-{resolution}",
+                     teacher={"model": model, "resolution": resolution, "batch_size": batch_size})
     return compile_params(project, spec)
 
 
@@ -40,7 +41,7 @@ def cached_step(params):
 
     recipe = TeacherRecipe(params)
     recipe.setup()
-    recipe.pipe.unet.train()  # as TeacherRecipe.train() does before its loop
+    recipe.denoiser.train()  # as TeacherRecipe.train() does before its loop
     return recipe.train_step
 
 
@@ -57,7 +58,6 @@ class NaiveTeacher:
 
     def __init__(self, params):
         import torch
-        from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
 
         from proxytune.backends import diffusion
@@ -68,19 +68,20 @@ class NaiveTeacher:
         self.generator = seed_everything(params.seed)  # same seeding and determinism flags as the stage
         self.pipe = diffusion.load_pipeline(cfg.model, revision=cfg.revision, dtype=torch.float32)
         self.pipe.set_progress_bar_config(disable=True)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.noise_scheduler = diffusion.training_scheduler(self.pipe)
+        self.flow = diffusion.family_of(self.pipe).flow_matching
         self.prompt = f"a {params.subject.token} {params.subject.class_noun}"
         references = load_references(params.references_dir, cfg.resolution)
         self.pixels = torch.stack([_to_tensor(image) for image in references])  # (N, 3, H, W), decoded once
         torch.manual_seed(params.seed)
         self.trainable = diffusion.add_lora(
-            self.pipe.unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
+            diffusion.denoiser(self.pipe), rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
         )
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup", self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
         )
-        self.pipe.unet.train()
+        diffusion.denoiser(self.pipe).train()
 
     def batch_pixels(self):
         import torch
@@ -97,17 +98,12 @@ class NaiveTeacher:
         """VAE latents (one posterior sample, scaled) and text-encoder features, no gradients."""
         import torch
 
+        from proxytune.backends import diffusion
+
         pipe = self.pipe
         with torch.no_grad():
-            latents = pipe.vae.encode(pixels).latent_dist.sample(generator=self.generator) * pipe.vae.config.scaling_factor
-            ids = pipe.tokenizer(
-                [self.prompt] * len(pixels),
-                padding="max_length",
-                max_length=pipe.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            text = pipe.text_encoder(ids)[0]
+            latents = diffusion.normalize_latents(pipe.vae, pipe.vae.encode(pixels).latent_dist.sample(generator=self.generator))
+            text = diffusion.encode_prompts(pipe, [self.prompt] * len(pixels))
         return latents, text
 
     def encode_only(self):
@@ -118,15 +114,20 @@ class NaiveTeacher:
         import torch.nn.functional as F
 
         batch, g = self.cfg.batch_size, self.generator
+        from proxytune.backends import diffusion
+
         latents, text = self.encode(self.batch_pixels())
         noise = torch.randn(latents.shape, generator=g)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = self.pipe.unet(noisy, timesteps, text).sample
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            target = noise
+        sched = self.noise_scheduler
+        if self.flow:  # uniform times: the straightforward loop
+            index = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+            timesteps, sigmas = sched.timesteps[index], sched.sigmas[index].view(batch, 1, 1, 1)
+            noisy, target = (1 - sigmas) * latents + sigmas * noise, noise - latents
         else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+            noisy = sched.add_noise(latents, noise, timesteps)
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
+        pred = diffusion.predict(self.pipe, noisy, timesteps, text, size=self.cfg.resolution)
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
@@ -140,7 +141,7 @@ VARIANTS = {"naive": lambda params: NaiveTeacher(params).step, "cached": cached_
 
 
 def bench_resolution(args, resolution: int) -> dict:
-    params = make_params(resolution, args.batch_size)
+    params = make_params(resolution, args.batch_size, args.model)
     cfg = params.teacher
     C.say(f"\n== teacher step at {resolution} px, batch {cfg.batch_size}, LoRA rank {cfg.lora.rank} on "
           f"{','.join(cfg.lora.target_modules)}, model {cfg.model}")
@@ -153,7 +154,8 @@ def bench_resolution(args, resolution: int) -> dict:
     encode = C.time_interleaved({"encode": naive.encode_only}, warmup=1, repeats=args.repeats, inner=args.inner, log=False)
     del naive, cached
     gc.collect()
-    memory = {} if args.no_memory else C.run_probes(SCRIPT, list(VARIANTS), {"resolution": resolution, "batch_size": args.batch_size})
+    memory = {} if args.no_memory else C.run_probes(SCRIPT, list(VARIANTS), {"resolution": resolution, "batch_size": args.batch_size,
+                                                                                  "model": args.model})
 
     t_naive, t_cached, t_encode = C.median(samples.times["naive"]), C.median(samples.times["cached"]), C.median(encode.times["encode"])
     ratio = t_cached / t_naive
@@ -181,11 +183,12 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0], warmup=2, repeats=5, inner=2)
     p.add_argument("--resolutions", default="64", help="comma-separated teacher resolutions (default 64)")
     p.add_argument("--batch-size", type=int, default=2, help="references per step (default 2, as specs/dog.yaml)")
+    p.add_argument("--model", default="tiny-sd", help="teacher model (tiny-sd, tiny-sdxl, tiny-sd3, tiny-flux or a path)")
     args = p.parse_args()
     C.prepare_env()
     if args.probe:
         config = json.loads(args.probe_config)
-        params = make_params(config["resolution"], config["batch_size"])
+        params = make_params(config["resolution"], config["batch_size"], config["model"])
         C.probe_memory(lambda: VARIANTS[args.probe](params), steps=2)
         return
     C.say(f"teacher_step: {C.now()}; {C.machine()}")

@@ -21,7 +21,7 @@ def teacher_adapter(project):
     params = make_params(project, tiny_spec(synthesis={"num_images": 5, "batch_size": 2, "num_inference_steps": 2}))
     pipe = diffusion.load_pipeline("tiny-sd")
     diffusion.add_lora(pipe.unet, rank=4, alpha=4, target_modules=["to_q", "to_v"])
-    diffusion.save_lora(type(pipe), pipe.unet, params.out("teacher") / "adapter")
+    diffusion.save_lora(pipe, params.out("teacher") / "adapter")
     return params
 
 

@@ -1,128 +1,97 @@
-"""Diffusion teachers through diffusers: load a pipeline, add / save / load a LoRA on its denoiser.
+"""Diffusion teachers through diffusers: load a pipeline, encode prompts, run the denoiser, and add /
+save / load a LoRA on it, for each family.
 
 The family is read from the checkpoint's own model_index.json (its pipeline class), never from the
-name. This backbone supports the Stable Diffusion 1.x/2.x family (UNet, epsilon or v-prediction);
-other families are refused with a clear message.
+name:
+- sd    StableDiffusionPipeline     UNet, one CLIP encoder, DDPM (epsilon or v-prediction)
+- sdxl  StableDiffusionXLPipeline   UNet, two CLIP encoders + pooled text, size/crop conditioning, DDPM
+- sd3   StableDiffusion3Pipeline    MMDiT, CLIP-L + CLIP-G + T5, flow matching
+- flux  FluxPipeline                MMDiT over 2x2-packed latents, CLIP pooled + T5, guidance
+                                    embedding, flow matching
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from proxytune.backends import hub
-from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
+from proxytune.backends.diffusion_tiny import BUILDERS
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline": "sd"}
+FLUX_TRAINING_GUIDANCE = 3.5  # FLUX.1-dev is guidance-distilled: training feeds a fixed guidance value
 
 
-def _build_tiny_sd(folder: Path) -> None:
-    """SD 1.x layout at 64 px: VAE (x4 down), UNet with cross-attention, CLIP text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=char_vocab_size(),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=BOS_ID,
-            eos_token_id=EOS_ID,
-            pad_token_id=EOS_ID,  # the tokenizer pads with <|endoftext|>
-        )
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok"))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for leftover in (folder / "_tok").iterdir():
-        leftover.unlink()
-    (folder / "_tok").rmdir()
+@dataclass(frozen=True)
+class Family:
+    name: str
+    denoiser: str  # the pipeline attribute holding the denoiser: "unet" or "transformer"
+    flow_matching: bool  # x_t = (1 - s) x0 + s e, target e - x0; else DDPM noise / v targets
+    text_encoders: tuple[str, ...]
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-TINY_TEACHERS = {"tiny-sd": lambda: hub.materialize("tiny-sd-v1", _build_tiny_sd)}
+FAMILIES = {
+    "StableDiffusionPipeline": Family("sd", "unet", False, ("text_encoder",)),
+    "StableDiffusionXLPipeline": Family("sdxl", "unet", False, ("text_encoder", "text_encoder_2")),
+    "StableDiffusion3Pipeline": Family("sd3", "transformer", True, ("text_encoder", "text_encoder_2", "text_encoder_3")),
+    "FluxPipeline": Family("flux", "transformer", True, ("text_encoder", "text_encoder_2")),
+}
+SUPPORTED_PIPELINES = {cls: family.name for cls, family in FAMILIES.items()}
+TINY_TEACHERS = {name: (lambda key=key, build=build: hub.materialize(key, build)) for name, (key, build) in BUILDERS.items()}
 
 
 def resolve(ref: str) -> str:
     return hub.resolve(ref, TINY_TEACHERS, what="teacher model")
 
 
-def detect_family(path_or_id: str, revision: str | None = None) -> str:
+def _model_index(path_or_id: str, revision: str | None) -> dict:
+    local = Path(path_or_id) / "model_index.json"
+    if local.exists():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(path_or_id, "model_index.json", revision=revision)).read_text())
+    except Exception as err:
+        raise ProxytuneError(f"teacher model {path_or_id!r}: cannot read model_index.json ({err.__class__.__name__})") from None
+
+
+def detect_family(path_or_id: str, revision: str | None = None) -> Family:
     """Family from the checkpoint's model_index.json `_class_name`.
 
     Raises:
-        ProxytuneError: no model_index.json, or a pipeline class this version does not train.
+        ProxytuneError: no model_index.json, or a pipeline class proxytune does not train.
     """
-    local = Path(path_or_id) / "model_index.json"
-    if local.exists():
-        index = json.loads(local.read_text())
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            index = json.loads(Path(hf_hub_download(path_or_id, "model_index.json", revision=revision)).read_text())
-        except Exception as err:
-            raise ProxytuneError(f"teacher model {path_or_id!r}: cannot read model_index.json ({err.__class__.__name__})") from None
-    name = index.get("_class_name", "?")
-    if name not in SUPPORTED_PIPELINES:
+    name = _model_index(path_or_id, revision).get("_class_name", "?")
+    if name not in FAMILIES:
         raise ProxytuneError(
-            f"teacher model {path_or_id!r}: pipeline {name} is not supported yet (supported: {', '.join(SUPPORTED_PIPELINES)})"
+            f"teacher model {path_or_id!r}: pipeline {name} is not supported (supported: {', '.join(FAMILIES)})"
         )
-    return SUPPORTED_PIPELINES[name]
+    return FAMILIES[name]
+
+
+def family_of(pipe) -> Family:
+    return FAMILIES[type(pipe).__name__]
+
+
+def denoiser(pipe):
+    return getattr(pipe, family_of(pipe).denoiser)
 
 
 def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """The base text-to-image pipeline, frozen, with the progress bar left on for long runs."""
+    """The base text-to-image pipeline, every model frozen."""
     from diffusers import DiffusionPipeline
 
     path = resolve(ref)
-    detect_family(path, revision)
+    family = detect_family(path, revision)
     pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in (family.denoiser, "vae", *family.text_encoders):
         getattr(pipe, name).requires_grad_(False)
     return pipe
 
@@ -139,34 +108,112 @@ def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = 
     return pipe
 
 
-def add_lora(unet, *, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
-    """Attach a peft LoRA to the denoiser; returns its (fp32) trainable parameters."""
+# -- the pieces of a training step, per family ----------------------------------------------------
+def max_sequence_length(pipe) -> int:
+    """T5 prompt length: the family default, capped by the T5 tokenizer's own limit."""
+    family = family_of(pipe)
+    tokenizer = pipe.tokenizer_3 if family.name == "sd3" else pipe.tokenizer_2
+    default = 256 if family.name == "sd3" else 512
+    return min(default, tokenizer.model_max_length)
+
+
+def encode_prompts(pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Text conditioning for `predict`: {"prompt_embeds": (B, T, D)[, "pooled": (B, P)]}."""
+    family, device = family_of(pipe), pipe._execution_device
+    if family.name == "sd":
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return {"prompt_embeds": embeds}
+    if family.name == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False)
+    elif family.name == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length(pipe))
+    else:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length(pipe))
+    return {"prompt_embeds": embeds, "pooled": pooled}
+
+
+def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents -> the denoiser's space: (z - shift) * scale (shift is 0 for SD/SDXL)."""
+    return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def predict(pipe, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor], *, size: int) -> torch.Tensor:
+    """One denoiser call on (B, C, h, w) latents; returns the prediction in the same layout.
+
+    Args:
+        timesteps: (B,) in the scheduler's units (0..1000; FLUX's transformer takes them / 1000).
+        text: `encode_prompts` output, batch-expanded to B.
+        size: the training resolution in pixels (SDXL's size conditioning).
+    """
+    family, model = family_of(pipe), denoiser(pipe)
+    B, C, h, w = noisy.shape
+    if family.name == "sd":
+        return model(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"]).sample
+    if family.name == "sdxl":
+        # original size, crop top-left, target size: the references are resized and centre-cropped
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=noisy.dtype, device=noisy.device).repeat(B, 1)
+        cond = {"text_embeds": text["pooled"], "time_ids": time_ids}
+        return model(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"], added_cond_kwargs=cond).sample
+    if family.name == "sd3":
+        return model(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text["prompt_embeds"],
+                     pooled_projections=text["pooled"], return_dict=False)[0]
+    packed = pipe._pack_latents(noisy, B, C, h, w)  # (B, h/2 * w/2, 4C)
+    image_ids = pipe._prepare_latent_image_ids(B, h // 2, w // 2, noisy.device, noisy.dtype)
+    text_ids = torch.zeros(text["prompt_embeds"].shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+    guidance = None
+    if model.config.guidance_embeds:
+        guidance = torch.full((B,), FLUX_TRAINING_GUIDANCE, device=noisy.device, dtype=noisy.dtype)
+    out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=text["pooled"],
+                encoder_hidden_states=text["prompt_embeds"], txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+    return pipe._unpack_latents(out, h * pipe.vae_scale_factor, w * pipe.vae_scale_factor, pipe.vae_scale_factor)
+
+
+def training_scheduler(pipe):
+    """A fresh scheduler for training noise, from the checkpoint's own config (prediction type, shift)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family_of(pipe).flow_matching:
+        return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
+    """Attach a peft LoRA to a denoiser or text encoder; returns its (fp32) trainable parameters."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    unet.add_adapter(
+    model.add_adapter(
         LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
     )
-    cast_training_params(unet, dtype=torch.float32)  # fp16 base + fp16 LoRA cannot be unscaled
-    return [p for p in unet.parameters() if p.requires_grad]
+    cast_training_params(model, dtype=torch.float32)  # fp16 base + fp16 LoRA cannot be unscaled
+    return [p for p in model.parameters() if p.requires_grad]
 
 
-def lora_state_dict(unet) -> dict[str, torch.Tensor]:
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
 
 
-def save_lora(pipeline_cls, unet, folder: Path, metadata: dict | None = None) -> Path:
-    """Write the LoRA in the diffusers format that `pipe.load_lora_weights(folder)` reads."""
-    pipeline_cls.save_lora_weights(
-        str(folder),
-        unet_lora_layers=lora_state_dict(unet),
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
-        unet_lora_adapter_metadata=metadata,
-    )
+def save_lora(pipe, folder: Path, metadata: dict | None = None, *, text_encoder: bool = False,
+              text_metadata: dict | None = None) -> Path:
+    """Write the LoRA (denoiser, and the first text encoder's when trained) in the diffusers format
+    that the family's `pipe.load_lora_weights(folder)` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    family = family_of(pipe)
+    layers = {
+        f"{family.denoiser}_lora_layers": lora_state_dict(denoiser(pipe)),
+        f"{family.denoiser}_lora_adapter_metadata": metadata,
+    }
+    if text_encoder:
+        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder)
+        layers["text_encoder_lora_adapter_metadata"] = text_metadata
+    type(pipe).save_lora_weights(str(folder), weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **layers)
     canonicalize_safetensors(folder / LORA_WEIGHT_NAME)
     return folder / LORA_WEIGHT_NAME
 
@@ -174,13 +221,15 @@ def save_lora(pipeline_cls, unet, folder: Path, metadata: dict | None = None) ->
 def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int):
     """One batched pipeline call; image i draws from its own generator seeded with seeds[i]."""
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    extra = {"max_sequence_length": max_sequence_length(pipe)} if family_of(pipe).flow_matching else {}
     out = pipe(
         prompts,
         num_inference_steps=steps,
-        guidance_scale=guidance,
+        guidance_scale=guidance,  # FLUX: the guidance embedding's value; others: classifier-free guidance
         height=size,
         width=size,
         generator=generators,
         output_type="pil",
+        **extra,
     )
     return out.images

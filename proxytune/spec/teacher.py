@@ -28,6 +28,16 @@ class LoraSpec(Strict):
     )
 
 
+class PriorPreservationSpec(Strict):
+    enabled: bool = Field(default=False, description="DreamBooth prior preservation with class images from the base model.")
+    class_prompt: str = Field(default="a {class}", description="Prompt of the class images; {class} is the subject's class.")
+    num_class_images: PositiveInt = Field(default=100, description="Class images generated once (seeded) and cached.")
+    prior_loss_weight: PositiveFloat = Field(default=1.0, description="loss = instance + prior_loss_weight * prior.")
+    seed: NonNegativeInt = Field(default=0, description="Class image i gets seed `seed + i`.")
+    num_inference_steps: PositiveInt = Field(default=30, description="Denoising steps per class image.")
+    guidance_scale: float = Field(default=7.5, ge=1.0, description="Guidance of the class images.")
+
+
 class TeacherSpec(Strict):
     model: TeacherModel = Field(
         default="tiny-sd",
@@ -47,3 +57,15 @@ class TeacherSpec(Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="Autocast dtype for the frozen model (LoRA params stay fp32); 'no' on CPU."
     )
+    prior_preservation: PriorPreservationSpec = Field(default_factory=PriorPreservationSpec,
+                                                      description="DreamBooth prior preservation.")
+    train_text_encoder: bool = Field(default=False, description="Also train a LoRA on the (first) text encoder.")
+    text_encoder_lr: PositiveFloat | None = Field(default=None, description="Text-encoder LoRA learning rate (default: learning_rate).")
+    min_snr_gamma: PositiveFloat | None = Field(default=None, description="Min-SNR loss weighting (DDPM families; 5.0 is usual).")
+    noise_offset: float = Field(default=0.0, ge=0, description="Noise offset (DDPM families; 0.05-0.1 brightens/darkens better).")
+    flow_weighting: Literal["logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap"] = Field(
+        default="logit_normal", description="Flow-matching (SD3/FLUX) timestep density or loss weighting scheme."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    use_8bit_adam: bool = Field(default=False, description="bitsandbytes AdamW8bit (needs `pip install bitsandbytes`, CUDA).")
+    validation_every: NonNegativeInt = Field(default=0, description="Sample a validation grid every N steps (0 = off).")

@@ -8,7 +8,7 @@ file. Output folder `teacher/`: pytorch_lora_weights.safetensors (diffusers LoRA
 from __future__ import annotations
 
 import argparse
-import json
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune.backends import diffusion
-from proxytune.files import digest_files, sha256_file, staged_dir
-from proxytune.images import grid, list_images, load_references
+from proxytune.errors import ProxytuneError
+from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic
+from proxytune.images import grid, list_images, load_references, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -29,7 +30,14 @@ class TrainingProgress:
     """Everything beyond the weights that a resumed run needs to continue bit for bit."""
 
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
+
+    @property
+    def losses(self) -> list[float]:
+        return self.series["loss"]
+
+
+SERIES = ("loss", "instance_loss", "prior_loss", "lr", "grad_norm")
 
 
 class TeacherRecipe:
@@ -39,6 +47,7 @@ class TeacherRecipe:
         self.device = common.device()
         self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
         self.prompt = f"a {params.subject.token} {params.subject.class_noun}"
+        self.class_prompt = self.cfg.prior_preservation.class_prompt.format(**{"class": params.subject.class_noun})
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -46,22 +55,31 @@ class TeacherRecipe:
         self.generator = common.seed_everything(self.params.seed)
         self.pipe = diffusion.load_pipeline(cfg.model, revision=cfg.revision, dtype=self.weight_dtype)
         self.pipe.set_progress_bar_config(disable=True)
-        from diffusers import DDPMScheduler
-
-        # Training noise follows the checkpoint's own schedule and prediction type.
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.family = diffusion.family_of(self.pipe)
+        self.denoiser = diffusion.denoiser(self.pipe)
+        # Training noise follows the checkpoint's own schedule, prediction type and shift.
+        self.noise_scheduler = diffusion.training_scheduler(self.pipe)
         self.pipe.to(self.device)
         if self.weight_dtype != torch.float32:
             self.pipe.vae.to(torch.float32)  # an fp16 VAE gives NaNs (SDXL); encoding is one-off anyway
 
         self.reference_files = list_images(self.params.references_dir)
         self.references = load_references(self.params.references_dir, cfg.resolution)
+        self.class_images = self._class_images() if cfg.prior_preservation.enabled else []
         self._cache_inputs()
         torch.manual_seed(self.params.seed)  # LoRA init draws from the global RNG
         self.trainable = diffusion.add_lora(
-            self.pipe.unet, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
+            self.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
         )
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        groups = [{"params": self.trainable, "lr": cfg.learning_rate}]
+        if cfg.train_text_encoder:
+            text_params = diffusion.add_lora(self.pipe.text_encoder, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                             target_modules=TEXT_ENCODER_TARGETS)
+            groups.append({"params": text_params, "lr": cfg.text_encoder_lr or cfg.learning_rate})
+            self.trainable = self.trainable + text_params
+        if cfg.gradient_checkpointing:
+            self.denoiser.enable_gradient_checkpointing()
+        self.optimizer = _optimizer(groups, cfg)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -73,30 +91,66 @@ class TeacherRecipe:
         )
         self._maybe_resume()
 
+    def _class_images(self) -> list:
+        """Prior-preservation class images from the frozen base model, generated once and cached.
+
+        The cache key covers everything the images depend on (model, revision, prompt, seeds,
+        resolution, sampler settings), so a changed prompt regenerates them and other subjects of the
+        same class reuse them. Finished images survive a crash; missing ones are generated.
+        """
+        pp, cfg = self.cfg.prior_preservation, self.cfg
+        key = common.config_key(cfg.model, cfg.revision, self.class_prompt, pp.seed, pp.num_class_images,
+                                cfg.resolution, pp.num_inference_steps, pp.guidance_scale)
+        folder = Path(".proxytune") / "class_images" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"{i:05d}.png" for i in range(pp.num_class_images)]
+        # Fixed blocks of 4 indices, regenerated whole: another batch shape may round differently, and
+        # a resumed cache must hold the same bytes as an uninterrupted one.
+        blocks = [list(range(i, min(i + 4, len(paths)))) for i in range(0, len(paths), 4)]
+        todo = [block for block in blocks if not all(_readable(paths[i]) for i in block)]
+        if todo:
+            tqdm.write(f"teacher: generating {sum(map(len, todo))} class images {self.class_prompt!r} into {folder}")
+            for block in tqdm(todo, desc="teacher: class images", unit="batch"):
+                images = diffusion.generate(self.pipe, [self.class_prompt] * len(block), [pp.seed + i for i in block],
+                                            steps=pp.num_inference_steps, guidance=pp.guidance_scale, size=cfg.resolution)
+                for i, image in zip(block, images):
+                    buffer = io.BytesIO()
+                    image.save(buffer, format="PNG")
+                    write_bytes_atomic(paths[i], buffer.getvalue())
+        return [open_rgb(path) for path in paths]
+
+    @torch.no_grad()
+    def _encode_posteriors(self, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 2, C, h, w) VAE posterior mean and std of each image, plain and flipped."""
+        vae = self.pipe.vae
+        pixels = torch.stack([_to_tensor(image) for image in images]).to(self.device)  # (N, 3, H, W)
+        both = torch.stack([pixels, pixels.flip(-1)], dim=1)  # (N, 2, 3, H, W)
+        dist = vae.encode(both.flatten(0, 1).to(vae.dtype)).latent_dist
+        shape = (len(images), 2, *dist.mean.shape[1:])
+        return dist.mean.float().view(shape), dist.std.float().view(shape)
+
     @torch.no_grad()
     def _cache_inputs(self) -> None:
-        """Encode every reference (plain and flipped) and the prompt once, keyed by dataset index.
+        """Encode every reference (plain and flipped) and the prompts once, keyed by dataset index.
 
         The VAE posterior (mean, std) is cached rather than one sample, so every step still draws
         fresh latents; the flip is chosen per step from the cached pair.
         """
-        vae = self.pipe.vae
-        pixels = torch.stack([_to_tensor(image) for image in self.references]).to(self.device)  # (N, 3, H, W)
-        both = torch.stack([pixels, pixels.flip(-1)], dim=1)  # (N, 2, 3, H, W)
-        dist = vae.encode(both.flatten(0, 1).to(vae.dtype)).latent_dist
-        shape = (len(self.references), 2, *dist.mean.shape[1:])
-        self.latent_mean, self.latent_std = dist.mean.float().view(shape), dist.std.float().view(shape)  # (N, 2, C, h, w)
-        ids = self.pipe.tokenizer(
-            [self.prompt],
-            padding="max_length",
-            max_length=self.pipe.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        self.prompt_embeds = self.pipe.text_encoder(ids)[0]  # (1, T, D)
+        self.latent_mean, self.latent_std = self._encode_posteriors(self.references)
+        if self.class_images:
+            self.class_mean, self.class_std = self._encode_posteriors(self.class_images)
+        if not self.cfg.train_text_encoder:  # a trained text encoder re-encodes every step
+            self.prompt_embeds = diffusion.encode_prompts(self.pipe, [self.prompt])
+            self.class_embeds = diffusion.encode_prompts(self.pipe, [self.class_prompt]) if self.class_images else None
         self.references_digest = digest_files([(p.name, sha256_file(p)) for p in self.reference_files])
 
     # -- checkpointing ---------------------------------------------------------------------------
+    def _lora_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"denoiser": self.denoiser}
+        if self.cfg.train_text_encoder:
+            modules["text_encoder"] = self.pipe.text_encoder
+        return modules
+
     def _maybe_resume(self) -> None:
         checkpoint = common.load_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
@@ -104,15 +158,17 @@ class TeacherRecipe:
         from peft.utils import set_peft_model_state_dict
 
         lora, state = checkpoint
-        set_peft_model_state_dict(self.pipe.unet, lora)
+        for name, module in self._lora_modules().items():
+            prefix = f"{name}."
+            set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.generator.set_state(state["generator"])
-        self.progress = TrainingProgress(step=int(state["step"]), losses=list(state["losses"]))
+        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
         tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """LoRA weights, optimiser, LR schedule, RNG and step."""
+        """LoRA weights (denoiser and text encoder), optimiser, LR schedule, RNG, step and curves."""
         from peft.utils import get_peft_model_state_dict
 
         state = {
@@ -120,67 +176,141 @@ class TeacherRecipe:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "generator": self.generator.get_state(),
             "step": self.progress.step,
-            "losses": self.progress.losses,
+            "series": self.progress.series,
         }
-        common.save_checkpoint(self.checkpoint_dir, get_peft_model_state_dict(self.pipe.unet), state)
+        lora = {f"{name}.{k}": v for name, module in self._lora_modules().items()
+                for k, v in get_peft_model_state_dict(module).items()}
+        common.save_checkpoint(self.checkpoint_dir, lora, state)
 
     # -- training ------------------------------------------------------------------------------
-    def train_step(self) -> float:
-        cfg, unet = self.cfg, self.pipe.unet
+    def _latents(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> torch.Tensor:
+        """Pick `count` cached images and a flip each, draw latents from their posterior, normalise."""
         g = self.generator
-        # 1. pick references and a flip for this step (fresh each step, from our own generator)
-        index = torch.randint(len(self.references), (cfg.batch_size,), generator=g)
-        flip = (torch.rand(cfg.batch_size, generator=g) < 0.5).long() if cfg.random_flip else torch.zeros(cfg.batch_size, dtype=torch.long)
-        # 2. latents ~ VAE posterior of those images, scaled as the denoiser expects
-        mean, std = self.latent_mean[index, flip], self.latent_std[index, flip]
-        eps = torch.randn(mean.shape, generator=g).to(self.device)
-        latents = (mean + std * eps) * self.pipe.vae.config.scaling_factor
-        # 3. forward diffusion at a random timestep
+        index = torch.randint(len(mean), (count,), generator=g)
+        flip = (torch.rand(count, generator=g) < 0.5).long() if self.cfg.random_flip else torch.zeros(count, dtype=torch.long)
+        m, s = mean[index, flip], std[index, flip]
+        z = m + s * torch.randn(m.shape, generator=g)
+        return diffusion.normalize_latents(self.pipe.vae, z).to(self.device)
+
+    def _text(self, count: int, prior: bool) -> dict[str, torch.Tensor]:
+        if self.cfg.train_text_encoder:
+            embeds = diffusion.encode_prompts(self.pipe, [self.class_prompt if prior else self.prompt])
+        else:
+            embeds = self.class_embeds if prior else self.prompt_embeds
+        return {k: v.expand(count, *v.shape[1:]) for k, v in embeds.items()}
+
+    def _noisy_and_target(self, latents: torch.Tensor):
+        """Forward process at a random time: (noisy latents, timesteps, target, per-sample weight)."""
+        cfg, g, sched = self.cfg, self.generator, self.noise_scheduler
+        B = latents.shape[0]
         noise = torch.randn(latents.shape, generator=g).to(self.device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g
-        ).to(self.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        # 4. predict with the cached prompt embedding
-        text = self.prompt_embeds.expand(cfg.batch_size, -1, -1)
-        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-            pred = unet(noisy.to(self.weight_dtype), timesteps, text).sample
-        # 5. target depends on what the checkpoint was trained to predict
-        kind = self.noise_scheduler.config.prediction_type
+        if self.family.flow_matching:
+            from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+            u = compute_density_for_timestep_sampling(cfg.flow_weighting, B, logit_mean=0.0, logit_std=1.0,
+                                                      mode_scale=1.29, generator=g)
+            index = (u * sched.config.num_train_timesteps).long().clamp(max=sched.config.num_train_timesteps - 1)
+            timesteps = sched.timesteps[index].to(self.device)
+            sigmas = sched.sigmas[index].view(B, 1, 1, 1).to(self.device)
+            noisy = (1.0 - sigmas) * latents + sigmas * noise
+            weight = compute_loss_weighting_for_sd3(cfg.flow_weighting, sigmas).view(B)
+            return noisy, timesteps, noise - latents, weight
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((B, latents.shape[1], 1, 1), generator=g).to(self.device)
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=g).to(self.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        kind = sched.config.prediction_type
         if kind == "epsilon":
             target = noise
         elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+            target = sched.get_velocity(latents, noise, timesteps)
         else:
             raise ValueError(f"unsupported prediction_type {kind!r}")
-        loss = F.mse_loss(pred.float(), target.float())
-        # 6. update
+        weight = torch.ones(B, device=self.device)
+        if cfg.min_snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(sched, timesteps)
+            weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+        return noisy, timesteps, target, weight
+
+    def _loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        noisy, timesteps, target, weight = self._noisy_and_target(latents)
+        text = {k: v.to(self.weight_dtype) for k, v in text.items()}
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+            pred = diffusion.predict(self.pipe, noisy.to(self.weight_dtype), timesteps, text, size=self.cfg.resolution)
+        per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+        return (weight * per_sample).mean()
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        # 1. instance latents: fresh references, flips and posterior draws each step
+        latents = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
+        # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
+        instance = self._loss(latents, self._text(cfg.batch_size, prior=False))
+        prior = torch.zeros(())
+        if self.class_images:
+            class_latents = self._latents(self.class_mean, self.class_std, cfg.batch_size)
+            prior = self._loss(class_latents, self._text(cfg.batch_size, prior=True))
+        loss = instance + cfg.prior_preservation.prior_loss_weight * prior
+        # 3. update
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return {"loss": loss.item(), "instance_loss": instance.item(), "prior_loss": prior.item(), "lr": lr,
+                "grad_norm": grad_norm.item()}
+
+    def memory_estimate(self) -> str:
+        """A rough bill before training: weights, trainable LoRA, optimiser state (AdamW: 2 fp32 moments)."""
+        models = [getattr(self.pipe, name) for name in (self.family.denoiser, "vae", *self.family.text_encoders)]
+        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        trainable = sum(p.numel() for p in self.trainable)
+        state = trainable * (2 if self.cfg.use_8bit_adam else 8)
+        return (f"memory estimate: weights {weights / 2**20:.1f} MiB, LoRA {trainable * 4 / 2**20:.2f} MiB "
+                f"(+grads), optimiser state {state / 2**20:.2f} MiB; activations grow with batch x resolution^2"
+                f"{' (reduced by gradient checkpointing)' if self.cfg.gradient_checkpointing else ''}")
 
     def train(self) -> None:
         cfg = self.cfg
         tqdm.write(
-            f"teacher: {len(self.references)} references, prompt {self.prompt!r}, {cfg.steps} steps x batch "
-            f"{cfg.batch_size}, LoRA rank {cfg.lora.rank}, {sum(p.numel() for p in self.trainable):,} trainable params"
+            f"teacher: {self.family.name} model, {len(self.references)} references, prompt {self.prompt!r}"
+            f"{f', {len(self.class_images)} class images {self.class_prompt!r}' if self.class_images else ''}, "
+            f"{cfg.steps} steps x batch {cfg.batch_size}, LoRA rank {cfg.lora.rank}, "
+            f"{sum(p.numel() for p in self.trainable):,} trainable params"
         )
-        self.pipe.unet.train()
+        tqdm.write(f"teacher: {self.memory_estimate()}")
+        self.denoiser.train()
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="teacher", unit="step")
         while self.progress.step < cfg.steps:
-            loss = self.train_step()
+            values = self.train_step()
             self.progress.step += 1
-            self.progress.losses.append(loss)
+            for key in SERIES:
+                self.progress.series[key].append(values[key])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if cfg.validation_every and self.progress.step % cfg.validation_every == 0:
+                self.validation_grid()
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
             faults.checkpoint("teacher", "step", self.progress.step)
         bar.close()
-        self.pipe.unet.eval()
+        self.denoiser.eval()
+
+    @torch.no_grad()
+    def validation_grid(self) -> None:
+        """Samples of the instance prompt at this step, kept with the checkpoints and logged at the end."""
+        self.denoiser.eval()
+        with torch.random.fork_rng(devices=[]):  # sampling must not move the training RNG
+            grid_image = self.sample_grid()
+        self.denoiser.train()
+        path = self.checkpoint_dir / "validation" / f"step_{self.progress.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        grid_image.save(buffer, format="PNG")
+        write_bytes_atomic(path, buffer.getvalue())
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
@@ -202,17 +332,24 @@ class TeacherRecipe:
         }
         with common.stage_run(self.params, "teacher", run_tags) as run, staged_dir(out_dir) as tmp:
             run.log_params({"teacher": self.cfg.model_dump(mode="json"), "seed": self.params.seed, "prompt": self.prompt})
-            run.log_series("loss", self.progress.losses)
+            for key in SERIES:
+                if key != "prior_loss" or self.class_images:
+                    run.log_series(key, self.progress.series[key])
+            validation = self.checkpoint_dir / "validation"
+            if validation.is_dir():
+                run.log_artifacts(validation, "validation")
             run.log_dict({p.name: sha256_file(p) for p in self.reference_files}, "references.json")
             adapter = tmp / "adapter"
             adapter.mkdir()
             metadata = {"r": self.cfg.lora.rank, "lora_alpha": self.cfg.lora.alpha, "target_modules": self.cfg.lora.target_modules}
-            diffusion.save_lora(type(self.pipe), self.pipe.unet, adapter, metadata)
+            text_metadata = {**metadata, "target_modules": TEXT_ENCODER_TARGETS}
+            diffusion.save_lora(self.pipe, adapter, metadata, text_encoder=self.cfg.train_text_encoder,
+                                text_metadata=text_metadata)
             adapter_digest = sha256_file(adapter / diffusion.LORA_WEIGHT_NAME)
             self.sample_grid().save(tmp / "samples.png")
             run.log_artifact(tmp / "samples.png")
             version = run.register(
-                adapter, "teacher", {"base_model": self.cfg.model, "backend": "diffusers", "adapter_digest": adapter_digest}
+                adapter, "teacher", {"base_model": self.cfg.model, "backend": f"diffusers-{self.family.name}", "adapter_digest": adapter_digest}
             )
             run.set_tags({"model_version": f"{run.experiment}.{run.subject}.teacher@{version}"})
             common.write_record(
@@ -226,10 +363,32 @@ class TeacherRecipe:
                     "revision": self.cfg.revision,
                     "adapter_digest": adapter_digest,
                     "references_digest": self.references_digest,
+                    "family": self.family.name,
                     "final_loss": self.progress.losses[-1],
                 },
             )
         tqdm.write(f"teacher: registered {run.experiment}.{run.subject}.teacher version {version}")
+
+
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP text attention
+
+
+def _readable(path: Path) -> bool:
+    try:
+        open_rgb(path)
+        return True
+    except ProxytuneError:
+        return False
+
+
+def _optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ProxytuneError("teacher.use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
 
 def _to_tensor(image) -> torch.Tensor:
