@@ -38,14 +38,14 @@ def make_params(batch_size: int):
 
     from proxytune.files import sha256_file
     from proxytune.images import load_references
-    from proxytune.stages.synthesis import manifest_digest, proxy_prompt
+    from proxytune.stages.synthesis import manifest_digest, proxy_prompts
 
     project = C.temp_project("student")
     params = compile_params(project, tiny_spec(name="bench-student", student={"batch_size": batch_size}))
     references = load_references(C.dreambench_subject("dog"), 64)
     proxy = params.out("proxy")
     (proxy / "images").mkdir(parents=True)
-    prompt = proxy_prompt(params)
+    prompt = proxy_prompts(params)[0]
     entries = []
     for i in range(PROXY_IMAGES):
         image = references[i % len(references)]

@@ -183,11 +183,11 @@ def _launch(step: str, params_path: str, processes: int) -> int:
     import subprocess
     import sys
 
-    import torch
-
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += ["--multi_gpu"] if torch.cuda.device_count() >= processes else ["--cpu"]
+    # --multi_gpu means "torchrun, one process per rank"; without GPUs the stage asks accelerate for
+    # CPU processes (PartialState(cpu=True): gloo). `--cpu` would start a single process.
+    command += ["--multi_gpu"]
     command += ["-m", "proxytune.cli", "stage", step, "--params", params_path]
     click.echo(f"{step}: launching {processes} processes with accelerate", err=True)
     return subprocess.call(command, env={**os.environ, "PROXYTUNE_LAUNCHED": "1"})

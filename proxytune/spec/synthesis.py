@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal
 
-from proxytune.spec.common import NonNegativeInt, PositiveFloat, PositiveInt, Strict
+from pydantic import Field, field_validator, model_validator
+
+from proxytune.spec.common import NonNegativeInt, PositiveFloat, PositiveInt, Probability, Strict
+
+
+def _check_template(value: str) -> str:
+    if "{token}" not in value:
+        raise ValueError("must contain '{token}' (the identifier the teacher learned)")
+    try:
+        value.format(token="x", **{"class": "y"})
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"only {{token}} and {{class}} may be used ({err})") from None
+    return value
+
+
+class FilterSpec(Strict):
+    """Drop proxies whose image embedding is far from the references' (off by default)."""
+
+    enabled: bool = Field(default=False, description="Run the quality filter after generation.")
+    metric: Literal["dino", "clip"] = Field(default="dino", description="Embedding: DINO CLS or CLIP image.")
+    model: str = Field(default="tiny-dino", description="Encoder: built-in tiny name, local path or hub id.")
+    min_similarity: float | None = Field(default=None, ge=-1, le=1,
+                                         description="Drop proxies whose mean cosine to the references is below this.")
+    drop_fraction: Probability | None = Field(default=None, lt=1, description="Drop this fraction, the least similar first.")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        if self.enabled and (self.min_similarity is None) == (self.drop_fraction is None):
+            raise ValueError("set exactly one of min_similarity and drop_fraction")
+        return self
 
 
 class SynthesisSpec(Strict):
@@ -18,14 +47,20 @@ class SynthesisSpec(Strict):
     batch_size: PositiveInt = Field(default=4, description="Images per pipeline call.")
     seed: NonNegativeInt = Field(default=0, description="Image i gets seed `seed + i`, whatever the batching.")
     lora_scale: PositiveFloat = Field(default=1.0, description="Scale of the fused teacher LoRA.")
+    templates: list[str] = Field(
+        default=[],
+        description="Extra context prompts, e.g. 'a {token} {class} on the beach'; image i gets prompt "
+        "i mod (1 + len(templates)) of [prompt, *templates].",
+    )
+    processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch) sharing the blocks.")
+    filter: FilterSpec = Field(default_factory=FilterSpec, description="Optional quality filter on the proxies.")
 
     @field_validator("prompt")
     @classmethod
     def _has_token(cls, value: str) -> str:
-        if "{token}" not in value:
-            raise ValueError("must contain '{token}' (the identifier the teacher learned)")
-        try:
-            value.format(token="x", **{"class": "y"})
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(f"only {{token}} and {{class}} may be used ({err})") from None
-        return value
+        return _check_template(value)
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, values: list[str]) -> list[str]:
+        return [_check_template(v) for v in values]

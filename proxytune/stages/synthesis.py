@@ -28,8 +28,20 @@ from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
 
-def proxy_prompt(params: StageParams) -> str:
-    return params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
+def proxy_prompts(params: StageParams) -> list[str]:
+    """The paper's prompt first, then the spec's context templates; image i gets prompts[i % len]."""
+    subject = params.subject
+    templates = [params.synthesis.prompt, *params.synthesis.templates]
+    return [t.format(token=subject.token, **{"class": subject.class_noun}) for t in templates]
+
+
+def prompt_of(prompts: list[str], index: int) -> str:
+    return prompts[index % len(prompts)]
+
+
+def processes(params_path: str | Path) -> int:
+    """How many data-parallel processes the CLI launches this stage with (accelerate)."""
+    return load_params(params_path).synthesis.processes
 
 
 def _is_complete(path: Path) -> bool:
@@ -46,17 +58,19 @@ def manifest_digest(entries: list[dict]) -> str:
 
 
 @torch.no_grad()
-def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> None:
+def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank: int = 0, world: int = 1) -> None:
+    """Generate every unfinished block; under accelerate, process `rank` takes blocks rank, rank + world, ..."""
     cfg = params.synthesis
-    prompt = proxy_prompt(params)
+    prompts = proxy_prompts(params)
     # Batches are fixed blocks of image indices: float kernels may round differently for another
-    # batch shape, so a resumed run regenerates whole blocks to stay byte-identical.
+    # batch shape, so a resumed or sharded run regenerates whole blocks to stay byte-identical.
     blocks = [list(range(i, min(i + cfg.batch_size, cfg.num_images))) for i in range(0, cfg.num_images, cfg.batch_size)]
     todo = [block for block in blocks if not all(_is_complete(scratch / f"{i:05d}.png") for i in block)]
+    todo = todo[rank::world]
     if not todo:
         return
     done = cfg.num_images - sum(len(block) for block in todo)
-    if done:
+    if done and world == 1:
         tqdm.write(f"synthesis: resuming, {done} images already done")
     common.seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(
@@ -64,11 +78,12 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
     )
     pipe.to(common.device())
     pipe.set_progress_bar_config(disable=True)
-    bar = tqdm(total=cfg.num_images, initial=done, desc="synthesis", unit="img")
+    label = f"synthesis [{rank + 1}/{world}]" if world > 1 else "synthesis"
+    bar = tqdm(total=sum(len(block) for block in todo), desc=label, unit="img")
     for count, batch in enumerate(todo, 1):
         images = diffusion.generate(
             pipe,
-            [prompt] * len(batch),
+            [prompt_of(prompts, i) for i in batch],
             [cfg.seed + i for i in batch],
             steps=cfg.num_inference_steps,
             guidance=cfg.guidance_scale,
@@ -83,27 +98,82 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
     bar.close()
 
 
+@torch.no_grad()
+def quality_filter(params: StageParams, entries: list[dict], scratch: Path) -> tuple[list[dict], list[dict]]:
+    """Split entries into (kept, dropped) by mean cosine of each proxy's embedding to the references'.
+
+    Every entry gets its "similarity"; dropped ones are the least similar (drop_fraction) or those
+    below min_similarity. Ties break by index, so the split is deterministic.
+    """
+    from proxytune.backends import encoders
+    from proxytune.images import list_images
+
+    cfg = params.synthesis.filter
+    encoder = encoders.load_dino(cfg.model) if cfg.metric == "dino" else encoders.load_clip(cfg.model)
+    references = [open_rgb(p) for p in list_images(params.references_dir)]
+    reference_embeds = encoder.image_embeds(references)
+    similarity = []
+    for start in tqdm(range(0, len(entries), 32), desc="synthesis: quality filter", unit="batch", leave=False):
+        chunk = [open_rgb(scratch / Path(e["file"]).name) for e in entries[start : start + 32]]
+        similarity += encoders.per_image_pairwise_cosine(encoder.image_embeds(chunk), reference_embeds).tolist()
+    for entry, value in zip(entries, similarity):
+        entry["similarity"] = round(float(value), 6)
+    if cfg.drop_fraction is not None:
+        order = sorted(range(len(entries)), key=lambda i: (similarity[i], i))
+        dropped_index = set(order[: int(cfg.drop_fraction * len(entries))])
+    else:
+        dropped_index = {i for i, value in enumerate(similarity) if value < cfg.min_similarity}
+    if len(dropped_index) == len(entries):
+        raise ProxytuneError(
+            f"{params.source.spec_file}: synthesis.filter: every proxy image was dropped "
+            f"(best similarity {max(similarity):.3f}); lower min_similarity"
+        )
+    kept = [e for i, e in enumerate(entries) if i not in dropped_index]
+    dropped = [e for i, e in enumerate(entries) if i in dropped_index]
+    return kept, dropped
+
+
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     cfg = params.synthesis
     teacher_dir = params.out("teacher")
     teacher = common.read_record(teacher_dir)
-    prompt = proxy_prompt(params)
-    key = common.config_key(params.seed, cfg.model_dump(), params.teacher.model, params.teacher.revision,
-                            params.teacher.resolution, teacher["adapter_digest"], prompt)
+    prompts = proxy_prompts(params)
+    key = common.config_key(params.seed, cfg.model_dump(exclude={"processes", "filter"}), params.teacher.model,
+                            params.teacher.revision, params.teacher.resolution, teacher["adapter_digest"], prompts)
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
-    generate_missing(params, teacher_dir, scratch)
+    rank, world = 0, 1
+    if cfg.processes > 1 and "PROXYTUNE_LAUNCHED" in os.environ:
+        from accelerate import PartialState
 
+        state = PartialState(cpu=common.device().type == "cpu")
+        rank, world = state.process_index, state.num_processes
+    generate_missing(params, teacher_dir, scratch, rank, world)
+    if world > 1:
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return  # the main process checks, assembles and logs the set
+        generate_missing(params, teacher_dir, scratch)  # a block another process left unfinished
+    assemble(params, teacher, scratch, prompts)
+
+
+def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[str]) -> None:
+    cfg = params.synthesis
     entries = []
     for i in range(cfg.num_images):
         name = f"{i:05d}.png"
-        entries.append({"file": f"images/{name}", "prompt": prompt, "seed": cfg.seed + i, "sha256": sha256_file(scratch / name)})
+        entries.append({"file": f"images/{name}", "prompt": prompt_of(prompts, i), "seed": cfg.seed + i,
+                         "sha256": sha256_file(scratch / name)})
+    dropped: list[dict] = []
+    if cfg.filter.enabled:
+        entries, dropped = quality_filter(params, entries, scratch)
+        tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {cfg.num_images} images")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
     teacher_version = f"{teacher['model']}@{teacher['version']}"
     out_dir = params.out("proxy")
-    tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(cfg.num_images)}
+    tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries))}
     with common.stage_run(params, "synthesis", tags) as run, staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for entry in entries:
@@ -114,17 +184,23 @@ def run(params_path: str | Path) -> None:
                 shutil.copy2(src, dst)
         manifest = {
             "prompt_template": cfg.prompt,
+            "templates": cfg.templates,
             "teacher_version": teacher_version,
             "teacher_run_id": teacher["run_id"],
-            "num_images": cfg.num_images,
+            "num_images": len(entries),
+            "generated": cfg.num_images,
+            "dropped": len(dropped),
+            "filter": cfg.filter.model_dump(mode="json") if cfg.filter.enabled else None,
             "digest": digest,
             "prompts_digest": prompts_digest,
             "images": entries,
+            "dropped_images": [{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
         grid([preview], cell=min(params.teacher.resolution, 256)).save(tmp / "preview.png")
-        run.log_params({"synthesis": cfg.model_dump(mode="json"), "prompt": prompt})
+        run.log_params({"synthesis": cfg.model_dump(mode="json"), "prompts": prompts})
+        run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
         run.log_artifacts(tmp, "proxy")
         run.log_dataset(out_dir, name=f"{params.experiment}.{params.subject.name}.proxy", digest=digest, context="synthesized")
         common.write_record(
@@ -134,11 +210,12 @@ def run(params_path: str | Path) -> None:
                 "run_id": run.run_id,
                 "digest": digest,
                 "prompts_digest": prompts_digest,
-                "num_images": cfg.num_images,
+                "num_images": len(entries),
+                "dropped": len(dropped),
                 "teacher_version": teacher_version,
             },
         )
-    tqdm.write(f"synthesis: {cfg.num_images} proxy images, digest {digest[:12]}")
+    tqdm.write(f"synthesis: {len(entries)} proxy images, digest {digest[:12]}")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
