@@ -105,3 +105,32 @@ def test_8bit_adam_without_bitsandbytes_is_a_clear_error(project):
         pass
     with pytest.raises(ProxytuneError, match=r"^teacher.use_8bit_adam: bitsandbytes is not installed"):
         recipe_for(project, steps=1, use_8bit_adam=True)
+
+
+def test_two_data_parallel_processes_train_one_adapter(project):
+    """`teacher.processes: 2` runs the stage under accelerate launch with 2 CPU processes (gloo)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    params = make_params(project, tiny_spec(teacher={"steps": 6, "processes": 2, "checkpoint_every": 3,
+                                                     "learning_rate": 1e-2}))
+    env = {k: v for k, v in os.environ.items() if k != "PROXYTUNE_LAUNCHED"}
+    done = subprocess.run([sys.executable, "-m", "proxytune.cli", "stage", "teacher", "--params", str(params.path)],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert "launching 2 processes" in log
+    assert "rank 0" in log and "rank 1" in log and "4 references per step in all" in log
+    import re
+
+    digests = dict(re.findall(r"rank (\d) final LoRA sha256 ([0-9a-f]{64})", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]  # gradients averaged: weights in sync
+    record = json.loads((params.out("teacher") / "record.json").read_text())
+    assert record["version"] == "1"
+    # the adapter both processes trained loads through the pipeline and changes its images
+    kwargs = dict(steps=3, guidance=4.0, size=64)
+    tuned = diffusion.generate(diffusion.load_pipeline_with_lora("tiny-sd", params.out("teacher") / "adapter"), ["a S* dog"], [1], **kwargs)[0]
+    base = diffusion.generate(diffusion.load_pipeline("tiny-sd"), ["a S* dog"], [1], **kwargs)[0]
+    assert np.abs(np.asarray(tuned, dtype=int) - np.asarray(base, dtype=int)).max() > 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from proxytune.spec.common import (
     TINY_TEACHERS,
@@ -37,6 +37,15 @@ class PriorPreservationSpec(Strict):
     num_inference_steps: PositiveInt = Field(default=30, description="Denoising steps per class image.")
     guidance_scale: float = Field(default=7.5, ge=1.0, description="Guidance of the class images.")
 
+    @field_validator("class_prompt")
+    @classmethod
+    def _only_class(cls, value: str) -> str:
+        try:
+            value.format(**{"class": "x"})
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"only {{class}} may be used ({err})") from None
+        return value
+
 
 class TeacherSpec(Strict):
     model: TeacherModel = Field(
@@ -68,4 +77,5 @@ class TeacherSpec(Strict):
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
     use_8bit_adam: bool = Field(default=False, description="bitsandbytes AdamW8bit (needs `pip install bitsandbytes`, CUDA).")
+    processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
     validation_every: NonNegativeInt = Field(default=0, description="Sample a validation grid every N steps (0 = off).")

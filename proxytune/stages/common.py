@@ -33,6 +33,51 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
+def data_parallel(processes: int) -> tuple[int, int]:
+    """(rank, world size): the accelerate process group when the CLI launched several, else (0, 1)."""
+    import os
+
+    if processes <= 1 or "PROXYTUNE_LAUNCHED" not in os.environ:
+        return 0, 1
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device().type == "cpu")  # CPU processes talk over gloo
+    return state.process_index, state.num_processes
+
+
+def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """All-reduce the gradients to their mean over processes (one flat buffer, one collective)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def gather_states(state: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every process's RNG state (a uint8 tensor), rank-ordered, for a checkpoint that resumes them all."""
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
+
+
 def config_key(*parts: object) -> str:
     """A short digest of everything a checkpoint depends on, so a changed config never resumes it."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

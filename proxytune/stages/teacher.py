@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic
+from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import grid, list_images, load_references, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -52,7 +52,10 @@ class TeacherRecipe:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.generator = common.seed_everything(self.params.seed)
+        self.rank, self.world = common.data_parallel(cfg.processes)
+        common.seed_everything(self.params.seed)
+        # Each process draws its own data and noise; rank 0 draws what a single process would.
+        self.generator = torch.Generator().manual_seed(self.params.seed + 7919 * self.rank)
         self.pipe = diffusion.load_pipeline(cfg.model, revision=cfg.revision, dtype=self.weight_dtype)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = diffusion.family_of(self.pipe)
@@ -163,7 +166,7 @@ class TeacherRecipe:
             set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generators"][self.rank])
         self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
         tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
@@ -174,10 +177,12 @@ class TeacherRecipe:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "generator": self.generator.get_state(),
+            "generators": common.gather_states(self.generator.get_state(), self.world),
             "step": self.progress.step,
             "series": self.progress.series,
         }
+        if self.rank != 0:
+            return  # every process took part in gathering the RNG states; the main one writes
         lora = {f"{name}.{k}": v for name, module in self._lora_modules().items()
                 for k, v in get_peft_model_state_dict(module).items()}
         common.save_checkpoint(self.checkpoint_dir, lora, state)
@@ -255,6 +260,9 @@ class TeacherRecipe:
         loss = instance + cfg.prior_preservation.prior_loss_weight * prior
         # 3. update
         loss.backward()
+        if self.world > 1:  # data parallel: every process applies the mean gradient, so weights stay equal
+            common.average_gradients(self.trainable)
+            instance, prior, loss = (common.mean_over_processes(x.detach()) for x in (instance, prior, loss))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -282,6 +290,9 @@ class TeacherRecipe:
             f"{sum(p.numel() for p in self.trainable):,} trainable params"
         )
         tqdm.write(f"teacher: {self.memory_estimate()}")
+        if self.world > 1:
+            tqdm.write(f"teacher: data parallel over {self.world} processes (rank {self.rank}), "
+                       f"{self.world * cfg.batch_size} references per step in all")
         self.denoiser.train()
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="teacher", unit="step")
         while self.progress.step < cfg.steps:
@@ -291,13 +302,16 @@ class TeacherRecipe:
                 self.progress.series[key].append(values[key])
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if cfg.validation_every and self.progress.step % cfg.validation_every == 0:
+            if cfg.validation_every and self.progress.step % cfg.validation_every == 0 and self.rank == 0:
                 self.validation_grid()
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
             faults.checkpoint("teacher", "step", self.progress.step)
         bar.close()
         self.denoiser.eval()
+        if self.world > 1:  # the processes must end with the same weights; say so checkably
+            digest = sha256_bytes(b"".join(p.detach().cpu().numpy().tobytes() for p in self.trainable))
+            tqdm.write(f"teacher: rank {self.rank} final LoRA sha256 {digest}")
 
     @torch.no_grad()
     def validation_grid(self) -> None:
@@ -399,12 +413,18 @@ def _to_tensor(image) -> torch.Tensor:
     return array.permute(2, 0, 1).contiguous()
 
 
+def processes(params_path: str | Path) -> int:
+    """How many data-parallel processes the CLI launches this stage with (accelerate)."""
+    return load_params(params_path).teacher.processes
+
+
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     recipe = TeacherRecipe(params)
     recipe.setup()
     recipe.train()
-    recipe.save(params.out("teacher"))
+    if recipe.rank == 0:  # the weights are the same in every process; one saves and registers them
+        recipe.save(params.out("teacher"))
 
 
 if __name__ == "__main__":
