@@ -103,6 +103,7 @@ class ARStudent(PreTrainedModel):
     config_class = ARStudentConfig
     _no_split_modules = ["LlamaDecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # the Llama decoder layers recompute activations
 
     def __init__(self, config: ARStudentConfig):
         super().__init__(config)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from proxytune.spec.common import (
     TINY_STUDENTS,
@@ -23,6 +23,13 @@ class StudentLoraSpec(Strict):
     rank: PositiveInt = Field(default=16, description="LoRA rank r.")
     alpha: PositiveFloat = Field(default=16.0, description="LoRA alpha.")
     dropout: Probability = Field(default=0.0, description="LoRA dropout.")
+    groups: list[Literal["attention", "mlp"]] = Field(
+        default=["attention", "mlp"], min_length=1,
+        description="Module groups of the language model that get LoRA (selective layer tuning).",
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None, description="Only these decoder layers get LoRA (peft layers_to_transform); null = all."
+    )
 
 
 class SamplingSpec(Strict):
@@ -31,7 +38,29 @@ class SamplingSpec(Strict):
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 = greedy.")
 
 
+class RegularisersSpec(Strict):
+    """From the VAR subject-driven seed: keep the base model's prior, favour coarse (early) tokens."""
+
+    prior_distillation: float = Field(
+        default=0.0, ge=0,
+        description="Weight of KL(base || tuned) on class-prompt samples of the base model (adapter disabled, no copy).",
+    )
+    prior_prompt: str = Field(default="a {class}", description="Prompt of the distillation samples.")
+    prior_samples: PositiveInt = Field(default=8, description="Class-prompt samples drawn once from the base student.")
+    position_weighting: float = Field(
+        default=0.0, ge=0,
+        description="Strength s of w_t = exp(-s t / L) (normalised to mean 1): early, coarse tokens weigh more. 0 = uniform.",
+    )
+
+
 class StudentSpec(Strict):
+    recipe: Literal["proxy", "direct-lora", "direct-full", "augment"] = Field(
+        default="proxy",
+        description="proxy: LoRA on the proxy set (the method). Baselines: direct-lora (LoRA on the real references), "
+        "direct-full (full fine-tuning on the references), augment (LoRA on flip/rotate/crop copies of the references).",
+    )
+    num_proxy_images: PositiveInt | None = Field(default=None, description="Train on the first N proxies (size sweeps); null = all.")
+    augment_copies: PositiveInt = Field(default=200, description="Size of the augmented reference set (recipe augment).")
     model: StudentModel = Field(
         default="tiny-llamagen",
         description="AR student: built-in tiny name, or a local folder / hub id in proxytune's student layout.",
@@ -47,3 +76,13 @@ class StudentSpec(Strict):
     checkpoint_every: PositiveInt = Field(default=250, description="Save a resumable checkpoint every N steps.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How the student samples images.")
     seed_offset: NonNegativeInt = Field(default=0, description="Added to the experiment seed for this stage.")
+    regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32).")
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
+
+    @model_validator(mode="after")
+    def _distillation_needs_lora(self):
+        if self.recipe == "direct-full" and self.regularisers.prior_distillation > 0:
+            raise ValueError("regularisers.prior_distillation needs a LoRA recipe (it disables the adapter for the base logits)")
+        return self

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune import stats, tracking
-from proxytune.backends import ar, diffusion, encoders, hub
+from proxytune.backends import diffusion, encoders, hub, students
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
@@ -67,11 +67,19 @@ class TeacherSampler:
 
 class StudentSampler:
     def __init__(self, params: StageParams):
-        from peft import PeftModel
-
         self.params = params
-        self.bundle = ar.load_student(params.student.model, device=str(common.device()))
-        self.bundle.model = PeftModel.from_pretrained(self.bundle.model, str(params.out("student") / "adapter")).eval()
+        self.bundle = students.load_student(params.student.model, device=str(common.device()))
+        # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
+        folder = params.out("student")
+        weights = folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
+        if weights.parent.name == "adapter":
+            from peft import PeftModel
+
+            self.bundle.model = PeftModel.from_pretrained(self.bundle.model, str(weights.parent)).eval()
+        else:
+            from safetensors.torch import load_file
+
+            self.bundle.model.load_state_dict(load_file(weights))
         self.random_init = self.bundle.random_init
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:

@@ -1,9 +1,18 @@
-"""Student stage: LoRA on an autoregressive image generator, trained on the proxy set only.
+"""Student stage: an autoregressive image generator learns the subject.
 
-The student never sees the real references. Proxy images are tokenized by the student's VQ
-tokenizer once (codes cached by dataset index), captions encoded once per distinct prompt; each
-step then costs one transformer forward/backward. Output folder `student/`: adapter/ (peft format,
-loads with `PeftModel.from_pretrained`), samples.png, record.json.
+Recipes (`student.recipe`): `proxy` (the method) trains a LoRA on the teacher's proxy set only and
+never sees the real references; the paper's baselines train on the references instead: `direct-lora`,
+`direct-full` (every weight of the transformer) and `augment` (a fixed, seeded set of flipped /
+rotated / cropped copies). `num_proxy_images` takes the first N proxies for size sweeps.
+
+Images are tokenized by the student's own image tokenizer once (codes cached by dataset index) and
+captions encoded once per distinct prompt; each step then costs one transformer forward/backward.
+Optional regularisers from the VAR subject-driven method: selective layer tuning (`lora.groups`,
+`lora.layers`), prior distillation (KL from the adapter-disabled model on class-prompt samples) and a
+position-weighted loss favouring early (coarse) tokens.
+
+Output folder `student/`: adapter/ (peft format, loads with `PeftModel.from_pretrained`) or, for
+direct-full, full/model.safetensors; samples.png; record.json.
 """
 
 from __future__ import annotations
@@ -14,20 +23,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from proxytune import faults
-from proxytune.backends import ar
+from proxytune.backends import students
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
-from proxytune.images import center_crop_resize, grid, open_rgb
+from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+
+SERIES = ("loss", "ce", "distill", "grad_norm")
+FULL_WEIGHTS = "full/model.safetensors"
 
 
 @dataclass
 class TrainingProgress:
     step: int = 0
-    losses: list[float] = field(default_factory=list)
+    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
+
+    @property
+    def losses(self) -> list[float]:
+        return self.series["loss"]
+
+
+def position_weights(length: int, strength: float) -> torch.Tensor:
+    """(L,) weights exp(-strength * t / L), normalised to mean 1 (uniform at strength 0)."""
+    w = torch.exp(-strength * torch.arange(length, dtype=torch.float32) / length)
+    return w / w.mean()
+
+
+def augmented_references(images: list, count: int, size: int, generator: torch.Generator) -> list:
+    """The paper's geometric augmentation baseline: `count` copies of the references, each with a
+    random flip, a rotation in [-5, 5] degrees and a centred-area crop of 0.9-1.0 of the side."""
+    from PIL import Image, ImageOps
+
+    out = []
+    for i in range(count):
+        image = images[i % len(images)]
+        flip, angle, scale, dx, dy = torch.rand(5, generator=generator).tolist()
+        if flip < 0.5:
+            image = ImageOps.mirror(image)
+        image = image.rotate(10 * angle - 5, resample=Image.Resampling.BICUBIC)
+        side = round(min(image.size) * (0.9 + 0.1 * scale))
+        left, top = round((image.width - side) * dx), round((image.height - side) * dy)
+        out.append(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
+    return out
 
 
 class StudentRecipe:
@@ -35,119 +76,208 @@ class StudentRecipe:
         self.params = params
         self.cfg = params.student
         self.device = common.device()
+        self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
         self.proxy_dir = params.out("proxy")
+        subject = params.subject
+        self.instance_prompt = f"a {subject.token} {subject.class_noun}"
+        self.prior_prompt = self.cfg.regularisers.prior_prompt.format(**{"class": subject.class_noun})
+
+    @property
+    def full_finetune(self) -> bool:
+        return self.cfg.recipe == "direct-full"
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.generator = common.seed_everything(self.params.seed + cfg.seed_offset)
-        self.proxy = common.read_record(self.proxy_dir)
-        self.manifest = json.loads((self.proxy_dir / "manifest.json").read_text())
-        self.bundle = ar.load_student(cfg.model, device=str(self.device))
+        self.rank, self.world = common.data_parallel(cfg.processes)
+        seed = self.params.seed + cfg.seed_offset
+        common.seed_everything(seed)
+        self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
+        self.bundle = students.load_student(cfg.model, device=str(self.device))
+        self.proxy = common.read_record(self.proxy_dir) if cfg.recipe == "proxy" else None
         self.checkpoint_dir = self.params.work("student") / common.config_key(
-            self.params.seed, cfg.model_dump(), self.proxy["digest"]
+            self.params.seed, cfg.model_dump(exclude={"processes"}), self._data_key()
         )
         self._cache_inputs()
-        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(seed)  # LoRA init draws from the global RNG: the same in every process
+        model = self.bundle.model
+        if self.full_finetune:
+            model.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(
-            r=cfg.lora.rank,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=ar.LORA_TARGET_MODULES,
-        )
-        torch.manual_seed(self.params.seed + cfg.seed_offset)  # LoRA init draws from the global RNG
-        self.bundle.model = get_peft_model(self.bundle.model, lora)
-        self.trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]
+            lora = LoraConfig(
+                r=cfg.lora.rank,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=self.bundle.lora_target_modules(list(cfg.lora.groups)),
+                layers_to_transform=cfg.lora.layers,
+                layers_pattern=getattr(self.bundle, "lora_layers_pattern", None) if cfg.lora.layers else None,
+            )
+            self.bundle.model = model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )
+        self.weights = position_weights(self.bundle.seq_len, cfg.regularisers.position_weighting).to(self.device)
         self.progress = TrainingProgress()
         self._maybe_resume()
 
+    def _data_key(self) -> str:
+        """What the training set depends on besides the model: the proxy digest, or the references."""
+        if self.cfg.recipe == "proxy":
+            return self.proxy["digest"]
+        return ",".join(sha256_file(p) for p in list_images(self.params.references_dir))
+
+    def _training_images(self) -> tuple[list, list[str]]:
+        """(images, prompts) of the recipe's training set, in dataset order."""
+        cfg, size = self.cfg, self.bundle.image_size
+        if cfg.recipe == "proxy":
+            entries = json.loads((self.proxy_dir / "manifest.json").read_text())["images"]
+            entries = entries[: cfg.num_proxy_images] if cfg.num_proxy_images else entries
+            return [center_crop_resize(open_rgb(self.proxy_dir / e["file"]), size) for e in entries], [e["prompt"] for e in entries]
+        references = [open_rgb(p) for p in list_images(self.params.references_dir)]
+        if cfg.recipe == "augment":
+            g = torch.Generator().manual_seed(self.params.seed + cfg.seed_offset)
+            images = augmented_references([center_crop_resize(r, max(r.size)) for r in references], cfg.augment_copies, size, g)
+        else:
+            images = [center_crop_resize(r, size) for r in references]
+        return images, [self.instance_prompt] * len(images)
+
     @torch.no_grad()
     def _cache_inputs(self) -> None:
-        """VQ codes of every proxy image and text features of every distinct prompt, computed once.
-
-        Cached in the scratch folder (keyed by model and proxy digest) so a resumed run skips it.
-        """
+        """Codes of every training image and the condition of every distinct prompt, computed once
+        (keyed by dataset index) and kept in the scratch folder so a resumed run skips it."""
         from safetensors.torch import load_file, save
 
         cache = self.checkpoint_dir / "inputs.safetensors"
-        entries = self.manifest["images"]
-        prompts = sorted({e["prompt"] for e in entries})
-        self.prompt_index = torch.tensor([prompts.index(e["prompt"]) for e in entries])  # (N,)
         if cache.exists():
             tensors = load_file(cache)
-            self.codes, self.text_feats = tensors["codes"], tensors["text_feats"]
+            self.codes, self.conds, self.prompt_index = tensors["codes"], tensors["conds"], tensors["prompt_index"]
+            self.prior_codes, self.prior_cond = tensors.get("prior_codes"), tensors.get("prior_cond")
             return
-        size = self.bundle.image_size
+        images, prompts = self._training_images()
+        distinct = sorted(set(prompts))
         codes = []
-        for start in tqdm(range(0, len(entries), 16), desc="student: tokenize proxies", unit="batch", leave=False):
-            images = [center_crop_resize(open_rgb(self.proxy_dir / e["file"]), size) for e in entries[start : start + 16]]
-            pixels = self.bundle.images_to_pixels(images).to(self.device)
+        for start in tqdm(range(0, len(images), 16), desc="student: tokenize images", unit="batch", leave=False):
+            pixels = self.bundle.images_to_pixels(images[start : start + 16]).to(self.device)
             codes.append(self.bundle.encode_images(pixels).cpu())
-        self.codes = torch.cat(codes)  # (N, L)
-        self.text_feats = self.bundle.encode_prompts(prompts).cpu()  # (P, C, Dt)
-        write_bytes_atomic(cache, save({"codes": self.codes.contiguous(), "text_feats": self.text_feats.contiguous()}))
+        tensors = {
+            "codes": torch.cat(codes),  # (N, L)
+            "conds": self.bundle.encode_prompts(distinct).cpu(),  # (P, ...)
+            "prompt_index": torch.tensor([distinct.index(p) for p in prompts]),  # (N,)
+        }
+        reg = self.cfg.regularisers
+        if reg.prior_distillation > 0:  # the base model's own class-prompt samples, drawn once
+            seeds = [self.params.seed + 50_000 + i for i in range(reg.prior_samples)]
+            s = self.cfg.sampling
+            tensors["prior_codes"] = self.bundle.generate([self.prior_prompt] * len(seeds), seeds, cfg_scale=s.cfg_scale,
+                                                          top_k=s.top_k, temperature=s.temperature).cpu()
+            tensors["prior_cond"] = self.bundle.encode_prompts([self.prior_prompt]).cpu()
+        self.codes, self.conds, self.prompt_index = tensors["codes"], tensors["conds"], tensors["prompt_index"]
+        self.prior_codes, self.prior_cond = tensors.get("prior_codes"), tensors.get("prior_cond")
+        if self.rank == 0:
+            write_bytes_atomic(cache, save({k: v.contiguous() for k, v in tensors.items()}))
 
     # -- checkpointing ---------------------------------------------------------------------------
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        if self.full_finetune:
+            return {k: v for k, v in self.bundle.model.state_dict().items()}
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.bundle.model)
+
     def _maybe_resume(self) -> None:
         checkpoint = common.load_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
             return
-        from peft.utils import set_peft_model_state_dict
+        weights, state = checkpoint
+        if self.full_finetune:
+            self.bundle.model.load_state_dict(weights)
+        else:
+            from peft.utils import set_peft_model_state_dict
 
-        lora, state = checkpoint
-        set_peft_model_state_dict(self.bundle.model, lora)
+            set_peft_model_state_dict(self.bundle.model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.progress = TrainingProgress(step=int(state["step"]), losses=list(state["losses"]))
+        self.generator.set_state(state["generators"][self.rank])
+        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
         tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """LoRA weights, optimiser, RNG and step."""
-        from peft.utils import get_peft_model_state_dict
-
+        """Trained weights, optimiser, every process's RNG, step and curves."""
         state = {
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
+            "generators": common.gather_states(self.generator.get_state(), self.world),
             "step": self.progress.step,
-            "losses": self.progress.losses,
+            "series": self.progress.series,
         }
-        common.save_checkpoint(self.checkpoint_dir, get_peft_model_state_dict(self.bundle.model), state)
+        if self.rank == 0:
+            common.save_checkpoint(self.checkpoint_dir, self._trained_state(), state)
 
     # -- training ------------------------------------------------------------------------------
-    def train_step(self) -> float:
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
+
+    def _distillation(self, count: int) -> torch.Tensor:
+        """KL(base || tuned) on the base model's class-prompt samples; base logits with the adapter off."""
+        index = torch.randint(len(self.prior_codes), (count,), generator=self.generator)
+        codes = self.prior_codes[index].to(self.device)
+        cond = self.prior_cond.expand(count, *self.prior_cond.shape[1:]).to(self.device)
+        keep = torch.zeros(count, dtype=torch.bool, device=self.device)
+        with torch.no_grad(), self.bundle.model.disable_adapter(), self._autocast():
+            base = self.bundle.image_logits(cond, codes, keep).float()
+        with self._autocast():
+            tuned = self.bundle.image_logits(cond, codes, keep).float()
+        return F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1).mean()
+
+    def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        # 1. a batch of proxy images (codes) and their captions (features), by dataset index
+        # 1. a batch of training images (codes) and their captions (conditions), by dataset index
         index = torch.randint(len(self.codes), (cfg.batch_size,), generator=self.generator)
         codes = self.codes[index].to(self.device)  # (B, L)
-        text = self.text_feats[self.prompt_index[index]].to(self.device)  # (B, C, Dt)
-        # 2. next-token loss on image tokens only, captions dropped for CFG with p = cfg_dropout
-        loss = self.bundle.loss(text, codes, cfg_dropout=cfg.cfg_dropout, generator=self.generator)
-        # 3. update
+        cond = self.conds[self.prompt_index[index]].to(self.device)
+        drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
+        # 2. next-token cross-entropy on image tokens only, each position weighted (uniform by default)
+        with self._autocast():
+            logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
+        ce = (ce * self.weights).mean()
+        # 3. optional prior distillation against the adapter-disabled base
+        distill = torch.zeros((), device=self.device)
+        if cfg.regularisers.prior_distillation > 0:
+            distill = self._distillation(cfg.batch_size)
+        loss = ce + cfg.regularisers.prior_distillation * distill
+        # 4. update (gradients averaged over processes when data parallel)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        if self.world > 1:
+            common.average_gradients(self.trainable)
+            ce, distill, loss = (common.mean_over_processes(x.detach()) for x in (ce, distill, loss))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "grad_norm": grad_norm.item()}
 
     def train(self) -> None:
         cfg = self.cfg
         tokens = self.codes.shape[1] * cfg.batch_size
+        what = "proxy images" if cfg.recipe == "proxy" else f"training images ({cfg.recipe})"
         tqdm.write(
-            f"student: {len(self.codes)} proxy images ({self.codes.shape[1]} codes each), {cfg.steps} steps x batch "
-            f"{cfg.batch_size} = {tokens} image tokens/step, {sum(p.numel() for p in self.trainable):,} trainable params"
+            f"student: {self.bundle.backend} backend, {len(self.codes)} {what} ({self.codes.shape[1]} codes each), "
+            f"{cfg.steps} steps x batch {cfg.batch_size} = {tokens} image tokens/step, "
+            f"{sum(p.numel() for p in self.trainable):,} trainable params"
+            + (f", data parallel over {self.world} processes (rank {self.rank})" if self.world > 1 else "")
         )
         self.bundle.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="student", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="student", unit="step", disable=self.rank != 0 or None)
         while self.progress.step < cfg.steps:
-            loss = self.train_step()
+            values = self.train_step()
             self.progress.step += 1
-            self.progress.losses.append(loss)
+            for key in SERIES:
+                self.progress.series[key].append(values[key])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
             faults.checkpoint("student", "step", self.progress.step)
@@ -156,49 +286,69 @@ class StudentRecipe:
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
-        prompt = self.manifest["images"][0]["prompt"]
         sampling = self.cfg.sampling
         codes = self.bundle.generate(
-            [prompt] * count,
+            [self.instance_prompt] * count,
             [self.params.evaluation.seed + i for i in range(count)],
             cfg_scale=sampling.cfg_scale,
             top_k=sampling.top_k,
             temperature=sampling.temperature,
         )
-        proxies = [open_rgb(self.proxy_dir / e["file"]) for e in self.manifest["images"][:count]]
-        return grid([proxies, self.bundle.decode_codes(codes)], cell=min(self.bundle.image_size * 2, 256))
+        seen = self.bundle.decode_codes(self.codes[:count])  # what it trained on, through the tokenizer
+        return grid([seen, self.bundle.decode_codes(codes)], cell=min(self.bundle.image_size * 2, 256))
+
+    def _save_weights(self, folder: Path) -> Path:
+        """The adapter (peft format) or, for full fine-tuning, the whole state dict; returns the weights file."""
+        if self.full_finetune:
+            from safetensors.torch import save
+
+            path = folder / FULL_WEIGHTS
+            path.parent.mkdir()
+            state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.bundle.model.state_dict().items())}
+            write_bytes_atomic(path, save(state, metadata={"base_model": self.cfg.model, "backend": self.bundle.backend}))
+            return path
+        adapter = folder / "adapter"
+        self.bundle.model.save_pretrained(str(adapter))
+        # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
+        config_path = adapter / "adapter_config.json"
+        adapter_config = json.loads(config_path.read_text())
+        adapter_config["base_model_name_or_path"] = self.cfg.model
+        if isinstance(adapter_config.get("target_modules"), list):  # peft writes a set: order varies per run
+            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+        write_json_atomic(config_path, adapter_config)
+        return adapter / "adapter_model.safetensors"
 
     def save(self, out_dir: Path) -> None:
-        tags = {
-            "teacher_version": self.proxy["teacher_version"],
-            "proxy_digest": self.proxy["digest"],
-            "proxy_prompts_digest": self.proxy["prompts_digest"],
-            "proxy_images": str(self.proxy["num_images"]),
-            "synthesis_run_id": self.proxy["run_id"],
-            "base_model": self.cfg.model,
-        }
+        cfg = self.cfg
+        tags = {"base_model": cfg.model, "backend": self.bundle.backend, "recipe": cfg.recipe}
+        if self.proxy is not None:
+            tags.update({
+                "teacher_version": self.proxy["teacher_version"],
+                "proxy_digest": self.proxy["digest"],
+                "proxy_prompts_digest": self.proxy["prompts_digest"],
+                "proxy_images": str(len(self.codes)),
+                "synthesis_run_id": self.proxy["run_id"],
+            })
         with common.stage_run(self.params, "student", tags) as run, staged_dir(out_dir) as tmp:
-            run.log_params({"student": self.cfg.model_dump(mode="json"), "seed": self.params.seed})
-            run.log_series("loss", self.progress.losses)
-            run.log_dataset(self.proxy_dir, name=f"{self.params.experiment}.{self.params.subject.name}.proxy",
-                            digest=self.proxy["digest"], context="training")
-            adapter = tmp / "adapter"
-            self.bundle.model.save_pretrained(str(adapter))
-            # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
-            config_path = adapter / "adapter_config.json"
-            adapter_config = json.loads(config_path.read_text())
-            adapter_config["base_model_name_or_path"] = self.cfg.model
-            if isinstance(adapter_config.get("target_modules"), list):  # peft writes a set: order varies per run
-                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-            write_json_atomic(config_path, adapter_config)
-            adapter_digest = sha256_file(adapter / "adapter_model.safetensors")
+            run.log_params({"student": cfg.model_dump(mode="json"), "seed": self.params.seed})
+            for key in SERIES:
+                if key != "distill" or cfg.regularisers.prior_distillation > 0:
+                    run.log_series(key, self.progress.series[key])
+            if self.proxy is not None:
+                run.log_dataset(self.proxy_dir, name=f"{self.params.experiment}.{self.params.subject.name}.proxy",
+                                digest=self.proxy["digest"], context="training")
+            weights = self._save_weights(tmp)
+            adapter_digest = sha256_file(weights)
             self.sample_grid().save(tmp / "samples.png")
             run.log_artifact(tmp / "samples.png")
+            registered = weights.parent
             version = run.register(
-                adapter,
+                registered,
                 "student",
-                {"base_model": self.cfg.model, "backend": "ar-llamagen", "adapter_digest": adapter_digest,
-                 "teacher_version": self.proxy["teacher_version"], "proxy_digest": self.proxy["digest"]},
+                {"base_model": cfg.model, "backend": self.bundle.backend, "recipe": cfg.recipe,
+                 "adapter_digest": adapter_digest,
+                 **({"teacher_version": self.proxy["teacher_version"], "proxy_digest": self.proxy["digest"]}
+                    if self.proxy is not None else {})},
             )
             common.write_record(
                 tmp,
@@ -207,14 +357,33 @@ class StudentRecipe:
                     "run_id": run.run_id,
                     "model": f"{run.experiment}.{run.subject}.student",
                     "version": version,
-                    "base_model": self.cfg.model,
+                    "base_model": cfg.model,
+                    "backend": self.bundle.backend,
+                    "recipe": cfg.recipe,
+                    "weights": weights.relative_to(tmp).as_posix(),
                     "adapter_digest": adapter_digest,
-                    "proxy_digest": self.proxy["digest"],
-                    "teacher_version": self.proxy["teacher_version"],
+                    "proxy_digest": self.proxy["digest"] if self.proxy is not None else None,
+                    "teacher_version": self.proxy["teacher_version"] if self.proxy is not None else None,
                     "final_loss": self.progress.losses[-1],
                 },
             )
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
+
+
+def _enable_gradient_checkpointing(model) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        from proxytune.errors import ProxytuneError
+
+        raise ProxytuneError(f"student.gradient_checkpointing: {type(base).__name__} does not support it")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def processes(params_path: str | Path) -> int:
+    """How many data-parallel processes the CLI launches this stage with (accelerate)."""
+    return load_params(params_path).student.processes
 
 
 def run(params_path: str | Path) -> None:
@@ -222,7 +391,8 @@ def run(params_path: str | Path) -> None:
     recipe = StudentRecipe(params)
     recipe.setup()
     recipe.train()
-    recipe.save(params.out("student"))
+    if recipe.rank == 0:
+        recipe.save(params.out("student"))
 
 
 if __name__ == "__main__":
