@@ -193,7 +193,7 @@ def test_team_mode_apply_and_pull_through_an_mlflow_server(team):
     assert show["source"].startswith("mlflow-artifacts:")
     tags = show["tags"]
     assert tags["proxytune.git_commit"] == team["commit"]
-    assert tags["proxytune.backend"] == "ar-llamagen" and tags["proxytune.base_model"] == "tiny-llamagen"
+    assert tags["proxytune.backend"] == "llamagen" and tags["proxytune.base_model"] == "tiny-llamagen"
     assert tags["proxytune.subject"] == "dog" and tags["proxytune.spec_file"] == "specs/t.yaml"
     assert tags["proxytune.spec_digest"] == sha256_file(project / "specs" / "t.yaml")
     local = project / "runs" / "t" / "dog" / "student" / "adapter"
