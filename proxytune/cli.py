@@ -193,6 +193,34 @@ def _launch(step: str, params_path: str, processes: int) -> int:
     return subprocess.call(command, env={**os.environ, "PROXYTUNE_LAUNCHED": "1"})
 
 
+@main.group()
+def convert() -> None:
+    """Convert original checkpoints into proxytune student folders."""
+
+
+@convert.command(name="llamagen")
+@click.argument("gpt_checkpoint", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--vq", "vq_folder", required=True, type=click.Path(file_okay=False),
+              help="The VQ tokenizer as a diffusers VQModel folder.")
+@click.option("--text-encoder", default="google/flan-t5-xl", show_default=True, help="T5 caption encoder: hub id or folder.")
+@click.option("--image-size", type=click.IntRange(min=16), default=256, show_default=True,
+              help="Pixels per side (a multiple of 16): 256 for t2i_XL_stage1_256.pt, 512 for t2i_XL_stage2_512.pt.")
+@click.option("--preset", type=click.Choice(["xl", "tiny"]), default="xl", show_default=True, hidden=True)
+@user_errors
+def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq_folder: str, text_encoder: str, image_size: int, preset: str) -> None:
+    """A LlamaGen T2I GPT checkpoint (original keys) -> a student folder for `student.model`."""
+    from proxytune.backends import llamagen
+
+    size = image_size
+    if size % 16:
+        raise ProxytuneError(f"--image-size {size}: must be a multiple of 16 (the VQ downsamples by 16)")
+    config = llamagen.llamagen_t2i_tiny() if preset == "tiny" else llamagen.llamagen_t2i_xl(grid_size=size // 16)
+    folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, config=config,
+                                                image_size=size, text_encoder=text_encoder)
+    click.echo(f"wrote {folder} (backend llamagen, {size} px); use it as student.model")
+
+
 @main.command(name="report")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @user_errors

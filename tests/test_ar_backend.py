@@ -62,8 +62,11 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
 
 
 def test_save_and_load_round_trip_exactly(bundle, tmp_path):
+    from proxytune.backends import llamagen
+
+    assert type(bundle.model) is llamagen.LlamaGenStudent  # the tiny student is the faithful 2D-RoPE port
     bundle.model.save_pretrained(tmp_path)
-    again = ar.ARStudent.from_pretrained(tmp_path).eval()
+    again = llamagen.LlamaGenStudent.from_pretrained(tmp_path).eval()
     before, after = bundle.model.state_dict(), again.state_dict()
     assert "uncond_embedding" in after and after["uncond_embedding"].abs().sum() > 0
     assert before.keys() == after.keys()

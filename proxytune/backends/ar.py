@@ -350,7 +350,9 @@ def _build_tiny_llamagen(folder: Path) -> None:
     from diffusers import VQModel
     from transformers import T5Config, T5EncoderModel
 
-    student_config = ARStudentConfig(
+    from proxytune.backends import llamagen
+
+    student_config = llamagen.LlamaGenStudentConfig(
         codebook_size=512,
         hidden_size=64,
         num_hidden_layers=2,
@@ -376,7 +378,7 @@ def _build_tiny_llamagen(folder: Path) -> None:
     )
     with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
         torch.manual_seed(0)
-        ARStudent(student_config).save_pretrained(folder / "transformer")
+        llamagen.LlamaGenStudent(student_config).save_pretrained(folder / "transformer")
         VQModel(
             in_channels=3,
             out_channels=3,
@@ -392,33 +394,55 @@ def _build_tiny_llamagen(folder: Path) -> None:
         ).save_pretrained(folder / "vqvae")
         T5EncoderModel(text_config).save_pretrained(folder / "text_encoder")
     write_char_clip_tokenizer(folder / "tokenizer", model_max_length=TINY_COND_LEN)
-    (folder / STUDENT_META).write_text(json.dumps({"image_size": 64}) + "\n")
+    (folder / STUDENT_META).write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
 
 
-TINY_STUDENTS = {"tiny-llamagen": lambda: hub.materialize("tiny-llamagen-v1", _build_tiny_llamagen)}
+TINY_STUDENTS = {"tiny-llamagen": lambda: hub.materialize("tiny-llamagen-v2", _build_tiny_llamagen)}
 
 
-def _from_pretrained(cls, path: str, subfolder: str, ref: str):
+def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
     try:
-        return cls.from_pretrained(path, subfolder=subfolder)
+        return cls.from_pretrained(path, subfolder=subfolder) if subfolder else cls.from_pretrained(path)
     except OSError as err:  # missing folder / file, or the hub could not be reached
-        raise ProxytuneError(f"student model {ref!r}: cannot load {subfolder}/ ({err})") from None
+        where = f"{subfolder}/" if subfolder else path
+        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({err})") from None
 
 
-def _read_image_size(path: str, vq) -> int:
-    """proxytune_student.json's image_size, else the VQ model's sample_size."""
+def _read_meta(path: str) -> dict:
+    """proxytune_student.json of a student folder or hub repo ({} when absent)."""
     if Path(path).is_dir():
         meta_path = Path(path) / STUDENT_META
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
-        try:
-            meta = json.loads(Path(hf_hub_download(path, STUDENT_META)).read_text())
-        except EntryNotFoundError:
-            meta = {}
-    return int(meta.get("image_size", vq.config.sample_size))
+    try:
+        return json.loads(Path(hf_hub_download(path, STUDENT_META)).read_text())
+    except EntryNotFoundError:
+        return {}
+
+
+def _transformer_class(path: str, ref: str):
+    """ARStudent, or LlamaGenStudent (2D RoPE) when transformer/config.json says proxytune_llamagen."""
+    try:
+        config, _ = ARStudentConfig.get_config_dict(path, subfolder="transformer")
+    except OSError as err:
+        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({err})") from None
+    if config.get("model_type") == "proxytune_llamagen":
+        from proxytune.backends import llamagen
+
+        return llamagen.LlamaGenStudent
+    return ARStudent
+
+
+def _part(path: str, meta: dict, name: str) -> tuple[str, str | None]:
+    """Where a part lives: its subfolder, or the hub id / folder proxytune_student.json names for it
+    (a converted LlamaGen folder refers to google/flan-t5-xl instead of copying it)."""
+    if name in meta:
+        source = meta[name]
+        local = Path(path) / source
+        return (str(local), None) if Path(path).is_dir() and local.is_dir() else (source, None)
+    return path, name
 
 
 def _check_parts(ref: str, bundle: ARStudentBundle) -> None:
@@ -446,10 +470,11 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = hub.resolve(ref, TINY_STUDENTS, what="student model")
-    model = _from_pretrained(ARStudent, path, "transformer", ref)
-    vq = _from_pretrained(VQModel, path, "vqvae", ref)
-    text_encoder = _from_pretrained(T5EncoderModel, path, "text_encoder", ref)
-    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", ref)
+    meta = _read_meta(path)
+    model = _from_pretrained(_transformer_class(path, ref), path, "transformer", ref)
+    vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
+    text_encoder = _from_pretrained(T5EncoderModel, *_part(path, meta, "text_encoder"), ref)
+    tokenizer = _from_pretrained(AutoTokenizer, *_part(path, meta, "tokenizer"), ref)
     for part in (model, vq, text_encoder):
         part.to(device).eval().requires_grad_(False)
     bundle = ARStudentBundle(
@@ -457,7 +482,7 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
         vq=vq,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        image_size=_read_image_size(path, vq),
+        image_size=int(meta.get("image_size", vq.config.sample_size)),
         path=path,
         random_init=hub.is_random_init(path),
     )

@@ -341,3 +341,52 @@ def load_original_checkpoint(
     if left:  # every tensor of the model must have come from the checkpoint
         raise RuntimeError(f"not loaded from the checkpoint: {', '.join(left)}")
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# a student folder from the original files
+
+
+def convert_to_student_folder(
+    gpt_checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    vq_folder: str | Path,
+    config: LlamaGenStudentConfig | None = None,
+    image_size: int = 256,
+    text_encoder: str = "google/flan-t5-xl",
+) -> Path:
+    """Write a proxytune student folder (the llamagen backend) from an original T2I GPT checkpoint.
+
+    The GPT weights are converted (`load_original_checkpoint`) and saved as `transformer/`; the VQ
+    tokenizer is copied from `vq_folder`, a diffusers VQModel folder; the T5 caption encoder is not
+    copied but named (hub id or folder) in proxytune_student.json, which `ar.load_student` follows.
+
+    Args:
+        gpt_checkpoint: t2i_XL_stage1_256.pt (image_size 256) or t2i_XL_stage2_512.pt (512).
+        out_dir: the new folder (must not exist).
+        vq_folder: the VQ tokenizer as a diffusers VQModel folder (config.json + weights).
+        config: the GPT architecture; default `llamagen_t2i_xl` with grid image_size / 16.
+        image_size: pixels per side of the checkpoint's images.
+        text_encoder: T5 encoder (and tokenizer) hub id or folder.
+    Raises:
+        ProxytuneError: an existing out_dir, a VQ folder that is not one, or a bad checkpoint.
+    """
+    import json
+    import shutil
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ProxytuneError(f"{out_dir}: already exists; choose a new folder")
+    if not (Path(vq_folder) / "config.json").is_file():
+        raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder (no config.json)")
+    config = config or llamagen_t2i_xl(grid_size=image_size // 16)
+    model = load_original_checkpoint(gpt_checkpoint, config)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    shutil.copytree(vq_folder, tmp / "vqvae")
+    meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": str(text_encoder), "tokenizer": str(text_encoder)}
+    (tmp / ar.STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(out_dir)
+    return out_dir
