@@ -127,3 +127,23 @@ def test_bf16_autocast_and_gradient_checkpointing_train(project):
     bf16.train()
     assert all(p.dtype == torch.float32 for p in bf16.trainable)  # LoRA weights stay fp32
     np.testing.assert_allclose(bf16.progress.losses, plain.progress.losses, rtol=0.05)
+
+
+def test_two_data_parallel_processes_train_one_student(project):
+    """`student.processes: 2` runs the stage under accelerate launch with 2 CPU processes (gloo)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    params = make_params(project, tiny_spec(student={"steps": 4, "batch_size": 2, "processes": 2, "checkpoint_every": 2}))
+    fake_proxy_set(params, 4)
+    env = {k: v for k, v in os.environ.items() if k != "PROXYTUNE_LAUNCHED"}
+    done = subprocess.run([sys.executable, "-m", "proxytune.cli", "stage", "student", "--params", str(params.path)],
+                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "launching 2 processes" in log and "rank 0" in log and "rank 1" in log
+    digests = dict(re.findall(r"rank (\d) final weights sha256 ([0-9a-f]{64})", log))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert (params.out("student") / "adapter" / "adapter_model.safetensors").exists()

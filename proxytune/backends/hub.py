@@ -29,29 +29,36 @@ def cache_root() -> Path:
 def materialize(key: str, build: Callable[[Path], None]) -> Path:
     """Build a tiny model folder once (into a temp dir, then an atomic rename) and return its path.
 
-    `key` must change whenever the builder's output would; concurrent builders race harmlessly:
-    the loser's copy is discarded.
+    `key` must change whenever the builder's output would. Concurrent callers (the processes of an
+    `accelerate launch`, parallel test workers) take turns on a file lock: one builds, the others
+    find the finished folder.
     """
+    import fcntl
+
     target = cache_root() / "tiny" / key
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
-        import torch
+    locks = cache_root() / "locks"
+    locks.mkdir(exist_ok=True)
+    with open(locks / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the holder dies
+        if (target / ".complete").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+        try:
+            import torch
 
-        with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's RNG must not move
-            build(tmp)
-        (tmp / TINY_MARKER).write_text(json.dumps({"name": key, "random_init": True}) + "\n")
-        (tmp / ".complete").write_text("ok\n")
-        if target.exists():  # a half-built folder from a crash, or a concurrent winner
-            if (target / ".complete").exists():
-                return target
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's RNG must not move
+                build(tmp)
+            (tmp / TINY_MARKER).write_text(json.dumps({"name": key, "random_init": True}) + "\n")
+            (tmp / ".complete").write_text("ok\n")
+            if target.exists():  # a half-built folder from a crash
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

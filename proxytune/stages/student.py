@@ -283,6 +283,11 @@ class StudentRecipe:
             faults.checkpoint("student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
+        if self.world > 1:  # the processes must end with the same weights; say so checkably
+            from proxytune.files import sha256_bytes
+
+            digest = sha256_bytes(b"".join(p.detach().cpu().numpy().tobytes() for p in self.trainable))
+            tqdm.write(f"student: rank {self.rank} final weights sha256 {digest}")
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
