@@ -106,13 +106,15 @@ class StudentRecipe:
         else:
             from peft import LoraConfig, get_peft_model
 
+            targets, layers = self.bundle.lora_target_modules(list(cfg.lora.groups)), cfg.lora.layers
+            if isinstance(targets, str) and layers:  # a regex target names the layer indices itself
+                targets, layers = self.bundle.lora_target_modules(list(cfg.lora.groups), layers=layers), None
             lora = LoraConfig(
                 r=cfg.lora.rank,
                 lora_alpha=cfg.lora.alpha,
                 lora_dropout=cfg.lora.dropout,
-                target_modules=self.bundle.lora_target_modules(list(cfg.lora.groups)),
-                layers_to_transform=cfg.lora.layers,
-                layers_pattern=getattr(self.bundle, "lora_layers_pattern", None) if cfg.lora.layers else None,
+                target_modules=targets,
+                layers_to_transform=layers,
             )
             self.bundle.model = model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:

@@ -1,0 +1,243 @@
+"""Janus-Pro student on transformers' JanusForConditionalGeneration (deepseek-community/Janus-Pro-1B, -7B).
+
+Image generation in Janus: the prompt in the chat format, "<|User|>: {prompt}\\n\\n<|Assistant|>:",
+then the image-start token; every image code is then predicted by the generation head from the
+language model's state, and fed back through the generation embeddings + aligner. transformers'
+`generate(generation_mode="image")` does this for sampling only, so training and sampling here use
+one explicit forward over [prompt embeddings; image-code embeddings] (same modules, same order).
+
+Two details the original has and transformers' VQ forward lacks or hides:
+- the quantizer is cosine: the original l2-normalises both the encoder output and the codebook
+  before the nearest-code search; `JanusVQVAEVectorQuantizer.forward` searches unnormalised
+  Euclidean distance (its `get_codebook_entry`, used for decoding, does normalise). `encode_images`
+  normalises both.
+- the unconditional prompt keeps the first token and the image-start token and replaces everything
+  between with the pad token (attended to, as in the original CFG batch).
+
+A cond tensor is (B, 2, T): left-padded prompt ids and their attention mask (pads not attended).
+LoRA goes on the language model only: the vision tower's layers share names like q_proj, so the
+targets are a regex over `model.language_model.layers.N.*`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from proxytune.backends import hub
+from proxytune.backends.ar import sample_next
+from proxytune.errors import ProxytuneError
+
+IMAGE_START = "<begin_of_image>"
+PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
+GROUP_PATTERNS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", "mlp": r"mlp\.(gate_proj|up_proj|down_proj)"}
+TINY_PROMPT_LEN = 48
+REAL_PROMPT_LEN = 256
+
+
+@dataclass
+class JanusStudent:
+    model: Any  # JanusForConditionalGeneration, or a PeftModel wrapping it
+    tokenizer: Any
+    image_size: int
+    path: str
+    random_init: bool
+    prompt_len: int
+    backend = "janus"
+
+    # -- sizes and LoRA ------------------------------------------------------------------------
+    @property
+    def _janus(self):
+        """The JanusModel inside (through a peft wrapper when there is one)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.model
+
+    @property
+    def seq_len(self) -> int:
+        return self._janus.vqmodel.config.num_patches ** 2
+
+    @property
+    def codebook_size(self) -> int:
+        return self._janus.vqmodel.config.num_embeddings
+
+    def num_layers(self) -> int:
+        return self._janus.language_model.config.num_hidden_layers
+
+    def lora_target_modules(self, groups: list[str] | None = None, layers: list[int] | None = None) -> str:
+        """A regex over the language model's projections (peft fullmatch); `layers` picks decoder layers."""
+        chosen = groups or list(GROUP_PATTERNS)
+        unknown = [g for g in chosen if g not in GROUP_PATTERNS]
+        if unknown:
+            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(GROUP_PATTERNS)})")
+        index = "(" + "|".join(str(i) for i in layers) + ")" if layers else r"\d+"
+        return r".*language_model\.layers\." + index + r"\.(" + "|".join(GROUP_PATTERNS[g] for g in chosen) + ")"
+
+    # -- images --------------------------------------------------------------------------------
+    def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        S = self.image_size
+        arrays = [np.asarray(im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC) if im.size != (S, S)
+                             else im.convert("RGB")) for im in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B, L) codes: cosine-nearest codebook entries, as the original."""
+        vq = self._janus.vqmodel
+        z = vq.quant_conv(vq.encoder(pixels.to(self._device)))  # (B, D, g, g)
+        z = F.normalize(z.permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
+        codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
+        return (z @ codebook.T).argmax(-1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        pixels = self._janus.vqmodel.decode(codes.to(self._device))  # normalised codebook entries -> pixels
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+    # -- prompts -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 2, T): left-padded ids of the chat-formatted prompt + image-start token, and the mask."""
+        texts = [PROMPT_FORMAT.format(prompt=p) + IMAGE_START for p in prompts]
+        tokens = self.tokenizer(texts, padding="max_length", max_length=self.prompt_len, truncation=True,
+                                return_tensors="pt", padding_side="left", truncation_side="left")
+        return torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)
+
+    def _uncond(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The original's CFG prompt: keep the first real token and the image-start token, pad the rest."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        first = (mask == 0).sum(dim=1, keepdim=True)  # left padding: index of the first real token
+        inner = (positions > first) & (positions < ids.shape[1] - 1) & (mask == 1)
+        return torch.where(inner, torch.full_like(ids, self.tokenizer.pad_token_id), ids)
+
+    def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
+        ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
+        ids = torch.where(drop_cond.to(self._device)[:, None], self._uncond(ids, mask), ids)
+        return self._janus.language_model.get_input_embeddings()(ids), mask
+
+    # -- the model -----------------------------------------------------------------------------
+    def _run(self, embeds, mask, cache=None):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self._janus.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids[:, -embeds.shape[1]:],
+                                         past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def _code_embeds(self, codes: torch.Tensor) -> torch.Tensor:
+        janus = self._janus
+        return janus.generation_aligner(janus.generation_embeddings(codes))
+
+    def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
+        """(B, L, K): the state at the image-start token predicts code 0, code t's embedding code t + 1."""
+        text, mask = self._prefix(cond, drop_cond)
+        codes = codes.to(self._device)
+        embeds = torch.cat([text, self._code_embeds(codes[:, :-1]).to(text.dtype)], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
+        hidden = self._run(embeds, full_mask)
+        T = cond.shape[-1]
+        return self._janus.generation_head(hidden[:, T - 1 :])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 5.0, top_k: int = 1000,
+                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        B, L = len(prompts), self.seq_len
+        cond = self.encode_prompts(prompts)
+        drop = torch.zeros(B, dtype=torch.bool)
+        guided = cfg_scale != 1.0
+        if guided:  # one batch [cond; uncond]
+            cond, drop = torch.cat([cond, cond]), torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        codes = torch.zeros(len(cond), L, dtype=torch.long, device=self._device)
+        text, mask = self._prefix(cond, drop)
+        cache = DynamicCache() if use_cache else None
+        embeds, seen = text, mask
+        for t in tqdm(range(L), desc="student: sample", unit="code", leave=False, disable=None):
+            if not use_cache:  # recompute the whole prefix
+                embeds = torch.cat([text, self._code_embeds(codes[:, :t]).to(text.dtype)], dim=1)
+            hidden = self._run(embeds, seen, cache)
+            logits = self._janus.generation_head(hidden[:, -1]).float()
+            if guided:
+                c, u = logits.chunk(2)
+                logits = u + cfg_scale * (c - u)
+            nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)
+            codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+            seen = torch.cat([seen, torch.ones_like(seen[:, :1])], dim=1)
+            if use_cache:
+                embeds = self._code_embeds(codes[:, t : t + 1]).to(text.dtype)
+        return codes[:B]
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# -----------------------------------------------------------------------------
+# tiny built-in and loading
+
+
+def _build_tiny(folder: Path) -> None:
+    """64 px images, an x8 VQ (8 x 8 = 64 codes, 256 entries), 2-layer Llama, a minimal vision tower."""
+    from transformers import CLIPTokenizer, JanusConfig, JanusForConditionalGeneration, JanusVQVAEConfig, JanusVisionConfig, LlamaConfig
+
+    from proxytune.backends.tokenizer import write_char_clip_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok", model_max_length=TINY_PROMPT_LEN))
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START, "<|User|>", "<|Assistant|>"],
+                                  "pad_token": "<|pad|>"})
+    hidden = 64
+    config = JanusConfig(
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                                pad_token_id=tokenizer.pad_token_id, initializer_range=0.125),
+        # JanusConfig sets the VQ grid from the vision tower (image_size / patch_size = 8)
+        vision_config=JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=128,
+                                        patch_size=16, projection_dim=hidden, depth=1, num_image_tokens=64),
+        # A frozen head at the usual 0.02 init bounds the logits near uniform, and a LoRA could not
+        # move them; 1/sqrt(width) leaves room (as tiny-llamagen does).
+        vq_config=JanusVQVAEConfig(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
+                                   channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, num_patches=8,
+                                   projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=2,
+                                   initializer_range=0.125),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_START),
+    )
+    torch.manual_seed(0)
+    JanusForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    for leftover in (folder / "_tok").iterdir():
+        leftover.unlink()
+    (folder / "_tok").rmdir()
+    (folder / "proxytune_student.json").write_text(json.dumps({"backend": "janus", "image_size": 64,
+                                                                "prompt_len": TINY_PROMPT_LEN}) + "\n")
+
+
+def materialize_tiny() -> Path:
+    return hub.materialize("tiny-janus-v1", _build_tiny)
+
+
+def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
+    """A Janus checkpoint in transformers format, frozen, in eval mode."""
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint ({err})") from None
+    meta_path = Path(path) / "proxytune_student.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    vq = model.config.vq_config
+    factor = 2 ** (len(vq.channel_multiplier) - 1)
+    model.to(device).eval().requires_grad_(False)
+    return JanusStudent(model=model, tokenizer=tokenizer, image_size=int(meta.get("image_size", vq.num_patches * factor)),
+                        path=path, random_init=hub.is_random_init(path),
+                        prompt_len=int(meta.get("prompt_len", REAL_PROMPT_LEN)))
