@@ -1,0 +1,283 @@
+"""Lumina-mGPT student on transformers' ChameleonForConditionalGeneration.
+
+Lumina-mGPT is a Chameleon model fine-tuned for image generation. Its image codes are ordinary
+vocabulary ids (named IMGIMG<digits as letters>Z in `vocabulary_map`), and an image is laid out as
+
+    [prompt] <racm3:break> <size h> <size w> c(0,0) .. c(0,g-1) <row end> .. c(g-1,g-1) <row end> <eoss>
+
+with a row-end token after every row of g codes. transformers' Chameleon forward sets the logits of
+every image token to the dtype minimum (a text model must not emit them), so training and sampling
+here take the language model's hidden states and apply `lm_head` restricted to the image-token rows,
+in code order: logits (B, L, K) over codes, row ends excluded (they are forced, never sampled, and
+carry no loss). The unconditional prompt (classifier-free guidance) masks the whole text prompt out.
+
+transformers has no Chameleon VQ decoder: a student folder carries one as a diffusers `VQModel` in
+`vq_decoder/` (named in proxytune_student.json) sharing the Chameleon quantizer's codebook. Real
+users put Chameleon's VQGAN decoder weights there (converting the original `vqgan.ckpt` decoder is
+not part of proxytune yet). Encoding uses the Chameleon VQ encoder inside the checkpoint.
+
+The size and row-end token names follow Lumina-mGPT's item processor as documented in
+`SIZE_TOKEN` / `ROW_END`; they are looked up by name in the checkpoint's vocabulary_map, so a
+checkpoint that names them otherwise gets a clear error rather than a wrong layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from proxytune.backends import hub
+from proxytune.backends.ar import sample_next
+from proxytune.errors import ProxytuneError
+
+IMAGE_START = "<racm3:break>"
+IMAGE_END = "<eoss>"
+ROW_END = "<reserved08799>"
+SIZE_TOKEN = "<reserved{:05d}>"  # grid size n -> <reserved{8820 + n}>
+SIZE_BASE = 8820
+GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+TINY_PROMPT_LEN = 48
+
+
+def image_token_name(code: int) -> str:
+    """Chameleon's name of image code `code`: digits written as letters A-J, between IMGIMG and Z."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+@dataclass
+class LuminaStudent:
+    model: Any  # ChameleonForConditionalGeneration, or a PeftModel wrapping it
+    tokenizer: Any
+    decoder: Any  # diffusers VQModel holding the decoder and the shared codebook
+    image_size: int
+    grid: int
+    path: str
+    random_init: bool
+    prompt_len: int
+    backend = "lumina-mgpt"
+
+    def __post_init__(self):
+        vocab = self._chameleon.config.vocabulary_map
+        missing = [name for name in (IMAGE_START, IMAGE_END, ROW_END, SIZE_TOKEN.format(SIZE_BASE + self.grid))
+                   if name not in vocab]
+        if missing:
+            raise ProxytuneError(f"student model {self.path!r}: vocabulary_map lacks {', '.join(missing)}")
+        self.image_bpe = torch.tensor([vocab[image_token_name(c)] for c in range(self.codebook_size)])  # code -> id
+        size = vocab[SIZE_TOKEN.format(SIZE_BASE + self.grid)]
+        self.image_prefix = torch.tensor([vocab[IMAGE_START], size, size])
+        self.row_end = vocab[ROW_END]
+
+    # -- sizes and LoRA ------------------------------------------------------------------------
+    @property
+    def _chameleon(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.model
+
+    @property
+    def _lm_head(self):
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return base.lm_head
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid**2
+
+    @property
+    def codebook_size(self) -> int:
+        return self._chameleon.vqmodel.config.num_embeddings
+
+    def num_layers(self) -> int:
+        return self._chameleon.config.num_hidden_layers
+
+    def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
+        """Projection suffixes of the decoder layers (the Chameleon VQ has no such names)."""
+        chosen = groups or list(GROUPS)
+        unknown = [g for g in chosen if g not in GROUPS]
+        if unknown:
+            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(GROUPS)})")
+        return [name for g in chosen for name in GROUPS[g]]
+
+    # -- images --------------------------------------------------------------------------------
+    def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        S = self.image_size
+        arrays = [np.asarray(im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC) if im.size != (S, S)
+                             else im.convert("RGB")) for im in images]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self._chameleon.vqmodel.encode(pixels.to(self._device), return_dict=True)
+        return out.image_tokens.view(pixels.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        B, g = codes.shape[0], self.grid
+        shape = (B, g, g, self.decoder.config.vq_embed_dim)
+        quant = self.decoder.quantize.get_codebook_entry(codes.reshape(-1).to(self.decoder.device), shape)  # (B, D, g, g)
+        pixels = self.decoder.decode(quant, force_not_quantize=True).sample
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+    # -- sequences -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, 2, T): left-padded prompt ids and their attention mask."""
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.prompt_len, truncation=True,
+                                return_tensors="pt", padding_side="left", truncation_side="left")
+        return torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)
+
+    def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
+        """Prompt + image start + size tokens; a dropped prompt is masked out entirely (uncond)."""
+        ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
+        mask = torch.where(drop_cond.to(self._device)[:, None], torch.zeros_like(mask), mask)
+        B = ids.shape[0]
+        ids = torch.cat([ids, self.image_prefix.to(self._device).expand(B, -1)], dim=1)
+        return ids, torch.cat([mask, torch.ones(B, 3, dtype=mask.dtype, device=self._device)], dim=1)
+
+    def _body(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, L) codes -> (B, g * (g + 1)) vocabulary ids, a row end after every row."""
+        B, g = codes.shape[0], self.grid
+        rows = self.image_bpe.to(codes.device)[codes].view(B, g, g)
+        ends = torch.full((B, g, 1), self.row_end, dtype=rows.dtype, device=codes.device)
+        return torch.cat([rows, ends], dim=2).flatten(1)
+
+    def _run(self, ids, mask, cache=None):
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
+        out = self._chameleon(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                              use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def _code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over image codes only (the image-token rows of lm_head, in code order), unmasked."""
+        weight = self._lm_head.weight[self.image_bpe.to(hidden.device)]  # (K, H)
+        return hidden @ weight.T
+
+    def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
+        prefix, mask = self._prefix(cond, drop_cond)
+        body = self._body(codes.to(self._device))
+        ids = torch.cat([prefix, body[:, :-1]], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(body[:, :-1])], dim=1)
+        hidden = self._run(ids, full_mask)
+        g, start = self.grid, prefix.shape[1] - 1  # the state at position start + j predicts body[j]
+        at_codes = torch.tensor([j for j in range(g * (g + 1)) if j % (g + 1) != g], device=self._device)
+        return self._code_logits(hidden[:, start + at_codes])
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 3.0, top_k: int = 2000,
+                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        B, g = len(prompts), self.grid
+        cond = self.encode_prompts(prompts)
+        drop = torch.zeros(B, dtype=torch.bool)
+        guided = cfg_scale != 1.0
+        if guided:
+            cond, drop = torch.cat([cond, cond]), torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        ids, mask = self._prefix(cond, drop)
+        codes = torch.zeros(len(ids), g * g, dtype=torch.long, device=self._device)
+        cache = DynamicCache() if use_cache else None
+        step_ids, t = ids, 0
+        bar = tqdm(total=g * g, desc="student: sample", unit="code", leave=False, disable=None)
+        for j in range(g * (g + 1) - 1):  # the last row end is never needed as input
+            hidden = self._run(step_ids if use_cache else ids, mask, cache)
+            if j % (g + 1) == g:  # a row end: forced, not sampled
+                token = torch.full((len(ids), 1), self.row_end, dtype=ids.dtype, device=self._device)
+            else:
+                logits = self._code_logits(hidden[:, -1]).float()
+                if guided:
+                    c, u = logits.chunk(2)
+                    logits = u + cfg_scale * (c - u)
+                nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)
+                codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+                token = self.image_bpe.to(self._device)[codes[:, t : t + 1]]
+                t += 1
+                bar.update(1)
+            ids = torch.cat([ids, token], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            step_ids = token
+        bar.close()
+        return codes[:B]
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# -----------------------------------------------------------------------------
+# tiny built-in and loading
+
+
+def _build_tiny(folder: Path) -> None:
+    """64 px images, an x8 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder."""
+    from diffusers import VQModel
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig, CLIPTokenizer
+
+    from proxytune.backends.tokenizer import write_char_clip_tokenizer
+
+    grid, codes = 8, 256
+    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok", model_max_length=TINY_PROMPT_LEN))
+    specials = [IMAGE_START, IMAGE_END, ROW_END, SIZE_TOKEN.format(SIZE_BASE + grid), "<image>", "<pad>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[:-1], "pad_token": "<pad>"})
+    vocab = dict(tokenizer.get_vocab())
+    for c in range(codes):  # image tokens are vocabulary entries after the text ones
+        vocab[image_token_name(c)] = len(vocab)
+    config = ChameleonConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        vocabulary_map=vocab, initializer_range=0.125,  # room for a LoRA to move the logits (see tiny-llamagen)
+        vq_config=ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=64,
+                                       base_channels=32, channel_multiplier=[1, 1, 2, 2], num_res_blocks=1,
+                                       attn_resolutions=[]),
+    )
+    torch.manual_seed(0)
+    model = ChameleonForConditionalGeneration(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    decoder = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                      latent_channels=8, vq_embed_dim=8, num_vq_embeddings=codes, norm_num_groups=16, sample_size=64)
+    with torch.no_grad():  # one codebook for encoding (Chameleon) and decoding
+        decoder.quantize.embedding.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
+    decoder.save_pretrained(folder / "vq_decoder")
+    tokenizer.save_pretrained(folder)
+    for leftover in (folder / "_tok").iterdir():
+        leftover.unlink()
+    (folder / "_tok").rmdir()
+    meta = {"backend": "lumina-mgpt", "image_size": 64, "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}
+    (folder / "proxytune_student.json").write_text(json.dumps(meta) + "\n")
+
+
+def materialize_tiny() -> Path:
+    return hub.materialize("tiny-lumina-mgpt-v1", _build_tiny)
+
+
+def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
+    """A Chameleon-format Lumina-mGPT checkpoint with its VQ decoder folder, frozen, in eval mode."""
+    from diffusers import VQModel
+    from transformers import AutoTokenizer, ChameleonForConditionalGeneration
+
+    meta_path = Path(path) / "proxytune_student.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if "vq_decoder" not in meta:
+        raise ProxytuneError(f"student model {ref!r}: proxytune_student.json must name its vq_decoder folder "
+                             "(transformers has no Chameleon VQ decoder)")
+    try:
+        model = ChameleonForConditionalGeneration.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        decoder = VQModel.from_pretrained(str(Path(path) / meta["vq_decoder"]))
+    except OSError as err:
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT checkpoint ({err})") from None
+    image_size = int(meta.get("image_size", model.config.vq_config.resolution))
+    grid = image_size // 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+    for part in (model, decoder):
+        part.to(device).eval().requires_grad_(False)
+    return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
+                         random_init=hub.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
