@@ -1,5 +1,5 @@
 """Compile specs into DVC stages: a pure function from validated specs to the dvc.yaml dict and the
-per-subject params files. All stage wiring (teacher → synthesis → student → evaluate) lives here.
+per-subject params files. All stage wiring (teacher → synthesis → codes → student → evaluate) lives here.
 
 Each subject of each experiment is one foreach item keyed `EXPERIMENT.SUBJECT`, so stages are named
 `teacher@dog-demo.dog`. Every stage reads one resolved params file and declares as DVC params only
@@ -14,8 +14,8 @@ from pathlib import Path
 from proxytune.spec import ExperimentSpec
 
 RUNS_DIR = "runs"
-STEPS = ("teacher", "synthesis", "student", "evaluate")
-OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "student": "student", "evaluate": "eval"}
+STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
+OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval"}
 METRICS_FILE = "metrics.json"
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
@@ -24,6 +24,7 @@ _TEACHER_BASE = ["teacher.model", "teacher.revision", "teacher.resolution"]
 STAGE_PARAMS = {
     "teacher": ["seed", "subject", "teacher"],
     "synthesis": ["seed", "subject", "synthesis", *_TEACHER_BASE],
+    "codes": ["student.model"],  # proxies are re-encoded only for another student model
     "student": ["seed", "subject", "student"],
     "evaluate": ["seed", "subject", "evaluation", "synthesis", *_TEACHER_BASE, "student.model", "student.sampling"],
 }
@@ -81,7 +82,8 @@ def _template(step: str) -> dict:
     upstream = {
         "teacher": ["${item.refs}"],
         "synthesis": [f"{item_dir}/teacher"],
-        "student": [f"{item_dir}/proxy"],
+        "codes": [f"{item_dir}/proxy"],
+        "student": [f"{item_dir}/proxy", f"{item_dir}/codes"],
         "evaluate": ["${item.refs}", f"{item_dir}/teacher", f"{item_dir}/student"],
     }[step]
     stage = {

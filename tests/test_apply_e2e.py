@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_spec
 from proxytune.files import digest_files, sha256_file
 
-STAGES = ("teacher", "synthesis", "student", "evaluate")
+STAGES = ("teacher", "synthesis", "codes", "student", "evaluate")
 
 
 def cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -31,10 +31,13 @@ def expand(dvc: dict) -> dict:
 def test_stages_are_wired_teacher_to_evaluate():
     dvc, params = compiler.compile_specs([resolved("exp")])
     stages = expand(dvc)
-    assert list(stages) == ["teacher@exp.dog", "synthesis@exp.dog", "student@exp.dog", "evaluate@exp.dog"]
+    assert list(stages) == ["teacher@exp.dog", "synthesis@exp.dog", "codes@exp.dog", "student@exp.dog", "evaluate@exp.dog"]
     assert stages["teacher@exp.dog"]["deps"] == ["refs/dog"]
     assert stages["synthesis@exp.dog"]["deps"] == ["runs/exp/dog/teacher"]
-    assert stages["student@exp.dog"]["deps"] == ["runs/exp/dog/proxy"]  # the student never sees the references
+    # the student never sees the references; proxy codes come from the codes stage
+    assert stages["student@exp.dog"]["deps"] == ["runs/exp/dog/proxy", "runs/exp/dog/codes"]
+    assert stages["codes@exp.dog"]["deps"] == ["runs/exp/dog/proxy"]
+    assert stages["codes@exp.dog"]["params"] == ("runs/exp/dog/params.yaml", ["student.model"])
     assert set(stages["evaluate@exp.dog"]["deps"]) == {"refs/dog", "runs/exp/dog/teacher", "runs/exp/dog/student"}
     assert stages["student@exp.dog"]["cmd"] == "proxytune stage student --params runs/exp/dog/params.yaml"
     assert list(params) == ["runs/exp/dog/params.yaml"]

@@ -187,7 +187,7 @@ def test_dreambench9_compiles_to_36_stages_and_subject_selects_four(project):
     assert result.exit_code == 0, result.output
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     subjects = ["backpack", "berry_bowl", "can", "cat", "dog", "duck_toy", "red_cartoon", "teapot", "vase"]
-    for step in ("teacher", "synthesis", "student", "evaluate"):
+    for step in ("teacher", "synthesis", "codes", "student", "evaluate"):
         assert sorted(stages[step]["foreach"]) == [f"dreambench9.{s}" for s in subjects]
     classes = {s: yaml.safe_load((project / f"runs/dreambench9/{s}/params.yaml").read_text())["subject"]["class"]
                for s in subjects}
@@ -201,8 +201,8 @@ def test_dreambench9_compiles_to_36_stages_and_subject_selects_four(project):
     assert result.returncode == 0, result.stderr
     line = next(l for l in result.stdout.splitlines() if l.startswith("stages to run: "))
     assert sorted(line.removeprefix("stages to run: ").split(", ")) == sorted(
-        f"{step}@dreambench9.cat" for step in ("teacher", "synthesis", "student", "evaluate"))
+        f"{step}@dreambench9.cat" for step in ("teacher", "synthesis", "codes", "student", "evaluate"))
     assert not (project / "runs" / "dreambench9" / "cat" / "teacher").exists()  # dry run: nothing ran
     listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=project, env=env, capture_output=True,
                             text=True, timeout=120)
-    assert len(listed.stdout.split()) == 36, listed.stdout + listed.stderr
+    assert len(listed.stdout.split()) == 45, listed.stdout + listed.stderr

@@ -22,6 +22,14 @@ def fake_proxy_set(params, count: int = 4) -> None:
     (proxy / "manifest.json").write_text(json.dumps({"images": entries}))
     (proxy / "record.json").write_text(json.dumps({"digest": "d" * 64, "prompts_digest": "p" * 64, "num_images": count,
                                                     "teacher_version": "t.dog.teacher@1", "run_id": "r"}))
+    # the codes stage's output (its encoding, without the MLflow run)
+    from safetensors.torch import save
+
+    from proxytune.stages import codes
+
+    tensors, metadata = codes.encode_proxies(params)
+    params.out("codes").mkdir()
+    (params.out("codes") / "codes.safetensors").write_bytes(save(tensors, metadata=metadata))
 
 
 def recipe(params):
@@ -54,3 +62,19 @@ def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     a, b = get_peft_model_state_dict(straight.bundle.model), get_peft_model_state_dict(resumed.bundle.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.progress.losses[-1] < straight.progress.losses[0]
+
+
+def test_codes_stage_output_is_checked_against_model_and_proxy_set(project):
+    import pytest
+
+    from proxytune.errors import ProxytuneError
+    from proxytune.stages import common
+
+    params = make_params(project, tiny_spec())
+    fake_proxy_set(params, 3)
+    tensors = common.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="d" * 64)
+    assert tensors["codes"].shape == (3, 256) and tensors["prompt_index"].tolist() == [0, 0, 0]
+    with pytest.raises(ProxytuneError, match="made for model 'tiny-llamagen' and another proxy set"):
+        common.load_codes(params.out("codes"), model="tiny-janus", proxy_digest="d" * 64)
+    with pytest.raises(ProxytuneError, match="made for model"):
+        common.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="e" * 64)

@@ -264,7 +264,7 @@ def test_two_applies_at_once_in_one_project_both_finish(crashed, dreambench):
             assert versions(uri, f"{name}.dog.{role}") == ["1"]
         assert (project / "runs" / name / "dog" / "metrics.json").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert sorted(lock) == sorted(f"{s}@{n}.dog" for s in ("teacher", "synthesis", "student", "evaluate") for n in "tu")
+    assert sorted(lock) == sorted(f"{s}@{n}.dog" for s in ("teacher", "synthesis", "codes", "student", "evaluate") for n in "tu")
     status = cli(project, dreambench, "apply", "specs/t.yaml", "specs/u.yaml", "--dry-run")
     assert "up to date" in status.stdout
     client = client_for(uri)

@@ -16,6 +16,7 @@ from proxytune.files import sha256_file, write_bytes_atomic, write_json_atomic
 from proxytune.stages.params import StageParams
 
 RECORD = "record.json"
+CODES_FILE = "codes.safetensors"  # the codes stage's output, the student stage's input
 
 
 def device() -> torch.device:
@@ -157,3 +158,24 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None
     from safetensors.torch import load_file
 
     return load_file(folder / "lora.safetensors"), torch.load(folder / "state.pt", weights_only=True)
+
+
+def load_codes(folder: Path, *, model: str, proxy_digest: str) -> dict[str, torch.Tensor]:
+    """The codes stage's tensors, checked against the model and proxy set the caller trains on.
+
+    Raises:
+        ProxytuneError: missing, or made for another model or proxy set (re-run `proxytune apply`).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from proxytune.errors import ProxytuneError
+
+    path = folder / CODES_FILE
+    if not path.exists():
+        raise ProxytuneError(f"{path}: missing (run the codes stage first: proxytune apply)")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("model") != model or meta.get("proxy_digest") != proxy_digest:
+        raise ProxytuneError(f"{path}: made for model {meta.get('model')!r} and another proxy set; re-run `proxytune apply`")
+    return load_file(path)

@@ -150,38 +150,50 @@ class StudentRecipe:
 
     @torch.no_grad()
     def _cache_inputs(self) -> None:
-        """Codes of every training image and the condition of every distinct prompt, computed once
-        (keyed by dataset index) and kept in the scratch folder so a resumed run skips it."""
+        """Codes of every training image and the condition of every distinct prompt, by dataset index.
+
+        Proxy codes come from the codes stage's output (encoded once per student model); the
+        references of the baseline recipes are encoded here. Class-prompt samples for prior
+        distillation are drawn once and kept in the scratch folder, so a resumed run skips them.
+        """
+        cfg = self.cfg
+        if cfg.recipe == "proxy":
+            tensors = common.load_codes(self.params.out("codes"), model=cfg.model, proxy_digest=self.proxy["digest"])
+            n = cfg.num_proxy_images or len(tensors["codes"])
+            self.codes, self.conds, self.prompt_index = tensors["codes"][:n], tensors["conds"], tensors["prompt_index"][:n]
+        else:
+            images, prompts = self._training_images()
+            distinct = sorted(set(prompts))
+            codes = []
+            for start in tqdm(range(0, len(images), 16), desc="student: tokenize images", unit="batch", leave=False):
+                pixels = self.bundle.images_to_pixels(images[start : start + 16]).to(self.device)
+                codes.append(self.bundle.encode_images(pixels).cpu())
+            self.codes = torch.cat(codes)  # (N, L)
+            self.conds = self.bundle.encode_prompts(distinct).cpu()  # (P, ...)
+            self.prompt_index = torch.tensor([distinct.index(p) for p in prompts])  # (N,)
+        self.prior_codes = self.prior_cond = None
+        if cfg.regularisers.prior_distillation > 0:
+            self._prior_samples()
+
+    @torch.no_grad()
+    def _prior_samples(self) -> None:
+        """The base model's own class-prompt samples (drawn once, cached), for prior distillation."""
         from safetensors.torch import load_file, save
 
-        cache = self.checkpoint_dir / "inputs.safetensors"
+        cache = self.checkpoint_dir / "prior.safetensors"
         if cache.exists():
             tensors = load_file(cache)
-            self.codes, self.conds, self.prompt_index = tensors["codes"], tensors["conds"], tensors["prompt_index"]
-            self.prior_codes, self.prior_cond = tensors.get("prior_codes"), tensors.get("prior_cond")
-            return
-        images, prompts = self._training_images()
-        distinct = sorted(set(prompts))
-        codes = []
-        for start in tqdm(range(0, len(images), 16), desc="student: tokenize images", unit="batch", leave=False):
-            pixels = self.bundle.images_to_pixels(images[start : start + 16]).to(self.device)
-            codes.append(self.bundle.encode_images(pixels).cpu())
-        tensors = {
-            "codes": torch.cat(codes),  # (N, L)
-            "conds": self.bundle.encode_prompts(distinct).cpu(),  # (P, ...)
-            "prompt_index": torch.tensor([distinct.index(p) for p in prompts]),  # (N,)
-        }
-        reg = self.cfg.regularisers
-        if reg.prior_distillation > 0:  # the base model's own class-prompt samples, drawn once
+        else:
+            reg, s = self.cfg.regularisers, self.cfg.sampling
             seeds = [self.params.seed + 50_000 + i for i in range(reg.prior_samples)]
-            s = self.cfg.sampling
-            tensors["prior_codes"] = self.bundle.generate([self.prior_prompt] * len(seeds), seeds, cfg_scale=s.cfg_scale,
-                                                          top_k=s.top_k, temperature=s.temperature).cpu()
-            tensors["prior_cond"] = self.bundle.encode_prompts([self.prior_prompt]).cpu()
-        self.codes, self.conds, self.prompt_index = tensors["codes"], tensors["conds"], tensors["prompt_index"]
-        self.prior_codes, self.prior_cond = tensors.get("prior_codes"), tensors.get("prior_cond")
-        if self.rank == 0:
-            write_bytes_atomic(cache, save({k: v.contiguous() for k, v in tensors.items()}))
+            tensors = {
+                "codes": self.bundle.generate([self.prior_prompt] * len(seeds), seeds, cfg_scale=s.cfg_scale,
+                                              top_k=s.top_k, temperature=s.temperature).cpu().contiguous(),
+                "cond": self.bundle.encode_prompts([self.prior_prompt]).cpu().contiguous(),
+            }
+            if self.rank == 0:
+                write_bytes_atomic(cache, save(tensors))
+        self.prior_codes, self.prior_cond = tensors["codes"], tensors["cond"]
 
     # -- checkpointing ---------------------------------------------------------------------------
     def _trained_state(self) -> dict[str, torch.Tensor]:

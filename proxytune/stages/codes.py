@@ -1,0 +1,73 @@
+"""Codes stage: the student's image tokenizer encodes the proxy set once, as a DVC output.
+
+Its only params are `student.model` (the tokenizer belongs to the model), so changing the student's
+learning rate, recipe options or regularisers re-runs the student stage but never re-encodes the
+proxies. Output folder `codes/`: codes.safetensors (codes (N, L) by manifest index, one condition per
+distinct prompt, each image's prompt index) with the model, backend and proxy digest in its
+metadata, and record.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from proxytune.backends import students
+from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
+from proxytune.images import center_crop_resize, open_rgb
+from proxytune.stages import common
+from proxytune.stages.params import StageParams, load_params
+
+from proxytune.stages.common import CODES_FILE
+
+
+@torch.no_grad()
+def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) for every proxy image of the manifest, in manifest order."""
+    proxy_dir = params.out("proxy")
+    proxy = common.read_record(proxy_dir)
+    entries = json.loads((proxy_dir / "manifest.json").read_text())["images"]
+    common.seed_everything(params.seed)
+    bundle = students.load_student(params.student.model, device=str(common.device()))
+    prompts = [e["prompt"] for e in entries]
+    distinct = sorted(set(prompts))
+    codes = []
+    for start in tqdm(range(0, len(entries), 16), desc="codes: tokenize proxies", unit="batch"):
+        images = [center_crop_resize(open_rgb(proxy_dir / e["file"]), bundle.image_size) for e in entries[start : start + 16]]
+        codes.append(bundle.encode_images(bundle.images_to_pixels(images).to(common.device())).cpu())
+    tensors = {
+        "codes": torch.cat(codes).contiguous(),  # (N, L)
+        "conds": bundle.encode_prompts(distinct).cpu().contiguous(),  # (P, ...)
+        "prompt_index": torch.tensor([distinct.index(p) for p in prompts]),  # (N,)
+    }
+    metadata = {"model": params.student.model, "backend": bundle.backend, "proxy_digest": proxy["digest"],
+                "prompts": json.dumps(distinct)}
+    return tensors, metadata
+
+
+def run(params_path: str | Path) -> None:
+    from safetensors.torch import save
+
+    params = load_params(params_path)
+    tensors, metadata = encode_proxies(params)
+    tags = {"proxy_digest": metadata["proxy_digest"], "base_model": metadata["model"], "backend": metadata["backend"]}
+    with common.stage_run(params, "codes", tags) as run, staged_dir(params.out("codes")) as tmp:
+        write_bytes_atomic(tmp / CODES_FILE, save(tensors, metadata=metadata))
+        digest = sha256_file(tmp / CODES_FILE)
+        run.log_params({"student.model": metadata["model"], "num_images": len(tensors["codes"]),
+                        "seq_len": tensors["codes"].shape[1], "codes_sha256": digest})
+        common.write_record(tmp, {"stage": "codes", "run_id": run.run_id, "model": metadata["model"],
+                                  "backend": metadata["backend"], "proxy_digest": metadata["proxy_digest"],
+                                  "num_images": len(tensors["codes"]), "seq_len": tensors["codes"].shape[1],
+                                  "sha256": digest})
+    tqdm.write(f"codes: {len(tensors['codes'])} proxy images x {tensors['codes'].shape[1]} codes ({metadata['backend']})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", required=True)
+    run(parser.parse_args().params)
