@@ -103,7 +103,8 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
         project.write_compiled(resolved, root)
     for item in resolved:
         for subject in item.spec.subjects:
-            names = [compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
+            names = [compiler.joint_stage_name(item.spec.name) if step == "student" and item.spec.student.multi_subject
+                     else compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
             click.echo(" → ".join(names))
     click.echo("wrote dvc.yaml")
 

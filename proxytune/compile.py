@@ -52,6 +52,14 @@ def stage_name(step: str, experiment: str, subject: str) -> str:
     return f"{step}@{item_key(experiment, subject)}"
 
 
+JOINT = "_joint"  # folder of a multi-subject student (a subject name cannot start with "_")
+
+
+def joint_stage_name(experiment: str) -> str:
+    """The one student stage of a multi-subject experiment (a plain stage: its deps vary in number)."""
+    return f"student-joint.{experiment}"
+
+
 def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
     """The resolved params file of one subject: every default filled in, so DVC sees real values."""
     spec = resolved.spec
@@ -65,6 +73,7 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
         "synthesis": dump["synthesis"],
         "student": dump["student"],
         "evaluation": dump["evaluation"],
+        "student_dir": f"{RUNS_DIR}/{spec.name}/{JOINT}/student" if spec.student.multi_subject else None,
         # Below: read by stages but not DVC params (moving a folder or a server must not retrain).
         "tracking": dump["tracking"],
         "source": {
@@ -84,7 +93,7 @@ def _template(step: str) -> dict:
         "synthesis": [f"{item_dir}/teacher"],
         "codes": [f"{item_dir}/proxy"],
         "student": [f"{item_dir}/proxy", f"{item_dir}/codes"],
-        "evaluate": ["${item.refs}", f"{item_dir}/teacher", f"{item_dir}/student"],
+        "evaluate": ["${item.refs}", f"{item_dir}/teacher", "${item.student}"],
     }[step]
     stage = {
         "cmd": f"proxytune stage {step} --params {item_dir}/params.yaml",
@@ -113,21 +122,56 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
         items = dict(stages.get(step, {}).get("foreach", {}))
         # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
         items = {key: value for key, value in items.items() if key.split(".", 1)[0] not in compiled}
+        for value in items.values():  # items written by an older proxytune lack the student folder
+            value.setdefault("student", f"{value['dir']}/student")
         for spec in resolved:
+            if step == "student" and spec.spec.student.multi_subject:
+                continue  # one joint student instead, below
             for subject in spec.spec.subjects:
                 directory = subject_dir(spec.spec.name, subject.name)
+                params = params_for(spec, subject.name)
                 items[item_key(spec.spec.name, subject.name)] = {
                     "dir": directory,
                     "refs": spec.references[subject.name],
+                    "student": params["student_dir"] or f"{directory}/student",
                 }
-                params_files[f"{directory}/params.yaml"] = params_for(spec, subject.name)
+                params_files[f"{directory}/params.yaml"] = params
         if items:
             stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
         else:
             stages.pop(step, None)
+    for name in [n for n in stages if n.startswith("student-joint.") and n.split(".", 1)[1] in compiled]:
+        del stages[name]  # recompiled below when the spec still asks for it
+    for spec in resolved:
+        if spec.spec.student.multi_subject:
+            name, path, stage = _joint_student(spec)
+            stages[name] = stage
+            params_files[path] = _joint_params(spec)
     ordered = {step: stages[step] for step in STEPS if step in stages}
     ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
     return {"stages": ordered}, params_files
+
+
+def _joint_params(resolved: ResolvedSpec) -> dict:
+    """A multi-subject student's params: the first subject's file, the student section, every member."""
+    spec = resolved.spec
+    params = params_for(resolved, spec.subjects[0].name)
+    params["student_dir"] = None
+    params["members"] = [subject_dir(spec.name, s.name) for s in spec.subjects]
+    return params
+
+
+def _joint_student(resolved: ResolvedSpec) -> tuple[str, str, dict]:
+    spec = resolved.spec
+    directory = f"{RUNS_DIR}/{spec.name}/{JOINT}"
+    members = [subject_dir(spec.name, s.name) for s in spec.subjects]
+    stage = {
+        "cmd": f"proxytune stage student --params {directory}/params.yaml",
+        "deps": [f"{m}/{OUT_DIRS[step]}" for m in members for step in ("synthesis", "codes")],
+        "params": [{f"{directory}/params.yaml": ["seed", "student", "members"]}],
+        "outs": [f"{directory}/student"],
+    }
+    return joint_stage_name(spec.name), f"{directory}/params.yaml", stage
 
 
 def targets(resolved: list[ResolvedSpec], subjects: set[str] | None = None) -> list[str]:

@@ -467,14 +467,17 @@ def audit(uri: str) -> dict:
         role = version.tags.get(f"{TAG}role")
         if role == "teacher" and run is not None and not _run_tag(run, "references_digest"):
             problems.append(f"{key}: no references digest recorded on run {run.info.run_id}")
-        elif role == "student":
-            check_link(key, "teacher version", version.tags.get(f"{TAG}teacher_version") or (run and _run_tag(run, "teacher_version")))
+        elif role == "student" and version.tags.get(f"{TAG}recipe", "proxy") == "proxy":  # baselines have no teacher
+            teachers = version.tags.get(f"{TAG}teacher_version") or (run and _run_tag(run, "teacher_version"))
+            for teacher in teachers.split(",") if teachers else [None]:  # a multi-subject student has several
+                check_link(key, "teacher version", teacher)
             if run is not None:
                 synthesis = _run_tag(run, "synthesis_run_id")
                 if not synthesis:
                     problems.append(f"{key}: no synthesis run recorded")
-                elif _find_run(client, synthesis) is None:
-                    problems.append(f"{key}: synthesis run {synthesis} not found")
+                else:
+                    problems += [f"{key}: synthesis run {one} not found" for one in synthesis.split(",")
+                                 if _find_run(client, one) is None]
                 if not _run_tag(run, "proxy_digest"):
                     problems.append(f"{key}: no proxy set digest recorded")
         elif role not in ("teacher", "student"):
@@ -535,6 +538,9 @@ def lineage(uri: str, ref: str) -> dict:
     if role == "student":
         student_version, student_run = version, run
         teacher_ref = _run_tag(run, "teacher_version")
+        if teacher_ref and "," in teacher_ref:
+            raise ProxytuneError(f"{ref}: a multi-subject student learned from several teachers ({teacher_ref}); "
+                                 "run lineage on one of them")
         teacher_version = get_version(client, teacher_ref) if teacher_ref else None
     elif role == "teacher":
         teacher_version, student_version, student_run = version, None, None

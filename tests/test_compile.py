@@ -16,7 +16,8 @@ def expand(dvc: dict) -> dict:
     stages = {}
     for step, group in dvc["stages"].items():
         for key, item in group["foreach"].items():
-            sub = lambda s: s.replace("${item.dir}", item["dir"]).replace("${item.refs}", item["refs"])  # noqa: E731
+            sub = lambda s: (s.replace("${item.dir}", item["dir"]).replace("${item.refs}", item["refs"])  # noqa: E731
+                             .replace("${item.student}", item["student"]))
             do = group["do"]
             (params_file, keys), = do["params"][0].items()
             stages[f"{step}@{key}"] = {

@@ -33,3 +33,16 @@ class ExperimentSpec(Strict):
                 raise ValueError(f"subjects: duplicate subject name {subject.name!r}")
             seen.add(subject.name)
         return self
+
+    @model_validator(mode="after")
+    def _multi_subject(self) -> "ExperimentSpec":
+        if not self.student.multi_subject:
+            return self
+        if len(self.subjects) < 2:
+            raise ValueError("student.multi_subject: needs at least two subjects")
+        tokens = [s.token for s in self.subjects]
+        if len(set(tokens)) < len(tokens):
+            raise ValueError(f"student.multi_subject: every subject needs its own token (got {tokens}), e.g. S1*, S2*")
+        if self.student.recipe != "proxy":
+            raise ValueError("student.multi_subject: only the proxy recipe learns several subjects at once")
+        return self

@@ -59,6 +59,11 @@ class StudentSpec(Strict):
         description="proxy: LoRA on the proxy set (the method). Baselines: direct-lora (LoRA on the real references), "
         "direct-full (full fine-tuning on the references), augment (LoRA on flip/rotate/crop copies of the references).",
     )
+    multi_subject: bool = Field(
+        default=False,
+        description="One student learns every subject of the experiment (each its own token) from the union of "
+        "their proxy sets; evaluation stays per subject.",
+    )
     num_proxy_images: PositiveInt | None = Field(default=None, description="Train on the first N proxies (size sweeps); null = all.")
     augment_copies: PositiveInt = Field(default=200, description="Size of the augmented reference set (recipe augment).")
     model: StudentModel = Field(

@@ -116,16 +116,18 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
     root = Path.cwd()
     remove_stale_staging(params, stage)  # called right before the stage stages its output
     uri = tracking.resolve_uri(params.tracking.uri, root)
+    joint = bool(params.members)  # a multi-subject student: named by its folder, not its first subject
+    subject = params.subject_dir.name if joint else params.subject.name
     tags = {
         "spec_file": params.source.spec_file,
         "spec_digest": params.source.spec_digest,
-        "dvc_stage": f"{stage}@{params.experiment}.{params.subject.name}",
+        "dvc_stage": f"student-joint.{params.experiment}" if joint else f"{stage}@{params.experiment}.{subject}",
         "project_root": str(root),
         **(tags or {}),
     }
     return tracking.StageRun(
         experiment=params.experiment,
-        subject=params.subject.name,
+        subject=subject,
         stage=stage,
         uri=uri,
         root=root,

@@ -70,7 +70,7 @@ class StudentSampler:
         self.params = params
         self.bundle = students.load_student(params.student.model, device=str(common.device()))
         # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
-        folder = params.out("student")
+        folder = params.student_out()  # the subject's own, or the experiment's multi-subject student
         weights = folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
         if weights.parent.name == "adapter":
             from peft import PeftModel
@@ -169,7 +169,7 @@ def run(params_path: str | Path) -> None:
     cfg = params.evaluation
     common.seed_everything(params.seed)
     teacher_record = common.read_record(params.out("teacher"))
-    student_record = common.read_record(params.out("student"))
+    student_record = common.read_record(params.student_out())
     prompts = eval_prompts(params)
     proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
     reference_files = list_images(params.references_dir)

@@ -29,6 +29,8 @@ class StageParams(Strict):
     evaluation: EvaluationSpec
     tracking: TrackingSpec
     source: SourceInfo
+    members: list[str] | None = None  # a multi-subject student's params: every subject's folder
+    student_dir: str | None = None  # a subject of a multi-subject experiment: the shared student's folder
     path: Path = Field(default=Path("."), exclude=True)
 
     @property
@@ -38,6 +40,10 @@ class StageParams(Strict):
 
     def out(self, name: str) -> Path:
         return self.subject_dir / name
+
+    def student_out(self) -> Path:
+        """Where this subject's student is: its own folder, or the experiment's shared one."""
+        return Path(self.student_dir) if self.student_dir else self.out("student")
 
     def work(self, stage: str) -> Path:
         """Scratch folder for resumable checkpoints (not a DVC output; survives a crash)."""

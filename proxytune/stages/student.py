@@ -94,7 +94,11 @@ class StudentRecipe:
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
         self.bundle = students.load_student(cfg.model, device=str(self.device))
-        self.proxy = common.read_record(self.proxy_dir) if cfg.recipe == "proxy" else None
+        # a multi-subject student learns every member subject's proxy set; otherwise the one subject's
+        self.members = [load_params(Path(m) / "params.yaml") for m in self.params.members or []]
+        self.proxy = None
+        if cfg.recipe == "proxy":
+            self.proxy = _joint_record(self.members) if self.members else common.read_record(self.proxy_dir)
         self.checkpoint_dir = self.params.work("student") / common.config_key(
             self.params.seed, cfg.model_dump(exclude={"processes"}), self._data_key()
         )
@@ -134,12 +138,8 @@ class StudentRecipe:
         return ",".join(sha256_file(p) for p in list_images(self.params.references_dir))
 
     def _training_images(self) -> tuple[list, list[str]]:
-        """(images, prompts) of the recipe's training set, in dataset order."""
+        """(images, prompts) of a baseline recipe's training set: the real references, in order."""
         cfg, size = self.cfg, self.bundle.image_size
-        if cfg.recipe == "proxy":
-            entries = json.loads((self.proxy_dir / "manifest.json").read_text())["images"]
-            entries = entries[: cfg.num_proxy_images] if cfg.num_proxy_images else entries
-            return [center_crop_resize(open_rgb(self.proxy_dir / e["file"]), size) for e in entries], [e["prompt"] for e in entries]
         references = [open_rgb(p) for p in list_images(self.params.references_dir)]
         if cfg.recipe == "augment":
             g = torch.Generator().manual_seed(self.params.seed + cfg.seed_offset)
@@ -158,9 +158,15 @@ class StudentRecipe:
         """
         cfg = self.cfg
         if cfg.recipe == "proxy":
-            tensors = common.load_codes(self.params.out("codes"), model=cfg.model, proxy_digest=self.proxy["digest"])
-            n = cfg.num_proxy_images or len(tensors["codes"])
-            self.codes, self.conds, self.prompt_index = tensors["codes"][:n], tensors["conds"], tensors["prompt_index"][:n]
+            codes, conds, prompt_index = [], [], []
+            for member in self.members or [self.params]:
+                digest = common.read_record(member.out("proxy"))["digest"]
+                tensors = common.load_codes(member.out("codes"), model=cfg.model, proxy_digest=digest)
+                n = cfg.num_proxy_images or len(tensors["codes"])
+                codes.append(tensors["codes"][:n])
+                prompt_index.append(tensors["prompt_index"][:n] + sum(len(c) for c in conds))
+                conds.append(tensors["conds"])
+            self.codes, self.conds, self.prompt_index = torch.cat(codes), torch.cat(conds), torch.cat(prompt_index)
         else:
             images, prompts = self._training_images()
             distinct = sorted(set(prompts))
@@ -306,8 +312,9 @@ class StudentRecipe:
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
         sampling = self.cfg.sampling
+        prompts = [f"a {m.subject.token} {m.subject.class_noun}" for m in self.members] or [self.instance_prompt]
         codes = self.bundle.generate(
-            [self.instance_prompt] * count,
+            [prompts[i % len(prompts)] for i in range(count)],
             [self.params.evaluation.seed + i for i in range(count)],
             cfg_scale=sampling.cfg_scale,
             top_k=sampling.top_k,
@@ -353,9 +360,9 @@ class StudentRecipe:
             for key in SERIES:
                 if key != "distill" or cfg.regularisers.prior_distillation > 0:
                     run.log_series(key, self.progress.series[key])
-            if self.proxy is not None:
-                run.log_dataset(self.proxy_dir, name=f"{self.params.experiment}.{self.params.subject.name}.proxy",
-                                digest=self.proxy["digest"], context="training")
+            for member in (self.members or [self.params]) if self.proxy is not None else []:
+                run.log_dataset(member.out("proxy"), name=f"{member.experiment}.{member.subject.name}.proxy",
+                                digest=common.read_record(member.out("proxy"))["digest"], context="training")
             weights = self._save_weights(tmp)
             adapter_digest = sha256_file(weights)
             self.sample_grid().save(tmp / "samples.png")
@@ -387,6 +394,20 @@ class StudentRecipe:
                 },
             )
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
+
+
+def _joint_record(members: list[StageParams]) -> dict:
+    """The proxy record of a multi-subject student: every member's set, one digest over their digests."""
+    from proxytune.files import sha256_bytes
+
+    records = [common.read_record(m.out("proxy")) for m in members]
+    return {
+        "digest": sha256_bytes("\n".join(r["digest"] for r in records).encode()),
+        "prompts_digest": sha256_bytes("\n".join(r["prompts_digest"] for r in records).encode()),
+        "teacher_version": ",".join(r["teacher_version"] for r in records),
+        "run_id": ",".join(r["run_id"] for r in records),
+        "subjects": [m.subject.name for m in members],
+    }
 
 
 def _enable_gradient_checkpointing(model) -> None:
