@@ -59,6 +59,14 @@ def make_params(batch_size: int):
         "stage": "synthesis", "run_id": "benchmark", "digest": digest, "prompts_digest": "benchmark",
         "num_images": PROXY_IMAGES, "teacher_version": "benchmark.dog.teacher@0",
     }))
+    # and the codes stage's output, which the recipe trains from (its encoding, without MLflow)
+    from safetensors.torch import save
+
+    from proxytune.stages import codes
+
+    tensors, metadata = codes.encode_proxies(params)
+    params.out("codes").mkdir()
+    (params.out("codes") / "codes.safetensors").write_bytes(save(tensors, metadata=metadata))
     return params
 
 

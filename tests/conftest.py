@@ -79,3 +79,13 @@ def tiny_spec(name: str = "t", **sections) -> dict:
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
     return spec
+
+
+def add_lora(bundle, rank: int = 16) -> list:
+    """Wrap a student bundle's model in a peft LoRA on its own targets; returns the trainable params."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    bundle.model = get_peft_model(bundle.model, LoraConfig(r=rank, lora_alpha=rank, target_modules=bundle.lora_target_modules()))
+    return [p for p in bundle.model.parameters() if p.requires_grad]

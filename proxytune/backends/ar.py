@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
 from proxytune.backends import hub
+from proxytune.backends.student_api import LORA_GROUPS
 from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
 
@@ -36,7 +36,6 @@ except ImportError:  # transformers 4 only initialises missing weights anyway
 
 STUDENT_META = "proxytune_student.json"
 # Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
-LORA_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 LORA_TARGET_MODULES = [name for group in LORA_GROUPS.values() for name in group]
 
 
@@ -220,11 +219,9 @@ class ARStudentBundle:
 
     def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
         """Llama projection suffixes of the named groups ("attention", "mlp"; None = both)."""
-        chosen = groups or list(LORA_GROUPS)
-        unknown = [g for g in chosen if g not in LORA_GROUPS]
-        if unknown:
-            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(LORA_GROUPS)})")
-        return [name for group in chosen for name in LORA_GROUPS[group]]
+        from proxytune.backends.student_api import lora_groups
+
+        return [name for group in lora_groups(groups) for name in LORA_GROUPS[group]]
 
     def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
         """(B, L, V) teacher-forced logits; logits[:, t] predicts codes[:, t]."""
@@ -324,15 +321,9 @@ class ARStudentBundle:
 
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images (square, image_size; resized bicubic if not) -> (B, 3, S, S) in [-1, 1]."""
-        S = self.image_size
-        arrays = []
-        for image in images:
-            image = image.convert("RGB")
-            if image.size != (S, S):
-                image = image.resize((S, S), Image.Resampling.BICUBIC)
-            arrays.append(np.asarray(image))
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()  # (B, 3, S, S)
-        return pixels / 127.5 - 1.0
+        from proxytune.backends.student_api import images_to_pixels
+
+        return images_to_pixels(images, self.image_size)
 
     @property
     def model_device(self) -> torch.device:

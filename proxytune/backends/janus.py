@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -35,11 +34,12 @@ from transformers import DynamicCache
 
 from proxytune.backends import hub
 from proxytune.backends.ar import sample_next
+from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<begin_of_image>"
 PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
-GROUP_PATTERNS = {"attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)", "mlp": r"mlp\.(gate_proj|up_proj|down_proj)"}
+GROUP_PREFIX = {"attention": "self_attn", "mlp": "mlp"}
 TINY_PROMPT_LEN = 48
 REAL_PROMPT_LEN = 256
 
@@ -74,19 +74,16 @@ class JanusStudent:
 
     def lora_target_modules(self, groups: list[str] | None = None, layers: list[int] | None = None) -> str:
         """A regex over the language model's projections (peft fullmatch); `layers` picks decoder layers."""
-        chosen = groups or list(GROUP_PATTERNS)
-        unknown = [g for g in chosen if g not in GROUP_PATTERNS]
-        if unknown:
-            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(GROUP_PATTERNS)})")
+        from proxytune.backends.student_api import LORA_GROUPS
+
+        chosen = lora_groups(groups)
         index = "(" + "|".join(str(i) for i in layers) + ")" if layers else r"\d+"
-        return r".*language_model\.layers\." + index + r"\.(" + "|".join(GROUP_PATTERNS[g] for g in chosen) + ")"
+        names = "|".join(rf"{GROUP_PREFIX[g]}\.({'|'.join(LORA_GROUPS[g])})" for g in chosen)
+        return r".*language_model\.layers\." + index + r"\.(" + names + ")"
 
     # -- images --------------------------------------------------------------------------------
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        S = self.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC) if im.size != (S, S)
-                             else im.convert("RGB")) for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return images_to_pixels(images, self.image_size)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -151,11 +148,7 @@ class JanusStudent:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         B, L = len(prompts), self.seq_len
-        cond = self.encode_prompts(prompts)
-        drop = torch.zeros(B, dtype=torch.bool)
-        guided = cfg_scale != 1.0
-        if guided:  # one batch [cond; uncond]
-            cond, drop = torch.cat([cond, cond]), torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        cond, drop = cfg_batch(self.encode_prompts(prompts), cfg_scale)  # [cond; uncond] when guided
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         codes = torch.zeros(len(cond), L, dtype=torch.long, device=self._device)
         text, mask = self._prefix(cond, drop)
@@ -165,12 +158,9 @@ class JanusStudent:
             if not use_cache:  # recompute the whole prefix
                 embeds = torch.cat([text, self._code_embeds(codes[:, :t]).to(text.dtype)], dim=1)
             hidden = self._run(embeds, seen, cache)
-            logits = self._janus.generation_head(hidden[:, -1]).float()
-            if guided:
-                c, u = logits.chunk(2)
-                logits = u + cfg_scale * (c - u)
+            logits = guided(self._janus.generation_head(hidden[:, -1]).float(), cfg_scale)
             nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)
-            codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+            codes[:, t] = nxt.repeat(len(codes) // B)
             seen = torch.cat([seen, torch.ones_like(seen[:, :1])], dim=1)
             if use_cache:
                 embeds = self._code_embeds(codes[:, t : t + 1]).to(text.dtype)

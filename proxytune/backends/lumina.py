@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from transformers import DynamicCache
 
 from proxytune.backends import hub
 from proxytune.backends.ar import sample_next
+from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<racm3:break>"
@@ -43,7 +43,6 @@ IMAGE_END = "<eoss>"
 ROW_END = "<reserved08799>"
 SIZE_TOKEN = "<reserved{:05d}>"  # grid size n -> <reserved{8820 + n}>
 SIZE_BASE = 8820
-GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 TINY_PROMPT_LEN = 48
 
 
@@ -99,18 +98,11 @@ class LuminaStudent:
 
     def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
         """Projection suffixes of the decoder layers (the Chameleon VQ has no such names)."""
-        chosen = groups or list(GROUPS)
-        unknown = [g for g in chosen if g not in GROUPS]
-        if unknown:
-            raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(GROUPS)})")
-        return [name for g in chosen for name in GROUPS[g]]
+        return [name for g in lora_groups(groups) for name in LORA_GROUPS[g]]
 
     # -- images --------------------------------------------------------------------------------
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        S = self.image_size
-        arrays = [np.asarray(im.convert("RGB").resize((S, S), Image.Resampling.BICUBIC) if im.size != (S, S)
-                             else im.convert("RGB")) for im in images]
-        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return images_to_pixels(images, self.image_size)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -176,11 +168,7 @@ class LuminaStudent:
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         B, g = len(prompts), self.grid
-        cond = self.encode_prompts(prompts)
-        drop = torch.zeros(B, dtype=torch.bool)
-        guided = cfg_scale != 1.0
-        if guided:
-            cond, drop = torch.cat([cond, cond]), torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        cond, drop = cfg_batch(self.encode_prompts(prompts), cfg_scale)  # [cond; uncond] when guided
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         ids, mask = self._prefix(cond, drop)
         codes = torch.zeros(len(ids), g * g, dtype=torch.long, device=self._device)
@@ -192,12 +180,9 @@ class LuminaStudent:
             if j % (g + 1) == g:  # a row end: forced, not sampled
                 token = torch.full((len(ids), 1), self.row_end, dtype=ids.dtype, device=self._device)
             else:
-                logits = self._code_logits(hidden[:, -1]).float()
-                if guided:
-                    c, u = logits.chunk(2)
-                    logits = u + cfg_scale * (c - u)
+                logits = guided(self._code_logits(hidden[:, -1]).float(), cfg_scale)
                 nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)
-                codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+                codes[:, t] = nxt.repeat(len(codes) // B)
                 token = self.image_bpe.to(self._device)[codes[:, t : t + 1]]
                 t += 1
                 bar.update(1)

@@ -65,3 +65,49 @@ class StudentBackend(Protocol):
         temperature: float = 1.0,
         use_cache: bool = True,
     ) -> torch.Tensor: ...
+
+
+# -- pieces every backend shares ------------------------------------------------------------------
+# Decoder projections by module group, for selective LoRA ("attention", "mlp").
+LORA_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
+
+
+def lora_groups(groups: list[str] | None) -> list[str]:
+    """The requested group names (all when None), checked."""
+    from proxytune.errors import ProxytuneError
+
+    chosen = list(groups or LORA_GROUPS)
+    unknown = [g for g in chosen if g not in LORA_GROUPS]
+    if unknown:
+        raise ProxytuneError(f"unknown LoRA module group(s) {unknown} (known: {', '.join(LORA_GROUPS)})")
+    return chosen
+
+
+def images_to_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
+    """RGB images (resized bicubic to size x size when they are not) -> (B, 3, S, S) in [-1, 1]."""
+    import numpy as np
+
+    arrays = []
+    for image in images:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(image))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def cfg_batch(cond: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, drop) for sampling: [cond; cond] with the second half dropped when guided, else as is."""
+    B = cond.shape[0]
+    drop = torch.zeros(B, dtype=torch.bool)
+    if cfg_scale == 1.0:
+        return cond, drop
+    return torch.cat([cond, cond]), torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+
+
+def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """uncond + cfg_scale * (cond - uncond) over a [cond; uncond] batch (as is at scale 1)."""
+    if cfg_scale == 1.0:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
