@@ -134,3 +134,24 @@ def test_two_data_parallel_processes_train_one_adapter(project):
     tuned = diffusion.generate(diffusion.load_pipeline_with_lora("tiny-sd", params.out("teacher") / "adapter"), ["a S* dog"], [1], **kwargs)[0]
     base = diffusion.generate(diffusion.load_pipeline("tiny-sd"), ["a S* dog"], [1], **kwargs)[0]
     assert np.abs(np.asarray(tuned, dtype=int) - np.asarray(base, dtype=int)).max() > 2
+
+
+def test_random_crop_cuts_a_fresh_window_from_cached_latents(project):
+    recipe = recipe_for(project, model="tiny-sdxl", steps=3, random_crop=True)
+    h = 64 // recipe.pipe.vae_scale_factor
+    assert recipe.margin == 1 and recipe.latent_mean.shape[-1] == h + 2  # encoded once, 4 px larger each side
+    corners = set()
+    for _ in range(12):
+        latents, crops = recipe._latents(recipe.latent_mean, recipe.latent_std, 2)
+        assert latents.shape[-2:] == (h, h)
+        assert crops.min() >= 0 and crops.max() <= 2 * recipe.pipe.vae_scale_factor
+        corners |= {tuple(c) for c in crops.tolist()}
+    assert len(corners) > 3  # a fresh window each draw
+    # the window is the cached posterior mean at that offset (checked with the noise switched off)
+    recipe.latent_std = torch.zeros_like(recipe.latent_std)
+    latents, crops = recipe._latents(recipe.latent_mean, recipe.latent_std, 1)
+    assert any(torch.allclose(latents[0], diffusion.normalize_latents(recipe.pipe.vae, recipe.latent_mean[i, f, :, y:y + h, x:x + h]))
+               for i in range(len(recipe.latent_mean)) for f in (0, 1)
+               for y, x in [(int(crops[0, 0]) // 4, int(crops[0, 1]) // 4)])
+    recipe.train()
+    assert all(np.isfinite(recipe.progress.losses))

@@ -228,8 +228,8 @@ def test_killed_at_every_point_then_rerun_matches_an_uninterrupted_run(crashed, 
     assert "teacher: resuming from step 2" in resumed.stdout + resumed.stderr
     assert runs["synthesis:batch:1"]["outputs"] == ["teacher"] and runs["synthesis:batch:1"]["staging"] == []
     assert runs["synthesis:batch:1"]["teacher_versions"] == ["1"]  # re-registration reused version 1
-    assert runs["student:step:3"]["outputs"] == ["proxy", "teacher"]
-    assert runs["evaluate:generated"]["outputs"] == ["proxy", "student", "teacher"]
+    assert runs["student:step:3"]["outputs"] == ["codes", "proxy", "teacher"]
+    assert runs["evaluate:generated"]["outputs"] == ["codes", "proxy", "student", "teacher"]
     # The re-run after the last crash finishes, and everything equals the uninterrupted run.
     final = crashed["final"]["t"]
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]

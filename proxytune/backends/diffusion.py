@@ -140,21 +140,28 @@ def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
     return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
-def predict(pipe, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor], *, size: int) -> torch.Tensor:
+def predict(pipe, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict[str, torch.Tensor], *, size: int,
+            crops: torch.Tensor | None = None, original_size: int | None = None) -> torch.Tensor:
     """One denoiser call on (B, C, h, w) latents; returns the prediction in the same layout.
 
     Args:
         timesteps: (B,) in the scheduler's units (0..1000; FLUX's transformer takes them / 1000).
         text: `encode_prompts` output, batch-expanded to B.
         size: the training resolution in pixels (SDXL's size conditioning).
+        crops: (B, 2) top-left of each sample's crop in pixels of an `original_size` image (SDXL's
+            crop conditioning); None for centre-cropped references at the training size.
     """
     family, model = family_of(pipe), denoiser(pipe)
     B, C, h, w = noisy.shape
     if family.name == "sd":
         return model(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"]).sample
     if family.name == "sdxl":
-        # original size, crop top-left, target size: the references are resized and centre-cropped
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=noisy.dtype, device=noisy.device).repeat(B, 1)
+        # original size, crop top-left, target size (SDXL's micro-conditioning)
+        original = original_size or size
+        corner = crops.to(noisy.device, noisy.dtype) if crops is not None else torch.zeros(B, 2, device=noisy.device, dtype=noisy.dtype)
+        sizes = torch.tensor([original, original], dtype=noisy.dtype, device=noisy.device).expand(B, 2)
+        target = torch.tensor([size, size], dtype=noisy.dtype, device=noisy.device).expand(B, 2)
+        time_ids = torch.cat([sizes, corner, target], dim=1)
         cond = {"text_embeds": text["pooled"], "time_ids": time_ids}
         return model(noisy, timesteps, encoder_hidden_states=text["prompt_embeds"], added_cond_kwargs=cond).sample
     if family.name == "sd3":

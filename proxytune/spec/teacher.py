@@ -62,6 +62,11 @@ class TeacherSpec(Strict):
     weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
     max_grad_norm: PositiveFloat = Field(default=1.0, description="Gradient clipping norm.")
     random_flip: bool = Field(default=True, description="Flip the reference horizontally with p=0.5 each step.")
+    random_crop: bool = Field(
+        default=False,
+        description="A fresh random crop every step: references are encoded once about 6% larger and a window "
+        "of the training size is cut from their cached latents (SDXL gets the crop as its crop conditioning).",
+    )
     checkpoint_every: PositiveInt = Field(default=250, description="Save a resumable checkpoint every N steps.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="Autocast dtype for the frozen model (LoRA params stay fp32); 'no' on CPU."

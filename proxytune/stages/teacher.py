@@ -67,7 +67,10 @@ class TeacherRecipe:
             self.pipe.vae.to(torch.float32)  # an fp16 VAE gives NaNs (SDXL); encoding is one-off anyway
 
         self.reference_files = list_images(self.params.references_dir)
-        self.references = load_references(self.params.references_dir, cfg.resolution)
+        # With random crops, references are encoded `margin` latent cells larger on each side and every
+        # step cuts a window of the training size from the cached latents.
+        self.margin = max(1, cfg.resolution // self.pipe.vae_scale_factor // 16) if cfg.random_crop else 0
+        self.references = load_references(self.params.references_dir, cfg.resolution + 2 * self.margin * self.pipe.vae_scale_factor)
         self.class_images = self._class_images() if cfg.prior_preservation.enabled else []
         self._cache_inputs()
         torch.manual_seed(self.params.seed)  # LoRA init draws from the global RNG
@@ -188,14 +191,19 @@ class TeacherRecipe:
         common.save_checkpoint(self.checkpoint_dir, lora, state)
 
     # -- training ------------------------------------------------------------------------------
-    def _latents(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> torch.Tensor:
-        """Pick `count` cached images and a flip each, draw latents from their posterior, normalise."""
+    def _latents(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pick `count` cached images, a flip and (with random_crop) a window each, draw latents from
+        their posterior and normalise; returns (latents, crop top-left in pixels (count, 2))."""
         g = self.generator
         index = torch.randint(len(mean), (count,), generator=g)
         flip = (torch.rand(count, generator=g) < 0.5).long() if self.cfg.random_flip else torch.zeros(count, dtype=torch.long)
-        m, s = mean[index, flip], std[index, flip]
+        m, s = mean[index, flip], std[index, flip]  # (count, C, H, W), H = h + 2 * margin for references
+        h = self.cfg.resolution // self.pipe.vae_scale_factor
+        corner = torch.randint(0, m.shape[-1] - h + 1, (count, 2), generator=g)  # all zeros without a margin
+        m = torch.stack([x[:, y : y + h, x0 : x0 + h] for x, (y, x0) in zip(m, corner.tolist())])
+        s = torch.stack([x[:, y : y + h, x0 : x0 + h] for x, (y, x0) in zip(s, corner.tolist())])
         z = m + s * torch.randn(m.shape, generator=g)
-        return diffusion.normalize_latents(self.pipe.vae, z).to(self.device)
+        return diffusion.normalize_latents(self.pipe.vae, z).to(self.device), corner * self.pipe.vae_scale_factor
 
     def _text(self, count: int, prior: bool) -> dict[str, torch.Tensor]:
         if self.cfg.train_text_encoder:
@@ -239,24 +247,26 @@ class TeacherRecipe:
             weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
         return noisy, timesteps, target, weight
 
-    def _loss(self, latents: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, latents: torch.Tensor, crops: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
         noisy, timesteps, target, weight = self._noisy_and_target(latents)
         text = {k: v.to(self.weight_dtype) for k, v in text.items()}
+        original = self.cfg.resolution + 2 * self.margin * self.pipe.vae_scale_factor
         with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-            pred = diffusion.predict(self.pipe, noisy.to(self.weight_dtype), timesteps, text, size=self.cfg.resolution)
+            pred = diffusion.predict(self.pipe, noisy.to(self.weight_dtype), timesteps, text, size=self.cfg.resolution,
+                                     crops=crops, original_size=original)
         per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
         return (weight * per_sample).mean()
 
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         # 1. instance latents: fresh references, flips and posterior draws each step
-        latents = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
+        latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
         # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
-        instance = self._loss(latents, self._text(cfg.batch_size, prior=False))
+        instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
         prior = torch.zeros(())
         if self.class_images:
-            class_latents = self._latents(self.class_mean, self.class_std, cfg.batch_size)
-            prior = self._loss(class_latents, self._text(cfg.batch_size, prior=True))
+            class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
+            prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
         loss = instance + cfg.prior_preservation.prior_loss_weight * prior
         # 3. update
         loss.backward()
