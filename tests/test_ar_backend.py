@@ -135,17 +135,23 @@ def tuned(home):
     student = ar.load_student("tiny-llamagen")
     codes = student.encode_images(student.images_to_pixels([picture(0)]))  # (1, L)
     text = student.encode_prompts([PROMPT])  # (1, C, Dt)
-    student.model = get_peft_model(student.model, LoraConfig(r=8, lora_alpha=8, target_modules=ar.LORA_TARGET_MODULES))
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=ar.LORA_TARGET_MODULES)
+    student.model = get_peft_model(student.model, config)
     trainable = [p for p in student.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    # Decaying to zero lets the fit settle: at a constant rate it hovers near the greedy boundary and
+    # whether all 256 argmaxes come out right depended on the thread count (CPU kernels round by it).
+    steps = 150
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     generator = torch.Generator().manual_seed(0)
     losses = []
     student.model.train()
-    for _ in range(150):
+    for _ in range(steps):
         loss = student.loss(text, codes, cfg_dropout=0.0, generator=generator)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as the student stage; unclipped lr 1e-2 spikes
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     student.model.eval()
