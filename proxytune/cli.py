@@ -202,24 +202,47 @@ def convert() -> None:
 @convert.command(name="llamagen")
 @click.argument("gpt_checkpoint", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--vq", "vq_folder", required=True, type=click.Path(file_okay=False),
-              help="The VQ tokenizer as a diffusers VQModel folder.")
+@click.option("--vq", "vq", required=True, type=click.Path(),
+              help="The VQ tokenizer: the original vq_ds16_t2i.pt (converted here) or a diffusers VQModel folder.")
 @click.option("--text-encoder", default="google/flan-t5-xl", show_default=True, help="T5 caption encoder: hub id or folder.")
 @click.option("--image-size", type=click.IntRange(min=16), default=256, show_default=True,
               help="Pixels per side (a multiple of 16): 256 for t2i_XL_stage1_256.pt, 512 for t2i_XL_stage2_512.pt.")
 @click.option("--preset", type=click.Choice(["xl", "tiny"]), default="xl", show_default=True, hidden=True)
 @user_errors
-def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq_folder: str, text_encoder: str, image_size: int, preset: str) -> None:
+def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: str, image_size: int, preset: str) -> None:
     """A LlamaGen T2I GPT checkpoint (original keys) -> a student folder for `student.model`."""
-    from proxytune.backends import llamagen
+    import tempfile
+
+    from proxytune.backends import llamagen, vqgan
 
     size = image_size
     if size % 16:
         raise ProxytuneError(f"--image-size {size}: must be a multiple of 16 (the VQ downsamples by 16)")
     config = llamagen.llamagen_t2i_tiny() if preset == "tiny" else llamagen.llamagen_t2i_xl(grid_size=size // 16)
-    folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, config=config,
-                                                image_size=size, text_encoder=text_encoder)
+    with tempfile.TemporaryDirectory(dir=Path(out_dir).resolve().parent) as scratch:
+        vq_folder = Path(vq)
+        if vq_folder.is_file():  # the original tokenizer checkpoint: convert it first
+            vq_folder = vqgan.convert_file(vq, Path(scratch) / "vqvae", layout="llamagen", image_size=size)
+        folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, config=config,
+                                                    image_size=size, text_encoder=text_encoder)
     click.echo(f"wrote {folder} (backend llamagen, {size} px); use it as student.model")
+
+
+@convert.command(name="vqgan")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layout", type=click.Choice(["llamagen", "taming"]), required=True,
+              help="llamagen: vq_ds16_t2i.pt and other LlamaGen VQ checkpoints; taming: Chameleon's vqgan.ckpt "
+                   "(Lumina-mGPT's tokenizer) and other taming-transformers VQGANs.")
+@click.option("--image-size", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Pixels per side the tokenizer is used at (recorded as sample_size).")
+@user_errors
+def convert_vqgan(checkpoint: str, out_dir: str, layout: str, image_size: int) -> None:
+    """An original VQGAN image tokenizer -> a diffusers VQModel folder (encoder, codebook, decoder)."""
+    from proxytune.backends import vqgan
+
+    folder = vqgan.convert_file(checkpoint, out_dir, layout=layout, image_size=image_size)
+    click.echo(f"wrote {folder} (diffusers VQModel, {layout} layout)")
 
 
 @main.command(name="report")

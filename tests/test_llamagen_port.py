@@ -257,8 +257,9 @@ def test_xl_preset_maps_every_key_at_full_size():
 
 def test_original_checkpoint_becomes_a_student_folder_that_trains_and_samples(config, case, tmp_path):
     """`convert_to_student_folder` (and `proxytune convert llamagen`): transformer/ converted, the VQ
-    copied, T5 named in proxytune_student.json; the folder loads through the student dispatcher."""
-    from diffusers import VQModel
+    converted from its original checkpoint, T5 named in proxytune_student.json; the folder loads
+    through the student dispatcher."""
+    from test_vqgan import original_state
     from transformers import T5Config, T5EncoderModel
 
     from proxytune.backends import students
@@ -266,11 +267,9 @@ def test_original_checkpoint_becomes_a_student_folder_that_trains_and_samples(co
 
     original, _, (text, codes, drop), expected = case
     torch.save({"model": original}, tmp_path / "t2i.pt")
-    torch.manual_seed(0)
-    VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 16, 16), layers_per_block=1,
-            latent_channels=8, vq_embed_dim=8, num_vq_embeddings=config.codebook_size, norm_num_groups=8,
-            sample_size=16).save_pretrained(tmp_path / "vq")
+    vq = original_state("llamagen", ch_mult=(1, 1, 2), enc_attn=(False, False, True), dec_attn=(True, False, False),
+                        embed=8, codes=config.codebook_size)  # x4: a 4 x 4 grid at 16 px
+    torch.save({"model": vq}, tmp_path / "vq_ds16_t2i.pt")
     T5EncoderModel(T5Config(vocab_size=char_vocab_size(), d_model=config.text_dim, d_kv=8, d_ff=32, num_layers=1,
                             num_heads=2, pad_token_id=EOS_ID, eos_token_id=EOS_ID)).save_pretrained(tmp_path / "t5")
     write_char_clip_tokenizer(tmp_path / "t5", model_max_length=config.cond_len)
@@ -280,16 +279,18 @@ def test_original_checkpoint_becomes_a_student_folder_that_trains_and_samples(co
     from proxytune.cli import main
 
     result = CliRunner().invoke(main, ["convert", "llamagen", str(tmp_path / "t2i.pt"), str(tmp_path / "student"),
-                                       "--vq", str(tmp_path / "vq"), "--text-encoder", str(tmp_path / "t5"),
+                                       "--vq", str(tmp_path / "vq_ds16_t2i.pt"), "--text-encoder", str(tmp_path / "t5"),
                                        "--image-size", "16", "--preset", "tiny"])
     assert result.exit_code == 0, result.output
     bundle = students.load_student(str(tmp_path / "student"))
     assert bundle.backend == "llamagen" and type(bundle.model) is llamagen.LlamaGenStudent
     assert bundle.seq_len == 16 and bundle.image_size == 16
+    assert bundle.vq.config.up_block_types[0] == "AttnUpDecoderBlock2D"  # LlamaGen's attending levels kept
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no scratch left behind
     with torch.no_grad():
         torch.testing.assert_close(bundle.model(text, codes, drop_cond=drop), expected, atol=TOL, rtol=TOL)
         sampled = bundle.generate(["a S* dog"], [0], cfg_scale=2.0, top_k=8)
     assert sampled.shape == (1, 16) and bundle.decode_codes(sampled)[0].size == (16, 16)
     again = CliRunner().invoke(main, ["convert", "llamagen", str(tmp_path / "t2i.pt"), str(tmp_path / "student"),
-                                      "--vq", str(tmp_path / "vq")])
+                                      "--vq", str(tmp_path / "vq_ds16_t2i.pt")])
     assert again.exit_code == 2 and "already exists" in again.output + again.stderr

@@ -32,18 +32,13 @@ Key map (original, under ckpt["model"] -> student):
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from proxytune.backends import ar
+from proxytune.backends import ar, checkpoints
 from proxytune.errors import ProxytuneError
-
-# Top-level entries a LlamaGen checkpoint may keep its weights under (training checkpoints
-# also hold "optimizer", "steps" and an argparse "args"); otherwise the file is the bare dict.
-WEIGHT_ENTRIES = ("model", "module", "state_dict")
 
 # Per-layer renames that are plain copies; wqkv is split and permuted separately.
 LAYER_RENAMES = {
@@ -280,38 +275,8 @@ def convert_state_dict(original: dict[str, torch.Tensor], config: ar.ARStudentCo
 
 
 def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a LlamaGen checkpoint file, without running any pickled code.
-
-    `.safetensors` files are read with safetensors; anything else with
-    torch.load(weights_only=True), allowing only argparse.Namespace beyond tensors and plain
-    containers (LlamaGen's training script stores its arguments as one). The weights are taken
-    from the first of "model", "module", "state_dict" present, else the file is the state dict.
-
-    Raises:
-        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            ckpt = load_file(path)
-        else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # refused by weights_only, corrupt archive, bad safetensors header
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ProxytuneError(
-            f"LlamaGen checkpoint {str(path)!r}: cannot read it as weights only ({first_line})"
-        ) from None
-    if not isinstance(ckpt, dict):
-        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: holds a {type(ckpt).__name__}, not a state dict")
-    for entry in WEIGHT_ENTRIES:
-        if isinstance(ckpt.get(entry), dict):
-            return ckpt[entry]
-    return ckpt
+    """The weights of a LlamaGen checkpoint file (see `checkpoints.read_state_dict`)."""
+    return checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
 
 
 def load_original_checkpoint(

@@ -1,0 +1,54 @@
+"""Reading original (non-diffusers, non-transformers) checkpoint files without running pickled code."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from proxytune.errors import ProxytuneError
+
+# Top-level entries a training checkpoint may keep its weights under (LlamaGen's also hold
+# "optimizer", "steps" and an argparse "args"; Lightning's "state_dict"); otherwise the file is the
+# bare state dict.
+WEIGHT_ENTRIES = ("model", "module", "state_dict")
+
+
+def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
+    """The weights of an original checkpoint file.
+
+    `.safetensors` files are read with safetensors; anything else with
+    torch.load(weights_only=True), allowing only argparse.Namespace beyond tensors and plain
+    containers (LlamaGen's training script stores its arguments as one). The weights are taken
+    from the first of WEIGHT_ENTRIES present, else the file is the state dict.
+
+    Args:
+        path: the checkpoint file.
+        label: what the file is, for error messages ("LlamaGen checkpoint").
+    Raises:
+        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ProxytuneError(f"{label} {str(path)!r}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ckpt = load_file(path)
+        else:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # refused by weights_only, corrupt archive, bad safetensors header
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ProxytuneError(
+            f"{label} {str(path)!r}: cannot read it as weights only ({first_line}); if you trust the file, "
+            "re-save its state dict with safetensors and pass that"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise ProxytuneError(f"{label} {str(path)!r}: holds a {type(ckpt).__name__}, not a state dict")
+    for entry in WEIGHT_ENTRIES:
+        if isinstance(ckpt.get(entry), dict):
+            return ckpt[entry]
+    return ckpt
