@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -243,6 +244,41 @@ def convert_vqgan(checkpoint: str, out_dir: str, layout: str, image_size: int) -
 
     folder = vqgan.convert_file(checkpoint, out_dir, layout=layout, image_size=image_size)
     click.echo(f"wrote {folder} (diffusers VQModel, {layout} layout)")
+
+
+@convert.command(name="lumina-mgpt")
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--vqgan", "vqgan_checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="Chameleon's tokenizer checkpoint (vqgan.ckpt, or a .safetensors with its keys).")
+@click.option("--image-size", type=click.IntRange(min=16), default=512, show_default=True,
+              help="Pixels per side the checkpoint generates (a multiple of 16).")
+@click.option("--tokenizer", default=None, help="Text tokenizer (hub id or folder) when MODEL has none; default MODEL.")
+@user_errors
+def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: int, tokenizer: str | None) -> None:
+    """A Lumina-mGPT (Chameleon-format) MODEL, hub id or folder, + Chameleon's VQGAN -> a student folder.
+
+    The folder holds the converted VQGAN and names MODEL; the Chameleon weights are not copied."""
+    import json
+
+    from proxytune.backends import vqgan
+
+    if image_size % 16:
+        raise ProxytuneError(f"--image-size {image_size}: must be a multiple of 16 (the VQGAN downsamples by 16)")
+    out = Path(out_dir)
+    if out.exists():
+        raise ProxytuneError(f"{out}: already exists; choose a new folder")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    vqgan.convert_file(vqgan_checkpoint, tmp / "vq_decoder", layout="taming", image_size=image_size)
+    source = str(Path(model).resolve()) if Path(model).exists() else model
+    meta = {"backend": "lumina-mgpt", "model": source, "vq_decoder": "vq_decoder", "image_size": image_size}
+    if tokenizer:
+        meta["tokenizer"] = str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
+    (tmp / "proxytune_student.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.rename(out)
+    click.echo(f"wrote {out} (backend lumina-mgpt, {image_size} px, weights from {source}); use it as student.model")
 
 
 @main.command(name="report")

@@ -11,10 +11,12 @@ here take the language model's hidden states and apply `lm_head` restricted to t
 in code order: logits (B, L, K) over codes, row ends excluded (they are forced, never sampled, and
 carry no loss). The unconditional prompt (classifier-free guidance) masks the whole text prompt out.
 
-transformers has no Chameleon VQ decoder: a student folder carries one as a diffusers `VQModel` in
-`vq_decoder/` (named in proxytune_student.json) sharing the Chameleon quantizer's codebook. Real
-users put Chameleon's VQGAN decoder weights there (converting the original `vqgan.ckpt` decoder is
-not part of proxytune yet). Encoding uses the Chameleon VQ encoder inside the checkpoint.
+transformers has no Chameleon VQ decoder: a student folder carries Chameleon's whole VQGAN as a
+diffusers `VQModel` in `vq_decoder/` (named in proxytune_student.json), converted from the original
+`vqgan.ckpt` by `proxytune convert lumina-mgpt` (`vqgan.py`, taming layout). Encoding uses the
+Chameleon VQ encoder inside the checkpoint; Lumina-mGPT's released checkpoints do not carry it (their
+code loads the tokenizer separately), so when transformers reports those weights missing they are
+filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
 The size and row-end token names follow Lumina-mGPT's item processor as documented in
 `SIZE_TOKEN` / `ROW_END`; they are looked up by name in the checkpoint's vocabulary_map, so a
@@ -33,7 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import hub
+from proxytune.backends import hub, vqgan
 from proxytune.backends.ar import sample_next
 from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups
 from proxytune.errors import ProxytuneError
@@ -202,7 +204,10 @@ class LuminaStudent:
 
 
 def _build_tiny(folder: Path) -> None:
-    """64 px images, an x8 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder."""
+    """64 px images, an x8 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder.
+
+    The VQ decoder folder is made the way a real one is: a taming-layout VQGAN (Chameleon's encoder
+    and codebook from the checkpoint, a random decoder) converted by `vqgan.convert_state_dict`."""
     from diffusers import VQModel
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig, CLIPTokenizer
 
@@ -226,11 +231,12 @@ def _build_tiny(folder: Path) -> None:
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration(config)
     model.save_pretrained(folder, safe_serialization=True)
-    decoder = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-                      latent_channels=8, vq_embed_dim=8, num_vq_embeddings=codes, norm_num_groups=16, sample_size=64)
-    with torch.no_grad():  # one codebook for encoding (Chameleon) and decoding
-        decoder.quantize.embedding.weight.copy_(model.model.vqmodel.quantize.embedding.weight)
+    decoder_only = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
+                           layers_per_block=1, latent_channels=32, vq_embed_dim=8, num_vq_embeddings=codes)
+    taming = {k: v for k, v in vqgan.to_original_state_dict(decoder_only, "taming").items() if k.startswith("decoder.")}
+    taming.update(model.model.vqmodel.state_dict())  # transformers keeps taming's names for the rest
+    decoder = vqgan.build_vqmodel(*vqgan.convert_state_dict(taming, "taming", image_size=64, label="tiny Chameleon VQGAN"))
     decoder.save_pretrained(folder / "vq_decoder")
     tokenizer.save_pretrained(folder)
     for leftover in (folder / "_tok").iterdir():
@@ -241,11 +247,16 @@ def _build_tiny(folder: Path) -> None:
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-lumina-mgpt-v1", _build_tiny)
+    return hub.materialize("tiny-lumina-mgpt-v2", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
-    """A Chameleon-format Lumina-mGPT checkpoint with its VQ decoder folder, frozen, in eval mode."""
+    """A Chameleon-format Lumina-mGPT checkpoint with its VQGAN folder, frozen, in eval mode.
+
+    proxytune_student.json names the VQGAN folder ("vq_decoder") and, optionally, where the
+    Chameleon weights and the text tokenizer live ("model", "tokenizer": hub ids or folders, relative
+    to this one; default: here, and the tokenizer beside the weights).
+    """
     from diffusers import VQModel
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
@@ -253,16 +264,40 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if "vq_decoder" not in meta:
         raise ProxytuneError(f"student model {ref!r}: proxytune_student.json must name its vq_decoder folder "
-                             "(transformers has no Chameleon VQ decoder)")
+                             "(transformers has no Chameleon VQ decoder; `proxytune convert lumina-mgpt` writes one)")
+    weights, text = (_beside(path, meta.get(key, meta.get("model", "."))) for key in ("model", "tokenizer"))
     try:
-        model = ChameleonForConditionalGeneration.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(text)
         decoder = VQModel.from_pretrained(str(Path(path) / meta["vq_decoder"]))
     except OSError as err:
         raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT checkpoint ({err})") from None
+    _fill_vq_encoder(model, decoder, info["missing_keys"], ref)
     image_size = int(meta.get("image_size", model.config.vq_config.resolution))
     grid = image_size // 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
     for part in (model, decoder):
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
                          random_init=hub.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
+
+
+def _beside(path: str, ref: str) -> str:
+    """A folder relative to the student folder when it exists there, else the reference as given (hub id)."""
+    return str(Path(path) / ref) if (Path(path) / ref).exists() else ref
+
+
+def _fill_vq_encoder(model, vq, missing_keys: list[str], ref: str) -> None:
+    """Give the Chameleon VQ encoder the converted VQGAN's weights when the checkpoint lacks them, and
+    refuse a checkpoint whose codebook is not the VQGAN's (codes would decode to other images)."""
+    vqmodel = model.model.vqmodel
+    missing = [k for k in missing_keys if ".vqmodel." in f".{k}"]
+    if missing:
+        taming = {k: v for k, v in vqgan.to_original_state_dict(vq, "taming").items() if not k.startswith("decoder.")}
+        try:
+            vqmodel.load_state_dict(taming, strict=True)
+        except RuntimeError as err:
+            raise ProxytuneError(f"student model {ref!r}: the checkpoint has no VQ encoder and the VQGAN folder's "
+                                 f"does not fit its vq_config ({str(err).splitlines()[0]})") from None
+    elif not torch.equal(vqmodel.quantize.embedding.weight, vq.quantize.embedding.weight.to(vqmodel.quantize.embedding.weight.dtype)):
+        raise ProxytuneError(f"student model {ref!r}: the VQGAN folder's codebook differs from the checkpoint's "
+                             "Chameleon VQ codebook; convert the vqgan.ckpt this model was trained with")
