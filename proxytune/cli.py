@@ -107,6 +107,9 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
             names = [compiler.joint_stage_name(item.spec.name) if step == "student" and item.spec.student.multi_subject
                      else compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
             click.echo(" → ".join(names))
+            for variant in item.spec.student.variants:
+                name = compiler.variant_experiment(item.spec.name, variant)
+                click.echo(f"  {names[2]} → " + " → ".join(compiler.stage_name(s, name, subject.name) for s in ("student", "evaluate")))
     click.echo("wrote dvc.yaml")
 
 
@@ -149,7 +152,11 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
             tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
             parents[item.spec.name] = tracking.start_parent_run(experiment, uri, root, tags)
             uris[item.spec.name] = uri
-        code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(parents)})
+        env_parents = dict(parents)
+        for item in resolved:  # a student variant's stages are children of its spec's run
+            for variant in item.spec.student.variants:
+                env_parents[compiler.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
+        code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)})
         for name, run_id in parents.items():
             tracking.end_parent_run(run_id, uris[name], "FINISHED" if code == 0 else "FAILED")
     if code != 0:

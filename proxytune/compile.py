@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxytune.spec import ExperimentSpec
+from proxytune.spec.common import VARIANT_SEP
 
 RUNS_DIR = "runs"
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
@@ -44,6 +45,16 @@ def subject_dir(experiment: str, subject: str) -> str:
     return f"{RUNS_DIR}/{experiment}/{subject}"
 
 
+def variant_experiment(experiment: str, variant: str) -> str:
+    """The experiment a student variant runs as (its folder, stage names and registered models)."""
+    return f"{experiment}{VARIANT_SEP}{variant}"
+
+
+def base_experiment(experiment: str) -> str:
+    """The spec's experiment of a (possibly variant) experiment name."""
+    return experiment.split(VARIANT_SEP, 1)[0]
+
+
 def item_key(experiment: str, subject: str) -> str:
     return f"{experiment}.{subject}"
 
@@ -65,6 +76,7 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
     spec = resolved.spec
     subject = next(s for s in spec.subjects if s.name == subject_name)
     dump = spec.model_dump(mode="json", by_alias=True)
+    dump["student"].pop("variants")  # each variant has its own params file: editing one re-runs only it
     return {
         "experiment": spec.name,
         "seed": spec.seed,
@@ -74,6 +86,7 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
         "student": dump["student"],
         "evaluation": dump["evaluation"],
         "student_dir": f"{RUNS_DIR}/{spec.name}/{JOINT}/student" if spec.student.multi_subject else None,
+        "upstream_dir": None,
         # Below: read by stages but not DVC params (moving a folder or a server must not retrain).
         "tracking": dump["tracking"],
         "source": {
@@ -85,15 +98,28 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
     }
 
 
+def variant_params(resolved: ResolvedSpec, subject_name: str, variant: str) -> dict:
+    """A student variant's params: the subject's, with the merged student section, its own
+    experiment name, and the main experiment's subject folder for teacher, proxies and codes."""
+    spec = resolved.spec
+    params = params_for(resolved, subject_name)
+    params["experiment"] = variant_experiment(spec.name, variant)
+    params["student"] = spec.student.variant(variant).model_dump(mode="json", by_alias=True)
+    params["upstream_dir"] = subject_dir(spec.name, subject_name)
+    params["tracking"]["experiment"] = spec.tracking.experiment or spec.name  # one MLflow experiment per spec
+    return params
+
+
 def _template(step: str) -> dict:
     item_dir = "${item.dir}"
     out = f"{item_dir}/{OUT_DIRS[step]}"
+    up = "${item.up}"  # where teacher, proxies and codes are: the item's own folder, or the main experiment's
     upstream = {
         "teacher": ["${item.refs}"],
         "synthesis": [f"{item_dir}/teacher"],
         "codes": [f"{item_dir}/proxy"],
-        "student": [f"{item_dir}/proxy", f"{item_dir}/codes"],
-        "evaluate": ["${item.refs}", f"{item_dir}/teacher", "${item.student}"],
+        "student": [f"{up}/proxy", f"{up}/codes"],
+        "evaluate": ["${item.refs}", f"{up}/teacher", "${item.student}"],
     }[step]
     stage = {
         "cmd": f"proxytune stage {step} --params {item_dir}/params.yaml",
@@ -121,9 +147,10 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
     for step in STEPS:
         items = dict(stages.get(step, {}).get("foreach", {}))
         # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
-        items = {key: value for key, value in items.items() if key.split(".", 1)[0] not in compiled}
-        for value in items.values():  # items written by an older proxytune lack the student folder
+        items = {key: value for key, value in items.items() if base_experiment(key.split(".", 1)[0]) not in compiled}
+        for value in items.values():  # items written by an older proxytune lack these fields
             value.setdefault("student", f"{value['dir']}/student")
+            value.setdefault("up", value["dir"])
         for spec in resolved:
             if step == "student" and spec.spec.student.multi_subject:
                 continue  # one joint student instead, below
@@ -134,8 +161,21 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
                     "dir": directory,
                     "refs": spec.references[subject.name],
                     "student": params["student_dir"] or f"{directory}/student",
+                    "up": directory,
                 }
                 params_files[f"{directory}/params.yaml"] = params
+                if step not in ("student", "evaluate"):
+                    continue
+                for variant in spec.spec.student.variants:  # they share everything up to the codes
+                    name = variant_experiment(spec.spec.name, variant)
+                    folder = subject_dir(name, subject.name)
+                    items[item_key(name, subject.name)] = {
+                        "dir": folder,
+                        "refs": spec.references[subject.name],
+                        "student": f"{folder}/student",
+                        "up": directory,
+                    }
+                    params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
         if items:
             stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
         else:
@@ -178,9 +218,11 @@ def targets(resolved: list[ResolvedSpec], subjects: set[str] | None = None) -> l
     """The `evaluate@...` stage names to repro (DVC pulls in their upstream stages)."""
     names = []
     for spec in resolved:
-        for subject in spec.spec.subjects:
-            if subjects is None or subject.name in subjects:
-                names.append(stage_name("evaluate", spec.spec.name, subject.name))
+        experiments = [spec.spec.name, *(variant_experiment(spec.spec.name, v) for v in spec.spec.student.variants)]
+        for experiment in experiments:
+            for subject in spec.spec.subjects:
+                if subjects is None or subject.name in subjects:
+                    names.append(stage_name("evaluate", experiment, subject.name))
     return names
 
 

@@ -142,8 +142,9 @@ def _generated_images(folder: Path) -> dict[str, dict[int, list[Path]]]:
             for model, prompts in found.items()}
 
 
-def load_subject(root: Path, experiment: str, name: str, spec_path: str) -> SubjectResult:
-    """Read one subject's params, records and evaluation output.
+def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: str | None = None) -> SubjectResult:
+    """Read one subject's params, records and evaluation output (`label`: its name in the report,
+    e.g. "dog / direct" for a student variant; default the subject's name).
 
     Raises:
         ProxytuneError: the subject has not been evaluated yet, or its evaluation output is
@@ -183,11 +184,12 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str) -> Subj
     _expect(gate is None or isinstance(gate, dict), eval_dir / "gate.json", "expected a mapping")
     encoders = _mapping(_read_json(eval_dir / "encoders.json", required=False))
 
+    upstream = (root / params["upstream_dir"]).resolve() if params.get("upstream_dir") else folder  # a variant's
     records = {
         step: _mapping(_read_json(path, required=False)) or None
         for step, path in (
-            ("teacher", folder / compiler.OUT_DIRS["teacher"] / "record.json"),
-            ("proxy", folder / compiler.OUT_DIRS["synthesis"] / "record.json"),
+            ("teacher", upstream / compiler.OUT_DIRS["teacher"] / "record.json"),
+            ("proxy", upstream / compiler.OUT_DIRS["synthesis"] / "record.json"),
             ("student", folder / compiler.OUT_DIRS["student"] / "record.json"),
             ("eval", eval_dir / "record.json"),
         )
@@ -198,7 +200,7 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str) -> Subj
     if reference_dir is not None and reference_dir.is_dir():
         reference_files = sorted(p for p in reference_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     return SubjectResult(
-        name=name,
+        name=label or name,
         folder=folder,
         token=str(subject.get("token", "")),
         class_noun=str(subject.get("class", "")),
@@ -227,6 +229,8 @@ def load_report(spec_path: str | Path, root: Path) -> Report:
     spec = load_spec(spec_path)
     raw = Path(spec_path).read_bytes()
     subjects = [load_subject(root, spec.name, s.name, str(spec_path)) for s in spec.subjects]
+    subjects += [load_subject(root, compiler.variant_experiment(spec.name, v), s.name, str(spec_path), f"{s.name} / {v}")
+                 for v in spec.student.variants for s in spec.subjects]
     return Report(
         experiment=spec.name,
         mlflow_experiment=spec.tracking.experiment or spec.name,

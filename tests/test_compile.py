@@ -4,9 +4,10 @@ from proxytune import compile as compiler
 from proxytune.spec import parse_spec
 
 
-def resolved(name: str, subjects=("dog",)):
+def resolved(name: str, subjects=("dog",), **sections):
     spec = parse_spec(
-        {"name": name, "subjects": [{"name": s, "class": "dog", "images": f"refs/{s}"} for s in subjects]}, "x.yaml"
+        {"name": name, "subjects": [{"name": s, "class": "dog", "images": f"refs/{s}"} for s in subjects], **sections},
+        "x.yaml",
     )
     return compiler.ResolvedSpec(spec, f"specs/{name}.yaml", "0" * 64, {s: f"refs/{s}" for s in subjects})
 
@@ -17,7 +18,7 @@ def expand(dvc: dict) -> dict:
     for step, group in dvc["stages"].items():
         for key, item in group["foreach"].items():
             sub = lambda s: (s.replace("${item.dir}", item["dir"]).replace("${item.refs}", item["refs"])  # noqa: E731
-                             .replace("${item.student}", item["student"]))
+                             .replace("${item.student}", item["student"]).replace("${item.up}", item["up"]))
             do = group["do"]
             (params_file, keys), = do["params"][0].items()
             stages[f"{step}@{key}"] = {
@@ -80,3 +81,28 @@ def test_targets_filter_by_subject():
     specs = [resolved("a", ("dog", "cat"))]
     assert compiler.targets(specs) == ["evaluate@a.dog", "evaluate@a.cat"]
     assert compiler.targets(specs, {"cat"}) == ["evaluate@a.cat"]
+
+
+def test_student_variants_share_teacher_proxies_and_codes():
+    """Baselines and size sweeps of one spec: extra student and evaluate stages per variant, reading
+    the main experiment's teacher, proxies and codes; each variant's params only change its own stages."""
+    variants = {"direct": {"recipe": "direct-lora"}, "n250": {"num_proxy_images": 250, "lora": {"rank": 4}}}
+    dvc, params = compiler.compile_specs([resolved("exp", student={"steps": 7, "variants": variants})])
+    stages = expand(dvc)
+    assert [n for n in stages if n.startswith(("teacher", "synthesis", "codes"))] == \
+        ["teacher@exp.dog", "synthesis@exp.dog", "codes@exp.dog"]  # trained and generated once
+    assert stages["student@exp--n250.dog"]["deps"] == ["runs/exp/dog/proxy", "runs/exp/dog/codes"]
+    assert stages["student@exp--n250.dog"]["outs"] == ["runs/exp--n250/dog/student"]
+    assert set(stages["evaluate@exp--direct.dog"]["deps"]) == {"refs/dog", "runs/exp/dog/teacher", "runs/exp--direct/dog/student"}
+    main, n250 = params["runs/exp/dog/params.yaml"], params["runs/exp--n250/dog/params.yaml"]
+    assert "variants" not in main["student"]  # editing a variant does not touch the main student's params
+    assert n250["student"]["num_proxy_images"] == 250 and n250["student"]["steps"] == 7  # merged over the main section
+    assert n250["student"]["lora"] == {**main["student"]["lora"], "rank": 4}
+    assert n250["upstream_dir"] == "runs/exp/dog" and n250["experiment"] == "exp--n250"
+    assert n250["tracking"]["experiment"] == "exp"  # one MLflow experiment for the spec
+    assert params["runs/exp--direct/dog/params.yaml"]["student"]["recipe"] == "direct-lora"
+    assert compiler.targets([resolved("exp", student={"variants": variants})]) == \
+        ["evaluate@exp.dog", "evaluate@exp--direct.dog", "evaluate@exp--n250.dog"]
+    # recompiling without variants removes their stages
+    dvc2, _ = compiler.compile_specs([resolved("exp")], existing=dvc)
+    assert not [n for n in expand(dvc2) if "--" in n]

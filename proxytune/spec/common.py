@@ -33,6 +33,17 @@ def _safe_name(value: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
+
+VARIANT_SEP = "--"  # a student variant V of experiment E runs as experiment "E--V"
+
+
+def _unreserved(value: str) -> str:
+    if VARIANT_SEP in value:
+        raise ValueError(f"must not contain {VARIANT_SEP!r} (it joins an experiment and a student variant)")
+    return value
+
+
+PlainName = Annotated[SafeName, AfterValidator(_unreserved)]
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]

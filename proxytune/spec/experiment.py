@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from proxytune.spec.common import NonNegativeInt, SafeName, Strict
+from proxytune.spec.common import NonNegativeInt, PlainName, Strict
 from proxytune.spec.evaluation import EvaluationSpec
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.subject import SubjectSpec
@@ -16,7 +16,7 @@ from proxytune.spec.tracking import TrackingSpec
 class ExperimentSpec(Strict):
     """A proxytune spec: `proxytune apply` turns it into DVC stages and MLflow runs."""
 
-    name: SafeName = Field(description="Experiment name; folder runs/NAME and MLflow experiment.")
+    name: PlainName = Field(description="Experiment name; folder runs/NAME and MLflow experiment.")
     seed: NonNegativeInt = Field(default=0, description="Base seed for every stage.")
     subjects: list[SubjectSpec] = Field(min_length=1, description="Subjects to personalise, each on its own.")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Diffusion teacher (DreamBooth LoRA).")
@@ -45,4 +45,6 @@ class ExperimentSpec(Strict):
             raise ValueError(f"student.multi_subject: every subject needs its own token (got {tokens}), e.g. S1*, S2*")
         if self.student.recipe != "proxy":
             raise ValueError("student.multi_subject: only the proxy recipe learns several subjects at once")
+        if self.student.variants:
+            raise ValueError("student.variants: not with multi_subject (run the variants as their own experiments)")
         return self

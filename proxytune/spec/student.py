@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from proxytune.spec.common import (
     TINY_STUDENTS,
     NonNegativeInt,
     PositiveFloat,
+    PlainName,
     PositiveInt,
     Probability,
     Strict,
@@ -53,7 +54,9 @@ class RegularisersSpec(Strict):
     )
 
 
-class StudentSpec(Strict):
+class StudentSettings(Strict):
+    """The fields of one student (StudentSpec adds its variants)."""
+
     recipe: Literal["proxy", "direct-lora", "direct-full", "augment"] = Field(
         default="proxy",
         description="proxy: LoRA on the proxy set (the method). Baselines: direct-lora (LoRA on the real references), "
@@ -90,4 +93,51 @@ class StudentSpec(Strict):
     def _distillation_needs_lora(self):
         if self.recipe == "direct-full" and self.regularisers.prior_distillation > 0:
             raise ValueError("regularisers.prior_distillation needs a LoRA recipe (it disables the adapter for the base logits)")
+        return self
+
+
+# What a variant may change: any student field but the model (its codes are the shared codes stage's)
+# and multi_subject; every field optional, given ones are merged over the main student section.
+_FIXED = ("model", "multi_subject")
+StudentVariantSpec = create_model(
+    "StudentVariantSpec",
+    __base__=Strict,
+    __doc__="Changes to the main student section for one variant (unset fields are inherited).",
+    **{
+        name: ((Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation) | None,
+               Field(default=None, description=field.description))
+        for name, field in StudentSettings.model_fields.items()
+        if name not in _FIXED
+    },
+)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+class StudentSpec(StudentSettings):
+    variants: dict[PlainName, StudentVariantSpec] = Field(
+        default_factory=dict,
+        description="More students of the same subjects, sharing this experiment's teacher, proxies and codes: "
+        "name -> the student fields that differ (baselines: {recipe: direct-lora}; size sweeps: "
+        "{num_proxy_images: 250}). Variant V of experiment E runs as E--V.",
+    )
+
+    def variant(self, name: str) -> StudentSettings:
+        """The merged student section of one variant."""
+        changes = self.variants[name].model_dump(mode="json", exclude_unset=True)
+        base = StudentSettings.model_validate(self.model_dump(mode="json", exclude={"variants"}))
+        return StudentSettings.model_validate(_merge(base.model_dump(mode="json"), changes))
+
+    @model_validator(mode="after")
+    def _variants_are_valid_students(self):
+        for name in self.variants:
+            try:
+                self.variant(name)
+            except ValidationError as err:
+                raise ValueError(f"variants.{name}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         return self

@@ -31,6 +31,7 @@ class StageParams(Strict):
     source: SourceInfo
     members: list[str] | None = None  # a multi-subject student's params: every subject's folder
     student_dir: str | None = None  # a subject of a multi-subject experiment: the shared student's folder
+    upstream_dir: str | None = None  # a student variant: the main experiment's subject folder
     path: Path = Field(default=Path("."), exclude=True)
 
     @property
@@ -39,6 +40,9 @@ class StageParams(Strict):
         return self.path.parent
 
     def out(self, name: str) -> Path:
+        """An output folder of this subject; a variant reads teacher, proxies and codes upstream."""
+        if self.upstream_dir and name in ("teacher", "proxy", "codes"):
+            return Path(self.upstream_dir) / name
         return self.subject_dir / name
 
     def student_out(self) -> Path:
