@@ -185,12 +185,13 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: 
     encoders = _mapping(_read_json(eval_dir / "encoders.json", required=False))
 
     upstream = (root / params["upstream_dir"]).resolve() if params.get("upstream_dir") else folder  # a variant's
+    student = (root / params["student_dir"]).resolve() if params.get("student_dir") else folder / compiler.OUT_DIRS["student"]
     records = {
         step: _mapping(_read_json(path, required=False)) or None
         for step, path in (
             ("teacher", upstream / compiler.OUT_DIRS["teacher"] / "record.json"),
             ("proxy", upstream / compiler.OUT_DIRS["synthesis"] / "record.json"),
-            ("student", folder / compiler.OUT_DIRS["student"] / "record.json"),
+            ("student", student / "record.json"),
             ("eval", eval_dir / "record.json"),
         )
     }
