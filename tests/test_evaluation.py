@@ -72,3 +72,39 @@ def test_every_model_sees_the_same_prompts_and_seeds(project):
 def test_custom_prompt_list(project):
     params = make_params(project, tiny_spec(evaluation={"prompts": ["a {token} {class} on the moon"], "num_prompts": None}))
     assert evaluate.eval_prompts(params) == ["a S* dog on the moon"]
+
+
+def test_teacher_samples_are_cached_by_adapter_and_settings(project, monkeypatch):
+    """Re-evaluating (a new student, a variant, a resumed crash) reuses the teacher's images without
+    loading its pipeline; a damaged cache file or another adapter means generating again."""
+    import numpy as np
+
+    from proxytune.backends import diffusion
+
+    params = make_params(project, tiny_spec(synthesis={"num_inference_steps": 2}))
+    pipe = diffusion.load_pipeline("tiny-sd")
+    diffusion.add_lora(pipe.unet, rank=4, alpha=4, target_modules=["to_q", "to_v"])
+    diffusion.save_lora(pipe, params.out("teacher") / "adapter")
+    prompts, seeds = ["a S* dog", "a S* dog"], [3, 4]
+    first = evaluate.TeacherSampler(params)(prompts, seeds)
+    cached = sorted((project / evaluate.TEACHER_SAMPLES).rglob("*.png"))
+    assert len(cached) == 2
+
+    loads = []
+    real_load = diffusion.load_pipeline_with_lora
+    monkeypatch.setattr(diffusion, "load_pipeline_with_lora", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    again = evaluate.TeacherSampler(params)(prompts, seeds)
+    assert loads == [] and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+
+    cached[0].write_bytes(b"truncated")  # a damaged entry: the call is generated again, same pixels
+    regenerated = evaluate.TeacherSampler(params)(prompts, seeds)
+    assert len(loads) == 1 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, regenerated))
+
+    with torch.no_grad():  # another adapter: another key
+        for name, weight in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                weight.add_(0.5)
+    (params.out("teacher") / "adapter" / "pytorch_lora_weights.safetensors").unlink()
+    diffusion.save_lora(pipe, params.out("teacher") / "adapter")
+    other = evaluate.TeacherSampler(params)(prompts, seeds)
+    assert len(loads) == 2 and not np.array_equal(np.asarray(other[0]), np.asarray(first[0]))

@@ -48,21 +48,59 @@ def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
 
 
 # -- generators: one object per model with the same call --------------------------------------
+TEACHER_SAMPLES = Path(".proxytune") / "teacher_samples"  # under the project root (the stage's cwd)
+
+
 class TeacherSampler:
+    """The teacher pipeline with its LoRA, behind a sample cache.
+
+    A teacher's images depend only on its adapter files and the sampler settings, so each call's
+    images are kept under .proxytune/teacher_samples/KEY (KEY: those plus the call's prompts and
+    seeds; a call is always one batch, so cached bytes equal generated ones). Re-evaluating after a
+    student change, a student variant, or a crash after sampling reuses them, and the pipeline is
+    loaded only when something is missing.
+    """
+
     def __init__(self, params: StageParams):
         self.params = params
-        self.pipe = diffusion.load_pipeline_with_lora(
-            params.teacher.model, params.out("teacher") / "adapter", revision=params.teacher.revision,
-            scale=params.synthesis.lora_scale,
-        )
-        self.pipe.to(common.device())
-        self.pipe.set_progress_bar_config(disable=True)
+        adapter = params.out("teacher") / "adapter"
+        t, s = params.teacher, params.synthesis
+        files = digest_files([(p.name, sha256_file(p)) for p in sorted(adapter.iterdir()) if p.is_file()])
+        self.setting = (files, t.model, t.revision, t.resolution, s.lora_scale, s.num_inference_steps, s.guidance_scale)
+        self._pipe = None
         self.random_init = hub.is_random_init(diffusion.resolve(params.teacher.model))
 
+    @property
+    def pipe(self):
+        if self._pipe is None:
+            params = self.params
+            self._pipe = diffusion.load_pipeline_with_lora(
+                params.teacher.model, params.out("teacher") / "adapter", revision=params.teacher.revision,
+                scale=params.synthesis.lora_scale,
+            )
+            self._pipe.to(common.device())
+            self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
+        import io
+
+        from proxytune.errors import ProxytuneError
+
+        folder = TEACHER_SAMPLES / common.config_key(*self.setting, prompts, seeds)
+        paths = [folder / f"{i:03d}.png" for i in range(len(prompts))]
+        try:
+            return [open_rgb(path) for path in paths]
+        except ProxytuneError:  # missing or damaged: generate the whole call again
+            pass
         s = self.params.synthesis
-        return diffusion.generate(self.pipe, prompts, seeds, steps=s.num_inference_steps, guidance=s.guidance_scale,
-                                  size=self.params.teacher.resolution)
+        images = diffusion.generate(self.pipe, prompts, seeds, steps=s.num_inference_steps, guidance=s.guidance_scale,
+                                    size=self.params.teacher.resolution)
+        for path, image in zip(paths, images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            write_bytes_atomic(path, buffer.getvalue())
+        return images
 
 
 class StudentSampler:
