@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -266,25 +265,21 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     """A Lumina-mGPT (Chameleon-format) MODEL, hub id or folder, + Chameleon's VQGAN -> a student folder.
 
     The folder holds the converted VQGAN and names MODEL; the Chameleon weights are not copied."""
-    import json
-
     from proxytune.backends import vqgan
+    from proxytune.files import staged_dir
 
     if image_size % 16:
         raise ProxytuneError(f"--image-size {image_size}: must be a multiple of 16 (the VQGAN downsamples by 16)")
     out = Path(out_dir)
     if out.exists():
         raise ProxytuneError(f"{out}: already exists; choose a new folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    vqgan.convert_file(vqgan_checkpoint, tmp / "vq_decoder", layout="taming", image_size=image_size)
     source = str(Path(model).resolve()) if Path(model).exists() else model
     meta = {"backend": "lumina-mgpt", "model": source, "vq_decoder": "vq_decoder", "image_size": image_size}
     if tokenizer:
         meta["tokenizer"] = str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
-    (tmp / "proxytune_student.json").write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(out)
+    with staged_dir(out) as tmp:
+        vqgan.convert_file(vqgan_checkpoint, tmp / "vq_decoder", layout="taming", image_size=image_size)
+        (tmp / "proxytune_student.json").write_text(json.dumps(meta, indent=2) + "\n")
     click.echo(f"wrote {out} (backend lumina-mgpt, {image_size} px, weights from {source}); use it as student.model")
 
 

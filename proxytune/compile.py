@@ -144,6 +144,25 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
     compiled = {spec.spec.name for spec in resolved}
     stages = dict((existing or {}).get("stages", {}))
     params_files: dict[str, dict] = {}
+    own: dict[str, dict] = {}  # foreach items of every step: EXP.SUBJECT
+    variants: dict[str, dict] = {}  # student and evaluate only: EXP--V.SUBJECT
+    joint: set[str] = set()  # items whose student is a multi-subject stage of its own
+    for spec in resolved:
+        for subject in spec.spec.subjects:
+            directory = subject_dir(spec.spec.name, subject.name)
+            params = params_for(spec, subject.name)
+            key = item_key(spec.spec.name, subject.name)
+            own[key] = {"dir": directory, "refs": spec.references[subject.name],
+                        "student": params["student_dir"] or f"{directory}/student", "up": directory}
+            params_files[f"{directory}/params.yaml"] = params
+            if spec.spec.student.multi_subject:
+                joint.add(key)
+            for variant in spec.spec.student.variants:  # they share everything up to the codes
+                name = variant_experiment(spec.spec.name, variant)
+                folder = subject_dir(name, subject.name)
+                variants[item_key(name, subject.name)] = {
+                    "dir": folder, "refs": spec.references[subject.name], "student": f"{folder}/student", "up": directory}
+                params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
     for step in STEPS:
         items = dict(stages.get(step, {}).get("foreach", {}))
         # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
@@ -151,31 +170,9 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
         for value in items.values():  # items written by an older proxytune lack these fields
             value.setdefault("student", f"{value['dir']}/student")
             value.setdefault("up", value["dir"])
-        for spec in resolved:
-            if step == "student" and spec.spec.student.multi_subject:
-                continue  # one joint student instead, below
-            for subject in spec.spec.subjects:
-                directory = subject_dir(spec.spec.name, subject.name)
-                params = params_for(spec, subject.name)
-                items[item_key(spec.spec.name, subject.name)] = {
-                    "dir": directory,
-                    "refs": spec.references[subject.name],
-                    "student": params["student_dir"] or f"{directory}/student",
-                    "up": directory,
-                }
-                params_files[f"{directory}/params.yaml"] = params
-                if step not in ("student", "evaluate"):
-                    continue
-                for variant in spec.spec.student.variants:  # they share everything up to the codes
-                    name = variant_experiment(spec.spec.name, variant)
-                    folder = subject_dir(name, subject.name)
-                    items[item_key(name, subject.name)] = {
-                        "dir": folder,
-                        "refs": spec.references[subject.name],
-                        "student": f"{folder}/student",
-                        "up": directory,
-                    }
-                    params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
+        items.update({key: dict(value) for key, value in own.items() if not (step == "student" and key in joint)})
+        if step in ("student", "evaluate"):
+            items.update({key: dict(value) for key, value in variants.items()})
         if items:
             stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
         else:

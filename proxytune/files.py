@@ -60,6 +60,15 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_png_atomic(path: str | Path, image) -> None:
+    """Save a PIL image as PNG with `write_bytes_atomic` (a crash never leaves a truncated image)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes_atomic(path, buffer.getvalue())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 

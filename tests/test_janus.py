@@ -1,25 +1,15 @@
 """The Janus-Pro student backend (tiny JanusForConditionalGeneration): the original's cosine
 quantizer, LoRA on the language model only, training by behaviour, adapter round trip, KV cache."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from proxytune.backends import janus, students
-from proxytune.backends.student_api import StudentBackend
 from conftest import add_lora
 
 
-def test_tiny_janus_is_a_student_backend(dreambench):
-    from PIL import Image
-
+def test_prompts_are_left_padded():
     bundle = students.load_student("tiny-janus")
-    assert isinstance(bundle, StudentBackend) and bundle.backend == "janus" and bundle.random_init
-    assert bundle.seq_len == 64 and bundle.codebook_size == 256 and bundle.image_size == 64
-    image = Image.open(sorted((dreambench / "dog").iterdir())[0])
-    codes = bundle.encode_images(bundle.images_to_pixels([image]))
-    assert codes.shape == (1, 64) and codes.dtype == torch.long
-    assert bundle.decode_codes(codes)[0].size == (64, 64)
     cond = bundle.encode_prompts(["a S* dog", "a much longer prompt about a S* dog on a beach"])
     assert cond.shape == (2, 2, janus.TINY_PROMPT_LEN) and cond[0, 1].sum() < cond[1, 1].sum()  # left padding
 

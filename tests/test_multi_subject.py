@@ -5,7 +5,6 @@ import pytest
 import yaml
 
 from conftest import make_params, tiny_spec
-from proxytune import compile as compiler
 from proxytune.stages.params import load_params
 from proxytune.stages.student import StudentRecipe
 from test_student import fake_proxy_set

@@ -16,6 +16,19 @@ BACKENDS = {"tiny-janus": "janus", "tiny-lumina-mgpt": "lumina-mgpt"}
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
+def test_tiny_variant_is_a_student_backend_that_round_trips_images(name, dreambench):
+    from PIL import Image
+
+    bundle = students.load_student(name)
+    assert isinstance(bundle, StudentBackend) and bundle.backend == BACKENDS[name] and bundle.random_init
+    assert bundle.seq_len == 64 and bundle.codebook_size == 256 and bundle.image_size == 64
+    image = Image.open(sorted((dreambench / "dog").iterdir())[0])
+    codes = bundle.encode_images(bundle.images_to_pixels([image]))
+    assert codes.shape == (1, 64) and codes.dtype == torch.long
+    assert bundle.decode_codes(codes)[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
 def test_overfit_one_image_reproduces_its_codes_greedily_and_the_adapter_reloads(tmp_path, name):
     bundle = students.load_student(name)
     assert isinstance(bundle, StudentBackend) and bundle.backend == BACKENDS[name]

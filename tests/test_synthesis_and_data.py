@@ -4,7 +4,6 @@ import http.server
 import json
 import threading
 from functools import partial
-from pathlib import Path
 
 import pytest
 from PIL import Image

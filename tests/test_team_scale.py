@@ -185,7 +185,7 @@ def crashed(tmp_path_factory, dreambench):
 
 # -- team mode ---------------------------------------------------------------------------------
 def test_team_mode_apply_and_pull_through_an_mlflow_server(team):
-    project, uri = team["project"], team["uri"]
+    project = team["project"]
     assert "done" in team["apply"].stdout
     assert not (project / "registry").exists()  # nothing went to the embedded store
     show = team["show"]

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 
 from proxytune.backends import hub
 from proxytune.backends.ar import sample_next
-from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups
+from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<begin_of_image>"
@@ -58,8 +58,7 @@ class JanusStudent:
     @property
     def _janus(self):
         """The JanusModel inside (through a peft wrapper when there is one)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.model
+        return unwrapped(self.model).model
 
     @property
     def seq_len(self) -> int:

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from proxytune.backends import ar, checkpoints
 from proxytune.errors import ProxytuneError
+from proxytune.files import staged_dir
 
 # Per-layer renames that are plain copies; wqkv is split and permuted separately.
 LAYER_RENAMES = {
@@ -347,11 +348,10 @@ def convert_to_student_folder(
         raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder (no config.json)")
     config = config or llamagen_t2i_xl(grid_size=image_size // 16)
     model = load_original_checkpoint(gpt_checkpoint, config)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "transformer", safe_serialization=True)
-    shutil.copytree(vq_folder, tmp / "vqvae")
-    meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": str(text_encoder), "tokenizer": str(text_encoder)}
-    (tmp / ar.STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.rename(out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp / "transformer", safe_serialization=True)
+        shutil.copytree(vq_folder, tmp / "vqvae")
+        meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": str(text_encoder),
+                "tokenizer": str(text_encoder)}
+        (tmp / ar.STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from proxytune.backends import hub, vqgan
 from proxytune.backends.ar import sample_next
-from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups
+from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<racm3:break>"
@@ -79,13 +79,11 @@ class LuminaStudent:
     # -- sizes and LoRA ------------------------------------------------------------------------
     @property
     def _chameleon(self):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.model
+        return unwrapped(self.model).model
 
     @property
     def _lm_head(self):
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return base.lm_head
+        return unwrapped(self.model).lm_head
 
     @property
     def seq_len(self) -> int:

@@ -72,6 +72,11 @@ class StudentBackend(Protocol):
 LORA_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
 
+def unwrapped(model: Any) -> Any:
+    """The model itself, or the base model inside a peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def lora_groups(groups: list[str] | None) -> list[str]:
     """The requested group names (all when None), checked."""
     from proxytune.errors import ProxytuneError

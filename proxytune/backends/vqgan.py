@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from proxytune.backends import checkpoints
 from proxytune.errors import ProxytuneError
+from proxytune.files import staged_dir
 
 NORM_GROUPS = 32  # both originals hard-code GroupNorm(32)
 
@@ -256,9 +256,7 @@ def convert_file(path: str | Path, out_dir: str | Path, *, layout: str, image_si
     config, state = convert_state_dict(checkpoints.read_state_dict(path, label=f"{layout} VQGAN checkpoint"),
                                        layout, image_size=image_size, label=label)
     model = build_vqmodel(config, state)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "proxytune_source.json").write_text(json.dumps({"converted_from": str(path), "layout": layout}) + "\n")
-    tmp.rename(out_dir)
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "proxytune_source.json").write_text(json.dumps({"converted_from": str(path), "layout": layout}) + "\n")
     return out_dir

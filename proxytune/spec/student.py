@@ -104,7 +104,7 @@ StudentVariantSpec = create_model(
     __base__=Strict,
     __doc__="Changes to the main student section for one variant (unset fields are inherited).",
     **{
-        name: ((Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation) | None,
+        name: ((Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation) | None,
                Field(default=None, description=field.description))
         for name, field in StudentSettings.model_fields.items()
         if name not in _FIXED
@@ -130,8 +130,7 @@ class StudentSpec(StudentSettings):
     def variant(self, name: str) -> StudentSettings:
         """The merged student section of one variant."""
         changes = self.variants[name].model_dump(mode="json", exclude_unset=True)
-        base = StudentSettings.model_validate(self.model_dump(mode="json", exclude={"variants"}))
-        return StudentSettings.model_validate(_merge(base.model_dump(mode="json"), changes))
+        return StudentSettings.model_validate(_merge(self.model_dump(mode="json", exclude={"variants"}), changes))
 
     @model_validator(mode="after")
     def _variants_are_valid_students(self):

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune import stats, tracking
 from proxytune.backends import diffusion, encoders, hub, students
-from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic, write_text_atomic
+from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
+                             write_png_atomic, write_text_atomic)
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -63,10 +64,10 @@ class TeacherSampler:
 
     def __init__(self, params: StageParams):
         self.params = params
-        adapter = params.out("teacher") / "adapter"
+        self.adapter = params.out("teacher") / "adapter"
         t, s = params.teacher, params.synthesis
-        files = digest_files([(p.name, sha256_file(p)) for p in sorted(adapter.iterdir()) if p.is_file()])
-        self.setting = (files, t.model, t.revision, t.resolution, s.lora_scale, s.num_inference_steps, s.guidance_scale)
+        self.setting = (digest_dir(self.adapter), t.model, t.revision, t.resolution, s.lora_scale,
+                        s.num_inference_steps, s.guidance_scale)
         self._pipe = None
         self.random_init = hub.is_random_init(diffusion.resolve(params.teacher.model))
 
@@ -75,16 +76,13 @@ class TeacherSampler:
         if self._pipe is None:
             params = self.params
             self._pipe = diffusion.load_pipeline_with_lora(
-                params.teacher.model, params.out("teacher") / "adapter", revision=params.teacher.revision,
-                scale=params.synthesis.lora_scale,
+                params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
             )
             self._pipe.to(common.device())
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        import io
-
         from proxytune.errors import ProxytuneError
 
         folder = TEACHER_SAMPLES / common.config_key(*self.setting, prompts, seeds)
@@ -97,9 +95,7 @@ class TeacherSampler:
         images = diffusion.generate(self.pipe, prompts, seeds, steps=s.num_inference_steps, guidance=s.guidance_scale,
                                     size=self.params.teacher.resolution)
         for path, image in zip(paths, images):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_bytes_atomic(path, buffer.getvalue())
+            write_png_atomic(path, image)
         return images
 
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune.backends import students
+from proxytune.backends.student_api import unwrapped
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.stages import common
@@ -411,7 +412,7 @@ def _joint_record(members: list[StageParams]) -> dict:
 
 
 def _enable_gradient_checkpointing(model) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         from proxytune.errors import ProxytuneError
 

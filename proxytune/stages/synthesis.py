@@ -11,7 +11,6 @@ teacher version), preview.png and record.json.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
+from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
 from proxytune.images import grid, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -90,9 +89,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
             size=params.teacher.resolution,
         )
         for i, image in zip(batch, images):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_bytes_atomic(scratch / f"{i:05d}.png", buffer.getvalue())
+            write_png_atomic(scratch / f"{i:05d}.png", image)
         bar.update(len(batch))
         faults.checkpoint("synthesis", "batch", count)
     bar.close()

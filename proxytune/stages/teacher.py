@@ -8,18 +8,16 @@ file. Output folder `teacher/`: pytorch_lora_weights.safetensors (diffusers LoRA
 from __future__ import annotations
 
 import argparse
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_bytes_atomic
+from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, list_images, load_references, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -120,9 +118,7 @@ class TeacherRecipe:
                 images = diffusion.generate(self.pipe, [self.class_prompt] * len(block), [pp.seed + i for i in block],
                                             steps=pp.num_inference_steps, guidance=pp.guidance_scale, size=cfg.resolution)
                 for i, image in zip(block, images):
-                    buffer = io.BytesIO()
-                    image.save(buffer, format="PNG")
-                    write_bytes_atomic(paths[i], buffer.getvalue())
+                    write_png_atomic(paths[i], image)
         return [open_rgb(path) for path in paths]
 
     @torch.no_grad()
@@ -331,10 +327,7 @@ class TeacherRecipe:
             grid_image = self.sample_grid()
         self.denoiser.train()
         path = self.checkpoint_dir / "validation" / f"step_{self.progress.step:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        grid_image.save(buffer, format="PNG")
-        write_bytes_atomic(path, buffer.getvalue())
+        write_png_atomic(path, grid_image)
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
