@@ -250,14 +250,22 @@ class ARStudentBundle:
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> (B, C, Dt) T5 features, padded/truncated to C slots, pad positions zeroed."""
+    def caption_features(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the cond `image_logits` and `loss` take: (B, C, Dt) T5 features, pads zeroed.
+
+        Tokenisation and padding included; gradients flow into the text encoder (for training it
+        jointly). `encode_prompts` is this under no_grad.
+        """
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.config.cond_len, truncation=True, return_tensors="pt"
         ).to(self.text_encoder.device)
         feats = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
         return feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, C, Dt)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """`caption_features` without gradients (the student stage caches these per prompt)."""
+        return self.caption_features(prompts)
 
     def loss(
         self, text_feats: torch.Tensor, codes: torch.Tensor, *, cfg_dropout: float, generator: torch.Generator
