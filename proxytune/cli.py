@@ -258,7 +258,7 @@ def convert_vqgan(checkpoint: str, out_dir: str, layout: str, image_size: int) -
 @click.option("--vqgan", "vqgan_checkpoint", required=True, type=click.Path(dir_okay=False),
               help="Chameleon's tokenizer checkpoint (vqgan.ckpt, or a .safetensors with its keys).")
 @click.option("--image-size", type=click.IntRange(min=16), default=512, show_default=True,
-              help="Pixels per side the checkpoint generates (a multiple of 16).")
+              help="Pixels per side the checkpoint generates (a multiple of 32: Lumina-mGPT's size tokens count 32 px steps).")
 @click.option("--tokenizer", default=None, help="Text tokenizer (hub id or folder) when MODEL has none; default MODEL.")
 @user_errors
 def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: int, tokenizer: str | None) -> None:
@@ -268,8 +268,8 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     from proxytune.backends import vqgan
     from proxytune.files import staged_dir
 
-    if image_size % 16:
-        raise ProxytuneError(f"--image-size {image_size}: must be a multiple of 16 (the VQGAN downsamples by 16)")
+    if image_size % 32:
+        raise ProxytuneError(f"--image-size {image_size}: must be a multiple of 32 (Lumina-mGPT's size tokens count 32 px steps)")
     out = Path(out_dir)
     if out.exists():
         raise ProxytuneError(f"{out}: already exists; choose a new folder")

@@ -30,15 +30,33 @@ def test_quantizer_is_cosine_as_the_original_not_transformers_euclidean():
     assert not torch.equal(ours.flatten(), euclidean.flatten())
 
 
-def test_uncond_prompt_pads_the_content_but_keeps_the_ends():
+# The original (deepseek-ai/Janus, generation_inference.py and janus/models/processing_vlm.py): the
+# prompt "<|User|>: {prompt}\n\n<|Assistant|>:" + "<begin_of_image>" is encoded by the tokenizer, which
+# puts its BOS first and nothing after <begin_of_image>; the CFG row is that list with every token but
+# the first and the last replaced by the id of "<｜▁pad▁｜>" in the tokenizer's vocabulary.
+PAD = "<\uff5c\u2581pad\u2581\uff5c>"
+
+
+def test_prompt_is_bos_then_the_chat_text_then_the_image_start_token_and_nothing_after():
     bundle = students.load_student("tiny-janus")
+    tok = bundle.tokenizer
+    cond = bundle.encode_prompts(["a S* dog"])
+    real = cond[0, 0][cond[0, 1] == 1].tolist()
+    text = janus.PROMPT_FORMAT.format(prompt="a S* dog")
+    assert real == [tok.bos_token_id] + tok.encode(text, add_special_tokens=False) + [tok.convert_tokens_to_ids("<begin_of_image>")]
+    assert tok.eos_token_id not in real
+
+
+def test_uncond_prompt_pads_the_content_with_the_vocabularys_pad_token():
+    bundle = students.load_student("tiny-janus")
+    pad = bundle.tokenizer.get_vocab()[PAD]
+    bundle.tokenizer.pad_token = bundle.tokenizer.eos_token  # the lookup is by name, as the original's
     cond = bundle.encode_prompts(["a S* dog"])
     ids, mask = cond[:, 0], cond[:, 1]
+    real = ids[0][mask[0] == 1].tolist()
     uncond = bundle._uncond(ids, mask)
-    real = mask[0].nonzero().flatten()
-    pad = bundle.tokenizer.pad_token_id
-    assert uncond[0, real[0]] == ids[0, real[0]] and uncond[0, -1] == ids[0, -1]  # first token, image start
-    assert torch.all(uncond[0, real[1:-1]] == pad) and torch.equal(uncond[0, : real[0]], ids[0, : real[0]])
+    assert uncond[0][mask[0] == 1].tolist() == [real[0]] + [pad] * (len(real) - 2) + [real[-1]]
+    assert torch.equal(uncond[0][mask[0] == 0], ids[0][mask[0] == 0])  # padding untouched (and masked)
 
 
 def test_lora_lands_on_the_language_model_only():
@@ -48,3 +66,9 @@ def test_lora_lands_on_the_language_model_only():
     assert adapted and all(".language_model.layers." in n for n in adapted)
     assert not any("vision" in n or "vqmodel" in n for n in adapted)
     assert len({n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in adapted}) == 7  # q k v o gate up down
+
+
+def test_janus_samples_without_top_k_by_default():
+    bundle = students.load_student("tiny-janus")
+    codes = bundle.generate(["a S* dog"], [0], cfg_scale=5.0, top_k=None)
+    assert codes.shape == (1, 64) and int(codes.max()) < bundle.codebook_size

@@ -43,6 +43,8 @@ BAD_SPECS = [
     (with_(teachr={"steps": 3}), "teachr: unknown key"),
     (with_(teacher__steps="many"), "teacher.steps:"),
     (with_(student__cfg_dropout=1.5), "student.cfg_dropout:"),
+    (with_(student__sampling={"cfg_scale": 0.5}), "student.sampling.cfg_scale:"),
+    (with_(student__sampling={"top_k": 0}), "student.sampling.top_k:"),
     (with_(name="../evil"), "name: must be"),
     (with_(name="a/b"), "name: must be"),
     (with_(subjects__0__name="dog/.."), "subjects[0].name: must be"),
@@ -99,6 +101,8 @@ def test_defaults_are_filled_and_typed(project):
     assert spec.synthesis.num_images == 1000  # the paper's proxy set size is the default
     assert spec.student.betas == (0.9, 0.95)
     assert spec.evaluation.images_per_prompt == 4
+    # sampler settings left out mean "the student backend's own" (resolved when the backend is known)
+    assert spec.student.sampling.model_dump() == {"cfg_scale": None, "top_k": None, "temperature": None}
 
 
 def test_schema_command_prints_json_schema():

@@ -13,6 +13,7 @@ from proxytune.backends.student_api import StudentBackend
 from conftest import add_lora
 
 BACKENDS = {"tiny-janus": "janus", "tiny-lumina-mgpt": "lumina-mgpt"}
+SIZES = {"tiny-janus": 64, "tiny-lumina-mgpt": 128}  # Lumina-mGPT's: an x16 VQ, as Chameleon's
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -21,11 +22,12 @@ def test_tiny_variant_is_a_student_backend_that_round_trips_images(name, dreambe
 
     bundle = students.load_student(name)
     assert isinstance(bundle, StudentBackend) and bundle.backend == BACKENDS[name] and bundle.random_init
-    assert bundle.seq_len == 64 and bundle.codebook_size == 256 and bundle.image_size == 64
+    size = SIZES[name]
+    assert bundle.seq_len == 64 and bundle.codebook_size == 256 and bundle.image_size == size
     image = Image.open(sorted((dreambench / "dog").iterdir())[0])
     codes = bundle.encode_images(bundle.images_to_pixels([image]))
     assert codes.shape == (1, 64) and codes.dtype == torch.long
-    assert bundle.decode_codes(codes)[0].size == (64, 64)
+    assert bundle.decode_codes(codes)[0].size == (size, size)
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -82,5 +84,24 @@ def test_the_student_stage_trains_it_with_selected_layers(project, name):
     adapted = {n.split(".lora_A")[0] for n, _ in recipe.bundle.model.named_parameters() if "lora_A" in n}
     assert adapted and all(".layers.1." in n for n in adapted)
     assert recipe.codes.shape == (3, recipe.bundle.seq_len)
+    # the spec's cfg_scale and top_k (tiny_spec sets them) win; temperature is the backend's default
+    assert recipe.sampling == {"cfg_scale": 2.0, "top_k": 50, "temperature": 1.0}
     recipe.train()
-    assert recipe.progress.losses[-1] < recipe.progress.losses[0]
+    losses = recipe.progress.losses  # one batch of 2 of 3 images per step: compare means, not single steps
+    assert sum(losses[-3:]) < sum(losses[:3])
+    # Lumina-mGPT trains with its original's objective, which has a z-loss term; Janus has none
+    assert (min(recipe.progress.series["z_loss"]) > 0) == (name == "tiny-lumina-mgpt")
+
+
+def test_each_backend_samples_with_its_authors_settings_unless_the_spec_says_otherwise():
+    """LlamaGen sample_t2i.py: CFG 7.5, top-k 1000, temperature 1; Lumina-mGPT's inference solver:
+    CFG 3, image top-k 2000, temperature 1; Janus generation_inference.py: CFG 5, temperature 1, no top-k."""
+    from proxytune.backends.student_api import sampling_settings
+    from proxytune.spec.student import SamplingSpec
+
+    assert sampling_settings("llamagen", SamplingSpec()) == {"cfg_scale": 7.5, "top_k": 1000, "temperature": 1.0}
+    assert sampling_settings("lumina-mgpt", SamplingSpec()) == {"cfg_scale": 3.0, "top_k": 2000, "temperature": 1.0}
+    assert sampling_settings("janus", SamplingSpec()) == {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0}
+    given = SamplingSpec(cfg_scale=4.0, top_k=100)
+    assert sampling_settings("janus", given) == {"cfg_scale": 4.0, "top_k": 100, "temperature": 1.0}
+    assert sampling_settings("lumina-mgpt", SamplingSpec(temperature=0.0))["temperature"] == 0.0  # 0 is a value, not "unset"

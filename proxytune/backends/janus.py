@@ -11,8 +11,12 @@ Two details the original has and transformers' VQ forward lacks or hides:
   before the nearest-code search; `JanusVQVAEVectorQuantizer.forward` searches unnormalised
   Euclidean distance (its `get_codebook_entry`, used for decoding, does normalise). `encode_images`
   normalises both.
-- the unconditional prompt keeps the first token and the image-start token and replaces everything
-  between with the pad token (attended to, as in the original CFG batch).
+- the unconditional prompt keeps the first token (BOS) and the image-start token and replaces
+  everything between with the id of "<｜▁pad▁｜>" in the tokenizer's vocabulary (attended to, as in
+  the original CFG batch; the original looks the id up by that name, not as the tokenizer's pad token).
+
+The tokenizer puts BOS first and nothing after the image-start token, as the real (Llama-family) one
+does; the tiny model's tokenizer behaves the same way.
 
 A cond tensor is (B, 2, T): left-padded prompt ids and their attention mask (pads not attended).
 LoRA goes on the language model only: the vision tower's layers share names like q_proj, so the
@@ -38,9 +42,10 @@ from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, 
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<begin_of_image>"
+PAD = "<｜▁pad▁｜>"  # the original's pad_tag (janus/models/processing_vlm.py), fullwidth bars
 PROMPT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
 GROUP_PREFIX = {"attention": "self_attn", "mlp": "mlp"}
-TINY_PROMPT_LEN = 48
+TINY_PROMPT_LEN = 80
 REAL_PROMPT_LEN = 256
 
 
@@ -53,6 +58,13 @@ class JanusStudent:
     random_init: bool
     prompt_len: int
     backend = "janus"
+
+    def __post_init__(self):
+        vocab = self.tokenizer.get_vocab()
+        missing = [name for name in (PAD, IMAGE_START) if name not in vocab]
+        if missing:
+            raise ProxytuneError(f"student model {self.path!r}: the tokenizer's vocabulary lacks {', '.join(missing)}")
+        self.pad_id = vocab[PAD]
 
     # -- sizes and LoRA ------------------------------------------------------------------------
     @property
@@ -113,7 +125,7 @@ class JanusStudent:
         positions = torch.arange(ids.shape[1], device=ids.device)
         first = (mask == 0).sum(dim=1, keepdim=True)  # left padding: index of the first real token
         inner = (positions > first) & (positions < ids.shape[1] - 1) & (mask == 1)
-        return torch.where(inner, torch.full_like(ids, self.tokenizer.pad_token_id), ids)
+        return torch.where(inner, torch.full_like(ids, self.pad_id), ids)
 
     def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
         ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
@@ -142,10 +154,12 @@ class JanusStudent:
         return self._janus.generation_head(hidden[:, T - 1 :])
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 5.0, top_k: int = 1000,
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 5.0, top_k: int | None = None,
                  temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+        """The original's defaults (generation_inference.py): CFG 5, temperature 1, no top-k (None)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        top_k = top_k or self.codebook_size
         B, L = len(prompts), self.seq_len
         cond, drop = cfg_batch(self.encode_prompts(prompts), cfg_scale)  # [cond; uncond] when guided
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -175,14 +189,19 @@ class JanusStudent:
 
 
 def _build_tiny(folder: Path) -> None:
-    """64 px images, an x8 VQ (8 x 8 = 64 codes, 256 entries), 2-layer Llama, a minimal vision tower."""
-    from transformers import CLIPTokenizer, JanusConfig, JanusForConditionalGeneration, JanusVQVAEConfig, JanusVisionConfig, LlamaConfig
+    """64 px images, an x8 VQ (8 x 8 = 64 codes, 256 entries), 2-layer Llama, a minimal vision tower.
 
-    from proxytune.backends.tokenizer import write_char_clip_tokenizer
+    The tokenizer is character-level with the real one's special names (BOS, EOS and pad of DeepSeek's
+    tokenizer, the image start/end tags) and its behaviour: BOS first, nothing appended."""
+    from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration, JanusVQVAEConfig, JanusVisionConfig, LlamaConfig
 
-    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok", model_max_length=TINY_PROMPT_LEN))
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_START, "<|User|>", "<|Assistant|>"],
-                                  "pad_token": "<|pad|>"})
+    from proxytune.backends.tokenizer import write_char_bpe_tokenizer
+
+    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+    names = [bos, eos, PAD, IMAGE_START, "<end_of_image>", "<|User|>", "<|Assistant|>"]
+    write_char_bpe_tokenizer(folder, {name: i for i, name in enumerate(names)}, special=names, bos=bos, eos=eos,
+                             pad=PAD, model_max_length=TINY_PROMPT_LEN)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     hidden = 64
     config = JanusConfig(
         text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
@@ -201,16 +220,12 @@ def _build_tiny(folder: Path) -> None:
     )
     torch.manual_seed(0)
     JanusForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    for leftover in (folder / "_tok").iterdir():
-        leftover.unlink()
-    (folder / "_tok").rmdir()
     (folder / "proxytune_student.json").write_text(json.dumps({"backend": "janus", "image_size": 64,
                                                                 "prompt_len": TINY_PROMPT_LEN}) + "\n")
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-janus-v1", _build_tiny)
+    return hub.materialize("tiny-janus-v2", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:

@@ -1,15 +1,24 @@
 """Lumina-mGPT student on transformers' ChameleonForConditionalGeneration.
 
 Lumina-mGPT is a Chameleon model fine-tuned for image generation. Its image codes are ordinary
-vocabulary ids (named IMGIMG<digits as letters>Z in `vocabulary_map`), and an image is laid out as
+vocabulary ids (named IMGIMG<digits as letters>Z in `vocabulary_map`). A text-to-image item is two
+conversation turns, as Lumina-mGPT's item processor and conversation template write them:
 
-    [prompt] <racm3:break> <size h> <size w> c(0,0) .. c(0,g-1) <row end> .. c(g-1,g-1) <row end> <eoss>
+    <s> Generate an image of {W}x{H} according to the following prompt:\n{prompt} <reserved08706>
+    <racm3:break> <size H> <size W> c(0,0) .. c(0,g-1) <row end> .. c(g-1,g-1) <row end> <eoss> <reserved08706>
 
-with a row-end token after every row of g codes. transformers' Chameleon forward sets the logits of
-every image token to the dtype minimum (a text model must not emit them), so training and sampling
-here take the language model's hidden states and apply `lm_head` restricted to the image-token rows,
-in code order: logits (B, L, K) over codes, row ends excluded (they are forced, never sampled, and
-carry no loss). The unconditional prompt (classifier-free guidance) masks the whole text prompt out.
+<reserved08706> closes a turn, <reserved08799> ends a row of g codes, and a size token is
+<reserved{8800 + pixels / 32}> (768 px: <reserved08824>; the original's sampler reads it back as
+id - 8804 grid steps of 32 px, two codes each). Sampling forces the image start, size and row-end
+tokens and samples the codes; the unconditional branch of classifier-free guidance is the image turn
+alone, from <racm3:break> on at position 0 (the original's inference solver; here the whole prompt turn
+is masked out, which gives the same positions and attention).
+
+transformers' Chameleon forward sets the logits of every image token to the dtype minimum (a text
+model must not emit them), so `image_logits` takes the language model's hidden states and applies
+`lm_head` restricted to the image-token rows, in code order: logits (B, L, K) over codes (sampling,
+prior distillation). Training uses `sequence_loss`, the original fine-tuning objective: cross-entropy
+over the whole vocabulary on every token of the image turn, plus a z-loss of weight 1e-5.
 
 transformers has no Chameleon VQ decoder: a student folder carries Chameleon's whole VQGAN as a
 diffusers `VQModel` in `vq_decoder/` (named in proxytune_student.json), converted from the original
@@ -18,9 +27,9 @@ Chameleon VQ encoder inside the checkpoint; Lumina-mGPT's released checkpoints d
 code loads the tokenizer separately), so when transformers reports those weights missing they are
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
-The size and row-end token names follow Lumina-mGPT's item processor as documented in
-`SIZE_TOKEN` / `ROW_END`; they are looked up by name in the checkpoint's vocabulary_map, so a
-checkpoint that names them otherwise gets a clear error rather than a wrong layout.
+The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
+lacks one gets a clear error rather than a wrong layout. The tiny model's vocabulary puts every one of
+them at its id in Chameleon's real vocabulary (`_tiny_vocabulary`).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -43,9 +53,18 @@ from proxytune.errors import ProxytuneError
 IMAGE_START = "<racm3:break>"
 IMAGE_END = "<eoss>"
 ROW_END = "<reserved08799>"
-SIZE_TOKEN = "<reserved{:05d}>"  # grid size n -> <reserved{8820 + n}>
-SIZE_BASE = 8820
-TINY_PROMPT_LEN = 48
+END_OF_TURN = "<reserved08706>"  # the conversation template's separator: closes the prompt and the image turn
+PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
+SIZE_BASE = 8800  # <reserved{8800 + n}>: n steps of SIZE_UNIT pixels
+SIZE_UNIT = 32  # the item processor's patch size: two codes of Chameleon's x16 VQ
+Z_LOSS_WEIGHT = 1e-5  # the original fine-tuning's --z_loss_weight (exps/7B.sh)
+TINY_SIZE = 128
+TINY_PROMPT_LEN = 160  # characters: the template alone is about 70
+
+
+def size_token(pixels: int) -> str:
+    """Lumina-mGPT's token for an image height or width: <reserved{8800 + pixels / 32}>."""
+    return f"<reserved{SIZE_BASE + pixels // SIZE_UNIT:05d}>"
 
 
 def image_token_name(code: int) -> str:
@@ -64,17 +83,21 @@ class LuminaStudent:
     random_init: bool
     prompt_len: int
     backend = "lumina-mgpt"
+    z_loss_weight = Z_LOSS_WEIGHT
 
     def __post_init__(self):
         vocab = self._chameleon.config.vocabulary_map
-        missing = [name for name in (IMAGE_START, IMAGE_END, ROW_END, SIZE_TOKEN.format(SIZE_BASE + self.grid))
-                   if name not in vocab]
+        size = size_token(self.image_size)
+        missing = [name for name in (IMAGE_START, IMAGE_END, ROW_END, END_OF_TURN, size) if name not in vocab]
         if missing:
             raise ProxytuneError(f"student model {self.path!r}: vocabulary_map lacks {', '.join(missing)}")
+        if self.tokenizer.bos_token_id is None:
+            raise ProxytuneError(f"student model {self.path!r}: the text tokenizer has no BOS token")
         self.image_bpe = torch.tensor([vocab[image_token_name(c)] for c in range(self.codebook_size)])  # code -> id
-        size = vocab[SIZE_TOKEN.format(SIZE_BASE + self.grid)]
-        self.image_prefix = torch.tensor([vocab[IMAGE_START], size, size])
+        self.image_prefix = torch.tensor([vocab[IMAGE_START], vocab[size], vocab[size]])  # height, then width
+        self.image_suffix = torch.tensor([vocab[IMAGE_END], vocab[END_OF_TURN]])
         self.row_end = vocab[ROW_END]
+        self.end_of_turn = vocab[END_OF_TURN]
 
     # -- sizes and LoRA ------------------------------------------------------------------------
     @property
@@ -121,15 +144,29 @@ class LuminaStudent:
     # -- sequences -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 2, T): left-padded prompt ids and their attention mask."""
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.prompt_len, truncation=True,
-                                return_tensors="pt", padding_side="left", truncation_side="left")
-        return torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)
+        """(B, 2, T): the left-padded prompt turn of each prompt, and its attention mask.
+
+        The turn is the original's: <s>, the tokens of the template around the prompt, <reserved08706>.
+        A turn longer than prompt_len loses the end of its text; <s> and the end of turn stay."""
+        T = self.prompt_len
+        ids = torch.full((len(prompts), T), self.tokenizer.pad_token_id or 0, dtype=torch.long)  # masked: any id
+        mask = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            text = PROMPT_TEMPLATE.format(width=self.image_size, height=self.image_size, prompt=prompt)
+            turn = [self.tokenizer.bos_token_id, *self.tokenizer.encode(text, add_special_tokens=False)[: T - 2],
+                    self.end_of_turn]
+            ids[i, T - len(turn) :] = torch.tensor(turn)
+            mask[i, T - len(turn) :] = 1
+        return torch.stack([ids, mask], dim=1)
+
+    def _prompt(self, cond: torch.Tensor, drop_cond: torch.Tensor):
+        """Prompt-turn ids and mask; a dropped prompt is masked out entirely (the unconditional branch)."""
+        ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
+        return ids, torch.where(drop_cond.to(self._device)[:, None], torch.zeros_like(mask), mask)
 
     def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
-        """Prompt + image start + size tokens; a dropped prompt is masked out entirely (uncond)."""
-        ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
-        mask = torch.where(drop_cond.to(self._device)[:, None], torch.zeros_like(mask), mask)
+        """Prompt turn + image start + size tokens: the context of the first code."""
+        ids, mask = self._prompt(cond, drop_cond)
         B = ids.shape[0]
         ids = torch.cat([ids, self.image_prefix.to(self._device).expand(B, -1)], dim=1)
         return ids, torch.cat([mask, torch.ones(B, 3, dtype=mask.dtype, device=self._device)], dim=1)
@@ -158,15 +195,49 @@ class LuminaStudent:
         ids = torch.cat([prefix, body[:, :-1]], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(body[:, :-1])], dim=1)
         hidden = self._run(ids, full_mask)
-        g, start = self.grid, prefix.shape[1] - 1  # the state at position start + j predicts body[j]
-        at_codes = torch.tensor([j for j in range(g * (g + 1)) if j % (g + 1) != g], device=self._device)
-        return self._code_logits(hidden[:, start + at_codes])
+        start = prefix.shape[1] - 1  # the state at position start + j predicts body[j]
+        return self._code_logits(hidden[:, start + self._code_positions()])
+
+    def _code_positions(self) -> torch.Tensor:
+        """(L,) indices of the codes within the body (the rest are row ends)."""
+        g = self.grid
+        return torch.tensor([j for j in range(g * (g + 1)) if j % (g + 1) != g], device=self._device)
+
+    def sequence_loss(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor,
+                      code_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Lumina-mGPT's fine-tuning objective on the image turn; {"ce", "z_loss"} (scalars).
+
+        As the original's fine-tuning (--unmask_image_logits, --z_loss_weight): every token of the
+        image turn is a label (<racm3:break>, both size tokens, every code and row end, <eoss>, the
+        closing <reserved08706>), its cross-entropy is over the whole vocabulary, and the z-loss is
+        the mean of logsumexp(logits)^2 over the same positions. `code_weights` (L,) scale the codes'
+        terms (position weighting; all ones give the original's plain mean). A dropped row has no
+        prompt to predict <racm3:break> from (the image turn starts its unconditional context), so
+        its labels start at the height token.
+        """
+        B, device = codes.shape[0], self._device
+        ids, mask = self._prompt(cond, drop_cond)
+        labels = torch.cat([self.image_prefix.to(device).expand(B, -1), self._body(codes.to(device)),
+                            self.image_suffix.to(device).expand(B, -1)], dim=1)  # (B, A)
+        inputs = torch.cat([ids, labels[:, :-1]], dim=1)
+        full_mask = torch.cat([mask, torch.ones_like(labels[:, :-1])], dim=1)
+        hidden = self._run(inputs, full_mask)[:, ids.shape[1] - 1 :]  # (B, A, H): state t predicts labels[:, t]
+        logits = self._lm_head(hidden).float()  # (B, A, V), unmasked: this is a full-vocabulary objective
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        z = torch.logsumexp(logits, dim=-1).pow(2)
+        weights = torch.ones_like(ce)
+        weights[:, 3 + self._code_positions()] = code_weights.to(device, ce.dtype)
+        labelled = torch.ones_like(labels, dtype=torch.bool)
+        labelled[:, 0] = ~drop_cond.to(device)
+        return {"ce": (ce * weights)[labelled].sum() / labelled.sum(), "z_loss": z[labelled].mean()}
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 3.0, top_k: int = 2000,
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 3.0, top_k: int | None = 2000,
                  temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+        """The original inference solver's defaults: CFG 3, image top-k 2000 (None: no top-k), temperature 1."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        top_k = top_k or self.codebook_size
         B, g = len(prompts), self.grid
         cond, drop = cfg_batch(self.encode_prompts(prompts), cfg_scale)  # [cond; uncond] when guided
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -201,51 +272,68 @@ class LuminaStudent:
 # tiny built-in and loading
 
 
+def _tiny_vocabulary(codes: int) -> dict[str, int]:
+    """Names and ids laid out as in Chameleon's real vocabulary, up to the last reserved size token.
+
+    <s> 0, <pad> 1, </s> 2, <unk> 3; image tokens from 4 (the real 8192 fill 4..8195; the tiny's
+    `codes` take the first ids and placeholders the rest); <eoss> 8196, <racm3:break> 8197; then
+    <reservedNNNNN> at id NNNNN + 4 (the end of turn <reserved08706> at 8710, the row end at 8803, size
+    tokens from 8804), with <reserved08707> renamed <image> as transformers' conversion does.
+    """
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({image_token_name(c): 4 + c for c in range(codes)})
+    vocab.update({f"<tiny-unused-{i}>": i for i in range(4 + codes, 8196)})
+    vocab.update({IMAGE_END: 8196, IMAGE_START: 8197})
+    for i in range(8198, 9004):  # through <reserved08999>: size tokens up to 6,368 px
+        name = f"<reserved{i - 4:05d}>"
+        vocab["<image>" if name == "<reserved08707>" else name] = i
+    return vocab
+
+
 def _build_tiny(folder: Path) -> None:
-    """64 px images, an x8 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder.
+    """128 px images, an x16 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder.
 
-    The VQ decoder folder is made the way a real one is: a taming-layout VQGAN (Chameleon's encoder
-    and codebook from the checkpoint, a random decoder) converted by `vqgan.convert_state_dict`."""
+    The vocabulary is Chameleon's layout (`_tiny_vocabulary`) plus byte characters for text, so every
+    special token has its real id. The VQ decoder folder is made the way a real one is: a taming-layout
+    VQGAN (Chameleon's encoder and codebook from the checkpoint, a random decoder) converted by
+    `vqgan.convert_state_dict`."""
     from diffusers import VQModel
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig, CLIPTokenizer
+    from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
 
-    from proxytune.backends.tokenizer import write_char_clip_tokenizer
+    from proxytune.backends.tokenizer import write_char_bpe_tokenizer
 
-    grid, codes = 8, 256
-    tokenizer = CLIPTokenizer.from_pretrained(write_char_clip_tokenizer(folder / "_tok", model_max_length=TINY_PROMPT_LEN))
-    specials = [IMAGE_START, IMAGE_END, ROW_END, SIZE_TOKEN.format(SIZE_BASE + grid), "<image>", "<pad>"]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[:-1], "pad_token": "<pad>"})
+    codes = 256
+    entries = _tiny_vocabulary(codes)
+    special = [name for name in entries if name.startswith("<") and not name.startswith("<tiny-unused")]
+    write_char_bpe_tokenizer(folder, entries, special=special, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
+                             model_max_length=TINY_PROMPT_LEN)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = dict(tokenizer.get_vocab())
-    for c in range(codes):  # image tokens are vocabulary entries after the text ones
-        vocab[image_token_name(c)] = len(vocab)
     config = ChameleonConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=2,
         vocabulary_map=vocab, initializer_range=0.125,  # room for a LoRA to move the logits (see tiny-llamagen)
-        vq_config=ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=64,
-                                       base_channels=32, channel_multiplier=[1, 1, 2, 2], num_res_blocks=1,
+        vq_config=ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=TINY_SIZE,
+                                       base_channels=32, channel_multiplier=[1, 1, 2, 2, 2], num_res_blocks=1,
                                        attn_resolutions=[]),
     )
     torch.manual_seed(0)
     model = ChameleonForConditionalGeneration(config)
     model.save_pretrained(folder, safe_serialization=True)
-    decoder_only = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                           up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 32, 64, 64),
+    decoder_only = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 5,
+                           up_block_types=("UpDecoderBlock2D",) * 5, block_out_channels=(32, 32, 64, 64, 64),
                            layers_per_block=1, latent_channels=32, vq_embed_dim=8, num_vq_embeddings=codes)
     taming = {k: v for k, v in vqgan.to_original_state_dict(decoder_only, "taming").items() if k.startswith("decoder.")}
     taming.update(model.model.vqmodel.state_dict())  # transformers keeps taming's names for the rest
-    decoder = vqgan.build_vqmodel(*vqgan.convert_state_dict(taming, "taming", image_size=64, label="tiny Chameleon VQGAN"))
+    decoder = vqgan.build_vqmodel(*vqgan.convert_state_dict(taming, "taming", image_size=TINY_SIZE,
+                                                            label="tiny Chameleon VQGAN"))
     decoder.save_pretrained(folder / "vq_decoder")
-    tokenizer.save_pretrained(folder)
-    for leftover in (folder / "_tok").iterdir():
-        leftover.unlink()
-    (folder / "_tok").rmdir()
-    meta = {"backend": "lumina-mgpt", "image_size": 64, "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}
+    meta = {"backend": "lumina-mgpt", "image_size": TINY_SIZE, "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}
     (folder / "proxytune_student.json").write_text(json.dumps(meta) + "\n")
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-lumina-mgpt-v2", _build_tiny)
+    return hub.materialize("tiny-lumina-mgpt-v3", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
@@ -272,7 +360,11 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT checkpoint ({err})") from None
     _fill_vq_encoder(model, decoder, info["missing_keys"], ref)
     image_size = int(meta.get("image_size", model.config.vq_config.resolution))
-    grid = image_size // 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+    factor = 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
+    if factor != 16 or image_size % SIZE_UNIT:
+        raise ProxytuneError(f"student model {ref!r}: Lumina-mGPT writes image sizes in steps of {SIZE_UNIT} px of "
+                             f"an x16 VQ; this one has image_size {image_size} and an x{factor} VQ")
+    grid = image_size // factor
     for part in (model, decoder):
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,

@@ -11,8 +11,9 @@ Conventions shared by every backend:
 - `image_logits(cond, codes, drop_cond)` is one teacher-forced pass: logits[:, t] predicts codes[:, t]
   from the condition and codes[:, :t]; rows where drop_cond is True see the unconditional prompt
   (classifier-free guidance dropout in training, the uncond half in sampling);
-- `generate` samples with CFG, top-k, temperature and a KV cache; image i depends only on
-  prompts[i] and seeds[i].
+- `generate` samples with CFG, top-k (None: none), temperature and a KV cache; image i depends only
+  on prompts[i] and seeds[i]. What a spec leaves unset comes from the backend's authors
+  (`SAMPLING_DEFAULTS`, resolved by `sampling_settings`).
 """
 
 from __future__ import annotations
@@ -61,13 +62,39 @@ class StudentBackend(Protocol):
         seeds: list[int],
         *,
         cfg_scale: float = 7.5,
-        top_k: int = 1000,
+        top_k: int | None = 1000,
         temperature: float = 1.0,
         use_cache: bool = True,
     ) -> torch.Tensor: ...
 
 
 # -- pieces every backend shares ------------------------------------------------------------------
+# Each backend's sampler settings as its authors ship them; a spec field left unset (null) means these.
+SAMPLING_DEFAULTS = {
+    # LlamaGen autoregressive/sample/sample_t2i.py: --cfg-scale 7.5, --top-k 1000, --temperature 1.0
+    "llamagen": {"cfg_scale": 7.5, "top_k": 1000, "temperature": 1.0},
+    # Lumina-mGPT inference_solver.create_logits_processor(cfg=3.0, image_top_k=2000), temperature 1.0
+    # (its README example passes cfg=4.0; the solver's and the demo's defaults are 3.0)
+    "lumina-mgpt": {"cfg_scale": 3.0, "top_k": 2000, "temperature": 1.0},
+    # Janus generation_inference.py: cfg_weight 5, temperature 1, softmax over every code (no top-k)
+    "janus": {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0},
+}
+
+
+def sampling_settings(backend: str, spec: Any) -> dict[str, Any]:
+    """The sampler settings a student uses: each field the spec gives, else its backend's default.
+
+    Args:
+        backend: the student's backend name ("llamagen", "lumina-mgpt", "janus").
+        spec: a SamplingSpec (fields cfg_scale, top_k, temperature; None = not given).
+    Returns:
+        {"cfg_scale", "top_k", "temperature"}: the keyword arguments of `generate`, and what the stage
+        records. top_k None means no top-k filtering.
+    """
+    given = spec.model_dump()
+    return {key: given[key] if given[key] is not None else default for key, default in SAMPLING_DEFAULTS[backend].items()}
+
+
 # Decoder projections by module group, for selective LoRA ("attention", "mlp").
 LORA_GROUPS = {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 

@@ -1,7 +1,9 @@
-"""A character-level CLIP BPE vocabulary, built locally so tiny models need no download.
+"""Character-level tokenizers built locally, so tiny models need no download.
 
-It is written in the same two files (vocab.json, merges.txt) a hub CLIP tokenizer ships, so the
-tiny path loads it with the same `from_pretrained` call a real checkpoint takes.
+`write_char_clip_tokenizer`: a CLIP BPE vocabulary in the same two files (vocab.json, merges.txt) a
+hub CLIP tokenizer ships. `write_char_bpe_tokenizer`: a byte-level tokenizer.json whose special tokens
+sit at chosen ids (the real model's), adding BOS only, as Llama-family tokenizers do. Either loads
+with the same `from_pretrained` call a real checkpoint takes.
 """
 
 from __future__ import annotations
@@ -57,3 +59,41 @@ def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) ->
 
 def char_vocab_size() -> int:
     return EOS_ID + 1
+
+
+def write_char_bpe_tokenizer(
+    directory: Path,
+    entries: dict[str, int],
+    *,
+    special: list[str],
+    bos: str,
+    eos: str,
+    pad: str,
+    unk: str | None = None,
+    model_max_length: int = 128,
+) -> Path:
+    """Write a byte-level character tokenizer (tokenizer.json, no merges) with fixed ids for `entries`.
+
+    For tiny models whose real tokenizer puts special tokens at known ids (Chameleon's <racm3:break>
+    at 8197, ...): `entries` gives those names and ids (together they must fill 0..N-1), `special` the
+    ones that text never splits; the 256 byte characters take ids N..N+255. Encoding adds BOS and no
+    EOS, as the Llama-family tokenizers of Chameleon and Janus do.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if sorted(entries.values()) != list(range(len(entries))):
+        raise ValueError("tokenizer entries must have the ids 0..N-1, each once")
+    vocab = dict(entries)
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in special])
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                             special_tokens=[(bos, vocab[bos])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   unk_token=unk, model_max_length=model_max_length)
+    fast.save_pretrained(directory)
+    return directory

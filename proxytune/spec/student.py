@@ -34,9 +34,22 @@ class StudentLoraSpec(Strict):
 
 
 class SamplingSpec(Strict):
-    cfg_scale: float = Field(default=7.5, ge=1.0, description="Classifier-free guidance scale.")
-    top_k: PositiveInt = Field(default=1000, description="Top-k sampling (LlamaGen default 1000).")
-    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 = greedy.")
+    """Sampler settings; a field left unset (null) takes the student backend's own default, the one its
+    authors ship (proxytune.backends.student_api.SAMPLING_DEFAULTS). The values used are recorded."""
+
+    cfg_scale: Annotated[float, Field(ge=1.0)] | None = Field(
+        default=None,
+        description="Classifier-free guidance scale. null = the backend's default: LlamaGen 7.5, Lumina-mGPT 3.0, Janus-Pro 5.0.",
+    )
+    top_k: PositiveInt | None = Field(
+        default=None,
+        description="Sample among the k most likely codes (a k >= the codebook size keeps all). null = the backend's "
+        "default: LlamaGen 1000, Lumina-mGPT 2000, Janus-Pro none.",
+    )
+    temperature: Annotated[float, Field(ge=0)] | None = Field(
+        default=None,
+        description="Sampling temperature; 0 = greedy. null = the backend's default (1.0 for all three).",
+    )
 
 
 class RegularisersSpec(Strict):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune import stats, tracking
 from proxytune.backends import diffusion, encoders, hub, students
+from proxytune.backends.student_api import sampling_settings
 from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
                              write_png_atomic, write_text_atomic)
 from proxytune.images import grid, list_images, open_rgb
@@ -115,10 +116,10 @@ class StudentSampler:
 
             self.bundle.model.load_state_dict(load_file(weights))
         self.random_init = self.bundle.random_init
+        self.sampling = sampling_settings(self.bundle.backend, params.student.sampling)  # the spec's, else the backend's
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        s = self.params.student.sampling
-        codes = self.bundle.generate(prompts, seeds, cfg_scale=s.cfg_scale, top_k=s.top_k, temperature=s.temperature)
+        codes = self.bundle.generate(prompts, seeds, **self.sampling)
         return self.bundle.decode_codes(codes)
 
 
@@ -210,10 +211,11 @@ def run(params_path: str | Path) -> None:
     references = [open_rgb(p) for p in reference_files]
 
     generated, variance_images = {}, {}
-    random_models = []
+    random_models, student_sampling = [], None
     for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
         sampler = make(params)
         random_models.append(sampler.random_init)
+        student_sampling = getattr(sampler, "sampling", student_sampling)
         generated[name] = sample_dreambench(sampler, params, prompts, name)
         if cfg.variance_samples:
             variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
@@ -275,7 +277,7 @@ def run(params_path: str | Path) -> None:
         for p in range(min(cfg.grid_prompts, len(prompts))):
             rows += [references[:4], generated["teacher"][p], generated["student"][p]]
         grid(rows, cell=128).save(tmp / "grid.png")
-        run.log_params({"evaluation": cfg.model_dump(mode="json"), "encoders": described})
+        run.log_params({"evaluation": cfg.model_dump(mode="json"), "encoders": described, "student_sampling": student_sampling})
         run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
         if variance:
             run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
@@ -284,7 +286,7 @@ def run(params_path: str | Path) -> None:
             tracking.record_gate(run.uri, gate["student_version"], gate["passed"], gate["rule"])
         run.log_artifacts(tmp, "eval")
         common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": means,
-                                  "gate": gate["passed"] if gate else None})
+                                  "gate": gate["passed"] if gate else None, "student_sampling": student_sampling})
         flat = {**means, "random_init": random_init}
         if gate:
             flat["gate_passed"] = gate["passed"]

@@ -28,13 +28,13 @@ from tqdm.auto import tqdm
 
 from proxytune import faults
 from proxytune.backends import students
-from proxytune.backends.student_api import unwrapped
+from proxytune.backends.student_api import sampling_settings, unwrapped
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
-SERIES = ("loss", "ce", "distill", "grad_norm")
+SERIES = ("loss", "ce", "distill", "z_loss", "grad_norm")
 FULL_WEIGHTS = "full/model.safetensors"
 
 
@@ -95,6 +95,7 @@ class StudentRecipe:
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
         self.bundle = students.load_student(cfg.model, device=str(self.device))
+        self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)  # the spec's, else the backend's
         # a multi-subject student learns every member subject's proxy set; otherwise the one subject's
         self.members = [load_params(Path(m) / "params.yaml") for m in self.params.members or []]
         self.proxy = None
@@ -191,11 +192,9 @@ class StudentRecipe:
         if cache.exists():
             tensors = load_file(cache)
         else:
-            reg, s = self.cfg.regularisers, self.cfg.sampling
-            seeds = [self.params.seed + 50_000 + i for i in range(reg.prior_samples)]
+            seeds = [self.params.seed + 50_000 + i for i in range(self.cfg.regularisers.prior_samples)]
             tensors = {
-                "codes": self.bundle.generate([self.prior_prompt] * len(seeds), seeds, cfg_scale=s.cfg_scale,
-                                              top_k=s.top_k, temperature=s.temperature).cpu().contiguous(),
+                "codes": self.bundle.generate([self.prior_prompt] * len(seeds), seeds, **self.sampling).cpu().contiguous(),
                 "cond": self.bundle.encode_prompts([self.prior_prompt]).cpu().contiguous(),
             }
             if self.rank == 0:
@@ -223,7 +222,7 @@ class StudentRecipe:
             set_peft_model_state_dict(self.bundle.model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generators"][self.rank])
-        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
+        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
         tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
@@ -260,25 +259,34 @@ class StudentRecipe:
         codes = self.codes[index].to(self.device)  # (B, L)
         cond = self.conds[self.prompt_index[index]].to(self.device)
         drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
-        # 2. next-token cross-entropy on image tokens only, each position weighted (uniform by default)
-        with self._autocast():
-            logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, V)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
-        ce = (ce * self.weights).mean()
+        # 2. next-token cross-entropy, each code position weighted (uniform by default): a backend with its
+        #    original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
+        #    it; otherwise the codes only, over the codebook
+        z_loss = torch.zeros((), device=self.device)
+        if hasattr(self.bundle, "sequence_loss"):
+            with self._autocast():
+                terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
+            ce, z_loss = terms["ce"], terms["z_loss"]
+        else:
+            with self._autocast():
+                logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
+            ce = (ce * self.weights).mean()
         # 3. optional prior distillation against the adapter-disabled base
         distill = torch.zeros((), device=self.device)
         if cfg.regularisers.prior_distillation > 0:
             distill = self._distillation(cfg.batch_size)
-        loss = ce + cfg.regularisers.prior_distillation * distill
+        loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + cfg.regularisers.prior_distillation * distill
         # 4. update (gradients averaged over processes when data parallel)
         loss.backward()
         if self.world > 1:
             common.average_gradients(self.trainable)
-            ce, distill, loss = (common.mean_over_processes(x.detach()) for x in (ce, distill, loss))
+            ce, distill, z_loss, loss = (common.mean_over_processes(x.detach()) for x in (ce, distill, z_loss, loss))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "grad_norm": grad_norm.item()}
+        return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "z_loss": z_loss.item(),
+                "grad_norm": grad_norm.item()}
 
     def train(self) -> None:
         cfg = self.cfg
@@ -312,14 +320,11 @@ class StudentRecipe:
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
-        sampling = self.cfg.sampling
         prompts = [f"a {m.subject.token} {m.subject.class_noun}" for m in self.members] or [self.instance_prompt]
         codes = self.bundle.generate(
             [prompts[i % len(prompts)] for i in range(count)],
             [self.params.evaluation.seed + i for i in range(count)],
-            cfg_scale=sampling.cfg_scale,
-            top_k=sampling.top_k,
-            temperature=sampling.temperature,
+            **self.sampling,
         )
         seen = self.bundle.decode_codes(self.codes[:count])  # what it trained on, through the tokenizer
         return grid([seen, self.bundle.decode_codes(codes)], cell=min(self.bundle.image_size * 2, 256))
@@ -357,9 +362,10 @@ class StudentRecipe:
                 "synthesis_run_id": self.proxy["run_id"],
             })
         with common.stage_run(self.params, "student", tags) as run, staged_dir(out_dir) as tmp:
-            run.log_params({"student": cfg.model_dump(mode="json"), "seed": self.params.seed})
+            run.log_params({"student": cfg.model_dump(mode="json"), "seed": self.params.seed, "sampling": self.sampling})
+            logged = {"distill": cfg.regularisers.prior_distillation > 0, "z_loss": hasattr(self.bundle, "sequence_loss")}
             for key in SERIES:
-                if key != "distill" or cfg.regularisers.prior_distillation > 0:
+                if logged.get(key, True):
                     run.log_series(key, self.progress.series[key])
             for member in (self.members or [self.params]) if self.proxy is not None else []:
                 run.log_dataset(member.out("proxy"), name=f"{member.experiment}.{member.subject.name}.proxy",
@@ -392,6 +398,7 @@ class StudentRecipe:
                     "proxy_digest": self.proxy["digest"] if self.proxy is not None else None,
                     "teacher_version": self.proxy["teacher_version"] if self.proxy is not None else None,
                     "final_loss": self.progress.losses[-1],
+                    "sampling": self.sampling,
                 },
             )
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
