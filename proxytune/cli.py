@@ -211,28 +211,32 @@ def convert() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--vq", "vq", required=True, type=click.Path(),
               help="The VQ tokenizer: the original vq_ds16_t2i.pt (converted here) or a diffusers VQModel folder.")
-@click.option("--text-encoder", default="google/flan-t5-xl", show_default=True, help="T5 caption encoder: hub id or folder.")
-@click.option("--image-size", type=click.IntRange(min=16), default=256, show_default=True,
-              help="Pixels per side (a multiple of 16): 256 for t2i_XL_stage1_256.pt, 512 for t2i_XL_stage2_512.pt.")
-@click.option("--preset", type=click.Choice(["xl", "tiny"]), default="xl", show_default=True, hidden=True)
+@click.option("--text-encoder", default="google/flan-t5-xl", show_default=True,
+              help="T5 caption encoder: hub id or folder (a folder is recorded as an absolute path).")
+@click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Pixels per side (a multiple of the VQ's downsampling): 256 for t2i_XL_stage1_256.pt, 512 for "
+                   "t2i_XL_stage2_512.pt.")
+@click.option("--cond-len", type=click.IntRange(min=1), default=120, show_default=True,
+              help="Caption slots the checkpoint was trained with (LlamaGen's --cls-token-num).")
+@click.option("--heads", type=click.IntRange(min=1), default=None,
+              help="Attention heads; default: the original GPT preset of the checkpoint's width (XL: 20).")
 @user_errors
-def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: str, image_size: int, preset: str) -> None:
-    """A LlamaGen T2I GPT checkpoint (original keys) -> a student folder for `student.model`."""
+def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: str, image_size: int, cond_len: int,
+                     heads: int | None) -> None:
+    """A LlamaGen T2I GPT checkpoint (original keys) -> a student folder for `student.model`.
+
+    The architecture (width, depth, vocabulary, caption width, FFN width) is read from the checkpoint."""
     import tempfile
 
     from proxytune.backends import llamagen, vqgan
 
-    size = image_size
-    if size % 16:
-        raise ProxytuneError(f"--image-size {size}: must be a multiple of 16 (the VQ downsamples by 16)")
-    config = llamagen.llamagen_t2i_tiny() if preset == "tiny" else llamagen.llamagen_t2i_xl(grid_size=size // 16)
     with tempfile.TemporaryDirectory(dir=Path(out_dir).resolve().parent) as scratch:
         vq_folder = Path(vq)
         if vq_folder.is_file():  # the original tokenizer checkpoint: convert it first
-            vq_folder = vqgan.convert_file(vq, Path(scratch) / "vqvae", layout="llamagen", image_size=size)
-        folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, config=config,
-                                                    image_size=size, text_encoder=text_encoder)
-    click.echo(f"wrote {folder} (backend llamagen, {size} px); use it as student.model")
+            vq_folder = vqgan.convert_file(vq, Path(scratch) / "vqvae", layout="llamagen", image_size=image_size)
+        folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, image_size=image_size,
+                                                    cond_len=cond_len, num_heads=heads, text_encoder=text_encoder)
+    click.echo(f"wrote {folder} (backend llamagen, {image_size} px); use it as student.model")
 
 
 @convert.command(name="vqgan")

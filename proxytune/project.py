@@ -40,8 +40,51 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
             except ProxytuneError as err:
                 raise SpecError(f"{path}: subjects[{index}].images: {err}") from None
         references[subject.name] = compiler.relative_to_root(folder, root)
+    check_identifiers(spec, path, root)
     shown = compiler.relative_to_root(path, root)
     return compiler.ResolvedSpec(spec=spec, spec_path=shown, spec_digest=sha256_file(path), references=references)
+
+
+def _llamagen_student(ref: str, root: Path) -> bool:
+    """Whether a student model is known, without loading it, to be a llamagen student (the built-in
+    tiny, or a local folder whose proxytune_student.json says so); a hub id is checked when it loads."""
+    import json
+
+    if ref == "tiny-llamagen":
+        return True
+    meta = (root / Path(ref).expanduser()) / "proxytune_student.json"
+    try:
+        return json.loads(meta.read_text()).get("backend", "llamagen") == "llamagen"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_identifiers(spec, path: Path, root: Path) -> None:
+    """A llamagen student sees prompts through LlamaGen's caption cleaning: an identifier the cleaning
+    removes is refused, one it changes ("S*" -> "s") is warned about, on stderr.
+
+    Raises:
+        SpecError: `subjects[i].token` does not survive, or two subjects' tokens clean to the same word.
+    """
+    import sys
+
+    from proxytune.backends.captions import clean_caption, identifier_problem
+
+    if not _llamagen_student(spec.student.model, root):
+        return
+    seen: dict[str, int] = {}
+    for index, subject in enumerate(spec.subjects):
+        key = f"{path}: subjects[{index}].token"
+        problem = identifier_problem(subject.token, subject.class_noun)
+        if problem and problem[0] == "error":
+            raise SpecError(f"{key}: {problem[1]}")
+        if problem:
+            print(f"warning: {key}: {problem[1]}", file=sys.stderr)
+        cleaned = clean_caption(subject.token)
+        if spec.student.multi_subject and cleaned in seen:
+            raise SpecError(f"{key}: {subject.token!r} and subjects[{seen[cleaned]}].token "
+                            f"{spec.subjects[seen[cleaned]].token!r} both reach the llamagen student as {cleaned!r}")
+        seen[cleaned] = index
 
 
 def check_unique(resolved: list[compiler.ResolvedSpec]) -> None:

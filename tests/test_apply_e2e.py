@@ -55,7 +55,7 @@ def test_apply_runs_every_stage_and_writes_outputs(applied):
     assert len(manifest["images"]) == 6 and len({e["seed"] for e in manifest["images"]}) == 6
     for entry in manifest["images"]:
         assert sha256_file(out / "proxy" / entry["file"]) == entry["sha256"]
-        assert entry["prompt"] == "a S* dog"
+        assert entry["prompt"] == "a sks dog"
     entries = [(f"{e['file']}\t{e['prompt']}\t{e['seed']}", e["sha256"]) for e in manifest["images"]]
     assert manifest["digest"] == digest_files(entries)
     metrics = json.loads((out / "metrics.json").read_text())

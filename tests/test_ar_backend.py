@@ -111,16 +111,40 @@ def test_images_to_codes_and_back(bundle):
     assert again.shape == (2, 256) and again.dtype == torch.long
 
 
-def test_prompt_features_zero_the_padding(bundle):
+def test_prompt_features_are_left_padded_with_zero_pads(bundle):
+    """As the original LlamaGen: tokens in the last slots, in order; the slots before them zero."""
     prompts = ["a dog", "a much longer prompt about a dog, far past the thirty-two slots"]
     feats = bundle.encode_prompts(prompts)
     assert feats.shape == (2, 32, 32)
     # the pad token is EOS too, so only the mask tells padding from text
-    mask = bundle.tokenizer(prompts, padding="max_length", max_length=32, truncation=True).attention_mask
+    mask = bundle.tokenizer(prompts, padding="max_length", max_length=32, truncation=True, padding_side="left").attention_mask
     mask = torch.tensor(mask, dtype=torch.bool)
-    assert 0 < mask[0].sum() < 32 and mask[1].all()
+    assert 0 < mask[0].sum() < 32 and mask[1].all() and not mask[0, 0] and mask[0, -1]
     nonzero = feats.abs().sum(-1) > 0  # (2, 32)
     assert torch.equal(nonzero, mask)
+    # the short prompt's features are its right-padded encoding's, moved to the end
+    right = bundle.tokenizer(prompts[:1], padding="max_length", max_length=32, return_tensors="pt")
+    n = int(right.attention_mask.sum())
+    with torch.no_grad():
+        plain = bundle.text_encoder(**right).last_hidden_state[0, :n]
+    torch.testing.assert_close(feats[0, -n:], plain)
+
+
+def test_caption_features_carry_gradients_into_the_text_encoder(bundle):
+    """The API for training the text encoder jointly: encode_prompts is caption_features under no_grad."""
+    encoder = bundle.text_encoder
+    encoder.requires_grad_(True)
+    try:
+        cond = bundle.caption_features(["a sks dog", "a cat"])
+        codes = torch.randint(0, bundle.codebook_size, (2, bundle.seq_len), generator=torch.Generator().manual_seed(0))
+        loss = bundle.loss(cond, codes, cfg_dropout=0.5, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+        assert not bundle.encode_prompts(["a sks dog"]).requires_grad
+        torch.testing.assert_close(bundle.encode_prompts(["a sks dog", "a cat"]), cond.detach(), atol=1e-5, rtol=1e-5)
+    finally:
+        encoder.requires_grad_(False)
+        encoder.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_params_file_has_every_default_filled():
     _, params = compiler.compile_specs([resolved("exp")])
     p = params["runs/exp/dog/params.yaml"]
     assert p["teacher"]["lora"]["rank"] == 8 and p["synthesis"]["num_images"] == 1000
-    assert p["subject"] == {"name": "dog", "class": "dog", "token": "S*"}
+    assert p["subject"] == {"name": "dog", "class": "dog", "token": "sks"}
     assert p["source"]["references"] == "refs/dog"
 
 

@@ -1,7 +1,10 @@
 """The LlamaGen port proved against the original math: a random checkpoint in the ORIGINAL key
-layout, converted onto transformers Llama with 2D RoPE, gives the logits that LlamaGen's own
-formulation (fused wqkv, interleaved complex RoPE, zeroed caption slots) computes here with
-plain torch ops; wrong permutations and the 1D RoPE are caught; checkpoint files round-trip."""
+layout and shapes (120-row null caption), converted onto transformers Llama with 2D RoPE, gives the
+logits that LlamaGen's own formulation computes here with plain torch ops: fused wqkv, interleaved
+complex RoPE, zeroed caption slots, captions LEFT-padded into the slots with the pad slots hidden
+from every position but themselves, in the conditional and in the CFG-null branch. Wrong
+permutations, the 1D RoPE and a missing pad mask are caught; checkpoint files round-trip; the
+converter reads the architecture from the checkpoint."""
 
 import argparse
 import math
@@ -16,6 +19,7 @@ from proxytune.backends import ar, llamagen
 from proxytune.errors import ProxytuneError
 
 TOL = 1e-4
+SHORT, LONG = 11, 40  # caption tokens of the two test prompts (the original's slots: 120)
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +28,35 @@ def config():
 
 
 def original_checkpoint(config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors of the right shapes under LlamaGen's key names; norms near 1 but not 1."""
+    """Random tensors under LlamaGen's key names and shapes (the null caption always has 120 rows);
+    norms near 1 but not 1."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in llamagen.original_shapes(config).items():
         if len(shape) == 1:  # RMSNorm weights
             state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
-        elif key == "cls_embedding.uncond_embedding":
-            state[key] = torch.randn(shape, generator=gen) / math.sqrt(shape[1])
-        else:  # (out, in) projections and embeddings
+        else:  # (out, in) projections, embeddings and the null caption
             state[key] = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+    assert state["cls_embedding.uncond_embedding"].shape == (120, config.text_dim)
     return state
 
 
-def inputs(config, batch: int = 2, seed: int = 1):
-    """Caption features with trailing pads zeroed, codes, and a CFG drop on the second row."""
+def left_padded(features: list[torch.Tensor], slots: int) -> torch.Tensor:
+    """What the original's dataset and sampler hand the GPT: each caption's (n, Dt) T5 features in
+    the LAST n of `slots` rows, zeros before them."""
+    out = torch.zeros(len(features), slots, features[0].shape[-1])
+    for row, f in enumerate(features):
+        out[row, slots - len(f) :] = f
+    return out
+
+
+def inputs(config, seed: int = 1):
+    """Caption features of an 11-token and a 40-token caption (left-padded), their token counts, codes."""
     gen = torch.Generator().manual_seed(seed)
-    text = torch.randn(batch, config.cond_len, config.text_dim, generator=gen)
-    text[0, config.cond_len // 2 :] = 0  # a short caption: pad features are zero
-    codes = torch.randint(0, config.codebook_size, (batch, config.seq_len), generator=gen)
-    drop = torch.tensor([False, True][:batch])
-    return text, codes, drop
+    lengths = [SHORT, LONG]
+    text = left_padded([torch.randn(n, config.text_dim, generator=gen) for n in lengths], config.cond_len)
+    codes = torch.randint(0, config.codebook_size, (2, config.seq_len), generator=gen)
+    return text, torch.tensor(lengths), codes
 
 
 # -----------------------------------------------------------------------------
@@ -74,18 +86,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def original_logits(sd, config, text, codes, drop) -> torch.Tensor:
-    """LlamaGen T2I GPT teacher-forced logits (B, L, V) from its own state dict."""
+def original_attention_mask(lengths: torch.Tensor, cond_len: int, total: int) -> torch.Tensor:
+    """(B, T, T) bool, as the original's dataset builds it for training and its sampler for the KV
+    cache: causal; the caption columns of the pad slots (the first C - n) switched off for every
+    query; then the diagonal switched back on (a pad slot sees itself)."""
+    emb_mask = torch.arange(cond_len)[None, :] >= (cond_len - lengths)[:, None]  # (B, C): True on tokens
+    mask = torch.ones(total, total, dtype=torch.bool).tril().repeat(len(lengths), 1, 1)
+    mask[:, :, :cond_len] &= emb_mask[:, None, :]
+    return mask | torch.eye(total, dtype=torch.bool)
+
+
+def original_logits(sd, config, text, lengths, codes, drop) -> torch.Tensor:
+    """LlamaGen T2I GPT teacher-forced logits (B, L, V) from its own state dict, in eval mode.
+
+    Args:
+        text: (B, C, Dt) left-padded caption features; lengths: (B,) their token counts.
+        drop: (B,) bool: the CFG-null branch (its caption is the null embedding, its mask the caption's).
+    """
     H, n = config.hidden_size, config.num_attention_heads
     d, C, eps = H // n, config.cond_len, config.rms_norm_eps
-    # caption: fixed uncond embedding where dropped, then fc1 -> tanh-GELU -> fc2 (no biases)
-    cap = torch.where(drop[:, None, None], sd["cls_embedding.uncond_embedding"], text)
+    # caption: the first C rows of the 120-row null caption where dropped, then fc1 -> tanh-GELU -> fc2
+    null = sd["cls_embedding.uncond_embedding"][:C]
+    cap = torch.where(drop[:, None, None], null, text)
     cap = F.gelu(cap @ sd["cls_embedding.cap_proj.fc1.weight"].T, approximate="tanh")
     cap = cap @ sd["cls_embedding.cap_proj.fc2.weight"].T
     x = torch.cat([cap, sd["tok_embeddings.weight"][codes[:, :-1]]], dim=1)  # (B, T, H)
     B, T, _ = x.shape
     freqs_cis = original_freqs_cis(config.grid_size, d, config.rope_theta, C)[:T]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    allowed = original_attention_mask(lengths, C, T)[:, None]  # (B, 1, T, T)
     for i in range(config.num_hidden_layers):
         p = f"layers.{i}."
         h = rms_norm(x, sd[p + "attention_norm.weight"], eps)
@@ -94,7 +122,7 @@ def original_logits(sd, config, text, codes, drop) -> torch.Tensor:
         k = rotate_interleaved(k.view(B, T, n, d), freqs_cis).transpose(1, 2)
         v = v.view(B, T, n, d).transpose(1, 2)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, n, T, T)
-        attn = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1) @ v
+        attn = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1) @ v
         x = x + attn.transpose(1, 2).reshape(B, T, H) @ sd[p + "attention.wo.weight"].T
         h = rms_norm(x, sd[p + "ffn_norm.weight"], eps)
         ffn = F.silu(h @ sd[p + "feed_forward.w1.weight"].T) * (h @ sd[p + "feed_forward.w3.weight"].T)
@@ -103,8 +131,24 @@ def original_logits(sd, config, text, codes, drop) -> torch.Tensor:
     return (x @ sd["output.weight"].T)[:, C - 1 :]  # caption slots before the last predict nothing
 
 
+def original_greedy_cfg(sd, config, text, lengths, cfg_scale: float) -> torch.Tensor:
+    """The original sampler's choices at temperature -> 0: [cond; null] batch, null masked like its
+    caption, logits = uncond + s (cond - uncond), argmax; recomputed from scratch every step."""
+    B, L = len(text), config.seq_len
+    codes = torch.zeros(B, L, dtype=torch.long)
+    both = torch.cat([text, text]), torch.cat([lengths, lengths])
+    drop = torch.tensor([False] * B + [True] * B)
+    for t in range(L):
+        logits = original_logits(sd, config, *both, torch.cat([codes, codes]), drop)[:, t]
+        cond, uncond = logits.chunk(2)
+        codes[:, t] = (uncond + cfg_scale * (cond - uncond)).argmax(-1)
+    return codes
+
+
 # -----------------------------------------------------------------------------
 # helpers
+
+BRANCHES = {"conditional": torch.tensor([False, False]), "cfg-null": torch.tensor([True, True])}
 
 
 def student_from(state, config, cls=llamagen.LlamaGenStudent):
@@ -120,12 +164,12 @@ def logits_of(model, text, codes, drop) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def case(config):
-    """The original checkpoint, its conversion, the inputs and the original logits."""
+    """The original checkpoint, its conversion, the inputs and the original logits of both CFG branches."""
     original = original_checkpoint(config)
-    text, codes, drop = inputs(config)
+    text, lengths, codes = inputs(config)
     with torch.no_grad():
-        expected = original_logits(original, config, text, codes, drop)
-    return original, llamagen.convert_state_dict(original, config), (text, codes, drop), expected
+        expected = {b: original_logits(original, config, text, lengths, codes, drop) for b, drop in BRANCHES.items()}
+    return original, llamagen.convert_state_dict(original, config), (text, lengths, codes), expected
 
 
 def per_half_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -140,22 +184,40 @@ def per_half_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 # tests
 
 
-def test_converted_model_reproduces_the_original_logits(config, case):
-    original, converted, (text, codes, drop), expected = case
-    assert expected.shape == (2, config.seq_len, config.codebook_size)
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_short_captions_give_the_original_logits(config, case, branch):
+    """An 11-token and a 40-token caption in the original's 120 slots, conditional and CFG-null."""
+    original, converted, (text, lengths, codes), expected = case
+    assert expected[branch].shape == (2, config.seq_len, config.codebook_size)
     model = student_from(converted, config)
     assert isinstance(model, ar.ARStudent)
-    got = logits_of(model, text, codes, drop)
-    err = (got - expected).abs().max().item()
+    got = logits_of(model, text, codes, BRANCHES[branch])
+    err = (got - expected[branch]).abs().max().item()
     assert err < TOL, err
-    assert expected.std() > 0.5  # logits of a non-degenerate model, not a trivially small number
-    # the caption really matters: the dropped row differs from the same row with its caption
-    assert not torch.allclose(got[1], logits_of(model, text, codes, torch.tensor([False, False]))[1], atol=1e-2)
+    assert expected[branch].std() > 0.5  # logits of a non-degenerate model, not a trivially small number
+    # the pad mask matters: the original without it (every slot visible) is far from what it computes
+    unmasked = original_logits(original, config, text, torch.full_like(lengths, config.cond_len), codes,
+                               BRANCHES[branch])
+    assert (unmasked - expected[branch]).abs().max() > 0.1
+
+
+def test_the_null_branch_is_masked_like_its_caption(config, case):
+    """The CFG-null rows differ by caption length only through the mask (their features are the same)."""
+    _, converted, (text, lengths, codes), expected = case
+    model = student_from(converted, config)
+    same_codes = codes[:1].expand(2, -1)
+    null = logits_of(model, text, same_codes, BRANCHES["cfg-null"])
+    assert not torch.allclose(null[0], null[1], atol=1e-2)  # 11 vs 40 visible null slots, same codes
+    # only which slots are padding is read from the caption: other non-zero features change nothing
+    other = torch.where(text != 0, torch.ones_like(text), text)
+    assert torch.equal(logits_of(model, other, same_codes, BRANCHES["cfg-null"]), null)
+    # and the caption really matters: the conditional branch differs from the null one
+    assert not torch.allclose(expected["conditional"], expected["cfg-null"], atol=1e-2)
 
 
 @pytest.mark.parametrize("wrong", ["no permutation", "per-half permutation", "1D RoPE"])
 def test_wrong_ports_are_caught(config, case, wrong):
-    original, converted, (text, codes, drop), expected = case
+    original, converted, (text, lengths, codes), expected = case
     state, cls = dict(converted), llamagen.LlamaGenStudent
     H, heads = config.hidden_size, config.num_attention_heads
     for i in range(config.num_hidden_layers):
@@ -168,7 +230,8 @@ def test_wrong_ports_are_caught(config, case, wrong):
             state[dst + "k_proj.weight"] = per_half_permutation(k, heads)
     if wrong == "1D RoPE":  # the right weights on the plain student's 1D rotary embedding
         cls = ar.ARStudent
-    err = (logits_of(student_from(state, config, cls), text, codes, drop) - expected).abs().max().item()
+    got = logits_of(student_from(state, config, cls), text, codes, BRANCHES["conditional"])
+    err = (got - expected["conditional"]).abs().max().item()
     assert err > 1000 * TOL, (wrong, err)
 
 
@@ -187,9 +250,11 @@ def test_caption_slots_get_exactly_zero_q_and_k(config):
     torch.testing.assert_close(q_rot[:, :, C], q[:, :, C])
 
 
-def test_kv_cache_equals_full_pass(config, case):
-    _, converted, (text, codes, drop), _ = case
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_kv_cache_equals_full_pass(config, case, branch):
+    _, converted, (text, _, codes), _ = case
     model = student_from(converted, config)
+    drop = BRANCHES[branch]
     full = logits_of(model, text, codes, drop)
     cache = DynamicCache()
     with torch.no_grad():
@@ -200,8 +265,35 @@ def test_kv_cache_equals_full_pass(config, case):
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_eager_attention_gives_the_same_logits(config, case):
+    """The pad mask is built for SDPA (bool) and for eager attention (additive) alike."""
+    _, converted, (text, _, codes), expected = case
+    model = student_from(converted, config)
+    model.set_attn_implementation("eager")
+    got = logits_of(model, text, codes, BRANCHES["cfg-null"])
+    assert (got - expected["cfg-null"]).abs().max().item() < TOL
+
+
+def test_original_shaped_checkpoint_with_fewer_caption_slots(config):
+    """The original allocates 120 null-caption rows whatever cls_token_num is and reads the first
+    cls_token_num: a checkpoint trained with 8 slots converts (shapes read from it) and matches."""
+    original = original_checkpoint(config, seed=3)
+    short = llamagen.config_from_state_dict(original, grid_size=config.grid_size, cond_len=8, num_heads=4)
+    assert (short.hidden_size, short.codebook_size, short.text_dim) == (64, 64, 32)
+    assert (short.num_hidden_layers, short.intermediate_size, short.cond_len) == (2, config.intermediate_size, 8)
+    model = student_from(llamagen.convert_state_dict(original, short), short)
+    assert model.uncond_embedding.shape == (8, 32)
+    gen = torch.Generator().manual_seed(4)
+    text = torch.randn(2, 8, 32, generator=gen)  # captions filling all 8 slots
+    codes = torch.randint(0, 64, (2, short.seq_len), generator=gen)
+    for drop in BRANCHES.values():
+        expected = original_logits(original, short, text, torch.tensor([8, 8]), codes, drop)
+        assert (logits_of(model, text, codes, drop) - expected).abs().max().item() < TOL
+
+
 def test_checkpoint_files_round_trip(config, case, tmp_path):
-    original, converted, (text, codes, drop), expected = case
+    original, converted, (text, _, codes), expected = case
+    drop = BRANCHES["conditional"]
     reference = logits_of(student_from(converted, config), text, codes, drop)
     training_ckpt = {"model": original, "steps": 7, "args": argparse.Namespace(gpt_model="GPT-XL", lr=1e-4)}
     torch.save(training_ckpt, tmp_path / "wrapped.pt")
@@ -213,6 +305,9 @@ def test_checkpoint_files_round_trip(config, case, tmp_path):
         model = llamagen.load_original_checkpoint(tmp_path / name, config)
         assert not model.training
         assert torch.equal(logits_of(model, text, codes, drop), reference), name
+    # without a config, the architecture comes from the checkpoint (heads given: 64 is no original width)
+    inferred = llamagen.load_original_checkpoint(tmp_path / "bare.pt", grid_size=config.grid_size, num_heads=4)
+    assert torch.equal(logits_of(inferred, text, codes, drop), reference)
     # a saved port reloads as itself, 2D RoPE included
     model.save_pretrained(tmp_path / "port")
     again = llamagen.LlamaGenStudent.from_pretrained(tmp_path / "port").eval()
@@ -232,6 +327,15 @@ def test_bad_checkpoints_are_clear_errors(config, case, tmp_path):
     wide = {**original, "output.weight": torch.zeros(config.codebook_size + 1, config.hidden_size)}
     with pytest.raises(ProxytuneError, match=r"output\.weight has shape \(65, 64\)"):
         llamagen.convert_state_dict(wide, config)
+    few = {**original, "cls_embedding.uncond_embedding": torch.zeros(100, config.text_dim)}
+    with pytest.raises(ProxytuneError, match=r"uncond_embedding has shape \(100, 32\), config expects \(>= 120, 32\)"):
+        llamagen.convert_state_dict(few, config)
+    with pytest.raises(ProxytuneError, match="100 rows, fewer than the 120 caption slots"):
+        llamagen.config_from_state_dict(few, grid_size=4, num_heads=4)
+    with pytest.raises(ProxytuneError, match="width 64 is none of the original GPT presets"):
+        llamagen.config_from_state_dict(original, grid_size=4)
+    with pytest.raises(ProxytuneError, match=r"missing key tok_embeddings\.weight"):
+        llamagen.config_from_state_dict({"norm.weight": torch.ones(3)}, grid_size=4)
     torch.save({"model": original, "hook": ProxytuneError("pickled code")}, tmp_path / "unsafe.pt")
     with pytest.raises(ProxytuneError, match="weights only"):
         llamagen.load_original_checkpoint(tmp_path / "unsafe.pt", config)
@@ -240,7 +344,8 @@ def test_bad_checkpoints_are_clear_errors(config, case, tmp_path):
 
 
 def test_xl_preset_maps_every_key_at_full_size():
-    """Shapes only: the real-size conversion on the meta device (no memory, no random init)."""
+    """Shapes only: the real-size conversion on the meta device (no memory, no random init); the
+    architecture read from the XL's shapes is the XL preset."""
     config = llamagen.llamagen_t2i_xl()
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1280, 36, 20)
     assert (config.intermediate_size, config.cond_len, config.text_dim, config.seq_len) == (3584, 120, 2048, 256)
@@ -248,6 +353,7 @@ def test_xl_preset_maps_every_key_at_full_size():
     assert len(shapes) == 6 + 7 * 36
     assert 770e6 < sum(math.prod(s) for s in shapes.values()) < 780e6  # "775M" GPT-XL
     original = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    assert llamagen.config_from_state_dict(original, grid_size=16).to_dict() == config.to_dict()
     with torch.device("meta"):
         model = llamagen.LlamaGenStudent(config)
     model.load_state_dict(llamagen.convert_state_dict(original, config), strict=True, assign=True)
@@ -255,42 +361,110 @@ def test_xl_preset_maps_every_key_at_full_size():
     assert cos.shape == sin.shape == (120 + 256, 64)
 
 
-def test_original_checkpoint_becomes_a_student_folder_that_trains_and_samples(config, case, tmp_path):
-    """`convert_to_student_folder` (and `proxytune convert llamagen`): transformer/ converted, the VQ
-    converted from its original checkpoint, T5 named in proxytune_student.json; the folder loads
-    through the student dispatcher."""
-    from test_vqgan import original_state
+def test_dropout_is_the_originals(config, case):
+    """Token, attention-output and FFN-output dropout, in train mode only; none on attention weights."""
+    _, converted, (text, _, codes), expected = case
+    model = student_from(converted, config)
+    drop = BRANCHES["conditional"]
+    model.set_dropout(0.1)
+    assert model.config.dropout == 0.1 and model.backbone.config.attention_dropout == 0.0
+    assert (logits_of(model, text, codes, drop) - expected["conditional"]).abs().max() < TOL  # eval: none
+    calls = []
+    real = F.dropout
+
+    def counting(x, p=0.5, training=True, inplace=False):
+        calls.append((tuple(x.shape), p, training))
+        return real(x, p, training, inplace)
+
+    model.train()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "dropout", counting)
+        with torch.no_grad():
+            trained = model(text, codes, drop_cond=drop)
+    T, H = config.cond_len + config.seq_len - 1, config.hidden_size
+    # the embeddings [caption; codes], then each layer's attention output and FFN output
+    assert calls == [((2, T, H), 0.1, True)] * (1 + 2 * config.num_hidden_layers)
+    assert not torch.allclose(trained, expected["conditional"], atol=1e-3)
+    model.set_dropout(0.0)
+    assert torch.equal(logits_of(model, text, codes, drop), logits_of(model.eval(), text, codes, drop))
+
+
+def tiny_text_encoder(folder, config):
+    """A 1-layer T5 encoder of the caption width and the char-level tokenizer, as a text encoder folder."""
     from transformers import T5Config, T5EncoderModel
 
-    from proxytune.backends import students
     from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
 
-    original, _, (text, codes, drop), expected = case
-    torch.save({"model": original}, tmp_path / "t2i.pt")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        T5EncoderModel(T5Config(vocab_size=char_vocab_size(), d_model=config.text_dim, d_kv=8, d_ff=32, num_layers=1,
+                                num_heads=2, pad_token_id=EOS_ID, eos_token_id=EOS_ID)).save_pretrained(folder)
+    write_char_clip_tokenizer(folder, model_max_length=config.cond_len)
+    return folder
+
+
+def test_original_checkpoint_becomes_a_student_folder_that_prompts_as_the_original(config, case, tmp_path,
+                                                                                  monkeypatch):
+    """`proxytune convert llamagen` on an original-shaped checkpoint: architecture read from it, the VQ
+    converted from its original file, T5 named by an absolute path even when given relative. The
+    folder loads from another directory, and a prompt goes in as the original's: cleaned, an
+    11-token caption left-padded and masked, same logits in both CFG branches, same greedy CFG codes."""
+    from test_vqgan import original_state
+
+    from proxytune.backends import students
+    from proxytune.backends.captions import clean_caption
+
+    original = case[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"model": original}, work / "t2i.pt")
     vq = original_state("llamagen", ch_mult=(1, 1, 2), enc_attn=(False, False, True), dec_attn=(True, False, False),
                         embed=8, codes=config.codebook_size)  # x4: a 4 x 4 grid at 16 px
-    torch.save({"model": vq}, tmp_path / "vq_ds16_t2i.pt")
-    T5EncoderModel(T5Config(vocab_size=char_vocab_size(), d_model=config.text_dim, d_kv=8, d_ff=32, num_layers=1,
-                            num_heads=2, pad_token_id=EOS_ID, eos_token_id=EOS_ID)).save_pretrained(tmp_path / "t5")
-    write_char_clip_tokenizer(tmp_path / "t5", model_max_length=config.cond_len)
+    torch.save({"model": vq}, work / "vq_ds16_t2i.pt")
+    tiny_text_encoder(work / "t5", config)
 
     from click.testing import CliRunner
 
     from proxytune.cli import main
 
-    result = CliRunner().invoke(main, ["convert", "llamagen", str(tmp_path / "t2i.pt"), str(tmp_path / "student"),
-                                       "--vq", str(tmp_path / "vq_ds16_t2i.pt"), "--text-encoder", str(tmp_path / "t5"),
-                                       "--image-size", "16", "--preset", "tiny"])
+    monkeypatch.chdir(work)
+    args = ["convert", "llamagen", "t2i.pt", "student", "--vq", "vq_ds16_t2i.pt", "--text-encoder", "t5",
+            "--image-size", "16"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "width 64 is none of the original GPT presets" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = CliRunner().invoke(main, [*args, "--heads", "4"])
     assert result.exit_code == 0, result.output
-    bundle = students.load_student(str(tmp_path / "student"))
+    assert not any(p.name.startswith(".") for p in work.iterdir())  # no scratch left behind
+    monkeypatch.chdir(tmp_path)  # the folder names its T5 by an absolute path: it loads from anywhere
+    bundle = students.load_student(str(work / "student"))
     assert bundle.backend == "llamagen" and type(bundle.model) is llamagen.LlamaGenStudent
-    assert bundle.seq_len == 16 and bundle.image_size == 16
+    assert bundle.seq_len == 16 and bundle.image_size == 16 and bundle.config.cond_len == 120
     assert bundle.vq.config.up_block_types[0] == "AttnUpDecoderBlock2D"  # LlamaGen's attending levels kept
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no scratch left behind
+
+    prompt = "A S* Puppies"  # cleaned "a s puppies": 9 character tokens + start + end = 11 tokens
+    assert clean_caption(prompt) == "a s puppies"
+    cond = bundle.encode_prompts([prompt])
+    # independently: the T5 features of the cleaned caption alone, in the last 11 of 120 slots
+    ids = bundle.tokenizer(["a s puppies"], return_tensors="pt").input_ids
+    assert ids.shape == (1, SHORT)
     with torch.no_grad():
-        torch.testing.assert_close(bundle.model(text, codes, drop_cond=drop), expected, atol=TOL, rtol=TOL)
-        sampled = bundle.generate(["a S* dog"], [0], cfg_scale=2.0, top_k=8)
-    assert sampled.shape == (1, 16) and bundle.decode_codes(sampled)[0].size == (16, 16)
-    again = CliRunner().invoke(main, ["convert", "llamagen", str(tmp_path / "t2i.pt"), str(tmp_path / "student"),
-                                      "--vq", str(tmp_path / "vq_ds16_t2i.pt")])
-    assert again.exit_code == 2 and "already exists" in again.output + again.stderr
+        alone = bundle.text_encoder(input_ids=ids).last_hidden_state[0]
+    torch.testing.assert_close(cond, left_padded([alone], 120), atol=1e-5, rtol=1e-5)
+    codes = torch.randint(0, config.codebook_size, (1, 16), generator=torch.Generator().manual_seed(5))
+    lengths = torch.tensor([SHORT])
+    for drop in (torch.tensor([False]), torch.tensor([True])):
+        with torch.no_grad():
+            expected = original_logits(original, config, cond, lengths, codes, drop)
+            got = bundle.image_logits(cond, codes, drop)
+        assert (got - expected).abs().max().item() < TOL
+    sampled = bundle.generate([prompt], [0], cfg_scale=4.0, temperature=0)
+    with torch.no_grad():
+        assert torch.equal(sampled, original_greedy_cfg(original, config, cond, lengths, 4.0))
+    assert bundle.decode_codes(sampled)[0].size == (16, 16)
+    again = CliRunner().invoke(main, ["convert", "llamagen", str(work / "t2i.pt"), str(work / "student"),
+                                      "--vq", str(work / "vq_ds16_t2i.pt"), "--heads", "4"])
+    assert again.exit_code == 2 and "already exists" in again.output
+    missing = CliRunner().invoke(main, ["convert", "llamagen", str(work / "t2i.pt"), str(tmp_path / "other"),
+                                        "--vq", str(work / "vq_ds16_t2i.pt"), "--heads", "4", "--text-encoder", "./nope"])
+    assert missing.exit_code == 2 and "'./nope': not a folder" in missing.output

@@ -1,9 +1,22 @@
 """LlamaGen-style autoregressive student: a Llama decoder over the VQ codes of an image tokenizer.
 
 A sequence is [caption slots (C); image codes (L)]. The caption slots are the text encoder's
-features (pads zeroed) through a small MLP; the codes are a VQ tokenizer's grid in raster order.
-The model predicts every code from the caption and the codes before it, so training is one
-teacher-forced pass and sampling is L steps with a KV cache.
+features through a small MLP; the codes are a VQ tokenizer's grid in raster order. The model
+predicts every code from the caption and the codes before it, so training is one teacher-forced
+pass and sampling is L steps with a KV cache.
+
+Captions follow the original LlamaGen (its dataset/t2i.py, train_t2i.py, sample_t2i.py and
+generate.py): the prompt is cleaned as LlamaGen's T5 captions were (`captions.clean_caption`),
+encoded right-padded, then its n token features are moved to the END of the C slots ("left
+padding") and the C - n pad slots are zeroed. No position attends to a pad slot except the pad
+slot itself (which keeps every softmax row finite; nothing reads a pad slot's output). The
+classifier-free-guidance null caption (the uncond embedding, in training dropout and in the
+sampler's uncond half) is masked with the same prompt's pad slots, as in the original.
+
+The condition stays ONE tensor, (B, C, Dt), as the StudentBackend contract asks: the mask is
+derived from it, a slot being padding exactly when its feature row is all zeros (a real T5 output
+row is never exactly zero). So `cond[index]` is a valid batch, and a cond made elsewhere (another
+text encoder, trained jointly) only has to zero its pad rows.
 
 A student folder (tiny, local or on the hub) holds transformer/ (ARStudent), vqvae/ (diffusers
 VQModel), text_encoder/ (T5 encoder), tokenizer/ and proxytune_student.json ({"image_size": S}).
@@ -25,6 +38,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
 from proxytune.backends import hub
+from proxytune.backends.captions import clean_caption
 from proxytune.backends.student_api import LORA_GROUPS
 from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
@@ -35,6 +49,7 @@ except ImportError:  # transformers 4 only initialises missing weights anyway
     from torch.nn import init
 
 STUDENT_META = "proxytune_student.json"
+ORIGINAL_DROPOUT = 0.1  # LlamaGen's train_t2i.py: --dropout-p (residual, FFN) and --token-dropout-p
 # Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
 LORA_TARGET_MODULES = [name for group in LORA_GROUPS.values() for name in group]
 
@@ -59,6 +74,12 @@ class ARStudentConfig(PretrainedConfig):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    # While training: dropout on the input embeddings (caption slots and codes), on each attention
+    # block's output and on each FFN's output, as LlamaGen's token_dropout_p, resid_dropout_p and
+    # ffn_dropout_p (its training default is 0.1 for all three; the student spec's `dropout` sets it).
+    dropout: float = 0.0
+    # Clean prompts as LlamaGen's T5 captions were before encoding them (captions.clean_caption).
+    clean_captions: bool = True
 
     @property
     def seq_len(self) -> int:
@@ -111,7 +132,27 @@ class ARStudent(PreTrainedModel):
         self.register_buffer("uncond_embedding", torch.empty(config.cond_len, config.text_dim))
         self.backbone = LlamaModel(backbone_config(config))
         self.lm_head = nn.Linear(config.hidden_size, config.codebook_size, bias=False)
+        # LlamaGen's dropouts (config.dropout). Hooks on the attention and MLP blocks rather than
+        # wrapped projections: parameter names (and so LoRA targets and checkpoints) stay Llama's,
+        # and a LoRA on o_proj / down_proj is dropped out together with its base projection.
+        self.token_dropout = nn.Dropout(config.dropout)
+        for layer in self.backbone.layers:
+            layer.self_attn.register_forward_hook(self._block_output_dropout)
+            layer.mlp.register_forward_hook(self._block_output_dropout)
         self.post_init()
+
+    def set_dropout(self, p: float) -> None:
+        """Token, attention-output and FFN-output dropout probability (active in train mode only)."""
+        self.config.dropout = float(p)
+        self.token_dropout.p = float(p)
+
+    def _block_output_dropout(self, module: nn.Module, args, output):
+        p = self.token_dropout.p
+        if not self.training or p == 0:
+            return None  # output unchanged
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (F.dropout(output[0], p, training=True), *output[1:])
+        return F.dropout(output, p, training=True)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -124,6 +165,33 @@ class ARStudent(PreTrainedModel):
         if drop_cond is not None:
             cond = torch.where(drop_cond.to(cond.device)[:, None, None], self.uncond_embedding, cond)
         return self.cap_proj(cond)
+
+    def attention_mask(self, text_feats: torch.Tensor, start: int, end: int) -> torch.Tensor | None:
+        """Which inputs the inputs start..end-1 attend to, or None when no caption slot is padding.
+
+        A key is visible when it is not later than the query and is either an image position, a
+        caption slot holding a token (a non-zero feature row) or the query itself (LlamaGen's
+        diagonal: a pad slot sees itself only, so no softmax row is empty). The padding comes from
+        the caption features even for rows whose caption is dropped: the null caption is masked
+        like the prompt it stands in for.
+
+        Returns:
+            (B, 1, end - start, end): bool (True = attend) for SDPA, additive float for eager attention.
+        """
+        C = self.config.cond_len
+        token = (text_feats != 0).any(dim=-1)  # (B, C)
+        if bool(token.all()):  # one host sync per call; full captions keep SDPA's causal fast path
+            return None
+        B, device = token.shape[0], token.device
+        visible = torch.cat([token, token.new_ones(B, max(end - C, 0))], dim=1)[:, :end]  # (B, end)
+        q = torch.arange(start, end, device=device)[:, None]
+        k = torch.arange(end, device=device)[None, :]
+        allowed = (k <= q) & (visible[:, None, :] | (k == q))  # (B, end - start, end)
+        allowed = allowed[:, None]
+        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = self.uncond_embedding.dtype
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return allowed
 
     def forward(
         self,
@@ -141,7 +209,8 @@ class ARStudent(PreTrainedModel):
         sampler passes the same arguments with or without a cache and reads the last position.
 
         Args:
-            text_feats: (B, C, Dt) caption features (only read while the cache holds fewer than C).
+            text_feats: (B, C, Dt) caption features, pad slots all-zero rows (see the module docstring);
+                needed on every call, since the pad mask is read from them.
             codes: (B, T) code indices, T <= L.
             drop_cond: (B,) bool, True where the caption is replaced by the uncond embedding.
             past_key_values: a transformers DynamicCache holding the inputs before these.
@@ -156,8 +225,9 @@ class ARStudent(PreTrainedModel):
         if seen < C:
             parts.append(self.embed_caption(text_feats, drop_cond)[:, seen:])  # (B, C - seen, H)
         parts.append(self.backbone.embed_tokens(codes[:, max(seen - C, 0) : -1]))  # unseen codes, (B, *, H)
-        x = torch.cat(parts, dim=1)
-        out = self.backbone(inputs_embeds=x, past_key_values=past_key_values, use_cache=use_cache)
+        x = self.token_dropout(torch.cat(parts, dim=1))  # (B, T_new, H)
+        mask = self.attention_mask(text_feats, seen, seen + x.shape[1])
+        out = self.backbone(inputs_embeds=x, attention_mask=mask, past_key_values=past_key_values, use_cache=use_cache)
         h = out.last_hidden_state[:, max(C - 1 - seen, 0) :]  # caption slots before the last predict nothing
         return self.lm_head(h)  # (B, T', V)
 
@@ -167,16 +237,17 @@ class ARStudent(PreTrainedModel):
 
 
 def sample_next(
-    logits: torch.Tensor, generators: list[torch.Generator], *, top_k: int, temperature: float
+    logits: torch.Tensor, generators: list[torch.Generator], *, top_k: int | None, temperature: float
 ) -> torch.Tensor:
     """(B, V) logits -> (B,) codes; row i draws one number from generators[i] only.
 
-    temperature 0 means argmax. Draws happen on the CPU so a seed gives the same choice anywhere.
+    temperature 0 means argmax; top_k None keeps every code. Draws happen on the CPU so a seed gives
+    the same choice anywhere.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k < logits.shape[-1]:
+    if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1).cpu()  # (B, V)
@@ -251,16 +322,25 @@ class ARStudentBundle:
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
     def caption_features(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> the cond `image_logits` and `loss` take: (B, C, Dt) T5 features, pads zeroed.
+        """Prompts -> the cond `image_logits` and `loss` take: (B, C, Dt) T5 features, left-padded.
 
-        Tokenisation and padding included; gradients flow into the text encoder (for training it
-        jointly). `encode_prompts` is this under no_grad.
+        As the original: each prompt is cleaned (when config.clean_captions), tokenized to at most C
+        tokens and encoded right-padded with its attention mask; its n token features then fill the
+        last n slots in order and the C - n slots before them are zero (the pad mask is read from
+        those zero rows). Gradients flow into the text encoder (for training it jointly);
+        `encode_prompts` is this under no_grad.
         """
+        if self.config.clean_captions:
+            prompts = [clean_caption(p) for p in prompts]
         tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.config.cond_len, truncation=True, return_tensors="pt"
+            prompts, padding="max_length", max_length=self.config.cond_len, truncation=True,
+            padding_side="right", return_tensors="pt",
         ).to(self.text_encoder.device)
         feats = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        return feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, C, Dt)
+        feats = feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, C, Dt), pads zero
+        # stable sort of the mask: pad slots (0) first, then the tokens in their own order
+        order = torch.sort(tokens.attention_mask, dim=1, stable=True).indices  # (B, C)
+        return feats.gather(1, order[:, :, None].expand_as(feats))
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -289,7 +369,7 @@ class ARStudentBundle:
         seeds: list[int],
         *,
         cfg_scale: float = 7.5,
-        top_k: int = 1000,
+        top_k: int | None = 1000,
         temperature: float = 1.0,
         use_cache: bool = True,
     ) -> torch.Tensor:
@@ -299,7 +379,7 @@ class ARStudentBundle:
             prompts: one caption per image.
             seeds: one seed per image; its own generator makes every draw for that image.
             cfg_scale: logits = uncond + cfg_scale * (cond - uncond); at 1.0 the uncond half is skipped.
-            top_k: sample among the k most likely codes.
+            top_k: sample among the k most likely codes (None: all).
             temperature: softmax temperature; 0 is greedy (argmax).
             use_cache: decode incrementally with a KV cache (else recompute the whole prefix each step).
         """

@@ -26,10 +26,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROXYTUNE_HOME", Path.home() / ".cache" / "proxytune")).expanduser()
 
 
-def materialize(key: str, build: Callable[[Path], None]) -> Path:
+def materialize(key: str, build: Callable[[Path], None], *, random_init: bool = True) -> Path:
     """Build a tiny model folder once (into a temp dir, then an atomic rename) and return its path.
 
-    `key` must change whenever the builder's output would. Concurrent callers (the processes of an
+    `key` must change whenever the builder's output would. `random_init=False` is for folders made
+    from trained weights (the toy world's): they get no TINY_MARKER. Concurrent callers (the processes of an
     `accelerate launch`, parallel test workers) take turns on a file lock: one builds, the others
     find the finished folder.
     """
@@ -51,7 +52,8 @@ def materialize(key: str, build: Callable[[Path], None]) -> Path:
 
             with torch.random.fork_rng(devices=[]):  # builders seed torch; the caller's RNG must not move
                 build(tmp)
-            (tmp / TINY_MARKER).write_text(json.dumps({"name": key, "random_init": True}) + "\n")
+            if random_init:
+                (tmp / TINY_MARKER).write_text(json.dumps({"name": key, "random_init": True}) + "\n")
             (tmp / ".complete").write_text("ok\n")
             if target.exists():  # a half-built folder from a crash
                 shutil.rmtree(target)

@@ -94,6 +94,13 @@ class StudentSettings(Strict):
     weight_decay: float = Field(default=0.05, ge=0, description="AdamW weight decay (LlamaGen default).")
     max_grad_norm: PositiveFloat = Field(default=1.0, description="Gradient clipping norm.")
     cfg_dropout: Probability = Field(default=0.1, description="Probability a caption is swapped for the uncond embedding.")
+    dropout: Probability | None = Field(
+        default=None,
+        description="Dropout while training on the input embeddings, each attention block's output and each FFN's "
+        "output (LlamaGen's token, residual and FFN dropout; attention weights get none, as in the original). "
+        "null = the backend's original: 0.1 for llamagen (its training default); other backends have no such option "
+        "(only null or 0).",
+    )
     checkpoint_every: PositiveInt = Field(default=250, description="Save a resumable checkpoint every N steps.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How the student samples images.")
     seed_offset: NonNegativeInt = Field(default=0, description="Added to the experiment seed for this stage.")

@@ -12,7 +12,7 @@ class SubjectSpec(Strict):
     class_noun: str = Field(
         alias="class",
         min_length=1,
-        description="Class noun of the subject, e.g. 'dog' or 'backpack' (prompts read 'a S* dog').",
+        description="Class noun of the subject, e.g. 'dog' or 'backpack' (prompts read 'a sks dog').",
     )
     images: str = Field(
         min_length=1,
@@ -22,10 +22,15 @@ class SubjectSpec(Strict):
         ),
     )
     token: str = Field(
-        default="S*",
+        default="sks",
         min_length=1,
         pattern=r"^\S+$",
-        description="Identifier token bound to the subject (one word, no spaces).",
+        description=(
+            "Identifier token bound to the subject (one word, no spaces), in the teacher's and the student's "
+            "prompts. A llamagen student sees prompts through LlamaGen's caption cleaning (lower case, much "
+            "punctuation removed): the default 'sks' passes unchanged, 'S*' reaches it as 's' (a warning), and "
+            "one the cleaning removes ('<sks>', '@sks', 'jc6640') is refused."
+        ),
     )
 
     model_config = Strict.model_config | {"populate_by_name": True}

@@ -33,6 +33,7 @@ def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[s
     entries = json.loads((proxy_dir / "manifest.json").read_text())["images"]
     common.seed_everything(params.seed)
     bundle = students.load_student(params.student.model, device=str(common.device()))
+    check_identifier(bundle, params)
     prompts = [e["prompt"] for e in entries]
     distinct = sorted(set(prompts))
     codes = []
@@ -47,6 +48,25 @@ def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[s
     metadata = {"model": params.student.model, "backend": bundle.backend, "proxy_digest": proxy["digest"],
                 "prompts": json.dumps(distinct)}
     return tensors, metadata
+
+
+def check_identifier(bundle, params: StageParams) -> None:
+    """The subject's identifier must survive the caption cleaning a llamagen student applies (the
+    spec check cannot see a hub model's backend; this one runs before any prompt is encoded).
+
+    Raises:
+        ProxytuneError: the cleaning removes the identifier from the prompt.
+    """
+    if bundle.backend != "llamagen" or not bundle.config.clean_captions:
+        return
+    from proxytune.backends.captions import identifier_problem
+    from proxytune.errors import ProxytuneError
+
+    problem = identifier_problem(params.subject.token, params.subject.class_noun)
+    if problem and problem[0] == "error":
+        raise ProxytuneError(f"subject.token: {problem[1]}")
+    if problem:
+        tqdm.write(f"codes: warning: subject.token: {problem[1]}")
 
 
 def run(params_path: str | Path) -> None:

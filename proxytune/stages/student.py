@@ -95,6 +95,7 @@ class StudentRecipe:
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
         self.bundle = students.load_student(cfg.model, device=str(self.device))
+        self.dropout = training_dropout(self.bundle, cfg.dropout)  # the spec's, else the original's
         self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)  # the spec's, else the backend's
         # a multi-subject student learns every member subject's proxy set; otherwise the one subject's
         self.members = [load_params(Path(m) / "params.yaml") for m in self.params.members or []]
@@ -295,12 +296,15 @@ class StudentRecipe:
         tqdm.write(
             f"student: {self.bundle.backend} backend, {len(self.codes)} {what} ({self.codes.shape[1]} codes each), "
             f"{cfg.steps} steps x batch {cfg.batch_size} = {tokens} image tokens/step, "
-            f"{sum(p.numel() for p in self.trainable):,} trainable params"
+            f"{sum(p.numel() for p in self.trainable):,} trainable params, dropout {self.dropout:g}"
             + (f", data parallel over {self.world} processes (rank {self.rank})" if self.world > 1 else "")
         )
         self.bundle.model.train()
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="student", unit="step", disable=self.rank != 0 or None)
         while self.progress.step < cfg.steps:
+            # dropout masks (model and LoRA) come from the global RNG: seeded from the step, a resumed run
+            # draws the same ones
+            torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + 7919 * self.rank + self.progress.step)
             values = self.train_step()
             self.progress.step += 1
             for key in SERIES:
@@ -363,6 +367,7 @@ class StudentRecipe:
             })
         with common.stage_run(self.params, "student", tags) as run, staged_dir(out_dir) as tmp:
             run.log_params({"student": cfg.model_dump(mode="json"), "seed": self.params.seed, "sampling": self.sampling})
+            run.log_params({"dropout": self.dropout})  # what student.dropout resolved to
             logged = {"distill": cfg.regularisers.prior_distillation > 0, "z_loss": hasattr(self.bundle, "sequence_loss")}
             for key in SERIES:
                 if logged.get(key, True):
@@ -416,6 +421,26 @@ def _joint_record(members: list[StageParams]) -> dict:
         "run_id": ",".join(r["run_id"] for r in records),
         "subjects": [m.subject.name for m in members],
     }
+
+
+def training_dropout(bundle, given: float | None) -> float:
+    """Set the dropout the student trains with and return it: `student.dropout`, else the backend's
+    original (llamagen: LlamaGen's 0.1 token / residual / FFN dropout).
+
+    Raises:
+        ProxytuneError: a non-zero dropout for a backend without the option.
+    """
+    if bundle.backend == "llamagen":
+        from proxytune.backends import ar
+
+        p = ar.ORIGINAL_DROPOUT if given is None else given
+        unwrapped(bundle.model).set_dropout(p)
+        return p
+    if given:
+        from proxytune.errors import ProxytuneError
+
+        raise ProxytuneError(f"student.dropout: the {bundle.backend} backend has no dropout option; leave it null or 0")
+    return 0.0
 
 
 def _enable_gradient_checkpointing(model) -> None:

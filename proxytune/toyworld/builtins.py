@@ -1,0 +1,144 @@
+"""The shipped toy-world models and the built-in names that resolve to them.
+
+`proxytune toyworld pretrain` writes full-precision folders; `export` stores them in the package
+(proxytune/toyworld/weights/NAME/, float tensors as fp16, the pretraining record beside them) with
+a manifest of digests. A built-in name (toy-sd, toy-llamagen, toy-clip, toy-dino) resolves to a
+float32 copy of the shipped folder in the model cache, keyed by its digest, which loads through
+the same `from_pretrained` calls as a hub checkpoint. The copy carries TOY_MARKER, so reports say
+"toy world" where tiny models say "random init".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from proxytune.backends import hub
+from proxytune.errors import ProxytuneError
+
+WEIGHTS = Path(__file__).parent / "weights"
+MANIFEST = "manifest.json"
+TOY_MARKER = "proxytune_toy.json"
+TRAINING_RECORD = "training.json"
+
+# built-in name -> folder of the pretraining output it is exported from
+SOURCES = {"toy-sd": "sd", "toy-llamagen": "llamagen", "toy-clip": "clip", "toy-dino": "dino", "toy-oracle": "oracle"}
+
+
+def manifest() -> dict:
+    path = WEIGHTS / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def shipped(name: str) -> Path:
+    """The packaged folder of a toy model.
+
+    Raises:
+        ProxytuneError: the package holds no weights for it (run `proxytune toyworld pretrain` and
+            `proxytune toyworld export`).
+    """
+    entry = manifest().get(name)
+    if entry is None or not (WEIGHTS / name).is_dir():
+        raise ProxytuneError(f"toy model {name!r}: no weights in {WEIGHTS} (run `proxytune toyworld pretrain --out DIR` "
+                             "then `proxytune toyworld export DIR`)")
+    return WEIGHTS / name
+
+
+def _copy_fp32(source: Path, target: Path) -> None:
+    """Copy a folder, rewriting every safetensors file with floating tensors in float32."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if path.is_dir():
+            (target / rel).mkdir(parents=True, exist_ok=True)
+            continue
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+            save_file(tensors, target / rel, metadata=metadata)
+        else:
+            shutil.copy2(path, target / rel)
+
+
+def materialize(name: str) -> Path:
+    """The cache folder (float32) of a shipped toy model, made on first use."""
+    entry = manifest().get(name)
+    source = shipped(name)
+    key = f"{name}-{entry['digest'][:16]}"
+
+    def build(folder: Path) -> None:
+        _copy_fp32(source, folder)
+        (folder / TOY_MARKER).write_text(json.dumps({"name": name, "toy_world": True, "digest": entry["digest"]}) + "\n")
+
+    return hub.materialize(key, build, random_init=False)
+
+
+def is_toy(path: str | Path) -> bool:
+    return (Path(path) / TOY_MARKER).exists()
+
+
+def builtin(name: str):
+    """A resolver for hub.resolve's builtins table."""
+    return lambda: materialize(name)
+
+
+TOY_TEACHERS = {"toy-sd": builtin("toy-sd")}
+TOY_STUDENTS = {"toy-llamagen": builtin("toy-llamagen")}
+TOY_CLIP = {"toy-clip": builtin("toy-clip")}
+TOY_DINO = {"toy-dino": builtin("toy-dino")}
+
+
+def oracle_folder() -> Path:
+    return materialize("toy-oracle")
+
+
+# -----------------------------------------------------------------------------
+# export
+
+
+def export(pretrained: Path, dest: Path = WEIGHTS) -> dict:
+    """Store the finished models of a pretraining folder as the package's toy weights (fp16).
+
+    Raises:
+        ProxytuneError: a model of SOURCES is not finished in `pretrained`.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from proxytune.files import digest_dir, staged_dir
+
+    pretrained = Path(pretrained)
+    missing = [src for src in SOURCES.values() if not (pretrained / src / "done.json").exists()]
+    if missing:
+        raise ProxytuneError(f"{pretrained}: pretraining not finished for {', '.join(missing)}")
+    config = json.loads((pretrained / "config.json").read_text())
+    entries = {}
+    for name, src in SOURCES.items():
+        with staged_dir(dest / name) as tmp:
+            for path in sorted((pretrained / src).rglob("*")):
+                rel = path.relative_to(pretrained / src)
+                if path.is_dir():
+                    continue
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                if path.name == "done.json":
+                    shutil.copy2(path, tmp / TRAINING_RECORD)
+                elif path.suffix == ".safetensors":
+                    with safe_open(str(path), framework="pt") as handle:
+                        metadata = handle.metadata()
+                        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+                    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in tensors.items()}
+                    save_file(half, tmp / rel, metadata=metadata)
+                else:
+                    shutil.copy2(path, tmp / rel)
+        size = sum(p.stat().st_size for p in (dest / name).rglob("*") if p.is_file())
+        entries[name] = {"digest": digest_dir(dest / name), "bytes": size, "source": src}
+    data = {**entries, "_pretrain_config": config}
+    (dest / MANIFEST).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
