@@ -72,3 +72,17 @@ def test_janus_samples_without_top_k_by_default():
     bundle = students.load_student("tiny-janus")
     codes = bundle.generate(["a S* dog"], [0], cfg_scale=5.0, top_k=None)
     assert codes.shape == (1, 64) and int(codes.max()) < bundle.codebook_size
+
+
+def test_conditions_not_ending_with_the_image_start_are_refused():
+    """A codes stage output of an older proxytune (the tiny's end token after the image start) must not
+    train or sample silently."""
+    import pytest
+
+    from proxytune.errors import ProxytuneError
+
+    bundle = students.load_student("tiny-janus")
+    cond = bundle.encode_prompts(["a S* dog"])
+    stale = torch.roll(cond, 1, dims=-1)
+    with pytest.raises(ProxytuneError, match="run the codes stage again"):
+        bundle.image_logits(stale, torch.zeros(1, bundle.seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.bool))

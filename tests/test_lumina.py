@@ -261,3 +261,12 @@ def test_guided_greedy_sampling_follows_the_originals_contexts():
         cond_ctx, uncond_ctx = cond_ctx + [code_ids[code]], uncond_ctx + [code_ids[code]]
     sampled = bundle.generate(["a S* dog"], [0], cfg_scale=3.0, temperature=0)
     assert sampled[0, :steps].tolist() == expected
+
+
+def test_conditions_not_in_the_prompt_turn_layout_are_refused():
+    """A codes stage output of an older proxytune (bare prompts) must not train or sample silently."""
+    bundle = students.load_student("tiny-lumina-mgpt")
+    cond = bundle.encode_prompts(["a S* dog"])
+    stale = torch.roll(cond, 1, dims=-1)  # the end of turn is no longer last
+    with pytest.raises(ProxytuneError, match="run the codes stage again"):
+        bundle.image_logits(stale, torch.zeros(1, bundle.seq_len, dtype=torch.long), torch.zeros(1, dtype=torch.bool))

@@ -64,7 +64,7 @@ class JanusStudent:
         missing = [name for name in (PAD, IMAGE_START) if name not in vocab]
         if missing:
             raise ProxytuneError(f"student model {self.path!r}: the tokenizer's vocabulary lacks {', '.join(missing)}")
-        self.pad_id = vocab[PAD]
+        self.pad_id, self.image_start_id = vocab[PAD], vocab[IMAGE_START]
 
     # -- sizes and LoRA ------------------------------------------------------------------------
     @property
@@ -129,6 +129,10 @@ class JanusStudent:
 
     def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
         ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
+        if not torch.all(ids[:, -1] == self.image_start_id):  # e.g. a codes stage output of an older proxytune
+            raise ProxytuneError(f"student model {self.path!r}: prompt conditions do not end with {IMAGE_START} "
+                                 "(encoded by an older proxytune?): run the codes stage again "
+                                 "(dvc repro --force --single-item codes@EXPERIMENT.SUBJECT)")
         ids = torch.where(drop_cond.to(self._device)[:, None], self._uncond(ids, mask), ids)
         return self._janus.language_model.get_input_embeddings()(ids), mask
 

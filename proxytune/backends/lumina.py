@@ -162,6 +162,10 @@ class LuminaStudent:
     def _prompt(self, cond: torch.Tensor, drop_cond: torch.Tensor):
         """Prompt-turn ids and mask; a dropped prompt is masked out entirely (the unconditional branch)."""
         ids, mask = cond[:, 0].to(self._device), cond[:, 1].to(self._device)
+        if not torch.all(ids[:, -1] == self.end_of_turn):  # e.g. a codes stage output of an older proxytune
+            raise ProxytuneError(f"student model {self.path!r}: prompt conditions do not end with {END_OF_TURN} "
+                                 "(encoded by an older proxytune?): run the codes stage again "
+                                 "(dvc repro --force --single-item codes@EXPERIMENT.SUBJECT)")
         return ids, torch.where(drop_cond.to(self._device)[:, None], torch.zeros_like(mask), mask)
 
     def _prefix(self, cond: torch.Tensor, drop_cond: torch.Tensor):
