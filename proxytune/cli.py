@@ -35,8 +35,19 @@ def user_errors(func):
 uri_option = click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING_URI or ./registry).")
 
 
+def _print_versions(ctx: click.Context, _param, value: bool) -> None:
+    """--version: proxytune's and its key dependencies' versions, the lock and any known incompatibility."""
+    if not value or ctx.resilient_parsing:
+        return
+    from proxytune import versions
+
+    click.echo("\n".join(versions.report().lines()))
+    ctx.exit(0)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="proxytune")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_versions,
+              help="Print the versions of proxytune, torch, diffusers, transformers, peft, accelerate and the lock.")
 def main() -> None:
     """Proxy-Tuning: personalise autoregressive image generators through a diffusion teacher."""
 
@@ -477,6 +488,31 @@ def data_dreambench(dest: str, subjects: tuple[str, ...]) -> None:
     for name, count in dreambench.download(Path(dest), list(subjects) or None):
         click.echo(f"{name}: {count} images")
     click.echo(f"done: set PROXYTUNE_DREAMBENCH={Path(dest).resolve()} or keep the default ./data/dreambench")
+
+
+@main.command()
+@click.option("--strict", is_flag=True, help="Also fail when an installed dependency differs from the lock (CI).")
+@user_errors
+def doctor(strict: bool) -> None:
+    """Versions to report with a bug, and known incompatibilities: exit 1 when there is one.
+
+    Checks proxytune's requirements against what is installed, known-bad combinations (transformers>=5.24
+    with peft<0.22) and, in a source checkout, the installed set against constraints.txt.
+    """
+    from proxytune import versions
+
+    result = versions.report()
+    click.echo("\n".join(result.lines()))
+    failed = bool(result.problems)  # each is printed above as "incompatible: ..."
+    if strict and (result.lock is None or result.lock_error or result.lock_differences):
+        click.echo(f"doctor --strict: the installed set is not the lock ({result.lock_status()})", err=True)
+        failed = True
+    if failed:
+        fix = " -c constraints.txt" if result.lock is not None else ""
+        click.echo(f"doctor: failed; install the tested set: pip install -e \".[dev]\"{fix}", err=True)
+        sys.exit(1)
+    untested = " (differences from the lock are untested)" if result.lock_differences else ""
+    click.echo(f"doctor: ok, no known incompatibility{untested}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,19 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def version_tags() -> dict[str, str]:
+    """proxytune.version.{python,proxytune,torch,diffusers,transformers,peft,accelerate},
+    proxytune.lock_digest and proxytune.lock_status (and proxytune.version_problems when a known
+    incompatibility holds): what a bug report needs. Package metadata only; never fails a run."""
+    from proxytune import versions
+
+    try:
+        found = versions.report().tags()
+    except Exception as err:  # unreadable metadata must not cost a training run
+        found = {"version_error": f"{type(err).__name__}: {err}"[:4000]}
+    return {TAG + k: v for k, v in found.items()}
+
+
 def registered_name(experiment: str, subject: str, role: str) -> str:
     return f"{experiment}.{subject}.{role}"
 
@@ -100,7 +113,7 @@ def start_parent_run(experiment: str, uri: str, root: Path, tags: dict[str, str]
     run = client.create_run(
         experiment_id(experiment, uri, root),
         run_name="apply",
-        tags={f"{TAG}kind": "apply", **{TAG + k: v for k, v in tags.items()}},
+        tags={f"{TAG}kind": "apply", **{TAG + k: v for k, v in tags.items()}, **version_tags()},
     )
     return run.info.run_id
 
@@ -136,6 +149,7 @@ class StageRun:
         commit = self.git_commit = git_commit(self.root)
         if commit:
             tags["mlflow.source.git.commit"] = commit
+        tags |= version_tags()
         self._run = mlflow.start_run(
             experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
             run_name=f"{self.stage}:{self.subject}",

@@ -188,13 +188,25 @@ def training_scheduler(pipe):
 
 
 def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
-    """Attach a peft LoRA to a denoiser or text encoder; returns its (fp32) trainable parameters."""
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
+    """Attach a peft LoRA (adapter "default") to a denoiser or text encoder; returns its (fp32)
+    trainable parameters.
 
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
-    )
+    A diffusers denoiser takes it through its own `add_adapter`. A transformers text encoder takes it
+    from peft directly (`inject_adapter_in_model`, which is all that transformers' `add_adapter` does
+    besides a version check): transformers 5.24 refuses `add_adapter` below peft 0.22, and the LoRA
+    does not need anything from that integration (it is saved with peft's `get_peft_model_state_dict`
+    and loaded back by diffusers' `load_lora_weights`).
+    """
+    from diffusers import ModelMixin
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    if isinstance(model, ModelMixin):
+        model.add_adapter(config)
+    else:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None)
+        inject_adapter_in_model(config, model, adapter_name="default")
     cast_training_params(model, dtype=torch.float32)  # fp16 base + fp16 LoRA cannot be unscaled
     return [p for p in model.parameters() if p.requires_grad]
 
