@@ -130,6 +130,18 @@ def test_prompt_features_are_left_padded_with_zero_pads(bundle):
     torch.testing.assert_close(feats[0, -n:], plain)
 
 
+def test_right_padded_conditions_are_refused(bundle):
+    """A cond in the old layout (tokens first, zero pads after: a codes output of an older proxytune)."""
+    cond = bundle.encode_prompts(["a dog"])
+    n = int((cond.abs().sum(-1) > 0).sum())
+    old = torch.zeros_like(cond)
+    old[:, :n] = cond[:, -n:]
+    codes = torch.zeros(1, bundle.seq_len, dtype=torch.long)
+    with pytest.raises(ProxytuneError, match="not left-padded.*dvc repro --force --single-item codes@"):
+        bundle.image_logits(old, codes, torch.tensor([False]))
+    assert bundle.image_logits(cond, codes, torch.tensor([True])).shape == (1, bundle.seq_len, bundle.codebook_size)
+
+
 def test_caption_features_carry_gradients_into_the_text_encoder(bundle):
     """The API for training the text encoder jointly: encode_prompts is caption_features under no_grad."""
     encoder = bundle.text_encoder

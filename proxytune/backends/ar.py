@@ -295,7 +295,16 @@ class ARStudentBundle:
         return [name for group in lora_groups(groups) for name in LORA_GROUPS[group]]
 
     def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
-        """(B, L, V) teacher-forced logits; logits[:, t] predicts codes[:, t]."""
+        """(B, L, V) teacher-forced logits; logits[:, t] predicts codes[:, t].
+
+        Raises:
+            ProxytuneError: a cond whose last caption slot is padding (right-padded: encoded by an
+                older proxytune, e.g. a codes stage output DVC did not re-run on a code change).
+        """
+        if not bool((cond[:, -1] != 0).any(dim=-1).all()):
+            raise ProxytuneError(f"student model {self.path!r}: caption features are not left-padded (encoded by an "
+                                 "older proxytune?): run the codes stage again "
+                                 "(dvc repro --force --single-item codes@EXPERIMENT.SUBJECT)")
         return self.model(cond, codes, drop_cond=drop_cond)
 
     @torch.no_grad()
