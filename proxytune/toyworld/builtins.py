@@ -105,8 +105,11 @@ def oracle_folder() -> Path:
 def export(pretrained: Path, dest: Path = WEIGHTS) -> dict:
     """Store the finished models of a pretraining folder as the package's toy weights (fp16).
 
+    Models not finished there keep what the package has (or stay absent: their names then say
+    "no weights" when used). Returns the new manifest.
+
     Raises:
-        ProxytuneError: a model of SOURCES is not finished in `pretrained`.
+        ProxytuneError: no model of SOURCES is finished in `pretrained`.
     """
     import torch
     from safetensors import safe_open
@@ -115,12 +118,12 @@ def export(pretrained: Path, dest: Path = WEIGHTS) -> dict:
     from proxytune.files import digest_dir, staged_dir
 
     pretrained = Path(pretrained)
-    missing = [src for src in SOURCES.values() if not (pretrained / src / "done.json").exists()]
-    if missing:
-        raise ProxytuneError(f"{pretrained}: pretraining not finished for {', '.join(missing)}")
+    finished = {name: src for name, src in SOURCES.items() if (pretrained / src / "done.json").exists()}
+    if not finished:
+        raise ProxytuneError(f"{pretrained}: no finished model to export ({', '.join(SOURCES.values())})")
     config = json.loads((pretrained / "config.json").read_text())
-    entries = {}
-    for name, src in SOURCES.items():
+    entries = {k: v for k, v in manifest().items() if k in SOURCES and k not in finished and (dest / k).is_dir()}
+    for name, src in finished.items():
         with staged_dir(dest / name) as tmp:
             for path in sorted((pretrained / src).rglob("*")):
                 rel = path.relative_to(pretrained / src)

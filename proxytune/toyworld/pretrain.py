@@ -66,10 +66,10 @@ class PretrainConfig:
         "oracle": Recipe(steps=1500, batch_size=64, lr=2e-3),
         "clip": Recipe(steps=1000, batch_size=96, lr=1e-3),
         "dino": Recipe(steps=600, batch_size=64, lr=1e-3),
-        "vae": Recipe(steps=1500, batch_size=16, lr=1e-3),
-        "sd": Recipe(steps=2500, batch_size=64, lr=5e-4, warmup=200),
-        "vq": Recipe(steps=1500, batch_size=16, lr=1e-3),
-        "llamagen": Recipe(steps=2000, batch_size=64, lr=1e-3, warmup=200),
+        "vae": Recipe(steps=2500, batch_size=16, lr=1e-3),
+        "sd": Recipe(steps=1200, batch_size=64, lr=5e-4, warmup=200),
+        "vq": Recipe(steps=2500, batch_size=16, lr=1e-3),
+        "llamagen": Recipe(steps=1000, batch_size=64, lr=1e-3, warmup=200),
     })
 
     def as_dict(self) -> dict:
@@ -151,6 +151,8 @@ class Loop:
         for step in bar:
             for group in self.opt.param_groups:
                 group["lr"] = _schedule(step, self.recipe)
+            # modules that draw from the global generator (dropout) see the same numbers after a resume
+            torch.manual_seed(int(_rng(self.cfg, self.name, step).integers(2**62)) ^ 1)
             t0 = time.perf_counter()
             yield step
             self.step_seconds.append(time.perf_counter() - t0)
@@ -542,7 +544,7 @@ def _llamagen_folder(out: Path, folder: Path) -> None:
     )
     llamagen.LlamaGenStudent(config).save_pretrained(folder / "transformer", safe_serialization=True)
     t5 = T5EncoderModel(T5Config(vocab_size=vocab_size(), d_model=128, d_kv=32, d_ff=512, num_layers=3, num_heads=4,
-                                 pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos))
+                                 dropout_rate=0.0, pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos))
     t5.save_pretrained(folder / "text_encoder", safe_serialization=True)
     write_toy_tokenizer(folder / "tokenizer", model_max_length=COND_LEN)
     shutil.copytree(out / "vq", folder / "vqvae", ignore=shutil.ignore_patterns("done.json"))
