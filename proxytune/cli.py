@@ -436,15 +436,18 @@ def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
         click.echo(f"└─ references {refs['folder']}  digest {str(refs['digest'])[:16]}{mark(refs)}")
         for name, sha in refs["files"].items():
             click.echo(f"   ├─ {name}  sha256 {sha[:16]}")
+    def _weights(node: dict) -> str:  # a toy world base model: the digest of its shipped weights
+        return f" (weights {node['base_model_digest'][:16]})" if node.get("base_model_digest") else ""
+
     teacher = chain.get("teacher")
     if teacher:
-        click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}  adapter {str(teacher['adapter_digest'])[:16]}{mark(teacher)}")
+        click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}{_weights(teacher)}  adapter {str(teacher['adapter_digest'])[:16]}{mark(teacher)}")
     proxy = chain.get("proxy")
     if proxy:
         click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
     student = chain.get("student")
     if student:
-        click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}  adapter {str(student['adapter_digest'])[:16]}{mark(student)}")
+        click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}{_weights(student)}  adapter {str(student['adapter_digest'])[:16]}{mark(student)}")
         for evaluation in chain.get("evaluations", []):
             metrics = "  ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items())
             click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}{mark(evaluation)}")

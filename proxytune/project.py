@@ -47,10 +47,10 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
 
 def _llamagen_student(ref: str, root: Path) -> bool:
     """Whether a student model is known, without loading it, to be a llamagen student (the built-in
-    tiny, or a local folder whose proxytune_student.json says so); a hub id is checked when it loads."""
+    tiny or toy one, or a local folder whose proxytune_student.json says so); a hub id is checked when it loads."""
     import json
 
-    if ref == "tiny-llamagen":
+    if ref in ("tiny-llamagen", "toy-llamagen"):
         return True
     meta = (root / Path(ref).expanduser()) / "proxytune_student.json"
     try:

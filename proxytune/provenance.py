@@ -202,6 +202,12 @@ def _label(*lines: str) -> str:
     return f'["{text}"]'
 
 
+def _base(node: dict) -> str:
+    """'base MODEL', with the shipped weights' digest for a toy world model."""
+    digest = node.get("base_model_digest")
+    return f"base {node.get('base_model')}" + (f" (weights {digest[:12]})" if digest else "")
+
+
 def to_mermaid(chain: dict) -> str:
     """A mermaid flowchart: references → teacher → proxy set → student → evaluations, stale nodes marked."""
     lines = ["flowchart LR"]
@@ -218,14 +224,14 @@ def to_mermaid(chain: dict) -> str:
         add("references", refs, f"references ({len(refs.get('files') or {})} images)", f"digest {str(refs.get('digest'))[:12]}")
     teacher = chain.get("teacher")
     if teacher:
-        add("teacher", teacher, f"teacher {teacher['version']}", f"base {teacher.get('base_model')}",
+        add("teacher", teacher, f"teacher {teacher['version']}", _base(teacher),
             f"adapter {str(teacher.get('adapter_digest'))[:12]}")
     proxy = chain.get("proxy")
     if proxy:
         add("proxy", proxy, f"proxy set: {proxy.get('num_images')} images", f"digest {str(proxy.get('digest'))[:12]}")
     student = chain.get("student")
     if student:
-        add("student", student, f"student {student['version']}", f"base {student.get('base_model')}",
+        add("student", student, f"student {student['version']}", _base(student),
             f"adapter {str(student.get('adapter_digest'))[:12]}")
     evaluations = chain.get("evaluations", [])
     for i, evaluation in enumerate(evaluations):

@@ -28,7 +28,15 @@ from proxytune.files import sha256_bytes, write_text_atomic
 from proxytune.images import IMAGE_SUFFIXES, center_crop_resize, open_rgb
 
 METRICS = (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO"))
+ORACLE_METRICS = (("subject_acc", "subject acc."), ("prompt_acc", "prompt acc."))  # toy world subjects only
+MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
 RANDOM_INIT_BANNER = "random-initialised models/encoders: numbers test the pipeline, not quality"
+TOY_WORLD_LABEL = ("toy world: models pretrained on proxytune's procedural world; CLIP-I, CLIP-T and DINO from its toy "
+                   "encoders, subject and prompt accuracy from its oracle (exact attribute readings)")
+ORACLE_NOTE = ("Subject acc.: fraction of images in which the oracle finds every distinctive attribute of the subject "
+               "that the prompt does not change. Prompt acc.: per image, the fraction of the attributes the prompt asks "
+               "for (identifier removed) that the oracle finds, averaged.")
+BASE_NOTE = "base-teacher / base-student: the untuned models, on the same prompts and seeds."
 HTML_NAME, MD_NAME = "report.html", "report.md"
 THUMB = 128  # pixels: generated and reference images are embedded at most this large
 GRID_REFERENCES = 4  # reference photos shown at the start of every grid row
@@ -59,7 +67,10 @@ class SubjectResult:
 
     @property
     def models(self) -> list[str]:
-        return list(self.metrics["models"])
+        """Base and tuned teacher, then base and tuned student, then any other model (metrics.json's
+        keys are sorted, so its order says nothing)."""
+        known = [m for m in MODEL_ORDER if m in self.metrics["models"]]
+        return known + [m for m in self.metrics["models"] if m not in MODEL_ORDER]
 
     @property
     def grid_models(self) -> list[str]:
@@ -69,6 +80,17 @@ class SubjectResult:
     @property
     def random_init(self) -> bool:
         return bool(self.metrics.get("random_init") or self.encoders.get("random_init"))
+
+    @property
+    def toy_world(self) -> bool:
+        """Every model and encoder came from the toy world (and none is random): the label replaces the banner."""
+        return not self.random_init and bool(self.metrics.get("toy_world") or self.encoders.get("toy_world"))
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        """(metric, label) shown for this subject: CLIP-I, CLIP-T, DINO, then the oracle's where measured."""
+        measured = {m for values in self.metrics["models"].values() if isinstance(values, dict) for m in values}
+        return [*METRICS, *(c for c in ORACLE_METRICS if c[0] in measured)]
 
     @property
     def eval_run_id(self) -> str | None:
@@ -90,6 +112,16 @@ class Report:
     def random_init(self) -> bool:
         return any(s.random_init for s in self.subjects)
 
+    @property
+    def toy_world(self) -> bool:
+        return not self.random_init and any(s.toy_world for s in self.subjects)
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        """The summary's columns: every metric some subject shows."""
+        shown = {c for s in self.subjects for c in s.columns}
+        return [c for c in (*METRICS, *ORACLE_METRICS) if c in shown]
+
     def tags(self) -> dict[str, str]:
         """MLflow tags of the report run (tracking adds the proxytune. prefix)."""
         return {
@@ -98,6 +130,7 @@ class Report:
             "spec_digest": self.spec_digest,
             "subjects": ",".join(s.name for s in self.subjects),
             "random_init": str(self.random_init),
+            "toy_world": str(self.toy_world),
             "evaluation_runs": ",".join(f"{s.name}:{s.eval_run_id or '-'}" for s in self.subjects),
         }
 
@@ -280,7 +313,7 @@ def _mean(subject: SubjectResult, model: str, metric: str):
 def best_models(subject: SubjectResult) -> dict[str, str]:
     """Per metric, the model with the highest mean (only when there are at least two models)."""
     best = {}
-    for metric, _ in METRICS:
+    for metric, _ in subject.columns:
         scored = [(m, _mean(subject, m, metric)) for m in subject.models]
         scored = [(m, v) for m, v in scored if v is not None]
         if len(scored) > 1:
@@ -304,16 +337,19 @@ def lineage_rows(subject: SubjectResult) -> list[tuple[str, str, str, str]]:
     teacher, proxy, student, evaluation = (subject.records.get(k) or {} for k in ("teacher", "proxy", "student", "eval"))
     missing = "(no record)"
     clip, dino = subject.encoders.get("clip") or {}, subject.encoders.get("dino") or {}
-    encoders = ", ".join(str(e.get("id") or e.get("model") or e.get("name")) for e in (clip, dino)
+    oracle = subject.encoders.get("oracle") or {}  # toy world subjects
+    encoders = ", ".join(str(e.get("id") or e.get("model") or e.get("name")) for e in (clip, dino, oracle)
                          if isinstance(e, dict) and (e.get("id") or e.get("model") or e.get("name")))
     return [
         ("references", f"{subject.references or '?'} ({len(subject.reference_files)} images)",
          teacher.get("references_digest") or missing, "—"),
-        ("teacher", f"{_version(teacher) or missing}, base {teacher.get('base_model', '?')}",
+        ("teacher", f"{_version(teacher) or missing}, base {teacher.get('base_model', '?')}"
+         + (f" (weights {teacher['base_model_digest'][:12]})" if teacher.get("base_model_digest") else ""),
          teacher.get("adapter_digest") or missing, teacher.get("run_id") or "—"),
         ("proxy set", f"{proxy.get('num_images', '?')} images from {proxy.get('teacher_version', '?')}",
          proxy.get("digest") or missing, proxy.get("run_id") or "—"),
-        ("student", f"{_version(student) or missing}, base {student.get('base_model', '?')}",
+        ("student", f"{_version(student) or missing}, base {student.get('base_model', '?')}"
+         + (f" (weights {student['base_model_digest'][:12]})" if student.get("base_model_digest") else ""),
          student.get("adapter_digest") or missing, student.get("run_id") or "—"),
         ("evaluation", f"{evaluation.get('teacher_version', '?')} vs {evaluation.get('student_version', '?')}"
          + (f"; encoders {encoders}" if encoders else ""), "—", evaluation.get("run_id") or missing),
@@ -428,6 +464,7 @@ table{border-collapse:collapse;margin:.4rem 0 1.2rem}caption{text-align:left;col
 th,td{border:1px solid #d0d7de;padding:.3rem .55rem;text-align:left;vertical-align:top}
 thead th{background:#f3f4f6}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .banner{background:#fff4ce;border:2px solid #bf8700;border-radius:6px;padding:.7rem 1rem;font-weight:600}
+.toy-label{background:#ddf4ff;border:1px solid #54aeff;border-radius:6px;padding:.6rem 1rem}.toy{color:#0969da}
 .warn{color:#9a6700}.pass{color:#1a7f37;font-weight:600}.fail{color:#cf222e;font-weight:600}
 .scroll{overflow-x:auto}.grid th[scope=row]{width:13rem;min-width:9rem}.grid td{white-space:nowrap}
 .grid img{width:72px;height:72px;object-fit:cover;margin:1px;vertical-align:top}
@@ -461,18 +498,24 @@ def _anchor(subject: SubjectResult) -> str:
     return "subject-" + re.sub(r"[^A-Za-z0-9_-]", "-", subject.name)
 
 
+def _notes(subject: SubjectResult) -> list[str]:
+    """What the metric table needs explained beyond CLIP-I, CLIP-T and DINO."""
+    notes = [ORACLE_NOTE] if len(subject.columns) > len(METRICS) else []
+    return notes + ([BASE_NOTE] if any(m in subject.models for m in MODEL_ORDER if m.startswith("base-")) else [])
+
+
 def _html_metric_table(subject: SubjectResult) -> str:
     best = best_models(subject)
     meta = subject.metrics
     boot = meta.get("bootstrap") or {}
     caption = (f"{meta.get('prompts', len(subject.prompts))} prompts × {meta.get('images_per_prompt', '?')} images per model; "
                f"mean [95% bootstrap interval over {boot.get('unit', 'image')}s, {boot.get('resamples', '?')} resamples]. "
-               "Best mean in bold.")
-    head = "".join(f'<th scope="col">{esc(label)}</th>' for _, label in METRICS)
+               "Best mean in bold." + "".join(" " + note for note in _notes(subject)))
+    head = "".join(f'<th scope="col">{esc(label)}</th>' for _, label in subject.columns)
     rows = []
     for model in subject.models:
         values = subject.metrics["models"][model]
-        cells = "".join(_cell(fmt_ci(values.get(m)), "num", best.get(m) == model) for m, _ in METRICS)
+        cells = "".join(_cell(fmt_ci(values.get(m)), "num", best.get(m) == model) for m, _ in subject.columns)
         rows.append(f'<tr><th scope="row">{esc(model)}</th>{cells}</tr>')
     return (f'<table id="metrics-{esc(subject.name)}" class="metrics"><caption>{esc(caption)}</caption>'
             f'<thead><tr><th scope="col">model</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
@@ -480,11 +523,11 @@ def _html_metric_table(subject: SubjectResult) -> str:
 
 def _html_per_prompt(subject: SubjectResult) -> str:
     models = subject.models
-    top = "".join(f'<th scope="colgroup" colspan="{len(models)}">{esc(label)}</th>' for _, label in METRICS)
-    sub = "".join(f'<th scope="col">{esc(m)}</th>' for _ in METRICS for m in models)
+    top = "".join(f'<th scope="colgroup" colspan="{len(models)}">{esc(label)}</th>' for _, label in subject.columns)
+    sub = "".join(f'<th scope="col">{esc(m)}</th>' for _ in subject.columns for m in models)
     rows = []
     for i, prompt in enumerate(subject.prompts):
-        cells = "".join(_cell(fmt(_prompt_row(subject, m, i).get(metric)), "num") for metric, _ in METRICS for m in models)
+        cells = "".join(_cell(fmt(_prompt_row(subject, m, i).get(metric)), "num") for metric, _ in subject.columns for m in models)
         rows.append(f'<tr><td class="num">{i:02d}</td><th scope="row">{esc(prompt)}</th>{cells}</tr>')
     return (f'<div class="scroll"><table class="per-prompt"><caption>Mean per prompt over its generated images.</caption>'
             f'<thead><tr><th rowspan="2">#</th><th rowspan="2" scope="col">prompt</th>{top}</tr><tr>{sub}</tr></thead>'
@@ -558,11 +601,13 @@ def _html_summary(report: Report) -> str:
             if j == 0:
                 span = len(subject.models)
                 first = (f'<th scope="rowgroup" rowspan="{span}"><a href="#{_anchor(subject)}">{esc(subject.name)}</a>'
-                         f'{" <span class=warn>(random init)</span>" if subject.random_init else ""}</th>')
-            cells = "".join(_cell(fmt_ci(subject.metrics["models"][model].get(m)), "num", best.get(m) == model) for m, _ in METRICS)
+                         f'{" <span class=warn>(random init)</span>" if subject.random_init else ""}'
+                         f'{" <span class=toy>(toy world)</span>" if subject.toy_world else ""}</th>')
+            cells = "".join(_cell(fmt_ci(subject.metrics["models"][model].get(m)), "num", best.get(m) == model)
+                            for m, _ in report.columns)
             last = f'<td rowspan="{len(subject.models)}">{verdict}</td>' if j == 0 else ""
             rows.append(f"<tr>{first}<td>{esc(model)}</td>{cells}{last}</tr>")
-    head = "".join(f'<th scope="col">{esc(label)}</th>' for _, label in METRICS)
+    head = "".join(f'<th scope="col">{esc(label)}</th>' for _, label in report.columns)
     return ('<table id="summary-table" class="summary"><thead><tr><th scope="col">subject</th><th scope="col">model</th>'
             f'{head}<th scope="col">gate</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
@@ -577,6 +622,8 @@ def _html_subject(report: Report, subject: SubjectResult) -> str:
     ]
     if subject.random_init:
         parts.append(f'<p class="banner" role="alert">{esc(RANDOM_INIT_BANNER)}</p>')
+    elif subject.toy_world:
+        parts.append(f'<p class="toy-label">{esc(TOY_WORLD_LABEL)}</p>')
     if warnings:
         parts.append('<ul class="warn">' + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
     parts += [
@@ -596,7 +643,11 @@ def render_html(report: Report) -> str:
     title = f"proxytune report: {report.experiment}"
     nav = " · ".join(f'<a href="#{_anchor(s)}">{esc(s.name)}</a>' for s in report.subjects)
     banner = f'<p class="banner" role="alert">{esc(RANDOM_INIT_BANNER)}</p>' if report.random_init else ""
+    if report.toy_world:
+        banner = f'<p class="toy-label">{esc(TOY_WORLD_LABEL)}</p>'
     body = "\n".join(_html_subject(report, s) for s in report.subjects)
+    oracle = ("; subject acc. and prompt acc.: the same, read exactly by the toy world's oracle"
+              if len(report.columns) > len(METRICS) else "")
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -615,7 +666,7 @@ MLflow experiment <code>{esc(report.mlflow_experiment)}</code>; written {esc(rep
 {banner}
 <nav>Subjects: {nav} · <a href="#spec">spec</a></nav>
 <section id="summary"><h2>Summary</h2>
-<p>Mean [95% bootstrap interval] per subject and model; CLIP-I and DINO: subject fidelity, CLIP-T: prompt fidelity.</p>
+<p>Mean [95% bootstrap interval] per subject and model; CLIP-I and DINO: subject fidelity, CLIP-T: prompt fidelity{oracle}.</p>
 {_html_summary(report)}
 </section>
 {body}
@@ -656,6 +707,8 @@ def _md_subject(report: Report, subject: SubjectResult) -> list[str]:
              f"{meta.get('prompts', len(subject.prompts))} prompts × {meta.get('images_per_prompt', '?')} images per model.", ""]
     if subject.random_init:
         lines += [f"> **{RANDOM_INIT_BANNER}**", ""]
+    elif subject.toy_world:
+        lines += [f"> {TOY_WORLD_LABEL}", ""]
     lines += [f"- warning: {md(w)}" for w in lineage_warnings(subject, report.spec_digest)]
     if lines[-1] != "":
         lines.append("")
@@ -665,8 +718,10 @@ def _md_subject(report: Report, subject: SubjectResult) -> list[str]:
         return f"**{text}**" if best.get(metric) == model else text
 
     lines += ["### Metrics", ""]
-    lines += _md_table(["model"] + [label for _, label in METRICS],
-                       [[md(m)] + [cell(m, metric) for metric, _ in METRICS] for m in subject.models])
+    lines += _md_table(["model"] + [label for _, label in subject.columns],
+                       [[md(m)] + [cell(m, metric) for metric, _ in subject.columns] for m in subject.models])
+    if _notes(subject):
+        lines += [" ".join(_notes(subject)), ""]
     lines += ["### Promotion gate", ""]
     gate = subject.gate
     if gate:
@@ -690,8 +745,9 @@ def _md_subject(report: Report, subject: SubjectResult) -> list[str]:
     else:
         lines += ["Not computed.", ""]
     lines += ["### Per-prompt scores", ""]
-    head = ["#", "prompt"] + [f"{label} {md(m)}" for _, label in METRICS for m in subject.models]
-    rows = [[f"{i:02d}", md(prompt)] + [fmt(_prompt_row(subject, m, i).get(metric)) for metric, _ in METRICS for m in subject.models]
+    head = ["#", "prompt"] + [f"{label} {md(m)}" for _, label in subject.columns for m in subject.models]
+    rows = [[f"{i:02d}", md(prompt)] + [fmt(_prompt_row(subject, m, i).get(metric)) for metric, _ in subject.columns
+                                        for m in subject.models]
             for i, prompt in enumerate(subject.prompts)]
     lines += _md_table(head, rows)
     lines += ["### Lineage", ""]
@@ -708,6 +764,8 @@ def render_markdown(report: Report) -> str:
              f"Images and charts: [{HTML_NAME}]({HTML_NAME}).", ""]
     if report.random_init:
         lines += [f"> **{RANDOM_INIT_BANNER}**", ""]
+    elif report.toy_world:
+        lines += [f"> {TOY_WORLD_LABEL}", ""]
     lines += ["## Summary", ""]
     rows = []
     for subject in report.subjects:
@@ -715,8 +773,8 @@ def render_markdown(report: Report) -> str:
         verdict = "—" if not gate else ("passed" if gate.get("passed") else "failed")
         for model in subject.models:
             rows.append([md(subject.name), md(model)]
-                        + [fmt_ci(subject.metrics["models"][model].get(m)) for m, _ in METRICS] + [verdict])
-    lines += _md_table(["subject", "model"] + [label for _, label in METRICS] + ["gate"], rows)
+                        + [fmt_ci(subject.metrics["models"][model].get(m)) for m, _ in report.columns] + [verdict])
+    lines += _md_table(["subject", "model"] + [label for _, label in report.columns] + ["gate"], rows)
     for subject in report.subjects:
         lines += _md_subject(report, subject)
     return "\n".join(lines).rstrip() + "\n"

@@ -572,6 +572,7 @@ def lineage(uri: str, ref: str) -> dict:
             "version": f"{teacher_version.name}@{teacher_version.version}",
             "run_id": teacher_run.info.run_id,
             "base_model": teacher_version.tags.get(f"{TAG}base_model"),
+            "base_model_digest": teacher_version.tags.get(f"{TAG}base_model_digest"),  # toy world built-ins
             "adapter_digest": teacher_version.tags.get(f"{TAG}adapter_digest"),
             **_origin(teacher_run),
         }
@@ -588,6 +589,7 @@ def lineage(uri: str, ref: str) -> dict:
             "version": f"{student_version.name}@{student_version.version}",
             "run_id": student_run.info.run_id,
             "base_model": student_version.tags.get(f"{TAG}base_model"),
+            "base_model_digest": student_version.tags.get(f"{TAG}base_model_digest"),  # toy world built-ins
             "adapter_digest": student_version.tags.get(f"{TAG}adapter_digest"),
             **_origin(student_run),
         }

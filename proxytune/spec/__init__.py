@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -55,11 +56,18 @@ def _message(err: dict) -> str:
     return msg.removeprefix("Value error, ")
 
 
+_NAMED_KEY = re.compile(r"^[a-z_]+(\.[a-z_]+|\[\d+\])*: ")
+
+
 def format_validation_error(source: str, error: ValidationError) -> str:
     """First error as `file: key.path: message` (one line; the count of others follows)."""
     errors = error.errors()
     first = errors[0]
-    line = f"{source}: {_key_path(first['loc'])}: {_message(first)}"
+    key, message = _key_path(first["loc"]), _message(first)
+    if not first["loc"] and _NAMED_KEY.match(message):  # a whole-spec check names its key itself
+        line = f"{source}: {message}"
+    else:
+        line = f"{source}: {key}: {message}"
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more)"
     return line
@@ -103,11 +111,19 @@ def dreambench_root() -> Path:
 
 
 def resolve_images(subject: SubjectSpec, spec_path: str | Path, index: int) -> Path:
-    """The subject's reference folder as an absolute path.
+    """The subject's reference folder as an absolute path (a toy world subject's is written into the
+    model cache once, see `proxytune.toyworld.subjects.reference_folder`).
 
     Raises:
         SpecError: the folder does not exist.
     """
+    if subject.toy_subject is not None:
+        from proxytune.toyworld.subjects import reference_folder
+
+        try:
+            return reference_folder(subject.toy_subject)  # rendered into the model cache on first use
+        except KeyError:
+            raise SpecError(f"{spec_path}: subjects[{index}].images: unknown toy subject {subject.toy_subject!r}") from None
     if subject.images.startswith("dreambench:"):
         name = subject.images.split(":", 1)[1]
         folder = dreambench_root() / name

@@ -1,4 +1,5 @@
-"""Evaluation: DreamBench prompts, CLIP-I / CLIP-T / DINO of teacher and student."""
+"""Evaluation: DreamBench prompts, CLIP-I / CLIP-T / DINO of teacher and student (and the toy world oracle's
+subject and prompt accuracy for toy subjects)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pydantic import Field
 
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, NonNegativeInt, PositiveInt, Strict, model_ref_checker
 
-Metric = Literal["clip_i", "clip_t", "dino"]
+Metric = Literal["clip_i", "clip_t", "dino", "subject_acc", "prompt_acc"]
 
 
 class GateRule(Strict):
@@ -29,11 +30,12 @@ DinoModel = Annotated[str, model_ref_checker(TINY_DINO)]
 
 
 class EvaluationSpec(Strict):
-    prompts: Literal["dreambench"] | list[str] = Field(
+    prompts: Literal["dreambench", "toyworld"] | list[str] = Field(
         default="dreambench",
         description=(
             "'dreambench' for the 25 DreamBench prompts of the subject's kind (live for cats and dogs, "
-            "object otherwise), or a list of templates using {token} and {class}."
+            "object otherwise), 'toyworld' for the toy world's 25 prompts of the class (scenes, accessories, "
+            "recolourings and combinations, in the world's grammar), or a list of templates using {token} and {class}."
         ),
     )
     num_prompts: PositiveInt | None = Field(default=None, description="Use only the first N prompts (quick runs).")
@@ -50,6 +52,14 @@ class EvaluationSpec(Strict):
         description=(
             "Samples per model with the proxy prompt for the feature-distribution analysis (paper supplement: "
             "100); 0 turns it off."
+        ),
+    )
+    base_models: bool | None = Field(
+        default=None,
+        description=(
+            "Also sample the untuned teacher and student (no adapter) on the same prompts and seeds and score them "
+            "as models 'base-teacher' and 'base-student', so the tables read base vs tuned. null = on for a "
+            "toy world subject (images: toyworld:NAME, where the oracle makes the comparison exact), off otherwise."
         ),
     )
     gate: list[GateRule] = Field(

@@ -48,3 +48,19 @@ class ExperimentSpec(Strict):
         if self.student.variants:
             raise ValueError("student.variants: not with multi_subject (run the variants as their own experiments)")
         return self
+
+    @model_validator(mode="after")
+    def _toy_world_evaluation(self) -> "ExperimentSpec":
+        from proxytune.toyworld.world import CLASSES
+
+        if self.evaluation.prompts == "toyworld":
+            for i, subject in enumerate(self.subjects):
+                if subject.class_noun not in CLASSES:
+                    raise ValueError(f"evaluation.prompts: 'toyworld' prompts are for the toy world's classes "
+                                     f"({', '.join(CLASSES)}); subjects[{i}] is a {subject.class_noun!r}")
+        oracle = [i for i, rule in enumerate(self.evaluation.gate) if rule.metric in ("subject_acc", "prompt_acc")]
+        plain = [s.name for s in self.subjects if s.toy_subject is None]
+        if oracle and plain:
+            raise ValueError(f"evaluation.gate[{oracle[0]}].metric: {self.evaluation.gate[oracle[0]].metric} is the toy "
+                             f"world oracle's, measured only for toy subjects (images: toyworld:NAME); {plain[0]} is not one")
+        return self

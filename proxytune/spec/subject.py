@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from proxytune.spec.common import SafeName, Strict
+
+TOYWORLD_PREFIX = "toyworld:"
+
+
+def toy_subject_name(images: str) -> str | None:
+    """NAME of an `images: toyworld:NAME` reference, else None."""
+    return images[len(TOYWORLD_PREFIX):] if images.startswith(TOYWORLD_PREFIX) else None
+
+
+class _WrongClass(str):
+    """A class noun that contradicts the toy subject, carried to the class field's own validator so
+    that the error names `subjects[i].class`."""
+
+    expected: str
 
 
 class SubjectSpec(Strict):
@@ -17,8 +31,10 @@ class SubjectSpec(Strict):
     images: str = Field(
         min_length=1,
         description=(
-            "Folder of reference JPEG/PNG images, relative to the spec file, or 'dreambench:NAME' for a "
-            "DreamBench subject (looked up under $PROXYTUNE_DREAMBENCH, default ./data/dreambench)."
+            "Folder of reference JPEG/PNG images, relative to the spec file, 'dreambench:NAME' for a "
+            "DreamBench subject (looked up under $PROXYTUNE_DREAMBENCH, default ./data/dreambench), or "
+            "'toyworld:NAME' for a held-out subject of the toy world (written once into the model cache; its "
+            "class may be left out, and evaluation adds the oracle's subject and prompt accuracy)."
         ),
     )
     token: str = Field(
@@ -34,3 +50,51 @@ class SubjectSpec(Strict):
     )
 
     model_config = Strict.model_config | {"populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _toy_class(cls, data):
+        """A toy subject's class defaults to the subject's own; another class is an error."""
+        if not isinstance(data, dict) or not isinstance(data.get("images"), str):
+            return data
+        name = toy_subject_name(data["images"])
+        from proxytune.toyworld.subjects import SUBJECTS
+
+        if name is None:
+            return data
+        if name not in SUBJECTS:  # the images field reports it; a missing class must not hide that
+            return data if ("class" in data or "class_noun" in data) else {**data, "class": "?"}
+        expected = SUBJECTS[name].cls
+        key = "class" if "class" in data or "class_noun" not in data else "class_noun"
+        given = data.get(key)
+        if given is None:
+            return {**data, key: expected}
+        if isinstance(given, str) and given != expected:
+            wrong = _WrongClass(given)
+            wrong.expected = expected
+            return {**data, key: wrong}
+        return data
+
+    @field_validator("class_noun", mode="before")
+    @classmethod
+    def _class_matches_toy_subject(cls, value):
+        if isinstance(value, _WrongClass):
+            raise ValueError(f"{str(value)!r} is not the toy subject's class: it is a {value.expected} "
+                             f"(write class: {value.expected}, or leave class out)")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _known_toy_subject(cls, value: str) -> str:
+        name = toy_subject_name(value)
+        if name is not None:
+            from proxytune.toyworld.subjects import SUBJECTS
+
+            if name not in SUBJECTS:
+                raise ValueError(f"unknown toy subject {name!r} (known: {', '.join(SUBJECTS)})")
+        return value
+
+    @property
+    def toy_subject(self) -> str | None:
+        """The toy world subject's name when `images` is `toyworld:NAME`, else None."""
+        return toy_subject_name(self.images)

@@ -79,6 +79,15 @@ def gather_states(state: torch.Tensor, world: int) -> list[torch.Tensor]:
     return states
 
 
+def base_model_tags(ref: str) -> dict[str, str]:
+    """How a stage records its base model: the spec's reference and, for a toy world built-in (whose
+    weights ship with the package), the digest of those weights from the package manifest."""
+    from proxytune.toyworld.builtins import SOURCES, manifest
+
+    entry = manifest().get(ref) if ref in SOURCES else None
+    return {"base_model": ref, **({"base_model_digest": entry["digest"]} if entry else {})}
+
+
 def config_key(*parts: object) -> str:
     """A short digest of everything a checkpoint depends on, so a changed config never resumes it."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

@@ -7,6 +7,13 @@ a 95% bootstrap interval over generated images. The feature-distribution analysi
 supplement (total variance of DINO features of M samples of the proxy prompt, and their L2
 distances to the samples' centroid) and the promotion gate run here too.
 
+For a toy world subject (images: toyworld:NAME) the world's oracle reads every image's attributes,
+which gives two exact, model-free scores per image: subject accuracy (1 when the image shows every
+distinctive attribute of the subject that the prompt does not change, else 0) and prompt accuracy
+(the fraction of the attributes the prompt asks for, identifier removed, that the image shows).
+With `evaluation.base_models` (default: on for toy subjects) the untuned teacher and student are
+sampled on the same prompts and seeds and scored as "base-teacher" and "base-student".
+
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json (with
 intervals), prompts.json, per_prompt.json, variance.json, gate.json, encoders.json, table.md,
 grid.png, images/MODEL/pPP_kK.png, record.json.
@@ -30,8 +37,11 @@ from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, 
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.toyworld.builtins import is_toy
 
 METRICS = ("clip_i", "clip_t", "dino")
+ORACLE_METRICS = ("subject_acc", "prompt_acc")  # toy world subjects only
+BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
 VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
 
 
@@ -39,9 +49,19 @@ def eval_prompts(params: StageParams) -> list[str]:
     cfg, subject = params.evaluation, params.subject
     if cfg.prompts == "dreambench":
         prompts = encoders.dreambench_prompts(subject.token, subject.class_noun)
+    elif cfg.prompts == "toyworld":
+        from proxytune.toyworld.subjects import toy_prompts
+
+        prompts = toy_prompts(subject.token, subject.class_noun)
     else:
         prompts = [p.format(token=subject.token, **{"class": subject.class_noun}) for p in cfg.prompts]
     return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+
+
+def wants_base_models(params: StageParams) -> bool:
+    """evaluation.base_models, where null means: on for a toy world subject, off otherwise."""
+    chosen = params.evaluation.base_models
+    return chosen if chosen is not None else params.subject.toy_subject is not None
 
 
 def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
@@ -54,31 +74,39 @@ TEACHER_SAMPLES = Path(".proxytune") / "teacher_samples"  # under the project ro
 
 
 class TeacherSampler:
-    """The teacher pipeline with its LoRA, behind a sample cache.
+    """The teacher pipeline with its LoRA (or, `tuned=False`, the base pipeline), behind a sample cache.
 
     A teacher's images depend only on its adapter files and the sampler settings, so each call's
     images are kept under .proxytune/teacher_samples/KEY (KEY: those plus the call's prompts and
     seeds; a call is always one batch, so cached bytes equal generated ones). Re-evaluating after a
     student change, a student variant, or a crash after sampling reuses them, and the pipeline is
-    loaded only when something is missing.
+    loaded only when something is missing. The base teacher has no adapter: its key says "base" (and,
+    for a toy model, the digest of its shipped weights) instead of the adapter digest and LoRA scale,
+    so every evaluation of the same base model, prompts and seeds shares its images.
     """
 
-    def __init__(self, params: StageParams):
+    def __init__(self, params: StageParams, tuned: bool = True):
         self.params = params
-        self.adapter = params.out("teacher") / "adapter"
+        self.adapter = params.out("teacher") / "adapter" if tuned else None
         t, s = params.teacher, params.synthesis
-        self.setting = (digest_dir(self.adapter), t.model, t.revision, t.resolution, s.lora_scale,
-                        s.num_inference_steps, s.guidance_scale)
+        # a toy model's name stays while its shipped weights may change: the base key carries their digest
+        base = "base:" + common.base_model_tags(t.model).get("base_model_digest", "")
+        self.setting = (digest_dir(self.adapter) if tuned else base, t.model, t.revision, t.resolution,
+                        s.lora_scale if tuned else None, s.num_inference_steps, s.guidance_scale)
         self._pipe = None
-        self.random_init = hub.is_random_init(diffusion.resolve(params.teacher.model))
+        self.path = diffusion.resolve(params.teacher.model)
+        self.random_init = hub.is_random_init(self.path)
 
     @property
     def pipe(self):
         if self._pipe is None:
             params = self.params
-            self._pipe = diffusion.load_pipeline_with_lora(
-                params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
-            )
+            if self.adapter is None:
+                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision)
+            else:
+                self._pipe = diffusion.load_pipeline_with_lora(
+                    params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
+                )
             self._pipe.to(common.device())
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
@@ -101,9 +129,18 @@ class TeacherSampler:
 
 
 class StudentSampler:
-    def __init__(self, params: StageParams):
+    """The tuned student (its adapter or full weights), or with `tuned=False` the base student."""
+
+    def __init__(self, params: StageParams, tuned: bool = True):
         self.params = params
         self.bundle = students.load_student(params.student.model, device=str(common.device()))
+        self.path = self.bundle.path
+        if tuned:
+            self._load_weights(params)
+        self.random_init = self.bundle.random_init
+        self.sampling = sampling_settings(self.bundle.backend, params.student.sampling)  # the spec's, else the backend's
+
+    def _load_weights(self, params: StageParams) -> None:
         # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
         folder = params.student_out()  # the subject's own, or the experiment's multi-subject student
         weights = folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
@@ -115,8 +152,6 @@ class StudentSampler:
             from safetensors.torch import load_file
 
             self.bundle.model.load_state_dict(load_file(weights))
-        self.random_init = self.bundle.random_init
-        self.sampling = sampling_settings(self.bundle.backend, params.student.sampling)  # the spec's, else the backend's
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
         codes = self.bundle.generate(prompts, seeds, **self.sampling)
@@ -153,12 +188,63 @@ def per_image_scores(images: list[list], prompts: list[str], token: str, clip, d
     }
 
 
+def oracle_reader():
+    """The toy world's shipped oracle as a function: images -> one attribute reading per image."""
+    from proxytune.toyworld import oracle as oracle_lib
+    from proxytune.toyworld.builtins import oracle_folder
+
+    model = oracle_lib.load(oracle_folder())
+    return lambda images: oracle_lib.read(model, images)
+
+
+def oracle_scores(read, images: list[list], prompts: list[str], token: str, subject) -> dict:
+    """(N,) arrays of the oracle's subject and prompt accuracy per generated image, prompt-major order.
+
+    Args:
+        read: images -> attribute readings ({"cls": "box", "colour": ...} per image), e.g. `oracle_reader()`.
+        images: per prompt, its generated images.
+        prompts: the prompts, identifier included.
+        token: the identifier, removed before the prompt is parsed.
+        subject: the toy subject (`proxytune.toyworld.subjects.Subject`).
+    Returns:
+        {"subject_acc": 1.0 where the image shows all of distinctive(subject, prompt) else 0.0,
+         "prompt_acc": fraction of the prompt's attributes shown (NaN where the prompt names none)}.
+    """
+    from proxytune.toyworld import oracle as oracle_lib
+    from proxytune.toyworld.subjects import distinctive
+    from proxytune.toyworld.world import parse_prompt
+
+    seen = iter(read([image for group in images for image in group]))
+    subject_acc, prompt_acc = [], []
+    for prompt, group in zip(prompts, images):
+        text = encoders.strip_identifier(prompt, token)
+        look, asked = distinctive(subject, text), parse_prompt(text)
+        for _ in group:
+            reading = next(seen)
+            subject_acc.append(float(oracle_lib.shows_subject(reading, look)))
+            accuracy = oracle_lib.prompt_accuracy(reading, asked)
+            prompt_acc.append(np.nan if accuracy is None else accuracy)
+    return {"subject_acc": np.asarray(subject_acc), "prompt_acc": np.asarray(prompt_acc)}
+
+
 def summarize(scores: dict, resamples: int, seed: int) -> dict:
-    return {m: {"mean": float(np.mean(v)), "ci95": list(stats.bootstrap_ci(v, resamples, seed))} for m, v in scores.items()}
+    """Mean and 95% bootstrap interval per metric; NaN entries (an image a metric does not apply to)
+    are left out, and a metric with no value at all is dropped."""
+    summary = {}
+    for metric, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if values.size:
+            summary[metric] = {"mean": float(values.mean()), "ci95": list(stats.bootstrap_ci(values, resamples, seed))}
+    return summary
 
 
 def per_prompt(scores: dict, prompts: list[str], k: int) -> list[dict]:
-    return [{"prompt": p, **{m: float(np.mean(scores[m][i * k : (i + 1) * k])) for m in METRICS}}
+    def mean(values: np.ndarray) -> float | None:
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if values.size else None
+
+    return [{"prompt": p, **{m: mean(np.asarray(v[i * k : (i + 1) * k], dtype=np.float64)) for m, v in scores.items()}}
             for i, p in enumerate(prompts)]
 
 
@@ -171,6 +257,16 @@ def evaluate_gate(rules, means: dict[str, dict[str, float]]) -> tuple[bool, list
         passed &= ok
         details.append(f"{rule.describe()}: {student:.4f} {'>=' if ok else '<'} {target:.4f} {'pass' if ok else 'FAIL'}")
     return passed, details
+
+
+def oracle_description(subject) -> dict:
+    """What encoders.json records about the oracle scores: the oracle's weights and the subject's look."""
+    from proxytune.toyworld.builtins import manifest, oracle_folder
+
+    return {"model": "toy-oracle", "path": str(oracle_folder()), "digest": manifest().get("toy-oracle", {}).get("digest"),
+            "subject": subject.name, "look": subject.description(),
+            "subject_acc": "1 when the oracle reads every attribute of distinctive(subject, prompt) off the image, else 0",
+            "prompt_acc": "fraction of parse_prompt(prompt without identifier) the oracle reads off the image"}
 
 
 def reference_embeddings(params: StageParams, clip, dino, references: list, files: list[Path]):
@@ -187,15 +283,31 @@ def reference_embeddings(params: StageParams, clip, dino, references: list, file
     return ref_clip, ref_dino
 
 
-def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
-    lines = ["| model | CLIP-I | CLIP-T | DINO |", "|---|---|---|---|"]
+LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.", "prompt_acc": "prompt acc."}
+TOY_WORLD_NOTE = ("Toy world: models pretrained on proxytune's procedural world (proxytune/toyworld); CLIP-I, CLIP-T "
+                  "and DINO come from its toy encoders, subject and prompt accuracy from its oracle, which reads the "
+                  "attributes off each image.")
+
+
+def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: bool = False) -> str:
+    columns = [m for m in (*METRICS, *ORACLE_METRICS) if any(m in values for values in metrics.values())]
+    lines = ["| model | " + " | ".join(LABELS[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
     for model, values in metrics.items():
-        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" for m in METRICS]
+        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values
+                 else "—" for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval over images]. "
               "CLIP-I and DINO: mean cosine over all generated x reference pairs; CLIP-T: raw cosine, identifier removed."]
+    if any(m in columns for m in ORACLE_METRICS):
+        lines[-1] += (" Subject acc.: fraction of images in which the oracle finds every distinctive attribute of the "
+                      "subject the prompt does not change; prompt acc.: per image, the fraction of the attributes the "
+                      "prompt asks for that the oracle finds, averaged.")
+    if any(name in metrics for name in BASE.values()):
+        lines[-1] += " base-teacher / base-student: the untuned models, same prompts and seeds."
     if random_init:
         lines += ["", "**Random-initialised models or encoders were used: these numbers test the pipeline, they say nothing about quality.**"]
+    elif toy_world:
+        lines += ["", f"*{TOY_WORLD_NOTE}*"]
     return "\n".join(lines) + "\n"
 
 
@@ -211,22 +323,34 @@ def run(params_path: str | Path) -> None:
     references = [open_rgb(p) for p in reference_files]
 
     generated, variance_images = {}, {}
-    random_models, student_sampling = [], None
+    random_models, model_paths, student_sampling = [], [], None
+    base = wants_base_models(params)
     for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
-        sampler = make(params)
-        random_models.append(sampler.random_init)
-        student_sampling = getattr(sampler, "sampling", student_sampling)
-        generated[name] = sample_dreambench(sampler, params, prompts, name)
-        if cfg.variance_samples:
-            variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
-        del sampler
+        for tuned in (False, True) if base else (True,):
+            sampler = make(params, tuned=tuned)
+            label = name if tuned else BASE[name]
+            random_models.append(sampler.random_init)
+            model_paths.append(sampler.path)
+            student_sampling = getattr(sampler, "sampling", student_sampling)
+            generated[label] = sample_dreambench(sampler, params, prompts, label)
+            if cfg.variance_samples and tuned:
+                variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
+            del sampler
     faults.checkpoint("evaluate", "generated")
 
     clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
     ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)
+    toy = None
+    if params.subject.toy_subject is not None:
+        from proxytune.toyworld.subjects import SUBJECTS
+
+        toy = SUBJECTS[params.subject.toy_subject]
+        read = oracle_reader()
     metrics, breakdown = {}, {}
     for name, images in generated.items():
         scores = per_image_scores(images, prompts, params.subject.token, clip, dino, ref_clip, ref_dino)
+        if toy is not None:
+            scores.update(oracle_scores(read, images, prompts, params.subject.token, toy))
         metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed)
         breakdown[name] = per_prompt(scores, prompts, cfg.images_per_prompt)
     variance = None
@@ -245,8 +369,11 @@ def run(params_path: str | Path) -> None:
         gate = {"rule": " and ".join(r.describe() for r in cfg.gate), "passed": passed, "details": details,
                 "student_version": f"{student_record['model']}@{student_record['version']}"}
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
-    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init}
-    summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts),
+    toy_world = not random_init and all(is_toy(path) for path in [*model_paths, clip.path, dino.path])
+    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init, "toy_world": toy_world}
+    if toy is not None:
+        described["oracle"] = oracle_description(toy)
+    summary = {"models": metrics, "random_init": random_init, "toy_world": toy_world, "prompts": len(prompts),
                "images_per_prompt": cfg.images_per_prompt,
                "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "image"}}
 
@@ -254,6 +381,7 @@ def run(params_path: str | Path) -> None:
         "teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
         "student_version": f"{student_record['model']}@{student_record['version']}",
         "random_init": str(random_init),
+        "toy_world": str(toy_world),
         "clip_model": cfg.clip_model,
         "dino_model": cfg.dino_model,
     }
@@ -272,10 +400,10 @@ def run(params_path: str | Path) -> None:
             write_json_atomic(tmp / "variance.json", variance)
         if gate:
             write_json_atomic(tmp / "gate.json", gate)
-        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), cfg.images_per_prompt))
+        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), cfg.images_per_prompt, toy_world))
         rows = []
         for p in range(min(cfg.grid_prompts, len(prompts))):
-            rows += [references[:4], generated["teacher"][p], generated["student"][p]]
+            rows += [references[:4], *(groups[p] for groups in generated.values())]
         grid(rows, cell=128).save(tmp / "grid.png")
         run.log_params({"evaluation": cfg.model_dump(mode="json"), "encoders": described, "student_sampling": student_sampling})
         run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
@@ -287,11 +415,11 @@ def run(params_path: str | Path) -> None:
         run.log_artifacts(tmp, "eval")
         common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": means,
                                   "gate": gate["passed"] if gate else None, "student_sampling": student_sampling})
-        flat = {**means, "random_init": random_init}
+        flat = {**means, "random_init": random_init, "toy_world": toy_world}
         if gate:
             flat["gate_passed"] = gate["passed"]
         write_json_atomic(params.subject_dir / "metrics.json", flat)
-    tqdm.write(table(metrics, random_init, len(prompts), cfg.images_per_prompt))
+    tqdm.write(table(metrics, random_init, len(prompts), cfg.images_per_prompt, toy_world))
     if gate:
         tqdm.write("gate: " + ("passed: alias 'champion' set" if gate["passed"] else "failed: no alias") + "\n  " + "\n  ".join(gate["details"]))
 

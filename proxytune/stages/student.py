@@ -356,7 +356,7 @@ class StudentRecipe:
 
     def save(self, out_dir: Path) -> None:
         cfg = self.cfg
-        tags = {"base_model": cfg.model, "backend": self.bundle.backend, "recipe": cfg.recipe}
+        tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": cfg.recipe}
         if self.proxy is not None:
             tags.update({
                 "teacher_version": self.proxy["teacher_version"],
@@ -383,7 +383,7 @@ class StudentRecipe:
             version = run.register(
                 registered,
                 "student",
-                {"base_model": cfg.model, "backend": self.bundle.backend, "recipe": cfg.recipe,
+                {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": cfg.recipe,
                  "adapter_digest": adapter_digest,
                  **({"teacher_version": self.proxy["teacher_version"], "proxy_digest": self.proxy["digest"]}
                     if self.proxy is not None else {})},
@@ -395,7 +395,7 @@ class StudentRecipe:
                     "run_id": run.run_id,
                     "model": f"{run.experiment}.{run.subject}.student",
                     "version": version,
-                    "base_model": cfg.model,
+                    **common.base_model_tags(cfg.model),
                     "backend": self.bundle.backend,
                     "recipe": cfg.recipe,
                     "weights": weights.relative_to(tmp).as_posix(),

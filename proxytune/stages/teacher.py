@@ -345,7 +345,7 @@ class TeacherRecipe:
         run_tags = {
             "references_dir": str(self.params.references_dir),
             "references_digest": self.references_digest,
-            "base_model": self.cfg.model,
+            **common.base_model_tags(self.cfg.model),
         }
         with common.stage_run(self.params, "teacher", run_tags) as run, staged_dir(out_dir) as tmp:
             run.log_params({"teacher": self.cfg.model_dump(mode="json"), "seed": self.params.seed, "prompt": self.prompt})
@@ -366,7 +366,8 @@ class TeacherRecipe:
             self.sample_grid().save(tmp / "samples.png")
             run.log_artifact(tmp / "samples.png")
             version = run.register(
-                adapter, "teacher", {"base_model": self.cfg.model, "backend": f"diffusers-{self.family.name}", "adapter_digest": adapter_digest}
+                adapter, "teacher", {**common.base_model_tags(self.cfg.model), "backend": f"diffusers-{self.family.name}",
+                                   "adapter_digest": adapter_digest}
             )
             run.set_tags({"model_version": f"{run.experiment}.{run.subject}.teacher@{version}"})
             common.write_record(
@@ -376,7 +377,7 @@ class TeacherRecipe:
                     "run_id": run.run_id,
                     "model": f"{run.experiment}.{run.subject}.teacher",
                     "version": version,
-                    "base_model": self.cfg.model,
+                    **common.base_model_tags(self.cfg.model),
                     "revision": self.cfg.revision,
                     "adapter_digest": adapter_digest,
                     "references_digest": self.references_digest,
