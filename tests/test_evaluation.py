@@ -59,7 +59,7 @@ def test_gate_rules():
 def test_every_model_sees_the_same_prompts_and_seeds(project):
     params = make_params(project, tiny_spec(evaluation={"num_prompts": 3, "images_per_prompt": 2}))
     prompts = evaluate.eval_prompts(params)
-    assert prompts == encoders.dreambench_prompts("S*", "dog")[:3]
+    assert prompts == encoders.dreambench_prompts(params.subject.token, "dog")[:3]
     calls = {"teacher": [], "student": []}
     for name in calls:
         sampler = lambda p, s, name=name: calls[name].append((p, s)) or [None] * len(s)  # noqa: E731
@@ -71,7 +71,7 @@ def test_every_model_sees_the_same_prompts_and_seeds(project):
 
 def test_custom_prompt_list(project):
     params = make_params(project, tiny_spec(evaluation={"prompts": ["a {token} {class} on the moon"], "num_prompts": None}))
-    assert evaluate.eval_prompts(params) == ["a S* dog on the moon"]
+    assert evaluate.eval_prompts(params) == [f"a {params.subject.token} dog on the moon"]
 
 
 def test_teacher_samples_are_cached_by_adapter_and_settings(project, monkeypatch):

@@ -33,7 +33,8 @@ def with_teacher(project, **synth):
 def test_templates_cycle_through_images_with_fixed_seeds(project):
     params = with_teacher(project, templates=["a {token} {class} on the beach", "a {token} {class} in snow"])
     prompts = synthesis.proxy_prompts(params)
-    assert prompts == ["a S* dog", "a S* dog on the beach", "a S* dog in snow"]
+    token = params.subject.token  # the spec default
+    assert prompts == [f"a {token} dog", f"a {token} dog on the beach", f"a {token} dog in snow"]
     assert [synthesis.prompt_of(prompts, i) for i in range(5)] == [prompts[0], prompts[1], prompts[2], prompts[0], prompts[1]]
 
 
@@ -59,7 +60,8 @@ def test_two_processes_give_the_same_set_as_one(project, tmp_path):
     assert "synthesis [1/2]" in done.stderr and "synthesis [2/2]" in done.stderr  # both shards generated
     manifest = json.loads((params.out("proxy") / "manifest.json").read_text())
     assert [e["sha256"] for e in manifest["images"]] == [sha256_file(single / f"{i:05d}.png") for i in range(5)]
-    assert [e["prompt"] for e in manifest["images"]] == ["a S* dog", "a S* dog on the beach"] * 2 + ["a S* dog"]
+    token = params.subject.token
+    assert [e["prompt"] for e in manifest["images"]] == [f"a {token} dog", f"a {token} dog on the beach"] * 2 + [f"a {token} dog"]
 
 
 def test_quality_filter_scores_against_references_and_drops_the_least_similar(project, dreambench):
