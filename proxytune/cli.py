@@ -493,6 +493,7 @@ def data_dreambench(dest: str, subjects: tuple[str, ...]) -> None:
     click.echo(f"done: set PROXYTUNE_DREAMBENCH={Path(dest).resolve()} or keep the default ./data/dreambench")
 
 
+
 @main.command()
 @click.option("--strict", is_flag=True, help="Also fail when an installed dependency differs from the lock (CI).")
 @user_errors
@@ -516,6 +517,70 @@ def doctor(strict: bool) -> None:
         sys.exit(1)
     untested = " (differences from the lock are untested)" if result.lock_differences else ""
     click.echo(f"doctor: ok, no known incompatibility{untested}")
+
+
+@main.group()
+def toyworld() -> None:
+    """The toy world: procedural scenes, held-out subjects, small pretrained models and an oracle."""
+
+
+@toyworld.command(name="subjects")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder; one reference folder per subject.")
+@click.option("--subject", "names", multiple=True, help="Only these subjects (repeatable); default all.")
+@user_errors
+def toyworld_subjects(out: str, names: tuple[str, ...]) -> None:
+    """Write each held-out subject's reference photos (5 PNGs) into OUT/NAME/."""
+    from pathlib import Path
+
+    from proxytune.toyworld.subjects import SUBJECTS, write_subjects
+
+    unknown = [n for n in names if n not in SUBJECTS]
+    if unknown:
+        raise ProxytuneError(f"--subject {unknown[0]!r}: unknown toy subject (known: {', '.join(SUBJECTS)})")
+    for folder in write_subjects(Path(out), list(names) or None):
+        click.echo(f"{folder}: {SUBJECTS[folder.name].description()}")
+
+
+@toyworld.command(name="pretrain")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Working folder (data, checkpoints, models).")
+@click.option("--only", multiple=True, help="Only these models (repeatable): oracle clip dino vae sd vq llamagen.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def toyworld_pretrain(out: str, only: tuple[str, ...], seed: int) -> None:
+    """Pretrain the toy models (resumable: run it again after an interruption)."""
+    from pathlib import Path
+
+    from proxytune.toyworld.pretrain import MODELS, PretrainConfig, pretrain
+
+    bad = [m for m in only if m not in MODELS]
+    if bad:
+        raise ProxytuneError(f"--only {bad[0]!r}: unknown model (known: {', '.join(MODELS)})")
+    for name, seconds in pretrain(Path(out), PretrainConfig(seed=seed), list(only) or None).items():
+        click.echo(f"{name}: {seconds / 60:.1f} min")
+
+
+@toyworld.command(name="export")
+@click.argument("pretrained", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def toyworld_export(pretrained: str) -> None:
+    """Ship the finished models of PRETRAINED as the package's toy weights (fp16, with digests)."""
+    from pathlib import Path
+
+    from proxytune.toyworld.builtins import WEIGHTS, export
+
+    entries = export(Path(pretrained))
+    total = sum(e["bytes"] for k, e in entries.items() if not k.startswith("_"))
+    click.echo(f"{WEIGHTS}: {total / 2**20:.1f} MiB")
+
+
+@toyworld.command(name="check")
+@click.option("--samples", type=click.IntRange(min=1), default=200, show_default=True, help="Generations per model.")
+@user_errors
+def toyworld_check(samples: int) -> None:
+    """Measure the shipped models against their floors (oracle accuracy, generators' prompt accuracy)."""
+    from proxytune.toyworld.floors import measure
+
+    click.echo(json.dumps(measure(samples), indent=2))
 
 
 if __name__ == "__main__":

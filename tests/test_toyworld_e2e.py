@@ -16,7 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+from proxytune.toyworld.builtins import manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FAR_MORE = 0.3  # tuned subject accuracy must exceed the untuned model's by this much (and be at least twice it)
@@ -33,6 +36,8 @@ def reduced_toy_spec() -> dict:
     return spec
 
 
+@pytest.mark.skipif(not {"toy-sd", "toy-llamagen"} <= set(manifest()),
+                    reason="toy-sd / toy-llamagen are not shipped yet (pretraining below their floors; see issue 10)")
 def test_toy_spec_personalises_the_teacher_and_the_student(tmp_path):
     project = tmp_path  # no DreamBench needed: the subject's references are rendered
     (project / "specs").mkdir()

@@ -20,6 +20,7 @@ import torch
 
 from proxytune.backends import hub
 from proxytune.backends.diffusion_tiny import BUILDERS
+from proxytune.toyworld.builtins import TOY_TEACHERS
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
@@ -44,6 +45,7 @@ FAMILIES = {
 }
 SUPPORTED_PIPELINES = {cls: family.name for cls, family in FAMILIES.items()}
 TINY_TEACHERS = {name: (lambda key=key, build=build: hub.materialize(key, build)) for name, (key, build) in BUILDERS.items()}
+TINY_TEACHERS.update(TOY_TEACHERS)  # the toy world's pretrained toy-sd
 
 
 def resolve(ref: str) -> str:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from proxytune.backends import hub
 from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
+from proxytune.toyworld.builtins import TOY_CLIP, TOY_DINO
 from proxytune.errors import ProxytuneError
 
 LIVE_CLASSES = frozenset({"dog", "cat"})
@@ -151,8 +152,8 @@ def _build_tiny_dino(folder: Path) -> None:
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
 
 
-TINY_CLIP = {"tiny-clip": lambda: hub.materialize("tiny-clip-v1", _build_tiny_clip)}
-TINY_DINO = {"tiny-dino": lambda: hub.materialize("tiny-dino-v1", _build_tiny_dino)}
+TINY_CLIP = {"tiny-clip": lambda: hub.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
+TINY_DINO = {"tiny-dino": lambda: hub.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
 
 
 # --- encoders --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from proxytune.backends import hub
 from proxytune.backends.student_api import StudentBackend
+from proxytune.toyworld.builtins import TOY_STUDENTS
 from proxytune.errors import ProxytuneError
 
 STUDENT_META = "proxytune_student.json"
@@ -40,6 +41,7 @@ def _tiny(name: str):
 
 
 TINY_STUDENTS = {name: _tiny(name) for name in ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")}
+TINY_STUDENTS.update(TOY_STUDENTS)  # the toy world's pretrained toy-llamagen
 
 
 def _read_json(path: str, name: str) -> dict | None:

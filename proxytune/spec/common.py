@@ -7,11 +7,12 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-# Built-in tiny architectures, by role. The backends own the builders; tests check both lists agree.
-TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
-TINY_STUDENTS = ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")
-TINY_CLIP = ("tiny-clip",)
-TINY_DINO = ("tiny-dino",)
+# Built-in models, by role: tiny random architectures and the toy world's pretrained models. The
+# backends own the builders; tests check both lists agree.
+TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-sd")
+TINY_STUDENTS = ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt", "toy-llamagen")
+TINY_CLIP = ("tiny-clip", "toy-clip")
+TINY_DINO = ("tiny-dino", "toy-dino")
 
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
