@@ -31,9 +31,8 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json for a char-level CLIP tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
+def char_vocab() -> dict[str, int]:
+    """The byte characters, the same with "</w>", then BOS and EOS: a CLIP vocabulary with no merges."""
     vocab: dict[str, int] = {}
     for ch in _byte_alphabet():
         vocab[ch] = len(vocab)
@@ -42,8 +41,15 @@ def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) ->
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     assert (vocab[BOS], vocab[EOS]) == (BOS_ID, EOS_ID)
+    return vocab
+
+
+def write_clip_bpe(directory: Path, vocab: dict[str, int], merges: list[tuple[str, str]], *, model_max_length: int) -> Path:
+    """Write a CLIP BPE tokenizer folder: vocab.json, merges.txt (in rank order), tokenizer_config.json."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": model_max_length,
@@ -55,6 +61,11 @@ def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) ->
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def write_char_clip_tokenizer(directory: Path, *, model_max_length: int = 77) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json for a char-level CLIP tokenizer."""
+    return write_clip_bpe(directory, char_vocab(), [], model_max_length=model_max_length)
 
 
 def char_vocab_size() -> int:

@@ -9,24 +9,17 @@ loads this folder with the same `from_pretrained` call a hub tokenizer takes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from proxytune.backends.tokenizer import BOS, EOS, _byte_alphabet
+from proxytune.backends.tokenizer import BOS, EOS, char_vocab, write_clip_bpe
 from proxytune.toyworld.world import VOCABULARY
 
 MAX_LENGTH = 32  # caption slots; the longest world caption with a 4-character identifier is ~16 tokens
 
 
 def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges): bytes, bytes+"</w>", BOS, EOS, then every prefix a word's merges produce."""
-    vocab: dict[str, int] = {}
-    for ch in _byte_alphabet():
-        vocab[ch] = len(vocab)
-    for ch in _byte_alphabet():
-        vocab[ch + "</w>"] = len(vocab)
-    vocab[BOS] = len(vocab)
-    vocab[EOS] = len(vocab)
+    """(vocab, merges): the char-level CLIP vocabulary, then every prefix a word's merges produce."""
+    vocab = char_vocab()
     merges: list[tuple[str, str]] = []
     # Longer words' merges rank first, so that a short word's merge ("a t" of "at") cannot split a
     # longer word that contains it ("hat").
@@ -46,22 +39,8 @@ def build_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def write_toy_tokenizer(directory: Path, *, model_max_length: int = MAX_LENGTH) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json; returns `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab()
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    config = {
-        "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": model_max_length,
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": EOS,
-        "pad_token": EOS,
-        "do_lower_case": True,
-    }
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    return directory
+    return write_clip_bpe(directory, vocab, merges, model_max_length=model_max_length)
 
 
 def vocab_size() -> int:
