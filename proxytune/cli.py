@@ -545,8 +545,10 @@ def toyworld_subjects(out: str, names: tuple[str, ...]) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Working folder (data, checkpoints, models).")
 @click.option("--only", multiple=True, help="Only these models (repeatable): oracle clip dino vae sd vq llamagen.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--jobs", type=click.IntRange(1, 2), default=2, show_default=True,
+              help="Parallel single-threaded lanes (2 = one per core of a 2-core machine).")
 @user_errors
-def toyworld_pretrain(out: str, only: tuple[str, ...], seed: int) -> None:
+def toyworld_pretrain(out: str, only: tuple[str, ...], seed: int, jobs: int) -> None:
     """Pretrain the toy models (resumable: run it again after an interruption)."""
     from pathlib import Path
 
@@ -555,7 +557,7 @@ def toyworld_pretrain(out: str, only: tuple[str, ...], seed: int) -> None:
     bad = [m for m in only if m not in MODELS]
     if bad:
         raise ProxytuneError(f"--only {bad[0]!r}: unknown model (known: {', '.join(MODELS)})")
-    for name, seconds in pretrain(Path(out), PretrainConfig(seed=seed), list(only) or None).items():
+    for name, seconds in pretrain(Path(out), PretrainConfig(seed=seed, jobs=jobs), list(only) or None).items():
         click.echo(f"{name}: {seconds / 60:.1f} min")
 
 

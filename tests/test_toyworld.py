@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -84,7 +86,7 @@ def test_subject_references_differ_in_scene_place_and_size_but_show_the_subject(
 
 
 def _tiny_config(steps: int) -> pretrain.PretrainConfig:
-    cfg = pretrain.PretrainConfig(num_images=64, checkpoint_every=2, threads=1)
+    cfg = pretrain.PretrainConfig(num_images=64, checkpoint_every=2, threads=1, jobs=1, eval_samples=16)
     cfg.recipes["oracle"] = pretrain.Recipe(steps=steps, batch_size=8, lr=1e-3, warmup=1)
     return cfg
 
@@ -119,3 +121,20 @@ def test_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def world_small(seed: int):
     images, samples = world.sample_world(16, seed + 10_000, full_captions=True)
     return images, [s.attrs for s in samples]
+
+
+def test_two_lanes_train_in_parallel_and_a_missing_dependency_is_named(tmp_path):
+    """jobs=2 runs the lanes as two processes (the config travels in config.json); a model whose
+    inputs are neither pretrained nor requested is refused before anything trains."""
+    from proxytune.errors import ProxytuneError
+
+    cfg = _tiny_config(3)
+    cfg.jobs = 2
+    cfg.recipes["clip"] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)
+    spent = pretrain.pretrain(tmp_path, cfg, ["oracle", "clip"])
+    assert set(spent) == {"oracle", "clip"} and all(s > 0 for s in spent.values())
+    for name, steps in (("oracle", 3), ("clip", 2)):
+        assert json.loads((tmp_path / name / "done.json").read_text())["steps"] == steps
+    with pytest.raises(ProxytuneError, match="--only sd: needs vae"):
+        pretrain.pretrain(tmp_path, cfg, ["sd"])
+    assert not (tmp_path / "checkpoints" / "sd.pt").exists()
