@@ -71,14 +71,14 @@ class PretrainConfig:
     eval_samples: int = 1000  # fresh renders for the quality measures in done.json (at most)
     checkpoint_every: int = 250
     recipes: dict[str, Recipe] = field(default_factory=lambda: {
-        # sized for about 85 minutes on 2 CPU cores (seconds per step measured there, in done.json)
+        # sized for about 80 minutes on 2 CPU cores, one lane per core (seconds per step in done.json)
         "oracle": Recipe(steps=1500, batch_size=64, lr=2e-3),
         "clip": Recipe(steps=1000, batch_size=96, lr=1e-3),
         "dino": Recipe(steps=600, batch_size=64, lr=1e-3),
         "vae": Recipe(steps=2500, batch_size=16, lr=1e-3),
-        "sd": Recipe(steps=1200, batch_size=64, lr=5e-4, warmup=200),
+        "sd": Recipe(steps=2000, batch_size=64, lr=5e-4, warmup=200),
         "vq": Recipe(steps=2500, batch_size=16, lr=1e-3),
-        "llamagen": Recipe(steps=1000, batch_size=64, lr=1e-3, warmup=200),
+        "llamagen": Recipe(steps=1600, batch_size=64, lr=1e-3, warmup=200),
     })
 
     def as_dict(self) -> dict:

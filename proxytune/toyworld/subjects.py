@@ -45,11 +45,11 @@ HELD_OUT = frozenset(s.look.identity() for s in SUBJECTS.values())
 # The photo shoot: different scenes, positions and sizes, no accessory (as DreamBench's photos are
 # of the bare subject).
 SHOOT = (
-    ("studio", 0.32, 0.50, 0.52),
-    ("room", 0.26, 0.36, 0.60),
-    ("street", 0.30, 0.62, 0.58),
-    ("snow", 0.25, 0.45, 0.64),
-    ("beach", 0.28, 0.58, 0.55),
+    ("studio", 0.34, 0.50, 0.52),
+    ("room", 0.28, 0.36, 0.60),
+    ("street", 0.32, 0.62, 0.58),
+    ("snow", 0.27, 0.45, 0.64),
+    ("beach", 0.30, 0.58, 0.55),
 )
 
 

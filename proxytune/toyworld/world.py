@@ -126,7 +126,7 @@ def sample_attributes(rng: np.random.Generator, *, exclude: set[tuple] = frozens
             return attrs
 
 
-def sample_layout(rng: np.random.Generator, attrs: Attributes, *, size: tuple[float, float] = (0.24, 0.34)) -> Layout:
+def sample_layout(rng: np.random.Generator, attrs: Attributes, *, size: tuple[float, float] = (0.26, 0.36)) -> Layout:
     """A random size and position that keep the object (and its accessory) inside the frame."""
     s = float(rng.uniform(*size))
     top_room = s + (0.72 * s if attrs.accessory != "none" else 0.0) + 0.03
@@ -286,17 +286,17 @@ def _shape_mask(cls: str, cx: float, cy: float, h: float) -> np.ndarray:
 
 
 def _pattern_mask(pattern: str, cx: float, cy: float, h: float) -> np.ndarray:
-    # Object-local: the pattern moves and scales with the object. Features are 8-15 px wide, about
-    # one 8x8 latent cell of the toy autoencoders: finer ones (as in a first version) blurred away.
+    # Object-local: the pattern moves and scales with the object. Every feature is at least 10 px
+    # (more than one 8x8 latent cell of the toy autoencoders); finer ones blurred into one colour.
     u, v = (_X - cx) / h, (_Y - cy) / h
     if pattern == "stripes":
-        return ((u + 2) / 1.0 % 1.0) < 0.5  # vertical stripes, four across the object
+        return ((u + 2) / 1.34 % 1.0) < 0.5  # vertical stripes, three across the object
     if pattern == "checks":
-        return ((np.floor((u + 2) / 0.67) + np.floor((v + 2) / 0.67)) % 2) == 1  # 3x3 squares
+        return ((np.floor((u + 2) / 0.95) + np.floor((v + 2) / 0.95)) % 2) == 1  # about 2x2 squares
     if pattern == "dots":
-        cell = 0.85  # round dots on a grid with one dot at the centre, so every shape shows some
+        cell = 1.1  # big round dots on a grid with one at the centre, so every shape shows one
         fu, fv = (u / cell + 0.5) % 1.0 - 0.5, (v / cell + 0.5) % 1.0 - 0.5
-        return fu**2 + fv**2 <= 0.32**2
+        return fu**2 + fv**2 <= 0.3**2
     return np.zeros_like(_X, dtype=bool)
 
 
