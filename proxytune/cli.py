@@ -10,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, disk_full_message
 
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")  # as compile.STEPS (kept import-free: fast --help)
 
 
 def user_errors(func):
-    """Print ProxytuneError as one line on stderr and exit 2; no traceback."""
+    """Print ProxytuneError, and a full disk anywhere, as one line on stderr and exit 2; no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -28,6 +28,12 @@ def user_errors(func):
         except KeyboardInterrupt:
             click.echo("interrupted: re-run the same command to resume", err=True)
             sys.exit(130)
+        except Exception as err:
+            message = disk_full_message(err)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
 
     return wrapper
 
@@ -82,6 +88,27 @@ def _resolve(specs: tuple[str, ...]):
 
 def _waiting() -> None:
     click.echo("waiting for another proxytune apply in this project…", err=True)
+
+
+def _close_interrupted(root: Path) -> None:
+    """When an earlier apply in this project was killed, close what it left open (its entries in DVC's
+    stage lock file, its MLflow runs still RUNNING) and say so in one line. Runs under the project lock."""
+    from proxytune import project, tracking
+
+    previous = project.unfinished_apply(root)
+    dead = project.release_dead_dvc_locks(root)  # else DVC warns "Process ... had been killed"
+    if previous is None and not dead:
+        return
+    closed = 0
+    for uri in (previous or {}).get("uris", []):
+        try:
+            closed += len(tracking.close_ghost_runs(uri)[0])
+        except Exception:  # that store is unreachable now: `audit` reports the runs later
+            pass
+    pid = (previous or {}).get("pid") or dead[0]
+    note = f"; {closed} of its MLflow runs marked KILLED" if closed else ""
+    click.echo(f"resuming after an interrupted run (process {pid} was killed): finished stages are kept{note}")
+    project.end_apply(root)
 
 
 def _check_servers(paths: tuple[str, ...], resolved) -> None:
@@ -144,6 +171,8 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
     if not dry_run:
         _check_servers(specs, resolved)
     with project.project_lock(root, _waiting):
+        if not dry_run:
+            _close_interrupted(root)
         project.write_compiled(resolved, root)
         project.ensure_dvc(root)
         targets = compiler.targets(resolved, set(subjects) or None)
@@ -155,20 +184,27 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
         if dry_run:
             click.echo("dry run: nothing was run")
             return
-        parents, uris = {}, {}
-        for item in resolved:
-            uri = tracking.resolve_uri(item.spec.tracking.uri, root)
-            experiment = item.spec.tracking.experiment or item.spec.name
-            tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
-            parents[item.spec.name] = tracking.start_parent_run(experiment, uri, root, tags)
-            uris[item.spec.name] = uri
-        env_parents = dict(parents)
-        for item in resolved:  # a student variant's stages are children of its spec's run
-            for variant in item.spec.student.variants:
-                env_parents[compiler.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
-        code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)})
-        for name, run_id in parents.items():
-            tracking.end_parent_run(run_id, uris[name], "FINISHED" if code == 0 else "FAILED")
+        uris = {item.spec.name: tracking.resolve_uri(item.spec.tracking.uri, root) for item in resolved}
+        project.record_apply(root, list(uris.values()))  # until end_apply: a killed apply is seen next time
+        parents, code = {}, None
+        try:
+            for item in resolved:
+                experiment = item.spec.tracking.experiment or item.spec.name
+                tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
+                parents[item.spec.name] = tracking.start_parent_run(experiment, uris[item.spec.name], root, tags)
+            env_parents = dict(parents)
+            for item in resolved:  # a student variant's stages are children of its spec's run
+                for variant in item.spec.student.variants:
+                    env_parents[compiler.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
+            code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)})
+        finally:
+            for name, run_id in parents.items():
+                status = "FINISHED" if code == 0 else "KILLED" if code is None else "FAILED"  # None: interrupted
+                tracking.end_parent_run(run_id, uris[name], status)
+            if code != 0:  # a stage process killed hard (out of memory, SIGKILL) left its run RUNNING
+                for uri in set(uris.values()):
+                    tracking.close_ghost_runs(uri)
+            project.end_apply(root)
     if code != 0:
         raise ProxytuneError(f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
     click.echo("done")
@@ -190,7 +226,13 @@ def stage(step: str, params_path: str) -> None:
     processes = module.processes(params_path) if hasattr(module, "processes") else 1
     if processes > 1 and "PROXYTUNE_LAUNCHED" not in os.environ:
         raise SystemExit(_launch(step, params_path, processes))
-    module.run(params_path)
+    try:
+        module.run(params_path)
+    except Exception as err:  # a full disk: name the subject's folder when the error names no file
+        message = disk_full_message(err, fallback=str(Path(params_path).parent))
+        if message is None:
+            raise
+        raise ProxytuneError(message) from None
 
 
 def _launch(step: str, params_path: str, processes: int) -> int:
@@ -399,6 +441,8 @@ def audit(uri: str | None) -> None:
     from proxytune import tracking
 
     result = tracking.audit(_uri(uri))
+    for run in result["killed"]:
+        click.echo(f"closed: {run}: its process is gone; marked KILLED")
     summary = f"{result['versions']} versions, {result['files']} files, {result['evaluations']} evaluation runs"
     if result["problems"]:
         for problem in result["problems"]:

@@ -7,3 +7,38 @@ class ProxytuneError(Exception):
 
 class SpecError(ProxytuneError):
     """A spec file failed to parse or validate; the message names the file and the key path."""
+
+
+def disk_full_message(err: BaseException, fallback: str | None = None) -> str | None:
+    """One line for a full disk anywhere in `err`'s chain of causes, else None.
+
+    A full disk is an OSError with ENOSPC or EDQUOT, or SQLite's "database or disk is full" (the
+    embedded MLflow store). The line names the file (the error's own, else `fallback`, else the
+    current folder) and the free space left on its file system, and says that a re-run resumes.
+    """
+    import errno
+    import os
+    import shutil
+    import sqlite3
+    from pathlib import Path
+
+    codes = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: over a disk quota
+    seen, path, found = set(), None, False
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in codes:
+            found, path = True, err.filename
+            break
+        if isinstance(err, sqlite3.OperationalError) and "disk is full" in str(err):
+            found = True
+            break
+        err = err.__cause__ or err.__context__
+    if not found:
+        return None
+    where = Path(os.fsdecode(path) if path is not None else (fallback or os.getcwd()))
+    probe = where if where.exists() else next((p for p in where.parents if p.exists()), Path("/"))
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{where}: no space left on device ({free}); free some space and re-run the same command to resume"

@@ -12,6 +12,10 @@ point. Points in use:
                          before its output folder is renamed into place
 
 Without N a point matches every time it is reached.
+
+With `PROXYTUNE_CRASH_GROUP=1` the point kills its whole process group with SIGKILL instead (the
+apply, `dvc repro` and the stage, as a terminal's kill or an out-of-memory kill of the job would):
+start the apply in a session of its own (`setsid`, `start_new_session=True`) so nothing else dies.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import sys
 
 ENV = "PROXYTUNE_CRASH_AT"
+GROUP_ENV = "PROXYTUNE_CRASH_GROUP"
 EXIT_CODE = 137  # what a shell reports for a process killed by SIGKILL
 
 
@@ -42,4 +47,8 @@ def checkpoint(stage: str, point: str, n: int | None = None) -> None:
         except (OSError, ValueError):
             pass
     os.write(2, f"proxytune: simulated crash at {where} ({ENV})\n".encode())
+    if os.environ.get(GROUP_ENV) == "1":
+        import signal
+
+        os.killpg(os.getpgrp(), signal.SIGKILL)
     os._exit(EXIT_CODE)

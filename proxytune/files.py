@@ -43,8 +43,21 @@ def _umask() -> int:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    An OSError without a file name (a failed write or fsync: ENOSPC on a full disk) gets `path` as
+    its file name, so the one-line error the CLI prints names the file.
+    """
     path = Path(path)
+    try:
+        _write_bytes_atomic(path, data)
+    except OSError as err:
+        if err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -97,20 +110,31 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def canonicalize_safetensors(path: str | Path) -> None:
-    """Rewrite a .safetensors file with its header keys in sorted order.
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same .safetensors bytes with the header's keys in sorted order.
 
     The safetensors writer keeps `__metadata__` in a hash map whose order changes between
     processes, so the same tensors and metadata can give different bytes. Sorting the header makes
-    the file a function of its content (same spec + seed => byte-identical adapters).
+    the file a function of its content (same spec + seed => byte-identical outputs).
     """
     import struct
 
-    path = Path(path)
-    data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
     body = data[8 + length :]
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format allows space padding; keep tensors 8-byte aligned
-    write_bytes_atomic(path, struct.pack("<Q", len(text)) + text + body)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """`safetensors.torch.save` in canonical form: every writer of a .safetensors output uses this."""
+    from safetensors.torch import save
+
+    return canonical_safetensors(save(tensors, metadata=metadata))
+
+
+def canonicalize_safetensors(path: str | Path) -> None:
+    """Rewrite a .safetensors file another library wrote (diffusers, peft) in canonical form."""
+    path = Path(path)
+    write_bytes_atomic(path, canonical_safetensors(path.read_bytes()))

@@ -204,3 +204,71 @@ def project_lock(root: Path, on_wait: Callable[[], None] | None = None) -> Itera
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+# -- an apply that was killed ------------------------------------------------------------------------
+APPLY_STATE = "apply.json"  # in LOCK_DIR while an apply runs stages; what a killed apply leaves behind
+
+
+def unfinished_apply(root: Path) -> dict | None:
+    """{"pid", "uris"} of an earlier apply in this project that was killed before it ended, else None.
+
+    Read under the project lock: no other apply of this project runs now.
+    """
+    import json
+
+    try:
+        state = json.loads((root / LOCK_DIR / APPLY_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def record_apply(root: Path, uris: list[str]) -> None:
+    """Note this apply and its tracking URIs until `end_apply`: the next apply sees a killed one."""
+    from proxytune.files import write_json_atomic
+
+    write_json_atomic(root / LOCK_DIR / APPLY_STATE, {"pid": os.getpid(), "uris": sorted(set(uris))})
+
+
+def end_apply(root: Path) -> None:
+    (root / LOCK_DIR / APPLY_STATE).unlink(missing_ok=True)
+
+
+def release_dead_dvc_locks(root: Path) -> list[int]:
+    """Remove the entries of dead processes from DVC's stage lock file (.dvc/tmp/rwlock); their pids.
+
+    A `dvc repro` killed during a stage leaves its entry there, and the next one removes it with
+    "WARNING: Process ... had been killed. Auto removed it from the lock file."; `apply` says this
+    in its own words instead. Called under the project lock (no `dvc repro` of ours is running);
+    a file of another shape than DVC 3's {"read": {path: [info]}, "write": {path: info}} is left
+    alone (DVC then warns as before).
+    """
+    import json
+
+    path = root / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text())
+        write, read = lock.get("write", {}), lock.get("read", {})
+        infos = list(write.values()) + [info for readers in read.values() for info in readers]
+        pids = {int(info["pid"]) for info in infos}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return []
+    dead = sorted(pid for pid in pids if not _alive(pid))
+    if not dead:
+        return []
+    kept = {"write": {k: v for k, v in write.items() if int(v["pid"]) not in dead},
+            "read": {k: [i for i in v if int(i["pid"]) not in dead] for k, v in read.items()}}
+    kept = {mode: {k: v for k, v in entries.items() if v} for mode, entries in kept.items()}
+    write_text_atomic(path, json.dumps({mode: entries for mode, entries in kept.items() if entries}))
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    return True

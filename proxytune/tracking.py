@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -103,6 +104,71 @@ def version_tags() -> dict[str, str]:
     return {TAG + k: v for k, v in found.items()}
 
 
+def _start_ticks(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc), or None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime; the name before ")" may hold spaces
+
+
+def owner_tags() -> dict[str, str]:
+    """proxytune.pid, proxytune.host and proxytune.pid_start of this process: on every run it starts,
+    so that a later apply or audit can tell a run whose process was killed (`close_ghost_runs`)."""
+    pid = os.getpid()
+    start = _start_ticks(pid)
+    return {f"{TAG}pid": str(pid), f"{TAG}host": socket.gethostname(), **({f"{TAG}pid_start": start} if start else {})}
+
+
+def _owner_gone(tags: dict[str, str]) -> bool | None:
+    """Whether a run's process is gone: True (no such pid on this host, or the pid now belongs to a
+    process that started later), False (alive), None (another host, or no owner recorded)."""
+    pid, host = tags.get(f"{TAG}pid", ""), tags.get(f"{TAG}host")
+    if not pid.isdigit() or host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # exists, owned by another user
+    recorded, now = tags.get(f"{TAG}pid_start"), _start_ticks(int(pid))
+    return recorded is not None and now is not None and now != recorded
+
+
+GHOST_KINDS = ("apply", "stage", "report")  # proxytune.kind of the runs proxytune starts
+
+
+def close_ghost_runs(uri: str) -> tuple[list, list]:
+    """Mark proxytune's RUNNING runs whose process is gone KILLED.
+
+    Returns (runs marked KILLED, RUNNING runs this host cannot judge: started on another host or
+    with no owner recorded). Runs of live processes are left alone.
+    """
+    client = connect(uri)
+    killed, unknown = [], []
+    for run in _all_runs(client, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(f"{TAG}kind") not in GHOST_KINDS:
+            continue
+        gone = _owner_gone(tags)
+        if gone:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run)
+        elif gone is None:
+            unknown.append(run)
+    return killed, unknown
+
+
+def describe_run(run) -> str:
+    """'run ID (NAME, experiment E, pid P on HOST)': how a ghost run is named in messages."""
+    tags = run.data.tags
+    owner = (f"pid {tags[TAG + 'pid']} on {tags.get(TAG + 'host', '?')}" if TAG + "pid" in tags
+             else "no owner recorded")
+    return f"run {run.info.run_id} ({run.info.run_name}, experiment {run.info.experiment_id}, {owner})"
+
+
 def registered_name(experiment: str, subject: str, role: str) -> str:
     return f"{experiment}.{subject}.{role}"
 
@@ -113,7 +179,7 @@ def start_parent_run(experiment: str, uri: str, root: Path, tags: dict[str, str]
     run = client.create_run(
         experiment_id(experiment, uri, root),
         run_name="apply",
-        tags={f"{TAG}kind": "apply", **{TAG + k: v for k, v in tags.items()}, **version_tags()},
+        tags={f"{TAG}kind": "apply", **{TAG + k: v for k, v in tags.items()}, **version_tags(), **owner_tags()},
     )
     return run.info.run_id
 
@@ -149,7 +215,7 @@ class StageRun:
         commit = self.git_commit = git_commit(self.root)
         if commit:
             tags["mlflow.source.git.commit"] = commit
-        tags |= version_tags()
+        tags |= version_tags() | owner_tags()
         self._run = mlflow.start_run(
             experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
             run_name=f"{self.stage}:{self.subject}",
@@ -440,18 +506,27 @@ def _all_runs(client, filter_string: str) -> list:
 
 
 def audit(uri: str) -> dict:
-    """Re-hash every registered version's files and resolve every lineage link.
+    """Re-hash every registered version's files, resolve every lineage link, close ghost runs.
 
-    Returns {"problems": [one line each], "versions": n, "files": n, "evaluations": n}.
+    RUNNING runs whose process is gone are marked KILLED first (`close_ghost_runs`); a RUNNING run
+    this host cannot judge (another host, no owner recorded) is a problem.
+
+    Returns {"problems": [one line each], "killed": [one line per run marked KILLED], "versions": n,
+    "files": n, "evaluations": n}.
     """
     import tempfile
 
+    killed, unknown = close_ghost_runs(uri)
     client = connect(uri)
     versions = {}
     for model in client.search_registered_models():
         for version in client.search_model_versions(f"name='{model.name}'"):
             versions[f"{version.name}@{version.version}"] = version
-    problems: list[str] = []
+    problems = [f"{describe_run(run)} is RUNNING; " + (
+        "from here it cannot be told whether its process is alive: run `proxytune audit` on that host to close it"
+        if TAG + "pid" in run.data.tags else
+        "if no process runs it any more, close it with MlflowClient().set_terminated(run_id, 'KILLED')")
+        for run in unknown]
     files_checked = 0
 
     def check_link(owner: str, what: str, ref: str | None) -> None:
@@ -501,7 +576,8 @@ def audit(uri: str) -> dict:
         owner = f"evaluation run {run.info.run_id}"
         for what in ("student_version", "teacher_version"):
             check_link(owner, what.replace("_", " "), _run_tag(run, what))
-    return {"problems": problems, "versions": len(versions), "files": files_checked, "evaluations": len(evaluations)}
+    return {"problems": problems, "killed": [describe_run(run) for run in killed], "versions": len(versions),
+            "files": files_checked, "evaluations": len(evaluations)}
 
 
 def remote_uri(spec_uri: str | None) -> str | None:
@@ -666,7 +742,7 @@ def compare(uri: str, a: str, b: str) -> dict:
 def log_report(uri: str, experiment: str, root: Path, files: list[Path], tags: dict[str, str]) -> str:
     """Log the report files as artifacts of a new run named "report" (tag kind=report); return its id."""
     client = connect(uri)
-    run_tags = {f"{TAG}kind": "report", **{TAG + k: str(v) for k, v in tags.items()}}
+    run_tags = {f"{TAG}kind": "report", **{TAG + k: str(v) for k, v in tags.items()}, **owner_tags()}
     commit = git_commit(root)
     if commit:
         run_tags["mlflow.source.git.commit"] = commit

@@ -1,6 +1,7 @@
 """Cheap checks (no model runs): bad input, fault hooks, the project lock, weight loading, many subjects."""
 
 import ast
+import json
 import os
 import socket
 import subprocess
@@ -156,6 +157,67 @@ def test_project_lock_makes_a_second_holder_wait(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid  # exited and reaped: no process has this pid now (barring a quick reuse)
+
+
+def test_a_full_disk_during_apply_is_one_line_and_exit_2(project, monkeypatch):
+    import errno
+
+    path = write_spec(project, GOOD)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write or fsync on a full disk fails
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = CliRunner().invoke(main, ["apply", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    # The first file apply writes is the subject's params file: the line names it and asks for space.
+    assert lines[0].startswith(f"error: {project / 'runs/t/dog/params.yaml'}: no space left on device (")
+    assert "MiB free there); free some space and re-run the same command to resume" in lines[0]
+
+
+def test_audit_closes_runs_of_dead_processes_and_flags_other_hosts(project):
+    from proxytune import tracking
+
+    uri = tracking.resolve_uri(None, project)
+    client = tracking.connect(uri)
+    runs = {name: tracking.start_parent_run("t", uri, project, {}) for name in ("dead", "reused", "elsewhere", "alive")}
+    assert client.get_run(runs["alive"]).data.tags["proxytune.pid"] == str(os.getpid())
+    client.set_tag(runs["dead"], "proxytune.pid", str(dead_pid()))
+    client.set_tag(runs["reused"], "proxytune.pid_start", "1")  # this pid, but a process that started earlier
+    client.set_tag(runs["elsewhere"], "proxytune.host", "another-host.example")
+    result = CliRunner().invoke(main, ["audit", "--uri", uri])
+    assert result.exit_code == 1, result.output
+    closed = [line for line in result.output.splitlines() if line.startswith("closed: ")]
+    assert sorted(line.split()[2] for line in closed) == sorted([runs["dead"], runs["reused"]]), result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 1 and runs["elsewhere"] in problems[0] and "another-host.example" in problems[0]
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "reused": "KILLED", "elsewhere": "RUNNING", "alive": "RUNNING"}
+
+
+def test_dvc_lock_entries_of_dead_processes_are_released(tmp_path):
+    from proxytune.project import release_dead_dvc_locks
+
+    dead, alive = dead_pid(), os.getpid()
+    path = tmp_path / ".dvc" / "tmp" / "rwlock"
+    path.parent.mkdir(parents=True)
+    info = {"pid": dead, "cmd": "dvc repro teacher@t.dog"}
+    path.write_text(json.dumps({"write": {"/p/runs/t/dog/teacher": info, "/p/other": {"pid": alive, "cmd": "dvc repro"}},
+                                "read": {"/p/runs/t/dog/params.yaml": [info, {"pid": alive, "cmd": "dvc repro"}]}}))
+    assert release_dead_dvc_locks(tmp_path) == [dead]
+    assert json.loads(path.read_text()) == {"write": {"/p/other": {"pid": alive, "cmd": "dvc repro"}},
+                                            "read": {"/p/runs/t/dog/params.yaml": [{"pid": alive, "cmd": "dvc repro"}]}}
+    assert release_dead_dvc_locks(tmp_path) == []
+    path.write_text("not json")
+    assert release_dead_dvc_locks(tmp_path) == [] and path.read_text() == "not json"  # not ours to repair
 
 
 # -- lineage staleness without the project -----------------------------------------------------

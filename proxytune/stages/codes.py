@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune.backends import students
-from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
+from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -70,13 +70,11 @@ def check_identifier(bundle, params: StageParams) -> None:
 
 
 def run(params_path: str | Path) -> None:
-    from safetensors.torch import save
-
     params = load_params(params_path)
     tensors, metadata = encode_proxies(params)
     tags = {"proxy_digest": metadata["proxy_digest"], "base_model": metadata["model"], "backend": metadata["backend"]}
     with common.stage_run(params, "codes", tags) as run, staged_dir(params.out("codes")) as tmp:
-        write_bytes_atomic(tmp / CODES_FILE, save(tensors, metadata=metadata))
+        write_bytes_atomic(tmp / CODES_FILE, safetensors_bytes(tensors, metadata))  # sorted header: same bytes every run
         digest = sha256_file(tmp / CODES_FILE)
         run.log_params({"student.model": metadata["model"], "num_images": len(tensors["codes"]),
                         "seq_len": tensors["codes"].shape[1], "codes_sha256": digest})

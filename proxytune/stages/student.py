@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import students
 from proxytune.backends.student_api import sampling_settings, unwrapped
-from proxytune.files import sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
+from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -336,12 +336,10 @@ class StudentRecipe:
     def _save_weights(self, folder: Path) -> Path:
         """The adapter (peft format) or, for full fine-tuning, the whole state dict; returns the weights file."""
         if self.full_finetune:
-            from safetensors.torch import save
-
             path = folder / FULL_WEIGHTS
             path.parent.mkdir()
             state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.bundle.model.state_dict().items())}
-            write_bytes_atomic(path, save(state, metadata={"base_model": self.cfg.model, "backend": self.bundle.backend}))
+            write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.cfg.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"
         self.bundle.model.save_pretrained(str(adapter))

@@ -195,7 +195,7 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         }
         write_json_atomic(tmp / "manifest.json", manifest)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
-        grid([preview], cell=min(params.teacher.resolution, 256)).save(tmp / "preview.png")
+        write_png_atomic(tmp / "preview.png", grid([preview], cell=min(params.teacher.resolution, 256)))
         run.log_params({"synthesis": cfg.model_dump(mode="json"), "prompts": prompts})
         run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
         run.log_artifacts(tmp, "proxy")
