@@ -1,7 +1,8 @@
-"""Synthesis resumes without regenerating finished images; DreamBench download from a local server."""
+"""Synthesis resumes without regenerating finished images, also after a full disk; DreamBench download from a local server."""
 
 import http.server
 import json
+import os
 import threading
 from functools import partial
 
@@ -54,6 +55,42 @@ def test_resume_keeps_finished_images_and_regenerates_partial_ones(teacher_adapt
     assert seen == [[2, 3], [4]]
     for i in range(5):
         assert sha256_file(resumed / f"{i:05d}.png") == sha256_file(full / f"{i:05d}.png")
+
+
+def test_a_full_disk_in_a_stage_is_one_line_and_the_rerun_resumes(teacher_adapter, monkeypatch):
+    import errno
+    import tempfile
+
+    from click.testing import CliRunner
+
+    from proxytune.cli import main
+    from proxytune.stages import common
+
+    params = teacher_adapter
+    common.write_record(params.out("teacher"), {"model": "t.dog.teacher", "version": "1", "run_id": "0" * 32,
+                                                "adapter_digest": sha256_file(params.out("teacher") / "adapter" / diffusion.LORA_WEIGHT_NAME)})
+    real_mkstemp = tempfile.mkstemp
+
+    def full_for_preview(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".preview.png."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # the disk fills while the preview is written
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    command = ["stage", "synthesis", "--params", str(params.path)]
+    monkeypatch.setattr(tempfile, "mkstemp", full_for_preview)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no space left on device" in errors[0] and "free some space" in errors[0], result.output
+    assert errors[0].startswith("error: ") and f"/{params.subject_dir.name}/.proxy.staging-" in errors[0]
+    assert errors[0].split(": ")[1].endswith("/preview.png")
+    assert not params.out("proxy").exists() and not list(params.subject_dir.glob(".proxy.staging-*"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)  # space freed: the re-run only assembles the set
+    monkeypatch.setattr(diffusion, "generate", lambda *a, **k: pytest.fail("finished images were generated again"))
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert (params.out("proxy") / "preview.png").exists() and len(list((params.out("proxy") / "images").iterdir())) == 5
 
 
 def test_dreambench_download_from_a_local_server(tmp_path, monkeypatch):
