@@ -30,6 +30,7 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
     """
     path = Path(path)
     spec = load_spec(path)
+    check_resolution(spec, path, root)
     references = {}
     for index, subject in enumerate(spec.subjects):
         folder = resolve_images(subject, path, index)
@@ -43,6 +44,23 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
     check_identifiers(spec, path, root)
     shown = compiler.relative_to_root(path, root)
     return compiler.ResolvedSpec(spec=spec, spec_path=shown, spec_digest=sha256_file(path), references=references)
+
+
+def check_resolution(spec, path: Path, root: Path) -> None:
+    """`teacher.resolution` must be a multiple of what the teacher pipeline divides it by (VAE, patches).
+
+    Raises:
+        SpecError: it is not; the message names the nearest usable sizes.
+    """
+    from proxytune.backends.teacher_sizes import resolution_multiple
+
+    size, multiple = spec.teacher.resolution, resolution_multiple(spec.teacher.model, root, spec.teacher.revision)
+    if multiple is None or size % multiple == 0:
+        return
+    below, above = size - size % multiple, size - size % multiple + multiple
+    nearest = f"{below} or {above}" if below else f"{above}"
+    raise SpecError(f"{path}: teacher.resolution: {size} is not a multiple of {multiple}, which {spec.teacher.model} "
+                    f"needs (its VAE and denoiser downsample by it); use {nearest}")
 
 
 def _llamagen_student(ref: str, root: Path) -> bool:

@@ -54,6 +54,16 @@ BAD_SPECS = [
     ({"name": "t", "subjects": [{"name": "dog", "images": "x"}]}, "subjects[0].class: required key is missing"),
     ({"name": "t", "subjects": []}, "subjects:"),
     (with_(subjects__0__images="no/such/folder"), "subjects[0].images: no such folder"),
+    # values the stages could not use: a seed past 64 bits, non-finite floats, a resolution the VAE cannot divide
+    (with_(seed=2**64), "seed: must be an integer from 0 to 4294967295"),
+    (with_(synthesis__seed=2**32), "synthesis.seed: must be an integer from 0 to 4294967295"),
+    (with_(teacher__learning_rate=float("inf")), "teacher.learning_rate: must be a finite number"),
+    (with_(teacher__learning_rate=float("nan")), "teacher.learning_rate: must be a finite number"),
+    (with_(student__betas=[float("nan"), 0.9]), "student.betas[0]: must be a finite number"),
+    (with_(evaluation__gate=[{"metric": "dino", "margin": float("-inf")}]), "evaluation.gate[0].margin: must be a finite"),
+    (with_(student__variants={"b": {"learning_rate": float("inf")}}), "student.variants.b.learning_rate: must be a finite"),
+    (with_(teacher__resolution=60), "teacher.resolution: 60 is not a multiple of 8, which tiny-sd needs"),
+    (with_(teacher__model="tiny-flux", teacher__resolution=100), "teacher.resolution: 100 is not a multiple of 8"),
 ]
 
 
@@ -127,3 +137,30 @@ def test_builtin_names_match_backends():
     assert set(common.TINY_STUDENTS) == set(students.TINY_STUDENTS)
     assert set(common.TINY_CLIP) == set(encoders.TINY_CLIP)
     assert set(common.TINY_DINO) == set(encoders.TINY_DINO)
+
+
+def test_resolution_multiple_of_a_local_pipeline_is_read_from_its_configs(project, tmp_path_factory):
+    """An SD3 folder with an x8 VAE and 2x2 patches needs a multiple of 16: refused before anything is written."""
+    model = tmp_path_factory.mktemp("sd3-like")
+    (model / "vae").mkdir()
+    (model / "transformer").mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (model / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    (model / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2}))
+    path = write(project, with_(teacher__model=str(model), teacher__resolution=520))
+    result = CliRunner().invoke(main, ["compile", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip() == (f"error: {path}: teacher.resolution: 520 is not a multiple of 16, which {model} "
+                                     "needs (its VAE and denoiser downsample by it); use 512 or 528")
+    assert sorted(p.name for p in project.iterdir()) == ["specs"]
+
+
+def test_builtin_resolution_multiples_match_the_built_pipelines():
+    from proxytune.backends import diffusion, teacher_sizes
+
+    for name in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
+        folder = Path(diffusion.resolve(name))
+        configs = [json.loads((folder / rel).read_text()) if (folder / rel).exists() else None
+                   for rel in ("model_index.json", "vae/config.json", "transformer/config.json")]
+        assert teacher_sizes.multiple_from_configs(*configs) == teacher_sizes.BUILTIN_MULTIPLES[name], name
+    assert set(teacher_sizes.BUILTIN_MULTIPLES) == set(diffusion.TINY_TEACHERS)

@@ -51,6 +51,8 @@ def _message(err: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "finite_number":
+        return "must be a finite number (not NaN or infinity)"
     if kind in ("greater_than", "int_type", "int_parsing", "int_from_float") and err.get("ctx", {}).get("gt") == 0:
         return "must be a positive integer"
     return msg.removeprefix("Value error, ")

@@ -19,9 +19,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, values are re-checked on assignment."""
+    """Base for every spec section: unknown keys are errors, values are re-checked on assignment, and
+    every float must be finite (NaN and +-inf are refused for every float field, constrained or not)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 def _safe_name(value: str) -> str:
@@ -49,6 +50,21 @@ PositiveInt = Annotated[int, Field(gt=0, strict=True)]
 NonNegativeInt = Annotated[int, Field(ge=0, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+
+# Seeds: stages derive further seeds from a spec seed (seed + i, seed + 1000 p + k, (seed + offset) * 1_000_003
+# + step) and torch generators take at most 64 bits, so each spec seed is kept to 32 bits, which leaves
+# every derived seed far inside torch's range.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"must be an integer from 0 to {MAX_SEED} (2**32 - 1): stages derive further seeds from it "
+                         f"and torch generators take at most 64 bits")
+    return value
+
+
+Seed = Annotated[int, Field(strict=True), AfterValidator(_seed)]
 
 
 def model_ref_checker(builtins: tuple[str, ...]):

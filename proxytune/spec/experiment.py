@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from proxytune.spec.common import NonNegativeInt, PlainName, Strict
+from proxytune.spec.common import PlainName, Seed, Strict
 from proxytune.spec.evaluation import EvaluationSpec
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.subject import SubjectSpec
@@ -17,7 +17,7 @@ class ExperimentSpec(Strict):
     """A proxytune spec: `proxytune apply` turns it into DVC stages and MLflow runs."""
 
     name: PlainName = Field(description="Experiment name; folder runs/NAME and MLflow experiment.")
-    seed: NonNegativeInt = Field(default=0, description="Base seed for every stage.")
+    seed: Seed = Field(default=0, description="Base seed for every stage.")
     subjects: list[SubjectSpec] = Field(min_length=1, description="Subjects to personalise, each on its own.")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Diffusion teacher (DreamBooth LoRA).")
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec, description="Proxy set generation.")

@@ -8,7 +8,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from proxytune.spec.common import (
     TINY_STUDENTS,
-    NonNegativeInt,
+    Seed,
     PositiveFloat,
     PlainName,
     PositiveInt,
@@ -103,7 +103,7 @@ class StudentSettings(Strict):
     )
     checkpoint_every: PositiveInt = Field(default=250, description="Save a resumable checkpoint every N steps.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How the student samples images.")
-    seed_offset: NonNegativeInt = Field(default=0, description="Added to the experiment seed for this stage.")
+    seed_offset: Seed = Field(default=0, description="Added to the experiment seed for this stage.")
     regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32).")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")

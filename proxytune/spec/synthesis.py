@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from proxytune.spec.common import NonNegativeInt, PositiveFloat, PositiveInt, Probability, Strict
+from proxytune.spec.common import PositiveFloat, PositiveInt, Probability, Seed, Strict
 
 
 def _check_template(value: str) -> str:
@@ -45,7 +45,7 @@ class SynthesisSpec(Strict):
     num_inference_steps: PositiveInt = Field(default=30, description="Denoising steps per image.")
     guidance_scale: float = Field(default=7.5, ge=1.0, description="Classifier-free guidance scale.")
     batch_size: PositiveInt = Field(default=4, description="Images per pipeline call.")
-    seed: NonNegativeInt = Field(default=0, description="Image i gets seed `seed + i`, whatever the batching.")
+    seed: Seed = Field(default=0, description="Image i gets seed `seed + i`, whatever the batching.")
     lora_scale: PositiveFloat = Field(default=1.0, description="Scale of the fused teacher LoRA.")
     templates: list[str] = Field(
         default=[],

@@ -11,6 +11,7 @@ from proxytune.spec.common import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Seed,
     Strict,
     model_ref_checker,
 )
@@ -33,7 +34,7 @@ class PriorPreservationSpec(Strict):
     class_prompt: str = Field(default="a {class}", description="Prompt of the class images; {class} is the subject's class.")
     num_class_images: PositiveInt = Field(default=100, description="Class images generated once (seeded) and cached.")
     prior_loss_weight: PositiveFloat = Field(default=1.0, description="loss = instance + prior_loss_weight * prior.")
-    seed: NonNegativeInt = Field(default=0, description="Class image i gets seed `seed + i`.")
+    seed: Seed = Field(default=0, description="Class image i gets seed `seed + i`.")
     num_inference_steps: PositiveInt = Field(default=30, description="Denoising steps per class image.")
     guidance_scale: float = Field(default=7.5, ge=1.0, description="Guidance of the class images.")
 
