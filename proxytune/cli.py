@@ -508,11 +508,14 @@ def compare(a: str, b: str, uri: str | None) -> None:
 
     result = tracking.compare(_uri(uri), a, b)
     width = max([len(k) for k in result["metrics"]] + [6])
-    click.echo(f"{'metric':<{width}}  {a:>22}  {b:>22}  {'B - A':>9}")
+    click.echo(f"{'metric':<{width}}  {a:>22}  {b:>22}  {'B - A':>9}  95% interval of B - A")
     for key, (va, vb) in result["metrics"].items():
         fmt = lambda v: f"{v:22.4f}" if v is not None else f"{'-':>22}"  # noqa: E731
         delta = f"{vb - va:+9.4f}" if va is not None and vb is not None else f"{'-':>9}"
-        click.echo(f"{key:<{width}}  {fmt(va)}  {fmt(vb)}  {delta}")
+        ci = result["intervals"].get(key)
+        click.echo(f"{key:<{width}}  {fmt(va)}  {fmt(vb)}  {delta}  " + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"))
+    how = "paired by prompt (same prompts)" if result["paired"] else "each run's prompts resampled on their own"
+    click.echo(f"intervals: 95% bootstrap resampling prompts, {how}")
     click.echo(f"runs: A {result['runs'][a]}  B {result['runs'][b]}")
 
 

@@ -18,6 +18,10 @@ RUNS_DIR = "runs"
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
 OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval"}
 METRICS_FILE = "metrics.json"
+CURVES_FILE = "loss.csv"  # teacher/ and student/: step, loss and the other training curves
+PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
+PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
+ORACLE_METRICS = ("subject_acc", "prompt_acc")  # toy world subjects only
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
 # stages because synthesis and evaluation load the base pipeline again.
@@ -186,7 +190,46 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             params_files[path] = _joint_params(spec)
     ordered = {step: stages[step] for step in STEPS if step in stages}
     ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
-    return {"stages": ordered}, params_files
+    compiled_dvc = {"stages": ordered}
+    plots = [p for p in (existing or {}).get("plots", []) if not _plot_of(p, compiled)]
+    plots += _plots(resolved, own, variants)
+    if plots:
+        compiled_dvc["plots"] = plots
+    return compiled_dvc, params_files
+
+
+def _plot_of(plot, experiments: set[str]) -> bool:
+    """Whether a top-level plot definition reads a file of one of `experiments` (then it is recompiled)."""
+    if not isinstance(plot, dict):
+        return False
+    paths = []
+    for name, props in plot.items():
+        y = (props or {}).get("y") if isinstance(props, dict) else None
+        paths += list(y) if isinstance(y, dict) else [name]
+    parts = [str(path).split("/") for path in paths]
+    return any(len(p) > 2 and p[0] == RUNS_DIR and base_experiment(p[1]) in experiments for p in parts)
+
+
+def _plots(resolved: list[ResolvedSpec], own: dict[str, dict], variants: dict[str, dict]) -> list[dict]:
+    """Top-level DVC plots: the teacher's and each student's training curves and the per-prompt metrics of
+    every evaluation, so `dvc plots show` / `dvc plots diff` draw them. The files are inside the stages'
+    output folders (written by the stages, see CURVES_FILE and PER_PROMPT_FILE)."""
+    toy = {item_key(variant_experiment(s.spec.name, v) if v else s.spec.name, subject.name): subject.toy_subject is not None
+           for s in resolved for subject in s.spec.subjects for v in ("", *s.spec.student.variants)}
+    curves, per_prompt = {}, []
+    for key, item in sorted({**own, **variants}.items()):
+        if key in own:
+            curves[f"{item['dir']}/teacher/{CURVES_FILE}"] = f"teacher loss {key}"
+        student = f"{item['student']}/{CURVES_FILE}"
+        curves.setdefault(student, f"student loss {key}" if item["student"].startswith(item["dir"]) else
+                          f"student loss {item['student'].split('/')[1]} (all subjects)")
+        path = f"{item['dir']}/{OUT_DIRS['evaluate']}/{PER_PROMPT_FILE}"
+        for metric in PLOTTED_METRICS + (ORACLE_METRICS if toy.get(key) else ()):
+            per_prompt.append({f"{metric} per prompt {key}": {
+                "x": "prompt", "y": {path: [f"teacher_{metric}", f"student_{metric}"]}, "template": "scatter",
+                "x_label": "prompt (index into eval/prompts.json)", "y_label": metric}})
+    loss = [{path: {"x": "step", "y": "loss", "template": "linear", "title": title}} for path, title in curves.items()]
+    return loss + per_prompt
 
 
 def _joint_params(resolved: ResolvedSpec) -> dict:

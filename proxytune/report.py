@@ -504,12 +504,22 @@ def _notes(subject: SubjectResult) -> list[str]:
     return notes + ([BASE_NOTE] if any(m in subject.models for m in MODEL_ORDER if m.startswith("base-")) else [])
 
 
+def interval_note(meta: dict) -> str:
+    """How the table's intervals were computed, from metrics.json's `bootstrap` record."""
+    boot = meta.get("bootstrap") or {}
+    resamples = boot.get("resamples", "?")
+    if boot.get("unit", "image") == "prompt":
+        return (f"95% bootstrap intervals resample prompts, each with all its images ({resamples} resamples): "
+                "the images of one prompt share it, so they are not independent draws.")
+    return (f"95% bootstrap intervals resample single images ({resamples} resamples), as proxytune did before it "
+            "resampled prompts: they are too narrow; re-run the evaluate stage for prompt-level intervals.")
+
+
 def _html_metric_table(subject: SubjectResult) -> str:
     best = best_models(subject)
     meta = subject.metrics
-    boot = meta.get("bootstrap") or {}
     caption = (f"{meta.get('prompts', len(subject.prompts))} prompts × {meta.get('images_per_prompt', '?')} images per model; "
-               f"mean [95% bootstrap interval over {boot.get('unit', 'image')}s, {boot.get('resamples', '?')} resamples]. "
+               f"mean [95% bootstrap interval]. {interval_note(meta)} "
                "Best mean in bold." + "".join(" " + note for note in _notes(subject)))
     head = "".join(f'<th scope="col">{esc(label)}</th>' for _, label in subject.columns)
     rows = []
@@ -666,7 +676,7 @@ MLflow experiment <code>{esc(report.mlflow_experiment)}</code>; written {esc(rep
 {banner}
 <nav>Subjects: {nav} · <a href="#spec">spec</a></nav>
 <section id="summary"><h2>Summary</h2>
-<p>Mean [95% bootstrap interval] per subject and model; CLIP-I and DINO: subject fidelity, CLIP-T: prompt fidelity{oracle}.</p>
+<p>Mean [95% bootstrap interval, resampling prompts] per subject and model; CLIP-I and DINO: subject fidelity, CLIP-T: prompt fidelity{oracle}.</p>
 {_html_summary(report)}
 </section>
 {body}
@@ -720,8 +730,7 @@ def _md_subject(report: Report, subject: SubjectResult) -> list[str]:
     lines += ["### Metrics", ""]
     lines += _md_table(["model"] + [label for _, label in subject.columns],
                        [[md(m)] + [cell(m, metric) for metric, _ in subject.columns] for m in subject.models])
-    if _notes(subject):
-        lines += [" ".join(_notes(subject)), ""]
+    lines += [" ".join([interval_note(meta), *_notes(subject)]), ""]
     lines += ["### Promotion gate", ""]
     gate = subject.gate
     if gate:

@@ -729,12 +729,30 @@ def evaluation_run(uri: str, ref: str):
 
 
 def compare(uri: str, a: str, b: str) -> dict:
-    """Metrics of two evaluation runs (given as student versions or run ids), side by side."""
+    """Metrics of two evaluation runs (given as student versions or run ids), side by side, with the 95%
+    interval of B - A for every MODEL.METRIC mean, resampling prompts (from each run's eval/per_prompt.json;
+    paired prompt by prompt when both runs used the same prompts)."""
+    from proxytune import stats
+
     runs = {a: evaluation_run(uri, a), b: evaluation_run(uri, b)}
     keys = sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics))
+    per_prompt = {label: _load_json_artifact(run.info.run_id, "eval/per_prompt.json") for label, run in runs.items()}
+    prompts = {label: _load_json_artifact(run.info.run_id, "eval/prompts.json") for label, run in runs.items()}
+    paired = prompts[a] is not None and prompts[a] == prompts[b]
+    intervals = {}
+    for key in keys:
+        model, _, metric = key.partition(".")
+        sides = [(per_prompt[label] or {}).get(model) if isinstance(per_prompt[label], dict) else None for label in (a, b)]
+        if all(isinstance(side, list) and side and metric in side[0] for side in sides):
+            values = [[row.get(metric) for row in side] for side in sides]
+            intervals[key] = stats.prompt_difference_ci(values[0], values[1], paired)
+        else:
+            intervals[key] = None  # not a per-prompt mean (total_variance, gate_passed), or an older run
     return {
         "runs": {label: run.info.run_id for label, run in runs.items()},
         "metrics": {k: [runs[a].data.metrics.get(k), runs[b].data.metrics.get(k)] for k in keys},
+        "intervals": intervals,
+        "paired": paired,
     }
 
 

@@ -170,24 +170,54 @@ def test_compare_two_evaluations(applied):
     record = json.loads((subject_dir(project) / "eval" / "record.json").read_text())
     out = cli(project, "compare", "t.dog.student@1", record["run_id"]).stdout
     assert "student.dino" in out and "teacher.clip_i" in out and "+0.0000" in out
+    # the same evaluation twice: paired by prompt, every prompt's difference 0
+    assert "95% interval of B - A" in out and "paired by prompt" in out
+    assert next(line for line in out.splitlines() if line.startswith("student.dino")).endswith("[+0.0000, +0.0000]")
     bad = cli(project, "compare", "t.dog.student@7", record["run_id"], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: t.dog.student@7")
+
+
+def test_dvc_plots_show_finds_the_curves_and_per_prompt_metrics(applied):
+    project, _ = applied
+    out = subject_dir(project)
+    for stage in ("teacher", "student"):
+        rows = (out / stage / "loss.csv").read_text().splitlines()
+        assert rows[0].startswith("step,loss") and len(rows) == 1 + 20  # tiny_spec: 20 steps each
+    per_prompt = (out / "eval" / "per_prompt.csv").read_text().splitlines()
+    assert per_prompt[0].startswith("prompt,teacher_clip_i,") and len(per_prompt) == 1 + 2
+    shown = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=project, capture_output=True, text=True,
+                                      check=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"}).stdout)["data"]
+    assert {"runs/t/dog/teacher/loss.csv", "runs/t/dog/student/loss.csv", "dino per prompt t.dog"} <= set(shown)
+    for name in ("runs/t/dog/teacher/loss.csv", "dino per prompt t.dog"):
+        values = shown[name][0]["content"]["data"]["values"]
+        assert len(values) == (20 if "loss" in name else 2 * 2), name  # per prompt: teacher and student series
+
+
+RECORDS = ("record.json",)  # run ids and registered versions: records of this run, not its results
+
+
+def output_files(project: Path) -> dict[str, Path]:
+    """Every file under runs/ (outside hidden scratch folders such as .work), by relative path."""
+    base = project / "runs"
+    return {p.relative_to(base).as_posix(): p for p in sorted(base.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)}
 
 
 def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreambench):
     project, _ = applied
     other = new_project(tmp_path / "again", dreambench, tiny_spec())
     cli(other, "apply", "specs/t.yaml")
-    for rel in ("teacher/adapter/pytorch_lora_weights.safetensors", "proxy/manifest.json",
-                "student/adapter/adapter_model.safetensors", "student/adapter/adapter_config.json", "metrics.json"):
-        a, b = subject_dir(project) / rel, subject_dir(other) / rel
-        if rel.endswith(".json"):
+    ours, theirs = output_files(project), output_files(other)
+    assert sorted(ours) == sorted(theirs)
+    compared = [rel for rel in ours if Path(rel).name not in RECORDS]
+    for rel in compared:
+        a, b = ours[rel], theirs[rel]
+        if rel.endswith("proxy/manifest.json"):  # names the teacher's run: a record inside the manifest
             da, db = json.loads(a.read_text()), json.loads(b.read_text())
-            da.pop("teacher_run_id", None), db.pop("teacher_run_id", None)
-            da.pop("teacher_version", None), db.pop("teacher_version", None)
-            assert da == db, rel
+            assert da.pop("teacher_run_id") != db.pop("teacher_run_id") and da == db, rel
         else:
-            assert sha256_file(a) == sha256_file(b), rel
+            assert sha256_file(a) == sha256_file(b), rel  # byte-identical, codes.safetensors included
+    assert "t/dog/codes/codes.safetensors" in compared and "t/dog/student/adapter/adapter_model.safetensors" in compared
 
 
 def test_editing_student_section_reruns_only_student_and_evaluate(applied):

@@ -106,3 +106,41 @@ def test_student_variants_share_teacher_proxies_and_codes():
     # recompiling without variants removes their stages
     dvc2, _ = compiler.compile_specs([resolved("exp")], existing=dvc)
     assert not [n for n in expand(dvc2) if "--" in n]
+
+
+def plot_files(dvc: dict) -> dict[str, list]:
+    """Top-level plot id -> the files it reads."""
+    out = {}
+    for plot in dvc.get("plots", []):
+        (name, props), = plot.items()
+        out[name] = list(props["y"]) if isinstance(props["y"], dict) else [name]
+    return out
+
+
+def test_plots_declare_training_curves_and_per_prompt_metrics():
+    """`dvc plots show` finds every stage's curves (teacher, each student: own, variant, joint) and the
+    per-prompt metrics; recompiling replaces an experiment's plots and keeps the others and the user's own."""
+    variants = {"direct": {"recipe": "direct-lora"}}
+    dvc, _ = compiler.compile_specs([resolved("exp", student={"variants": variants})])
+    plots = plot_files(dvc)
+    assert plots["runs/exp/dog/teacher/loss.csv"] == ["runs/exp/dog/teacher/loss.csv"]
+    assert "runs/exp/dog/student/loss.csv" in plots and "runs/exp--direct/dog/student/loss.csv" in plots
+    assert "runs/exp--direct/dog/teacher/loss.csv" not in plots  # variants share the main teacher
+    for key in ("exp.dog", "exp--direct.dog"):
+        assert plots[f"dino per prompt {key}"] == [f"runs/{key.split('.')[0]}/dog/eval/per_prompt.csv"]
+    teacher = next(p for p in dvc["plots"] if "runs/exp/dog/teacher/loss.csv" in p)["runs/exp/dog/teacher/loss.csv"]
+    assert (teacher["x"], teacher["y"]) == ("step", "loss")
+    dino = next(p for p in dvc["plots"] if "dino per prompt exp.dog" in p)["dino per prompt exp.dog"]
+    assert dino["x"] == "prompt" and dino["y"] == {"runs/exp/dog/eval/per_prompt.csv": ["teacher_dino", "student_dino"]}
+
+    spec = parse_spec({"name": "j", "subjects": [{"name": s, "class": "dog", "images": f"refs/{s}", "token": f"s{s}"}
+                                                 for s in ("a", "b")], "student": {"multi_subject": True}}, "x.yaml")
+    both = compiler.ResolvedSpec(spec, "specs/j.yaml", "0" * 64, {"a": "refs/a", "b": "refs/b"})
+    user = {"my-plot": {"y": {"elsewhere/curve.csv": "acc"}}}
+    dvc2, _ = compiler.compile_specs([both], existing={**dvc, "plots": [*dvc["plots"], user]})
+    plots2 = plot_files(dvc2)
+    assert "runs/j/_joint/student/loss.csv" in plots2 and "runs/j/a/student/loss.csv" not in plots2
+    assert plots2["my-plot"] == ["elsewhere/curve.csv"] and "dino per prompt exp.dog" in plots2
+    dvc3, _ = compiler.compile_specs([resolved("exp")], existing=dvc2)  # variant removed: its plots go
+    assert not [name for name in plot_files(dvc3) if "exp--direct" in name]
+    assert "runs/j/_joint/student/loss.csv" in plot_files(dvc3)

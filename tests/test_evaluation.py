@@ -24,6 +24,60 @@ def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
     assert narrow[1] - narrow[0] < (high - low) / 2
 
 
+def prompt_effect_scores(prompts: int = 25, images: int = 4, seed: int = 3) -> np.ndarray:
+    """(prompts * images,) prompt-major scores: a strong shared effect per prompt plus per-image noise."""
+    rng = np.random.default_rng(seed)
+    return (0.5 + rng.normal(0, 0.1, size=(prompts, 1)) + rng.normal(0, 0.05, size=(prompts, images))).ravel()
+
+
+def test_intervals_resample_prompts_not_images():
+    """The 4 images of a prompt share it: the evaluation's interval must resample prompts, and is then
+    about 1.8x wider than one that resamples single images (sd 0.1 between prompts, 0.05 within)."""
+    values = prompt_effect_scores()
+    per_image = stats.bootstrap_ci(values, resamples=4000, seed=0)
+    summary = evaluate.summarize({"dino": values}, 4000, 0, 4)["dino"]
+    low, high = summary["ci95"]
+    assert summary["mean"] == pytest.approx(values.mean()) and low < values.mean() < high
+    ratio = (high - low) / (per_image[1] - per_image[0])
+    assert 1.5 < ratio < 2.2, ratio
+    # resampling clusters of one image each is the per-image bootstrap
+    single = stats.cluster_bootstrap_ci(values, np.arange(values.size), resamples=4000, seed=0)
+    assert single[1] - single[0] == pytest.approx(per_image[1] - per_image[0], rel=0.1)
+    # NaN images are left out; a prompt with none left is dropped, not counted as empty
+    holes = values.copy()
+    holes[:4] = np.nan
+    low, high = stats.cluster_bootstrap_ci(holes, stats.prompt_clusters(100, 4), resamples=2000, seed=0)
+    assert low < np.nanmean(holes) < high
+
+
+def test_compare_interval_pairs_prompts_when_both_runs_used_the_same():
+    """compare's interval of B - A from per-prompt means: paired, the shared prompt effects cancel."""
+    a = prompt_effect_scores().reshape(25, 4).mean(axis=1)
+    b = a + 0.02
+    paired = stats.prompt_difference_ci(list(a), list(b), paired=True, resamples=2000)
+    unpaired = stats.prompt_difference_ci(list(a), list(b), paired=False, resamples=2000)
+    assert paired == pytest.approx((0.02, 0.02)) and unpaired[0] < 0 < 0.02 < unpaired[1]
+    assert stats.prompt_difference_ci([None, None], [0.5, 0.6], paired=False) is None
+
+
+def test_gate_can_require_the_interval_of_the_difference():
+    """Paired over prompts: a student better on every prompt by a little clears the interval rule; one
+    better on the mean only through two lucky prompts does not, though it passes the mean rule."""
+    teacher = prompt_effect_scores()
+    steady = {"teacher": {"dino": teacher}, "student": {"dino": teacher + 0.01}}
+    lucky_student = teacher.copy()
+    lucky_student[:8] += 0.2  # two prompts x 4 images
+    lucky = {"teacher": {"dino": teacher}, "student": {"dino": lucky_student - 0.01}}
+    rule = GateRule(metric="dino", require="interval")
+    for scores, expected in ((steady, True), (lucky, False)):
+        means = {m: {"dino": float(v["dino"].mean())} for m, v in scores.items()}
+        interval = evaluate.gate_difference_ci(rule, scores, 4, 2000, 0)
+        assert evaluate.evaluate_gate([GateRule(metric="dino")], means, [interval])[0] is True
+        passed, details = evaluate.evaluate_gate([rule], means, [interval])
+        assert passed is expected, details
+        assert "95% over prompts" in details[0] and "lower end" in details[0]
+
+
 def test_total_variance_and_centroid_distances_match_direct_computation():
     rng = np.random.default_rng(2)
     features = rng.normal(size=(50, 8)) * np.arange(1, 9)

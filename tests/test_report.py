@@ -77,7 +77,7 @@ def fake_stage_outputs(folder: Path, subject: str, photos: list[Path], *, models
     _write_json(ev / "metrics.json", {
         "models": {m: {"clip_i": _metric(v), "clip_t": _metric(v / 2), "dino": _metric(v - 0.2)} for m, v in means.items()},
         "random_init": random_init, "prompts": len(PROMPTS), "images_per_prompt": K,
-        "bootstrap": {"resamples": 200, "seed": 0, "unit": "image"}})
+        "bootstrap": {"resamples": 200, "seed": 0, "unit": "prompt"}})
     _write_json(ev / "prompts.json", PROMPTS)
     _write_json(ev / "per_prompt.json", {
         m: [{"prompt": p, "clip_i": v + 0.01 * i, "clip_t": v / 2, "dino": v - 0.2} for i, p in enumerate(PROMPTS)]
@@ -161,6 +161,8 @@ def test_report_is_written_self_contained_and_escaped(evaluated, project):
     table = re.search(r'<table id="metrics-dog".*?</table>', dog, re.S).group(0)
     assert re.findall(r'<th scope="row">([^<]*)</th>', table) == ["teacher", "student", "direct-lora"]
     assert "0.5000 [0.4500, 0.5500]" in table and "<strong>0.7000 [0.6500, 0.7500]</strong>" in table
+    assert "intervals resample prompts, each with all its images (200 resamples)" in table
+    assert "intervals resample prompts, each with all its images" in summary
     assert 'class="per-prompt"' in dog and "0.5100" in dog
     summary_table = re.search(r'<table id="summary-table".*?</table>', page, re.S).group(0)
     assert "#subject-dog" in summary_table and "#subject-plain" in summary_table

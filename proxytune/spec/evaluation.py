@@ -20,10 +20,17 @@ class GateRule(Strict):
         default="teacher", description="'teacher' to compare with the teacher's score, or an absolute threshold."
     )
     margin: float = Field(default=0.0, description="Extra amount the student must clear.")
+    require: Literal["mean", "interval"] = Field(
+        default="mean",
+        description="'mean': the student's mean must clear the target. 'interval': the lower end of the 95% "
+        "bootstrap interval of student - target (prompts resampled, paired image by image against the teacher) "
+        "must be >= 0, i.e. the student clears it beyond the prompt-to-prompt noise. Both are recorded in gate.json.",
+    )
 
     def describe(self) -> str:
         target = f"teacher.{self.metric}" if self.vs == "teacher" else f"{self.vs:g}"
-        return f"student.{self.metric} >= {target}" + (f" + {self.margin:g}" if self.margin else "")
+        rule = f"student.{self.metric} >= {target}" + (f" + {self.margin:g}" if self.margin else "")
+        return rule + (" at the 95% interval's lower end" if self.require == "interval" else "")
 
 ClipModel = Annotated[str, model_ref_checker(TINY_CLIP)]
 DinoModel = Annotated[str, model_ref_checker(TINY_DINO)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from proxytune import compile as compiler
 from proxytune import tracking
 from proxytune.files import sha256_file, write_bytes_atomic, write_json_atomic
 from proxytune.stages.params import StageParams
@@ -105,6 +106,22 @@ def read_record(folder: Path) -> dict:
 
 def write_record(folder: Path, record: dict) -> None:
     write_json_atomic(folder / RECORD, record)
+
+
+CURVES_FILE = compiler.CURVES_FILE  # step-by-step training curves in a stage's output: DVC plots read them
+
+
+def write_curves(folder: Path, series: dict[str, list[float]]) -> None:
+    """Write `folder/loss.csv`: a `step` column (0-based, as logged to MLflow) and one column per series
+    that has a value for every step (a series a run did not compute, e.g. prior_loss without prior
+    preservation, stays empty and is left out)."""
+    from proxytune.files import write_text_atomic
+
+    steps = max((len(values) for values in series.values()), default=0)
+    columns = [name for name, values in series.items() if len(values) == steps]
+    lines = [",".join(["step", *columns])]
+    lines += [",".join([str(i), *(repr(float(series[name][i])) for name in columns)]) for i in range(steps)]
+    write_text_atomic(folder / CURVES_FILE, "\n".join(lines) + "\n")
 
 
 def file_digests(folder: Path) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Every model sees the same prompts and seeds (image k of prompt p: seed + 1000 p + k). Scores follow
 the DreamBench conventions: CLIP-I and DINO are means over all generated x reference pairs, CLIP-T
 the raw cosine between each image and its prompt with the identifier removed. Each mean comes with
-a 95% bootstrap interval over generated images. The feature-distribution analysis of the paper's
+a 95% bootstrap interval that resamples prompts (each with all its images: the images of one prompt are
+not independent draws, see `stats.cluster_bootstrap_ci`). The feature-distribution analysis of the paper's
 supplement (total variance of DINO features of M samples of the proxy prompt, and their L2
 distances to the samples' centroid) and the promotion gate run here too.
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import compile as compiler
 from proxytune import faults
 from proxytune import stats, tracking
 from proxytune.backends import diffusion, encoders, hub, students
@@ -227,15 +229,17 @@ def oracle_scores(read, images: list[list], prompts: list[str], token: str, subj
     return {"subject_acc": np.asarray(subject_acc), "prompt_acc": np.asarray(prompt_acc)}
 
 
-def summarize(scores: dict, resamples: int, seed: int) -> dict:
-    """Mean and 95% bootstrap interval per metric; NaN entries (an image a metric does not apply to)
-    are left out, and a metric with no value at all is dropped."""
+def summarize(scores: dict, resamples: int, seed: int, images_per_prompt: int = 1) -> dict:
+    """Mean and 95% bootstrap interval per metric, resampling prompts (their `images_per_prompt` images
+    together; 1 resamples single images); NaN entries (an image a metric does not apply to) are left out,
+    and a metric with no value at all is dropped."""
     summary = {}
     for metric, values in scores.items():
         values = np.asarray(values, dtype=np.float64)
-        values = values[~np.isnan(values)]
-        if values.size:
-            summary[metric] = {"mean": float(values.mean()), "ci95": list(stats.bootstrap_ci(values, resamples, seed))}
+        clusters = stats.prompt_clusters(values.size, images_per_prompt)
+        if (~np.isnan(values)).any():
+            summary[metric] = {"mean": float(np.nanmean(values)),
+                               "ci95": list(stats.cluster_bootstrap_ci(values, clusters, resamples, seed))}
     return summary
 
 
@@ -248,14 +252,67 @@ def per_prompt(scores: dict, prompts: list[str], k: int) -> list[dict]:
             for i, p in enumerate(prompts)]
 
 
-def evaluate_gate(rules, means: dict[str, dict[str, float]]) -> tuple[bool, list[str]]:
+PER_PROMPT_CSV = compiler.PER_PROMPT_FILE  # DVC plots read it: one row per prompt, MODEL_METRIC columns
+
+
+def per_prompt_csv(breakdown: dict[str, list[dict]]) -> str:
+    """per_prompt.json as one CSV: `prompt` (the prompt's index), a `MODEL_METRIC` column per model and
+    metric (empty where the metric has no value), and the prompt's text last."""
+    import csv
+    import io
+
+    columns = [(model, metric) for model, rows in breakdown.items() for metric in rows[0] if metric != "prompt"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["prompt", *(f"{model}_{metric}" for model, metric in columns), "text"])
+    first = next(iter(breakdown.values()))
+    for i, row in enumerate(first):
+        cells = [breakdown[model][i][metric] for model, metric in columns]
+        writer.writerow([i, *("" if v is None else repr(v) for v in cells), row["prompt"]])
+    return out.getvalue()
+
+
+def gate_difference_ci(rule, scores: dict[str, dict], images_per_prompt: int, resamples: int,
+                       seed: int) -> tuple[float, float]:
+    """95% interval of student - target for one rule (target: the teacher's score + margin, or the number +
+    margin), resampling prompts. Against the teacher the difference is paired image by image: both models
+    saw the same prompts and seeds."""
+    student = np.asarray(scores["student"][rule.metric], dtype=np.float64)
+    if rule.vs == "teacher":
+        difference = student - np.asarray(scores["teacher"][rule.metric], dtype=np.float64)
+    else:
+        difference = student - float(rule.vs)
+    clusters = stats.prompt_clusters(difference.size, images_per_prompt)
+    low, high = stats.cluster_bootstrap_ci(difference - rule.margin, clusters, resamples, seed)
+    return low, high
+
+
+def evaluate_gate(rules, means: dict[str, dict[str, float]],
+                  intervals: list[tuple[float, float]] | None = None) -> tuple[bool, list[str]]:
+    """Check every rule: on the means (`require: mean`) or on the lower end of the 95% prompt-bootstrap
+    interval of student - target (`require: interval`), one detail line per rule.
+
+    Args:
+        intervals: per rule, the interval of `gate_difference_ci`; needed for `require: interval` rules.
+    Raises:
+        ValueError: a `require: interval` rule without its interval.
+    """
     details, passed = [], True
-    for rule in rules:
+    for i, rule in enumerate(rules):
         student = means["student"][rule.metric]
         target = (means["teacher"][rule.metric] if rule.vs == "teacher" else float(rule.vs)) + rule.margin
-        ok = student >= target
+        interval = intervals[i] if intervals is not None else None
+        if rule.require == "interval":
+            if interval is None:
+                raise ValueError(f"gate rule {rule.describe()} requires the interval of the difference")
+            ok = interval[0] >= 0
+        else:
+            ok = student >= target
         passed &= ok
-        details.append(f"{rule.describe()}: {student:.4f} {'>=' if ok else '<'} {target:.4f} {'pass' if ok else 'FAIL'}")
+        line = f"{rule.describe()}: {student:.4f} {'>=' if student >= target else '<'} {target:.4f}"
+        if interval is not None:
+            line += f", difference {student - target:+.4f} [95% over prompts {interval[0]:+.4f}, {interval[1]:+.4f}]"
+        details.append(f"{line} {'pass' if ok else 'FAIL'}")
     return passed, details
 
 
@@ -296,7 +353,8 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: b
         cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values
                  else "—" for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval over images]. "
+    lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts "
+              "with all their images]. "
               "CLIP-I and DINO: mean cosine over all generated x reference pairs; CLIP-T: raw cosine, identifier removed."]
     if any(m in columns for m in ORACLE_METRICS):
         lines[-1] += (" Subject acc.: fraction of images in which the oracle finds every distinctive attribute of the "
@@ -346,12 +404,13 @@ def run(params_path: str | Path) -> None:
 
         toy = SUBJECTS[params.subject.toy_subject]
         read = oracle_reader()
-    metrics, breakdown = {}, {}
+    metrics, breakdown, all_scores = {}, {}, {}
     for name, images in generated.items():
         scores = per_image_scores(images, prompts, params.subject.token, clip, dino, ref_clip, ref_dino)
         if toy is not None:
             scores.update(oracle_scores(read, images, prompts, params.subject.token, toy))
-        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed)
+        all_scores[name] = scores
+        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed, cfg.images_per_prompt)
         breakdown[name] = per_prompt(scores, prompts, cfg.images_per_prompt)
     variance = None
     if variance_images:
@@ -365,8 +424,11 @@ def run(params_path: str | Path) -> None:
     means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
     gate = None
     if cfg.gate:
-        passed, details = evaluate_gate(cfg.gate, means)
+        intervals = [gate_difference_ci(rule, all_scores, cfg.images_per_prompt, cfg.bootstrap_resamples, cfg.seed)
+                     for rule in cfg.gate]
+        passed, details = evaluate_gate(cfg.gate, means, intervals)
         gate = {"rule": " and ".join(r.describe() for r in cfg.gate), "passed": passed, "details": details,
+                "difference_ci95": [list(interval) for interval in intervals],
                 "student_version": f"{student_record['model']}@{student_record['version']}"}
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
     toy_world = not random_init and all(is_toy(path) for path in [*model_paths, clip.path, dino.path])
@@ -375,7 +437,7 @@ def run(params_path: str | Path) -> None:
         described["oracle"] = oracle_description(toy)
     summary = {"models": metrics, "random_init": random_init, "toy_world": toy_world, "prompts": len(prompts),
                "images_per_prompt": cfg.images_per_prompt,
-               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "image"}}
+               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "prompt"}}
 
     tags = {
         "teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
@@ -395,6 +457,7 @@ def run(params_path: str | Path) -> None:
         write_json_atomic(tmp / "metrics.json", summary)
         write_json_atomic(tmp / "prompts.json", prompts)
         write_json_atomic(tmp / "per_prompt.json", breakdown)
+        write_text_atomic(tmp / PER_PROMPT_CSV, per_prompt_csv(breakdown))
         write_json_atomic(tmp / "encoders.json", described)
         if variance:
             write_json_atomic(tmp / "variance.json", variance)

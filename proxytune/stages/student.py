@@ -386,6 +386,7 @@ class StudentRecipe:
                  **({"teacher_version": self.proxy["teacher_version"], "proxy_digest": self.proxy["digest"]}
                     if self.proxy is not None else {})},
             )
+            common.write_curves(tmp, self.progress.series)  # after register: not part of the weights
             common.write_record(
                 tmp,
                 {

@@ -370,6 +370,7 @@ class TeacherRecipe:
                                    "adapter_digest": adapter_digest}
             )
             run.set_tags({"model_version": f"{run.experiment}.{run.subject}.teacher@{version}"})
+            common.write_curves(tmp, self.progress.series)  # after register: not part of the adapter
             common.write_record(
                 tmp,
                 {
