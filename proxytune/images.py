@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -9,6 +11,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from proxytune.errors import ProxytuneError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Pixels an image may declare before it is decoded: Pillow's own bomb threshold (about 89 Mpx, e.g.
+# 10000 x 8900: more than any camera photo). A few-kilobyte PNG can declare 60000 x 60000 pixels, whose
+# decoding would take gigabytes of memory; the header is read first and such a file refused.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -30,12 +36,26 @@ def open_rgb(path: str | Path) -> Image.Image:
     """Open an image fully, honour EXIF orientation, convert to RGB.
 
     Raises:
-        ProxytuneError: the file is empty, truncated or not an image.
+        ProxytuneError: the file is empty, truncated, not an image, or declares more than MAX_PIXELS pixels.
     """
+
+    def too_large(declared: str) -> ProxytuneError:
+        return ProxytuneError(f"{path}: image declares {declared}, more than {MAX_PIXELS / 1e6:.0f} Mpx: refused before "
+                              "decoding (a decompression bomb, or a photo to scale down)")
+
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)  # reads the header only
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise too_large(f"{width}x{height} pixels ({width * height / 1e6:.0f} Mpx)")
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
+    except Image.DecompressionBombError as err:  # Pillow refuses over twice its limit already on open
+        match = re.search(r"\((\d+) pixels\)", str(err))
+        raise too_large(f"{int(match.group(1)) / 1e6:.0f} Mpx" if match else "too many pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ProxytuneError(f"{path}: not a readable image ({err.__class__.__name__}: {err})") from None
 

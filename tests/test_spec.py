@@ -164,3 +164,30 @@ def test_builtin_resolution_multiples_match_the_built_pipelines():
                    for rel in ("model_index.json", "vae/config.json", "transformer/config.json")]
         assert teacher_sizes.multiple_from_configs(*configs) == teacher_sizes.BUILTIN_MULTIPLES[name], name
     assert set(teacher_sizes.BUILTIN_MULTIPLES) == set(diffusion.TINY_TEACHERS)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height 8-bit greyscale pixels, with one tiny compressed row."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("command", ["validate", "apply"])
+def test_image_bomb_is_refused_before_decoding(project, command):
+    """A few-kilobyte PNG declaring 60000 x 60000 pixels: one line naming the file and key, exit 2."""
+    refs = project / "refs-bomb"
+    refs.mkdir()
+    (refs / "00.png").write_bytes(png_declaring(60000, 60000))
+    path = write(project, with_(subjects__0__images="../refs-bomb"))
+    result = CliRunner().invoke(main, [command, str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: subjects[0].images: "), lines
+    assert "00.png: image declares 3600 Mpx, more than 89 Mpx: refused before decoding" in lines[0]
+    assert sorted(p.name for p in project.iterdir()) == ["refs-bomb", "specs"]
