@@ -11,7 +11,7 @@ with 95% intervals, then a verdict on each claim:
   (d) the student's feature variance is lower than the teacher's (paper: 336.53 -> 239.14).
 
 Subject fidelity is read on three measures: the oracle's subject accuracy (exact), DINO and CLIP-I.
-A per-subject interval is the evaluation's own (bootstrap over images); the mean's is a bootstrap
+A per-subject interval is the evaluation's own (bootstrap over prompts); the mean's is a bootstrap
 over subjects of the per-subject means. Verdicts are printed as measured, whichever way they go.
 
     python benchmarks/toyworld.py --project /tmp/toy-bench        # applies, then summarises

@@ -610,26 +610,31 @@ def toyworld_pretrain(out: str, only: tuple[str, ...], seed: int, jobs: int) -> 
 
 @toyworld.command(name="export")
 @click.argument("pretrained", type=click.Path(exists=True, file_okay=False))
+@click.option("--only", multiple=True, help="Only these toy models (repeatable), e.g. toy-sd; default: every finished one.")
 @user_errors
-def toyworld_export(pretrained: str) -> None:
+def toyworld_export(pretrained: str, only: tuple[str, ...]) -> None:
     """Ship the finished models of PRETRAINED as the package's toy weights (fp16, with digests)."""
     from pathlib import Path
 
     from proxytune.toyworld.builtins import WEIGHTS, export
 
-    entries = export(Path(pretrained))
+    entries = export(Path(pretrained), only=list(only) or None)
     total = sum(e["bytes"] for k, e in entries.items() if not k.startswith("_"))
     click.echo(f"{WEIGHTS}: {total / 2**20:.1f} MiB")
 
 
 @toyworld.command(name="check")
 @click.option("--samples", type=click.IntRange(min=1), default=200, show_default=True, help="Generations per model.")
+@click.option("--pretrained", type=click.Path(exists=True, file_okay=False),
+              help="Measure the models of this pretraining folder instead of the shipped ones (before export).")
 @user_errors
-def toyworld_check(samples: int) -> None:
+def toyworld_check(samples: int, pretrained: str | None) -> None:
     """Measure the shipped models against their floors (oracle accuracy, generators' prompt accuracy)."""
+    from pathlib import Path
+
     from proxytune.toyworld.floors import measure
 
-    click.echo(json.dumps(measure(samples), indent=2))
+    click.echo(json.dumps(measure(samples, pretrained=Path(pretrained) if pretrained else None), indent=2))
 
 
 if __name__ == "__main__":

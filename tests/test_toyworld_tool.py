@@ -211,8 +211,9 @@ def test_evaluation_of_a_toy_subject_scores_base_and_tuned_models_and_the_report
     prompt_acc = {m: v["prompt_acc"]["mean"] for m, v in metrics["models"].items()}
     # prompts: "a sks box", "... in the snow", "... on the beach"; the ball gets the scene right only
     assert prompt_acc["teacher"] == 1.0 and prompt_acc["base-teacher"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    # intervals resample whole prompts: each prompt's two images average 0.5, so every resample does
     low, high = metrics["models"]["student"]["subject_acc"]["ci95"]
-    assert 0.0 <= low < 0.5 < high <= 1.0
+    assert low == pytest.approx(0.5) and high == pytest.approx(0.5)
     assert metrics["toy_world"] is True and metrics["random_init"] is False
     per_prompt = json.loads((out / "per_prompt.json").read_text())
     assert [row["subject_acc"] for row in per_prompt["student"]] == [0.5, 0.5, 0.5]

@@ -102,14 +102,15 @@ def oracle_folder() -> Path:
 # export
 
 
-def export(pretrained: Path, dest: Path = WEIGHTS) -> dict:
+def export(pretrained: Path, dest: Path = WEIGHTS, only: list[str] | None = None) -> dict:
     """Store the finished models of a pretraining folder as the package's toy weights (fp16).
 
-    Models not finished there keep what the package has (or stay absent: their names then say
-    "no weights" when used). Returns the new manifest.
+    Models not finished there (or not in `only`, built-in names) keep what the package has, or
+    stay absent: their names then say "no weights" when used. Returns the new manifest.
 
     Raises:
-        ProxytuneError: no model of SOURCES is finished in `pretrained`.
+        ProxytuneError: no model of SOURCES (of `only`) is finished in `pretrained`; `only` names
+            an unknown model.
     """
     import torch
     from safetensors import safe_open
@@ -118,7 +119,11 @@ def export(pretrained: Path, dest: Path = WEIGHTS) -> dict:
     from proxytune.files import digest_dir, staged_dir
 
     pretrained = Path(pretrained)
-    finished = {name: src for name, src in SOURCES.items() if (pretrained / src / "done.json").exists()}
+    unknown = sorted(set(only or ()) - set(SOURCES))
+    if unknown:
+        raise ProxytuneError(f"--only {unknown[0]!r}: not a toy model ({', '.join(SOURCES)})")
+    finished = {name: src for name, src in SOURCES.items()
+                if (pretrained / src / "done.json").exists() and (only is None or name in only)}
     if not finished:
         raise ProxytuneError(f"{pretrained}: no finished model to export ({', '.join(SOURCES.values())})")
     config = json.loads((pretrained / "config.json").read_text())

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -45,10 +47,10 @@ def oracle_accuracy(oracle: oracle_lib.Oracle, n: int = 1000, seed: int = CHECK_
 
 
 @torch.no_grad()
-def sd_images(prompts: list[str], seeds: list[int], *, batch: int = 25):
+def sd_images(prompts: list[str], seeds: list[int], *, batch: int = 25, model: str = "toy-sd"):
     from proxytune.backends import diffusion
 
-    pipe = diffusion.load_pipeline("toy-sd")
+    pipe = diffusion.load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     images = []
     for i in range(0, len(prompts), batch):
@@ -58,10 +60,10 @@ def sd_images(prompts: list[str], seeds: list[int], *, batch: int = 25):
 
 
 @torch.no_grad()
-def llamagen_images(prompts: list[str], seeds: list[int], *, batch: int = 50):
+def llamagen_images(prompts: list[str], seeds: list[int], *, batch: int = 50, model: str = "toy-llamagen"):
     from proxytune.backends.students import load_student
 
-    bundle = load_student("toy-llamagen")
+    bundle = load_student(model)
     images = []
     for i in range(0, len(prompts), batch):
         codes = bundle.generate(prompts[i : i + batch], seeds[i : i + batch], **LLAMAGEN_SAMPLER)
@@ -69,17 +71,21 @@ def llamagen_images(prompts: list[str], seeds: list[int], *, batch: int = 50):
     return images
 
 
-def measure(samples: int = 200, models: tuple[str, ...] = ("oracle", "toy-sd", "toy-llamagen")) -> dict:
+def measure(samples: int = 200, models: tuple[str, ...] = ("oracle", "toy-sd", "toy-llamagen"),
+            pretrained: Path | None = None) -> dict:
+    """The floors' measures of the shipped models, or of a pretraining folder's (float32) models."""
     from proxytune.toyworld.builtins import oracle_folder
 
-    oracle = oracle_lib.load(oracle_folder())
+    oracle = oracle_lib.load(pretrained / "oracle" if pretrained else oracle_folder())
+    sd = str(pretrained / "sd") if pretrained else "toy-sd"
+    llamagen = str(pretrained / "llamagen") if pretrained else "toy-llamagen"
     result: dict = {}
     if "oracle" in models:
         result["oracle"] = oracle_accuracy(oracle)
     prompts = held_in_prompts(samples)
     seeds = list(range(CHECK_SEED, CHECK_SEED + samples))
     if "toy-sd" in models:
-        result["toy-sd"] = prompt_accuracy(oracle, sd_images(prompts, seeds), prompts)
+        result["toy-sd"] = prompt_accuracy(oracle, sd_images(prompts, seeds, model=sd), prompts)
     if "toy-llamagen" in models:
-        result["toy-llamagen"] = prompt_accuracy(oracle, llamagen_images(prompts, seeds), prompts)
+        result["toy-llamagen"] = prompt_accuracy(oracle, llamagen_images(prompts, seeds, model=llamagen), prompts)
     return result
