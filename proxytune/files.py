@@ -138,3 +138,21 @@ def canonicalize_safetensors(path: str | Path) -> None:
     """Rewrite a .safetensors file another library wrote (diffusers, peft) in canonical form."""
     path = Path(path)
     write_bytes_atomic(path, canonical_safetensors(path.read_bytes()))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie.
+
+    A process killed with its parent stays a zombie until someone reaps it (in a container whose
+    init does not, for ever); signal 0 still reaches it, so /proc's state decides."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): trust the signal
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")

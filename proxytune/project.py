@@ -14,7 +14,7 @@ import yaml
 
 from proxytune import compile as compiler
 from proxytune.errors import ProxytuneError, SpecError
-from proxytune.files import sha256_file, write_text_atomic
+from proxytune.files import process_alive, sha256_file, write_text_atomic
 from proxytune.images import list_images, open_rgb
 from proxytune.spec import load_spec, resolve_images
 
@@ -283,10 +283,4 @@ def release_dead_dvc_locks(root: Path) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    return True
+    return process_alive(pid)

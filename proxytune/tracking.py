@@ -127,12 +127,10 @@ def _owner_gone(tags: dict[str, str]) -> bool | None:
     pid, host = tags.get(f"{TAG}pid", ""), tags.get(f"{TAG}host")
     if not pid.isdigit() or host != socket.gethostname():
         return None
-    try:
-        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
+    from proxytune.files import process_alive
+
+    if not process_alive(int(pid)):
         return True
-    except PermissionError:
-        pass  # exists, owned by another user
     recorded, now = tags.get(f"{TAG}pid_start"), _start_ticks(int(pid))
     return recorded is not None and now is not None and now != recorded
 

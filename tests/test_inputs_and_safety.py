@@ -268,3 +268,24 @@ def test_dreambench9_compiles_to_36_stages_and_subject_selects_four(project):
     listed = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=project, env=env, capture_output=True,
                             text=True, timeout=120)
     assert len(listed.stdout.split()) == 45, listed.stdout + listed.stderr
+
+
+def test_a_killed_but_unreaped_process_counts_as_dead():
+    """A stage killed with its apply stays a zombie when nobody reaps it; its locks and runs are ghosts."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from proxytune.files import process_alive
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert process_alive(child.pid)
+        os.kill(child.pid, signal.SIGKILL)
+        time.sleep(0.3)  # not waited for: a zombie, which signal 0 still reaches
+        os.kill(child.pid, 0)
+        assert not process_alive(child.pid)
+    finally:
+        child.wait()
+    assert process_alive(os.getpid())
