@@ -272,7 +272,7 @@ def release_dead_dvc_locks(root: Path) -> list[int]:
         pids = {int(info["pid"]) for info in infos}
     except (OSError, ValueError, AttributeError, TypeError, KeyError):
         return []
-    dead = sorted(pid for pid in pids if not _alive(pid))
+    dead = sorted(pid for pid in pids if not process_alive(pid))
     if not dead:
         return []
     kept = {"write": {k: v for k, v in write.items() if int(v["pid"]) not in dead},
@@ -280,7 +280,3 @@ def release_dead_dvc_locks(root: Path) -> list[int]:
     kept = {mode: {k: v for k, v in entries.items() if v} for mode, entries in kept.items()}
     write_text_atomic(path, json.dumps({mode: entries for mode, entries in kept.items() if entries}))
     return dead
-
-
-def _alive(pid: int) -> bool:
-    return process_alive(pid)

@@ -643,14 +643,14 @@ def pretrain(out: Path, cfg: PretrainConfig | None = None, only: list[str] | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg.as_dict())
-    WorldData(out, cfg)  # render once, before any lane needs it
+    data = WorldData(out, cfg)  # rendered once, before any lane needs it
     todo = [m for m in MODELS if (only is None or m in only) and not _done(out, m)]
     for name in todo:
         missing = [n for n in NEEDS.get(name, ()) if n not in todo and not _done(out, n)]
         if missing:
             raise ProxytuneError(f"--only {name}: needs {', '.join(missing)}, not pretrained in {out} (add it to --only)")
     if cfg.jobs <= 1:
-        return _run_lane(out, cfg, todo)
+        return _run_lane(out, cfg, todo, data)
     procs = []
     for lane in LANES:
         models = [m for m in lane if m in todo]
@@ -674,9 +674,9 @@ def pretrain(out: Path, cfg: PretrainConfig | None = None, only: list[str] | Non
     return {m: timings.get(m, 0.0) for m in todo}
 
 
-def _run_lane(out: Path, cfg: PretrainConfig, models: list[str]) -> dict[str, float]:
+def _run_lane(out: Path, cfg: PretrainConfig, models: list[str], data: WorldData | None = None) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
-    data = WorldData(out, cfg)
+    data = data or WorldData(out, cfg)
     spent = {}
     for name in models:
         if _done(out, name):
