@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,15 +131,24 @@ def write_compiled(resolved: list[compiler.ResolvedSpec], root: Path) -> dict:
     return dvc
 
 
-def _dvc() -> str:
-    exe = shutil.which("dvc")
-    if exe is None:
-        raise ProxytuneError("dvc: command not found (install proxytune with its dependencies)")
-    return exe
+def _dvc() -> list[str]:
+    """The command that runs DVC: the `dvc` package of the interpreter running proxytune, not an executable
+    found on PATH (a virtualenv used without activation, or pipx, has neither `dvc` nor `proxytune` on PATH)."""
+    import importlib.util
+
+    if importlib.util.find_spec("dvc") is None:
+        raise ProxytuneError(f"dvc: not installed for {sys.executable} (install proxytune with its dependencies)")
+    return [sys.executable, "-m", "dvc"]
 
 
 def dvc_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    return {**os.environ, **DVC_ENV, **(extra or {})}
+    """The environment DVC runs in. The interpreter's own bin folder comes first on PATH: DVC runs each
+    stage's `proxytune stage ...` through a shell, which must find the `proxytune` installed beside it."""
+    env = {**os.environ, **DVC_ENV, **(extra or {})}
+    bin_dir = str(Path(sys.executable).parent)
+    rest = [entry for entry in env.get("PATH", "").split(os.pathsep) if entry and entry != bin_dir]
+    env["PATH"] = os.pathsep.join([bin_dir, *rest])
+    return env
 
 
 def in_git_repo(root: Path) -> bool:
@@ -150,14 +159,44 @@ def in_git_repo(root: Path) -> bool:
     return out.returncode == 0 and Path(out.stdout.strip()).resolve() == root.resolve()
 
 
+def in_git_work_tree(root: Path) -> bool:
+    """Whether root is inside any git work tree (its own or a parent's)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root, capture_output=True, text=True)
+    except OSError:
+        return False
+    return out.returncode == 0 and out.stdout.strip() == "true"
+
+
+def _dvc_config_text(root: Path) -> str:
+    texts = []
+    for name in ("config", "config.local"):
+        try:
+            texts.append((root / ".dvc" / name).read_text())
+        except OSError:
+            pass
+    return "\n".join(texts)
+
+
 def ensure_dvc(root: Path) -> None:
-    """`dvc init` (with --no-scm when root is not a git repository) once per project."""
+    """`dvc init` (with --no-scm when root is not a git repository) once per project.
+
+    A .dvc/ made inside git but used outside any git work tree (a source archive of the project: the
+    committed .dvc/config has no `no_scm`) makes every DVC command fail with "is not a git repository";
+    such a checkout gets `core.no_scm = true` in its own, git-ignored .dvc/config.local.
+    """
     if (root / ".dvc").is_dir():
+        if "no_scm" not in _dvc_config_text(root) and not in_git_work_tree(root):
+            args = [*_dvc(), "config", "--local", "core.no_scm", "true"]
+            result = subprocess.run(args, cwd=root, env=dvc_env(), capture_output=True, text=True)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or ["?"])[-1]
+                raise ProxytuneError(f"{root / '.dvc'}: not inside a git work tree, and setting core.no_scm failed: {last}")
         return
-    args = [_dvc(), "init", "-q"] + ([] if in_git_repo(root) else ["--no-scm"])
+    args = [*_dvc(), "init", "-q"] + ([] if in_git_repo(root) else ["--no-scm"])
     result = subprocess.run(args, cwd=root, env=dvc_env(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise ProxytuneError(f"dvc init failed in {root}: {result.stderr.strip().splitlines()[-1:]}")
+        raise ProxytuneError(f"dvc init failed in {root}: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def stale_stages(root: Path, targets: list[str]) -> list[str]:
@@ -165,7 +204,7 @@ def stale_stages(root: Path, targets: list[str]) -> list[str]:
     import json
 
     result = subprocess.run(
-        [_dvc(), "status", "--json", "--with-deps", *targets], cwd=root, env=dvc_env(), capture_output=True, text=True
+        [*_dvc(), "status", "--json", "--with-deps", *targets], cwd=root, env=dvc_env(), capture_output=True, text=True
     )
     if result.returncode != 0:
         raise ProxytuneError(f"dvc status failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -174,7 +213,7 @@ def stale_stages(root: Path, targets: list[str]) -> list[str]:
 
 def repro(root: Path, targets: list[str], env: dict[str, str]) -> int:
     """Run `dvc repro` on the targets, streaming its output (and the stages' progress bars)."""
-    return subprocess.run([_dvc(), "repro", *targets], cwd=root, env=dvc_env(env)).returncode
+    return subprocess.run([*_dvc(), "repro", *targets], cwd=root, env=dvc_env(env)).returncode
 
 
 def dvc_status(root: Path, stages: list[str]) -> dict | None:
@@ -185,7 +224,7 @@ def dvc_status(root: Path, stages: list[str]) -> dict | None:
         return {}
     try:
         result = subprocess.run(
-            [_dvc(), "status", "--json", *stages], cwd=root, env=dvc_env(), capture_output=True, text=True, timeout=120
+            [*_dvc(), "status", "--json", *stages], cwd=root, env=dvc_env(), capture_output=True, text=True, timeout=120
         )
         return json.loads(result.stdout or "{}") if result.returncode == 0 else None
     except (OSError, subprocess.SubprocessError, ValueError, ProxytuneError):
