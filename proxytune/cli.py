@@ -128,6 +128,16 @@ def _check_servers(paths: tuple[str, ...], resolved) -> None:
         checked.add(uri)
 
 
+def _check_models(paths: tuple[str, ...], resolved, root: Path) -> None:
+    """Resolve every model a spec names (teacher, student, encoders) before anything is written: a local
+    folder must hold what its loader reads, a hub id must be cached or reachable (see proxytune.preflight)."""
+    from proxytune.preflight import check_spec_models
+
+    seen: dict = {}
+    for path, item in zip(paths, resolved):
+        check_spec_models(item.spec, path, root, seen)
+
+
 @main.command(name="compile")
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @user_errors
@@ -170,6 +180,7 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
         raise ProxytuneError(f"--subject: no subject named {', '.join(unknown)} in {', '.join(specs)}")
     if not dry_run:
         _check_servers(specs, resolved)
+    _check_models(specs, resolved, root)
     with project.project_lock(root, _waiting):
         if not dry_run:
             _close_interrupted(root)

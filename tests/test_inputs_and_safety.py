@@ -23,6 +23,8 @@ GOOD = {
     "name": "t",
     "subjects": [{"name": "dog", "class": "dog", "images": "dreambench:dog"}],
     "teacher": {"model": "tiny-sd"},
+    # built-in encoders: apply's model pre-flight would refuse the default hub ones where they are not cached
+    "evaluation": {"clip_model": "tiny-clip", "dino_model": "tiny-dino"},
 }
 
 

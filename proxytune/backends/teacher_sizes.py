@@ -37,11 +37,17 @@ def _config_file(ref: str, name: str, root: Path, revision: str | None) -> dict 
     if local.is_dir():
         path = local / name
     else:
+        if ref.startswith((".", "/", "~")):  # a folder that is not there: the model check says so
+            return None
         try:
             from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub.errors import HFValidationError
         except ImportError:
             return None
-        found = try_to_load_from_cache(ref, name, revision=revision)
+        try:
+            found = try_to_load_from_cache(ref, name, revision=revision)
+        except (HFValidationError, ValueError):  # not a usable repo id or revision
+            return None
         if not isinstance(found, str):
             return None
         path = Path(found)

@@ -1,0 +1,286 @@
+"""Model pre-flight: every model a spec names is resolved and checked before `apply` writes anything.
+
+A stage finds out that its model is not what the spec says only once it loads it, after dvc.yaml, the
+params files and the registry were written. This module looks at files only (no torch, no weights read)
+and refuses, as one line naming the spec file and key:
+- a local folder without the files its loader needs: a teacher's diffusers pipeline (model_index.json and
+  the component folders it lists), a student in one of the layouts `backends.students` detects (proxytune's
+  LlamaGen layout, Janus, Lumina-mGPT) with its parts, a CLIP or DINO encoder (config.json and weights);
+- a hub id that is neither in the local Hugging Face cache nor reachable on the hub (HF_HUB_OFFLINE set,
+  no network, no such repository or file);
+- a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxytune.errors import SpecError
+from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
+
+STUDENT_META = "proxytune_student.json"  # as backends.students / backends.ar (kept import-free: no torch)
+STUDENT_BACKENDS = ("llamagen", "janus", "lumina-mgpt")
+STUDENT_MODEL_TYPES = {"janus": "janus", "chameleon": "lumina-mgpt"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+HUB_TIMEOUT_S = 10.0
+
+
+class ModelProblem(Exception):
+    """What is wrong with one model reference (the caller adds the spec file and key)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    key: str  # key path in the spec, e.g. "teacher.model"
+    ref: str
+    role: str  # teacher, student, clip, dino
+    revision: str | None = None
+
+
+BUILTINS = {"teacher": TINY_TEACHERS, "student": TINY_STUDENTS, "clip": TINY_CLIP, "dino": TINY_DINO}
+# Files whose presence says a hub repository holds a model of the role (any one of them will do).
+HUB_FILES = {"teacher": ("model_index.json",), "student": (STUDENT_META, "config.json"), "clip": ("config.json",),
+             "dino": ("config.json",)}
+
+
+def model_refs(spec) -> list[ModelRef]:
+    """Every model reference of a spec that a stage loads, with its key."""
+    refs = [ModelRef("teacher.model", spec.teacher.model, "teacher", spec.teacher.revision),
+            ModelRef("student.model", spec.student.model, "student"),
+            ModelRef("evaluation.clip_model", spec.evaluation.clip_model, "clip"),
+            ModelRef("evaluation.dino_model", spec.evaluation.dino_model, "dino")]
+    quality = spec.synthesis.filter
+    if quality.enabled:
+        refs.append(ModelRef("synthesis.filter.model", quality.model, quality.metric))
+    return refs
+
+
+def check_spec_models(spec, source: str, root: Path, seen: dict | None = None) -> None:
+    """Check every model reference of `spec` (see the module docstring).
+
+    Args:
+        source: the spec file as the user named it (starts the error line).
+        root: the project root, which relative model paths are relative to (stages run there).
+        seen: results shared between specs, so that a model is looked up once per apply.
+    Raises:
+        SpecError: `source: key: problem`, for the first reference that fails.
+    """
+    seen = {} if seen is None else seen
+    for item in model_refs(spec):
+        cache_key = (item.role, item.ref, item.revision)
+        if cache_key not in seen:
+            try:
+                check_model(item.ref, item.role, root, item.revision)
+                seen[cache_key] = None
+            except ModelProblem as problem:
+                seen[cache_key] = str(problem)
+        if seen[cache_key] is not None:
+            raise SpecError(f"{source}: {item.key}: {seen[cache_key]}")
+
+
+def check_model(ref: str, role: str, root: Path, revision: str | None = None) -> None:
+    """Raises ModelProblem when `ref` cannot be the `role` model a stage will load."""
+    if ref in BUILTINS[role]:
+        return
+    local = root / Path(ref).expanduser()  # an absolute path stays itself
+    if local.is_dir():
+        try:
+            LOCAL_CHECKS[role](local.resolve(strict=True), root)
+        except (OSError, RuntimeError) as err:  # a folder we may not enter, a symlink loop inside
+            raise ModelProblem(f"{local}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        return
+    if ref.startswith(("/", ".", "~")):
+        if local.is_symlink() and not local.exists():
+            what = "a broken symlink or a symlink loop"
+        else:
+            what = "a file, not a model folder" if local.exists() else "no such folder"
+        raise ModelProblem(f"{local}: {what}")
+    if _HUB_ID.match(ref):
+        problem = hub_problem(ref, HUB_FILES[role], revision)
+        if problem:
+            raise ModelProblem(f"hub id {ref!r}{f' (revision {revision})' if revision else ''} {problem}")
+        return
+    other = sorted(r for r, names in BUILTINS.items() if ref in names and r != role)
+    named = f" ({ref!r} is a {other[0]} model)" if other else ""
+    raise ModelProblem(f"unknown {role} model {ref!r}{named}: use a built-in ({', '.join(BUILTINS[role])}), "
+                       "a local folder or a hub id 'org/name'")
+
+
+# -- local folders ---------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file, None when absent; ModelProblem when unreadable or not an object."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelProblem(f"{path}: not valid JSON ({err.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ModelProblem(f"{path}: not a JSON object")
+    return data
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.name.endswith(WEIGHT_SUFFIXES) and p.is_file() for p in folder.iterdir())
+
+
+def _check_weights_folder(folder: Path, what: str) -> None:
+    """A transformers / diffusers model folder: config.json and a weights file (or a shard index)."""
+    if not folder.is_dir():
+        raise ModelProblem(f"{folder}: no such folder ({what})")
+    if not (folder / "config.json").is_file():
+        raise ModelProblem(f"{folder} has no config.json: not a {what} folder")
+    _read_json(folder / "config.json")
+    if not _has_weights(folder):
+        raise ModelProblem(f"{folder} has config.json but no weights (*.safetensors, *.bin): not a {what} folder")
+
+
+def _check_tokenizer_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise ModelProblem(f"{folder}: no such folder ({what})")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelProblem(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): not a {what} folder")
+
+
+def check_pipeline_folder(folder: Path, root: Path) -> None:
+    """A diffusers pipeline: model_index.json and every component folder it lists, each with its files."""
+    index = _read_json(folder / "model_index.json")
+    if index is None:
+        raise ModelProblem(f"{folder} has no model_index.json: not a diffusers pipeline folder "
+                           "(save one with `pipeline.save_pretrained`)")
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
+            continue  # metadata, or an optional component the pipeline goes without
+        part = folder / name
+        if not part.is_dir() or not any(part.iterdir()):
+            raise ModelProblem(f"{folder}: model_index.json lists {name} ({value[1]}) but {name}/ is missing or empty")
+        if (part / "config.json").is_file() and not _has_weights(part):
+            raise ModelProblem(f"{part} has config.json but no weights (*.safetensors, *.bin)")
+
+
+def _check_part(folder: Path, meta: dict, name: str, kind: str, root: Path) -> None:
+    """A part of a llamagen student: its subfolder, or the folder / hub id proxytune_student.json names."""
+    source = meta.get(name)
+    if source is None:
+        target = folder / name
+    else:
+        if not isinstance(source, str) or not source:
+            raise ModelProblem(f"{folder / STUDENT_META}: {name} must be a folder or hub id, not {source!r}")
+        target = folder / source
+        if not target.is_dir():
+            target = Path(source).expanduser()
+            if not target.is_absolute() and _HUB_ID.match(source):
+                files = ("config.json",) if kind == "weights" else ("tokenizer_config.json", "tokenizer.json")
+                problem = hub_problem(source, files, None)
+                if problem:
+                    raise ModelProblem(f"{folder / STUDENT_META}: {name}: hub id {source!r} {problem}")
+                return
+    what = f"student {name}"
+    if kind == "weights":
+        _check_weights_folder(target, what)
+    else:
+        _check_tokenizer_folder(target, what)
+
+
+def check_student_folder(folder: Path, root: Path) -> None:
+    """A student folder in a layout `backends.students.detect_backend` recognises, with the parts its loader reads."""
+    meta = _read_json(folder / STUDENT_META)
+    config = _read_json(folder / "config.json")
+    backend = (meta or {}).get("backend")
+    if backend is not None and backend not in STUDENT_BACKENDS:
+        raise ModelProblem(f"{folder / STUDENT_META}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
+    if backend is None and config is not None:
+        backend = STUDENT_MODEL_TYPES.get(config.get("model_type"))
+        if backend is None:
+            raise ModelProblem(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is not an AR student "
+                               f"proxytune trains (janus, chameleon), and there is no {STUDENT_META} naming a backend")
+    if backend is None and meta is not None:
+        backend = "llamagen"
+    if backend is None:
+        raise ModelProblem(f"{folder} has neither {STUDENT_META} nor config.json: not a student model folder")
+    meta = meta or {}
+    if backend == "llamagen":
+        _check_weights_folder(folder / "transformer", "student transformer")
+        _check_part(folder, meta, "vqvae", "weights", root)
+        _check_part(folder, meta, "text_encoder", "weights", root)
+        _check_part(folder, meta, "tokenizer", "tokenizer", root)
+    elif backend == "janus":
+        _check_weights_folder(folder, "Janus checkpoint")
+        _check_tokenizer_folder(folder, "Janus checkpoint (its tokenizer)")
+    else:  # lumina-mgpt
+        decoder = meta.get("vq_decoder")
+        if not isinstance(decoder, str) or not decoder:
+            raise ModelProblem(f"{folder / STUDENT_META}: must name its vq_decoder folder (transformers has no "
+                               "Chameleon VQ decoder; `proxytune convert lumina-mgpt` writes one)")
+        _check_weights_folder(folder / decoder, "student vq_decoder")
+        for name, kind in (("model", "weights"), ("tokenizer", "tokenizer")):
+            meta_part = {name: meta.get(name, meta.get("model", "."))}
+            _check_part(folder, meta_part, name, kind, root)
+
+
+def check_encoder_folder(folder: Path, root: Path) -> None:
+    _check_weights_folder(folder, "transformers encoder")
+
+
+LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_encoder_folder,
+                "dino": check_encoder_folder}
+
+
+# -- hub ids ---------------------------------------------------------------------------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, as the stage processes will see it (read from the environment now)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def hub_problem(repo: str, files: tuple[str, ...], revision: str | None) -> str | None:
+    """None when one of `files` of hub repository `repo` is in the local cache or can be fetched; else why not.
+
+    The hub is asked (one HEAD request per file, HUB_TIMEOUT_S each) only when the cache has none of them and
+    HF_HUB_OFFLINE is not set.
+    """
+    try:
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+        from huggingface_hub import errors as hub_errors
+    except ImportError:  # pragma: no cover - a dependency of diffusers and transformers
+        return None
+    cache = hub_cache_dir()
+    for name in files:
+        if isinstance(try_to_load_from_cache(repo, name, cache_dir=cache, revision=revision), str):
+            return None
+    wanted = " or ".join(files)
+    offline = _env_flag("HF_HUB_OFFLINE") if "HF_HUB_OFFLINE" in os.environ else constants.HF_HUB_OFFLINE
+    if offline:
+        return f"is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE is set: download it first"
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    for name in files:
+        try:
+            url = hf_hub_url(repo, name, revision=revision, endpoint=endpoint)
+            get_hf_file_metadata(url, timeout=HUB_TIMEOUT_S, endpoint=endpoint)
+            return None
+        except hub_errors.GatedRepoError:
+            return "is gated: accept its licence on the hub and log in (`hf auth login`)"
+        except hub_errors.RepositoryNotFoundError:
+            return f"was not found on {endpoint} (no such repository, or a private one: log in with `hf auth login`)"
+        except hub_errors.RevisionNotFoundError:
+            return f"has no revision {revision!r} on {endpoint}"
+        except hub_errors.EntryNotFoundError:
+            continue  # try the next file
+        except Exception as err:  # no network, DNS, proxy, timeout, server error
+            reason = err.__class__.__name__
+            return (f"is not in the local Hugging Face cache ({cache}) and {endpoint} cannot be reached ({reason}): "
+                    "download it first, or check the network")
+    return f"has no {wanted} on {endpoint}"
