@@ -138,3 +138,32 @@ def test_two_lanes_train_in_parallel_and_a_missing_dependency_is_named(tmp_path)
     with pytest.raises(ProxytuneError, match="--only sd: needs vae"):
         pretrain.pretrain(tmp_path, cfg, ["sd"])
     assert not (tmp_path / "checkpoints" / "sd.pt").exists()
+
+
+def test_sd_pretraining_trains_its_text_encoder_only_when_asked(tmp_path, monkeypatch):
+    """With text_lr_scale > 0 the SD text encoder (toy-clip's text tower at the start) learns with
+    the UNet; with 0 it is saved as toy-clip's tower, bit for bit."""
+    from transformers import CLIPModel, CLIPTextModel
+
+    monkeypatch.setattr(pretrain, "fresh_renders", lambda n, seed: world_small(seed))
+    monkeypatch.setattr(pretrain, "clip_retrieval", lambda folder, seed, n=256: 0.0)
+    cfg = _tiny_config(2)
+    for name in ("clip", "vae"):
+        cfg.recipes[name] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)
+    pretrain.pretrain(tmp_path / "base", cfg, ["oracle", "clip", "vae"])
+    tower = CLIPModel.from_pretrained(tmp_path / "base" / "clip").text_model.state_dict()
+
+    def sd_text_encoder(scale: float) -> dict:
+        out = tmp_path / f"scale{scale}"
+        import shutil
+
+        shutil.copytree(tmp_path / "base", out)
+        cfg.recipes["sd"] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1, text_lr_scale=scale,
+                                            min_snr_gamma=5.0)
+        pretrain.pretrain(out, cfg, ["sd"])
+        te = CLIPTextModel.from_pretrained(out / "sd" / "text_encoder")
+        return getattr(te, "text_model", te).state_dict()
+
+    frozen, trained = sd_text_encoder(0.0), sd_text_encoder(0.5)
+    assert all(torch.equal(frozen[k], tower[k]) for k in tower)
+    assert any(not torch.equal(trained[k], tower[k]) for k in tower)

@@ -58,6 +58,9 @@ class Recipe:
     batch_size: int
     lr: float
     warmup: int = 100
+    text_lr_scale: float = 0.0  # sd: 0 keeps the text encoder frozen; > 0 trains it with the UNet at lr * scale
+    min_snr_gamma: float = 0.0  # sd: min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain epsilon MSE
+    bf16: bool = False  # llamagen: bfloat16 autocast (AMX matmuls on recent x86 CPUs), attention on the math kernel
 
 
 @dataclass
@@ -164,7 +167,7 @@ class Loop:
                    total=self.recipe.steps, mininterval=10.0)
         for step in bar:
             for group in self.opt.param_groups:
-                group["lr"] = _schedule(step, self.recipe)
+                group["lr"] = _schedule(step, self.recipe) * group.get("lr_scale", 1.0)
             # modules that draw from the global generator (dropout) see the same numbers after a resume
             torch.manual_seed(int(_rng(self.cfg, self.name, step).integers(2**62)) ^ 1)
             t0 = time.perf_counter()
@@ -468,32 +471,49 @@ def _sd_pipeline(out: Path, unet):
 
 
 def train_sd(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
+    """The UNet learns on the VAE's latents. The text encoder starts as toy-clip's text tower; with
+    `text_lr_scale` > 0 it learns with the UNet (toy-clip's contrastive loss trains only the end token,
+    while the UNet's cross-attention reads every token's state). With it frozen, the UNet stalled at
+    about 50 % prompt accuracy (README, Toy world)."""
     from diffusers import DDPMScheduler
 
     from proxytune.backends import diffusion
 
     folder = out / "sd"
+    recipe = cfg.recipes["sd"]
     torch.manual_seed(cfg.seed)
     unet = build_unet()
     pipe = _sd_pipeline(out, unet)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
+    text_encoder = pipe.text_encoder
+    train_text = recipe.text_lr_scale > 0
+    text_encoder.requires_grad_(train_text)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
     latents_all = _encode_all(pipe.vae, data)
-    loop = Loop(out, cfg, "sd", {"unet": unet}, unet.parameters())
+    params = [{"params": list(unet.parameters())}]
+    if train_text:
+        params.append({"params": list(text_encoder.parameters()), "lr_scale": recipe.text_lr_scale})
+    modules = {"unet": unet, "text_encoder": text_encoder} if train_text else {"unet": unet}
+    loop = Loop(out, cfg, "sd", modules, params)
     unet.train()
+    text_encoder.train(train_text)
     for step in loop:
         rng, gen = _rng(cfg, "sd", step), _torch_gen(cfg, "sd", step)
-        idx = rng.integers(len(data), size=loop.recipe.batch_size)
+        idx = rng.integers(len(data), size=recipe.batch_size)
         captions = [c if rng.random() >= 0.1 else "" for c in data.captions([data.attrs[i] for i in idx], rng)]
         latents = latents_all[idx]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        with torch.no_grad():
+        with torch.set_grad_enabled(train_text):
             text = diffusion.encode_prompts(pipe, captions)["prompt_embeds"]
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
-        loop.update(F.mse_loss(pred, noise))
+        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if recipe.min_snr_gamma > 0:  # epsilon target: weight min(SNR, gamma) / SNR
+            per_sample = per_sample * snr[t].clamp(max=recipe.min_snr_gamma) / snr[t]
+        loop.update(per_sample.mean())
     unet.eval()
+    text_encoder.eval()
     pipe.save_pretrained(folder, safe_serialization=True)
     loop.finish(folder, {})
 
@@ -598,8 +618,10 @@ def train_llamagen(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
     for step in loop:
         rng, gen = _rng(cfg, "llamagen", step), _torch_gen(cfg, "llamagen", step)
         idx = rng.integers(len(data), size=loop.recipe.batch_size)
-        cond = bundle.caption_features(data.captions([data.attrs[i] for i in idx], rng))
-        loop.update(bundle.loss(cond, codes_all[idx], cfg_dropout=0.1, generator=gen))
+        with _mixed_precision(loop.recipe.bf16):
+            cond = bundle.caption_features(data.captions([data.attrs[i] for i in idx], rng))
+            loss = bundle.loss(cond, codes_all[idx], cfg_dropout=0.1, generator=gen)
+        loop.update(loss)
     model.eval()
     text_encoder.eval()
     import shutil
@@ -614,6 +636,21 @@ def train_llamagen(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     loop.finish(folder, {})
+
+
+def _mixed_precision(bf16: bool):
+    """bfloat16 autocast for a training step on the CPU. The attention runs on SDPA's math kernel: the
+    CPU flash kernel's bfloat16 backward is several times slower than its float32 one."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not bf16:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    return stack
 
 
 @torch.no_grad()
