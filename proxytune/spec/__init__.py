@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from proxytune.errors import SpecError
 from proxytune.spec.evaluation import EvaluationSpec
 from proxytune.spec.experiment import ExperimentSpec
+from proxytune.spec.source import read_spec_data
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.subject import SubjectSpec
 from proxytune.spec.synthesis import SynthesisSpec
@@ -88,22 +89,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and validate a spec file.
 
     Raises:
-        SpecError: missing file, malformed YAML, unknown keys, wrong types or values.
+        SpecError: missing or unreadable file, not UTF-8, malformed YAML, YAML tags or alias bombs, unknown
+            keys, wrong types or values.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such spec file") from None
-    except (IsADirectoryError, UnicodeDecodeError, PermissionError) as err:
-        raise SpecError(f"{path}: cannot read spec ({err.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"{path}: {where}malformed YAML: {problem}") from None
+    data = read_spec_data(path)  # UTF-8, plain YAML data only, no alias bombs (see proxytune.spec.source)
     return parse_spec(data, str(path))
 
 
@@ -131,8 +121,14 @@ def resolve_images(subject: SubjectSpec, spec_path: str | Path, index: int) -> P
         folder = dreambench_root() / name
         hint = " (set PROXYTUNE_DREAMBENCH or run `proxytune data dreambench`)"
     else:
-        folder = (Path(spec_path).parent / subject.images).expanduser().resolve()
+        folder = (Path(spec_path).parent / subject.images).expanduser()
         hint = ""
+        try:
+            folder = folder.resolve()
+        except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13; OSError ELOOP later)
+            raise SpecError(f"{spec_path}: subjects[{index}].images: {folder} is a symlink loop") from None
+    if folder.is_symlink() and not folder.exists():
+        raise SpecError(f"{spec_path}: subjects[{index}].images: {folder} is a broken symlink or a symlink loop")
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"{spec_path}: subjects[{index}].images: {folder} is a file, not a folder of images")
     if not folder.is_dir():
