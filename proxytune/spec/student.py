@@ -88,7 +88,12 @@ class StudentSettings(Strict):
     )
     lora: StudentLoraSpec = Field(default_factory=StudentLoraSpec, description="LoRA on the transformer.")
     steps: PositiveInt = Field(default=1000, description="Optimiser steps.")
-    batch_size: PositiveInt = Field(default=8, description="Proxy images per step.")
+    batch_size: PositiveInt = Field(default=8, description="Proxy images per micro-batch (per process).")
+    gradient_accumulation_steps: PositiveInt = Field(
+        default=1,
+        description="Micro-batches whose mean gradient makes one optimiser step: batch_size x this x processes "
+        "images per step; `steps` counts optimiser steps.",
+    )
     learning_rate: PositiveFloat = Field(default=1e-4, description="AdamW learning rate (LlamaGen default).")
     betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas (LlamaGen default).")
     weight_decay: float = Field(default=0.05, ge=0, description="AdamW weight decay (LlamaGen default).")
@@ -105,7 +110,7 @@ class StudentSettings(Strict):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How the student samples images.")
     seed_offset: Seed = Field(default=0, description="Added to the experiment seed for this stage.")
     regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32); fp16 scales the loss (GradScaler, saved in checkpoints).")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
     processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
 

@@ -57,7 +57,12 @@ class TeacherSpec(Strict):
     resolution: PositiveInt = Field(default=512, description="Training and generation resolution in pixels.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA adapter on the denoiser.")
     steps: PositiveInt = Field(default=800, description="Optimiser steps (step-based; no epoch arithmetic).")
-    batch_size: PositiveInt = Field(default=1, description="Reference images per step.")
+    batch_size: PositiveInt = Field(default=1, description="Reference images per micro-batch (per process).")
+    gradient_accumulation_steps: PositiveInt = Field(
+        default=1,
+        description="Micro-batches whose mean gradient makes one optimiser step: batch_size x this x processes "
+        "images per step; `steps` counts optimiser steps.",
+    )
     learning_rate: PositiveFloat = Field(default=1e-4, description="AdamW learning rate.")
     lr_warmup_steps: NonNegativeInt = Field(default=0, description="Linear warm-up steps, then constant.")
     weight_decay: float = Field(default=1e-2, ge=0, description="AdamW weight decay.")
@@ -70,7 +75,8 @@ class TeacherSpec(Strict):
     )
     checkpoint_every: PositiveInt = Field(default=250, description="Save a resumable checkpoint every N steps.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
-        default="no", description="Autocast dtype for the frozen model (LoRA params stay fp32); 'no' on CPU."
+        default="no", description="Autocast dtype for the frozen model (LoRA params stay fp32); fp16 scales the loss "
+        "(GradScaler, saved in checkpoints). 'no' on CPU."
     )
     prior_preservation: PriorPreservationSpec = Field(default_factory=PriorPreservationSpec,
                                                       description="DreamBooth prior preservation.")

@@ -29,55 +29,57 @@ def dtype_of(mixed_precision: str) -> torch.dtype:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch globally (for library internals) and return the stage's own generator."""
-    torch.manual_seed(seed)
+    """Seed Python, numpy and torch globally (accelerate's `set_seed`, for library internals), ask torch
+    for deterministic kernels where it has them, and return the stage's own generator."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def data_parallel(processes: int) -> tuple[int, int]:
-    """(rank, world size): the accelerate process group when the CLI launched several, else (0, 1)."""
-    import os
+def accelerator(mixed_precision: str):
+    """The stage's `accelerate.Accelerator`: process group (when `accelerate launch` started several,
+    gloo on CPU), mixed precision and, for fp16, the GradScaler that `accelerator.backward`,
+    `accelerator.clip_grad_norm_` and the prepared optimizer use.
 
-    if processes <= 1 or "PROXYTUNE_LAUNCHED" not in os.environ:
-        return 0, 1
-    from accelerate import PartialState
+    accelerate makes no GradScaler for fp16 on CPU (torch autocasts to fp16 there all the same), so one
+    is supplied: fp16 training then scales its loss on every device, and CPU tests exercise that path.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
-    state = PartialState(cpu=device().type == "cpu")  # CPU processes talk over gloo
-    return state.process_index, state.num_processes
+    # accelerate keeps its state per process and refuses a second Accelerator with another precision;
+    # a stage builds one, but a process that runs several recipes (tests, notebooks) builds one each.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    acc = Accelerator(mixed_precision=mixed_precision, cpu=device().type == "cpu")
+    if mixed_precision == "fp16" and acc.scaler is None and acc.device.type == "cpu":
+        acc.scaler = torch.amp.GradScaler("cpu")
+        acc.native_amp = True  # so clip_grad_norm_ unscales the gradients first
+    return acc
 
 
-def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """All-reduce the gradients to their mean over processes (one flat buffer, one collective)."""
-    import torch.distributed as dist
+def mean_gradients(acc, parameters: list[torch.nn.Parameter]) -> None:
+    """All-reduce the gradients to their mean over processes (one flat buffer, one collective).
 
+    The denoiser is called through its pipeline rather than a DDP wrapper, so the recipes average
+    their (few, LoRA) gradients themselves, with accelerate's `reduce`."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
-def gather_states(state: torch.Tensor, world: int) -> list[torch.Tensor]:
+def gather_states(acc, state: torch.Tensor) -> list[torch.Tensor]:
     """Every process's RNG state (a uint8 tensor), rank-ordered, for a checkpoint that resumes them all."""
-    if world == 1:
+    if acc.num_processes == 1:
         return [state]
-    import torch.distributed as dist
+    from accelerate.utils import gather
 
-    states = [torch.empty_like(state) for _ in range(world)]
-    dist.all_gather(states, state)
-    return states
+    return list(gather(state.to(acc.device)).cpu().view(acc.num_processes, -1))
 
 
 def base_model_tags(ref: str) -> dict[str, str]:

@@ -90,7 +90,9 @@ class StudentRecipe:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world = common.data_parallel(cfg.processes)
+        # accelerate: the process group (under `accelerate launch`), mixed precision, fp16 loss scaling
+        self.accelerator = common.accelerator(cfg.mixed_precision)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         seed = self.params.seed + cfg.seed_offset
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
@@ -127,9 +129,10 @@ class StudentRecipe:
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+        # the prepared optimiser steps through the GradScaler under fp16 (and skips a step whose gradients overflowed)
+        self.optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(
             self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        )
+        ), device_placement=False)
         self.weights = position_weights(self.bundle.seq_len, cfg.regularisers.position_weighting).to(self.device)
         self.progress = TrainingProgress()
         self._maybe_resume()
@@ -222,15 +225,19 @@ class StudentRecipe:
 
             set_peft_model_state_dict(self.bundle.model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generators"][self.rank])
         self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
         tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """Trained weights, optimiser, every process's RNG, step and curves."""
+        """Trained weights, optimiser, fp16 loss scale, every process's RNG, step and curves."""
+        scaler = self.accelerator.scaler
         state = {
             "optimizer": self.optimizer.state_dict(),
-            "generators": common.gather_states(self.generator.get_state(), self.world),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "generators": common.gather_states(self.accelerator, self.generator.get_state()),
             "step": self.progress.step,
             "series": self.progress.series,
         }
@@ -254,6 +261,28 @@ class StudentRecipe:
         return F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1).mean()
 
     def train_step(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        accumulation = cfg.gradient_accumulation_steps
+        sums = torch.zeros(4)  # ce, distill, z_loss, total loss summed over the micro-batches
+        for _ in range(accumulation):
+            loss, ce, distill, z_loss = self._micro_batch_loss()
+            # 4. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the loss
+            #    by the GradScaler's scale first, so small gradients do not underflow to zero
+            acc.backward(loss / accumulation)
+            sums += torch.stack([ce.detach(), distill.detach(), z_loss.detach(), loss.detach()]).float().cpu()
+        ce, distill, z_loss, loss = sums / accumulation
+        # 5. update (gradients averaged over processes when data parallel)
+        if self.world > 1:
+            common.mean_gradients(acc, self.trainable)
+            ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]).to(acc.device), "mean").cpu()
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
+        self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "z_loss": z_loss.item(),
+                "grad_norm": grad_norm.item()}
+
+    def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, ce, distill, z_loss) of one micro-batch."""
         cfg = self.cfg
         # 1. a batch of training images (codes) and their captions (conditions), by dataset index
         index = torch.randint(len(self.codes), (cfg.batch_size,), generator=self.generator)
@@ -278,24 +307,17 @@ class StudentRecipe:
         if cfg.regularisers.prior_distillation > 0:
             distill = self._distillation(cfg.batch_size)
         loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + cfg.regularisers.prior_distillation * distill
-        # 4. update (gradients averaged over processes when data parallel)
-        loss.backward()
-        if self.world > 1:
-            common.average_gradients(self.trainable)
-            ce, distill, z_loss, loss = (common.mean_over_processes(x.detach()) for x in (ce, distill, z_loss, loss))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "z_loss": z_loss.item(),
-                "grad_norm": grad_norm.item()}
+        return loss, ce, distill, z_loss
 
     def train(self) -> None:
         cfg = self.cfg
-        tokens = self.codes.shape[1] * cfg.batch_size
+        tokens = self.codes.shape[1] * cfg.batch_size * cfg.gradient_accumulation_steps
         what = "proxy images" if cfg.recipe == "proxy" else f"training images ({cfg.recipe})"
         tqdm.write(
             f"student: {self.bundle.backend} backend, {len(self.codes)} {what} ({self.codes.shape[1]} codes each), "
-            f"{cfg.steps} steps x batch {cfg.batch_size} = {tokens} image tokens/step, "
+            f"{cfg.steps} steps x batch {cfg.batch_size}"
+            f"{f' x {cfg.gradient_accumulation_steps} accumulated' if cfg.gradient_accumulation_steps > 1 else ''}"
+            f" = {tokens} image tokens/step, "
             f"{sum(p.numel() for p in self.trainable):,} trainable params, dropout {self.dropout:g}"
             + (f", data parallel over {self.world} processes (rank {self.rank})" if self.world > 1 else "")
         )

@@ -50,7 +50,9 @@ class TeacherRecipe:
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
-        self.rank, self.world = common.data_parallel(cfg.processes)
+        # accelerate: the process group (under `accelerate launch`), mixed precision, fp16 loss scaling
+        self.accelerator = common.accelerator(cfg.mixed_precision)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         common.seed_everything(self.params.seed)
         # Each process draws its own data and noise; rank 0 draws what a single process would.
         self.generator = torch.Generator().manual_seed(self.params.seed + 7919 * self.rank)
@@ -83,7 +85,8 @@ class TeacherRecipe:
             self.trainable = self.trainable + text_params
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        self.optimizer = _optimizer(groups, cfg)
+        # the prepared optimiser steps through the GradScaler under fp16 (and skips a step whose gradients overflowed)
+        self.optimizer = self.accelerator.prepare_optimizer(_optimizer(groups, cfg), device_placement=False)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(
@@ -165,18 +168,22 @@ class TeacherRecipe:
             set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.accelerator.scaler is not None and state.get("scaler"):
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generators"][self.rank])
         self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
         tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """LoRA weights (denoiser and text encoder), optimiser, LR schedule, RNG, step and curves."""
+        """LoRA weights (denoiser and text encoder), optimiser, LR schedule, fp16 loss scale, RNG, step and curves."""
         from peft.utils import get_peft_model_state_dict
 
+        scaler = self.accelerator.scaler
         state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "generators": common.gather_states(self.generator.get_state(), self.world),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "generators": common.gather_states(self.accelerator, self.generator.get_state()),
             "step": self.progress.step,
             "series": self.progress.series,
         }
@@ -254,25 +261,33 @@ class TeacherRecipe:
         return (weight * per_sample).mean()
 
     def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
-        # 1. instance latents: fresh references, flips and posterior draws each step
-        latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
-        # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
-        instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
-        prior = torch.zeros(())
-        if self.class_images:
-            class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
-            prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
-        loss = instance + cfg.prior_preservation.prior_loss_weight * prior
-        # 3. update
-        loss.backward()
+        cfg, acc = self.cfg, self.accelerator
+        accumulation = cfg.gradient_accumulation_steps
+        sums = torch.zeros(3)  # instance, prior, total loss summed over the micro-batches
+        for _ in range(accumulation):
+            # 1. instance latents: fresh references, flips and posterior draws each micro-batch
+            latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
+            # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
+            instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
+            prior = torch.zeros(())
+            if self.class_images:
+                class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
+                prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
+            loss = instance + cfg.prior_preservation.prior_loss_weight * prior
+            # 3. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the
+            #    loss by the GradScaler's scale first, so small gradients do not underflow to zero
+            acc.backward(loss / accumulation)
+            sums += torch.stack([instance.detach(), prior.detach(), loss.detach()]).float().cpu()
+        instance, prior, loss = sums / accumulation
+        # 4. update
         if self.world > 1:  # data parallel: every process applies the mean gradient, so weights stay equal
-            common.average_gradients(self.trainable)
-            instance, prior, loss = (common.mean_over_processes(x.detach()) for x in (instance, prior, loss))
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            common.mean_gradients(acc, self.trainable)
+            instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]).to(acc.device), "mean").cpu()
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.lr_scheduler.step()
+        self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
+        if not self.optimizer.step_was_skipped:
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "instance_loss": instance.item(), "prior_loss": prior.item(), "lr": lr,
                 "grad_norm": grad_norm.item()}
@@ -292,13 +307,14 @@ class TeacherRecipe:
         tqdm.write(
             f"teacher: {self.family.name} model, {len(self.references)} references, prompt {self.prompt!r}"
             f"{f', {len(self.class_images)} class images {self.class_prompt!r}' if self.class_images else ''}, "
-            f"{cfg.steps} steps x batch {cfg.batch_size}, LoRA rank {cfg.lora.rank}, "
+            f"{cfg.steps} steps x batch {cfg.batch_size}"
+            f"{f' x {cfg.gradient_accumulation_steps} accumulated' if cfg.gradient_accumulation_steps > 1 else ''}, LoRA rank {cfg.lora.rank}, "
             f"{sum(p.numel() for p in self.trainable):,} trainable params"
         )
         tqdm.write(f"teacher: {self.memory_estimate()}")
         if self.world > 1:
             tqdm.write(f"teacher: data parallel over {self.world} processes (rank {self.rank}), "
-                       f"{self.world * cfg.batch_size} references per step in all")
+                       f"{self.world * cfg.batch_size * cfg.gradient_accumulation_steps} references per step in all")
         self.denoiser.train()
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="teacher", unit="step")
         while self.progress.step < cfg.steps:

@@ -1,0 +1,119 @@
+"""Training on accelerate: fp16 scales the loss (GradScaler) and the scale survives a checkpoint, and
+gradient accumulation gives the update of the larger batch with `steps` counting optimiser updates.
+
+accelerate makes no GradScaler for fp16 on CPU, so `common.accelerator` supplies one there; these tests
+run that CPU scaler through the same `accelerator.backward` / `clip_grad_norm_` / prepared-optimizer path
+a GPU run takes.
+"""
+
+import numpy as np
+import torch
+
+from conftest import make_params, tiny_spec
+from proxytune.stages.student import StudentRecipe
+from proxytune.stages.teacher import TeacherRecipe
+from test_student import fake_proxy_set
+
+
+def teacher_for(project, **teacher):
+    recipe = TeacherRecipe(make_params(project, tiny_spec(teacher={"checkpoint_every": 100, **teacher})))
+    recipe.setup()
+    return recipe
+
+
+def student_for(project, **student):
+    params = make_params(project, tiny_spec(student={"checkpoint_every": 100, **student}))
+    if not params.out("proxy").exists():
+        fake_proxy_set(params, 4)
+    recipe = StudentRecipe(params)
+    recipe.setup()
+    return recipe
+
+
+def _record_scaled_losses(recipe) -> list[tuple[float, float]]:
+    """(loss as computed, loss as backpropagated) of every backward call."""
+    seen, backward = [], recipe.accelerator.backward
+
+    def spy(loss, **kwargs):
+        scaler = recipe.accelerator.scaler
+        seen.append((loss.item(), (scaler.scale(loss) if scaler is not None else loss).item()))
+        backward(loss, **kwargs)
+
+    recipe.accelerator.backward = spy
+    return seen
+
+
+def test_fp16_teacher_scales_its_loss_and_checkpoints_the_scale(project):
+    plain = teacher_for(project, steps=2, max_grad_norm=1e6)
+    plain.checkpoint_dir = plain.checkpoint_dir.with_name("plain")
+    assert plain.accelerator.scaler is None
+    plain.train()
+
+    fp16 = teacher_for(project, steps=2, max_grad_norm=1e6, mixed_precision="fp16")
+    scaler = fp16.accelerator.scaler
+    assert scaler is not None and scaler.is_enabled() and scaler.get_scale() == 65536.0
+    seen = _record_scaled_losses(fp16)
+    fp16.train()
+    # the loss was multiplied by the scale before backward ...
+    assert len(seen) == 2 and all(np.isclose(scaled, 65536.0 * loss, rtol=1e-3) for loss, scaled in seen)
+    # ... and the gradients divided by it before clipping: the norms are the fp32 run's, not 65536 x
+    np.testing.assert_allclose(fp16.progress.series["grad_norm"], plain.progress.series["grad_norm"], rtol=0.1)
+    assert all(p.dtype == torch.float32 for p in fp16.trainable)  # LoRA weights stay fp32
+
+    scaler.update(new_scale=1024.0)  # a scale a long run might have reached
+    fp16.save_checkpoint()
+    state = torch.load(fp16.checkpoint_dir / "state.pt", weights_only=True)
+    assert state["scaler"]["scale"] == 1024.0
+    resumed = teacher_for(project, steps=2, max_grad_norm=1e6, mixed_precision="fp16")
+    assert resumed.progress.step == 2
+    assert resumed.accelerator.scaler.state_dict() == scaler.state_dict()
+
+
+def test_fp16_student_scales_its_loss_and_resumes_the_scale(project):
+    recipe = student_for(project, steps=4, batch_size=2, checkpoint_every=2, mixed_precision="fp16")
+    seen = _record_scaled_losses(recipe)
+    recipe.cfg.steps = 2
+    recipe.train()
+    assert len(seen) == 2 and all(np.isclose(scaled, recipe.accelerator.scaler.get_scale() * loss, rtol=1e-3)
+                                  for loss, scaled in seen)
+    recipe.accelerator.scaler.update(new_scale=512.0)
+    recipe.save_checkpoint()
+    resumed = student_for(project, steps=4, batch_size=2, checkpoint_every=2, mixed_precision="fp16")
+    assert resumed.progress.step == 2 and resumed.accelerator.scaler.get_scale() == 512.0
+    resumed.train()
+    assert resumed.progress.step == 4 and all(np.isfinite(resumed.progress.losses))
+
+
+def test_student_accumulation_matches_the_larger_batch(project):
+    """Batch 2 x 2 accumulated makes the update of batch 4: one training image and no dropout, so both
+    see the same data, and the gradient norms (before clipping) and weights agree."""
+    from peft.utils import get_peft_model_state_dict
+
+    same = {"num_proxy_images": 1, "cfg_dropout": 0.0, "dropout": 0.0, "steps": 3, "learning_rate": 1e-2}
+    big = student_for(project, batch_size=4, **same)
+    big.checkpoint_dir = big.checkpoint_dir.with_name("big")
+    big.train()
+    accumulated = student_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
+    calls = []
+    micro = accumulated._micro_batch_loss
+    accumulated._micro_batch_loss = lambda: calls.append(1) or micro()
+    accumulated.train()
+
+    assert accumulated.progress.step == 3 and len(accumulated.progress.losses) == 3  # steps = optimiser updates
+    assert len(calls) == 6  # two micro-batches each
+    np.testing.assert_allclose(accumulated.progress.losses, big.progress.losses, rtol=1e-5)
+    np.testing.assert_allclose(accumulated.progress.series["grad_norm"], big.progress.series["grad_norm"], rtol=1e-4)
+    a, b = get_peft_model_state_dict(big.bundle.model), get_peft_model_state_dict(accumulated.bundle.model)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_teacher_accumulation_counts_optimiser_steps(project):
+    recipe = teacher_for(project, steps=2, gradient_accumulation_steps=3, lr_warmup_steps=4)
+    draws = []
+    latents = recipe._latents
+    recipe._latents = lambda *a: draws.append(1) or latents(*a)
+    recipe.train()
+    assert recipe.progress.step == 2 and len(recipe.progress.losses) == 2
+    assert len(draws) == 6  # three micro-batches per optimiser step
+    assert recipe.lr_scheduler.last_epoch == 2  # the schedule advanced once per update
+    assert recipe.progress.series["lr"] == [0.0, 1e-3 / 4]
