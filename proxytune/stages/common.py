@@ -82,6 +82,32 @@ def gather_states(acc, state: torch.Tensor) -> list[torch.Tensor]:
     return list(gather(state.to(acc.device)).cpu().view(acc.num_processes, -1))
 
 
+def training_state(acc, optimizer, generator: torch.Generator, step: int, series: dict[str, list[float]],
+                   lr_scheduler=None) -> dict:
+    """The state a resumed run needs beside the weights: optimiser, LR schedule, fp16 loss scale, every
+    process's data/noise generator (rank-ordered), step and curves. Every process must call it (the
+    generators are gathered); only the main one writes it (`save_checkpoint`)."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        **({"lr_scheduler": lr_scheduler.state_dict()} if lr_scheduler is not None else {}),
+        "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
+        "generators": gather_states(acc, generator.get_state()),
+        "step": step,
+        "series": series,
+    }
+
+
+def restore_training_state(acc, state: dict, optimizer, generator: torch.Generator, lr_scheduler=None) -> None:
+    """Load what `training_state` saved into this process's optimiser, schedule, scaler and generator
+    (a checkpoint without a loss scale, from a run without fp16, leaves the scaler at its start)."""
+    optimizer.load_state_dict(state["optimizer"])
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if acc.scaler is not None and state.get("scaler"):
+        acc.scaler.load_state_dict(state["scaler"])
+    generator.set_state(state["generators"][acc.process_index])
+
+
 def base_model_tags(ref: str) -> dict[str, str]:
     """How a stage records its base model: the spec's reference and, for a toy world built-in (whose
     weights ship with the package), the digest of those weights from the package manifest."""

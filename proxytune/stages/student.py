@@ -224,23 +224,14 @@ class StudentRecipe:
             from peft.utils import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.bundle.model, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.accelerator.scaler is not None and state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generators"][self.rank])
+        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator)
         self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
         tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
         """Trained weights, optimiser, fp16 loss scale, every process's RNG, step and curves."""
-        scaler = self.accelerator.scaler
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "generators": common.gather_states(self.accelerator, self.generator.get_state()),
-            "step": self.progress.step,
-            "series": self.progress.series,
-        }
+        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
+                                      self.progress.series)
         if self.rank == 0:
             common.save_checkpoint(self.checkpoint_dir, self._trained_state(), state)
 

@@ -166,11 +166,7 @@ class TeacherRecipe:
         for name, module in self._lora_modules().items():
             prefix = f"{name}."
             set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.accelerator.scaler is not None and state.get("scaler"):
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generators"][self.rank])
+        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator, self.lr_scheduler)
         self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
         tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
@@ -178,15 +174,8 @@ class TeacherRecipe:
         """LoRA weights (denoiser and text encoder), optimiser, LR schedule, fp16 loss scale, RNG, step and curves."""
         from peft.utils import get_peft_model_state_dict
 
-        scaler = self.accelerator.scaler
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "generators": common.gather_states(self.accelerator, self.generator.get_state()),
-            "step": self.progress.step,
-            "series": self.progress.series,
-        }
+        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
+                                      self.progress.series, self.lr_scheduler)
         if self.rank != 0:
             return  # every process took part in gathering the RNG states; the main one writes
         lora = {f"{name}.{k}": v for name, module in self._lora_modules().items()
