@@ -117,3 +117,43 @@ def test_teacher_accumulation_counts_optimiser_steps(project):
     assert len(draws) == 6  # three micro-batches per optimiser step
     assert recipe.lr_scheduler.last_epoch == 2  # the schedule advanced once per update
     assert recipe.progress.series["lr"] == [0.0, 1e-3 / 4]
+
+
+def test_teacher_accumulation_matches_the_larger_batch(project):
+    """Batch 2 x 2 accumulated makes the update of batch 4 when both see the same latents, noise and
+    times (drawn here from a fixed pool, row by row, instead of the recipe's generator)."""
+    from proxytune.backends import diffusion
+
+    def fixed_draws(recipe):
+        g = torch.Generator().manual_seed(5)
+        shape = recipe.latent_mean.shape[2:]
+        pool = {"latents": torch.randn(4, *shape, generator=g), "noise": torch.randn(4, *shape, generator=g),
+                "t": torch.tensor([100, 400, 700, 900])}
+        at = {"row": 0}
+
+        def latents(mean, std, count):
+            start = at["row"] % 4
+            at["row"] += count
+            return pool["latents"][start : start + count], torch.zeros(count, 2, dtype=torch.long)
+
+        def noisy_and_target(batch):
+            rows = slice((at["row"] - len(batch)) % 4, (at["row"] - len(batch)) % 4 + len(batch))
+            noise, t = pool["noise"][rows], pool["t"][rows]
+            return recipe.noise_scheduler.add_noise(batch, noise, t), t, noise, torch.ones(len(batch))
+
+        recipe._latents, recipe._noisy_and_target = latents, noisy_and_target
+
+    same = {"steps": 3, "learning_rate": 1e-2, "random_flip": False}
+    big = teacher_for(project, batch_size=4, **same)
+    big.checkpoint_dir = big.checkpoint_dir.with_name("big")
+    fixed_draws(big)
+    big.train()
+    accumulated = teacher_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
+    fixed_draws(accumulated)
+    accumulated.train()
+
+    assert accumulated.progress.step == 3 and len(accumulated.progress.losses) == 3
+    np.testing.assert_allclose(accumulated.progress.losses, big.progress.losses, rtol=1e-5)
+    np.testing.assert_allclose(accumulated.progress.series["grad_norm"], big.progress.series["grad_norm"], rtol=1e-4)
+    a, b = diffusion.lora_state_dict(big.denoiser), diffusion.lora_state_dict(accumulated.denoiser)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
