@@ -351,6 +351,27 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     click.echo(f"wrote {out} (backend lumina-mgpt, {image_size} px, weights from {source}); use it as student.model")
 
 
+@convert.command(name="stylear")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--base-model", default="Alpha-VLLM/Lumina-mGPT-7B-768", show_default=True,
+              help="The Lumina-mGPT (Chameleon) model the LoRA belongs to, recorded in the adapter config.")
+@click.option("--dim-head", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Resampler attention head width (the weights only give heads x dim_head; StyleAR: 12 x 64).")
+@user_errors
+def convert_stylear(model_dir: str, out_dir: str, base_model: str, dim_head: int) -> None:
+    """StyleAR's released MODEL_DIR (model.safetensors + image_proj.pth) -> a peft adapter, the style
+    resampler (safetensors) and its inference settings, in OUT_DIR.
+
+    Not yet a registered style student: the spec/stage wiring of issue 15 comes later."""
+    from proxytune.backends import style_tokens
+
+    meta = style_tokens.convert_released(model_dir, out_dir, base_model=base_model, dim_head=dim_head)
+    click.echo(f"wrote {out_dir} (StyleAR: LoRA rank {meta['lora_rank']} on {meta['lora_modules']} modules of "
+               f"{base_model}, resampler of {meta['num_style_tokens']} style tokens"
+               + (f"; {meta['ignored_keys']} non-LoRA keys ignored" if meta["ignored_keys"] else "") + ")")
+
+
 @main.command(name="report")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @user_errors
