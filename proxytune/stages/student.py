@@ -254,18 +254,18 @@ class StudentRecipe:
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         accumulation = cfg.gradient_accumulation_steps
-        sums = torch.zeros(4)  # ce, distill, z_loss, total loss summed over the micro-batches
+        sums = torch.zeros(4, device=self.device)  # ce, distill, z_loss, total loss summed over the micro-batches
         for _ in range(accumulation):
             loss, ce, distill, z_loss = self._micro_batch_loss()
             # 4. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the loss
             #    by the GradScaler's scale first, so small gradients do not underflow to zero
             acc.backward(loss / accumulation)
-            sums += torch.stack([ce.detach(), distill.detach(), z_loss.detach(), loss.detach()]).float().cpu()
+            sums += torch.stack([ce.detach(), distill.detach(), z_loss.detach(), loss.detach()]).float()  # no device sync
         ce, distill, z_loss, loss = sums / accumulation
         # 5. update (gradients averaged over processes when data parallel)
         if self.world > 1:
             common.mean_gradients(acc, self.trainable)
-            ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]).to(acc.device), "mean").cpu()
+            ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)

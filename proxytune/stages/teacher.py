@@ -252,13 +252,13 @@ class TeacherRecipe:
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         accumulation = cfg.gradient_accumulation_steps
-        sums = torch.zeros(3)  # instance, prior, total loss summed over the micro-batches
+        sums = torch.zeros(3, device=self.device)  # instance, prior, total loss summed over the micro-batches
         for _ in range(accumulation):
             # 1. instance latents: fresh references, flips and posterior draws each micro-batch
             latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
             # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
             instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
-            prior = torch.zeros(())
+            prior = torch.zeros((), device=self.device)
             if self.class_images:
                 class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
                 prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
@@ -266,12 +266,12 @@ class TeacherRecipe:
             # 3. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the
             #    loss by the GradScaler's scale first, so small gradients do not underflow to zero
             acc.backward(loss / accumulation)
-            sums += torch.stack([instance.detach(), prior.detach(), loss.detach()]).float().cpu()
+            sums += torch.stack([instance.detach(), prior.detach(), loss.detach()]).float()  # no device sync
         instance, prior, loss = sums / accumulation
         # 4. update
         if self.world > 1:  # data parallel: every process applies the mean gradient, so weights stay equal
             common.mean_gradients(acc, self.trainable)
-            instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]).to(acc.device), "mean").cpu()
+            instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
