@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from proxytune.spec.common import PlainName, Seed, Strict
 from proxytune.spec.evaluation import EvaluationSpec
+from proxytune.spec.resources import ResourcesSpec
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.subject import SubjectSpec
 from proxytune.spec.synthesis import SynthesisSpec
@@ -24,6 +25,8 @@ class ExperimentSpec(Strict):
     student: StudentSpec = Field(default_factory=StudentSpec, description="AR student (LoRA on proxies).")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="DreamBench evaluation.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
+                                     description="CPUs and GPUs per kind of stage on a Ray cluster (apply --executor ray).")
 
     @model_validator(mode="after")
     def _unique_subjects(self) -> "ExperimentSpec":
