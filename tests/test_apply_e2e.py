@@ -212,11 +212,7 @@ def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreamben
     compared = [rel for rel in ours if Path(rel).name not in RECORDS]
     for rel in compared:
         a, b = ours[rel], theirs[rel]
-        if rel.endswith("proxy/manifest.json"):  # names the teacher's run: a record inside the manifest
-            da, db = json.loads(a.read_text()), json.loads(b.read_text())
-            assert da.pop("teacher_run_id") != db.pop("teacher_run_id") and da == db, rel
-        else:
-            assert sha256_file(a) == sha256_file(b), rel  # byte-identical, codes.safetensors included
+        assert sha256_file(a) == sha256_file(b), rel  # byte-identical, codes.safetensors and the manifest included
     assert "t/dog/codes/codes.safetensors" in compared and "t/dog/student/adapter/adapter_model.safetensors" in compared
 
 

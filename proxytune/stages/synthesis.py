@@ -182,8 +182,7 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         manifest = {
             "prompt_template": cfg.prompt,
             "templates": cfg.templates,
-            "teacher_version": teacher_version,
-            "teacher_run_id": teacher["run_id"],
+            "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
             "num_images": len(entries),
             "generated": cfg.num_images,
             "dropped": len(dropped),
