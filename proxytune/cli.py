@@ -13,6 +13,7 @@ import click
 from proxytune.errors import ProxytuneError, disk_full_message
 
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")  # as compile.STEPS (kept import-free: fast --help)
+STYLE_STEPS = ("curation", "style_student", "style_evaluate")  # as compile.STYLE_STEPS
 
 
 def user_errors(func):
@@ -68,7 +69,9 @@ def validate(specs: tuple[str, ...]) -> None:
     for path in specs:
         resolved = resolve_spec(path, Path.cwd())
         names = ", ".join(s.name for s in resolved.spec.subjects)
-        click.echo(f"{path}: ok (experiment {resolved.spec.name}; subjects {names})")
+        styles = ", ".join(s.name for s in resolved.spec.styles)
+        click.echo(f"{path}: ok (experiment {resolved.spec.name}; "
+                   + "; ".join(([f"subjects {names}"] if names else []) + ([f"styles {styles}"] if styles else [])) + ")")
 
 
 @main.command()
@@ -157,6 +160,9 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
             for variant in item.spec.student.variants:
                 name = compiler.variant_experiment(item.spec.name, variant)
                 click.echo(f"  {names[2]} → " + " → ".join(compiler.stage_name(s, name, subject.name) for s in ("student", "evaluate")))
+        for style in item.spec.styles:
+            click.echo(" → ".join(compiler.stage_name(step, item.spec.name, style.name)
+                                  for step in ("teacher", *compiler.STYLE_STEPS)))
     click.echo("wrote dvc.yaml")
 
 
@@ -222,7 +228,7 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
 
 
 @main.command(hidden=True)
-@click.argument("step", type=click.Choice(STEPS))
+@click.argument("step", type=click.Choice(STEPS + STYLE_STEPS))
 @click.option("--params", "params_path", required=True, type=click.Path(dir_okay=False))
 @user_errors
 def stage(step: str, params_path: str) -> None:

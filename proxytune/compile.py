@@ -16,7 +16,9 @@ from proxytune.spec.common import VARIANT_SEP
 
 RUNS_DIR = "runs"
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
-OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval"}
+STYLE_STEPS = ("curation", "style_student", "style_evaluate")  # a style: teacher -> these (proxytune/spec/style.py)
+OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval",
+            "curation": "curated", "style_student": "student", "style_evaluate": "eval"}
 METRICS_FILE = "metrics.json"
 CURVES_FILE = "loss.csv"  # teacher/ and student/: step, loss and the other training curves
 PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
@@ -32,6 +34,11 @@ STAGE_PARAMS = {
     "codes": ["student.model"],  # proxies are re-encoded only for another student model
     "student": ["seed", "subject", "student"],
     "evaluate": ["seed", "subject", "evaluation", "synthesis", *_TEACHER_BASE, "student.model", "student.sampling"],
+    # a style's stages (its teacher is the teacher stage above, on the style's references)
+    "curation": ["seed", "subject", "style.prompts", "style.images_per_prompt", "style.raw", "synthesis", *_TEACHER_BASE],
+    "style_student": ["seed", "student", "style_student", "style.raw.ratio"],
+    "style_evaluate": ["seed", "subject", "style.content", "evaluation", "synthesis", *_TEACHER_BASE, "student.model",
+                       "student.sampling", "style_student"],
 }
 
 
@@ -42,7 +49,8 @@ class ResolvedSpec:
     spec: ExperimentSpec
     spec_path: str  # as given, relative to the project root when inside it
     spec_digest: str  # sha256 of the spec file's bytes
-    references: dict[str, str]  # subject name -> reference folder (relative when inside the project)
+    references: dict[str, str]  # subject or style name -> reference folder (relative when inside the project)
+    styles: dict[str, dict] | None = None  # style name -> {"raw": raw-data folder or None, "prompts": [...]}
 
 
 def subject_dir(experiment: str, subject: str) -> str:
@@ -102,6 +110,38 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
     }
 
 
+def style_params_for(resolved: ResolvedSpec, style_name: str) -> dict:
+    """The resolved params file of one style. Its `subject` section is the style seen as a teacher
+    subject (name, class noun, token: the teacher stage learns "a {class} in {token} style" on the
+    references), `style` holds the style with its curation prompts resolved to a list."""
+    spec = resolved.spec
+    style = next(s for s in spec.styles if s.name == style_name)
+    inputs = (resolved.styles or {})[style_name]
+    dump = spec.model_dump(mode="json", by_alias=True)
+    dump["student"].pop("variants")
+    return {
+        "experiment": spec.name,
+        "seed": spec.seed,
+        "subject": {"name": style.name, "class": style.class_noun, "token": style.token},
+        "style": {**style.model_dump(mode="json", by_alias=True), "prompts": inputs["prompts"]},
+        "style_student": dump["style_student"],
+        "teacher": dump["teacher"],
+        "synthesis": dump["synthesis"],
+        "student": dump["student"],
+        "evaluation": dump["evaluation"],
+        "student_dir": None,
+        "upstream_dir": None,
+        "tracking": dump["tracking"],
+        "source": {
+            "spec_file": resolved.spec_path,
+            "spec_digest": resolved.spec_digest,
+            "references": resolved.references[style_name],
+            "images": style.images,
+            "raw": inputs["raw"],
+        },
+    }
+
+
 def variant_params(resolved: ResolvedSpec, subject_name: str, variant: str) -> dict:
     """A student variant's params: the subject's, with the merged student section, its own
     experiment name, and the main experiment's subject folder for teacher, proxies and codes."""
@@ -124,6 +164,9 @@ def _template(step: str) -> dict:
         "codes": [f"{item_dir}/proxy"],
         "student": [f"{up}/proxy", f"{up}/codes"],
         "evaluate": ["${item.refs}", f"{up}/teacher", "${item.student}"],
+        "curation": [f"{item_dir}/teacher", "${item.raw}"],
+        "style_student": [f"{item_dir}/curated"],
+        "style_evaluate": ["${item.refs}", f"{item_dir}/teacher", f"{item_dir}/student"],
     }[step]
     stage = {
         "cmd": f"proxytune stage {step} --params {item_dir}/params.yaml",
@@ -131,7 +174,7 @@ def _template(step: str) -> dict:
         "params": [{f"{item_dir}/params.yaml": STAGE_PARAMS[step]}],
         "outs": [out],
     }
-    if step == "evaluate":
+    if step in ("evaluate", "style_evaluate"):
         stage["metrics"] = [{f"{item_dir}/{METRICS_FILE}": {"cache": False}}]
     return stage
 
@@ -151,6 +194,7 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
     own: dict[str, dict] = {}  # foreach items of every step: EXP.SUBJECT
     variants: dict[str, dict] = {}  # student and evaluate only: EXP--V.SUBJECT
     joint: set[str] = set()  # items whose student is a multi-subject stage of its own
+    styles: dict[str, dict] = {}  # teacher and the style steps: EXP.STYLE
     for spec in resolved:
         for subject in spec.spec.subjects:
             directory = subject_dir(spec.spec.name, subject.name)
@@ -167,16 +211,28 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
                 variants[item_key(name, subject.name)] = {
                     "dir": folder, "refs": spec.references[subject.name], "student": f"{folder}/student", "up": directory}
                 params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
-    for step in STEPS:
+        for style in spec.spec.styles:
+            directory = subject_dir(spec.spec.name, style.name)
+            refs = spec.references[style.name]
+            # the curation stage reads a raw-data folder when there is one; otherwise its references stand in
+            # (a dependency the teacher has anyway), so that every item has the same template
+            raw = (spec.styles or {})[style.name]["raw"] or refs
+            styles[item_key(spec.spec.name, style.name)] = {"dir": directory, "refs": refs, "raw": raw,
+                                                            "student": f"{directory}/student", "up": directory}
+            params_files[f"{directory}/params.yaml"] = style_params_for(spec, style.name)
+    for step in (*STEPS, *STYLE_STEPS):
         items = dict(stages.get(step, {}).get("foreach", {}))
         # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
         items = {key: value for key, value in items.items() if base_experiment(key.split(".", 1)[0]) not in compiled}
         for value in items.values():  # items written by an older proxytune lack these fields
             value.setdefault("student", f"{value['dir']}/student")
             value.setdefault("up", value["dir"])
-        items.update({key: dict(value) for key, value in own.items() if not (step == "student" and key in joint)})
+        if step in STEPS:
+            items.update({key: dict(value) for key, value in own.items() if not (step == "student" and key in joint)})
         if step in ("student", "evaluate"):
             items.update({key: dict(value) for key, value in variants.items()})
+        if step in ("teacher", *STYLE_STEPS):
+            items.update({key: dict(value) for key, value in styles.items()})
         if items:
             stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
         else:
@@ -188,11 +244,11 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             name, path, stage = _joint_student(spec)
             stages[name] = stage
             params_files[path] = _joint_params(spec)
-    ordered = {step: stages[step] for step in STEPS if step in stages}
+    ordered = {step: stages[step] for step in (*STEPS, *STYLE_STEPS) if step in stages}
     ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
     compiled_dvc = {"stages": ordered}
     plots = [p for p in (existing or {}).get("plots", []) if not _plot_of(p, compiled)]
-    plots += _plots(resolved, own, variants)
+    plots += _plots(resolved, own, variants) + _style_plots(styles)
     if plots:
         compiled_dvc["plots"] = plots
     return compiled_dvc, params_files
@@ -232,6 +288,13 @@ def _plots(resolved: list[ResolvedSpec], own: dict[str, dict], variants: dict[st
     return loss + per_prompt
 
 
+def _style_plots(styles: dict[str, dict]) -> list[dict]:
+    """A style's teacher and student training curves (DVC plots)."""
+    return [{f"{item['dir']}/{folder}/{CURVES_FILE}": {"x": "step", "y": "loss", "template": "linear",
+                                                       "title": f"{role} loss {key}"}}
+            for key, item in sorted(styles.items()) for folder, role in (("teacher", "teacher"), ("student", "style student"))]
+
+
 def _joint_params(resolved: ResolvedSpec) -> dict:
     """A multi-subject student's params: the first subject's file, the student section, every member."""
     spec = resolved.spec
@@ -263,6 +326,9 @@ def targets(resolved: list[ResolvedSpec], subjects: set[str] | None = None) -> l
             for subject in spec.spec.subjects:
                 if subjects is None or subject.name in subjects:
                     names.append(stage_name("evaluate", experiment, subject.name))
+        for style in spec.spec.styles:
+            if subjects is None or style.name in subjects:
+                names.append(stage_name("style_evaluate", spec.spec.name, style.name))
     return names
 
 

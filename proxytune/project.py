@@ -23,11 +23,14 @@ LOCK_DIR = ".proxytune"  # project-level state of proxytune itself (git-ignored 
 
 
 def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> compiler.ResolvedSpec:
-    """Validate a spec and look up what compile needs: its digest and the reference folders.
+    """Validate a spec and look up what compile needs: its digest, the reference folders and, for a
+    style, its raw-data folder and curation prompts (a prompt file read, a generated set composed).
 
     Raises:
         SpecError / ProxytuneError: bad spec, missing folder, empty folder or unreadable image.
     """
+    from proxytune.spec.style import resolve_style
+
     path = Path(path)
     spec = load_spec(path)
     check_resolution(spec, path, root)
@@ -41,9 +44,15 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
             except ProxytuneError as err:
                 raise SpecError(f"{path}: subjects[{index}].images: {err}") from None
         references[subject.name] = compiler.relative_to_root(folder, root)
+    styles = {}
+    for index, style in enumerate(spec.styles):
+        folder, raw, prompts = resolve_style(style, path, index)
+        references[style.name] = compiler.relative_to_root(folder, root)
+        styles[style.name] = {"raw": compiler.relative_to_root(raw, root) if raw else None, "prompts": prompts}
     check_identifiers(spec, path, root)
     shown = compiler.relative_to_root(path, root)
-    return compiler.ResolvedSpec(spec=spec, spec_path=shown, spec_digest=sha256_file(path), references=references)
+    return compiler.ResolvedSpec(spec=spec, spec_path=shown, spec_digest=sha256_file(path), references=references,
+                                 styles=styles)
 
 
 def check_resolution(spec, path: Path, root: Path) -> None:

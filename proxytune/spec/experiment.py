@@ -1,4 +1,4 @@
-"""The whole spec file: one experiment with its subjects and the four stage sections."""
+"""The whole spec file: one experiment with its subjects (or styles) and the four stage sections."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from proxytune.spec.common import PlainName, Seed, Strict
 from proxytune.spec.evaluation import EvaluationSpec
 from proxytune.spec.resources import ResourcesSpec
 from proxytune.spec.student import StudentSpec
+from proxytune.spec.style import StyleSpec, StyleStudentSpec
 from proxytune.spec.subject import SubjectSpec
 from proxytune.spec.synthesis import SynthesisSpec
 from proxytune.spec.teacher import TeacherSpec
@@ -19,7 +20,14 @@ class ExperimentSpec(Strict):
 
     name: PlainName = Field(description="Experiment name; folder runs/NAME and MLflow experiment.")
     seed: Seed = Field(default=0, description="Base seed for every stage.")
-    subjects: list[SubjectSpec] = Field(min_length=1, description="Subjects to personalise, each on its own.")
+    subjects: list[SubjectSpec] = Field(default_factory=list, description="Subjects to personalise, each on its own.")
+    styles: list[StyleSpec] = Field(
+        default_factory=list,
+        description="Styles to learn (StyleAR): each gets a style teacher, a curated set and a style student "
+        "(Lumina-mGPT) that draws any prompt in the style of an image. Next to or instead of subjects.",
+    )
+    style_student: StyleStudentSpec = Field(default_factory=StyleStudentSpec,
+                                            description="Style tokens of the style students (CLIP encoder, resampler, noise).")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Diffusion teacher (DreamBooth LoRA).")
     synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec, description="Proxy set generation.")
     student: StudentSpec = Field(default_factory=StudentSpec, description="AR student (LoRA on proxies).")
@@ -30,11 +38,29 @@ class ExperimentSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_subjects(self) -> "ExperimentSpec":
+        if not self.subjects and not self.styles:
+            raise ValueError("subjects: needs at least one subject (or a styles: section)")
         seen: set[str] = set()
         for subject in self.subjects:
             if subject.name in seen:
                 raise ValueError(f"subjects: duplicate subject name {subject.name!r}")
             seen.add(subject.name)
+        for i, style in enumerate(self.styles):  # subjects and styles share runs/EXPERIMENT/NAME
+            if style.name in seen:
+                raise ValueError(f"styles[{i}].name: {style.name!r} is already a subject or style of this experiment")
+            seen.add(style.name)
+        return self
+
+    @model_validator(mode="after")
+    def _style_student_backend(self) -> "ExperimentSpec":
+        from proxytune.spec.common import TINY_STUDENTS
+
+        model = self.student.model
+        if self.styles and model in TINY_STUDENTS and model != "tiny-lumina-mgpt":
+            raise ValueError(f"student.model: a style student needs the Lumina-mGPT backend (e.g. tiny-lumina-mgpt), "
+                             f"not {model!r}")
+        if self.styles and self.student.multi_subject:
+            raise ValueError("student.multi_subject: not with styles (each style has its own student)")
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 from proxytune.errors import SpecError
 from proxytune.spec import EvaluationSpec, StudentSpec, SubjectSpec, SynthesisSpec, TeacherSpec, TrackingSpec
 from proxytune.spec.common import Strict
+from proxytune.spec.style import STYLE_INSTANCE_PROMPT, StyleSpec, StyleStudentSpec
 
 
 class SourceInfo(Strict):
@@ -17,6 +18,7 @@ class SourceInfo(Strict):
     spec_digest: str
     references: str
     images: str
+    raw: str | None = None  # a style's raw-data folder
 
 
 class StageParams(Strict):
@@ -32,7 +34,18 @@ class StageParams(Strict):
     members: list[str] | None = None  # a multi-subject student's params: every subject's folder
     student_dir: str | None = None  # a subject of a multi-subject experiment: the shared student's folder
     upstream_dir: str | None = None  # a student variant: the main experiment's subject folder
+    style: StyleSpec | None = None  # a style's params: the style (curation prompts resolved to a list)
+    style_student: StyleStudentSpec | None = None
     path: Path = Field(default=Path("."), exclude=True)
+
+    @property
+    def instance_prompt(self) -> str:
+        """What the teacher learns on the references: "a {token} {class}" for a subject, "a {class} in
+        {token} style" for a style."""
+        subject = self.subject
+        if self.style is not None:
+            return STYLE_INSTANCE_PROMPT.format(token=subject.token, **{"class": subject.class_noun})
+        return f"a {subject.token} {subject.class_noun}"
 
     @property
     def subject_dir(self) -> Path:

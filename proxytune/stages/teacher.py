@@ -44,7 +44,7 @@ class TeacherRecipe:
         self.cfg = params.teacher
         self.device = common.device()
         self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
-        self.prompt = f"a {params.subject.token} {params.subject.class_noun}"
+        self.prompt = params.instance_prompt  # "a {token} {class}", or a style's "a {class} in {token} style"
         self.class_prompt = self.cfg.prior_preservation.class_prompt.format(**{"class": params.subject.class_noun})
 
     # -- setup ---------------------------------------------------------------------------------

@@ -1,0 +1,195 @@
+"""Curation stage (StyleAR, issue 15): the style teacher draws the curated set; raw pairs go beside it.
+
+The teacher stage has bound "a {class} in {token} style" to the style's reference images (a DreamBooth
+LoRA). Here the tuned teacher draws, for each curation prompt P (`style.prompts`) and k <
+`style.images_per_prompt`, the image of "P, in {token} style" (spec.style.STYLE_CURATION_PROMPT); image
+i gets seed `synthesis.seed + i` and batches are fixed blocks of indices, so a re-run or a resumed run
+gives the same files. Only (P, image) pairs are kept: the caption the student trains on is P without the
+identifier, and no reference image is part of a training example (StyleAR's binary text-image data).
+
+Raw pairs (`style.raw`), which the student mixes with the curated ones (raw:stylised = `raw.ratio`), are
+gathered here too, so that the student depends on this one folder: copied from a captioned folder, or
+rendered from the toy world (deterministic in `raw.seed`).
+
+Why a style LoRA and not IP-Adapter or shared attention: it works for every teacher family proxytune
+trains (SD 1.x/2.x, SDXL, SD3, FLUX, the tiny and toy pipelines) through the existing teacher stage,
+while an IP-Adapter needs image-projection weights trained for each base model (none exist for the tiny
+or toy pipelines) and StyleAligned-style shared attention needs an attention processor written for each
+denoiser architecture. Either could replace `generate_missing` below: load the
+base pipeline, `pipe.load_ip_adapter(...)` + `pipe.set_ip_adapter_scale(...)` and pass the reference as
+`ip_adapter_image` (the teacher stage is then skipped), keeping the manifest as it is.
+
+Output folder `curated/`: images/ (stylised), raw/, manifest.json (per image: file, prompt, teacher
+prompt, seed, sha256; the set's digest; the raw pairs with theirs; teacher version), preview.png, record.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from proxytune import faults
+from proxytune.backends import diffusion
+from proxytune.errors import ProxytuneError
+from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
+from proxytune.images import grid, open_rgb
+from proxytune.spec.style import STYLE_CURATION_PROMPT, captioned_images
+from proxytune.stages import common
+from proxytune.stages.params import StageParams, load_params
+
+
+def curation_items(params: StageParams) -> list[tuple[str, str, int]]:
+    """(prompt, teacher prompt, seed) of every curated image, prompt-major: image i = prompt i // k, copy i % k."""
+    style, k = params.style, params.style.images_per_prompt
+    items = []
+    for p, prompt in enumerate(style.prompts):
+        teacher_prompt = STYLE_CURATION_PROMPT.format(prompt=prompt, token=style.token)
+        items += [(prompt, teacher_prompt, params.synthesis.seed + p * k + j) for j in range(k)]
+    return items
+
+
+def pairs_digest(entries: list[dict]) -> str:
+    """Digest of a set of pairs: every file's bytes with its caption and seed (order-independent)."""
+    return digest_files([(f"{e['file']}\t{e['prompt']}\t{e.get('seed', '')}", e["sha256"]) for e in entries])
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        open_rgb(path)
+        return True
+    except ProxytuneError:
+        return False
+
+
+@torch.no_grad()
+def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> None:
+    """Draw every curated image not yet in `scratch` (finished images survive a crash)."""
+    cfg, items = params.synthesis, curation_items(params)
+    # fixed blocks of indices: another batch shape may round differently, so a resumed run redoes whole blocks
+    blocks = [list(range(i, min(i + cfg.batch_size, len(items)))) for i in range(0, len(items), cfg.batch_size)]
+    todo = [block for block in blocks if not all(_is_complete(scratch / f"{i:05d}.png") for i in block)]
+    if not todo:
+        return
+    common.seed_everything(params.seed)
+    pipe = diffusion.load_pipeline_with_lora(params.teacher.model, teacher_dir / "adapter",
+                                             revision=params.teacher.revision, scale=cfg.lora_scale)
+    pipe.to(common.device())
+    pipe.set_progress_bar_config(disable=True)
+    bar = tqdm(total=sum(len(block) for block in todo), desc="curation", unit="img")
+    for count, block in enumerate(todo, 1):
+        images = diffusion.generate(pipe, [items[i][1] for i in block], [items[i][2] for i in block],
+                                    steps=cfg.num_inference_steps, guidance=cfg.guidance_scale,
+                                    size=params.teacher.resolution)
+        for i, image in zip(block, images):
+            write_png_atomic(scratch / f"{i:05d}.png", image)
+        bar.update(len(block))
+        faults.checkpoint("curation", "batch", count)
+    bar.close()
+
+
+def raw_pairs(params: StageParams, folder: Path) -> tuple[list[dict], str]:
+    """Write the raw pairs into `folder` (raw/NNNNN.png); return their manifest entries and where they came from."""
+    raw = params.style.raw
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    if raw.ratio == 0:
+        return entries, "none"
+    if raw.toyworld is not None:
+        from PIL import Image
+
+        from proxytune.toyworld.world import sample_world
+
+        pixels, samples = sample_world(raw.toyworld, raw.seed)
+        for i, (array, sample) in enumerate(zip(pixels, samples)):
+            name = f"raw/{i:05d}.png"
+            write_png_atomic(folder.parent / name, Image.fromarray(array))
+            entries.append({"file": name, "prompt": sample.caption, "sha256": sha256_file(folder.parent / name)})
+        return entries, f"toyworld (seed {raw.seed})"
+    source = Path(params.source.raw)
+    pairs = captioned_images(source)[: raw.max_images]
+    for i, (path, caption) in enumerate(pairs):
+        name = f"raw/{i:05d}.png"
+        write_png_atomic(folder.parent / name, open_rgb(path))  # one format; EXIF orientation applied
+        entries.append({"file": name, "prompt": caption, "sha256": sha256_file(folder.parent / name),
+                        "source": path.name})
+    return entries, str(params.source.raw)
+
+
+def run(params_path: str | Path) -> None:
+    params = load_params(params_path)
+    if params.style is None:
+        raise ProxytuneError(f"{params_path}: the curation stage is for styles (no style section)")
+    cfg, style = params.synthesis, params.style
+    teacher_dir = params.out("teacher")
+    teacher = common.read_record(teacher_dir)
+    items = curation_items(params)
+    key = common.config_key(params.seed, cfg.model_dump(exclude={"processes", "filter", "num_images", "prompt", "templates"}),
+                            params.teacher.model, params.teacher.revision, params.teacher.resolution,
+                            teacher["adapter_digest"], items)
+    scratch = params.work("curation") / key
+    scratch.mkdir(parents=True, exist_ok=True)
+    generate_missing(params, teacher_dir, scratch)
+
+    entries = [{"file": f"images/{i:05d}.png", "prompt": prompt, "teacher_prompt": teacher_prompt, "seed": seed,
+                "sha256": sha256_file(scratch / f"{i:05d}.png")} for i, (prompt, teacher_prompt, seed) in enumerate(items)]
+    digest = pairs_digest(entries)
+    prompts_digest = sha256_bytes("\n".join(sorted(style.prompts)).encode())
+    teacher_version = f"{teacher['model']}@{teacher['version']}"
+    out_dir = params.out("curated")
+    tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries)),
+            "style": style.name}
+    with common.stage_run(params, "curation", tags) as run, staged_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()
+        for entry in entries:
+            src, dst = scratch / Path(entry["file"]).name, tmp / entry["file"]
+            try:
+                os.link(src, dst)  # same file system: no copy
+            except OSError:
+                shutil.copy2(src, dst)
+        raw, raw_source = raw_pairs(params, tmp / "raw")
+        raw_digest = pairs_digest(raw) if raw else None
+        manifest = {
+            "kind": "style",
+            "style": style.name,
+            "token": style.token,
+            "teacher_prompt_template": STYLE_CURATION_PROMPT,
+            "teacher_version": teacher_version,
+            "teacher_run_id": teacher["run_id"],
+            "num_images": len(entries),
+            "digest": digest,
+            "prompts_digest": prompts_digest,
+            "images": entries,
+            "raw": {"source": raw_source, "ratio": style.raw.ratio, "num_images": len(raw), "digest": raw_digest,
+                    "images": raw},
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+        preview = [[open_rgb(tmp / e["file"]) for e in entries[:8]]]
+        if raw:
+            preview.append([open_rgb(tmp / e["file"]) for e in raw[:8]])
+        write_png_atomic(tmp / "preview.png", grid(preview, cell=min(params.teacher.resolution, 256)))
+        run.log_params({"synthesis": cfg.model_dump(mode="json"), "curation_prompts": style.prompts,
+                        "images_per_prompt": style.images_per_prompt, "raw": style.raw.model_dump(mode="json")})
+        run.log_metrics({"curated_images": len(entries), "raw_images": len(raw)})
+        run.log_artifacts(tmp, "curated")
+        run.log_dataset(out_dir / "images", name=f"{params.experiment}.{style.name}.curated", digest=digest,
+                        context="curated")
+        if raw:
+            run.log_dataset(out_dir / "raw", name=f"{params.experiment}.{style.name}.raw", digest=raw_digest, context="raw")
+        common.write_record(tmp, {"stage": "curation", "run_id": run.run_id, "digest": digest,
+                                  "prompts_digest": prompts_digest, "num_images": len(entries),
+                                  "raw_digest": raw_digest, "raw_images": len(raw), "raw_source": raw_source,
+                                  "teacher_version": teacher_version})
+    tqdm.write(f"curation: {len(entries)} stylised images ({len(style.prompts)} prompts), {len(raw)} raw pairs, "
+               f"digest {digest[:12]}")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", required=True)
+    run(parser.parse_args().params)
