@@ -56,6 +56,8 @@ def model_refs(spec) -> list[ModelRef]:
     quality = spec.synthesis.filter
     if quality.enabled:
         refs.append(ModelRef("synthesis.filter.model", quality.model, quality.metric))
+    if spec.styles:  # the style students' image encoder
+        refs.append(ModelRef("style_student.clip_model", spec.style_student.clip_model, "clip"))
     return refs
 
 

@@ -554,7 +554,7 @@ def audit(uri: str) -> dict:
         role = version.tags.get(f"{TAG}role")
         if role == "teacher" and run is not None and not _run_tag(run, "references_digest"):
             problems.append(f"{key}: no references digest recorded on run {run.info.run_id}")
-        elif role == "student" and version.tags.get(f"{TAG}recipe", "proxy") == "proxy":  # baselines have no teacher
+        elif role == "student" and version.tags.get(f"{TAG}recipe", "proxy") in ("proxy", "stylear"):  # baselines: no teacher
             teachers = version.tags.get(f"{TAG}teacher_version") or (run and _run_tag(run, "teacher_version"))
             for teacher in teachers.split(",") if teachers else [None]:  # a multi-subject student has several
                 check_link(key, "teacher version", teacher)

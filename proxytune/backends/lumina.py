@@ -182,9 +182,12 @@ class LuminaStudent:
         ends = torch.full((B, g, 1), self.row_end, dtype=rows.dtype, device=codes.device)
         return torch.cat([rows, ends], dim=2).flatten(1)
 
-    def _run(self, ids, mask, cache=None):
+    def _run(self, ids, mask, cache=None, embed=None):
+        """Last hidden states of `ids`; `embed` (ids -> input embeddings), when given, makes the input
+        embeddings instead of the embedding table (the style tokens, backends/style_student.py)."""
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self._chameleon(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
+        out = self._chameleon(**inputs, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                               use_cache=cache is not None)
         return out.last_hidden_state
 
@@ -208,7 +211,7 @@ class LuminaStudent:
         return torch.tensor([j for j in range(g * (g + 1)) if j % (g + 1) != g], device=self._device)
 
     def sequence_loss(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor,
-                      code_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+                      code_weights: torch.Tensor, *, embed=None) -> dict[str, torch.Tensor]:
         """Lumina-mGPT's fine-tuning objective on the image turn; {"ce", "z_loss"} (scalars).
 
         As the original's fine-tuning (--unmask_image_logits, --z_loss_weight): every token of the
@@ -225,7 +228,7 @@ class LuminaStudent:
                             self.image_suffix.to(device).expand(B, -1)], dim=1)  # (B, A)
         inputs = torch.cat([ids, labels[:, :-1]], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(labels[:, :-1])], dim=1)
-        hidden = self._run(inputs, full_mask)[:, ids.shape[1] - 1 :]  # (B, A, H): state t predicts labels[:, t]
+        hidden = self._run(inputs, full_mask, embed=embed)[:, ids.shape[1] - 1 :]  # (B, A, H): state t predicts labels[:, t]
         logits = self._lm_head(hidden).float()  # (B, A, V), unmasked: this is a full-vocabulary objective
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
         z = torch.logsumexp(logits, dim=-1).pow(2)
@@ -237,13 +240,17 @@ class LuminaStudent:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 3.0, top_k: int | None = 2000,
-                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
-        """The original inference solver's defaults: CFG 3, image top-k 2000 (None: no top-k), temperature 1."""
+                 temperature: float = 1.0, use_cache: bool = True, cond: torch.Tensor | None = None,
+                 embed=None) -> torch.Tensor:
+        """The original inference solver's defaults: CFG 3, image top-k 2000 (None: no top-k), temperature 1.
+
+        `cond` (B, 2, T), when given, is used instead of encoding `prompts` (another prompt template);
+        `embed` makes the input embeddings (see `_run`; it sees [cond; uncond] rows when guided)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         top_k = top_k or self.codebook_size
         B, g = len(prompts), self.grid
-        cond, drop = cfg_batch(self.encode_prompts(prompts), cfg_scale)  # [cond; uncond] when guided
+        cond, drop = cfg_batch(self.encode_prompts(prompts) if cond is None else cond, cfg_scale)  # [cond; uncond]
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         ids, mask = self._prefix(cond, drop)
         codes = torch.zeros(len(ids), g * g, dtype=torch.long, device=self._device)
@@ -251,7 +258,7 @@ class LuminaStudent:
         step_ids, t = ids, 0
         bar = tqdm(total=g * g, desc="student: sample", unit="code", leave=False, disable=None)
         for j in range(g * (g + 1) - 1):  # the last row end is never needed as input
-            hidden = self._run(step_ids if use_cache else ids, mask, cache)
+            hidden = self._run(step_ids if use_cache else ids, mask, cache, embed)
             if j % (g + 1) == g:  # a row end: forced, not sampled
                 token = torch.full((len(ids), 1), self.row_end, dtype=ids.dtype, device=self._device)
             else:

@@ -20,8 +20,8 @@ token <racm3:break> on, so it has neither text nor style tokens (its placeholder
 that short sequence, so the replacement is a no-op there). The Lumina backend's unconditional branch
 masks the whole prompt turn out, and the style tokens live inside that turn: the same thing.
 
-Not here yet (issue 15): wiring into the spec and the student stage, training (LoRA on the AR model +
-the resampler trained fully, raw:stylised mixing), the style-conditioned sampler, the LlamaGen side.
+Training and sampling with these pieces: `proxytune.backends.style_student` (the stages: curation,
+style_student, style_evaluate). Not here: the LlamaGen side.
 """
 
 from __future__ import annotations
@@ -207,15 +207,15 @@ def placeholder_positions(tokenizer, text: str, num_tokens: int = NUM_STYLE_TOKE
     return ids, positions
 
 
-def encode_style_prompts(student, prompts: list[str], num_tokens: int = NUM_STYLE_TOKENS):
+def encode_style_prompts(student, prompts: list[str], num_tokens: int = NUM_STYLE_TOKENS, *, prompt_len: int | None = None):
     """(cond (B, 2, T), positions (B, N)): the Lumina backend's left-padded prompt turns for the style
     template, and where the placeholders sit in them.
 
     The turn follows `LuminaStudent.encode_prompts`: <s>, the template's tokens, <reserved08706>, left
-    padded to the student's prompt_len and masked; the style template replaces Lumina's
+    padded to `prompt_len` (default: the student's) and masked; the style template replaces Lumina's
     "Generate an image of WxH ..." text, as in the original. A long prompt loses the end of its text;
     a prompt_len too short to hold every placeholder is refused."""
-    T = student.prompt_len
+    T = prompt_len or student.prompt_len
     pad = student.tokenizer.pad_token_id or 0
     ids = torch.full((len(prompts), T), pad, dtype=torch.long)
     mask = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -224,7 +224,7 @@ def encode_style_prompts(student, prompts: list[str], num_tokens: int = NUM_STYL
         text_ids, pos = placeholder_positions(student.tokenizer, style_prompt(prompt, num_tokens), num_tokens)
         text_ids = text_ids[: T - 2]
         if max(pos) >= len(text_ids):
-            raise ProxytuneError(f"student model {student.path!r}: prompt_len {T} cuts the style placeholders off")
+            raise ProxytuneError(f"student model {student.path!r}: prompt length {T} cuts the style placeholders off")
         turn = [student.tokenizer.bos_token_id, *text_ids, student.end_of_turn]
         start = T - len(turn)
         ids[i, start:] = torch.tensor(turn)

@@ -1,0 +1,295 @@
+"""Style student stage (StyleAR, issue 15): Lumina-mGPT learns to draw any prompt in the style of an image.
+
+Model (backends/style_student.py): a frozen CLIP image encoder's penultimate hidden states go through a
+perceiver resampler (trained fully) to `style_student.num_style_tokens` style tokens, which replace the
+"S*" placeholders of StyleAR's prompt template; a LoRA (peft, the `student.lora` settings) adapts the
+Chameleon model.
+
+Data: the curation stage's output only. Every training example is a (caption, image) pair and its style
+tokens come from the image itself (binary data suffices: the model learns to read style off the tokens
+and content off the caption). Each example is a raw pair with probability ratio / (ratio + 1)
+(`style.raw.ratio`, default 3: raw:stylised 3:1, StyleAR's best mix), else a curated one. Images are
+tokenized by the student's VQ and encoded by CLIP once, before training (cached in the scratch folder).
+
+The step, per micro-batch: pick examples -> style tokens from their cached CLIP features (Gaussian noise of
+std `train_noise_strength` when set) -> CFG dropout (`student.cfg_dropout`: prompt turn masked out, style
+tokens with it) -> Lumina's fine-tuning loss (cross-entropy over the image turn + z-loss) -> backward;
+then clip, step. Resumable: checkpoints (LoRA + resampler weights, optimiser, RNG, step, curves) every
+`student.checkpoint_every` steps, as the student stage's.
+
+Output folder `student/`: model/ (adapter/, style_resampler/, proxytune_style.json: registered in MLflow as
+EXPERIMENT.STYLE.student with the style teacher and the curated set as its lineage), samples.png
+(reference | the student's images of two prompts in its style), loss.csv, record.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from proxytune import faults
+from proxytune.backends import encoders, students
+from proxytune.backends.student_api import sampling_settings
+from proxytune.backends.style_student import StyleStudent
+from proxytune.errors import ProxytuneError
+from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
+from proxytune.images import center_crop_resize, grid, list_images, open_rgb
+from proxytune.stages import common
+from proxytune.stages.params import StageParams, load_params
+
+SERIES = ("loss", "ce", "z_loss", "grad_norm", "raw_fraction")
+MODEL_DIR = "model"
+SAMPLE_PROMPTS = ("a cat", "a house by a lake")
+
+
+@dataclass
+class TrainingProgress:
+    step: int = 0
+    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
+
+
+class StyleStudentRecipe:
+    def __init__(self, params: StageParams):
+        if params.style is None or params.style_student is None:
+            raise ProxytuneError(f"{params.path}: the style_student stage is for styles (no style section)")
+        self.params = params
+        self.cfg = params.student
+        self.style_cfg = params.style_student
+        self.device = common.device()
+        self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
+        self.curated_dir = params.out("curated")
+
+    # -- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, scfg = self.cfg, self.style_cfg
+        # accelerate: mixed precision and fp16 loss scaling (one process: the resampler is not DDP-wrapped)
+        self.accelerator = common.accelerator(cfg.mixed_precision)
+        seed = self.params.seed + cfg.seed_offset
+        common.seed_everything(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.bundle = students.load_student(cfg.model, device=str(self.device))
+        self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)
+        clip = encoders.load_clip(scfg.clip_model, device=str(self.device))
+        r = scfg.resampler
+        # the resampler is drawn from its own seed: the LoRA init below does not move it
+        self.style = StyleStudent.build(self.bundle, clip, num_tokens=scfg.num_style_tokens, depth=r.depth,
+                                        heads=r.heads, dim_head=r.dim_head, dim=r.dim, ff_mult=r.ff_mult, seed=seed)
+        self.curated = common.read_record(self.curated_dir)
+        self.checkpoint_dir = self.params.work("style_student") / common.config_key(
+            self.params.seed, cfg.model_dump(exclude={"processes"}), scfg.model_dump(), self.params.style.raw.ratio,
+            self.curated["digest"], self.curated.get("raw_digest"))
+        self._cache_inputs()
+        torch.manual_seed(seed)  # LoRA init draws from the global RNG
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=self.bundle.lora_target_modules(list(cfg.lora.groups)),
+                          layers_to_transform=cfg.lora.layers)
+        self.bundle.model = get_peft_model(self.bundle.model, lora)
+        self.style.resampler.train().requires_grad_(True)
+        self.lora_params = [p for p in self.bundle.model.parameters() if p.requires_grad]
+        self.trainable = self.lora_params + list(self.style.resampler.parameters())
+        groups = [{"params": self.lora_params, "lr": cfg.learning_rate},
+                  {"params": list(self.style.resampler.parameters()), "lr": scfg.resampler_lr or cfg.learning_rate}]
+        self.optimizer = self.accelerator.prepare_optimizer(
+            torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay), device_placement=False)
+        self.weights = torch.ones(self.bundle.seq_len, device=self.device)
+        self.progress = TrainingProgress()
+        self._maybe_resume()
+
+    @torch.no_grad()
+    def _cache_inputs(self) -> None:
+        """VQ codes and CLIP features of every curated and raw image, and the prompt turn of every distinct
+        caption, by dataset index; computed once and kept in the scratch folder (a resumed run skips it)."""
+        from safetensors.torch import load_file, save
+
+        manifest = json.loads((self.curated_dir / "manifest.json").read_text())
+        entries = manifest["images"] + manifest["raw"]["images"]
+        self.num_curated = len(manifest["images"])
+        captions = [e["prompt"] for e in entries]
+        distinct = sorted(set(captions))
+        # keyed by what the encodings depend on only: another learning rate or step count reuses them
+        cache = self.params.work("style_student") / "inputs-{}.safetensors".format(common.config_key(
+            self.cfg.model, self.style_cfg.clip_model, self.style.num_tokens, self.style.prompt_len,
+            self.curated["digest"], self.curated.get("raw_digest")))
+        if cache.exists():
+            tensors = load_file(cache)
+        else:
+            codes, features = [], []
+            size = self.bundle.image_size
+            for start in tqdm(range(0, len(entries), 16), desc="style student: encode images", unit="batch", leave=False):
+                images = [open_rgb(self.curated_dir / e["file"]) for e in entries[start : start + 16]]
+                pixels = self.bundle.images_to_pixels([center_crop_resize(i, size) for i in images]).to(self.device)
+                codes.append(self.bundle.encode_images(pixels).cpu())
+                features.append(self.style.image_features(images))
+            cond, positions = self.style.encode_prompts(distinct)
+            tensors = {"codes": torch.cat(codes).contiguous(), "features": torch.cat(features).contiguous(),
+                       "cond": cond.contiguous(), "positions": positions.contiguous(),
+                       "caption_index": torch.tensor([distinct.index(c) for c in captions])}
+            write_bytes_atomic(cache, save(tensors))
+        self.codes, self.features = tensors["codes"], tensors["features"]
+        self.cond, self.positions, self.caption_index = tensors["cond"], tensors["positions"], tensors["caption_index"]
+        ratio = self.params.style.raw.ratio
+        self.raw_probability = ratio / (ratio + 1) if len(entries) > self.num_curated else 0.0
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.bundle.model).items()}
+        state.update({f"resampler.{k}": v for k, v in self.style.resampler.state_dict().items()})
+        return state
+
+    def _maybe_resume(self) -> None:
+        checkpoint = common.load_checkpoint(self.checkpoint_dir)
+        if checkpoint is None:
+            return
+        from peft.utils import set_peft_model_state_dict
+
+        weights, state = checkpoint
+        set_peft_model_state_dict(self.bundle.model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
+        self.style.resampler.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("resampler.")})
+        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator)
+        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
+        tqdm.write(f"style student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
+
+    def save_checkpoint(self) -> None:
+        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
+                                      self.progress.series)
+        common.save_checkpoint(self.checkpoint_dir, self._trained_state(), state)
+
+    # -- training ------------------------------------------------------------------------------
+    def _batch_indices(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dataset indices, is_raw) of `count` examples: raw with probability ratio / (ratio + 1)."""
+        g = self.generator
+        raw = torch.rand(count, generator=g) < self.raw_probability
+        curated = torch.randint(self.num_curated, (count,), generator=g)
+        n_raw = max(len(self.codes) - self.num_curated, 1)
+        raw_index = self.num_curated + torch.randint(n_raw, (count,), generator=g)
+        return torch.where(raw, raw_index, curated), raw
+
+    def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg, scfg = self.cfg, self.style_cfg
+        # 1. examples, raw or curated; their codes, captions and (from the target image itself) CLIP features
+        index, raw = self._batch_indices(cfg.batch_size)
+        codes = self.codes[index].to(self.device)
+        cond, positions = self.cond[self.caption_index[index]], self.positions[self.caption_index[index]]
+        # 2. style tokens through the resampler (trained), with the training noise when set
+        noise = [torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
+                 for _ in range(cfg.batch_size)] if scfg.train_noise_strength else None
+        tokens = self.style.style_tokens(self.features[index], scfg.train_noise_strength, noise)
+        # 3. CFG dropout: the whole prompt turn (text and style tokens) masked out
+        drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
+        # 4. Lumina-mGPT's objective on the image turn
+        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
+            terms = self.style.sequence_loss(cond, positions, tokens, codes, drop, self.weights)
+        loss = terms["ce"] + self.bundle.z_loss_weight * terms["z_loss"]
+        return loss, terms["ce"], terms["z_loss"], raw.float().mean()
+
+    def train_step(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        accumulation = cfg.gradient_accumulation_steps
+        sums = torch.zeros(4, device=self.device)  # loss, ce, z_loss, raw fraction over the micro-batches
+        for _ in range(accumulation):
+            loss, ce, z_loss, raw = self._micro_batch_loss()
+            acc.backward(loss / accumulation)  # fp16: the GradScaler's scale multiplies the loss first
+            sums += torch.stack([loss.detach(), ce.detach(), z_loss.detach(), raw.to(self.device)]).float()
+        loss, ce, z_loss, raw = (sums / accumulation).tolist()
+        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss, "ce": ce, "z_loss": z_loss, "grad_norm": float(grad_norm), "raw_fraction": raw}
+
+    def train(self) -> None:
+        cfg = self.cfg
+        tqdm.write(
+            f"style student: {len(self.codes)} pairs ({self.num_curated} curated, {len(self.codes) - self.num_curated} raw; "
+            f"raw with p = {self.raw_probability:.2f}), {cfg.steps} steps x batch {cfg.batch_size}, "
+            f"{self.style.num_tokens} style tokens, prompt turn {self.style.prompt_len}, "
+            f"{sum(p.numel() for p in self.lora_params):,} LoRA + "
+            f"{sum(p.numel() for p in self.style.resampler.parameters()):,} resampler params"
+        )
+        self.bundle.model.train()
+        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="style student", unit="step")
+        while self.progress.step < cfg.steps:
+            torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + self.progress.step)  # LoRA dropout
+            values = self.train_step()
+            self.progress.step += 1
+            for key in SERIES:
+                self.progress.series[key].append(values[key])
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
+                self.save_checkpoint()
+            faults.checkpoint("style_student", "step", self.progress.step)
+        bar.close()
+        self.bundle.model.eval()
+        self.style.resampler.eval()
+
+    @torch.no_grad()
+    def sample_grid(self):
+        """Per reference (at most 2): the reference, then the student's image of each sample prompt in its style."""
+        references = [open_rgb(p) for p in list_images(self.params.references_dir)[:2]]
+        rows = []
+        for r, reference in enumerate(references):
+            features = self.style.image_features([reference])
+            codes = self.style.generate(list(SAMPLE_PROMPTS), features, [self.params.evaluation.seed + r] * len(SAMPLE_PROMPTS),
+                                        noise_strength=self.style_cfg.noise_strength, **self.sampling)
+            rows.append([center_crop_resize(reference, self.bundle.image_size), *self.bundle.decode_codes(codes)])
+        return grid(rows, cell=min(self.bundle.image_size * 2, 256))
+
+    def save(self, out_dir: Path) -> None:
+        cfg, scfg, curated = self.cfg, self.style_cfg, self.curated
+        params = self.params
+        lineage = {"teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"],
+                   "proxy_prompts_digest": curated["prompts_digest"], "proxy_images": str(self.num_curated),
+                   "synthesis_run_id": curated["run_id"], "raw_digest": str(curated.get("raw_digest")),
+                   "raw_images": str(len(self.codes) - self.num_curated)}
+        tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
+                "style": params.style.name, "clip_model": scfg.clip_model, **lineage,
+                "dvc_stage": f"style_student@{params.experiment}.{params.subject.name}"}
+        with common.stage_run(params, "student", tags) as run, staged_dir(out_dir) as tmp:
+            run.log_params({"student": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
+                            "seed": params.seed, "sampling": self.sampling, "raw_ratio": params.style.raw.ratio})
+            for key in SERIES:
+                run.log_series(key, self.progress.series[key])
+            run.log_dataset(self.curated_dir / "images", name=f"{params.experiment}.{params.style.name}.curated",
+                            digest=curated["digest"], context="training")
+            model_dir = tmp / MODEL_DIR
+            weights = self.style.save(model_dir, base_model=cfg.model, clip_model=scfg.clip_model,
+                                      noise_strength=scfg.noise_strength, sampling=self.sampling)
+            adapter_digest = sha256_file(weights[0])
+            self.sample_grid().save(tmp / "samples.png")
+            run.log_artifact(tmp / "samples.png")
+            version = run.register(model_dir, "student", {
+                **common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
+                "adapter_digest": adapter_digest, "resampler_digest": sha256_file(weights[1]),
+                "teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"]})
+            common.write_curves(tmp, self.progress.series)
+            common.write_record(tmp, {
+                "stage": "style_student", "run_id": run.run_id, "model": f"{run.experiment}.{run.subject}.student",
+                "version": version, **common.base_model_tags(cfg.model), "backend": self.bundle.backend,
+                "recipe": "stylear", "weights": MODEL_DIR, "adapter_digest": adapter_digest,
+                "proxy_digest": curated["digest"], "raw_digest": curated.get("raw_digest"),
+                "teacher_version": curated["teacher_version"], "final_loss": self.progress.series["loss"][-1],
+                "sampling": self.sampling, "noise_strength": scfg.noise_strength, "clip_model": scfg.clip_model})
+        tqdm.write(f"style student: registered {run.experiment}.{run.subject}.student version {version}")
+
+
+def run(params_path: str | Path) -> None:
+    params = load_params(params_path)
+    recipe = StyleStudentRecipe(params)
+    recipe.setup()
+    recipe.train()
+    recipe.save(params.out("student"))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", required=True)
+    run(parser.parse_args().params)
