@@ -107,10 +107,11 @@ class Report:
     spec_digest: str
     subjects: list[SubjectResult]
     generated: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    styles: list = field(default_factory=list)  # proxytune.style_report.StyleResult, one per style
 
     @property
     def random_init(self) -> bool:
-        return any(s.random_init for s in self.subjects)
+        return any(s.random_init for s in self.subjects) or any(s.random_init for s in self.styles)
 
     @property
     def toy_world(self) -> bool:
@@ -129,6 +130,7 @@ class Report:
             "spec_file": self.spec_path,
             "spec_digest": self.spec_digest,
             "subjects": ",".join(s.name for s in self.subjects),
+            **({"styles": ",".join(s.name for s in self.styles)} if self.styles else {}),
             "random_init": str(self.random_init),
             "toy_world": str(self.toy_world),
             "evaluation_runs": ",".join(f"{s.name}:{s.eval_run_id or '-'}" for s in self.subjects),
@@ -259,6 +261,7 @@ def load_report(spec_path: str | Path, root: Path) -> Report:
         ProxytuneError: bad spec, or a subject without (complete) evaluation output.
     """
     from proxytune.spec import load_spec
+    from proxytune.style_report import load_style
 
     spec = load_spec(spec_path)
     raw = Path(spec_path).read_bytes()
@@ -273,6 +276,7 @@ def load_report(spec_path: str | Path, root: Path) -> Report:
         spec_text=raw.decode("utf-8", errors="replace"),
         spec_digest=sha256_bytes(raw),
         subjects=subjects,
+        styles=[load_style(root, spec.name, s.name) for s in spec.styles],
     )
 
 
@@ -652,10 +656,15 @@ def render_html(report: Report) -> str:
     """The whole page as one string: inline CSS, images as data: URIs, no external reference."""
     title = f"proxytune report: {report.experiment}"
     nav = " · ".join(f'<a href="#{_anchor(s)}">{esc(s.name)}</a>' for s in report.subjects)
+    nav += "".join(f' · <a href="#style-{esc(s.name)}">style {esc(s.name)}</a>' for s in report.styles)
     banner = f'<p class="banner" role="alert">{esc(RANDOM_INIT_BANNER)}</p>' if report.random_init else ""
     if report.toy_world:
         banner = f'<p class="toy-label">{esc(TOY_WORLD_LABEL)}</p>'
     body = "\n".join(_html_subject(report, s) for s in report.subjects)
+    if report.styles:
+        from proxytune.style_report import html_section
+
+        body += "\n" + "\n".join(html_section(s) for s in report.styles)
     oracle = ("; subject acc. and prompt acc.: the same, read exactly by the toy world's oracle"
               if len(report.columns) > len(METRICS) else "")
     return f"""<!doctype html>
@@ -786,4 +795,9 @@ def render_markdown(report: Report) -> str:
     lines += _md_table(["subject", "model"] + [label for _, label in report.columns] + ["gate"], rows)
     for subject in report.subjects:
         lines += _md_subject(report, subject)
+    if report.styles:
+        from proxytune.style_report import markdown_section
+
+        for style in report.styles:
+            lines += markdown_section(style)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,199 @@
+"""Style evaluation stage (StyleAR, issue 15): the style teacher and the style student on a fixed prompt set.
+
+Prompts: `evaluation.prompts` as a list (used as written, no identifier), else a built-in set: 'dreambench'
+gives STYLE_PROMPTS (ten everyday subjects, none of them a style reference's usual content), 'toyworld' ten
+toy world captions (seed 12345); `evaluation.num_prompts` keeps the first N. Image k of prompt p gets seed
+`evaluation.seed + 1000 p + k` for every model. With several references, image k of the student is drawn in
+the style of reference k mod R.
+
+Models: "teacher" (the style LoRA, prompt "P, in {token} style": what curation makes for an unseen prompt),
+"student" (prompt P + the reference image, style-enhanced tokens at `style_student.noise_strength`) and,
+for each of `style_student.eval_noise_strengths`, "student@noise=X" (the same seeds: the leakage/style trade).
+Scores (backends/style_metrics.py): style_clip, style_gram (Gram matrices of DINO patch tokens), clip_t,
+leakage (CLIP similarity to `styles[i].content`, when given) and content_dino; each mean with a 95%
+bootstrap interval resampling prompts.
+
+Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json, per_prompt.json,
+prompts.json, encoders.json, table.md, grid.png (per prompt: reference | teacher (curated) | student images),
+images/MODEL/pPP_kK.png, record.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from proxytune import faults, stats
+from proxytune.backends import diffusion, encoders, students
+from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, reference_embeds, style_scores
+from proxytune.backends.style_student import StyleStudent
+from proxytune.backends.student_api import sampling_settings
+from proxytune.errors import ProxytuneError
+from proxytune.files import staged_dir, write_json_atomic, write_png_atomic, write_text_atomic
+from proxytune.images import center_crop_resize, grid, list_images, open_rgb
+from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, generated_prompts
+from proxytune.stages import common
+from proxytune.stages.params import StageParams, load_params
+
+STYLE_PROMPTS = ("a cat", "a red bicycle", "a house by a lake", "a bowl of fruit", "a sailing boat", "a mountain at dawn",
+                 "a portrait of a woman", "a city street at night", "an owl on a branch", "a teapot on a table")
+LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
+          "content_dino": "content (DINO)"}
+
+
+def eval_prompts(params: StageParams) -> list[str]:
+    cfg = params.evaluation
+    if isinstance(cfg.prompts, list):
+        prompts = list(cfg.prompts)
+    elif cfg.prompts == "toyworld":
+        prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=12345))
+    else:
+        prompts = list(STYLE_PROMPTS)
+    return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+
+
+def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
+    return [params.evaluation.seed + 1000 * prompt_index + k for k in range(params.evaluation.images_per_prompt)]
+
+
+@torch.no_grad()
+def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
+    """The style teacher's images of "P, in {token} style" (what curation would add for P)."""
+    s = params.synthesis
+    pipe = diffusion.load_pipeline_with_lora(params.teacher.model, params.out("teacher") / "adapter",
+                                             revision=params.teacher.revision, scale=s.lora_scale)
+    pipe.to(common.device())
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for p, prompt in enumerate(tqdm(prompts, desc="style evaluate: teacher", unit="prompt")):
+        seeds = seeds_for(params, p)
+        text = STYLE_CURATION_PROMPT.format(prompt=prompt, token=params.style.token)
+        out.append(diffusion.generate(pipe, [text] * len(seeds), seeds, steps=s.num_inference_steps,
+                                      guidance=s.guidance_scale, size=params.teacher.resolution))
+    return out
+
+
+@torch.no_grad()
+def student_images(style: StyleStudent, sampling: dict, params: StageParams, prompts: list[str], references: list,
+                   noise_strength: float, label: str) -> list[list]:
+    """The style student's images: image k of each prompt in the style of reference k mod R."""
+    features = style.image_features(references)  # (R, S, W)
+    out = []
+    for p, prompt in enumerate(tqdm(prompts, desc=f"style evaluate: {label}", unit="prompt")):
+        seeds = seeds_for(params, p)
+        chosen = features[[k % len(references) for k in range(len(seeds))]]
+        codes = style.generate([prompt] * len(seeds), chosen, seeds, noise_strength=noise_strength, **sampling)
+        out.append(style.student.decode_codes(codes))
+    return out
+
+
+def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
+    """Mean and 95% bootstrap interval per metric, resampling prompts with all their images."""
+    summary = {}
+    for metric, values in scores.items():
+        values = np.asarray(values, dtype=np.float64)
+        clusters = stats.prompt_clusters(values.size, k)
+        summary[metric] = {"mean": float(values.mean()), "ci95": list(stats.cluster_bootstrap_ci(values, clusters, resamples, seed))}
+    return summary
+
+
+def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
+    columns = [m for m in STYLE_METRICS if any(m in v for v in metrics.values())]
+    lines = ["| model | " + " | ".join(LABELS[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
+    for model, values in metrics.items():
+        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values else "—"
+                 for m in columns]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts]. "
+              + " ".join(f"{LABELS[m]}: {DESCRIPTIONS[m]}." for m in columns)]
+    if random_init:
+        lines += ["", "**Random-initialised models or encoders were used: these numbers test the pipeline, they say "
+                  "nothing about quality.**"]
+    return "\n".join(lines) + "\n"
+
+
+def run(params_path: str | Path) -> None:
+    params = load_params(params_path)
+    if params.style is None or params.style_student is None:
+        raise ProxytuneError(f"{params_path}: the style_evaluate stage is for styles (no style section)")
+    cfg, scfg = params.evaluation, params.style_student
+    common.seed_everything(params.seed)
+    teacher_record = common.read_record(params.out("teacher"))
+    student_record = common.read_record(params.out("student"))
+    prompts = eval_prompts(params)
+    references = [open_rgb(p) for p in list_images(params.references_dir)]
+
+    generated = {"teacher": teacher_images(params, prompts)}
+    bundle = students.load_student(params.student.model, device=str(common.device()))
+    sampling = sampling_settings(bundle.backend, params.student.sampling)
+    clip_style = encoders.load_clip(scfg.clip_model, device=str(common.device()))
+    style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
+    generated["student"] = student_images(style, sampling, params, prompts, references, scfg.noise_strength, "student")
+    for strength in scfg.eval_noise_strengths:
+        label = f"student@noise={strength:g}"
+        generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
+    faults.checkpoint("style_evaluate", "generated")
+
+    clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
+    refs = reference_embeds(clip, dino, references)
+    k = cfg.images_per_prompt
+    metrics, breakdown = {}, {}
+    for name, groups in generated.items():
+        flat = [image for group in groups for image in group]
+        texts = [p for p in prompts for _ in range(k)]
+        scores = style_scores(flat, texts, refs, clip, dino, params.style.content)
+        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed, k)
+        breakdown[name] = [{"prompt": p, **{m: float(np.mean(v[i * k : (i + 1) * k])) for m, v in scores.items()}}
+                           for i, p in enumerate(prompts)]
+    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
+    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], bundle.random_init,
+                       diffusion_random(params)])
+    described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": scfg.clip_model,
+                 "metrics": {m: DESCRIPTIONS[m] for m in STYLE_METRICS}, "random_init": random_init,
+                 "content": params.style.content, "noise_strength": scfg.noise_strength, "sampling": sampling}
+    summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts), "images_per_prompt": k,
+               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "prompt"}, "kind": "style"}
+    tags = {"teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
+            "student_version": f"{student_record['model']}@{student_record['version']}",
+            "random_init": str(random_init), "clip_model": cfg.clip_model, "dino_model": cfg.dino_model,
+            "style": params.style.name, "dvc_stage": f"style_evaluate@{params.experiment}.{params.subject.name}"}
+    with common.stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
+        for name, groups in generated.items():
+            folder = tmp / "images" / name.replace("@", "_").replace("=", "")
+            folder.mkdir(parents=True)
+            for p, group in enumerate(groups):
+                for j, image in enumerate(group):
+                    image.save(folder / f"p{p:02d}_k{j}.png")
+        write_json_atomic(tmp / "metrics.json", summary)
+        write_json_atomic(tmp / "prompts.json", prompts)
+        write_json_atomic(tmp / "per_prompt.json", breakdown)
+        write_json_atomic(tmp / "encoders.json", described)
+        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), k))
+        cell = 128
+        rows = []
+        for p in range(min(cfg.grid_prompts, len(prompts))):  # reference | teacher (curated) | student
+            rows.append([center_crop_resize(references[0], cell), *generated["teacher"][p], *generated["student"][p]])
+        write_png_atomic(tmp / "grid.png", grid(rows, cell=cell))
+        run.log_params({"evaluation": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
+                        "encoders": described})
+        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
+        run.log_artifacts(tmp, "eval")
+        common.write_record(tmp, {"stage": "style_evaluate", "run_id": run.run_id, **tags, "metrics": means})
+        write_json_atomic(params.subject_dir / "metrics.json", {**means, "random_init": random_init})
+    tqdm.write(table(metrics, random_init, len(prompts), k))
+
+
+def diffusion_random(params: StageParams) -> bool:
+    from proxytune.backends import hub
+
+    return hub.is_random_init(diffusion.resolve(params.teacher.model))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", required=True)
+    run(parser.parse_args().params)
