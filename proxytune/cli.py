@@ -369,7 +369,7 @@ def convert_stylear(model_dir: str, out_dir: str, base_model: str, dim_head: int
     """StyleAR's released MODEL_DIR (model.safetensors + image_proj.pth) -> a peft adapter, the style
     resampler (safetensors) and its inference settings, in OUT_DIR.
 
-    Not yet a registered style student: the spec/stage wiring of issue 15 comes later."""
+    The folder loads with proxytune.backends.style_student.StyleStudent.load (a style student's layout)."""
     from proxytune.backends import style_tokens
 
     meta = style_tokens.convert_released(model_dir, out_dir, base_model=base_model, dim_head=dim_head)
