@@ -170,8 +170,14 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--subject", "subjects", multiple=True, help="Only these subjects (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Compile and list the stages that would run; run nothing.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one `dvc repro` here, a stage at a time; ray: every stale stage as a Ray task, started as "
+                   "soon as its inputs are ready, with the spec's resources (pip install \"proxytune[ray]\").")
+@click.option("--address", default=None,
+              help="With --executor ray: the Ray cluster (its head's HOST:PORT, or auto); default $RAY_ADDRESS, "
+                   "else a new Ray instance on this machine.")
 @user_errors
-def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> None:
+def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, executor: str, address: str | None) -> None:
     """Validate, compile and run the specs' stages with `dvc repro` (resumes after a crash).
 
     One apply runs at a time per project: a second one waits for the first (project lock).
@@ -179,6 +185,12 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
     from proxytune import compile as compiler
     from proxytune import project, tracking
 
+    if address is not None and executor != "ray":
+        raise ProxytuneError("--address: only with --executor ray")
+    if executor == "ray":
+        from proxytune.executors import require_ray
+
+        require_ray()  # before anything is written
     root, resolved = _resolve(specs)
     known = {s.name for item in resolved for s in item.spec.subjects}
     unknown = sorted(set(subjects) - known)
@@ -213,7 +225,11 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
             for item in resolved:  # a student variant's stages are children of its spec's run
                 for variant in item.spec.student.variants:
                     env_parents[compiler.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
-            code = project.repro(root, targets, {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)})
+            stage_env = {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)}
+            if executor == "ray":
+                code, failure = _run_on_ray(root, targets, stale, specs, resolved, address, stage_env)
+            else:
+                code, failure = project.repro(root, targets, stage_env), None
         finally:
             for name, run_id in parents.items():
                 status = "FINISHED" if code == 0 else "KILLED" if code is None else "FAILED"  # None: interrupted
@@ -223,8 +239,59 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool) -> N
                     tracking.close_ghost_runs(uri)
             project.end_apply(root)
     if code != 0:
-        raise ProxytuneError(f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
+        raise ProxytuneError(failure or f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
     click.echo("done")
+
+
+def _run_on_ray(root: Path, targets: list[str], stale: list[str], paths: tuple[str, ...], resolved, address: str | None,
+                env: dict[str, str]) -> tuple[int, str | None]:
+    """--executor ray: plan from DVC's graph, run on the cluster with a progress bar, print the summary.
+    Returns (exit code, the error line when a subject failed)."""
+    from tqdm.auto import tqdm
+
+    from proxytune import executors
+
+    plan = executors.plan(root, targets, stale, {item.spec.name: (path, item.spec.resources)
+                                                 for path, item in zip(paths, resolved)})
+    ray = executors.connect(address)
+    try:
+        total = ray.cluster_resources()
+        nodes = len(executors.alive_nodes(ray))
+        click.echo(f"ray: {len(plan)} stages on {nodes} node{'s' * (nodes != 1)} ({total.get('CPU', 0):g} CPUs, "
+                   f"{total.get('GPU', 0):g} GPUs); stage logs in {executors.LOG_DIR}/")
+        bar = tqdm(total=len(plan), desc="stages", unit="stage")
+        running: set[str] = set()
+        marks = {"started": "started", "ran": "done   ", "current": "current", "failed": "FAILED ", "skipped": "skipped"}
+
+        def on_event(event: str, stage, detail: str) -> None:
+            if event == "started":
+                running.add(stage.name)
+            elif event != "waiting":
+                running.discard(stage.name)
+                bar.update(1)
+            if event in marks:
+                note = {"current": "up to date after its upstream ran", "skipped": f"{detail} failed"}.get(event, detail)
+                tqdm.write(f"{marks[event]} {stage.name}" + (f": {note}" if note else ""))
+            bar.set_postfix_str(f"running {', '.join(sorted(running))}" if running else "", refresh=True)
+
+        try:
+            outcome = executors.execute(root, plan, executors.forwarded_env(env), on_event)
+        finally:
+            bar.close()
+    finally:
+        ray.shutdown()
+    units = sorted({stage.unit for stage in plan})
+    failed = outcome.failed_units(plan)
+    retried = sorted(name for name, tries in outcome.attempts.items() if tries > 1)
+    click.echo(f"summary: {len(units) - len(failed)} of {len(units)} subjects done, {len(outcome.ran)} stages ran"
+               + (f", {len(outcome.current)} found up to date" if outcome.current else "")
+               + (f"; retried after a lost worker: {', '.join(retried)}" if retried else ""))
+    for unit, why in sorted(failed.items()):
+        click.echo(f"failed: {unit}: {why}")
+    if not failed:
+        return 0, None
+    return 1, (f"{len(failed)} of {len(units)} subjects failed ({', '.join(sorted(failed))}); the others are done and "
+               f"in dvc.lock: fix the error above and re-run apply (finished stages are kept)")
 
 
 @main.command(hidden=True)

@@ -458,7 +458,10 @@ def run(params_path: str | Path) -> None:
         write_json_atomic(tmp / "prompts.json", prompts)
         write_json_atomic(tmp / "per_prompt.json", breakdown)
         write_text_atomic(tmp / PER_PROMPT_CSV, per_prompt_csv(breakdown))
-        write_json_atomic(tmp / "encoders.json", described)
+        # Weights paths differ by machine (model cache, HF cache): record.json has them, the output does not.
+        write_json_atomic(tmp / "encoders.json", {name: ({k: v for k, v in entry.items() if k != "path"}
+                                                         if isinstance(entry, dict) else entry)
+                                                  for name, entry in described.items()})
         if variance:
             write_json_atomic(tmp / "variance.json", variance)
         if gate:
@@ -477,7 +480,9 @@ def run(params_path: str | Path) -> None:
             tracking.record_gate(run.uri, gate["student_version"], gate["passed"], gate["rule"])
         run.log_artifacts(tmp, "eval")
         common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": means,
-                                  "gate": gate["passed"] if gate else None, "student_sampling": student_sampling})
+                                  "gate": gate["passed"] if gate else None, "student_sampling": student_sampling,
+                                  "encoder_paths": {name: entry["path"] for name, entry in described.items()
+                                                    if isinstance(entry, dict) and "path" in entry}})
         flat = {**means, "random_init": random_init, "toy_world": toy_world}
         if gate:
             flat["gate_passed"] = gate["passed"]
