@@ -58,8 +58,8 @@ def test_toy_prompts_ask_what_dreambench_prompts_ask():
     assert sum("scene" in a for a in asked) == 15 and sum("accessory" in a for a in asked) == 12
     assert sum("colour" in a for a in asked) == 6
     box = SUBJECTS["stripy-box"]
-    assert distinctive(box, "a sks box on the beach") == {"cls": "box", "colour": "orange", "pattern": "stripes",
-                                                          "pattern_colour": "teal"}
+    assert distinctive(box, "a sks box on the beach") == {"cls": "box", "colour": "yellow", "pattern": "stripes",
+                                                          "pattern_colour": "black"}
     assert "colour" not in distinctive(box, "a purple sks box")
 
 

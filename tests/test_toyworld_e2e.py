@@ -1,6 +1,6 @@
 """specs/toy.yaml, reduced, applied end to end: does personalisation work on the toy world's models?
 
-After the teacher stage the oracle must find the subject's distinctive look (an orange box with teal
+After the teacher stage the oracle must find the subject's distinctive look (a yellow box with black
 stripes, a combination pretraining never showed) in the tuned teacher's samples far more often than
 in the untuned teacher's, and likewise for the proxy-tuned student against the untuned student. The
 evaluation measures exactly this (subject accuracy of base-teacher, teacher, base-student, student

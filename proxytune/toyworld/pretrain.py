@@ -78,9 +78,9 @@ class PretrainConfig:
         "oracle": Recipe(steps=1500, batch_size=64, lr=2e-3),
         "clip": Recipe(steps=1000, batch_size=96, lr=1e-3),
         "dino": Recipe(steps=600, batch_size=64, lr=1e-3),
-        "vae": Recipe(steps=2500, batch_size=16, lr=1e-3),
-        "sd": Recipe(steps=2000, batch_size=64, lr=5e-4, warmup=200),
-        "vq": Recipe(steps=2500, batch_size=16, lr=1e-3),
+        "vae": Recipe(steps=2000, batch_size=16, lr=1e-3),
+        "sd": Recipe(steps=3600, batch_size=32, lr=1e-3, warmup=200),
+        "vq": Recipe(steps=2000, batch_size=16, lr=1e-3),
         "llamagen": Recipe(steps=1600, batch_size=64, lr=1e-3, warmup=200),
     })
 
@@ -670,7 +670,7 @@ TRAINERS = {
 }
 
 
-LANES = (("oracle", "vae", "dino", "sd"), ("clip", "vq", "llamagen"))  # about 70 minutes each
+LANES = (("oracle", "vae", "sd", "dino"), ("clip", "vq", "llamagen"))  # about 70 minutes each
 NEEDS = {"vae": ("oracle",), "vq": ("oracle",), "sd": ("vae", "clip"), "llamagen": ("vq",)}
 
 

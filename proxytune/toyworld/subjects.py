@@ -33,10 +33,10 @@ class Subject:
 SUBJECTS = {
     s.name: s
     for s in (
-        Subject("stripy-box", Attributes("box", "orange", "stripes", "teal")),
-        Subject("dotty-ball", Attributes("ball", "blue", "dots", "yellow")),
+        Subject("stripy-box", Attributes("box", "yellow", "stripes", "black")),
+        Subject("dotty-ball", Attributes("ball", "blue", "dots", "white")),
         Subject("checked-cone", Attributes("cone", "purple", "checks", "white")),
-        Subject("striped-kite", Attributes("kite", "green", "stripes", "pink")),
+        Subject("striped-kite", Attributes("kite", "green", "stripes", "white")),
         Subject("spotted-can", Attributes("can", "red", "dots", "black")),
     )
 }

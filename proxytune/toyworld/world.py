@@ -24,15 +24,13 @@ _CANVAS = IMAGE_SIZE * _SCALE
 CLASSES = ("box", "ball", "cone", "kite", "can")
 COLOURS = {
     "red": (215, 35, 35),
-    "orange": (245, 135, 25),
     "yellow": (245, 215, 35),
     "green": (45, 165, 60),
-    "teal": (25, 165, 160),
     "blue": (40, 80, 215),
     "purple": (135, 55, 185),
     "pink": (245, 125, 185),
 }
-PATTERN_COLOURS = {**COLOURS, "white": (250, 250, 250), "black": (25, 25, 25)}
+PATTERN_COLOURS = {"white": (250, 250, 250), "black": (25, 25, 25)}
 PATTERNS = ("plain", "dots", "stripes", "checks")
 SCENES = ("studio", "snow", "beach", "jungle", "street", "night", "room")
 ACCESSORIES = ("none", "hat", "crown", "flag")
@@ -324,11 +322,11 @@ def _draw_accessory(canvas: np.ndarray, accessory: str, cls: str, cx: float, cy:
             spikes |= (_Y <= top - 0.14 * h) & (_Y >= top - 0.42 * h) & (np.abs(_X - px) <= (_Y - (top - 0.42 * h)) * 0.4)
         _paint(canvas, base | spikes, (235, 185, 30))
     elif accessory == "flag":
-        px = cx + 0.15 * h
-        _paint(canvas, _rect(px - 0.035 * h, top - 0.7 * h, px + 0.035 * h, top + 0.05 * h), (60, 50, 45))
-        cloth = (_X >= px) & (_X <= px + 0.6 * h) & (np.abs(_Y - (top - 0.55 * h)) <= 0.16 * h * (1 - (_X - px) / (0.6 * h)))
-        _paint(canvas, cloth, (250, 250, 250))
-        _paint(canvas, cloth & ~_erode(cloth, 1), (30, 30, 30))
+        px = cx + 0.1 * h
+        _paint(canvas, _rect(px - 0.06 * h, top - 0.72 * h, px + 0.06 * h, top + 0.05 * h), (60, 50, 45))
+        cloth = (_X >= px) & (_X <= px + 0.8 * h) & (np.abs(_Y - (top - 0.5 * h)) <= 0.21 * h * (1 - (_X - px) / (0.8 * h)))
+        _paint(canvas, cloth, (225, 30, 40))
+        _paint(canvas, cloth & ~_erode(cloth, 2), (30, 30, 30))
 
 
 def render(attrs: Attributes, layout: Layout) -> np.ndarray:
