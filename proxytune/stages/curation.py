@@ -158,8 +158,7 @@ def run(params_path: str | Path) -> None:
             "style": style.name,
             "token": style.token,
             "teacher_prompt_template": STYLE_CURATION_PROMPT,
-            "teacher_version": teacher_version,
-            "teacher_run_id": teacher["run_id"],
+            "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
             "num_images": len(entries),
             "digest": digest,
             "prompts_digest": prompts_digest,
@@ -183,7 +182,7 @@ def run(params_path: str | Path) -> None:
         common.write_record(tmp, {"stage": "curation", "run_id": run.run_id, "digest": digest,
                                   "prompts_digest": prompts_digest, "num_images": len(entries),
                                   "raw_digest": raw_digest, "raw_images": len(raw), "raw_source": raw_source,
-                                  "teacher_version": teacher_version})
+                                  "teacher_version": teacher_version, "teacher_run_id": teacher["run_id"]})
     tqdm.write(f"curation: {len(entries)} stylised images ({len(style.prompts)} prompts), {len(raw)} raw pairs, "
                f"digest {digest[:12]}")
     shutil.rmtree(scratch, ignore_errors=True)
