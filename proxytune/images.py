@@ -42,6 +42,16 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def is_readable(path: str | Path) -> bool:
+    """Whether `path` opens fully as an image (`open_rgb` succeeds): a resumable stage's test for a
+    file written before an interruption."""
+    try:
+        open_rgb(path)
+        return True
+    except ProxytuneError:
+        return False
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Open an image fully, honour EXIF orientation, convert to 8-bit RGB (see `to_rgb`).
 

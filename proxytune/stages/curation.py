@@ -37,7 +37,7 @@ from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
-from proxytune.images import grid, open_rgb
+from proxytune.images import grid, is_readable, open_rgb
 from proxytune.spec.style import STYLE_CURATION_PROMPT, captioned_images
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
@@ -58,21 +58,13 @@ def pairs_digest(entries: list[dict]) -> str:
     return digest_files([(f"{e['file']}\t{e['prompt']}\t{e.get('seed', '')}", e["sha256"]) for e in entries])
 
 
-def _is_complete(path: Path) -> bool:
-    try:
-        open_rgb(path)
-        return True
-    except ProxytuneError:
-        return False
-
-
 @torch.no_grad()
 def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> None:
     """Draw every curated image not yet in `scratch` (finished images survive a crash)."""
     cfg, items = params.synthesis, curation_items(params)
     # fixed blocks of indices: another batch shape may round differently, so a resumed run redoes whole blocks
     blocks = [list(range(i, min(i + cfg.batch_size, len(items)))) for i in range(0, len(items), cfg.batch_size)]
-    todo = [block for block in blocks if not all(_is_complete(scratch / f"{i:05d}.png") for i in block)]
+    todo = [block for block in blocks if not all(is_readable(scratch / f"{i:05d}.png") for i in block)]
     if not todo:
         return
     common.seed_everything(params.seed)

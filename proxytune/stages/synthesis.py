@@ -22,7 +22,7 @@ from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
-from proxytune.images import grid, open_rgb
+from proxytune.images import grid, is_readable, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -43,14 +43,6 @@ def processes(params_path: str | Path) -> int:
     return load_params(params_path).synthesis.processes
 
 
-def _is_complete(path: Path) -> bool:
-    try:
-        open_rgb(path)
-        return True
-    except ProxytuneError:
-        return False
-
-
 def manifest_digest(entries: list[dict]) -> str:
     """Digest of the set: every file's bytes, prompt and seed (order-independent)."""
     return digest_files([(f"{e['file']}\t{e['prompt']}\t{e['seed']}", e["sha256"]) for e in entries])
@@ -64,7 +56,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
     # Batches are fixed blocks of image indices: float kernels may round differently for another
     # batch shape, so a resumed or sharded run regenerates whole blocks to stay byte-identical.
     blocks = [list(range(i, min(i + cfg.batch_size, cfg.num_images))) for i in range(0, cfg.num_images, cfg.batch_size)]
-    todo = [block for block in blocks if not all(_is_complete(scratch / f"{i:05d}.png") for i in block)]
+    todo = [block for block in blocks if not all(is_readable(scratch / f"{i:05d}.png") for i in block)]
     todo = todo[rank::world]
     if not todo:
         return

@@ -18,7 +18,7 @@ from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
-from proxytune.images import grid, list_images, load_references, open_rgb
+from proxytune.images import grid, is_readable, list_images, load_references, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -114,7 +114,7 @@ class TeacherRecipe:
         # Fixed blocks of 4 indices, regenerated whole: another batch shape may round differently, and
         # a resumed cache must hold the same bytes as an uninterrupted one.
         blocks = [list(range(i, min(i + 4, len(paths)))) for i in range(0, len(paths), 4)]
-        todo = [block for block in blocks if not all(_readable(paths[i]) for i in block)]
+        todo = [block for block in blocks if not all(is_readable(paths[i]) for i in block)]
         if todo:
             tqdm.write(f"teacher: generating {sum(map(len, todo))} class images {self.class_prompt!r} into {folder}")
             for block in tqdm(todo, desc="teacher: class images", unit="batch"):
@@ -395,14 +395,6 @@ class TeacherRecipe:
 
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP text attention
-
-
-def _readable(path: Path) -> bool:
-    try:
-        open_rgb(path)
-        return True
-    except ProxytuneError:
-        return False
 
 
 def _optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
