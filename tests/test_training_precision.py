@@ -1,10 +1,13 @@
-"""Training on accelerate: fp16 scales the loss (GradScaler) and the scale survives a checkpoint, and
-gradient accumulation gives the update of the larger batch with `steps` counting optimiser updates.
+"""Training on accelerate: fp16 scales the loss (GradScaler) and the scale survives a checkpoint,
+gradient accumulation gives the update of the larger batch with `steps` counting optimiser updates, and
+checkpoints (accelerate's save_state) are written crash-safe: a half-written or old-layout one is never loaded.
 
 accelerate makes no GradScaler for fp16 on CPU, so `common.accelerator` supplies one there; these tests
 run that CPU scaler through the same `accelerator.backward` / `clip_grad_norm_` / prepared-optimizer path
 a GPU run takes.
 """
+
+import shutil
 
 import numpy as np
 import torch
@@ -62,8 +65,8 @@ def test_fp16_teacher_scales_its_loss_and_checkpoints_the_scale(project):
 
     scaler.update(new_scale=1024.0)  # a scale a long run might have reached
     fp16.save_checkpoint()
-    state = torch.load(fp16.checkpoint_dir / "state.pt", weights_only=True)
-    assert state["scaler"]["scale"] == 1024.0
+    saved = torch.load(fp16.checkpoint_dir / "checkpoint-2" / "scaler.pt", weights_only=True)  # accelerate's file
+    assert saved["scale"] == 1024.0
     resumed = teacher_for(project, steps=2, max_grad_norm=1e6, mixed_precision="fp16")
     assert resumed.progress.step == 2
     assert resumed.accelerator.scaler.state_dict() == scaler.state_dict()
@@ -157,3 +160,31 @@ def test_teacher_accumulation_matches_the_larger_batch(project):
     np.testing.assert_allclose(accumulated.progress.series["grad_norm"], big.progress.series["grad_norm"], rtol=1e-4)
     a, b = diffusion.lora_state_dict(big.denoiser), diffusion.lora_state_dict(accumulated.denoiser)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_half_written_or_old_layout_checkpoint_is_never_loaded(project, capsys):
+    first = teacher_for(project, steps=2, checkpoint_every=1)
+    first.train()  # checkpoint-1 written (the last step saves none)
+    folder = first.checkpoint_dir
+    assert sorted(p.name for p in folder.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    assert (folder / "checkpoint-1" / "trained.safetensors").exists()  # the LoRA weights, not the whole UNet
+    assert not (folder / "checkpoint-1" / "model.safetensors").exists()
+
+    # a save killed half-way leaves its staging folder: never loaded, replaced by the next save
+    partial = folder / ".checkpoint-2.partial"
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes(b"cut short")
+    resumed = teacher_for(project, steps=2, checkpoint_every=1)
+    assert resumed.progress.step == 1
+    resumed.train()
+    resumed.save_checkpoint()
+    assert sorted(p.name for p in folder.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]  # the older one pruned once this was in place
+
+    # a folder in the layout before accelerate (state.pt beside lora.safetensors): training starts over, and says so
+    shutil.rmtree(folder / "checkpoint-2")
+    (folder / "state.pt").write_bytes(b"old layout")
+    (folder / "lora.safetensors").write_bytes(b"old layout")
+    capsys.readouterr()
+    fresh = teacher_for(project, steps=2, checkpoint_every=1)
+    assert fresh.progress.step == 0
+    assert "older layout (state.pt); not resumed, training starts over" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Helpers every stage uses: device choice, seeding, the stage record, the tracking run.
+"""Helpers every stage uses: device choice, seeding, the stage record, the tracking run, and the
+accelerate pieces the training recipes share (prepare, custom checkpoint state, crash-safe save/load).
 
 Stages import this module and the backends; never each other.
 """
@@ -7,13 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from proxytune import compile as compiler
 from proxytune import tracking
-from proxytune.files import sha256_file, write_bytes_atomic, write_json_atomic
+from proxytune.files import sha256_file, write_json_atomic
 from proxytune.stages.params import StageParams
 
 RECORD = "record.json"
@@ -60,52 +66,171 @@ def accelerator(mixed_precision: str):
     return acc
 
 
-def mean_gradients(acc, parameters: list[torch.nn.Parameter]) -> None:
-    """All-reduce the gradients to their mean over processes (one flat buffer, one collective).
+class TrainingForward(torch.nn.Module):
+    """The modules a recipe trains, as one module whose forward runs one micro-batch of the recipe.
 
-    The denoiser is called through its pipeline rather than a DDP wrapper, so the recipes average
-    their (few, LoRA) gradients themselves, with accelerate's `reduce`."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    This is what a recipe gives `accelerator.prepare`. Over several processes accelerate wraps it in
+    DDP, which averages gradients only for a forward that goes through its wrapper; the recipes reach
+    their models through a diffusers pipeline or a student backend instead of one module's forward. So
+    `model(self._micro_batch_loss)` runs that method inside the wrapper (and inside accelerate's
+    autocast, under mixed precision): the backward that follows leaves every process the mean gradient.
+    """
 
+    def __init__(self, **trained: torch.nn.Module):
+        super().__init__()
+        self.trained = torch.nn.ModuleDict(trained)  # registered, so DDP finds their trainable parameters
 
-def gather_states(acc, state: torch.Tensor) -> list[torch.Tensor]:
-    """Every process's RNG state (a uint8 tensor), rank-ordered, for a checkpoint that resumes them all."""
-    if acc.num_processes == 1:
-        return [state]
-    from accelerate.utils import gather
-
-    return list(gather(state.to(acc.device)).cpu().view(acc.num_processes, -1))
+    def forward(self, micro_batch: Callable[[], Any]) -> Any:
+        return micro_batch()
 
 
-def training_state(acc, optimizer, generator: torch.Generator, step: int, series: dict[str, list[float]],
-                   lr_scheduler=None) -> dict:
-    """The state a resumed run needs beside the weights: optimiser, LR schedule, fp16 loss scale, every
-    process's data/noise generator (rank-ordered), step and curves. Every process must call it (the
-    generators are gathered); only the main one writes it (`save_checkpoint`)."""
-    return {
-        "optimizer": optimizer.state_dict(),
-        **({"lr_scheduler": lr_scheduler.state_dict()} if lr_scheduler is not None else {}),
-        "scaler": acc.scaler.state_dict() if acc.scaler is not None else {},
-        "generators": gather_states(acc, generator.get_state()),
-        "step": step,
-        "series": series,
-    }
+def prepare_training(acc, trained: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
+                     weights: Callable[[], dict[str, torch.Tensor]],
+                     load_weights: Callable[[dict[str, torch.Tensor]], None]):
+    """`accelerator.prepare` of a recipe's trained modules (as a `TrainingForward`) and optimiser.
+
+    The prepared optimiser steps through the GradScaler under fp16 (and skips a step whose gradients
+    overflowed). `save_state` then writes only `weights()` (LoRA, resampler, or a full fine-tune's
+    weights) as one safetensors file instead of the prepared module's whole state dict, frozen base
+    model included; `load_state` gives that file to `load_weights`.
+
+    Returns:
+        (prepared module, prepared optimiser).
+    """
+    from safetensors.torch import load_file, save_file
+
+    def save_hook(models, state_dicts, output_dir):
+        state_dicts.clear()  # accelerate writes no model file of its own
+        if acc.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights().items()}, Path(output_dir) / TRAINED_WEIGHTS)
+
+    def load_hook(models, input_dir):
+        models.clear()  # accelerate loads nothing into the prepared module itself
+        load_weights(load_file(Path(input_dir) / TRAINED_WEIGHTS))
+
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+    return acc.prepare(TrainingForward(**trained), optimizer)
 
 
-def restore_training_state(acc, state: dict, optimizer, generator: torch.Generator, lr_scheduler=None) -> None:
-    """Load what `training_state` saved into this process's optimiser, schedule, scaler and generator
-    (a checkpoint without a loss scale, from a run without fp16, leaves the scaler at its start)."""
-    optimizer.load_state_dict(state["optimizer"])
-    if lr_scheduler is not None:
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if acc.scaler is not None and state.get("scaler"):
-        acc.scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generators"][acc.process_index])
+@dataclass
+class TrainingProgress:
+    """What a resumed run needs beyond weights, optimiser and RNGs: optimiser updates done and the
+    per-step curves. Custom state for `accelerator.register_for_checkpointing`."""
+
+    series: dict[str, list[float]]
+    step: int = 0
+
+    @classmethod
+    def of(cls, names: tuple[str, ...]) -> TrainingProgress:
+        return cls({name: [] for name in names})
+
+    @property
+    def losses(self) -> list[float]:
+        return self.series["loss"]
+
+    def record(self, values: dict[str, float]) -> None:
+        """One optimiser update done, with its value of every series."""
+        self.step += 1
+        for name, curve in self.series.items():
+            curve.append(values[name])
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "series": self.series}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.series = {name: list(state["series"].get(name, [])) for name in self.series}
+
+
+class ProcessGenerators:
+    """Every process's data/noise generator, as custom state for `accelerator.register_for_checkpointing`.
+
+    accelerate checkpoints the global RNGs of each process but not a recipe's own `torch.Generator`:
+    `state_dict` gathers every process's (every process calls it inside `save_state`; the main one
+    writes), `load_state_dict` gives each process its own back.
+    """
+
+    def __init__(self, acc, generator: torch.Generator):
+        self.acc, self.generator = acc, generator
+
+    def state_dict(self) -> dict:
+        from accelerate.utils import gather
+
+        state = self.generator.get_state()  # uint8, the same length in every process
+        states = gather(state.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else state
+        return {"states": states.view(self.acc.num_processes, -1)}  # (processes, state bytes), by rank
+
+    def load_state_dict(self, state: dict) -> None:
+        from proxytune.errors import ProxytuneError
+
+        saved = len(state["states"])
+        if saved != self.acc.num_processes:
+            raise ProxytuneError(f"the checkpoint was written by {saved} processes and this run has "
+                                 f"{self.acc.num_processes}; run with as many, or delete the checkpoint to start over")
+        self.generator.set_state(state["states"][self.acc.process_index].clone())
+
+
+TRAINED_WEIGHTS = "trained.safetensors"  # a checkpoint's trained weights (the rest is accelerate's layout)
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint-STEP folders in a recipe's work folder
+
+
+def save_state(acc, folder: Path, step: int) -> Path:
+    """`accelerator.save_state` into `folder/checkpoint-STEP`, crash-safe; every process calls it.
+
+    Every process writes into a staging folder; once all are done the main process renames it into
+    place and then deletes the older checkpoints. A run killed while writing leaves only the staging
+    folder, which is never loaded (and is cleared by the next save).
+    """
+    import shutil
+
+    final, staging = folder / f"checkpoint-{step}", folder / f".checkpoint-{step}.partial"
+    if acc.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(staging))
+    acc.wait_for_everyone()  # every process's files (its RNG states) are in
+    if acc.is_main_process:
+        if final.exists():  # this step saved again: the older copy goes aside first
+            final.rename(folder / f".checkpoint-{step}.replaced")
+        staging.rename(final)
+        for old in [*(p for p in _checkpoints(folder) if p != final), folder / f".checkpoint-{step}.replaced"]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
+    return final
+
+
+def load_state(acc, folder: Path, stage: str) -> Path | None:
+    """Restore the newest checkpoint in `folder` with `accelerator.load_state`: trained weights (through
+    `prepare_training`'s hook), optimiser, fp16 loss scale, every process's global RNGs and the
+    registered custom state. Returns the checkpoint, or None when there is none (training starts at 0).
+
+    Raises:
+        ProxytuneError: the checkpoint cannot be restored (another number of processes, or unreadable).
+    """
+    from proxytune.errors import ProxytuneError
+
+    found = _checkpoints(folder)
+    if not found:
+        if (folder / "state.pt").exists():  # written before checkpoints were accelerate's
+            tqdm.write(f"{stage}: {folder} holds a checkpoint in an older layout (state.pt); not resumed, "
+                       f"training starts over")
+        return None
+    try:
+        acc.load_state(str(found[-1]))
+    except ProxytuneError:
+        raise
+    except Exception as err:
+        raise ProxytuneError(f"{found[-1]}: cannot resume from this checkpoint ({type(err).__name__}: {err}); "
+                             f"delete the folder to start over") from None
+    return found[-1]
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    """The complete checkpoint folders in `folder`, oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and CHECKPOINT.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
 
 
 def base_model_tags(ref: str) -> dict[str, str]:
@@ -188,32 +313,6 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
         tags=tags,
         mlflow_experiment=params.tracking.experiment,
     )
-
-
-def save_checkpoint(folder: Path, lora: dict[str, torch.Tensor], state: dict) -> None:
-    """Write a resumable checkpoint: LoRA weights (safetensors), then the training state.
-
-    Each file is written atomically, weights first, so a state file always sits next to weights at
-    least as new. `state` holds only tensors, numbers, lists and dicts (optimizer and scheduler
-    state dicts, RNG state, step) so it loads with `torch.load(weights_only=True)`.
-    """
-    import io
-
-    from safetensors.torch import save
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes_atomic(folder / "lora.safetensors", save({k: v.detach().cpu().contiguous() for k, v in lora.items()}))
-    write_bytes_atomic(folder / "state.pt", buffer.getvalue())
-
-
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The (LoRA weights, training state) of `save_checkpoint`, or None when there is none."""
-    if not (folder / "state.pt").exists():
-        return None
-    from safetensors.torch import load_file
-
-    return load_file(folder / "lora.safetensors"), torch.load(folder / "state.pt", weights_only=True)
 
 
 def load_codes(folder: Path, *, model: str, proxy_digest: str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -36,16 +36,6 @@ from proxytune.stages.params import StageParams, load_params
 
 SERIES = ("loss", "ce", "distill", "z_loss", "grad_norm")
 FULL_WEIGHTS = "full/model.safetensors"
-
-
-@dataclass
-class TrainingProgress:
-    step: int = 0
-    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
-
-    @property
-    def losses(self) -> list[float]:
-        return self.series["loss"]
 
 
 def position_weights(length: int, strength: float) -> torch.Tensor:
@@ -77,7 +67,6 @@ class StudentRecipe:
         self.params = params
         self.cfg = params.student
         self.device = common.device()
-        self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
         self.proxy_dir = params.out("proxy")
         subject = params.subject
         self.instance_prompt = f"a {subject.token} {subject.class_noun}"
@@ -129,13 +118,19 @@ class StudentRecipe:
         if cfg.gradient_checkpointing:
             _enable_gradient_checkpointing(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        # the prepared optimiser steps through the GradScaler under fp16 (and skips a step whose gradients overflowed)
-        self.optimizer = self.accelerator.prepare_optimizer(torch.optim.AdamW(
-            self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
-        ), device_placement=False)
+        # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
+        # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
+        self.model, self.optimizer = common.prepare_training(
+            self.accelerator, {"student": model}, torch.optim.AdamW(
+                self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
+            weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = position_weights(self.bundle.seq_len, cfg.regularisers.position_weighting).to(self.device)
-        self.progress = TrainingProgress()
-        self._maybe_resume()
+        # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
+        # data generator
+        self.progress = common.TrainingProgress.of(SERIES)
+        self.accelerator.register_for_checkpointing(self.progress, common.ProcessGenerators(self.accelerator, self.generator))
+        if common.load_state(self.accelerator, self.checkpoint_dir, "student"):
+            tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def _data_key(self) -> str:
         """What the training set depends on besides the model: the proxy digest, or the references."""
@@ -213,58 +208,48 @@ class StudentRecipe:
 
         return get_peft_model_state_dict(self.bundle.model)
 
-    def _maybe_resume(self) -> None:
-        checkpoint = common.load_checkpoint(self.checkpoint_dir)
-        if checkpoint is None:
-            return
-        weights, state = checkpoint
+    def _load_trained_state(self, weights: dict[str, torch.Tensor]) -> None:
         if self.full_finetune:
             self.bundle.model.load_state_dict(weights)
         else:
             from peft.utils import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.bundle.model, weights)
-        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator)
-        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
-        tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """Trained weights, optimiser, fp16 loss scale, every process's RNG, step and curves."""
-        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
-                                      self.progress.series)
-        if self.rank == 0:
-            common.save_checkpoint(self.checkpoint_dir, self._trained_state(), state)
+        """accelerate's save_state (every process takes part): trained weights, optimiser, fp16 loss scale,
+        RNGs, step and curves."""
+        common.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
 
     # -- training ------------------------------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
-
+    # The model calls below run inside the prepared module's forward, under accelerate's autocast to
+    # mixed_precision.
     def _distillation(self, count: int) -> torch.Tensor:
         """KL(base || tuned) on the base model's class-prompt samples; base logits with the adapter off."""
         index = torch.randint(len(self.prior_codes), (count,), generator=self.generator)
         codes = self.prior_codes[index].to(self.device)
         cond = self.prior_cond.expand(count, *self.prior_cond.shape[1:]).to(self.device)
         keep = torch.zeros(count, dtype=torch.bool, device=self.device)
-        with torch.no_grad(), self.bundle.model.disable_adapter(), self._autocast():
+        with torch.no_grad(), self.bundle.model.disable_adapter():
             base = self.bundle.image_logits(cond, codes, keep).float()
-        with self._autocast():
-            tuned = self.bundle.image_logits(cond, codes, keep).float()
+        tuned = self.bundle.image_logits(cond, codes, keep).float()
         return F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1).mean()
 
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         accumulation = cfg.gradient_accumulation_steps
         sums = torch.zeros(4, device=self.device)  # ce, distill, z_loss, total loss summed over the micro-batches
-        for _ in range(accumulation):
-            loss, ce, distill, z_loss = self._micro_batch_loss()
-            # 4. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the loss
-            #    by the GradScaler's scale first, so small gradients do not underflow to zero
-            acc.backward(loss / accumulation)
+        for i in range(accumulation):
+            # DDP averages the gradients over processes in the last micro-batch's backward only
+            with acc.no_sync(self.model) if i + 1 < accumulation else nullcontext():
+                loss, ce, distill, z_loss = self.model(self._micro_batch_loss)
+                # 4. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the loss
+                #    by the GradScaler's scale first, so small gradients do not underflow to zero
+                acc.backward(loss / accumulation)
             sums += torch.stack([ce.detach(), distill.detach(), z_loss.detach(), loss.detach()]).float()  # no device sync
         ce, distill, z_loss, loss = sums / accumulation
-        # 5. update (gradients averaged over processes when data parallel)
+        # 5. update: every process holds the mean gradient, so the weights stay equal
         if self.world > 1:
-            common.mean_gradients(acc, self.trainable)
             ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
@@ -273,7 +258,7 @@ class StudentRecipe:
                 "grad_norm": grad_norm.item()}
 
     def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, ce, distill, z_loss) of one micro-batch."""
+        """(loss, ce, distill, z_loss) of one micro-batch; runs inside the prepared module."""
         cfg = self.cfg
         # 1. a batch of training images (codes) and their captions (conditions), by dataset index
         index = torch.randint(len(self.codes), (cfg.batch_size,), generator=self.generator)
@@ -285,12 +270,10 @@ class StudentRecipe:
         #    it; otherwise the codes only, over the codebook
         z_loss = torch.zeros((), device=self.device)
         if hasattr(self.bundle, "sequence_loss"):
-            with self._autocast():
-                terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
+            terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
             ce, z_loss = terms["ce"], terms["z_loss"]
         else:
-            with self._autocast():
-                logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
+            logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
             ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
             ce = (ce * self.weights).mean()
         # 3. optional prior distillation against the adapter-disabled base
@@ -319,9 +302,7 @@ class StudentRecipe:
             # draws the same ones
             torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + 7919 * self.rank + self.progress.step)
             values = self.train_step()
-            self.progress.step += 1
-            for key in SERIES:
-                self.progress.series[key].append(values[key])
+            self.progress.record(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:

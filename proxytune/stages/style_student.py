@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,12 +46,6 @@ MODEL_DIR = "model"
 SAMPLE_PROMPTS = ("a cat", "a house by a lake")
 
 
-@dataclass
-class TrainingProgress:
-    step: int = 0
-    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
-
-
 class StyleStudentRecipe:
     def __init__(self, params: StageParams):
         if params.style is None or params.style_student is None:
@@ -61,13 +54,12 @@ class StyleStudentRecipe:
         self.cfg = params.student
         self.style_cfg = params.style_student
         self.device = common.device()
-        self.weight_dtype = common.dtype_of(self.cfg.mixed_precision)
         self.curated_dir = params.out("curated")
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, scfg = self.cfg, self.style_cfg
-        # accelerate: mixed precision and fp16 loss scaling (one process: the resampler is not DDP-wrapped)
+        # accelerate: mixed precision and fp16 loss scaling (the stage runs one process)
         self.accelerator = common.accelerator(cfg.mixed_precision)
         seed = self.params.seed + cfg.seed_offset
         common.seed_everything(seed)
@@ -96,11 +88,17 @@ class StyleStudentRecipe:
         self.trainable = self.lora_params + list(self.style.resampler.parameters())
         groups = [{"params": self.lora_params, "lr": cfg.learning_rate},
                   {"params": list(self.style.resampler.parameters()), "lr": scfg.resampler_lr or cfg.learning_rate}]
-        self.optimizer = self.accelerator.prepare_optimizer(
-            torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay), device_placement=False)
+        # accelerate: autocast around the prepared module's forward, the optimiser that steps through the
+        # fp16 GradScaler, checkpoints that hold only the LoRA and resampler weights
+        self.model, self.optimizer = common.prepare_training(
+            self.accelerator, {"student": self.bundle.model, "resampler": self.style.resampler},
+            torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
+            weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = torch.ones(self.bundle.seq_len, device=self.device)
-        self.progress = TrainingProgress()
-        self._maybe_resume()
+        self.progress = common.TrainingProgress.of(SERIES)
+        self.accelerator.register_for_checkpointing(self.progress, common.ProcessGenerators(self.accelerator, self.generator))
+        if common.load_state(self.accelerator, self.checkpoint_dir, "style student"):
+            tqdm.write(f"style student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     @torch.no_grad()
     def _cache_inputs(self) -> None:
@@ -145,23 +143,14 @@ class StyleStudentRecipe:
         state.update({f"resampler.{k}": v for k, v in self.style.resampler.state_dict().items()})
         return state
 
-    def _maybe_resume(self) -> None:
-        checkpoint = common.load_checkpoint(self.checkpoint_dir)
-        if checkpoint is None:
-            return
+    def _load_trained_state(self, weights: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        weights, state = checkpoint
         set_peft_model_state_dict(self.bundle.model, {k[5:]: v for k, v in weights.items() if k.startswith("lora.")})
         self.style.resampler.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("resampler.")})
-        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator)
-        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(state["series"].get(k, [])) for k in SERIES})
-        tqdm.write(f"style student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
-                                      self.progress.series)
-        common.save_checkpoint(self.checkpoint_dir, self._trained_state(), state)
+        common.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
 
     # -- training ------------------------------------------------------------------------------
     def _batch_indices(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +174,8 @@ class StyleStudentRecipe:
         tokens = self.style.style_tokens(self.features[index], scfg.train_noise_strength, noise)
         # 3. CFG dropout: the whole prompt turn (text and style tokens) masked out
         drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
-        # 4. Lumina-mGPT's objective on the image turn
-        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-            terms = self.style.sequence_loss(cond, positions, tokens, codes, drop, self.weights)
+        # 4. Lumina-mGPT's objective on the image turn (under accelerate's autocast: this runs in the prepared module)
+        terms = self.style.sequence_loss(cond, positions, tokens, codes, drop, self.weights)
         loss = terms["ce"] + self.bundle.z_loss_weight * terms["z_loss"]
         return loss, terms["ce"], terms["z_loss"], raw.float().mean()
 
@@ -196,7 +184,7 @@ class StyleStudentRecipe:
         accumulation = cfg.gradient_accumulation_steps
         sums = torch.zeros(4, device=self.device)  # loss, ce, z_loss, raw fraction over the micro-batches
         for _ in range(accumulation):
-            loss, ce, z_loss, raw = self._micro_batch_loss()
+            loss, ce, z_loss, raw = self.model(self._micro_batch_loss)
             acc.backward(loss / accumulation)  # fp16: the GradScaler's scale multiplies the loss first
             sums += torch.stack([loss.detach(), ce.detach(), z_loss.detach(), raw.to(self.device)]).float()
         loss, ce, z_loss, raw = (sums / accumulation).tolist()
@@ -219,9 +207,7 @@ class StyleStudentRecipe:
         while self.progress.step < cfg.steps:
             torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + self.progress.step)  # LoRA dropout
             values = self.train_step()
-            self.progress.step += 1
-            for key in SERIES:
-                self.progress.series[key].append(values[key])
+            self.progress.record(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:

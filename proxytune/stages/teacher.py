@@ -8,7 +8,7 @@ file. Output folder `teacher/`: pytorch_lora_weights.safetensors (diffusers LoRA
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,18 +21,6 @@ from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir,
 from proxytune.images import grid, is_readable, list_images, load_references, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
-
-
-@dataclass
-class TrainingProgress:
-    """Everything beyond the weights that a resumed run needs to continue bit for bit."""
-
-    step: int = 0
-    series: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SERIES})
-
-    @property
-    def losses(self) -> list[float]:
-        return self.series["loss"]
 
 
 SERIES = ("loss", "instance_loss", "prior_loss", "lr", "grad_norm")
@@ -85,18 +73,27 @@ class TeacherRecipe:
             self.trainable = self.trainable + text_params
         if cfg.gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
-        # the prepared optimiser steps through the GradScaler under fp16 (and skips a step whose gradients overflowed)
-        self.optimizer = self.accelerator.prepare_optimizer(_optimizer(groups, cfg), device_placement=False)
+        # accelerate: the trained modules in one module for DDP (the training forward runs through it), the
+        # optimiser that steps through the fp16 GradScaler, checkpoints that hold only the LoRA weights
+        self.model, self.optimizer = common.prepare_training(
+            self.accelerator, self._lora_modules(), _optimizer(groups, cfg),
+            weights=self._lora_state, load_weights=self._load_lora_state)
         from diffusers.optimization import get_scheduler
 
+        # not prepared: accelerate's scheduler wrapper would step it once per process
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup", self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
         )
-        self.progress = TrainingProgress()
+        # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
+        # data/noise generator, the LR schedule
+        self.progress = common.TrainingProgress.of(SERIES)
+        self.accelerator.register_for_checkpointing(
+            self.progress, common.ProcessGenerators(self.accelerator, self.generator), self.lr_scheduler)
         self.checkpoint_dir = self.params.work("teacher") / common.config_key(
             self.params.seed, self.params.subject.model_dump(), cfg.model_dump(), self.references_digest
         )
-        self._maybe_resume()
+        if common.load_state(self.accelerator, self.checkpoint_dir, "teacher"):
+            tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def _class_images(self) -> list:
         """Prior-preservation class images from the frozen base model, generated once and cached.
@@ -156,31 +153,23 @@ class TeacherRecipe:
             modules["text_encoder"] = self.pipe.text_encoder
         return modules
 
-    def _maybe_resume(self) -> None:
-        checkpoint = common.load_checkpoint(self.checkpoint_dir)
-        if checkpoint is None:
-            return
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return {f"{name}.{k}": v for name, module in self._lora_modules().items()
+                for k, v in get_peft_model_state_dict(module).items()}
+
+    def _load_lora_state(self, lora: dict[str, torch.Tensor]) -> None:
         from peft.utils import set_peft_model_state_dict
 
-        lora, state = checkpoint
         for name, module in self._lora_modules().items():
             prefix = f"{name}."
             set_peft_model_state_dict(module, {k[len(prefix):]: v for k, v in lora.items() if k.startswith(prefix)})
-        common.restore_training_state(self.accelerator, state, self.optimizer, self.generator, self.lr_scheduler)
-        self.progress = TrainingProgress(step=int(state["step"]), series={k: list(v) for k, v in state["series"].items()})
-        tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
 
     def save_checkpoint(self) -> None:
-        """LoRA weights (denoiser and text encoder), optimiser, LR schedule, fp16 loss scale, RNG, step and curves."""
-        from peft.utils import get_peft_model_state_dict
-
-        state = common.training_state(self.accelerator, self.optimizer, self.generator, self.progress.step,
-                                      self.progress.series, self.lr_scheduler)
-        if self.rank != 0:
-            return  # every process took part in gathering the RNG states; the main one writes
-        lora = {f"{name}.{k}": v for name, module in self._lora_modules().items()
-                for k, v in get_peft_model_state_dict(module).items()}
-        common.save_checkpoint(self.checkpoint_dir, lora, state)
+        """accelerate's save_state (every process takes part): LoRA weights (denoiser and text encoder),
+        optimiser, fp16 loss scale, RNGs, LR schedule, step and curves."""
+        common.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
 
     # -- training ------------------------------------------------------------------------------
     def _latents(self, mean: torch.Tensor, std: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,34 +232,40 @@ class TeacherRecipe:
         noisy, timesteps, target, weight = self._noisy_and_target(latents)
         text = {k: v.to(self.weight_dtype) for k, v in text.items()}
         original = self.cfg.resolution + 2 * self.margin * self.pipe.vae_scale_factor
-        with torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32):
-            pred = diffusion.predict(self.pipe, noisy.to(self.weight_dtype), timesteps, text, size=self.cfg.resolution,
-                                     crops=crops, original_size=original)
+        # autocast to mixed_precision: accelerate's, around the prepared module's forward this runs in
+        pred = diffusion.predict(self.pipe, noisy.to(self.weight_dtype), timesteps, text, size=self.cfg.resolution,
+                                 crops=crops, original_size=original)
         per_sample = ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3))  # (B,)
         return (weight * per_sample).mean()
+
+    def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(instance loss, prior loss, total loss) of one micro-batch; runs inside the prepared module."""
+        cfg = self.cfg
+        # 1. instance latents: fresh references, flips and posterior draws each micro-batch
+        latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
+        # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
+        instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
+        prior = torch.zeros((), device=self.device)
+        if self.class_images:
+            class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
+            prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
+        return instance, prior, instance + cfg.prior_preservation.prior_loss_weight * prior
 
     def train_step(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         accumulation = cfg.gradient_accumulation_steps
         sums = torch.zeros(3, device=self.device)  # instance, prior, total loss summed over the micro-batches
-        for _ in range(accumulation):
-            # 1. instance latents: fresh references, flips and posterior draws each micro-batch
-            latents, crops = self._latents(self.latent_mean, self.latent_std, cfg.batch_size)
-            # 2. denoising loss on "a S* class" (+ the prior loss on class images with "a class")
-            instance = self._loss(latents, crops, self._text(cfg.batch_size, prior=False))
-            prior = torch.zeros((), device=self.device)
-            if self.class_images:
-                class_latents, class_crops = self._latents(self.class_mean, self.class_std, cfg.batch_size)
-                prior = self._loss(class_latents, class_crops, self._text(cfg.batch_size, prior=True))
-            loss = instance + cfg.prior_preservation.prior_loss_weight * prior
-            # 3. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the
-            #    loss by the GradScaler's scale first, so small gradients do not underflow to zero
-            acc.backward(loss / accumulation)
+        for i in range(accumulation):
+            # DDP averages the gradients over processes in the last micro-batch's backward only
+            with acc.no_sync(self.model) if i + 1 < accumulation else nullcontext():
+                instance, prior, loss = self.model(self._micro_batch_loss)
+                # 3. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the
+                #    loss by the GradScaler's scale first, so small gradients do not underflow to zero
+                acc.backward(loss / accumulation)
             sums += torch.stack([instance.detach(), prior.detach(), loss.detach()]).float()  # no device sync
         instance, prior, loss = sums / accumulation
-        # 4. update
-        if self.world > 1:  # data parallel: every process applies the mean gradient, so weights stay equal
-            common.mean_gradients(acc, self.trainable)
+        # 4. update: every process holds the mean gradient, so the weights stay equal
+        if self.world > 1:
             instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -308,9 +303,7 @@ class TeacherRecipe:
         bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="teacher", unit="step")
         while self.progress.step < cfg.steps:
             values = self.train_step()
-            self.progress.step += 1
-            for key in SERIES:
-                self.progress.series[key].append(values[key])
+            self.progress.record(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if cfg.validation_every and self.progress.step % cfg.validation_every == 0 and self.rank == 0:
