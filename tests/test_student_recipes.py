@@ -129,21 +129,38 @@ def test_bf16_autocast_and_gradient_checkpointing_train(project):
     np.testing.assert_allclose(bf16.progress.losses, plain.progress.losses, rtol=0.05)
 
 
-def test_two_data_parallel_processes_train_one_student(project):
-    """`student.processes: 2` runs the stage under accelerate launch with 2 CPU processes (gloo)."""
+def test_two_data_parallel_processes_train_one_student_and_resume_bit_for_bit(project):
+    """`student.processes: 2` runs the stage under accelerate launch with 2 CPU processes (gloo, DDP), here
+    with 2 micro-batches per step; a run killed after its step-2 checkpoint resumes in both processes
+    (each from its own generator) to the weights of an uninterrupted run."""
     import os
     import re
+    import shutil
     import subprocess
     import sys
 
-    params = make_params(project, tiny_spec(student={"steps": 4, "batch_size": 2, "processes": 2, "checkpoint_every": 2}))
+    params = make_params(project, tiny_spec(student={"steps": 4, "batch_size": 2, "processes": 2, "checkpoint_every": 2,
+                                                     "gradient_accumulation_steps": 2}))
     fake_proxy_set(params, 4)
-    env = {k: v for k, v in os.environ.items() if k != "PROXYTUNE_LAUNCHED"}
-    done = subprocess.run([sys.executable, "-m", "proxytune.cli", "stage", "student", "--params", str(params.path)],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=300)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXYTUNE_LAUNCHED", "PROXYTUNE_CRASH_AT")}
+
+    def launch(**extra):
+        done = subprocess.run([sys.executable, "-m", "proxytune.cli", "stage", "student", "--params", str(params.path)],
+                              cwd=project, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stdout + done.stderr
+
+    code, log = launch()
+    assert code == 0, log[-3000:]
     assert "launching 2 processes" in log and "rank 0" in log and "rank 1" in log
     digests = dict(re.findall(r"rank (\d) final weights sha256 ([0-9a-f]{64})", log))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     assert (params.out("student") / "adapter" / "adapter_model.safetensors").exists()
+
+    shutil.rmtree(params.work("student"))
+    shutil.rmtree(params.out("student"))
+    code, log = launch(PROXYTUNE_CRASH_AT="student:step:2")
+    assert code != 0 and "simulated crash at student:step:2" in log, log[-3000:]
+    code, log = launch()
+    assert code == 0, log[-3000:]
+    assert "student: resuming from step 2" in log
+    assert dict(re.findall(r"rank (\d) final weights sha256 ([0-9a-f]{64})", log)) == digests
