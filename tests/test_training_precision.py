@@ -10,9 +10,11 @@ a GPU run takes.
 import shutil
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import make_params, tiny_spec
+from proxytune.errors import ProxytuneError
 from proxytune.stages.student import StudentRecipe
 from proxytune.stages.teacher import TeacherRecipe
 from test_student import fake_proxy_set
@@ -188,3 +190,9 @@ def test_a_half_written_or_old_layout_checkpoint_is_never_loaded(project, capsys
     fresh = teacher_for(project, steps=2, checkpoint_every=1)
     assert fresh.progress.step == 0
     assert "older layout (state.pt); not resumed, training starts over" in capsys.readouterr().out
+
+    # a checkpoint folder that does not load is a one-line error naming it, not a traceback
+    (folder / "checkpoint-5").mkdir()
+    (folder / "checkpoint-5" / "trained.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ProxytuneError, match=r"checkpoint-5: cannot resume from it .*; delete the folder to start over$"):
+        teacher_for(project, steps=2, checkpoint_every=1)

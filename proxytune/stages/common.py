@@ -166,8 +166,8 @@ class ProcessGenerators:
 
         saved = len(state["states"])
         if saved != self.acc.num_processes:
-            raise ProxytuneError(f"the checkpoint was written by {saved} processes and this run has "
-                                 f"{self.acc.num_processes}; run with as many, or delete the checkpoint to start over")
+            raise ProxytuneError(f"written by {saved} processes and this run has {self.acc.num_processes} "
+                                 f"(run with as many)")
         self.generator.set_state(state["states"][self.acc.process_index].clone())
 
 
@@ -180,7 +180,7 @@ def save_state(acc, folder: Path, step: int) -> Path:
 
     Every process writes into a staging folder; once all are done the main process renames it into
     place and then deletes the older checkpoints. A run killed while writing leaves only the staging
-    folder, which is never loaded (and is cleared by the next save).
+    folder, which is never loaded (and is deleted by the next save).
     """
     import shutil
 
@@ -195,7 +195,8 @@ def save_state(acc, folder: Path, step: int) -> Path:
         if final.exists():  # this step saved again: the older copy goes aside first
             final.rename(folder / f".checkpoint-{step}.replaced")
         staging.rename(final)
-        for old in [*(p for p in _checkpoints(folder) if p != final), folder / f".checkpoint-{step}.replaced"]:
+        # then the older checkpoints and what killed saves left (every dot folder: the staging one is renamed)
+        for old in [*(p for p in _checkpoints(folder) if p != final), *folder.glob(".checkpoint-*")]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
@@ -219,11 +220,9 @@ def load_state(acc, folder: Path, stage: str) -> Path | None:
         return None
     try:
         acc.load_state(str(found[-1]))
-    except ProxytuneError:
-        raise
     except Exception as err:
-        raise ProxytuneError(f"{found[-1]}: cannot resume from this checkpoint ({type(err).__name__}: {err}); "
-                             f"delete the folder to start over") from None
+        reason = err if isinstance(err, ProxytuneError) else f"cannot resume from it ({type(err).__name__}: {err})"
+        raise ProxytuneError(f"{found[-1]}: {reason}; delete the folder to start over") from None
     return found[-1]
 
 
