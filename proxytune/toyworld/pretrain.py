@@ -8,7 +8,7 @@ pre-rendered world (the held-out subjects excluded):
     dino     transformers ViTModel, SimCLR on two augmented views (no labels)
     vae      diffusers AutoencoderKL, x8 (64 px -> 8x8x8)
     sd       diffusers UNet2DConditionModel on the VAE's latents, toy-clip's text encoder -> an SD pipeline
-    vq       diffusers VQModel, x8 (64 px -> 8x8 codes of 1024)
+    vq       diffusers VQModel, x8 (64 px -> 8x8 codes of 256)
     llamagen proxytune's LlamaGen student (2D RoPE) over the VQ codes, its T5 text encoder trained with it
 
 Every step is a function of (seed, model, step): batch indices, augmentations and noise come from
@@ -73,14 +73,15 @@ class PretrainConfig:
     jobs: int = 2
     eval_samples: int = 1000  # fresh renders for the quality measures in done.json (at most)
     checkpoint_every: int = 250
+    vq_codes: int = 256  # toy-llamagen's codebook (1024 spread each colour over many near-identical codes)
     recipes: dict[str, Recipe] = field(default_factory=lambda: {
         # sized for about 80 minutes on 2 CPU cores, one lane per core (seconds per step in done.json)
         "oracle": Recipe(steps=1500, batch_size=64, lr=2e-3),
         "clip": Recipe(steps=1000, batch_size=96, lr=1e-3),
         "dino": Recipe(steps=600, batch_size=64, lr=1e-3),
         "vae": Recipe(steps=2000, batch_size=16, lr=1e-3),
-        "sd": Recipe(steps=3600, batch_size=32, lr=1e-3, warmup=200),
-        "vq": Recipe(steps=2000, batch_size=16, lr=1e-3),
+        "sd": Recipe(steps=4500, batch_size=32, lr=1e-3, warmup=200),
+        "vq": Recipe(steps=2500, batch_size=16, lr=1e-3),
         "llamagen": Recipe(steps=1600, batch_size=64, lr=1e-3, warmup=200),
     })
 
@@ -531,25 +532,24 @@ def _encode_all(vae, data: WorldData, batch: int = 256) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # toy-llamagen: VQ tokenizer, then the LlamaGen student and its T5 text encoder
 
-VQ_CODES = 1024
 COND_LEN = 24
 
 
-def build_vq():
+def build_vq(codes: int):
     from diffusers import VQModel
 
     return VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(16, 32, 64, 128), layers_per_block=1,
-                   latent_channels=32, vq_embed_dim=8, num_vq_embeddings=VQ_CODES, norm_num_groups=8, sample_size=64)
+                   latent_channels=32, vq_embed_dim=8, num_vq_embeddings=codes, norm_num_groups=8, sample_size=64)
 
 
 def train_vq(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
     folder = out / "vq"
     torch.manual_seed(cfg.seed)
-    vq = build_vq()
+    vq = build_vq(cfg.vq_codes)
     loop = Loop(out, cfg, "vq", {"vq": vq}, vq.parameters())
     vq.train()
-    usage = torch.zeros(VQ_CODES)
+    usage = torch.zeros(cfg.vq_codes)
     for step in loop:
         rng, gen = _rng(cfg, "vq", step), _torch_gen(cfg, "vq", step)
         pixels, _, _ = data.batch(rng, loop.recipe.batch_size)
@@ -557,7 +557,7 @@ def train_vq(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
         quant, commit, (_, _, indices) = vq.quantize(latents)
         recon = vq.decode(quant, force_not_quantize=True).sample
         loop.update(F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + commit)
-        usage += torch.bincount(indices.flatten(), minlength=VQ_CODES)
+        usage += torch.bincount(indices.flatten(), minlength=cfg.vq_codes)
         if (step + 1) % 100 == 0 and step + 1 < loop.recipe.steps * 0.8:
             _restart_dead_codes(vq, latents.detach(), usage, gen)
             usage.zero_()
@@ -577,7 +577,7 @@ def _restart_dead_codes(vq, latents: torch.Tensor, usage: torch.Tensor, gen: tor
     vq.quantize.embedding.weight[dead] = z[pick] + 0.01 * torch.randn(len(dead), z.shape[1], generator=gen)
 
 
-def _llamagen_folder(out: Path, folder: Path) -> None:
+def _llamagen_folder(out: Path, cfg: PretrainConfig, folder: Path) -> None:
     """A student folder with random transformer and T5 weights around the trained VQ."""
     import shutil
 
@@ -587,7 +587,7 @@ def _llamagen_folder(out: Path, folder: Path) -> None:
 
     bos, eos = bos_eos_ids()
     config = llamagen.LlamaGenStudentConfig(
-        codebook_size=VQ_CODES, hidden_size=192, num_hidden_layers=5, num_attention_heads=6,
+        codebook_size=cfg.vq_codes, hidden_size=192, num_hidden_layers=5, num_attention_heads=6,
         intermediate_size=llamagen.llamagen_ffn_dim(192, multiple_of=64), cond_len=COND_LEN, text_dim=128, grid_size=8,
         initializer_range=0.02,
     )
@@ -607,7 +607,7 @@ def train_llamagen(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
     init = out / "work" / "llamagen-init"
     if not (init / "proxytune_student.json").exists():
         torch.manual_seed(cfg.seed)
-        _llamagen_folder(out, init)
+        _llamagen_folder(out, cfg, init)
     bundle = ar.load_student(str(init))  # the loader a student checkpoint takes
     codes_all = _codes_all(bundle, data)
     model, text_encoder = bundle.model, bundle.text_encoder
