@@ -6,9 +6,8 @@ in the untuned teacher's, and likewise for the proxy-tuned student against the u
 evaluation measures exactly this (subject accuracy of base-teacher, teacher, base-student, student
 on the same prompts and seeds), so the test reads eval/metrics.json.
 
-This depends on the quality of the shipped toy weights; it runs in the normal suite (the apply took
-3.4 minutes on 2 cores, with the provisional weights' architectures) because it is the one test that
-fails when the method stops personalising.
+This depends on the quality of the shipped toy weights; it runs in the normal suite because it is the
+one test that fails when the method stops personalising.
 """
 
 import json
@@ -23,17 +22,15 @@ import yaml
 from proxytune.toyworld.builtins import manifest
 
 REPO = Path(__file__).resolve().parents[1]
-FAR_MORE = 0.3  # tuned subject accuracy must exceed the untuned model's by this much (and be at least twice it)
+FAR_MORE = 0.15  # tuned subject accuracy must exceed the untuned model's by this much (and be at least twice it)
 
 
 def reduced_toy_spec() -> dict:
     spec = yaml.safe_load((REPO / "specs" / "toy.yaml").read_text())
     spec["name"] = "toy-e2e"
-    spec["teacher"].update(steps=150, checkpoint_every=150)
-    spec["synthesis"].update(num_images=32)
-    spec["student"].update(steps=150, batch_size=8, checkpoint_every=150)
-    # the plain prompt and the six scenes: the subject must stay recognisable wherever it stands
-    spec["evaluation"].update(num_prompts=7, images_per_prompt=2, variance_samples=0, gate=[], bootstrap_resamples=200)
+    # the spec's own teacher, proxy set, student and prompts (with 32 proxies and half the student
+    # steps the student showed the subject in none of 14 images); no variance analysis, no gate
+    spec["evaluation"].update(variance_samples=0, gate=[], bootstrap_resamples=200)
     return spec
 
 
@@ -61,6 +58,9 @@ def test_toy_spec_personalises_the_teacher_and_the_student(tmp_path):
     metrics = json.loads((project / "runs" / "toy-e2e" / "stripy-box" / "eval" / "metrics.json").read_text())
     assert metrics["toy_world"] is True, "toy models and encoders must not read as random-initialised"
     acc = {model: values["subject_acc"]["mean"] for model, values in metrics["models"].items()}
+    interval = {model: values["subject_acc"]["ci95"] for model, values in metrics["models"].items()}
     table = (project / "runs" / "toy-e2e" / "stripy-box" / "eval" / "table.md").read_text()
     for tuned, base in (("teacher", "base-teacher"), ("student", "base-student")):
         assert acc[tuned] >= acc[base] + FAR_MORE and acc[tuned] >= 2 * acc[base], f"{tuned} vs {base}:\n{table}"
+        # and not by luck of a few prompts: the 95% intervals (over prompts) do not overlap
+        assert interval[tuned][0] > interval[base][1], f"{tuned} vs {base}:\n{table}"
