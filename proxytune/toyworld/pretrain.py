@@ -75,7 +75,7 @@ class PretrainConfig:
     checkpoint_every: int = 250
     vq_codes: int = 256  # toy-llamagen's codebook (1024 spread each colour over many near-identical codes)
     recipes: dict[str, Recipe] = field(default_factory=lambda: {
-        # sized for about 80 minutes on 2 CPU cores, one lane per core (seconds per step in done.json)
+        # one lane per core took about 100 minutes on 2 cores shared with other work (seconds per step in done.json)
         "oracle": Recipe(steps=1500, batch_size=64, lr=2e-3),
         "clip": Recipe(steps=1000, batch_size=96, lr=1e-3),
         "dino": Recipe(steps=600, batch_size=64, lr=1e-3),
@@ -670,7 +670,7 @@ TRAINERS = {
 }
 
 
-LANES = (("oracle", "vae", "sd", "dino"), ("clip", "vq", "llamagen"))  # about 70 minutes each
+LANES = (("oracle", "vae", "sd", "dino"), ("clip", "vq", "llamagen"))  # about 100 minutes each on shared cores
 NEEDS = {"vae": ("oracle",), "vq": ("oracle",), "sd": ("vae", "clip"), "llamagen": ("vq",)}
 
 
