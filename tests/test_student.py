@@ -59,7 +59,7 @@ def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     assert resumed.progress.losses == straight.progress.losses
     from peft.utils import get_peft_model_state_dict
 
-    a, b = get_peft_model_state_dict(straight.bundle.model), get_peft_model_state_dict(resumed.bundle.model)
+    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.progress.losses[-1] < straight.progress.losses[0]
 

@@ -147,7 +147,7 @@ class StyleStudent:
         """adapter/ (peft), style_resampler/ and proxytune_style.json into `folder`; returns the weight files."""
         folder = Path(folder)
         adapter = folder / "adapter"
-        self.student.model.save_pretrained(str(adapter))
+        self.student.model.save_pretrained(str(adapter), save_embedding_layers=False)
         config_path = adapter / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = base_model

@@ -206,7 +206,7 @@ class StudentRecipe:
             return {k: v for k, v in self.bundle.model.state_dict().items()}
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.bundle.model)
+        return get_peft_model_state_dict(self.bundle.model, save_embedding_layers=False)
 
     def _load_trained_state(self, weights: dict[str, torch.Tensor]) -> None:
         if self.full_finetune:
@@ -336,7 +336,9 @@ class StudentRecipe:
             write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.cfg.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"
-        self.bundle.model.save_pretrained(str(adapter))
+        # LoRA never targets the embeddings (Llama projections only); False also skips peft's check for
+        # a base config.json, which student folders lack (it warned and asked the hub, even offline).
+        self.bundle.model.save_pretrained(str(adapter), save_embedding_layers=False)
         # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
         config_path = adapter / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())

@@ -139,7 +139,7 @@ class StyleStudentRecipe:
     def _trained_state(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.bundle.model).items()}
+        state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.bundle.model, save_embedding_layers=False).items()}
         state.update({f"resampler.{k}": v for k, v in self.style.resampler.state_dict().items()})
         return state
 
