@@ -27,7 +27,7 @@ import yaml
 
 from conftest import REPO
 from proxytune.files import sha256_file
-from test_team_scale import command, free_port, mini_spec
+from test_team_scale import command, free_port, mini_spec, new_project
 
 if os.environ.get("CI"):
     import ray  # noqa: F401  (CI installs .[dev], which has ray: a missing one is a failure there)
@@ -63,13 +63,6 @@ def base_env(dreambench: Path, **extra: str) -> dict:
            if k not in ("MLFLOW_TRACKING_URI", "PROXYTUNE_CRASH_AT", "PROXYTUNE_CRASH_GROUP", "RAY_ADDRESS")}
     env.update({"PROXYTUNE_DREAMBENCH": str(dreambench), "PYTHONPATH": str(REPO), **extra})  # test this tree
     return env
-
-
-def new_project(root: Path, specs: dict[str, dict]) -> Path:
-    (root / "specs").mkdir(parents=True)
-    for name, spec in specs.items():
-        (root / "specs" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    return root
 
 
 def output_files(project: Path, experiment: str) -> dict[str, Path]:

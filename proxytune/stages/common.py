@@ -171,6 +171,21 @@ class ProcessGenerators:
         self.generator.set_state(state["states"][self.acc.process_index].clone())
 
 
+def resume_training(acc, folder: Path, stage: str, series: tuple[str, ...], generator: torch.Generator,
+                    *state) -> TrainingProgress:
+    """Register a recipe's custom checkpoint state (step and curves, every process's `generator`, and
+    any `state` such as an LR scheduler), then restore the newest checkpoint in `folder`, if any.
+
+    Returns:
+        The progress: step 0 with empty curves, or where the checkpoint left off.
+    """
+    progress = TrainingProgress.of(series)
+    acc.register_for_checkpointing(progress, ProcessGenerators(acc, generator), *state)
+    if load_state(acc, folder, stage):
+        tqdm.write(f"{stage}: resuming from step {progress.step} ({folder})")
+    return progress
+
+
 TRAINED_WEIGHTS = "trained.safetensors"  # a checkpoint's trained weights (the rest is accelerate's layout)
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # checkpoint-STEP folders in a recipe's work folder
 

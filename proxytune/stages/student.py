@@ -127,10 +127,7 @@ class StudentRecipe:
         self.weights = position_weights(self.bundle.seq_len, cfg.regularisers.position_weighting).to(self.device)
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
         # data generator
-        self.progress = common.TrainingProgress.of(SERIES)
-        self.accelerator.register_for_checkpointing(self.progress, common.ProcessGenerators(self.accelerator, self.generator))
-        if common.load_state(self.accelerator, self.checkpoint_dir, "student"):
-            tqdm.write(f"student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
+        self.progress = common.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator)
 
     def _data_key(self) -> str:
         """What the training set depends on besides the model: the proxy digest, or the references."""

@@ -95,10 +95,8 @@ class StyleStudentRecipe:
             torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
             weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = torch.ones(self.bundle.seq_len, device=self.device)
-        self.progress = common.TrainingProgress.of(SERIES)
-        self.accelerator.register_for_checkpointing(self.progress, common.ProcessGenerators(self.accelerator, self.generator))
-        if common.load_state(self.accelerator, self.checkpoint_dir, "style student"):
-            tqdm.write(f"style student: resuming from step {self.progress.step} ({self.checkpoint_dir})")
+        self.progress = common.resume_training(self.accelerator, self.checkpoint_dir, "style student", SERIES,
+                                               self.generator)
 
     @torch.no_grad()
     def _cache_inputs(self) -> None:

@@ -84,16 +84,13 @@ class TeacherRecipe:
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup", self.optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.steps
         )
-        # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
-        # data/noise generator, the LR schedule
-        self.progress = common.TrainingProgress.of(SERIES)
-        self.accelerator.register_for_checkpointing(
-            self.progress, common.ProcessGenerators(self.accelerator, self.generator), self.lr_scheduler)
         self.checkpoint_dir = self.params.work("teacher") / common.config_key(
             self.params.seed, self.params.subject.model_dump(), cfg.model_dump(), self.references_digest
         )
-        if common.load_state(self.accelerator, self.checkpoint_dir, "teacher"):
-            tqdm.write(f"teacher: resuming from step {self.progress.step} ({self.checkpoint_dir})")
+        # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
+        # data/noise generator, the LR schedule
+        self.progress = common.resume_training(self.accelerator, self.checkpoint_dir, "teacher", SERIES, self.generator,
+                                               self.lr_scheduler)
 
     def _class_images(self) -> list:
         """Prior-preservation class images from the frozen base model, generated once and cached.
