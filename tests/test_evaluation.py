@@ -123,6 +123,42 @@ def test_every_model_sees_the_same_prompts_and_seeds(project):
     assert len(set(seeds)) == 6 and seeds[:2] == [0, 1] and seeds[2:4] == [1000, 1001]
 
 
+def test_student_samples_are_cached_and_the_model_loaded_only_when_missing(project, monkeypatch):
+    """Every variant of an experiment evaluates the same base student on the same prompts and seeds: it is
+    drawn once. A tuned student's images are keyed by its weights: new weights are drawn again."""
+    from peft import LoraConfig, get_peft_model
+
+    from proxytune.backends import students
+    from proxytune.stages import common
+
+    params = make_params(project, tiny_spec())
+    loads = []
+    real_load = students.load_student
+    monkeypatch.setattr(students, "load_student", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    prompts, seeds = ["a sks dog", "a sks dog"], [5, 6]
+    first = evaluate.StudentSampler(params, tuned=False)(prompts, seeds)
+    again = evaluate.StudentSampler(params, tuned=False)(prompts, seeds)
+    assert len(loads) == 1 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert len(list((project / evaluate.STUDENT_SAMPLES).rglob("*.png"))) == 2
+
+    bundle = real_load(params.student.model)
+    model = get_peft_model(bundle.model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = params.student_out() / "adapter"
+    model.save_pretrained(str(adapter), save_embedding_layers=False)
+    common.write_record(params.student_out(), {"weights": "adapter/adapter_model.safetensors"})
+    tuned = evaluate.StudentSampler(params)(prompts, seeds)
+    assert len(loads) == 2 and any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, tuned))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(tuned, evaluate.StudentSampler(params)(prompts, seeds)))
+    assert len(loads) == 2
+    with torch.no_grad():  # other weights: another key, drawn again
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.add_(0.5)
+    model.save_pretrained(str(adapter), save_embedding_layers=False)
+    other = evaluate.StudentSampler(params)(prompts, seeds)
+    assert len(loads) == 3 and any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(tuned, other))
+
+
 def test_custom_prompt_list(project):
     params = make_params(project, tiny_spec(evaluation={"prompts": ["a {token} {class} on the moon"], "num_prompts": None}))
     assert evaluate.eval_prompts(params) == [f"a {params.subject.token} dog on the moon"]

@@ -73,18 +73,44 @@ def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
 
 # -- generators: one object per model with the same call --------------------------------------
 TEACHER_SAMPLES = Path(".proxytune") / "teacher_samples"  # under the project root (the stage's cwd)
+STUDENT_SAMPLES = Path(".proxytune") / "student_samples"
+
+
+class SampleCache:
+    """One model's images, a folder per call: FOLDER/KEY/NNN.png, KEY a digest of `setting` (everything
+    the images depend on besides the call) and the call's prompts and seeds.
+
+    A call is always one batch, so cached bytes equal generated ones (PNG is lossless). A missing or
+    damaged file means the whole call is generated again.
+    """
+
+    def __init__(self, folder: Path, setting: tuple):
+        self.folder, self.setting = folder, setting
+
+    def __call__(self, prompts: list[str], seeds: list[int], generate) -> list:
+        from proxytune.errors import ProxytuneError
+
+        folder = self.folder / common.config_key(*self.setting, prompts, seeds)
+        paths = [folder / f"{i:03d}.png" for i in range(len(prompts))]
+        try:
+            return [open_rgb(path) for path in paths]
+        except ProxytuneError:
+            pass
+        images = generate(prompts, seeds)
+        for path, image in zip(paths, images):
+            write_png_atomic(path, image)
+        return images
 
 
 class TeacherSampler:
     """The teacher pipeline with its LoRA (or, `tuned=False`, the base pipeline), behind a sample cache.
 
     A teacher's images depend only on its adapter files and the sampler settings, so each call's
-    images are kept under .proxytune/teacher_samples/KEY (KEY: those plus the call's prompts and
-    seeds; a call is always one batch, so cached bytes equal generated ones). Re-evaluating after a
-    student change, a student variant, or a crash after sampling reuses them, and the pipeline is
-    loaded only when something is missing. The base teacher has no adapter: its key says "base" (and,
-    for a toy model, the digest of its shipped weights) instead of the adapter digest and LoRA scale,
-    so every evaluation of the same base model, prompts and seeds shares its images.
+    images are kept under .proxytune/teacher_samples/KEY. Re-evaluating after a student change, a
+    student variant, or a crash after sampling reuses them, and the pipeline is loaded only when
+    something is missing. The base teacher has no adapter: its key says "base" (and, for a toy model,
+    the digest of its shipped weights) instead of the adapter digest and LoRA scale, so every
+    evaluation of the same base model, prompts and seeds shares its images.
     """
 
     def __init__(self, params: StageParams, tuned: bool = True):
@@ -93,8 +119,9 @@ class TeacherSampler:
         t, s = params.teacher, params.synthesis
         # a toy model's name stays while its shipped weights may change: the base key carries their digest
         base = "base:" + common.base_model_tags(t.model).get("base_model_digest", "")
-        self.setting = (digest_dir(self.adapter) if tuned else base, t.model, t.revision, t.resolution,
-                        s.lora_scale if tuned else None, s.num_inference_steps, s.guidance_scale)
+        self.cache = SampleCache(TEACHER_SAMPLES, (digest_dir(self.adapter) if tuned else base, t.model, t.revision,
+                                                   t.resolution, s.lora_scale if tuned else None,
+                                                   s.num_inference_steps, s.guidance_scale))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
         self.random_init = hub.is_random_init(self.path)
@@ -114,50 +141,56 @@ class TeacherSampler:
         return self._pipe
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        from proxytune.errors import ProxytuneError
-
-        folder = TEACHER_SAMPLES / common.config_key(*self.setting, prompts, seeds)
-        paths = [folder / f"{i:03d}.png" for i in range(len(prompts))]
-        try:
-            return [open_rgb(path) for path in paths]
-        except ProxytuneError:  # missing or damaged: generate the whole call again
-            pass
         s = self.params.synthesis
-        images = diffusion.generate(self.pipe, prompts, seeds, steps=s.num_inference_steps, guidance=s.guidance_scale,
-                                    size=self.params.teacher.resolution)
-        for path, image in zip(paths, images):
-            write_png_atomic(path, image)
-        return images
+        return self.cache(prompts, seeds, lambda p, k: diffusion.generate(
+            self.pipe, p, k, steps=s.num_inference_steps, guidance=s.guidance_scale, size=self.params.teacher.resolution))
 
 
 class StudentSampler:
-    """The tuned student (its adapter or full weights), or with `tuned=False` the base student."""
+    """The tuned student (its adapter or full weights), or with `tuned=False` the base student, behind
+    a sample cache (.proxytune/student_samples/KEY) like the teacher's: every variant of an experiment
+    evaluates the same base student on the same prompts and seeds, and draws it once. The key holds
+    the tuned weights' digest (or "base" and the resolved checkpoint folder), and the sampler settings;
+    the model is loaded only when something is missing."""
 
     def __init__(self, params: StageParams, tuned: bool = True):
         self.params = params
-        self.bundle = students.load_student(params.student.model, device=str(common.device()))
-        self.path = self.bundle.path
-        if tuned:
-            self._load_weights(params)
-        self.random_init = self.bundle.random_init
-        self.sampling = sampling_settings(self.bundle.backend, params.student.sampling)  # the spec's, else the backend's
+        student = params.student
+        self.path = hub.resolve(student.model, students.TINY_STUDENTS, what="student model")
+        self.random_init = hub.is_random_init(self.path)
+        self.sampling = sampling_settings(students.detect_backend(self.path, student.model), student.sampling)
+        self.weights = self._weights_file(params) if tuned else None
+        if self.weights is None:
+            identity = "base:" + common.base_model_tags(student.model).get("base_model_digest", "")
+        elif self.weights.parent.name == "adapter":
+            identity = digest_dir(self.weights.parent)
+        else:
+            identity = sha256_file(self.weights)
+        self.cache = SampleCache(STUDENT_SAMPLES, (identity, student.model, str(self.path), self.sampling))
+        self._bundle = None
 
-    def _load_weights(self, params: StageParams) -> None:
+    @staticmethod
+    def _weights_file(params: StageParams) -> Path:
         # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
         folder = params.student_out()  # the subject's own, or the experiment's multi-subject student
-        weights = folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
-        if weights.parent.name == "adapter":
-            from peft import PeftModel
+        return folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
 
-            self.bundle.model = PeftModel.from_pretrained(self.bundle.model, str(weights.parent)).eval()
-        else:
-            from safetensors.torch import load_file
+    @property
+    def bundle(self):
+        if self._bundle is None:
+            self._bundle = students.load_student(self.params.student.model, device=str(common.device()))
+            if self.weights is not None and self.weights.parent.name == "adapter":
+                from peft import PeftModel
 
-            self.bundle.model.load_state_dict(load_file(weights))
+                self._bundle.model = PeftModel.from_pretrained(self._bundle.model, str(self.weights.parent)).eval()
+            elif self.weights is not None:
+                from safetensors.torch import load_file
+
+                self._bundle.model.load_state_dict(load_file(self.weights))
+        return self._bundle
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        codes = self.bundle.generate(prompts, seeds, **self.sampling)
-        return self.bundle.decode_codes(codes)
+        return self.cache(prompts, seeds, lambda p, k: self.bundle.decode_codes(self.bundle.generate(p, k, **self.sampling)))
 
 
 @torch.no_grad()
