@@ -261,7 +261,8 @@ def _run_on_ray(root: Path, targets: list[str], stale: list[str], paths: tuple[s
                    f"{total.get('GPU', 0):g} GPUs); stage logs in {executors.LOG_DIR}/")
         bar = tqdm(total=len(plan), desc="stages", unit="stage")
         running: set[str] = set()
-        marks = {"started": "started", "ran": "done   ", "current": "current", "failed": "FAILED ", "skipped": "skipped"}
+        # "started" is a submission: Ray starts it when a node has its CPUs and GPUs free
+        marks = {"started": "queued ", "ran": "done   ", "current": "current", "failed": "FAILED ", "skipped": "skipped"}
 
         def on_event(event: str, stage, detail: str) -> None:
             if event == "started":
@@ -272,7 +273,7 @@ def _run_on_ray(root: Path, targets: list[str], stale: list[str], paths: tuple[s
             if event in marks:
                 note = {"current": "up to date after its upstream ran", "skipped": f"{detail} failed"}.get(event, detail)
                 tqdm.write(f"{marks[event]} {stage.name}" + (f": {note}" if note else ""))
-            bar.set_postfix_str(f"running {', '.join(sorted(running))}" if running else "", refresh=True)
+            bar.set_postfix_str(f"{len(running)} queued or running" if running else "", refresh=True)
 
         try:
             outcome = executors.execute(root, plan, executors.forwarded_env(env), on_event)
