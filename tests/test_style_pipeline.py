@@ -256,6 +256,14 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     assert chain["references"]["digest"] and chain["teacher"]["version"] == "sty.glass.teacher@1"
     assert chain["proxy"]["digest"] == manifest["digest"] and chain["proxy"]["num_images"] == "2"
     assert chain["evaluations"] and "student.style_gram" in chain["evaluations"][0]["metrics"]
+    # the style stages' runs are tagged as theirs, not as a subject's student and evaluation
+    assert chain["evaluations"][0]["kind"] == "style"
+    evaluation = tracking.evaluation_run(uri, "sty.glass.student@1")
+    assert evaluation.data.tags["proxytune.stage"] == "style_evaluate"
+    student_run = tracking.connect(uri).get_run(chain["student"]["run_id"])
+    assert student_run.data.tags["proxytune.stage"] == "style_student"
+    compared = tracking.compare(uri, "sty.glass.student@1", evaluation.info.run_id)
+    assert compared["kind"] == "style" and compared["intervals"]["student.style_gram"] == (0.0, 0.0)
     assert not tracking.audit(uri)["problems"]
     pulled, _ = tracking.pull(uri, "sty.glass.student@1", tmp_path / "pulled")
     # the pulled folder is a style student as it was trained: same images
@@ -270,3 +278,75 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     written = report.write_report(tmp_path / "spec.yaml", tmp_path)
     html = written.html.read_text()
     assert "Style glass" in html and "curated (teacher)" in html
+
+
+# -- registry: style evaluations are not subject evaluations ------------------------------------------
+def _registered_student(tmp_path: Path, uri: str, subject: str, stage: str) -> str:
+    """A student version registered by a `stage` run (a one-file adapter); returns NAME@VERSION."""
+    from proxytune import tracking
+
+    folder = tmp_path / f"{subject}-adapter"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(subject.encode())
+    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"spec_digest": "d"}) as run:
+        version = run.register(folder, "student", {"adapter_digest": "x"})
+    return f"e.{subject}.student@{version}"
+
+
+def _evaluation(tmp_path: Path, uri: str, student: str, stage: str, metrics: dict[str, list[float]], **tags) -> str:
+    """An evaluation run as the stages log it: MODEL.METRIC means, eval/per_prompt.json and eval/prompts.json."""
+    from proxytune import tracking
+
+    subject = student.split(".")[1]
+    files = tmp_path / f"eval-{subject}-{stage}"
+    (files / "eval").mkdir(parents=True)
+    prompts = ["a cat", "a boat"]
+    per_prompt = {"student": [{"prompt": p, **{m: v[i] for m, v in metrics.items()}} for i, p in enumerate(prompts)]}
+    (files / "eval" / "per_prompt.json").write_text(json.dumps(per_prompt))
+    (files / "eval" / "prompts.json").write_text(json.dumps(prompts))
+    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"student_version": student, **tags}) as run:
+        run.log_metrics({f"student.{m}": float(np.mean(v)) for m, v in metrics.items()})
+        run.log_artifacts(files)
+    return run.run_id
+
+
+def test_compare_tells_style_evaluations_from_subject_evaluations(tmp_path, monkeypatch):
+    """compare of two style students gives their style metrics with intervals; a style student against a
+    subject student, or a run that is no evaluation, is one line naming the proxytune.stage tag, exit 2."""
+    from proxytune import tracking
+    from proxytune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_uri(None, tmp_path)
+    glass = _registered_student(tmp_path, uri, "glass", "style_student")
+    ink = _registered_student(tmp_path, uri, "ink", "style_student")
+    dog = _registered_student(tmp_path, uri, "dog", "student")
+    _evaluation(tmp_path, uri, glass, "style_evaluate", {"style_gram": [0.5, 0.7], "leakage": [0.2, 0.2]}, style="glass")
+    # a style evaluation logged before style evaluations had their own stage tag: stage 'evaluate' + a style tag
+    _evaluation(tmp_path, uri, ink, "evaluate", {"style_gram": [0.6, 0.9], "leakage": [0.1, 0.3]}, style="ink")
+    dog_run = _evaluation(tmp_path, uri, dog, "evaluate", {"dino": [0.4, 0.6], "clip_i": [0.5, 0.5]})
+
+    def compare(a, b):
+        result = CliRunner().invoke(main, ["compare", a, b, "--uri", uri])
+        return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
+
+    code, lines = compare(glass, ink)
+    assert code == 0, lines
+    gram = next(line for line in lines if line.startswith("student.style_gram"))
+    assert "+0.1500" in gram and gram.endswith("[+0.1000, +0.2000]")  # paired by prompt: +0.1 and +0.2
+    assert not any("dino" in line for line in lines) and "style evaluations" in lines[-2]
+    assert tracking.compare(uri, glass, ink)["kind"] == "style"
+    assert tracking.compare(uri, dog, dog_run)["kind"] == "subject"
+
+    for a, b in ((glass, dog), (dog_run, ink)):
+        code, lines = compare(a, b)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {a} is a ") and "tag proxytune.stage" in lines[0], lines[0]
+        assert "style_evaluate vs evaluate" in lines[0] or "evaluate vs style_evaluate" in lines[0]
+    student_run = tracking.show(uri, glass)["run_id"]
+    code, lines = compare(student_run, ink)
+    assert code == 2 and lines == [f"error: run {student_run}: not an evaluation run (tag proxytune.stage is "
+                                   "'style_student', expected one of evaluate, style_evaluate)"]
+    # lineage lists the style evaluation as one
+    assert [e["kind"] for e in tracking.lineage(uri, glass)["evaluations"]] == ["style"]

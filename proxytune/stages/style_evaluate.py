@@ -161,7 +161,7 @@ def run(params_path: str | Path) -> None:
             "student_version": f"{student_record['model']}@{student_record['version']}",
             "random_init": str(random_init), "clip_model": cfg.clip_model, "dino_model": cfg.dino_model,
             "style": params.style.name, "dvc_stage": f"style_evaluate@{params.experiment}.{params.subject.name}"}
-    with common.stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
+    with common.stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
         for name, groups in generated.items():
             folder = tmp / "images" / name.replace("@", "_").replace("=", "")
             folder.mkdir(parents=True)

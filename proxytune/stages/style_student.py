@@ -237,7 +237,7 @@ class StyleStudentRecipe:
         tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
                 "style": params.style.name, "clip_model": scfg.clip_model, **lineage,
                 "dvc_stage": f"style_student@{params.experiment}.{params.subject.name}"}
-        with common.stage_run(params, "student", tags) as run, staged_dir(out_dir) as tmp:
+        with common.stage_run(params, "style_student", tags) as run, staged_dir(out_dir) as tmp:
             run.log_params({"student": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
                             "seed": params.seed, "sampling": self.sampling, "raw_ratio": params.style.raw.ratio})
             for key in SERIES:
