@@ -224,7 +224,7 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
         "teacher": {"model": "tiny-sd", "resolution": 64, "steps": 2, "batch_size": 1, "checkpoint_every": 1},
         "synthesis": {"num_inference_steps": 2, "batch_size": 2},
         "student": {"model": "tiny-lumina-mgpt", "steps": 3, "batch_size": 2, "learning_rate": 1e-3,
-                    "checkpoint_every": 2, "lora": {"rank": 4, "alpha": 4}, "sampling": {"cfg_scale": 2.0, "top_k": 20}},
+                    "checkpoint_every": 2, "lora": {"rank": 4, "alpha": 4}, "sampling": {"top_k": 20}},
         "style_student": {"clip_model": "tiny-clip", "num_style_tokens": 2,
                           "resampler": {"depth": 1, "heads": 2, "dim_head": 8}},
         "evaluation": {"prompts": ["a cat"], "images_per_prompt": 1, "clip_model": "tiny-clip",
@@ -247,6 +247,10 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     from proxytune.files import sha256_file
 
     assert all(sha256_file(folder / "curated" / e["file"]) == e["sha256"] for e in manifest["images"] + manifest["raw"]["images"])
+    # sampling fields the spec leaves unset take StyleAR's values (cfg 4.0, temperature 1), not Lumina-mGPT's
+    sampling = {"cfg_scale": 4.0, "top_k": 20, "temperature": 1.0}
+    assert json.loads((folder / "student" / "record.json").read_text())["sampling"] == sampling
+    assert json.loads((folder / "eval" / "encoders.json").read_text())["sampling"] == sampling
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"style_clip", "style_gram", "clip_t", "leakage", "content_dino"} <= set(metrics["student"])
     assert (folder / "eval" / "grid.png").exists()

@@ -129,7 +129,7 @@ def run(params_path: str | Path) -> None:
 
     generated = {"teacher": teacher_images(params, prompts)}
     bundle = students.load_student(params.student.model, device=str(common.device()))
-    sampling = sampling_settings(bundle.backend, params.student.sampling)
+    sampling = sampling_settings("stylear", params.student.sampling)
     clip_style = encoders.load_clip(scfg.clip_model, device=str(common.device()))
     style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
     generated["student"] = student_images(style, sampling, params, prompts, references, scfg.noise_strength, "student")

@@ -65,7 +65,7 @@ class StyleStudentRecipe:
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.bundle = students.load_student(cfg.model, device=str(self.device))
-        self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)
+        self.sampling = sampling_settings("stylear", cfg.sampling)  # unset: StyleAR's own
         clip = encoders.load_clip(scfg.clip_model, device=str(self.device))
         r = scfg.resampler
         # the resampler is drawn from its own seed: the LoRA init below does not move it
