@@ -593,7 +593,7 @@ def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
         click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}{_weights(teacher)}  adapter {str(teacher['adapter_digest'])[:16]}{mark(teacher)}")
     proxy = chain.get("proxy")
     if proxy:
-        click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
+        click.echo(f"      └─ {proxy.get('set', 'proxy')} set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
     student = chain.get("student")
     if student:
         click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}{_weights(student)}  adapter {str(student['adapter_digest'])[:16]}{mark(student)}")

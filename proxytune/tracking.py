@@ -654,6 +654,7 @@ def lineage(uri: str, ref: str) -> dict:
     if student_run is not None:
         synthesis_id = _run_tag(student_run, "synthesis_run_id")
         chain["proxy"] = {
+            "set": "curated" if student_version.tags.get(f"{TAG}recipe") == "stylear" else "proxy",  # a style's curation
             "digest": _run_tag(student_run, "proxy_digest"),
             "num_images": _run_tag(student_run, "proxy_images"),
             "prompts_digest": _run_tag(student_run, "proxy_prompts_digest"),

@@ -268,7 +268,17 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     assert student_run.data.tags["proxytune.stage"] == "style_student"
     compared = tracking.compare(uri, "sty.glass.student@1", evaluation.info.run_id)
     assert compared["kind"] == "style" and compared["intervals"]["student.style_gram"] == (0.0, 0.0)
+    assert chain["proxy"]["set"] == "curated"
     assert not tracking.audit(uri)["problems"]
+    # an edit of style_student: only the style student and its evaluation are stale against the spec
+    from proxytune import provenance
+
+    spec["style_student"]["noise_strength"] = 0.5
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    changed = {kind: provenance._spec_changed(chain[kind], tmp_path, {}) for kind in ("teacher", "proxy", "student")}
+    changed["evaluation"] = provenance._spec_changed(chain["evaluations"][0], tmp_path, {})
+    edited = ["spec spec.yaml edited since: style_student (not compiled yet)"]
+    assert changed == {"teacher": [], "proxy": [], "student": edited, "evaluation": edited}, changed
     pulled, _ = tracking.pull(uri, "sty.glass.student@1", tmp_path / "pulled")
     # the pulled folder is a style student as it was trained: same images
     bundle = students.load_student("tiny-lumina-mgpt")
