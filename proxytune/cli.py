@@ -594,13 +594,14 @@ def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
         click.echo(f"   └─ teacher {teacher['version']}  run {teacher['run_id']}  base {teacher['base_model']}{_weights(teacher)}  adapter {str(teacher['adapter_digest'])[:16]}{mark(teacher)}")
     proxy = chain.get("proxy")
     if proxy:
-        click.echo(f"      └─ proxy set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
+        click.echo(f"      └─ {proxy.get('set', 'proxy')} set {proxy['num_images']} images  digest {str(proxy['digest'])[:16]}  prompts {str(proxy['prompts_digest'])[:16]}  run {proxy['synthesis_run_id']}{mark(proxy)}")
     student = chain.get("student")
     if student:
         click.echo(f"         └─ student {student['version']}  run {student['run_id']}  base {student['base_model']}{_weights(student)}  adapter {str(student['adapter_digest'])[:16]}{mark(student)}")
         for evaluation in chain.get("evaluations", []):
             metrics = "  ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items())
-            click.echo(f"            └─ evaluation run {evaluation['run_id']}: {metrics}{mark(evaluation)}")
+            kind = "style evaluation" if evaluation.get("kind") == "style" else "evaluation"
+            click.echo(f"            └─ {kind} run {evaluation['run_id']}: {metrics}{mark(evaluation)}")
 
 
 @main.command()
@@ -609,7 +610,9 @@ def lineage(ref: str, as_json: bool, mermaid: bool, uri: str | None) -> None:
 @uri_option
 @user_errors
 def compare(a: str, b: str, uri: str | None) -> None:
-    """Evaluation metrics of A and B side by side (student NAME@VERSION|ALIAS or evaluation run ids)."""
+    """Evaluation metrics of A and B side by side (student NAME@VERSION|ALIAS or evaluation run ids).
+
+    Both subject evaluations or both style evaluations; A and B of different kinds exit 2."""
     from proxytune import tracking
 
     result = tracking.compare(_uri(uri), a, b)
@@ -621,7 +624,7 @@ def compare(a: str, b: str, uri: str | None) -> None:
         ci = result["intervals"].get(key)
         click.echo(f"{key:<{width}}  {fmt(va)}  {fmt(vb)}  {delta}  " + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"))
     how = "paired by prompt (same prompts)" if result["paired"] else "each run's prompts resampled on their own"
-    click.echo(f"intervals: 95% bootstrap resampling prompts, {how}")
+    click.echo(f"intervals: 95% bootstrap resampling prompts, {how}; {result['kind']} evaluations")
     click.echo(f"runs: A {result['runs'][a]}  B {result['runs'][b]}")
 
 

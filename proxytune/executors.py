@@ -58,7 +58,8 @@ class Stage:
     commands: tuple[str, ...]  # dvc.yaml `cmd` (DVC allows a list, run in turn)
     outs: tuple[str, ...]  # outputs DVC removes before running (relative to the project)
     upstream: tuple[str, ...]  # planned stages it waits for
-    kind: str  # resources key: teacher, synthesis, codes, student, evaluate ("" for a stage proxytune did not write)
+    kind: str  # resources key: teacher, synthesis, codes, student, evaluate (a style's stages: STYLE_RESOURCES;
+    #            "" for a stage proxytune did not write)
     spec_file: str | None  # the spec it comes from, for error messages
     cpus: float
     gpus: float | None  # None: 1 on a cluster with GPUs, else 0
@@ -94,6 +95,12 @@ class Outcome:
 
 
 # -- the plan: DVC's graph and status --------------------------------------------------------------
+# A style's stages ask for the resources of the subject stage that does the same work (spec/resources.py):
+# curation generates images with the tuned teacher as synthesis does, the style student trains an AR
+# student, the style evaluation generates and scores. The style's teacher is a `teacher` stage.
+STYLE_RESOURCES = {"curation": "synthesis", "style_student": "student", "style_evaluate": "evaluate"}
+
+
 def stage_kind(name: str) -> tuple[str, str | None]:
     """(resources key, experiment) of a stage proxytune compiled; ("", None) for any other stage."""
     from proxytune import compile as compiler
@@ -101,8 +108,8 @@ def stage_kind(name: str) -> tuple[str, str | None]:
     if name.startswith("student-joint."):
         return "student", name.split(".", 1)[1]
     step, _, item = name.partition("@")
-    if step in compiler.STEPS and "." in item:
-        return step, compiler.base_experiment(item.split(".", 1)[0])
+    if step in (*compiler.STEPS, *compiler.STYLE_STEPS) and "." in item:
+        return STYLE_RESOURCES.get(step, step), compiler.base_experiment(item.split(".", 1)[0])
     return "", None
 
 

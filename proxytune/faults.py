@@ -8,7 +8,7 @@ point. Points in use:
     synthesis:batch:N    after the N-th batch of proxy images of this process is written
     student:step:N       after student step N
     evaluate:generated   after every image of the evaluation is generated, before scoring
-    STAGE:registered     after STAGE (teacher or student) registered its adapter version,
+    STAGE:registered     after STAGE (teacher, student or style_student) registered its adapter version,
                          before its output folder is renamed into place
 
 Without N a point matches every time it is reached.

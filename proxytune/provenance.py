@@ -18,6 +18,7 @@ from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_file
 
 STAGE_OF = {"teacher": "teacher", "proxy": "synthesis", "student": "student", "evaluation": "evaluate"}
+READS_REFERENCES = ("teacher", "evaluate", "style_evaluate")  # stages whose input is the reference folder too
 UNKNOWN = "unknown"
 
 
@@ -118,14 +119,16 @@ def _spec_changed(node: dict, root: Path, cache: dict) -> list[str]:
     resolved = cache[path]
     if isinstance(resolved, ProxytuneError):
         return [f"spec file {spec_file} no longer valid ({resolved})"]
-    if resolved.spec.name != experiment or subject not in {s.name for s in resolved.spec.subjects}:
+    styles = {s.name for s in resolved.spec.styles}
+    if resolved.spec.name != experiment or subject not in {s.name for s in resolved.spec.subjects} | styles:
         return [f"spec file {spec_file} no longer defines {experiment}.{subject}"]
     try:
         current = yaml.safe_load((root / compiler.subject_dir(experiment, subject) / "params.yaml").read_text())
     except (OSError, yaml.YAMLError):
         current = {}
-    wanted = compiler.params_for(resolved, subject)
-    keys = list(compiler.STAGE_PARAMS[step]) + (["source.references"] if step in ("teacher", "evaluate") else [])
+    # a style's params file (its teacher's too) is compiled by style_params_for
+    wanted = (compiler.style_params_for if subject in styles else compiler.params_for)(resolved, subject)
+    keys = list(compiler.STAGE_PARAMS[step]) + (["source.references"] if step in READS_REFERENCES else [])
     changed = [key for key in keys if _get(wanted, key) != _get(current or {}, key)]
     return [f"spec {spec_file} edited since: {', '.join(changed)} (not compiled yet)"] if changed else []
 
@@ -228,7 +231,7 @@ def to_mermaid(chain: dict) -> str:
             f"adapter {str(teacher.get('adapter_digest'))[:12]}")
     proxy = chain.get("proxy")
     if proxy:
-        add("proxy", proxy, f"proxy set: {proxy.get('num_images')} images", f"digest {str(proxy.get('digest'))[:12]}")
+        add("proxy", proxy, f"{proxy.get('set', 'proxy')} set: {proxy.get('num_images')} images", f"digest {str(proxy.get('digest'))[:12]}")
     student = chain.get("student")
     if student:
         add("student", student, f"student {student['version']}", _base(student),

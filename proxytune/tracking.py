@@ -569,7 +569,8 @@ def audit(uri: str) -> dict:
                     problems.append(f"{key}: no proxy set digest recorded")
         elif role not in ("teacher", "student"):
             problems.append(f"{key}: no proxytune role tag")
-    evaluations = _all_runs(client, f"tags.`{TAG}stage` = 'evaluate'")
+    evaluations = [run for stage in EVALUATION_STAGES.values()
+                   for run in _all_runs(client, f"tags.`{TAG}stage` = '{stage}'")]
     for run in evaluations:
         owner = f"evaluation run {run.info.run_id}"
         for what in ("student_version", "teacher_version"):
@@ -653,6 +654,7 @@ def lineage(uri: str, ref: str) -> dict:
     if student_run is not None:
         synthesis_id = _run_tag(student_run, "synthesis_run_id")
         chain["proxy"] = {
+            "set": "curated" if student_version.tags.get(f"{TAG}recipe") == "stylear" else "proxy",  # a style's curation
             "digest": _run_tag(student_run, "proxy_digest"),
             "num_images": _run_tag(student_run, "proxy_images"),
             "prompts_digest": _run_tag(student_run, "proxy_prompts_digest"),
@@ -674,7 +676,8 @@ def lineage(uri: str, ref: str) -> dict:
             order_by=["attributes.start_time DESC"],
         )
         chain["evaluations"] = [
-            {"run_id": e.info.run_id, "metrics": dict(sorted(e.data.metrics.items())), **_origin(e)} for e in evaluations
+            {"run_id": e.info.run_id, "kind": evaluation_kind(e), "metrics": dict(sorted(e.data.metrics.items())), **_origin(e)}
+            for e in evaluations if evaluation_kind(e) is not None
         ]
     return chain
 
@@ -704,23 +707,45 @@ def record_gate(uri: str, version_ref: str, passed: bool, rule: str) -> None:
         client.set_registered_model_alias(version.name, "champion", version.version)
 
 
+EVALUATION_STAGES = {"subject": "evaluate", "style": "style_evaluate"}  # evaluation kind -> proxytune.stage tag
+
+
+def evaluation_kind(run) -> str | None:
+    """'subject' or 'style' for an evaluation run (its `proxytune.stage` tag), None for any other run.
+
+    A style evaluation logged before style evaluations had a stage of their own carries stage
+    'evaluate' and a `proxytune.style` tag: it is a style evaluation too."""
+    stage = _run_tag(run, "stage")
+    if stage == EVALUATION_STAGES["subject"]:
+        return "style" if _run_tag(run, "style") else "subject"
+    return "style" if stage == EVALUATION_STAGES["style"] else None
+
+
 def evaluation_run(uri: str, ref: str):
-    """The newest evaluation run of a registered student version, or the run with that id."""
+    """The newest evaluation run (subject or style) of a registered student version, or the run with that id.
+
+    Raises:
+        ProxytuneError: no such run or version, the run is not an evaluation, or no evaluation records the version.
+    """
     client = connect(uri)
     if RUN_ID.match(ref):
         try:
-            return client.get_run(ref)
+            run = client.get_run(ref)
         except Exception:
             raise ProxytuneError(f"{ref}: no such run") from None
+        if evaluation_kind(run) is None:
+            raise ProxytuneError(f"run {ref}: not an evaluation run (tag {TAG}stage is {_run_tag(run, 'stage')!r}, "
+                                 f"expected one of {', '.join(EVALUATION_STAGES.values())})")
+        return run
     version = get_version(client, ref)
     key = f"{version.name}@{version.version}"
     run = client.get_run(version.run_id)
     found = client.search_runs(
         [run.info.experiment_id],
-        filter_string=f"tags.`{TAG}student_version` = '{key}' and tags.`{TAG}stage` = 'evaluate'",
+        filter_string=f"tags.`{TAG}student_version` = '{key}'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
     )
+    found = [one for one in found if evaluation_kind(one) is not None]
     if not found:
         raise ProxytuneError(f"{key}: no evaluation run records this version")
     return found[0]
@@ -729,10 +754,23 @@ def evaluation_run(uri: str, ref: str):
 def compare(uri: str, a: str, b: str) -> dict:
     """Metrics of two evaluation runs (given as student versions or run ids), side by side, with the 95%
     interval of B - A for every MODEL.METRIC mean, resampling prompts (from each run's eval/per_prompt.json;
-    paired prompt by prompt when both runs used the same prompts)."""
+    paired prompt by prompt when both runs used the same prompts).
+
+    Both must be evaluations of one kind: two subject evaluations (CLIP-I, CLIP-T, DINO, ...) or two style
+    evaluations (style CLIP, style Gram, CLIP-T, leakage, ...); their metrics mean different things.
+
+    Raises:
+        ProxytuneError: A and B are evaluations of different kinds (the line names the `proxytune.stage` tags).
+    """
     from proxytune import stats
 
     runs = {a: evaluation_run(uri, a), b: evaluation_run(uri, b)}
+    kinds = {label: evaluation_kind(run) for label, run in runs.items()}
+    if kinds[a] != kinds[b]:
+        raise ProxytuneError(
+            f"{a} is a {kinds[a]} evaluation (run {runs[a].info.run_id}) and {b} a {kinds[b]} evaluation "
+            f"(run {runs[b].info.run_id}): tag {TAG}stage {EVALUATION_STAGES[kinds[a]]} vs {EVALUATION_STAGES[kinds[b]]}; "
+            f"compare two evaluations of one kind")
     keys = sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics))
     per_prompt = {label: _load_json_artifact(run.info.run_id, "eval/per_prompt.json") for label, run in runs.items()}
     prompts = {label: _load_json_artifact(run.info.run_id, "eval/prompts.json") for label, run in runs.items()}
@@ -747,6 +785,7 @@ def compare(uri: str, a: str, b: str) -> dict:
         else:
             intervals[key] = None  # not a per-prompt mean (total_variance, gate_passed), or an older run
     return {
+        "kind": kinds[a],
         "runs": {label: run.info.run_id for label, run in runs.items()},
         "metrics": {k: [runs[a].data.metrics.get(k), runs[b].data.metrics.get(k)] for k in keys},
         "intervals": intervals,

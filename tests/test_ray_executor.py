@@ -274,3 +274,41 @@ def test_a_stage_larger_than_every_node_is_refused_naming_the_key():
     gpu_stage = Stage(**{**stage.__dict__, "cpus": 1})
     with pytest.raises(ProxytuneError, match="asks 1 CPUs and 1 GPUs"):  # unset gpus: 1 on a cluster with GPUs
         check_fits([gpu_stage], [{"CPU": 64.0}, {"CPU": 8.0, "GPU": 0.5}])
+
+
+def test_a_styles_stages_ask_for_the_resources_of_the_subject_stages_doing_the_same_work(project):
+    """The plan of a spec with a subject and a style (DVC's graph, no cluster): the style's teacher asks
+    resources.teacher, curation resources.synthesis, the style student resources.student and the style
+    evaluation resources.evaluate, as the subject's stages do; every stage names its spec file."""
+    from proxytune import executors
+    from proxytune.project import ensure_dvc, resolve_spec, write_compiled
+
+    shutil.copytree(REPO / "specs" / "styles" / "stained-glass", project / "specs" / "glass")
+    spec = two_subjects()
+    spec["subjects"] = spec["subjects"][:1]
+    spec["styles"] = [{"name": "glass", "images": "glass", "prompts": ["a cat"], "raw": {"toyworld": 2}}]
+    spec["student"]["model"] = "tiny-lumina-mgpt"
+    spec["resources"] = {"teacher": {"cpus": 2}, "synthesis": {"cpus": 0.5, "gpus": 0.25}, "codes": {"cpus": 3},
+                         "student": {"cpus": 4, "gpus": 1}, "evaluate": {"cpus": 0.75, "gpus": 0.5}}
+    (project / "specs" / "t.yaml").write_text(yaml.safe_dump(spec))
+    resolved = resolve_spec(project / "specs" / "t.yaml", project)
+    write_compiled([resolved], project)
+    ensure_dvc(project)
+    names = [f"{step}@t.{item}" for item, steps in (("dog", ("teacher", "synthesis", "codes", "student", "evaluate")),
+                                                     ("glass", ("teacher", "curation", "style_student", "style_evaluate")))
+             for step in steps]
+    planned = {stage.name: stage for stage in executors.plan(
+        project, ["evaluate@t.dog", "style_evaluate@t.glass"], names, {"t": ("specs/t.yaml", resolved.spec.resources)})}
+    assert set(planned) == set(names)
+    asked = {name: (stage.kind, stage.cpus, stage.gpus, stage.spec_file) for name, stage in planned.items()}
+    for subject_step, style_step in (("teacher", "teacher"), ("synthesis", "curation"), ("student", "style_student"),
+                                     ("evaluate", "style_evaluate")):
+        assert asked[f"{style_step}@t.glass"] == asked[f"{subject_step}@t.dog"], (style_step, asked)
+    assert asked["style_student@t.glass"] == ("student", 4, 1, "specs/t.yaml")
+    assert asked["curation@t.glass"] == ("synthesis", 0.5, 0.25, "specs/t.yaml")
+    assert set(planned["style_evaluate@t.glass"].upstream) == {"teacher@t.glass", "style_student@t.glass"}
+    # and a style stage too large for the cluster is refused naming the key it reads
+    from proxytune.errors import ProxytuneError
+
+    with pytest.raises(ProxytuneError, match=r"^specs/t.yaml: resources.student: style_student@t.glass asks 4 CPUs"):
+        executors.check_fits([planned["style_student@t.glass"]], [{"CPU": 2.0, "GPU": 1.0}])

@@ -163,7 +163,7 @@ BAD = [
     (_style_spec(images="nowhere"), "styles[0].images: no such folder"),
     (_style_spec(name="Bad Name"), "styles[0].name: must be"),
     (_style_spec(colour="red"), "styles[0].colour: unknown key"),
-    ({**_style_spec(), "student": {"model": "tiny-llamagen"}}, "student.model: a style student needs the Lumina-mGPT"),
+    ({**_style_spec(), "student": {"model": "tiny-janus"}}, "student.model: a style student needs the Lumina-mGPT or LlamaGen"),
     ({**_style_spec(), "style_student": {"noise_strength": -1}}, "style_student.noise_strength:"),
     ({**_style_spec(), "subjects": [{"name": "glass", "class": "dog", "images": "refs"}]}, "styles[0].name: 'glass' is already"),
 ]
@@ -206,7 +206,8 @@ def test_prompt_file_generated_prompts_and_a_captioned_raw_folder_resolve(tmp_pa
 
 
 # -- the pipeline --------------------------------------------------------------------------------------
-def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["tiny-lumina-mgpt", "tiny-llamagen"])
+def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypatch, model):
     """compile -> teacher -> curation -> style student -> style evaluation, each stage's run() in this
     process (DVC's orchestration is tested for subjects); then the registry's lineage and the report."""
     from proxytune import tracking
@@ -223,8 +224,8 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
                     "prompts": ["a red boat", "a green tree"], "raw": {"toyworld": 6, "ratio": 3.0}}],
         "teacher": {"model": "tiny-sd", "resolution": 64, "steps": 2, "batch_size": 1, "checkpoint_every": 1},
         "synthesis": {"num_inference_steps": 2, "batch_size": 2},
-        "student": {"model": "tiny-lumina-mgpt", "steps": 3, "batch_size": 2, "learning_rate": 1e-3,
-                    "checkpoint_every": 2, "lora": {"rank": 4, "alpha": 4}, "sampling": {"cfg_scale": 2.0, "top_k": 20}},
+        "student": {"model": model, "steps": 3, "batch_size": 2, "learning_rate": 1e-3,
+                    "checkpoint_every": 2, "lora": {"rank": 4, "alpha": 4}, "sampling": {"top_k": 20}},
         "style_student": {"clip_model": "tiny-clip", "num_style_tokens": 2,
                           "resampler": {"depth": 1, "heads": 2, "dim_head": 8}},
         "evaluation": {"prompts": ["a cat"], "images_per_prompt": 1, "clip_model": "tiny-clip",
@@ -247,6 +248,11 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     from proxytune.files import sha256_file
 
     assert all(sha256_file(folder / "curated" / e["file"]) == e["sha256"] for e in manifest["images"] + manifest["raw"]["images"])
+    # sampling fields the spec leaves unset take StyleAR's values (cfg 4.0, temperature 1), not Lumina-mGPT's;
+    # a LlamaGen style student takes LlamaGen's (cfg 7.5)
+    sampling = {"cfg_scale": 4.0 if model == "tiny-lumina-mgpt" else 7.5, "top_k": 20, "temperature": 1.0}
+    assert json.loads((folder / "student" / "record.json").read_text())["sampling"] == sampling
+    assert json.loads((folder / "eval" / "encoders.json").read_text())["sampling"] == sampling
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"style_clip", "style_gram", "clip_t", "leakage", "content_dino"} <= set(metrics["student"])
     assert (folder / "eval" / "grid.png").exists()
@@ -256,10 +262,28 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     assert chain["references"]["digest"] and chain["teacher"]["version"] == "sty.glass.teacher@1"
     assert chain["proxy"]["digest"] == manifest["digest"] and chain["proxy"]["num_images"] == "2"
     assert chain["evaluations"] and "student.style_gram" in chain["evaluations"][0]["metrics"]
+    # the style stages' runs are tagged as theirs, not as a subject's student and evaluation
+    assert chain["evaluations"][0]["kind"] == "style"
+    evaluation = tracking.evaluation_run(uri, "sty.glass.student@1")
+    assert evaluation.data.tags["proxytune.stage"] == "style_evaluate"
+    student_run = tracking.connect(uri).get_run(chain["student"]["run_id"])
+    assert student_run.data.tags["proxytune.stage"] == "style_student"
+    compared = tracking.compare(uri, "sty.glass.student@1", evaluation.info.run_id)
+    assert compared["kind"] == "style" and compared["intervals"]["student.style_gram"] == (0.0, 0.0)
+    assert chain["proxy"]["set"] == "curated"
     assert not tracking.audit(uri)["problems"]
+    # an edit of style_student: only the style student and its evaluation are stale against the spec
+    from proxytune import provenance
+
+    spec["style_student"]["noise_strength"] = 0.5
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    changed = {kind: provenance._spec_changed(chain[kind], tmp_path, {}) for kind in ("teacher", "proxy", "student")}
+    changed["evaluation"] = provenance._spec_changed(chain["evaluations"][0], tmp_path, {})
+    edited = ["spec spec.yaml edited since: style_student (not compiled yet)"]
+    assert changed == {"teacher": [], "proxy": [], "student": edited, "evaluation": edited}, changed
     pulled, _ = tracking.pull(uri, "sty.glass.student@1", tmp_path / "pulled")
     # the pulled folder is a style student as it was trained: same images
-    bundle = students.load_student("tiny-lumina-mgpt")
+    bundle = students.load_student(model)
     again = StyleStudent.load(pulled, bundle, encoders.load_clip("tiny-clip"))
     reference = Image.open(tmp_path / "refs" / "ref0.png").convert("RGB")
     codes = again.generate(["a cat"], again.image_features([reference]), [0], cfg_scale=2.0, top_k=20)
@@ -270,3 +294,166 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     written = report.write_report(tmp_path / "spec.yaml", tmp_path)
     html = written.html.read_text()
     assert "Style glass" in html and "curated (teacher)" in html
+
+
+# -- registry: style evaluations are not subject evaluations ------------------------------------------
+def _registered_student(tmp_path: Path, uri: str, subject: str, stage: str) -> str:
+    """A student version registered by a `stage` run (a one-file adapter); returns NAME@VERSION."""
+    from proxytune import tracking
+
+    folder = tmp_path / f"{subject}-adapter"
+    folder.mkdir()
+    (folder / "weights.bin").write_bytes(subject.encode())
+    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"spec_digest": "d"}) as run:
+        version = run.register(folder, "student", {"adapter_digest": "x"})
+    return f"e.{subject}.student@{version}"
+
+
+def _evaluation(tmp_path: Path, uri: str, student: str, stage: str, metrics: dict[str, list[float]], **tags) -> str:
+    """An evaluation run as the stages log it: MODEL.METRIC means, eval/per_prompt.json and eval/prompts.json."""
+    from proxytune import tracking
+
+    subject = student.split(".")[1]
+    files = tmp_path / f"eval-{subject}-{stage}"
+    (files / "eval").mkdir(parents=True)
+    prompts = ["a cat", "a boat"]
+    per_prompt = {"student": [{"prompt": p, **{m: v[i] for m, v in metrics.items()}} for i, p in enumerate(prompts)]}
+    (files / "eval" / "per_prompt.json").write_text(json.dumps(per_prompt))
+    (files / "eval" / "prompts.json").write_text(json.dumps(prompts))
+    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"student_version": student, **tags}) as run:
+        run.log_metrics({f"student.{m}": float(np.mean(v)) for m, v in metrics.items()})
+        run.log_artifacts(files)
+    return run.run_id
+
+
+def test_compare_tells_style_evaluations_from_subject_evaluations(tmp_path, monkeypatch):
+    """compare of two style students gives their style metrics with intervals; a style student against a
+    subject student, or a run that is no evaluation, is one line naming the proxytune.stage tag, exit 2."""
+    from proxytune import tracking
+    from proxytune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.resolve_uri(None, tmp_path)
+    glass = _registered_student(tmp_path, uri, "glass", "style_student")
+    ink = _registered_student(tmp_path, uri, "ink", "style_student")
+    dog = _registered_student(tmp_path, uri, "dog", "student")
+    _evaluation(tmp_path, uri, glass, "style_evaluate", {"style_gram": [0.5, 0.7], "leakage": [0.2, 0.2]}, style="glass")
+    # a style evaluation logged before style evaluations had their own stage tag: stage 'evaluate' + a style tag
+    _evaluation(tmp_path, uri, ink, "evaluate", {"style_gram": [0.6, 0.9], "leakage": [0.1, 0.3]}, style="ink")
+    dog_run = _evaluation(tmp_path, uri, dog, "evaluate", {"dino": [0.4, 0.6], "clip_i": [0.5, 0.5]})
+
+    def compare(a, b):
+        result = CliRunner().invoke(main, ["compare", a, b, "--uri", uri])
+        return result.exit_code, [line for line in result.output.splitlines() if line.strip()]
+
+    code, lines = compare(glass, ink)
+    assert code == 0, lines
+    gram = next(line for line in lines if line.startswith("student.style_gram"))
+    assert "+0.1500" in gram and gram.endswith("[+0.1000, +0.2000]")  # paired by prompt: +0.1 and +0.2
+    assert not any("dino" in line for line in lines) and "style evaluations" in lines[-2]
+    assert tracking.compare(uri, glass, ink)["kind"] == "style"
+    assert tracking.compare(uri, dog, dog_run)["kind"] == "subject"
+
+    for a, b in ((glass, dog), (dog_run, ink)):
+        code, lines = compare(a, b)
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {a} is a ") and "tag proxytune.stage" in lines[0], lines[0]
+        assert "style_evaluate vs evaluate" in lines[0] or "evaluate vs style_evaluate" in lines[0]
+    student_run = tracking.show(uri, glass)["run_id"]
+    code, lines = compare(student_run, ink)
+    assert code == 2 and lines == [f"error: run {student_run}: not an evaluation run (tag proxytune.stage is "
+                                   "'style_student', expected one of evaluate, style_evaluate)"]
+    # lineage lists the style evaluation as one
+    assert [e["kind"] for e in tracking.lineage(uri, glass)["evaluations"]] == ["style"]
+
+
+# -- the LlamaGen side: style tokens in the caption slots ----------------------------------------------
+@pytest.fixture(scope="module")
+def llamagen_style():
+    """A fresh tiny LlamaGen style student: tiny-llamagen (32 caption slots of 32-wide T5 features) + tiny CLIP
+    + a small random resampler, 2 style tokens."""
+    bundle = students.load_student("tiny-llamagen")
+    return StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=2, depth=1, heads=2, dim_head=16, seed=0)
+
+
+def test_llamagen_style_tokens_take_the_caption_slots_before_the_caption(llamagen_style):
+    style = llamagen_style
+    C = style.student.config.cond_len
+    feats, positions = style.encode_prompts(["a cat", "a very long caption about many things " * 10])
+    tokens = (feats != 0).any(dim=-1)
+    n = int(tokens[0].sum())
+    # a short caption: the plain student's features (left-padded), the two slots right before it are the style's
+    torch.testing.assert_close(feats[0], style.student.encode_prompts(["a cat"])[0], rtol=1e-5, atol=1e-5)
+    assert positions[0].tolist() == [C - n - 2, C - n - 1] and not tokens[0, : C - n].any()
+    # a long caption keeps C - 2 tokens, the style slots first
+    assert int(tokens[1].sum()) == C - 2 and positions[1].tolist() == [0, 1]
+    # written in, the style tokens count as caption tokens for the attention mask
+    from proxytune.backends import style_tokens as st
+
+    text = st.replace_placeholders(feats, positions, style.style_tokens(style.image_features([STYLE_A, STYLE_B])))
+    assert int((text[0] != 0).any(dim=-1).sum()) == n + 2
+
+
+def test_llamagen_same_prompt_two_style_images_two_outputs_and_the_null_caption_ignores_them(llamagen_style):
+    style = llamagen_style
+    features = style.image_features([STYLE_A, STYLE_B, STYLE_A])
+    codes = style.generate(["a cat"] * 3, features, [3, 3, 3], cfg_scale=1.0, temperature=0, noise_strength=0.0)
+    assert not torch.equal(codes[0], codes[1]) and torch.equal(codes[0], codes[2])
+    guided = style.generate(["a cat"] * 2, features[:2], [3, 3], cfg_scale=4.0, top_k=20, noise_strength=0.0)
+    assert not torch.equal(guided[0], guided[1])
+    # the unconditional branch (LlamaGen's null caption in every slot) is the same whatever the style
+    from proxytune.backends import style_tokens as st
+
+    feats, positions = style.encode_prompts(["a cat"] * 2)
+    text = st.replace_placeholders(feats, positions, style.style_tokens(features[:2]))
+    targets = torch.zeros(2, style.student.seq_len, dtype=torch.long)
+    with torch.no_grad():
+        cond = style.student.model(text, targets, drop_cond=torch.tensor([False, False]))
+        null = style.student.model(text, targets, drop_cond=torch.tensor([True, True]))
+    assert (cond[0] - cond[1]).abs().max() > 1e-3
+    torch.testing.assert_close(null[0], null[1])
+
+
+def test_llamagen_gradients_reach_the_resampler_through_the_caption_projection(llamagen_style):
+    style = llamagen_style
+    features = style.image_features([STYLE_A, STYLE_B])
+    cond, positions = style.encode_prompts(["a cat", "a dog"])
+    codes = torch.randint(0, style.student.codebook_size, (2, style.student.seq_len))
+    style.resampler.zero_grad()
+    tokens = style.style_tokens(features)
+    tokens.retain_grad()
+    terms = style.sequence_loss(cond, positions, tokens, codes, torch.tensor([True, False]),
+                                torch.ones(style.student.seq_len))
+    assert float(terms["z_loss"]) == 0.0
+    terms["ce"].backward()
+    grads = {name: p.grad for name, p in style.resampler.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert all(p.grad is None for p in style.clip.model.parameters())
+    assert tokens.grad[0].abs().max() == 0 and tokens.grad[1].abs().max() > 0  # row 0 dropped: the null caption
+
+
+def test_llamagen_style_student_saved_and_loaded_samples_the_same(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    bundle = students.load_student("tiny-llamagen")
+    style = StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=3, depth=1, heads=2, dim_head=8, seed=4)
+    torch.manual_seed(0)
+    bundle.model = get_peft_model(bundle.model, LoraConfig(r=4, lora_alpha=4, target_modules=bundle.lora_target_modules()))
+    with torch.no_grad():  # a LoRA that does something (peft starts B at zero)
+        for name, p in bundle.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    features = style.image_features([STYLE_A, STYLE_B])
+    sampling = {"cfg_scale": 4.0, "top_k": 50, "temperature": 1.0}
+    before = style.generate(["a cat", "a boat"], features, [1, 2], noise_strength=0.3, **sampling)
+    style.save(tmp_path / "model", base_model="tiny-llamagen", clip_model="tiny-clip", noise_strength=0.3, sampling=sampling)
+    meta = json.loads((tmp_path / "model" / "proxytune_style.json").read_text())
+    assert meta["backend"] == "llamagen" and meta["prompt_len"] == bundle.config.cond_len - 3
+    again = StyleStudent.load(tmp_path / "model", students.load_student("tiny-llamagen"), encoders.load_clip("tiny-clip"))
+    after = again.generate(["a cat", "a boat"], again.image_features([STYLE_A, STYLE_B]), [1, 2], noise_strength=0.3, **sampling)
+    assert torch.equal(before, after)
+    from proxytune.errors import ProxytuneError
+
+    with pytest.raises(ProxytuneError, match=r"proxytune_style.json: backend: a llamagen style student, loaded on a lumina-mgpt"):
+        StyleStudent.load(tmp_path / "model", students.load_student("tiny-lumina-mgpt"), encoders.load_clip("tiny-clip"))

@@ -348,3 +348,75 @@ def test_convert_stylear_turns_a_released_layout_folder_into_adapter_and_resampl
     torch.save({"latents": NotWeights()}, released / "image_proj.pth")
     bad = CliRunner().invoke(main, ["convert", "stylear", str(released), str(tmp_path / "out2")])
     assert bad.exit_code == 2 and "weights only" in bad.output and not (tmp_path / "out2").exists()
+
+
+# -- sampling: StyleAR's classifier-free guidance ----------------------------------------------------
+
+def test_guided_sampling_is_the_originals_cfg_on_a_converted_stylear_model(tmp_path, monkeypatch):
+    """StyleAR's sampler (inference_solver.py: its CFG logits processor first, then the image-token
+    constraint, image top-k 2000, temperature 1; inference.py: cfg 4.0), restated here on the tiny
+    Lumina-mGPT carrying a StyleAR LoRA (lm_head included) converted to peft:
+      cond   = the whole sequence at positions 0, 1, ...: <s>, the style template with the style tokens'
+               embeddings at the placeholders, end of turn, <racm3:break>, size, size, the codes so far with
+               their row ends;
+      uncond = that sequence from <racm3:break> on (the processor's input_ids[:, image_start:], attention all
+               ones), at positions 0, 1, ...: no text and no style tokens (their indices lie beyond it);
+      logits = the model's output, LoRA'd lm_head included, at the image tokens: uncond + 4 (cond - uncond).
+    proxytune's cond and uncond logits at every code step, and the guided logits it samples from, equal these."""
+    from peft import PeftModel
+    from PIL import Image
+
+    from proxytune.backends import encoders, lumina
+    from proxytune.backends.style_student import StyleStudent
+
+    bundle = students.load_student("tiny-lumina-mgpt")
+    st.write_peft_adapter(stylear_lora_state(bundle.model, r=4, seed=5), tmp_path / "adapter", base_model="tiny")
+    style = StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=4, depth=1, heads=2, dim_head=8, seed=1)
+    bundle.model = PeftModel.from_pretrained(bundle.model, str(tmp_path / "adapter")).eval()
+    features = style.image_features([Image.new("RGB", (64, 64), (200, 30, 30))])
+    seen, guided = [], []  # proxytune's [cond; uncond] code logits, and the logits it samples from, per code
+    code_logits, sample_next = bundle._code_logits, lumina.sample_next
+    monkeypatch.setattr(bundle, "_code_logits", lambda hidden: seen.append(code_logits(hidden)) or seen[-1])
+    monkeypatch.setattr(lumina, "sample_next", lambda logits, *a, **k: guided.append(logits) or sample_next(logits, *a, **k))
+    codes = style.generate(["a red boat"], features, [7], cfg_scale=4.0, top_k=2000, temperature=1.0, noise_strength=0.0)
+    codes = codes[0].tolist()
+
+    model = bundle.model.get_base_model()  # LoRA layers injected in place
+    vocab = model.config.vocabulary_map
+    K, g = bundle.codebook_size, bundle.grid
+    image_ids = [vocab[lumina.image_token_name(c)] for c in range(K)]
+    ids, positions = st.placeholder_positions(bundle.tokenizer, st.style_prompt("a red boat", 4), 4)
+    prompt = [bundle.tokenizer.bos_token_id, *ids, vocab[lumina.END_OF_TURN]]
+    assert len(prompt) <= style.prompt_len  # nothing cut
+    image_start = [vocab[lumina.IMAGE_START], *[vocab[lumina.size_token(bundle.image_size)]] * 2]
+    with torch.no_grad():
+        tokens = style.resampler(features)[0]  # (4, H): noise_strength 0
+
+        def original_logits(sequence: list[int], style_at: list[int]) -> torch.Tensor:
+            embeds = model.get_input_embeddings()(torch.tensor([sequence]))
+            embeds[0, style_at] = tokens[: len(style_at)]
+            hidden = model.model(inputs_embeds=embeds).last_hidden_state[0, -1]  # positions 0.., causal, no padding
+            return model.lm_head(hidden)[image_ids], model.lm_head.base_layer(hidden)[image_ids]
+
+        assert len(seen) == len(guided) == g * g
+        for t in range(g * g):
+            body = []
+            for i in range(t):
+                body += [image_ids[codes[i]]] + ([vocab[lumina.ROW_END]] if i % g == g - 1 else [])
+            cond, cond_base = original_logits(prompt + image_start + body, [1 + p for p in positions])
+            uncond, _ = original_logits(image_start + body, [])
+            torch.testing.assert_close(seen[t][0], cond, rtol=1e-4, atol=1e-4, msg=f"cond logits, code {t}")
+            torch.testing.assert_close(seen[t][1], uncond, rtol=1e-4, atol=1e-4, msg=f"uncond logits, code {t}")
+            torch.testing.assert_close(guided[t][0], uncond + 4.0 * (cond - uncond), rtol=1e-4, atol=1e-4)
+        assert (cond - cond_base).abs().max() > 1e-2  # the lm_head LoRA moves the code logits: it must be applied
+
+
+def test_a_style_student_samples_with_styleARs_defaults_unless_the_spec_says_otherwise():
+    """inference.py: create_logits_processor(cfg=4.0, image_top_k=2000), temperature 1.0 (not the base
+    Lumina-mGPT solver's cfg 3.0); a spec's field wins."""
+    from proxytune.backends.student_api import sampling_settings
+    from proxytune.spec.student import SamplingSpec
+
+    assert sampling_settings("stylear", SamplingSpec()) == {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0}
+    assert sampling_settings("stylear", SamplingSpec(top_k=20))["top_k"] == 20
+    assert sampling_settings("lumina-mgpt", SamplingSpec())["cfg_scale"] == 3.0

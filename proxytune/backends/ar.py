@@ -272,6 +272,7 @@ class ARStudentBundle:
     random_init: bool
 
     backend = "llamagen"
+    z_loss_weight = 0.0  # LlamaGen's objective is the plain next-code cross-entropy (a style student reads this)
 
     @property
     def config(self) -> ARStudentConfig:
@@ -330,26 +331,29 @@ class ARStudentBundle:
         pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
 
-    def caption_features(self, prompts: list[str]) -> torch.Tensor:
+    def caption_features(self, prompts: list[str], max_tokens: int | None = None) -> torch.Tensor:
         """Prompts -> the cond `image_logits` and `loss` take: (B, C, Dt) T5 features, left-padded.
 
         As the original: each prompt is cleaned (when config.clean_captions), tokenized to at most C
         tokens and encoded right-padded with its attention mask; its n token features then fill the
         last n slots in order and the C - n slots before them are zero (the pad mask is read from
         those zero rows). Gradients flow into the text encoder (for training it jointly);
-        `encode_prompts` is this under no_grad.
+        `encode_prompts` is this under no_grad. `max_tokens` (< C) keeps at most that many tokens
+        (a style student keeps slots free for its style tokens); the result is C slots wide all the same.
         """
+        C = self.config.cond_len
         if self.config.clean_captions:
             prompts = [clean_caption(p) for p in prompts]
         tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=self.config.cond_len, truncation=True,
+            prompts, padding="max_length", max_length=max_tokens or C, truncation=True,
             padding_side="right", return_tensors="pt",
         ).to(self.text_encoder.device)
         feats = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
-        feats = feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, C, Dt), pads zero
+        feats = feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, max_tokens, Dt), pads zero
         # stable sort of the mask: pad slots (0) first, then the tokens in their own order
-        order = torch.sort(tokens.attention_mask, dim=1, stable=True).indices  # (B, C)
-        return feats.gather(1, order[:, :, None].expand_as(feats))
+        order = torch.sort(tokens.attention_mask, dim=1, stable=True).indices  # (B, max_tokens)
+        feats = feats.gather(1, order[:, :, None].expand_as(feats))
+        return F.pad(feats, (0, 0, C - feats.shape[1], 0))  # (B, C, Dt): more pad slots in front
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -381,6 +385,7 @@ class ARStudentBundle:
         top_k: int | None = 1000,
         temperature: float = 1.0,
         use_cache: bool = True,
+        text_feats: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sample (B, L) codes with classifier-free guidance; image i depends only on prompts[i], seeds[i].
 
@@ -391,12 +396,14 @@ class ARStudentBundle:
             top_k: sample among the k most likely codes (None: all).
             temperature: softmax temperature; 0 is greedy (argmax).
             use_cache: decode incrementally with a KV cache (else recompute the whole prefix each step).
+            text_feats: (B, C, Dt) caption features to use instead of encoding `prompts` (a style
+                student's, style tokens in some slots); the uncond half replaces them as a caption's.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         model = self.model
         B, L = len(prompts), self.config.seq_len
-        text = self.encode_prompts(prompts)  # (B, C, Dt)
+        text = self.encode_prompts(prompts) if text_feats is None else text_feats  # (B, C, Dt)
         drop = torch.zeros(B, dtype=torch.bool)
         guided = cfg_scale != 1.0
         if guided:  # one batch [cond; uncond]

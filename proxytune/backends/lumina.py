@@ -192,9 +192,15 @@ class LuminaStudent:
         return out.last_hidden_state
 
     def _code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over image codes only (the image-token rows of lm_head, in code order), unmasked."""
-        weight = self._lm_head.weight[self.image_bpe.to(hidden.device)]  # (K, H)
-        return hidden @ weight.T
+        """Logits over image codes only (the image-token rows of lm_head, in code order), unmasked.
+
+        A plain lm_head is multiplied by its code rows only (a fraction of the vocabulary's cost). A LoRA
+        on lm_head (StyleAR's released weights carry one, which `proxytune convert stylear` keeps) is part
+        of the head: the head module then runs, its adapter included, and the code columns are taken."""
+        head, ids = self._lm_head, self.image_bpe.to(hidden.device)
+        if hasattr(head, "base_layer"):  # a peft LoRA layer wrapping lm_head
+            return head(hidden)[..., ids]
+        return hidden @ head.weight[ids].T  # (..., K)
 
     def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
         prefix, mask = self._prefix(cond, drop_cond)

@@ -78,6 +78,9 @@ SAMPLING_DEFAULTS = {
     "lumina-mgpt": {"cfg_scale": 3.0, "top_k": 2000, "temperature": 1.0},
     # Janus generation_inference.py: cfg_weight 5, temperature 1, softmax over every code (no top-k)
     "janus": {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0},
+    # a StyleAR style student (on lumina-mgpt): StyleAR's inference.py passes
+    # create_logits_processor(cfg=4.0, image_top_k=2000) and temperature 1.0
+    "stylear": {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0},
 }
 
 
@@ -85,7 +88,8 @@ def sampling_settings(backend: str, spec: Any) -> dict[str, Any]:
     """The sampler settings a student uses: each field the spec gives, else its backend's default.
 
     Args:
-        backend: the student's backend name ("llamagen", "lumina-mgpt", "janus").
+        backend: the student's backend name ("llamagen", "lumina-mgpt", "janus"), or "stylear" for a
+            style student (StyleAR's own defaults, not its base's).
         spec: a SamplingSpec (fields cfg_scale, top_k, temperature; None = not given).
     Returns:
         {"cfg_scale", "top_k", "temperature"}: the keyword arguments of `generate`, and what the stage

@@ -56,9 +56,9 @@ class ExperimentSpec(Strict):
         from proxytune.spec.common import TINY_STUDENTS
 
         model = self.student.model
-        if self.styles and model in TINY_STUDENTS and model != "tiny-lumina-mgpt":
-            raise ValueError(f"student.model: a style student needs the Lumina-mGPT backend (e.g. tiny-lumina-mgpt), "
-                             f"not {model!r}")
+        if self.styles and model in TINY_STUDENTS and "janus" in model:
+            raise ValueError(f"student.model: a style student needs the Lumina-mGPT or LlamaGen backend (e.g. "
+                             f"tiny-lumina-mgpt, tiny-llamagen), not {model!r}")
         if self.styles and self.student.multi_subject:
             raise ValueError("student.multi_subject: not with styles (each style has its own student)")
         return self

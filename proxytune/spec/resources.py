@@ -33,10 +33,14 @@ class StageResources(Strict):
 
 
 class ResourcesSpec(Strict):
-    """Per kind of stage; a multi-subject student uses `student`."""
+    """Per kind of stage; a multi-subject student uses `student`, a style's stages the key of the subject
+    stage doing the same work (teacher; curation: synthesis; style student: student; style evaluation: evaluate)."""
 
-    teacher: StageResources = Field(default_factory=StageResources, description="Teacher (DreamBooth LoRA) training.")
-    synthesis: StageResources = Field(default_factory=StageResources, description="Proxy set generation.")
+    teacher: StageResources = Field(default_factory=StageResources,
+                                    description="Teacher (DreamBooth LoRA) training, a style's teacher too.")
+    synthesis: StageResources = Field(default_factory=StageResources,
+                                      description="Proxy set generation, and a style's curation (stylised images).")
     codes: StageResources = Field(default_factory=StageResources, description="Encoding the proxies to student tokens.")
-    student: StageResources = Field(default_factory=StageResources, description="Student training.")
-    evaluate: StageResources = Field(default_factory=StageResources, description="Evaluation (generation and scoring).")
+    student: StageResources = Field(default_factory=StageResources, description="Student training, a style student too.")
+    evaluate: StageResources = Field(default_factory=StageResources,
+                                     description="Evaluation (generation and scoring), a style evaluation too.")

@@ -3,8 +3,9 @@ text-image data mixed into the student's training, and the style student's own s
 
 A style experiment runs, per style: teacher (a DreamBooth LoRA binding "a {class} in {token} style" to
 the reference images) -> curation (the tuned teacher draws "PROMPT, in {token} style" for every
-curation prompt; only (PROMPT, image) pairs are kept) -> style student (Lumina-mGPT + a CLIP image
-encoder and a perceiver resampler whose style tokens replace placeholders in the prompt) -> style
+curation prompt; only (PROMPT, image) pairs are kept) -> style student (Lumina-mGPT or LlamaGen + a CLIP
+image encoder and a perceiver resampler whose style tokens replace placeholders in the prompt, or caption
+slots before the caption on LlamaGen) -> style
 evaluation (style similarity, text alignment, content leakage).
 """
 

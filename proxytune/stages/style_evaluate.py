@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from proxytune import faults, stats
 from proxytune.backends import diffusion, encoders, students
 from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, reference_embeds, style_scores
-from proxytune.backends.style_student import StyleStudent
+from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.backends.student_api import sampling_settings
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir, write_json_atomic, write_png_atomic, write_text_atomic
@@ -129,7 +129,7 @@ def run(params_path: str | Path) -> None:
 
     generated = {"teacher": teacher_images(params, prompts)}
     bundle = students.load_student(params.student.model, device=str(common.device()))
-    sampling = sampling_settings(bundle.backend, params.student.sampling)
+    sampling = sampling_settings(SAMPLING[bundle.backend], params.student.sampling)
     clip_style = encoders.load_clip(scfg.clip_model, device=str(common.device()))
     style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
     generated["student"] = student_images(style, sampling, params, prompts, references, scfg.noise_strength, "student")
@@ -161,7 +161,7 @@ def run(params_path: str | Path) -> None:
             "student_version": f"{student_record['model']}@{student_record['version']}",
             "random_init": str(random_init), "clip_model": cfg.clip_model, "dino_model": cfg.dino_model,
             "style": params.style.name, "dvc_stage": f"style_evaluate@{params.experiment}.{params.subject.name}"}
-    with common.stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
+    with common.stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
         for name, groups in generated.items():
             folder = tmp / "images" / name.replace("@", "_").replace("=", "")
             folder.mkdir(parents=True)

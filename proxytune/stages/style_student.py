@@ -1,9 +1,9 @@
-"""Style student stage (StyleAR, issue 15): Lumina-mGPT learns to draw any prompt in the style of an image.
+"""Style student stage (StyleAR, issue 15): Lumina-mGPT (or LlamaGen) learns to draw any prompt in the style of an image.
 
 Model (backends/style_student.py): a frozen CLIP image encoder's penultimate hidden states go through a
 perceiver resampler (trained fully) to `style_student.num_style_tokens` style tokens, which replace the
-"S*" placeholders of StyleAR's prompt template; a LoRA (peft, the `student.lora` settings) adapts the
-Chameleon model.
+"S*" placeholders of StyleAR's prompt template (LlamaGen: the caption slots right before the caption); a
+LoRA (peft, the `student.lora` settings) adapts the Chameleon (Llama) model.
 
 Data: the curation stage's output only. Every training example is a (caption, image) pair and its style
 tokens come from the image itself (binary data suffices: the model learns to read style off the tokens
@@ -13,7 +13,8 @@ tokenized by the student's VQ and encoded by CLIP once, before training (cached 
 
 The step, per micro-batch: pick examples -> style tokens from their cached CLIP features (Gaussian noise of
 std `train_noise_strength` when set) -> CFG dropout (`student.cfg_dropout`: prompt turn masked out, style
-tokens with it) -> Lumina's fine-tuning loss (cross-entropy over the image turn + z-loss) -> backward;
+tokens with it; LlamaGen: the null caption) -> Lumina's fine-tuning loss (cross-entropy over the image turn +
+z-loss; LlamaGen: next-code cross-entropy) -> backward;
 then clip, step. Resumable: checkpoints (LoRA + resampler weights, optimiser, RNG, step, curves) every
 `student.checkpoint_every` steps, as the student stage's.
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import encoders, students
 from proxytune.backends.student_api import sampling_settings
-from proxytune.backends.style_student import StyleStudent
+from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
@@ -65,7 +66,7 @@ class StyleStudentRecipe:
         common.seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed)
         self.bundle = students.load_student(cfg.model, device=str(self.device))
-        self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)
+        self.sampling = sampling_settings(SAMPLING[self.bundle.backend], cfg.sampling)  # unset: StyleAR's (Lumina) or LlamaGen's
         clip = encoders.load_clip(scfg.clip_model, device=str(self.device))
         r = scfg.resampler
         # the resampler is drawn from its own seed: the LoRA init below does not move it
@@ -172,7 +173,8 @@ class StyleStudentRecipe:
         tokens = self.style.style_tokens(self.features[index], scfg.train_noise_strength, noise)
         # 3. CFG dropout: the whole prompt turn (text and style tokens) masked out
         drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
-        # 4. Lumina-mGPT's objective on the image turn (under accelerate's autocast: this runs in the prepared module)
+        # 4. the backend's objective (Lumina-mGPT: the image turn + z-loss; LlamaGen: the codes), under
+        #    accelerate's autocast: this runs in the prepared module
         terms = self.style.sequence_loss(cond, positions, tokens, codes, drop, self.weights)
         loss = terms["ce"] + self.bundle.z_loss_weight * terms["z_loss"]
         return loss, terms["ce"], terms["z_loss"], raw.float().mean()
@@ -237,7 +239,7 @@ class StyleStudentRecipe:
         tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
                 "style": params.style.name, "clip_model": scfg.clip_model, **lineage,
                 "dvc_stage": f"style_student@{params.experiment}.{params.subject.name}"}
-        with common.stage_run(params, "student", tags) as run, staged_dir(out_dir) as tmp:
+        with common.stage_run(params, "style_student", tags) as run, staged_dir(out_dir) as tmp:
             run.log_params({"student": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
                             "seed": params.seed, "sampling": self.sampling, "raw_ratio": params.style.raw.ratio})
             for key in SERIES:
