@@ -23,7 +23,7 @@ METRICS_FILE = "metrics.json"
 CURVES_FILE = "loss.csv"  # teacher/ and student/: step, loss and the other training curves
 PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
 PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
-ORACLE_METRICS = ("subject_acc", "prompt_acc")  # toy world subjects only
+ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # toy world subjects only
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
 # stages because synthesis and evaluation load the base pipeline again.

@@ -28,7 +28,8 @@ from proxytune.files import sha256_bytes, write_text_atomic
 from proxytune.images import IMAGE_SUFFIXES, center_crop_resize, open_rgb
 
 METRICS = (("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("dino", "DINO"))
-ORACLE_METRICS = (("subject_acc", "subject acc."), ("prompt_acc", "prompt acc."))  # toy world subjects only
+ORACLE_METRICS = (("subject_acc", "subject acc."), ("prompt_acc", "prompt acc."),
+                  ("subject_prompt_acc", "subject+prompt acc."))  # toy world subjects only
 MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
 RANDOM_INIT_BANNER = "random-initialised models/encoders: numbers test the pipeline, not quality"
 TOY_WORLD_LABEL = ("toy world: models pretrained on proxytune's procedural world; CLIP-I, CLIP-T and DINO from its toy "

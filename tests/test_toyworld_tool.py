@@ -117,6 +117,9 @@ def test_oracle_scores_are_right_for_known_images():
     scores = evaluate.oracle_scores(oracle, images, prompts, "sks", SUBJECT)
     assert scores["subject_acc"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert scores["prompt_acc"] == pytest.approx([1.0, 0.5, 1.0, 1 / 3, 2 / 3])  # the ball is red and wears the hat
+    # subject and prompt together: only the images that obey the prompt with the subject in it (a copy of
+    # the references in the wrong scene, or without the recolouring asked for, does not count)
+    assert scores["subject_prompt_acc"].tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
 
     # the subject rendered for every toy prompt vs another object rendered for every toy prompt
     prompts = toy_prompts("sks", "box")

@@ -9,7 +9,8 @@ from pydantic import Field
 
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, NonNegativeInt, PositiveInt, Seed, Strict, model_ref_checker
 
-Metric = Literal["clip_i", "clip_t", "dino", "subject_acc", "prompt_acc"]
+Metric = Literal["clip_i", "clip_t", "dino", "subject_acc", "prompt_acc", "subject_prompt_acc"]
+ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # the toy world oracle's: toy subjects only
 
 
 class GateRule(Strict):

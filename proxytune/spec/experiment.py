@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from proxytune.spec.common import PlainName, Seed, Strict
-from proxytune.spec.evaluation import EvaluationSpec
+from proxytune.spec.evaluation import ORACLE_METRICS, EvaluationSpec
 from proxytune.spec.resources import ResourcesSpec
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.style import StyleSpec, StyleStudentSpec
@@ -87,7 +87,7 @@ class ExperimentSpec(Strict):
                 if subject.class_noun not in CLASSES:
                     raise ValueError(f"evaluation.prompts: 'toyworld' prompts are for the toy world's classes "
                                      f"({', '.join(CLASSES)}); subjects[{i}] is a {subject.class_noun!r}")
-        oracle = [i for i, rule in enumerate(self.evaluation.gate) if rule.metric in ("subject_acc", "prompt_acc")]
+        oracle = [i for i, rule in enumerate(self.evaluation.gate) if rule.metric in ORACLE_METRICS]
         plain = [s.name for s in self.subjects if s.toy_subject is None]
         if oracle and plain:
             raise ValueError(f"evaluation.gate[{oracle[0]}].metric: {self.evaluation.gate[oracle[0]].metric} is the toy "

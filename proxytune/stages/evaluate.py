@@ -42,7 +42,7 @@ from proxytune.stages.params import StageParams, load_params
 from proxytune.toyworld.builtins import is_toy
 
 METRICS = ("clip_i", "clip_t", "dino")
-ORACLE_METRICS = ("subject_acc", "prompt_acc")  # toy world subjects only
+ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # toy world subjects only
 BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
 VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
 
@@ -243,14 +243,17 @@ def oracle_scores(read, images: list[list], prompts: list[str], token: str, subj
         subject: the toy subject (`proxytune.toyworld.subjects.Subject`).
     Returns:
         {"subject_acc": 1.0 where the image shows all of distinctive(subject, prompt) else 0.0,
-         "prompt_acc": fraction of the prompt's attributes shown (NaN where the prompt names none)}.
+         "prompt_acc": fraction of the prompt's attributes shown (NaN where the prompt names none),
+         "subject_prompt_acc": 1.0 where the image shows the subject and every attribute the prompt asks
+         for, else 0.0 (what personalisation is for: a model that copies its references scores on
+         subject_acc but not here)}.
     """
     from proxytune.toyworld import oracle as oracle_lib
     from proxytune.toyworld.subjects import distinctive
     from proxytune.toyworld.world import parse_prompt
 
     seen = iter(read([image for group in images for image in group]))
-    subject_acc, prompt_acc = [], []
+    subject_acc, prompt_acc, both = [], [], []
     for prompt, group in zip(prompts, images):
         text = encoders.strip_identifier(prompt, token)
         look, asked = distinctive(subject, text), parse_prompt(text)
@@ -259,7 +262,9 @@ def oracle_scores(read, images: list[list], prompts: list[str], token: str, subj
             subject_acc.append(float(oracle_lib.shows_subject(reading, look)))
             accuracy = oracle_lib.prompt_accuracy(reading, asked)
             prompt_acc.append(np.nan if accuracy is None else accuracy)
-    return {"subject_acc": np.asarray(subject_acc), "prompt_acc": np.asarray(prompt_acc)}
+            both.append(float(subject_acc[-1] == 1.0 and accuracy in (None, 1.0)))
+    return {"subject_acc": np.asarray(subject_acc), "prompt_acc": np.asarray(prompt_acc),
+            "subject_prompt_acc": np.asarray(both)}
 
 
 def summarize(scores: dict, resamples: int, seed: int, images_per_prompt: int = 1) -> dict:
@@ -356,7 +361,8 @@ def oracle_description(subject) -> dict:
     return {"model": "toy-oracle", "path": str(oracle_folder()), "digest": manifest().get("toy-oracle", {}).get("digest"),
             "subject": subject.name, "look": subject.description(),
             "subject_acc": "1 when the oracle reads every attribute of distinctive(subject, prompt) off the image, else 0",
-            "prompt_acc": "fraction of parse_prompt(prompt without identifier) the oracle reads off the image"}
+            "prompt_acc": "fraction of parse_prompt(prompt without identifier) the oracle reads off the image",
+            "subject_prompt_acc": "1 when subject_acc is 1 and the oracle reads all of parse_prompt(...), else 0"}
 
 
 def reference_embeddings(params: StageParams, clip, dino, references: list, files: list[Path]):
@@ -373,7 +379,8 @@ def reference_embeddings(params: StageParams, clip, dino, references: list, file
     return ref_clip, ref_dino
 
 
-LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.", "prompt_acc": "prompt acc."}
+LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.", "prompt_acc": "prompt acc.",
+          "subject_prompt_acc": "subject+prompt acc."}
 TOY_WORLD_NOTE = ("Toy world: models pretrained on proxytune's procedural world (proxytune/toyworld); CLIP-I, CLIP-T "
                   "and DINO come from its toy encoders, subject and prompt accuracy from its oracle, which reads the "
                   "attributes off each image.")
@@ -392,7 +399,8 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: b
     if any(m in columns for m in ORACLE_METRICS):
         lines[-1] += (" Subject acc.: fraction of images in which the oracle finds every distinctive attribute of the "
                       "subject the prompt does not change; prompt acc.: per image, the fraction of the attributes the "
-                      "prompt asks for that the oracle finds, averaged.")
+                      "prompt asks for that the oracle finds, averaged; subject+prompt acc.: fraction of images "
+                      "showing the subject and everything the prompt asks.")
     if any(name in metrics for name in BASE.values()):
         lines[-1] += " base-teacher / base-student: the untuned models, same prompts and seeds."
     if random_init:
