@@ -259,11 +259,16 @@ def run(params_path: str | Path) -> None:
         write_png_atomic(tmp / "grid.png", grid(rows, cell=cell))
         run.log_params({"evaluation": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
                         "encoders": described})
-        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
+        run.log_metrics({f"{mlflow_name(name)}.{m}": v for name, values in means.items() for m, v in values.items()})
         run.log_artifacts(tmp, "eval")
         common.write_record(tmp, {"stage": "style_evaluate", "run_id": run.run_id, **tags, "metrics": means})
         write_json_atomic(params.subject_dir / "metrics.json", {**means, "random_init": random_init})
     tqdm.write(table(metrics, random_init, len(prompts), k))
+
+
+def mlflow_name(model: str) -> str:
+    """A model label as an MLflow metric prefix: MLflow refuses '@' and '=' ("student@noise=1" -> "student.noise_1")."""
+    return model.replace("@noise=", ".noise_")
 
 
 def diffusion_random(params: StageParams) -> bool:
