@@ -697,6 +697,23 @@ def toyworld_subjects(out: str, names: tuple[str, ...]) -> None:
         click.echo(f"{folder}: {SUBJECTS[folder.name].description()}")
 
 
+@toyworld.command(name="styles")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder; one reference folder per style.")
+@click.option("--style", "names", multiple=True, help="Only these styles (repeatable); default all.")
+@user_errors
+def toyworld_styles(out: str, names: tuple[str, ...]) -> None:
+    """Write each rendering style's references (4 PNGs of a red ball on the beach, styled) into OUT/NAME/."""
+    from pathlib import Path
+
+    from proxytune.toyworld.styles import CONTENT_CAPTION, DESCRIPTIONS, STYLES, write_references
+
+    unknown = [n for n in names if n not in STYLES]
+    if unknown:
+        raise ProxytuneError(f"--style {unknown[0]!r}: unknown toy style (known: {', '.join(STYLES)})")
+    for folder in write_references(Path(out), list(names) or None):
+        click.echo(f"{folder}: {CONTENT_CAPTION}, {folder.name} style (detector: {DESCRIPTIONS[folder.name]})")
+
+
 @toyworld.command(name="pretrain")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Working folder (data, checkpoints, models).")
 @click.option("--only", multiple=True, help="Only these models (repeatable): oracle clip dino vae sd vq llamagen.")

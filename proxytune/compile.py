@@ -136,7 +136,8 @@ def style_params_for(resolved: ResolvedSpec, style_name: str) -> dict:
             "spec_file": resolved.spec_path,
             "spec_digest": resolved.spec_digest,
             "references": resolved.references[style_name],
-            "images": style.images,
+            # the subject section reads `images` as a subject's; a toy style's 'toyworld:NAME' is no toy subject
+            "images": resolved.references[style_name] if style.toy_style else style.images,
             "raw": inputs["raw"],
         },
     }

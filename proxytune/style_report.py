@@ -12,7 +12,8 @@ from proxytune import compile as compiler
 from proxytune.errors import ProxytuneError
 
 LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
-          "content_dino": "content (DINO)"}
+          "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
+          "content_leak": "content leak (oracle)"}
 
 
 @dataclass

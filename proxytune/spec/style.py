@@ -90,7 +90,10 @@ class StyleSpec(Strict):
     name: SafeName = Field(description="Style name; becomes a folder and part of registry names.")
     images: str = Field(
         min_length=1,
-        description="Folder of one or more style reference images (JPEG/PNG), relative to the spec file.",
+        description="Folder of one or more style reference images (JPEG/PNG), relative to the spec file, or "
+        "'toyworld:NAME' for a rendering style of the toy world (outline, pastel, grain: references showing a red "
+        "ball on the beach, written once into the model cache; evaluation adds the style detector's style "
+        "accuracy and the oracle's prompt accuracy and content leakage).",
     )
     token: str = Field(default="sks", min_length=1, pattern=r"^\S+$",
                        description="Identifier bound to the style in the teacher's prompts ('a picture in sks style').")
@@ -114,6 +117,21 @@ class StyleSpec(Strict):
                              description="Raw text-image data mixed into training.")
 
     model_config = Strict.model_config | {"populate_by_name": True}
+
+    @property
+    def toy_style(self) -> str | None:
+        """The toy world style's name when `images` is `toyworld:NAME`, else None."""
+        return self.images[len("toyworld:"):] if self.images.startswith("toyworld:") else None
+
+    @field_validator("images")
+    @classmethod
+    def _known_toy_style(cls, value: str) -> str:
+        if value.startswith("toyworld:"):
+            from proxytune.toyworld.styles import STYLES
+
+            if value[len("toyworld:"):] not in STYLES:
+                raise ValueError(f"unknown toy world style {value[len('toyworld:'):]!r}; one of {', '.join(STYLES)}")
+        return value
 
     @field_validator("prompts")
     @classmethod
@@ -264,7 +282,12 @@ def resolve_style(style: StyleSpec, spec_path: str | Path, index: int) -> tuple[
 
     spec_path = Path(spec_path)
     key = f"styles[{index}]"
-    references = _folder(spec_path, style.images, f"{key}.images")
+    if style.toy_style is not None:
+        from proxytune.toyworld.styles import reference_folder
+
+        references = reference_folder(style.toy_style)  # rendered into the model cache on first use
+    else:
+        references = _folder(spec_path, style.images, f"{key}.images")
     try:
         for image in list_images(references):
             open_rgb(image)

@@ -13,6 +13,14 @@ Scores (backends/style_metrics.py): style_clip, style_gram (Gram matrices of DIN
 leakage (CLIP similarity to `styles[i].content`, when given) and content_dino; each mean with a 95%
 bootstrap interval resampling prompts.
 
+A toy world style (`styles[i].images: toyworld:NAME`, proxytune/toyworld/styles.py) adds three model-free
+scores per image, like the oracle scores of a toy subject: style_acc (the style detector finds the style: 1/0),
+prompt_acc (the fraction of the prompt's attributes the oracle reads off the image) and content_leak (of the
+references' content attributes, a red ball on the beach, that the prompt asks to be otherwise, the fraction
+the oracle reads off the image anyway); `evaluation.prompts: toyworld` then gives prompts naming a class,
+colour and scene other than the references' and none of the curation prompts, and "base-student" (the
+untuned student on the prompt alone, no style) is scored too: its style accuracy and leakage are the floors.
+
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json, per_prompt.json,
 prompts.json, encoders.json, table.md, grid.png (per prompt: reference | teacher (curated) | student images),
 images/MODEL/pPP_kK.png, record.json.
@@ -42,13 +50,25 @@ from proxytune.stages.params import StageParams, load_params
 STYLE_PROMPTS = ("a cat", "a red bicycle", "a house by a lake", "a bowl of fruit", "a sailing boat", "a mountain at dawn",
                  "a portrait of a woman", "a city street at night", "an owl on a branch", "a teapot on a table")
 LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
-          "content_dino": "content (DINO)"}
+          "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
+          "content_leak": "content leak (oracle)"}
+TOY_METRICS = ("style_acc", "prompt_acc", "content_leak")
+TOY_DESCRIPTIONS = {
+    "style_acc": "1 when the toy world's style detector (proxytune.toyworld.styles, pixel statistics) finds the style",
+    "prompt_acc": "fraction of the prompt's attributes (parse_prompt) the toy oracle reads off the image",
+    "content_leak": "fraction of the references' content attributes (class, colour, scene of a red ball on the beach) "
+                    "that the prompt asks to be otherwise and the oracle reads off the image anyway; 0 = no copying",
+}
 
 
 def eval_prompts(params: StageParams) -> list[str]:
     cfg = params.evaluation
     if isinstance(cfg.prompts, list):
         prompts = list(cfg.prompts)
+    elif cfg.prompts == "toyworld" and params.style.toy_style is not None:
+        from proxytune.toyworld.styles import eval_prompts as toy_style_prompts
+
+        return toy_style_prompts(cfg.num_prompts or 10, 12345, exclude=set(params.style.prompts))
     elif cfg.prompts == "toyworld":
         prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=12345))
     else:
@@ -91,6 +111,51 @@ def student_images(style: StyleStudent, sampling: dict, params: StageParams, pro
     return out
 
 
+def toy_style_scores(read, images: list, prompts: list[str], style_name: str) -> dict[str, np.ndarray]:
+    """(N,) arrays of TOY_METRICS for images of a toy style, prompt-major (image i drawn for prompts[i]).
+
+    Args:
+        read: images -> the oracle's attribute readings (`oracle_reader()`).
+        images: the generated images (PIL).
+        prompts: each image's prompt, without identifier.
+        style_name: one of proxytune.toyworld.styles.STYLES.
+
+    A metric that some prompt does not define (a prompt naming no class, or asking for the references' own
+    class, colour and scene) is left out.
+    """
+    from proxytune.toyworld import oracle as oracle_lib
+    from proxytune.toyworld import styles as toy_styles
+    from proxytune.toyworld.world import parse_prompt
+
+    seen = read(images)
+    scores = {"style_acc": toy_styles.detects(images, style_name).astype(np.float64)}
+    per_image = {"prompt_acc": [oracle_lib.prompt_accuracy(r, parse_prompt(p)) for r, p in zip(seen, prompts)],
+                 "content_leak": [toy_styles.leakage(r, p) for r, p in zip(seen, prompts)]}
+    for name, values in per_image.items():
+        if all(v is not None for v in values):
+            scores[name] = np.asarray(values, dtype=np.float64)
+    return scores
+
+
+def oracle_reader():
+    """The toy world's shipped oracle as a function: images -> one attribute reading per image."""
+    from proxytune.toyworld import oracle as oracle_lib
+    from proxytune.toyworld.builtins import oracle_folder
+
+    model = oracle_lib.load(oracle_folder())
+    return lambda images: oracle_lib.read(model, images)
+
+
+@torch.no_grad()
+def base_student_images(bundle, sampling: dict, params: StageParams, prompts: list[str]) -> list[list]:
+    """The untuned student's images of the prompt alone (no style tokens): the floor of style and leakage."""
+    out = []
+    for p, prompt in enumerate(tqdm(prompts, desc="style evaluate: base-student", unit="prompt")):
+        seeds = seeds_for(params, p)
+        out.append(bundle.decode_codes(bundle.generate([prompt] * len(seeds), seeds, **sampling)))
+    return out
+
+
 def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
     """Mean and 95% bootstrap interval per metric, resampling prompts with all their images."""
     summary = {}
@@ -102,14 +167,14 @@ def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
 
 
 def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
-    columns = [m for m in STYLE_METRICS if any(m in v for v in metrics.values())]
+    columns = [m for m in (*STYLE_METRICS, *TOY_METRICS) if any(m in v for v in metrics.values())]
     lines = ["| model | " + " | ".join(LABELS[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
     for model, values in metrics.items():
         cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values else "—"
                  for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts]. "
-              + " ".join(f"{LABELS[m]}: {DESCRIPTIONS[m]}." for m in columns)]
+              + " ".join(f"{LABELS[m]}: {({**DESCRIPTIONS, **TOY_DESCRIPTIONS})[m]}." for m in columns)]
     if random_init:
         lines += ["", "**Random-initialised models or encoders were used: these numbers test the pipeline, they say "
                   "nothing about quality.**"]
@@ -127,9 +192,12 @@ def run(params_path: str | Path) -> None:
     prompts = eval_prompts(params)
     references = [open_rgb(p) for p in list_images(params.references_dir)]
 
+    toy = params.style.toy_style
     generated = {"teacher": teacher_images(params, prompts)}
     bundle = students.load_student(params.student.model, device=str(common.device()))
     sampling = sampling_settings(SAMPLING[bundle.backend], params.student.sampling)
+    if toy is not None:  # the untuned student, before the style student's LoRA wraps the same model
+        generated["base-student"] = base_student_images(bundle, sampling, params, prompts)
     clip_style = encoders.load_clip(scfg.clip_model, device=str(common.device()))
     style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
     generated["student"] = student_images(style, sampling, params, prompts, references, scfg.noise_strength, "student")
@@ -142,10 +210,13 @@ def run(params_path: str | Path) -> None:
     refs = reference_embeds(clip, dino, references)
     k = cfg.images_per_prompt
     metrics, breakdown = {}, {}
+    read = oracle_reader() if toy is not None else None
     for name, groups in generated.items():
         flat = [image for group in groups for image in group]
         texts = [p for p in prompts for _ in range(k)]
         scores = style_scores(flat, texts, refs, clip, dino, params.style.content)
+        if toy is not None:
+            scores.update(toy_style_scores(read, flat, texts, toy))
         metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed, k)
         breakdown[name] = [{"prompt": p, **{m: float(np.mean(v[i * k : (i + 1) * k])) for m, v in scores.items()}}
                            for i, p in enumerate(prompts)]
@@ -155,6 +226,14 @@ def run(params_path: str | Path) -> None:
     described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": scfg.clip_model,
                  "metrics": {m: DESCRIPTIONS[m] for m in STYLE_METRICS}, "random_init": random_init,
                  "content": params.style.content, "noise_strength": scfg.noise_strength, "sampling": sampling}
+    if toy is not None:
+        from proxytune.toyworld import styles as toy_styles
+        from proxytune.toyworld.builtins import manifest, oracle_folder
+
+        described["metrics"].update(TOY_DESCRIPTIONS)
+        described["toy_style"] = {"style": toy, "detector": toy_styles.DESCRIPTIONS[toy],
+                                  "content": toy_styles.CONTENT_CAPTION, "oracle": str(oracle_folder()),
+                                  "oracle_digest": manifest().get("toy-oracle", {}).get("digest")}
     summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts), "images_per_prompt": k,
                "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "prompt"}, "kind": "style"}
     tags = {"teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
@@ -180,11 +259,16 @@ def run(params_path: str | Path) -> None:
         write_png_atomic(tmp / "grid.png", grid(rows, cell=cell))
         run.log_params({"evaluation": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
                         "encoders": described})
-        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
+        run.log_metrics({f"{mlflow_name(name)}.{m}": v for name, values in means.items() for m, v in values.items()})
         run.log_artifacts(tmp, "eval")
         common.write_record(tmp, {"stage": "style_evaluate", "run_id": run.run_id, **tags, "metrics": means})
         write_json_atomic(params.subject_dir / "metrics.json", {**means, "random_init": random_init})
     tqdm.write(table(metrics, random_init, len(prompts), k))
+
+
+def mlflow_name(model: str) -> str:
+    """A model label as an MLflow metric prefix: MLflow refuses '@' and '=' ("student@noise=1" -> "student.noise_1")."""
+    return model.replace("@noise=", ".noise_")
 
 
 def diffusion_random(params: StageParams) -> bool:
