@@ -39,6 +39,7 @@ from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, 
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 from proxytune.toyworld.builtins import is_toy
 
 METRICS = ("clip_i", "clip_t", "dino")
@@ -221,15 +222,6 @@ def per_image_scores(images: list[list], prompts: list[str], token: str, clip, d
         "clip_t": encoders.per_image_clip_t(gen_clip, clip.text_embeds(texts)).numpy(),
         "dino": encoders.per_image_pairwise_cosine(dino.image_embeds(flat), ref_dino).numpy(),
     }
-
-
-def oracle_reader():
-    """The toy world's shipped oracle as a function: images -> one attribute reading per image."""
-    from proxytune.toyworld import oracle as oracle_lib
-    from proxytune.toyworld.builtins import oracle_folder
-
-    model = oracle_lib.load(oracle_folder())
-    return lambda images: oracle_lib.read(model, images)
 
 
 def oracle_scores(read, images: list[list], prompts: list[str], token: str, subject) -> dict:

@@ -46,6 +46,7 @@ from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, generated_prompts
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 
 STYLE_PROMPTS = ("a cat", "a red bicycle", "a house by a lake", "a bowl of fruit", "a sailing boat", "a mountain at dawn",
                  "a portrait of a woman", "a city street at night", "an owl on a branch", "a teapot on a table")
@@ -135,15 +136,6 @@ def toy_style_scores(read, images: list, prompts: list[str], style_name: str) ->
         if all(v is not None for v in values):
             scores[name] = np.asarray(values, dtype=np.float64)
     return scores
-
-
-def oracle_reader():
-    """The toy world's shipped oracle as a function: images -> one attribute reading per image."""
-    from proxytune.toyworld import oracle as oracle_lib
-    from proxytune.toyworld.builtins import oracle_folder
-
-    model = oracle_lib.load(oracle_folder())
-    return lambda images: oracle_lib.read(model, images)
 
 
 @torch.no_grad()

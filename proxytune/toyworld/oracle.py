@@ -109,6 +109,14 @@ def read(oracle: Oracle, images, batch_size: int = 128) -> list[dict[str, str]]:
     return out
 
 
+def shipped_reader():
+    """The package's shipped oracle (toy-oracle) as a function: images -> one attribute reading per image."""
+    from proxytune.toyworld.builtins import oracle_folder
+
+    oracle = load(oracle_folder())
+    return lambda images: read(oracle, images)
+
+
 def prompt_accuracy(seen: dict[str, str], asked: dict[str, str]) -> float | None:
     """Fraction of the asked attributes the image shows (None when the prompt asks for nothing)."""
     if not asked:
