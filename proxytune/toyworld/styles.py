@@ -218,13 +218,9 @@ def write_references(out: Path, names: list[str] | None = None) -> list[Path]:
 
 
 def reference_digest(name: str) -> str:
-    """sha256 over the style's rendered reference pixels: changes exactly when the pictures would."""
-    import hashlib
+    from proxytune.toyworld.subjects import pixels_digest
 
-    digest = hashlib.sha256(f"style:{name}".encode())
-    for image in reference_images(name):
-        digest.update(image.tobytes())
-    return digest.hexdigest()
+    return pixels_digest(f"style:{name}", reference_images(name))
 
 
 def reference_folder(name: str) -> Path:
@@ -233,12 +229,11 @@ def reference_folder(name: str) -> Path:
     Raises:
         KeyError: `name` is not one of STYLES.
     """
-    from proxytune.backends import hub
+    from proxytune.toyworld.subjects import cached_references
 
     if name not in STYLES:
         raise KeyError(name)
-    key = f"toyworld-style-{name}-{reference_digest(name)[:16]}"
-    return hub.materialize(key, lambda tmp: write_references(tmp, [name]), random_init=False) / name
+    return cached_references("style", name, reference_digest(name), lambda tmp: write_references(tmp, [name]))
 
 
 LEAK_KEYS = ("cls", "colour", "scene")

@@ -117,14 +117,26 @@ def toy_prompts(token: str, cls: str) -> list[str]:
 REF_PREFIX = "toyworld:"
 
 
-def reference_digest(name: str) -> str:
-    """sha256 over the subject's rendered reference pixels: changes exactly when the pictures would."""
+def pixels_digest(label: str, images) -> str:
+    """sha256 over a label and rendered pixels: changes exactly when the pictures would."""
     import hashlib
 
-    digest = hashlib.sha256(name.encode())
-    for image in reference_images(SUBJECTS[name]):
+    digest = hashlib.sha256(label.encode())
+    for image in images:
         digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def cached_references(kind: str, name: str, digest: str, write) -> Path:
+    """A reference folder (toy subject or style) in the model cache, keyed by its pixels' digest; `write(tmp)`
+    writes TMP/NAME once (atomically), later calls reuse it."""
+    from proxytune.backends import hub
+
+    return hub.materialize(f"toyworld-{kind}-{name}-{digest[:16]}", write, random_init=False) / name
+
+
+def reference_digest(name: str) -> str:
+    return pixels_digest(name, reference_images(SUBJECTS[name]))
 
 
 def reference_folder(name: str) -> Path:
@@ -133,9 +145,6 @@ def reference_folder(name: str) -> Path:
     Raises:
         KeyError: `name` is not one of SUBJECTS.
     """
-    from proxytune.backends import hub
-
     if name not in SUBJECTS:
         raise KeyError(name)
-    key = f"toyworld-subject-{name}-{reference_digest(name)[:16]}"
-    return hub.materialize(key, lambda tmp: write_subjects(tmp, [name]), random_init=False) / name
+    return cached_references("subject", name, reference_digest(name), lambda tmp: write_subjects(tmp, [name]))
