@@ -13,6 +13,7 @@ from pathlib import Path
 
 from proxytune.spec import ExperimentSpec
 from proxytune.spec.common import VARIANT_SEP
+from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
 RUNS_DIR = "runs"
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
@@ -23,7 +24,6 @@ METRICS_FILE = "metrics.json"
 CURVES_FILE = "loss.csv"  # teacher/ and student/: step, loss and the other training curves
 PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
 PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
-ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # toy world subjects only
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
 # stages because synthesis and evaluation load the base pipeline again.

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from proxytune.spec.common import TINY_CLIP, PositiveFloat, PositiveInt, SafeName, Seed, Strict, model_ref_checker
+from proxytune.spec.subject import toy_subject_name
 
 STYLE_INSTANCE_PROMPT = "a {class} in {token} style"  # what the style teacher learns on the references
 STYLE_CURATION_PROMPT = "{prompt}, in {token} style"  # what the tuned teacher draws for each curation prompt
@@ -121,16 +122,17 @@ class StyleSpec(Strict):
     @property
     def toy_style(self) -> str | None:
         """The toy world style's name when `images` is `toyworld:NAME`, else None."""
-        return self.images[len("toyworld:"):] if self.images.startswith("toyworld:") else None
+        return toy_subject_name(self.images)  # the same `toyworld:NAME` form as a toy subject's
 
     @field_validator("images")
     @classmethod
     def _known_toy_style(cls, value: str) -> str:
-        if value.startswith("toyworld:"):
+        name = toy_subject_name(value)
+        if name is not None:
             from proxytune.toyworld.styles import STYLES
 
-            if value[len("toyworld:"):] not in STYLES:
-                raise ValueError(f"unknown toy world style {value[len('toyworld:'):]!r}; one of {', '.join(STYLES)}")
+            if name not in STYLES:
+                raise ValueError(f"unknown toy world style {name!r}; one of {', '.join(STYLES)}")
         return value
 
     @field_validator("prompts")

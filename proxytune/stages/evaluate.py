@@ -37,13 +37,13 @@ from proxytune.backends.student_api import sampling_settings
 from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
                              write_png_atomic, write_text_atomic)
 from proxytune.images import grid, list_images, open_rgb
+from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 from proxytune.toyworld.builtins import is_toy
 
 METRICS = ("clip_i", "clip_t", "dino")
-ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # toy world subjects only
 BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
 VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
 
