@@ -11,9 +11,8 @@ from pathlib import Path
 import click
 
 from proxytune.errors import ProxytuneError, disk_full_message
+from proxytune import layout
 
-STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")  # as compile.STEPS (kept import-free: fast --help)
-STYLE_STEPS = ("curation", "style_student", "style_evaluate")  # as compile.STYLE_STEPS
 
 
 def user_errors(func):
@@ -146,7 +145,6 @@ def _check_models(paths: tuple[str, ...], resolved, root: Path) -> None:
 @user_errors
 def compile_cmd(specs: tuple[str, ...]) -> None:
     """Write dvc.yaml (and runs/EXPERIMENT/SUBJECT/params.yaml) for the specs."""
-    from proxytune import compile as compiler
     from proxytune import project
 
     root, resolved = _resolve(specs)
@@ -154,15 +152,15 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
         project.write_compiled(resolved, root)
     for item in resolved:
         for subject in item.spec.subjects:
-            names = [compiler.joint_stage_name(item.spec.name) if step == "student" and item.spec.student.multi_subject
-                     else compiler.stage_name(step, item.spec.name, subject.name) for step in compiler.STEPS]
+            names = [layout.joint_stage_name(item.spec.name) if step == "student" and item.spec.student.multi_subject
+                     else layout.stage_name(step, item.spec.name, subject.name) for step in layout.STEPS]
             click.echo(" → ".join(names))
             for variant in item.spec.student.variants:
-                name = compiler.variant_experiment(item.spec.name, variant)
-                click.echo(f"  {names[2]} → " + " → ".join(compiler.stage_name(s, name, subject.name) for s in ("student", "evaluate")))
+                name = layout.variant_experiment(item.spec.name, variant)
+                click.echo(f"  {names[2]} → " + " → ".join(layout.stage_name(s, name, subject.name) for s in ("student", "evaluate")))
         for style in item.spec.styles:
-            click.echo(" → ".join(compiler.stage_name(step, item.spec.name, style.name)
-                                  for step in ("teacher", *compiler.STYLE_STEPS)))
+            click.echo(" → ".join(layout.stage_name(step, item.spec.name, style.name)
+                                  for step in ("teacher", *layout.STYLE_STEPS)))
     click.echo("wrote dvc.yaml")
 
 
@@ -224,7 +222,7 @@ def apply(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, exec
             env_parents = dict(parents)
             for item in resolved:  # a student variant's stages are children of its spec's run
                 for variant in item.spec.student.variants:
-                    env_parents[compiler.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
+                    env_parents[layout.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
             stage_env = {tracking.PARENT_RUNS_ENV: json.dumps(env_parents)}
             if executor == "ray":
                 code, failure = _run_on_ray(root, targets, stale, specs, resolved, address, stage_env)
@@ -296,7 +294,7 @@ def _run_on_ray(root: Path, targets: list[str], stale: list[str], paths: tuple[s
 
 
 @main.command(hidden=True)
-@click.argument("step", type=click.Choice(STEPS + STYLE_STEPS))
+@click.argument("step", type=click.Choice(layout.STEPS + layout.STYLE_STEPS))
 @click.option("--params", "params_path", required=True, type=click.Path(dir_okay=False))
 @user_errors
 def stage(step: str, params_path: str) -> None:

@@ -11,18 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxytune.layout import (CURVES_FILE, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE, RUNS_DIR, STEPS, STYLE_STEPS,
+                              base_experiment, item_key, joint_stage_name, stage_name, subject_dir, variant_experiment)
 from proxytune.spec import ExperimentSpec
-from proxytune.spec.common import VARIANT_SEP
 from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
-RUNS_DIR = "runs"
-STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")
-STYLE_STEPS = ("curation", "style_student", "style_evaluate")  # a style: teacher -> these (proxytune/spec/style.py)
-OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval",
-            "curation": "curated", "style_student": "student", "style_evaluate": "eval"}
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "loss.csv"  # teacher/ and student/: step, loss and the other training curves
-PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
 PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
@@ -51,36 +44,6 @@ class ResolvedSpec:
     spec_digest: str  # sha256 of the spec file's bytes
     references: dict[str, str]  # subject or style name -> reference folder (relative when inside the project)
     styles: dict[str, dict] | None = None  # style name -> {"raw": raw-data folder or None, "prompts": [...]}
-
-
-def subject_dir(experiment: str, subject: str) -> str:
-    return f"{RUNS_DIR}/{experiment}/{subject}"
-
-
-def variant_experiment(experiment: str, variant: str) -> str:
-    """The experiment a student variant runs as (its folder, stage names and registered models)."""
-    return f"{experiment}{VARIANT_SEP}{variant}"
-
-
-def base_experiment(experiment: str) -> str:
-    """The spec's experiment of a (possibly variant) experiment name."""
-    return experiment.split(VARIANT_SEP, 1)[0]
-
-
-def item_key(experiment: str, subject: str) -> str:
-    return f"{experiment}.{subject}"
-
-
-def stage_name(step: str, experiment: str, subject: str) -> str:
-    return f"{step}@{item_key(experiment, subject)}"
-
-
-JOINT = "_joint"  # folder of a multi-subject student (a subject name cannot start with "_")
-
-
-def joint_stage_name(experiment: str) -> str:
-    """The one student stage of a multi-subject experiment (a plain stage: its deps vary in number)."""
-    return f"student-joint.{experiment}"
 
 
 def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:

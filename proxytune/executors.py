@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from proxytune import layout
 from proxytune.errors import ProxytuneError
 
 MAX_RETRIES = 3  # retries of a task whose worker died; a stage's own failure is not retried
@@ -103,14 +104,11 @@ STYLE_RESOURCES = {"curation": "synthesis", "style_student": "student", "style_e
 
 def stage_kind(name: str) -> tuple[str, str | None]:
     """(resources key, experiment) of a stage proxytune compiled; ("", None) for any other stage."""
-    from proxytune import compile as compiler
-
-    if name.startswith("student-joint."):
-        return "student", name.split(".", 1)[1]
-    step, _, item = name.partition("@")
-    if step in (*compiler.STEPS, *compiler.STYLE_STEPS) and "." in item:
-        return STYLE_RESOURCES.get(step, step), compiler.base_experiment(item.split(".", 1)[0])
-    return "", None
+    parsed = layout.parse_stage_name(name)
+    if parsed is None:
+        return "", None
+    step, experiment, _ = parsed
+    return STYLE_RESOURCES.get(step, step), layout.base_experiment(experiment)
 
 
 def plan(root: Path, targets: list[str], stale: list[str], specs: dict[str, tuple[str, object]]) -> list[Stage]:

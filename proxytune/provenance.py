@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from proxytune import compile as compiler
+from proxytune import layout
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_file
 
@@ -28,10 +29,8 @@ def _stage_nodes(chain: dict) -> list[tuple[str, dict]]:
 
 
 def _split_stage(name: str) -> tuple[str, str, str]:
-    """'teacher@exp.subject' -> ('teacher', 'exp', 'subject')."""
-    step, _, item = name.partition("@")
-    experiment, _, subject = item.partition(".")
-    return step, experiment, subject
+    """'teacher@exp.subject' -> ('teacher', 'exp', 'subject'); ('', '', '') for a stage proxytune did not compile."""
+    return layout.parse_stage_name(name) or ("", "", "")
 
 
 def _defines(root: Path, stage: str) -> bool:
@@ -39,8 +38,10 @@ def _defines(root: Path, stage: str) -> bool:
         stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError):
         return False
+    if stage.startswith(layout.JOINT_PREFIX):  # a plain stage, not a foreach item
+        return stage in stages
     step, experiment, subject = _split_stage(stage)
-    return compiler.item_key(experiment, subject) in (stages.get(step) or {}).get("foreach", {})
+    return layout.item_key(experiment, subject) in (stages.get(step) or {}).get("foreach", {})
 
 
 def find_project(chain: dict, cwd: Path) -> Path | None:
@@ -83,7 +84,7 @@ def _get(data: dict, dotted: str):
 def _superseded(node: dict, kind: str, root: Path) -> list[str]:
     """Whether the stage's output in the project still is this node's."""
     step, experiment, subject = _split_stage(node["dvc_stage"])
-    path = root / compiler.subject_dir(experiment, subject) / compiler.OUT_DIRS[step] / "record.json"
+    path = root / layout.subject_dir(experiment, subject) / layout.OUT_DIRS[step] / "record.json"
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -123,7 +124,7 @@ def _spec_changed(node: dict, root: Path, cache: dict) -> list[str]:
     if resolved.spec.name != experiment or subject not in {s.name for s in resolved.spec.subjects} | styles:
         return [f"spec file {spec_file} no longer defines {experiment}.{subject}"]
     try:
-        current = yaml.safe_load((root / compiler.subject_dir(experiment, subject) / "params.yaml").read_text())
+        current = yaml.safe_load((root / layout.subject_dir(experiment, subject) / "params.yaml").read_text())
     except (OSError, yaml.YAMLError):
         current = {}
     # a style's params file (its teacher's too) is compiled by style_params_for

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from proxytune import compile as compiler
+from proxytune import layout
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_bytes, write_text_atomic
 from proxytune.images import IMAGE_SUFFIXES, center_crop_resize, open_rgb
@@ -186,11 +187,11 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: 
         ProxytuneError: the subject has not been evaluated yet, or its evaluation output is
             incomplete or malformed.
     """
-    folder = (root / compiler.subject_dir(experiment, name)).resolve()
-    eval_dir = folder / compiler.OUT_DIRS["evaluate"]
+    folder = (root / layout.subject_dir(experiment, name)).resolve()
+    eval_dir = folder / layout.OUT_DIRS["evaluate"]
     if not eval_dir.is_dir():
         raise ProxytuneError(
-            f"{compiler.subject_dir(experiment, name)}/eval: subject {name} has no evaluation yet; "
+            f"{layout.subject_dir(experiment, name)}/eval: subject {name} has no evaluation yet; "
             f"run `proxytune apply {spec_path}` first"
         )
     try:
@@ -221,12 +222,12 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: 
     encoders = _mapping(_read_json(eval_dir / "encoders.json", required=False))
 
     upstream = (root / params["upstream_dir"]).resolve() if params.get("upstream_dir") else folder  # a variant's
-    student = (root / params["student_dir"]).resolve() if params.get("student_dir") else folder / compiler.OUT_DIRS["student"]
+    student = (root / params["student_dir"]).resolve() if params.get("student_dir") else folder / layout.OUT_DIRS["student"]
     records = {
         step: _mapping(_read_json(path, required=False)) or None
         for step, path in (
-            ("teacher", upstream / compiler.OUT_DIRS["teacher"] / "record.json"),
-            ("proxy", upstream / compiler.OUT_DIRS["synthesis"] / "record.json"),
+            ("teacher", upstream / layout.OUT_DIRS["teacher"] / "record.json"),
+            ("proxy", upstream / layout.OUT_DIRS["synthesis"] / "record.json"),
             ("student", student / "record.json"),
             ("eval", eval_dir / "record.json"),
         )
@@ -267,7 +268,7 @@ def load_report(spec_path: str | Path, root: Path) -> Report:
     spec = load_spec(spec_path)
     raw = Path(spec_path).read_bytes()
     subjects = [load_subject(root, spec.name, s.name, str(spec_path)) for s in spec.subjects]
-    subjects += [load_subject(root, compiler.variant_experiment(spec.name, v), s.name, str(spec_path), f"{s.name} / {v}")
+    subjects += [load_subject(root, layout.variant_experiment(spec.name, v), s.name, str(spec_path), f"{s.name} / {v}")
                  for v in spec.student.variants for s in spec.subjects]
     return Report(
         experiment=spec.name,
@@ -284,7 +285,7 @@ def load_report(spec_path: str | Path, root: Path) -> Report:
 def write_report(spec_path: str | Path, root: Path) -> ReportFiles:
     """Write runs/EXPERIMENT/report.html and report.md; return their paths (nothing is logged)."""
     report = load_report(spec_path, root)
-    out = root / compiler.RUNS_DIR / report.experiment
+    out = root / layout.RUNS_DIR / report.experiment
     html_path, md_path = out / HTML_NAME, out / MD_NAME
     write_text_atomic(html_path, render_html(report))
     write_text_atomic(md_path, render_markdown(report))

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune import compile as compiler
+from proxytune import layout
 from proxytune.errors import ProxytuneError
 
 LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
@@ -54,8 +54,8 @@ def load_style(root: Path, experiment: str, name: str) -> StyleResult:
     from proxytune.images import list_images
     from proxytune.report import IMAGE_NAME
 
-    folder = root / compiler.subject_dir(experiment, name)
-    eval_dir = folder / compiler.OUT_DIRS["style_evaluate"]
+    folder = root / layout.subject_dir(experiment, name)
+    eval_dir = folder / layout.OUT_DIRS["style_evaluate"]
     import yaml
 
     params_file = folder / "params.yaml"

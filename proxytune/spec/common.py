@@ -7,6 +7,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from proxytune.layout import VARIANT_SEP
+
 # Built-in models, by role: tiny random architectures and the toy world's pretrained models. The
 # backends own the builders; tests check both lists agree.
 TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-sd")
@@ -36,7 +38,6 @@ def _safe_name(value: str) -> str:
 
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 
-VARIANT_SEP = "--"  # a student variant V of experiment E runs as experiment "E--V"
 
 
 def _unreserved(value: str) -> str:

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import compile as compiler
-from proxytune import tracking
+from proxytune import layout, tracking
 from proxytune.files import sha256_file, write_json_atomic
 from proxytune.stages.params import StageParams
 
@@ -275,7 +274,7 @@ def write_record(folder: Path, record: dict) -> None:
     write_json_atomic(folder / RECORD, record)
 
 
-CURVES_FILE = compiler.CURVES_FILE  # step-by-step training curves in a stage's output: DVC plots read them
+CURVES_FILE = layout.CURVES_FILE  # step-by-step training curves in a stage's output: DVC plots read them
 
 
 def write_curves(folder: Path, series: dict[str, list[float]]) -> None:
@@ -299,9 +298,7 @@ def remove_stale_staging(params: StageParams, stage: str) -> None:
     """Delete staging folders that a killed run of this stage left beside its output (never resumed)."""
     import shutil
 
-    from proxytune.compile import OUT_DIRS
-
-    for leftover in params.subject_dir.glob(f".{OUT_DIRS[stage]}.staging-*"):
+    for leftover in params.subject_dir.glob(f".{layout.OUT_DIRS[stage]}.staging-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -314,7 +311,7 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
     tags = {
         "spec_file": params.source.spec_file,
         "spec_digest": params.source.spec_digest,
-        "dvc_stage": f"student-joint.{params.experiment}" if joint else f"{stage}@{params.experiment}.{subject}",
+        "dvc_stage": layout.joint_stage_name(params.experiment) if joint else layout.stage_name(stage, params.experiment, subject),
         "project_root": str(root),
         **(tags or {}),
     }

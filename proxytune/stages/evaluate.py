@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import compile as compiler
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune import stats, tracking
 from proxytune.backends import diffusion, encoders, hub, students
 from proxytune.backends.student_api import sampling_settings
@@ -282,7 +281,7 @@ def per_prompt(scores: dict, prompts: list[str], k: int) -> list[dict]:
             for i, p in enumerate(prompts)]
 
 
-PER_PROMPT_CSV = compiler.PER_PROMPT_FILE  # DVC plots read it: one row per prompt, MODEL_METRIC columns
+PER_PROMPT_CSV = layout.PER_PROMPT_FILE  # DVC plots read it: one row per prompt, MODEL_METRIC columns
 
 
 def per_prompt_csv(breakdown: dict[str, list[dict]]) -> str:
