@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from proxytune.toyworld import oracle as oracle_lib
-from proxytune.toyworld import pretrain, world
+from proxytune.toyworld import pretrain, pretrain_encoders, pretrain_generators, world
 from proxytune.toyworld.subjects import HELD_OUT, SUBJECTS, distinctive, reference_images, toy_prompts
 
 
@@ -93,7 +93,7 @@ def _tiny_config(steps: int) -> pretrain.PretrainConfig:
 
 def test_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A run killed after a checkpoint and resumed ends with the weights of an uninterrupted run."""
-    monkeypatch.setattr(pretrain, "fresh_renders", lambda n, seed: world_small(seed))
+    _small_fresh_renders(monkeypatch)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     pretrain.pretrain(whole, _tiny_config(5), ["oracle"])
 
@@ -116,6 +116,12 @@ def test_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     a, b = oracle_lib.load(whole / "oracle"), oracle_lib.load(broken / "oracle")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def _small_fresh_renders(monkeypatch) -> None:
+    """Quality measures on 16 fresh renders instead of eval_samples (every recipe module that measures)."""
+    for module in (pretrain_encoders, pretrain_generators):
+        monkeypatch.setattr(module, "fresh_renders", lambda n, seed: world_small(seed))
 
 
 def world_small(seed: int):
@@ -145,8 +151,8 @@ def test_sd_pretraining_trains_its_text_encoder_only_when_asked(tmp_path, monkey
     the UNet; with 0 it is saved as toy-clip's tower, bit for bit."""
     from transformers import CLIPModel, CLIPTextModel
 
-    monkeypatch.setattr(pretrain, "fresh_renders", lambda n, seed: world_small(seed))
-    monkeypatch.setattr(pretrain, "clip_retrieval", lambda folder, seed, n=256: 0.0)
+    _small_fresh_renders(monkeypatch)
+    monkeypatch.setattr(pretrain_encoders, "clip_retrieval", lambda folder, seed, n=256: 0.0)
     cfg = _tiny_config(2)
     for name in ("clip", "vae"):
         cfg.recipes[name] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)
@@ -174,7 +180,7 @@ def test_vq_and_llamagen_pretraining_use_the_configured_codebook(tmp_path, monke
     toy-llamagen folder loads through the student loader and samples codes of that codebook only."""
     from proxytune.backends import ar
 
-    monkeypatch.setattr(pretrain, "fresh_renders", lambda n, seed: world_small(seed))
+    _small_fresh_renders(monkeypatch)
     cfg = _tiny_config(2)
     cfg.vq_codes = 32
     cfg.recipes["vq"] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)

@@ -65,7 +65,7 @@ def test_toy_clip_matches_captions_to_fresh_renders():
 
 def test_toy_dino_tells_objects_apart_across_scenes():
     """The same object in another scene is nearer than other objects, far above chance."""
-    from proxytune.toyworld.pretrain import dino_identity_retrieval
+    from proxytune.toyworld.pretrain_encoders import dino_identity_retrieval
 
     assert dino_identity_retrieval(builtins.materialize("toy-dino"), seed=7, n=100) >= 0.05  # chance 0.01
 
