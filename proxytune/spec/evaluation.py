@@ -10,7 +10,10 @@ from pydantic import Field
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, NonNegativeInt, PositiveInt, Seed, Strict, model_ref_checker
 
 Metric = Literal["clip_i", "clip_t", "dino", "subject_acc", "prompt_acc", "subject_prompt_acc"]
+ENCODER_METRICS = ("clip_i", "clip_t", "dino")  # every subject's
 ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # the toy world oracle's: toy subjects only
+METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.",
+                 "prompt_acc": "prompt acc.", "subject_prompt_acc": "subject+prompt acc."}  # table headers
 
 
 class GateRule(Strict):

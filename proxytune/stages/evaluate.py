@@ -36,13 +36,12 @@ from proxytune.backends.student_api import sampling_settings
 from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
                              write_png_atomic, write_text_atomic)
 from proxytune.images import grid, list_images, open_rgb
-from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
+from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS as LABELS, ORACLE_METRICS  # oracle: toy subjects
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 from proxytune.toyworld.builtins import is_toy
 
-METRICS = ("clip_i", "clip_t", "dino")
 BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
 VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
 
@@ -370,8 +369,6 @@ def reference_embeddings(params: StageParams, clip, dino, references: list, file
     return ref_clip, ref_dino
 
 
-LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.", "prompt_acc": "prompt acc.",
-          "subject_prompt_acc": "subject+prompt acc."}
 TOY_WORLD_NOTE = ("Toy world: models pretrained on proxytune's procedural world (proxytune/toyworld); CLIP-I, CLIP-T "
                   "and DINO come from its toy encoders, subject and prompt accuracy from its oracle, which reads the "
                   "attributes off each image.")

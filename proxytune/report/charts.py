@@ -1,0 +1,92 @@
+"""The report's pictures, as data: URIs: thumbnails of reference and generated images, and the
+feature-variance charts (matplotlib, drawn off-screen)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+from proxytune.images import center_crop_resize, open_rgb
+from proxytune.report.content import as_mapping
+
+THUMB = 128  # pixels: generated and reference images are embedded at most this large
+
+
+def data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def thumbnail_uri(path: Path, size: int = THUMB, square: bool = False) -> str:
+    """A small embedded copy: PNG when the image already fits (pixels unchanged), else JPEG."""
+    image = open_rgb(path)
+    buffer = io.BytesIO()
+    if max(image.size) <= size and (not square or image.width == image.height):
+        image.save(buffer, format="PNG", optimize=True)
+        return data_uri(buffer.getvalue(), "image/png")
+    if square:
+        image = center_crop_resize(image, size)
+    else:
+        image.thumbnail((size, size))
+    image.save(buffer, format="JPEG", quality=88)
+    return data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def _figure_png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _colours(models: list[str]) -> dict[str, str]:
+    return {m: f"C{i % 10}" for i, m in enumerate(models)}
+
+
+def variance_chart(variance: dict, models: list[str]) -> bytes:
+    """PNG bar chart of the total feature variance per model."""
+    from matplotlib.figure import Figure
+
+    names = [m for m in models if m in variance["models"]] + sorted(set(variance["models"]) - set(models))
+    values = [float(as_mapping(variance["models"][m]).get("total_variance") or 0.0) for m in names]
+    colours = _colours(names)
+    fig = Figure(figsize=(4.8, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    bars = ax.bar(names, values, color=[colours[m] for m in names])
+    ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], padding=2)
+    ax.set_ylabel("total feature variance")
+    ax.set_title(f"feature variance ({variance.get('samples', '?')} samples)")
+    ax.margins(y=0.15)
+    return _figure_png(fig)
+
+
+def distance_histogram(variance: dict, models: list[str]) -> bytes | None:
+    """PNG histogram of L2 distances to the centroid, one translucent series per model."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    names = [m for m in models if m in variance["models"]] + sorted(set(variance["models"]) - set(models))
+    series = {m: np.asarray(as_mapping(variance["models"][m]).get("distances") or [], dtype=float) for m in names}
+    series = {m: v for m, v in series.items() if v.size}
+    if not series:
+        return None
+    everything = np.concatenate(list(series.values()))
+    edges = np.histogram_bin_edges(everything, bins=min(30, max(5, everything.size // 4)))
+    colours = _colours(names)
+    fig = Figure(figsize=(5.6, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    for model, values in series.items():
+        ax.hist(values, bins=edges, alpha=0.55, color=colours[model], label=f"{model} (n={values.size})")
+    ax.set_xlabel("L2 distance to the centroid of the model's samples")
+    ax.set_ylabel("samples")
+    ax.legend(fontsize="small", framealpha=0.85)
+    return _figure_png(fig)
+
+
+def variance_figures(variance: dict, models: list[str]) -> tuple[str, str | None]:
+    """(bar chart, histogram or None) as PNG data: URIs."""
+    hist = distance_histogram(variance, models)
+    return (data_uri(variance_chart(variance, models), "image/png"),
+            data_uri(hist, "image/png") if hist else None)
