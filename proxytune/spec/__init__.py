@@ -6,7 +6,6 @@ import os
 import re
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
 from proxytune.errors import SpecError
