@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.captions import clean_caption
 from proxytune.backends.student_api import LORA_GROUPS
 from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
@@ -492,7 +492,7 @@ def _build_tiny_llamagen(folder: Path) -> None:
     (folder / STUDENT_META).write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
 
 
-TINY_STUDENTS = {"tiny-llamagen": lambda: hub.materialize("tiny-llamagen-v2", _build_tiny_llamagen)}
+TINY_STUDENTS = {"tiny-llamagen": lambda: tiny_cache.materialize("tiny-llamagen-v2", _build_tiny_llamagen)}
 
 
 def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
@@ -564,7 +564,7 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     from diffusers import VQModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    path = hub.resolve(ref, TINY_STUDENTS, what="student model")
+    path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
     meta = _read_meta(path)
     model = _from_pretrained(_transformer_class(path, ref), path, "transformer", ref)
     vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
@@ -579,7 +579,7 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
         tokenizer=tokenizer,
         image_size=int(meta.get("image_size", vq.config.sample_size)),
         path=path,
-        random_init=hub.is_random_init(path),
+        random_init=tiny_cache.is_random_init(path),
     )
     _check_parts(ref, bundle)
     return bundle

@@ -11,7 +11,7 @@ DreamBench conventions, as used by the DreamBooth paper and its follow-ups:
   averaged over ALL generated x real pairs; images go through Resize(256, bicubic) +
   CenterCrop(224) + ImageNet normalisation.
 
-Encoders load through `hub.resolve` + `from_pretrained`, so the built-in random tiny models take
+Encoders load through `tiny_cache.resolve` + `from_pretrained`, so the built-in random tiny models take
 exactly the path a real checkpoint does.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.toyworld.builtins import TOY_CLIP, TOY_DINO
 from proxytune.errors import ProxytuneError
@@ -152,8 +152,8 @@ def _build_tiny_dino(folder: Path) -> None:
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
 
 
-TINY_CLIP = {"tiny-clip": lambda: hub.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
-TINY_DINO = {"tiny-dino": lambda: hub.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
+TINY_CLIP = {"tiny-clip": lambda: tiny_cache.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
+TINY_DINO = {"tiny-dino": lambda: tiny_cache.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
 
 
 # --- encoders --------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class ClipEncoder:
             "model": self.ref,
             "path": self.path,
             "architecture": type(self.model).__name__,
-            "random_init": hub.is_random_init(self.path),
+            "random_init": tiny_cache.is_random_init(self.path),
             "embedding": "projected image/text embeddings (get_image_features / get_text_features), L2-normalised",
             "preprocessing": {
                 "processor": type(ip).__name__,
@@ -348,7 +348,7 @@ class DinoEncoder:
             "model": self.ref,
             "path": self.path,
             "architecture": type(self.model).__name__,
-            "random_init": hub.is_random_init(self.path),
+            "random_init": tiny_cache.is_random_init(self.path),
             "embedding": "CLS of last_hidden_state, L2-normalised",
             "preprocessing": {
                 "convert_rgb": True,
@@ -368,7 +368,7 @@ def load_clip(ref: str, *, device: str = "cpu") -> ClipEncoder:
     """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    path = hub.resolve(ref, TINY_CLIP, what="clip model")
+    path = tiny_cache.resolve(ref, TINY_CLIP, what="clip model")
     try:
         model = CLIPModel.from_pretrained(path)
         # PIL backend: bicubic as in the original CLIP preprocessing, and no torchvision needed
@@ -387,7 +387,7 @@ def load_dino(ref: str, *, device: str = "cpu") -> DinoEncoder:
     """
     from transformers import ViTModel
 
-    path = hub.resolve(ref, TINY_DINO, what="dino model")
+    path = tiny_cache.resolve(ref, TINY_DINO, what="dino model")
     try:
         # DINO checkpoints hold no pooler; the default add_pooling_layer=True would bolt on a freshly
         # random one at every load. The metric never reads it, so leave it out.

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.ar import sample_next
 from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
 from proxytune.errors import ProxytuneError
@@ -229,7 +229,7 @@ def _build_tiny(folder: Path) -> None:
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-janus-v2", _build_tiny)
+    return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
@@ -247,5 +247,5 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
     factor = 2 ** (len(vq.channel_multiplier) - 1)
     model.to(device).eval().requires_grad_(False)
     return JanusStudent(model=model, tokenizer=tokenizer, image_size=int(meta.get("image_size", vq.num_patches * factor)),
-                        path=path, random_init=hub.is_random_init(path),
+                        path=path, random_init=tiny_cache.is_random_init(path),
                         prompt_len=int(meta.get("prompt_len", REAL_PROMPT_LEN)))

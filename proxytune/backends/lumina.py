@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import hub, vqgan
+from proxytune.backends import tiny_cache, vqgan
 from proxytune.backends.ar import sample_next
 from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
 from proxytune.errors import ProxytuneError
@@ -350,7 +350,7 @@ def _build_tiny(folder: Path) -> None:
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-lumina-mgpt-v3", _build_tiny)
+    return tiny_cache.materialize("tiny-lumina-mgpt-v3", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
@@ -385,7 +385,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     for part in (model, decoder):
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
-                         random_init=hub.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
+                         random_init=tiny_cache.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
 
 
 def _beside(path: str, ref: str) -> str:

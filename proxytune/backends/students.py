@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.student_api import StudentBackend
 from proxytune.toyworld.builtins import TOY_STUDENTS
 from proxytune.errors import ProxytuneError
@@ -77,7 +77,7 @@ def detect_backend(path: str, ref: str) -> str:
 
 def load_student(ref: str, *, device: str = "cpu") -> StudentBackend:
     """Load a student (built-in tiny name, local folder or hub id), frozen, in eval mode."""
-    path = hub.resolve(ref, TINY_STUDENTS, what="student model")
+    path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
     backend = detect_backend(path, ref)
     if backend == "llamagen":
         from proxytune.backends import ar

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune import stats, tracking
-from proxytune.backends import diffusion, encoders, hub, students
+from proxytune.backends import diffusion, encoders, students, tiny_cache
 from proxytune.backends.student_api import sampling_settings
 from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
                              write_png_atomic, write_text_atomic)
@@ -124,7 +124,7 @@ class TeacherSampler:
                                                    s.num_inference_steps, s.guidance_scale))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
-        self.random_init = hub.is_random_init(self.path)
+        self.random_init = tiny_cache.is_random_init(self.path)
 
     @property
     def pipe(self):
@@ -156,8 +156,8 @@ class StudentSampler:
     def __init__(self, params: StageParams, tuned: bool = True):
         self.params = params
         student = params.student
-        self.path = hub.resolve(student.model, students.TINY_STUDENTS, what="student model")
-        self.random_init = hub.is_random_init(self.path)
+        self.path = tiny_cache.resolve(student.model, students.TINY_STUDENTS, what="student model")
+        self.random_init = tiny_cache.is_random_init(self.path)
         self.sampling = sampling_settings(students.detect_backend(self.path, student.model), student.sampling)
         self.weights = self._weights_file(params) if tuned else None
         if self.weights is None:
