@@ -147,3 +147,22 @@ def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         return logits
     cond, uncond = logits.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
+
+
+def sample_next(
+    logits: torch.Tensor, generators: list[torch.Generator], *, top_k: int | None, temperature: float
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) codes; row i draws one number from generators[i] only.
+
+    temperature 0 means argmax; top_k None keeps every code. Draws happen on the CPU so a seed gives
+    the same choice anywhere.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()  # (B, V)
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
+    return torch.cat(picks).to(logits.device)
