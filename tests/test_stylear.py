@@ -421,3 +421,23 @@ def test_a_style_student_samples_with_styleARs_defaults_unless_the_spec_says_oth
     assert sampling_settings("stylear", SamplingSpec()) == {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0}
     assert sampling_settings("stylear", SamplingSpec(top_k=20))["top_k"] == 20
     assert sampling_settings("lumina-mgpt", SamplingSpec())["cfg_scale"] == 3.0
+
+
+def test_a_saved_style_students_adapter_config_names_the_spec_model_and_sorted_targets(tmp_path):
+    """adapter_config.json carries the spec's model reference (set on the PeftConfig before saving, not
+    the folder it resolved to) and its target modules in sorted order (peft keeps them in a set)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from proxytune.backends import encoders
+    from proxytune.backends.style_student import StyleStudent
+
+    bundle = students.load_student("tiny-lumina-mgpt")
+    targets = bundle.lora_target_modules()
+    bundle.model = get_peft_model(bundle.model, LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+    style = StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=4, depth=1, heads=2, dim_head=8, seed=1)
+    style.save(tmp_path, base_model="tiny-lumina-mgpt", clip_model="tiny-clip", noise_strength=0.0, sampling={})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-lumina-mgpt"
+    assert config["target_modules"] == sorted(set(targets))
