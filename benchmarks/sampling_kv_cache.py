@@ -29,14 +29,14 @@ def load_bundle(config: dict):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
     from proxytune.spec.student import StudentLoraSpec
 
-    bundle = ar.load_student(config["model"])
+    bundle = llamagen.load_student(config["model"])
     lora = StudentLoraSpec()
     torch.manual_seed(0)
     bundle.model = get_peft_model(bundle.model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
-                                                           target_modules=ar.LORA_TARGET_MODULES)).eval()
+                                                           target_modules=llamagen.LORA_TARGET_MODULES)).eval()
     return bundle
 
 

@@ -90,7 +90,7 @@ class NaiveStudent:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from proxytune.backends import ar
+        from proxytune.backends import llamagen
         from proxytune.images import center_crop_resize, open_rgb
         from proxytune.stages.common import seed_everything
 
@@ -98,13 +98,13 @@ class NaiveStudent:
         self.generator = seed_everything(params.seed + cfg.seed_offset)  # same seeding and flags as the stage
         proxy = params.out("proxy")
         entries = json.loads((proxy / "manifest.json").read_text())["images"]
-        self.bundle = ar.load_student(cfg.model)
+        self.bundle = llamagen.load_student(cfg.model)
         size = self.bundle.image_size
         self.pixels = self.bundle.images_to_pixels([center_crop_resize(open_rgb(proxy / e["file"]), size) for e in entries])
         self.prompts = [e["prompt"] for e in entries]
         torch.manual_seed(params.seed + cfg.seed_offset)
         lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=ar.LORA_TARGET_MODULES)
+                          target_modules=llamagen.LORA_TARGET_MODULES)
         self.bundle.model = get_peft_model(self.bundle.model, lora)
         self.trainable = [p for p in self.bundle.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas),

@@ -364,13 +364,13 @@ def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: s
     The architecture (width, depth, vocabulary, caption width, FFN width) is read from the checkpoint."""
     import tempfile
 
-    from proxytune.backends import llamagen, vqgan
+    from proxytune.backends import llamagen_convert, vqgan
 
     with tempfile.TemporaryDirectory(dir=Path(out_dir).resolve().parent) as scratch:
         vq_folder = Path(vq)
         if vq_folder.is_file():  # the original tokenizer checkpoint: convert it first
             vq_folder = vqgan.convert_file(vq, Path(scratch) / "vqvae", layout="llamagen", image_size=image_size)
-        folder = llamagen.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, image_size=image_size,
+        folder = llamagen_convert.convert_to_student_folder(gpt_checkpoint, out_dir, vq_folder=vq_folder, image_size=image_size,
                                                     cond_len=cond_len, num_heads=heads, text_encoder=text_encoder)
     click.echo(f"wrote {folder} (backend llamagen, {image_size} px); use it as student.model")
 
@@ -436,9 +436,9 @@ def convert_stylear(model_dir: str, out_dir: str, base_model: str, dim_head: int
     resampler (safetensors) and its inference settings, in OUT_DIR.
 
     The folder loads with proxytune.backends.style_student.StyleStudent.load (a style student's layout)."""
-    from proxytune.backends import style_tokens
+    from proxytune.backends import stylear_convert
 
-    meta = style_tokens.convert_released(model_dir, out_dir, base_model=base_model, dim_head=dim_head)
+    meta = stylear_convert.convert_released(model_dir, out_dir, base_model=base_model, dim_head=dim_head)
     click.echo(f"wrote {out_dir} (StyleAR: LoRA rank {meta['lora_rank']} on {meta['lora_modules']} modules of "
                f"{base_model}, resampler of {meta['num_style_tokens']} style tokens"
                + (f"; {meta['ignored_keys']} non-LoRA keys ignored" if meta["ignored_keys"] else "") + ")")

@@ -18,12 +18,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxytune.backends.student_meta import STUDENT_BACKENDS, STUDENT_META, STUDENT_MODEL_TYPES
 from proxytune.errors import SpecError
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
 
-STUDENT_META = "proxytune_student.json"  # as backends.students / backends.ar (kept import-free: no torch)
-STUDENT_BACKENDS = ("llamagen", "janus", "lumina-mgpt")
-STUDENT_MODEL_TYPES = {"janus": "janus", "chameleon": "lumina-mgpt"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
 HUB_TIMEOUT_S = 10.0

@@ -115,10 +115,10 @@ def test_registry_pull_student_loads_with_peft(applied, tmp_path):
     cli(project, "registry", "pull", "t.dog.student@1", "-o", str(tmp_path / "student"))
     from peft import PeftModel
 
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
 
     def logits(adapter_dir):
-        bundle = ar.load_student("tiny-llamagen")
+        bundle = llamagen.load_student("tiny-llamagen")
         model = PeftModel.from_pretrained(bundle.model, str(adapter_dir)).eval()
         text = bundle.encode_prompts(["a S* dog"])
         codes = torch.arange(bundle.model.config.grid_size**2).remainder(bundle.model.config.codebook_size)[None]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from proxytune.backends import ar
+from proxytune.backends import llamagen
 from proxytune.errors import ProxytuneError
 
 PROMPT = "a photo of sks dog"
@@ -26,7 +26,7 @@ def home(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundle(home):
     """The frozen base student; tests must not wrap or train it."""
-    return ar.load_student("tiny-llamagen")
+    return llamagen.load_student("tiny-llamagen")
 
 
 def picture(seed: int = 0) -> Image.Image:
@@ -54,7 +54,7 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
     folders = []
     for name in ("a", "b"):
         monkeypatch.setenv("PROXYTUNE_HOME", str(tmp_path / name))
-        folders.append(ar.TINY_STUDENTS["tiny-llamagen"]())
+        folders.append(llamagen.TINY_STUDENTS["tiny-llamagen"]())
     first, second = (file_hashes(f) for f in folders)
     assert folders[0] != folders[1]
     assert sum(name.endswith(".safetensors") for name in first) == 3  # transformer, vqvae, text_encoder
@@ -62,11 +62,11 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
 
 
 def test_save_and_load_round_trip_exactly(bundle, tmp_path):
-    from proxytune.backends import llamagen
+    from proxytune.backends import llamagen_model
 
-    assert type(bundle.model) is llamagen.LlamaGenStudent  # the tiny student is the faithful 2D-RoPE port
+    assert type(bundle.model) is llamagen_model.LlamaGenStudent  # the tiny student is the faithful 2D-RoPE port
     bundle.model.save_pretrained(tmp_path)
-    again = llamagen.LlamaGenStudent.from_pretrained(tmp_path).eval()
+    again = llamagen_model.LlamaGenStudent.from_pretrained(tmp_path).eval()
     before, after = bundle.model.state_dict(), again.state_dict()
     assert "uncond_embedding" in after and after["uncond_embedding"].abs().sum() > 0
     assert before.keys() == after.keys()
@@ -78,6 +78,20 @@ def test_save_and_load_round_trip_exactly(bundle, tmp_path):
         assert torch.equal(bundle.model(text, codes, drop_cond=drop), again(text, codes, drop_cond=drop))
 
 
+def test_auto_model_builds_the_class_a_saved_transformer_names(tmp_path):
+    """llamagen_model registers both student configs with transformers' Auto classes: a saved
+    transformer/ loads through AutoModel as the class its model_type names (1D or 2D RoPE)."""
+    from transformers import AutoModel
+
+    from proxytune.backends import llamagen_model as lm
+
+    sizes = dict(codebook_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 cond_len=4, text_dim=8, grid_size=2)
+    for config_class, model_class in ((lm.ARStudentConfig, lm.ARStudent), (lm.LlamaGenStudentConfig, lm.LlamaGenStudent)):
+        model_class(config_class(**sizes)).save_pretrained(tmp_path / model_class.__name__)
+        assert type(AutoModel.from_pretrained(tmp_path / model_class.__name__)) is model_class
+
+
 def test_loaded_student_is_frozen_and_sized(bundle):
     assert bundle.random_init and bundle.image_size == 64
     assert not any(p.requires_grad for m in (bundle.model, bundle.vq, bundle.text_encoder) for p in m.parameters())
@@ -86,12 +100,12 @@ def test_loaded_student_is_frozen_and_sized(bundle):
 
 def test_unknown_student_names_it():
     with pytest.raises(ProxytuneError, match="nonsense-model"):
-        ar.load_student("nonsense-model")
+        llamagen.load_student("nonsense-model")
 
 
 def test_incomplete_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ProxytuneError, match="transformer"):
-        ar.load_student(str(tmp_path))
+        llamagen.load_student(str(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -168,10 +182,10 @@ def tuned(home):
     """A fresh student whose LoRA has overfitted one picture under one prompt."""
     from peft import LoraConfig, get_peft_model
 
-    student = ar.load_student("tiny-llamagen")
+    student = llamagen.load_student("tiny-llamagen")
     codes = student.encode_images(student.images_to_pixels([picture(0)]))  # (1, L)
     text = student.encode_prompts([PROMPT])  # (1, C, Dt)
-    config = LoraConfig(r=16, lora_alpha=32, target_modules=ar.LORA_TARGET_MODULES)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=llamagen.LORA_TARGET_MODULES)
     student.model = get_peft_model(student.model, config)
     trainable = [p for p in student.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
@@ -197,7 +211,7 @@ def tuned(home):
 def test_lora_targets_only_the_llama_projections(tuned):
     student = tuned[0]
     adapted = {name for name, module in student.model.named_modules() if hasattr(module, "lora_A")}
-    assert len(adapted) == 2 * len(ar.LORA_TARGET_MODULES)
+    assert len(adapted) == 2 * len(llamagen.LORA_TARGET_MODULES)
     assert all(".backbone.layers." in name for name in adapted)
     trainable = [name for name, p in student.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
@@ -216,7 +230,7 @@ def test_saved_adapter_reloads_to_identical_logits(tuned, tmp_path):
 
     student, codes, text, _ = tuned
     student.model.save_pretrained(str(tmp_path / "adapter"))
-    fresh = ar.load_student("tiny-llamagen")
+    fresh = llamagen.load_student("tiny-llamagen")
     drop = torch.tensor([False, True])
     text2, codes2 = text.expand(2, -1, -1), codes.expand(2, -1)
     with torch.no_grad():

@@ -69,9 +69,9 @@ def test_the_llamagen_student_cleans_its_prompts():
     """The tiny llamagen student encodes "a S* dog" exactly as "a s dog" (and may be told not to clean)."""
     import torch
 
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
 
-    bundle = ar.load_student("tiny-llamagen")
+    bundle = llamagen.load_student("tiny-llamagen")
     assert bundle.config.clean_captions
     assert torch.equal(bundle.encode_prompts(["A S* Dog!!"]), bundle.encode_prompts(["a s dog!!"]))
     bundle.config.clean_captions = False
@@ -130,11 +130,11 @@ def test_student_dropout_is_validated(project, value):
 
 
 def test_student_dropout_defaults_to_the_originals(project):
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
     from proxytune.stages.student import training_dropout
 
     assert load_spec(spec_file(project)).student.dropout is None
-    bundle = ar.load_student("tiny-llamagen")
+    bundle = llamagen.load_student("tiny-llamagen")
     assert training_dropout(bundle, None) == 0.1 and bundle.model.config.dropout == 0.1
     assert bundle.model.token_dropout.p == 0.1
     assert training_dropout(bundle, 0.0) == 0.0 and bundle.model.token_dropout.p == 0.0

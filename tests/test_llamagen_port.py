@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from proxytune.backends import ar, llamagen
+from proxytune.backends import llamagen_convert, llamagen_model
 from proxytune.errors import ProxytuneError
 
 TOL = 1e-4
@@ -24,7 +24,7 @@ SHORT, LONG = 11, 40  # caption tokens of the two test prompts (the original's s
 
 @pytest.fixture(scope="module")
 def config():
-    return llamagen.llamagen_t2i_tiny()
+    return llamagen_model.llamagen_t2i_tiny()
 
 
 def original_checkpoint(config, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,7 +32,7 @@ def original_checkpoint(config, seed: int = 0) -> dict[str, torch.Tensor]:
     norms near 1 but not 1."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in llamagen.original_shapes(config).items():
+    for key, shape in llamagen_convert.original_shapes(config).items():
         if len(shape) == 1:  # RMSNorm weights
             state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
         else:  # (out, in) projections, embeddings and the null caption
@@ -151,7 +151,7 @@ def original_greedy_cfg(sd, config, text, lengths, cfg_scale: float) -> torch.Te
 BRANCHES = {"conditional": torch.tensor([False, False]), "cfg-null": torch.tensor([True, True])}
 
 
-def student_from(state, config, cls=llamagen.LlamaGenStudent):
+def student_from(state, config, cls=llamagen_model.LlamaGenStudent):
     model = cls(config).eval()
     model.load_state_dict(state, strict=True)
     return model
@@ -169,7 +169,7 @@ def case(config):
     text, lengths, codes = inputs(config)
     with torch.no_grad():
         expected = {b: original_logits(original, config, text, lengths, codes, drop) for b, drop in BRANCHES.items()}
-    return original, llamagen.convert_state_dict(original, config), (text, lengths, codes), expected
+    return original, llamagen_convert.convert_state_dict(original, config), (text, lengths, codes), expected
 
 
 def per_half_permutation(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -190,7 +190,7 @@ def test_short_captions_give_the_original_logits(config, case, branch):
     original, converted, (text, lengths, codes), expected = case
     assert expected[branch].shape == (2, config.seq_len, config.codebook_size)
     model = student_from(converted, config)
-    assert isinstance(model, ar.ARStudent)
+    assert isinstance(model, llamagen_model.ARStudent)
     got = logits_of(model, text, codes, BRANCHES[branch])
     err = (got - expected[branch]).abs().max().item()
     assert err < TOL, err
@@ -218,7 +218,7 @@ def test_the_null_branch_is_masked_like_its_caption(config, case):
 @pytest.mark.parametrize("wrong", ["no permutation", "per-half permutation", "1D RoPE"])
 def test_wrong_ports_are_caught(config, case, wrong):
     original, converted, (text, lengths, codes), expected = case
-    state, cls = dict(converted), llamagen.LlamaGenStudent
+    state, cls = dict(converted), llamagen_model.LlamaGenStudent
     H, heads = config.hidden_size, config.num_attention_heads
     for i in range(config.num_hidden_layers):
         q, k, _ = original[f"layers.{i}.attention.wqkv.weight"].split(H)
@@ -229,15 +229,15 @@ def test_wrong_ports_are_caught(config, case, wrong):
             state[dst + "q_proj.weight"] = per_half_permutation(q, heads)
             state[dst + "k_proj.weight"] = per_half_permutation(k, heads)
     if wrong == "1D RoPE":  # the right weights on the plain student's 1D rotary embedding
-        cls = ar.ARStudent
+        cls = llamagen_model.ARStudent
     got = logits_of(student_from(state, config, cls), text, codes, BRANCHES["conditional"])
     err = (got - expected["conditional"]).abs().max().item()
     assert err > 1000 * TOL, (wrong, err)
 
 
 def test_caption_slots_get_exactly_zero_q_and_k(config):
-    model = llamagen.LlamaGenStudent(config)
-    C, T, d = config.cond_len, config.cond_len + config.seq_len, llamagen.head_dim(config)
+    model = llamagen_model.LlamaGenStudent(config)
+    C, T, d = config.cond_len, config.cond_len + config.seq_len, llamagen_model.head_dim(config)
     x = torch.zeros(1, T, config.hidden_size)
     cos, sin = model.backbone.rotary_emb(x, torch.arange(T)[None])  # what LlamaModel hands its layers
     q, k = torch.randn(2, 1, config.num_attention_heads, T, d).unbind(0)
@@ -278,10 +278,10 @@ def test_original_shaped_checkpoint_with_fewer_caption_slots(config):
     """The original allocates 120 null-caption rows whatever cls_token_num is and reads the first
     cls_token_num: a checkpoint trained with 8 slots converts (shapes read from it) and matches."""
     original = original_checkpoint(config, seed=3)
-    short = llamagen.config_from_state_dict(original, grid_size=config.grid_size, cond_len=8, num_heads=4)
+    short = llamagen_convert.config_from_state_dict(original, grid_size=config.grid_size, cond_len=8, num_heads=4)
     assert (short.hidden_size, short.codebook_size, short.text_dim) == (64, 64, 32)
     assert (short.num_hidden_layers, short.intermediate_size, short.cond_len) == (2, config.intermediate_size, 8)
-    model = student_from(llamagen.convert_state_dict(original, short), short)
+    model = student_from(llamagen_convert.convert_state_dict(original, short), short)
     assert model.uncond_embedding.shape == (8, 32)
     gen = torch.Generator().manual_seed(4)
     text = torch.randn(2, 8, 32, generator=gen)  # captions filling all 8 slots
@@ -302,18 +302,18 @@ def test_checkpoint_files_round_trip(config, case, tmp_path):
 
     save_file(original, tmp_path / "bare.safetensors")
     for name in ("wrapped.pt", "bare.pt", "bare.safetensors"):
-        model = llamagen.load_original_checkpoint(tmp_path / name, config)
+        model = llamagen_convert.load_original_checkpoint(tmp_path / name, config)
         assert not model.training
         assert torch.equal(logits_of(model, text, codes, drop), reference), name
     # without a config, the architecture comes from the checkpoint (heads given: 64 is no original width)
-    inferred = llamagen.load_original_checkpoint(tmp_path / "bare.pt", grid_size=config.grid_size, num_heads=4)
+    inferred = llamagen_convert.load_original_checkpoint(tmp_path / "bare.pt", grid_size=config.grid_size, num_heads=4)
     assert torch.equal(logits_of(inferred, text, codes, drop), reference)
     # a saved port reloads as itself, 2D RoPE included
     model.save_pretrained(tmp_path / "port")
-    again = llamagen.LlamaGenStudent.from_pretrained(tmp_path / "port").eval()
+    again = llamagen_model.LlamaGenStudent.from_pretrained(tmp_path / "port").eval()
     assert again.config.model_type == "proxytune_llamagen"
     assert torch.equal(logits_of(again, text, codes, drop), reference)
-    half = llamagen.load_original_checkpoint(tmp_path / "bare.pt", config, dtype=torch.bfloat16)
+    half = llamagen_convert.load_original_checkpoint(tmp_path / "bare.pt", config, dtype=torch.bfloat16)
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -321,43 +321,43 @@ def test_bad_checkpoints_are_clear_errors(config, case, tmp_path):
     original = case[0]
     without = {k: v for k, v in original.items() if k != "norm.weight"}
     with pytest.raises(ProxytuneError, match=r"missing keys norm\.weight"):
-        llamagen.convert_state_dict(without, config)
+        llamagen_convert.convert_state_dict(without, config)
     with pytest.raises(ProxytuneError, match=r"unexpected keys extra\.bias"):
-        llamagen.convert_state_dict({**original, "extra.bias": torch.zeros(1)}, config)
+        llamagen_convert.convert_state_dict({**original, "extra.bias": torch.zeros(1)}, config)
     wide = {**original, "output.weight": torch.zeros(config.codebook_size + 1, config.hidden_size)}
     with pytest.raises(ProxytuneError, match=r"output\.weight has shape \(65, 64\)"):
-        llamagen.convert_state_dict(wide, config)
+        llamagen_convert.convert_state_dict(wide, config)
     few = {**original, "cls_embedding.uncond_embedding": torch.zeros(100, config.text_dim)}
     with pytest.raises(ProxytuneError, match=r"uncond_embedding has shape \(100, 32\), config expects \(>= 120, 32\)"):
-        llamagen.convert_state_dict(few, config)
+        llamagen_convert.convert_state_dict(few, config)
     with pytest.raises(ProxytuneError, match="100 rows, fewer than the 120 caption slots"):
-        llamagen.config_from_state_dict(few, grid_size=4, num_heads=4)
+        llamagen_convert.config_from_state_dict(few, grid_size=4, num_heads=4)
     with pytest.raises(ProxytuneError, match="width 64 is none of the original GPT presets"):
-        llamagen.config_from_state_dict(original, grid_size=4)
+        llamagen_convert.config_from_state_dict(original, grid_size=4)
     with pytest.raises(ProxytuneError, match=r"missing key tok_embeddings\.weight"):
-        llamagen.config_from_state_dict({"norm.weight": torch.ones(3)}, grid_size=4)
+        llamagen_convert.config_from_state_dict({"norm.weight": torch.ones(3)}, grid_size=4)
     torch.save({"model": original, "hook": ProxytuneError("pickled code")}, tmp_path / "unsafe.pt")
     with pytest.raises(ProxytuneError, match="weights only"):
-        llamagen.load_original_checkpoint(tmp_path / "unsafe.pt", config)
+        llamagen_convert.load_original_checkpoint(tmp_path / "unsafe.pt", config)
     with pytest.raises(ProxytuneError, match="no such file"):
-        llamagen.load_original_checkpoint(tmp_path / "absent.pt", config)
+        llamagen_convert.load_original_checkpoint(tmp_path / "absent.pt", config)
 
 
 def test_xl_preset_maps_every_key_at_full_size():
     """Shapes only: the real-size conversion on the meta device (no memory, no random init); the
     architecture read from the XL's shapes is the XL preset."""
-    config = llamagen.llamagen_t2i_xl()
+    config = llamagen_model.llamagen_t2i_xl()
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1280, 36, 20)
     assert (config.intermediate_size, config.cond_len, config.text_dim, config.seq_len) == (3584, 120, 2048, 256)
-    shapes = llamagen.original_shapes(config)
+    shapes = llamagen_convert.original_shapes(config)
     assert len(shapes) == 6 + 7 * 36
     assert 770e6 < sum(math.prod(s) for s in shapes.values()) < 780e6  # "775M" GPT-XL
     original = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    assert llamagen.config_from_state_dict(original, grid_size=16).to_dict() == config.to_dict()
+    assert llamagen_convert.config_from_state_dict(original, grid_size=16).to_dict() == config.to_dict()
     with torch.device("meta"):
-        model = llamagen.LlamaGenStudent(config)
-    model.load_state_dict(llamagen.convert_state_dict(original, config), strict=True, assign=True)
-    cos, sin = llamagen.rope_2d_tables(config)
+        model = llamagen_model.LlamaGenStudent(config)
+    model.load_state_dict(llamagen_convert.convert_state_dict(original, config), strict=True, assign=True)
+    cos, sin = llamagen_model.rope_2d_tables(config)
     assert cos.shape == sin.shape == (120 + 256, 64)
 
 
@@ -438,7 +438,7 @@ def test_original_checkpoint_becomes_a_student_folder_that_prompts_as_the_origin
     assert not any(p.name.startswith(".") for p in work.iterdir())  # no scratch left behind
     monkeypatch.chdir(tmp_path)  # the folder names its T5 by an absolute path: it loads from anywhere
     bundle = students.load_student(str(work / "student"))
-    assert bundle.backend == "llamagen" and type(bundle.model) is llamagen.LlamaGenStudent
+    assert bundle.backend == "llamagen" and type(bundle.model) is llamagen_model.LlamaGenStudent
     assert bundle.seq_len == 16 and bundle.image_size == 16 and bundle.config.cond_len == 120
     assert bundle.vq.config.up_block_types[0] == "AttnUpDecoderBlock2D"  # LlamaGen's attending levels kept
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from proxytune.backends import students
 from proxytune.backends import style_tokens as st
+from proxytune.backends import stylear_convert
 from proxytune.errors import ProxytuneError
 
 TINY = st.ResamplerConfig(dim=32, depth=2, dim_head=8, heads=3, num_queries=4, embedding_dim=20, output_dim=48,
@@ -74,7 +75,7 @@ def reference_resampler(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def test_resampler_matches_the_original_forward_on_original_weights():
     sd = original_layout_state(TINY)
-    module = st.resampler_from_original(sd, dim_head=TINY.dim_head)
+    module = stylear_convert.resampler_from_original(sd, dim_head=TINY.dim_head)
     assert module.config == TINY  # every size read back from the tensors
     x = torch.randn(3, 7, TINY.embedding_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -89,7 +90,7 @@ def test_resampler_matches_the_original_forward_on_original_weights():
 def test_stylear_resampler_has_the_released_shapes():
     with torch.device("meta"):
         module = st.StyleResampler(st.STYLEAR_RESAMPLER)
-    shapes = {k: tuple(v.shape) for k, v in st.resampler_to_original(module).items()}
+    shapes = {k: tuple(v.shape) for k, v in stylear_convert.resampler_to_original(module).items()}
     assert shapes["latents"] == (1, 16, 4096) and shapes["proj_in.weight"] == (4096, 1280)
     assert shapes["layers.3.0.to_q.weight"] == (768, 4096) and shapes["layers.3.0.to_kv.weight"] == (1536, 4096)
     assert shapes["layers.3.1.1.weight"] == (16384, 4096) and shapes["proj_out.weight"] == (4096, 4096)
@@ -98,21 +99,21 @@ def test_stylear_resampler_has_the_released_shapes():
 
 def test_resampler_weights_round_trip_and_bad_state_dicts_are_refused(tmp_path):
     sd = original_layout_state(TINY)
-    module = st.resampler_from_original(sd, dim_head=TINY.dim_head)
-    back = st.resampler_to_original(module)
+    module = stylear_convert.resampler_from_original(sd, dim_head=TINY.dim_head)
+    back = stylear_convert.resampler_to_original(module)
     assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     st.save_resampler(module, tmp_path / "r")
     again = st.load_resampler(tmp_path / "r")
     x = torch.randn(1, 5, TINY.embedding_dim)
     torch.testing.assert_close(again(x), module(x))
     with pytest.raises(ProxytuneError, match="missing"):
-        st.resampler_from_original({k: v for k, v in sd.items() if k != "layers.1.0.norm2.bias"}, dim_head=8)
+        stylear_convert.resampler_from_original({k: v for k, v in sd.items() if k != "layers.1.0.norm2.bias"}, dim_head=8)
     with pytest.raises(ProxytuneError, match="position embeddings"):
-        st.resampler_from_original({**sd, "pos_emb.weight": torch.zeros(257, 20)}, dim_head=8)
+        stylear_convert.resampler_from_original({**sd, "pos_emb.weight": torch.zeros(257, 20)}, dim_head=8)
     with pytest.raises(ProxytuneError, match="dim_head"):
-        st.resampler_from_original(sd, dim_head=7)
+        stylear_convert.resampler_from_original(sd, dim_head=7)
     with pytest.raises(ProxytuneError, match="not a StyleAR resampler"):
-        st.resampler_from_original({"weight": torch.zeros(1)})
+        stylear_convert.resampler_from_original({"weight": torch.zeros(1)})
 
 
 def test_resampler_reads_the_penultimate_clip_layer_and_gradients_reach_the_resampler():
@@ -126,13 +127,13 @@ def test_resampler_reads_the_penultimate_clip_layer_and_gradients_reach_the_resa
     feats = st.clip_style_features(clip, pixels)
     hidden = clip(pixel_values=pixels, output_hidden_states=True).hidden_states
     assert len(hidden) == 4 and torch.equal(feats, hidden[2]) and feats.shape == (2, 17, 20)
-    module = st.resampler_from_original(original_layout_state(TINY), dim_head=TINY.dim_head)
+    module = stylear_convert.resampler_from_original(original_layout_state(TINY), dim_head=TINY.dim_head)
     module(feats.detach()).pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
 def test_two_image_mode_is_the_originals_blend():
-    module = st.resampler_from_original(original_layout_state(TINY), dim_head=TINY.dim_head)
+    module = stylear_convert.resampler_from_original(original_layout_state(TINY), dim_head=TINY.dim_head)
     e1, e2 = torch.randn(1, 6, 20), torch.randn(1, 6, 20)
     with torch.no_grad():
         ours = st.style_tokens_without_content(module, e1, e2)
@@ -278,7 +279,7 @@ def test_stylear_lora_loads_into_peft_and_reproduces_the_originals_forward(tmp_p
     finite = base > torch.finfo(base.dtype).min
     assert (original - base)[finite].abs().max() > 1e-2  # the LoRA does something
 
-    st.write_peft_adapter(state, tmp_path / "adapter", base_model="tiny")
+    stylear_convert.write_peft_adapter(state, tmp_path / "adapter", base_model="tiny")
     peft_model = PeftModel.from_pretrained(model, str(tmp_path / "adapter"))
     wrapped = {n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert len(wrapped) == 2 * 5 + 1  # q, k, v, o, down per layer + lm_head; nothing in the VQ
@@ -290,17 +291,17 @@ def test_stylear_lora_loads_into_peft_and_reproduces_the_originals_forward(tmp_p
 def test_stylear_lora_key_mapping_round_trips_and_refuses_strangers():
     bundle = students.load_student("tiny-lumina-mgpt")
     state = stylear_lora_state(bundle.model, r=3)
-    peft_state, rank = st.lora_to_peft(state)
+    peft_state, rank = stylear_convert.lora_to_peft(state)
     assert rank == 3
     assert torch.equal(peft_state["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"],
                        state["model.layers.1.self_attn.o_proj_lora.A"].t())
     assert peft_state["base_model.model.lm_head.lora_B.weight"].shape == (bundle.model.lm_head.out_features, 3)
-    back = st.lora_from_peft(peft_state)
+    back = stylear_convert.lora_from_peft(peft_state)
     assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     with pytest.raises(ProxytuneError, match="not a StyleAR LoRA key"):
-        st.lora_to_peft({**state, "model.layers.0.mlp.up_proj_lora.A": torch.zeros(4, 3)})
+        stylear_convert.lora_to_peft({**state, "model.layers.0.mlp.up_proj_lora.A": torch.zeros(4, 3)})
     with pytest.raises(ProxytuneError, match="lacks its A or B"):
-        st.lora_to_peft({k: v for k, v in state.items() if k != "lm_head.lm_head_lora.B"})
+        stylear_convert.lora_to_peft({k: v for k, v in state.items() if k != "lm_head.lm_head_lora.B"})
 
 
 # -- proxytune convert stylear ---------------------------------------------------------------------
@@ -339,7 +340,7 @@ def test_convert_stylear_turns_a_released_layout_folder_into_adapter_and_resampl
     peft_model = PeftModel.from_pretrained(bundle.model, str(out / "adapter"))
     from peft import get_peft_model_state_dict
 
-    back = st.lora_from_peft({f"base_model.model.{k.removeprefix('base_model.model.')}": v
+    back = stylear_convert.lora_from_peft({f"base_model.model.{k.removeprefix('base_model.model.')}": v
                               for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()})
     assert set(back) == set(lora) and all(torch.equal(back[k], lora[k]) for k in lora)
     # a second run refuses to overwrite; a pickle that is not weights is refused in one line
@@ -370,7 +371,7 @@ def test_guided_sampling_is_the_originals_cfg_on_a_converted_stylear_model(tmp_p
     from proxytune.backends.style_student import StyleStudent
 
     bundle = students.load_student("tiny-lumina-mgpt")
-    st.write_peft_adapter(stylear_lora_state(bundle.model, r=4, seed=5), tmp_path / "adapter", base_model="tiny")
+    stylear_convert.write_peft_adapter(stylear_lora_state(bundle.model, r=4, seed=5), tmp_path / "adapter", base_model="tiny")
     style = StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=4, depth=1, heads=2, dim_head=8, seed=1)
     bundle.model = PeftModel.from_pretrained(bundle.model, str(tmp_path / "adapter")).eval()
     features = style.image_features([Image.new("RGB", (64, 64), (200, 30, 30))])
@@ -420,3 +421,23 @@ def test_a_style_student_samples_with_styleARs_defaults_unless_the_spec_says_oth
     assert sampling_settings("stylear", SamplingSpec()) == {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0}
     assert sampling_settings("stylear", SamplingSpec(top_k=20))["top_k"] == 20
     assert sampling_settings("lumina-mgpt", SamplingSpec())["cfg_scale"] == 3.0
+
+
+def test_a_saved_style_students_adapter_config_names_the_spec_model_and_sorted_targets(tmp_path):
+    """adapter_config.json carries the spec's model reference (set on the PeftConfig before saving, not
+    the folder it resolved to) and its target modules in sorted order (peft keeps them in a set)."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from proxytune.backends import encoders
+    from proxytune.backends.style_student import StyleStudent
+
+    bundle = students.load_student("tiny-lumina-mgpt")
+    targets = bundle.lora_target_modules()
+    bundle.model = get_peft_model(bundle.model, LoraConfig(r=2, lora_alpha=2, target_modules=targets))
+    style = StyleStudent.build(bundle, encoders.load_clip("tiny-clip"), num_tokens=4, depth=1, heads=2, dim_head=8, seed=1)
+    style.save(tmp_path, base_model="tiny-lumina-mgpt", clip_model="tiny-clip", noise_strength=0.0, sampling={})
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-lumina-mgpt"
+    assert config["target_modules"] == sorted(set(targets))

@@ -178,7 +178,7 @@ def test_sd_pretraining_trains_its_text_encoder_only_when_asked(tmp_path, monkey
 def test_vq_and_llamagen_pretraining_use_the_configured_codebook(tmp_path, monkeypatch):
     """vq_codes sizes the VQ's codebook and the student's code vocabulary alike: the finished
     toy-llamagen folder loads through the student loader and samples codes of that codebook only."""
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
 
     _small_fresh_renders(monkeypatch)
     cfg = _tiny_config(2)
@@ -186,7 +186,7 @@ def test_vq_and_llamagen_pretraining_use_the_configured_codebook(tmp_path, monke
     cfg.recipes["vq"] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)
     cfg.recipes["llamagen"] = pretrain.Recipe(steps=2, batch_size=4, lr=1e-3, warmup=1)
     pretrain.pretrain(tmp_path, cfg, ["oracle", "vq", "llamagen"])
-    bundle = ar.load_student(str(tmp_path / "llamagen"))
+    bundle = llamagen.load_student(str(tmp_path / "llamagen"))
     assert bundle.model.config.codebook_size == 32
     assert bundle.vq.config.num_vq_embeddings == 32
     codes = bundle.generate(["a red box"], [0], cfg_scale=3.0, top_k=None, temperature=1.0)

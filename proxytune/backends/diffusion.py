@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.diffusion_tiny import BUILDERS
 from proxytune.toyworld.builtins import TOY_TEACHERS
 from proxytune.errors import ProxytuneError
@@ -44,12 +44,12 @@ FAMILIES = {
     "FluxPipeline": Family("flux", "transformer", True, ("text_encoder", "text_encoder_2")),
 }
 SUPPORTED_PIPELINES = {cls: family.name for cls, family in FAMILIES.items()}
-TINY_TEACHERS = {name: (lambda key=key, build=build: hub.materialize(key, build)) for name, (key, build) in BUILDERS.items()}
+TINY_TEACHERS = {name: (lambda key=key, build=build: tiny_cache.materialize(key, build)) for name, (key, build) in BUILDERS.items()}
 TINY_TEACHERS.update(TOY_TEACHERS)  # the toy world's pretrained toy-sd
 
 
 def resolve(ref: str) -> str:
-    return hub.resolve(ref, TINY_TEACHERS, what="teacher model")
+    return tiny_cache.resolve(ref, TINY_TEACHERS, what="teacher model")
 
 
 def _model_index(path_or_id: str, revision: str | None) -> dict:

@@ -7,86 +7,27 @@ DreamBench conventions, as used by the DreamBooth paper and its follow-ups:
 * CLIP-T: cosine between each generated image and its own prompt with the identifier token removed
   (the class noun stays), averaged over images; the raw cosine (~0.3), not x100 and not clamped.
   This is not torchmetrics' CLIPScore, which scales by 100, clamps at 0 and pairs element-wise.
+  The prompts and the identifier removal: `dreambench`.
 * DINO: cosine between ViT-S/16 DINO CLS tokens (last_hidden_state[:, 0], not the pooler),
   averaged over ALL generated x real pairs; images go through Resize(256, bicubic) +
   CenterCrop(224) + ImageNet normalisation.
 
-Encoders load through `hub.resolve` + `from_pretrained`, so the built-in random tiny models take
+Encoders load through `tiny_cache.resolve` + `from_pretrained`, so the built-in random tiny models take
 exactly the path a real checkpoint does.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.toyworld.builtins import TOY_CLIP, TOY_DINO
 from proxytune.errors import ProxytuneError
-
-LIVE_CLASSES = frozenset({"dog", "cat"})
-
-# DreamBench prompt templates (Ruiz et al. 2023, dataset README): {token} = identifier, {cls} = class noun.
-OBJECT_TEMPLATES = (
-    "a {token} {cls} in the jungle",
-    "a {token} {cls} in the snow",
-    "a {token} {cls} on the beach",
-    "a {token} {cls} on a cobblestone street",
-    "a {token} {cls} on top of pink fabric",
-    "a {token} {cls} on top of a wooden floor",
-    "a {token} {cls} with a city in the background",
-    "a {token} {cls} with a mountain in the background",
-    "a {token} {cls} with a blue house in the background",
-    "a {token} {cls} on top of a purple rug in a forest",
-    "a {token} {cls} with a wheat field in the background",
-    "a {token} {cls} with a tree and autumn leaves in the background",
-    "a {token} {cls} with the Eiffel Tower in the background",
-    "a {token} {cls} floating on top of water",
-    "a {token} {cls} floating in an ocean of milk",
-    "a {token} {cls} on top of green grass with sunflowers around it",
-    "a {token} {cls} on top of a mirror",
-    "a {token} {cls} on top of the sidewalk in a crowded street",
-    "a {token} {cls} on top of a dirt road",
-    "a {token} {cls} on top of a white rug",
-    "a red {token} {cls}",
-    "a purple {token} {cls}",
-    "a shiny {token} {cls}",
-    "a wet {token} {cls}",
-    "a cube shaped {token} {cls}",
-)
-
-LIVE_TEMPLATES = (
-    "a {token} {cls} in the jungle",
-    "a {token} {cls} in the snow",
-    "a {token} {cls} on the beach",
-    "a {token} {cls} on a cobblestone street",
-    "a {token} {cls} on top of pink fabric",
-    "a {token} {cls} on top of a wooden floor",
-    "a {token} {cls} with a city in the background",
-    "a {token} {cls} with a mountain in the background",
-    "a {token} {cls} with a blue house in the background",
-    "a {token} {cls} on top of a purple rug in a forest",
-    "a {token} {cls} wearing a red hat",
-    "a {token} {cls} wearing a santa hat",
-    "a {token} {cls} wearing a rainbow scarf",
-    "a {token} {cls} wearing a black top hat and a monocle",
-    "a {token} {cls} in a chef outfit",
-    "a {token} {cls} in a firefighter outfit",
-    "a {token} {cls} in a police outfit",
-    "a {token} {cls} wearing pink glasses",
-    "a {token} {cls} wearing a yellow shirt",
-    "a {token} {cls} in a purple wizard outfit",
-    "a red {token} {cls}",
-    "a purple {token} {cls}",
-    "a shiny {token} {cls}",
-    "a wet {token} {cls}",
-    "a cube shaped {token} {cls}",
-)
 
 DINO_RESIZE = 256
 DINO_CROP = 224
@@ -152,8 +93,8 @@ def _build_tiny_dino(folder: Path) -> None:
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
 
 
-TINY_CLIP = {"tiny-clip": lambda: hub.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
-TINY_DINO = {"tiny-dino": lambda: hub.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
+TINY_CLIP = {"tiny-clip": lambda: tiny_cache.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
+TINY_DINO = {"tiny-dino": lambda: tiny_cache.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
 
 
 # --- encoders --------------------------------------------------------------------------------
@@ -242,7 +183,7 @@ class ClipEncoder:
             "model": self.ref,
             "path": self.path,
             "architecture": type(self.model).__name__,
-            "random_init": hub.is_random_init(self.path),
+            "random_init": tiny_cache.is_random_init(self.path),
             "embedding": "projected image/text embeddings (get_image_features / get_text_features), L2-normalised",
             "preprocessing": {
                 "processor": type(ip).__name__,
@@ -348,7 +289,7 @@ class DinoEncoder:
             "model": self.ref,
             "path": self.path,
             "architecture": type(self.model).__name__,
-            "random_init": hub.is_random_init(self.path),
+            "random_init": tiny_cache.is_random_init(self.path),
             "embedding": "CLS of last_hidden_state, L2-normalised",
             "preprocessing": {
                 "convert_rgb": True,
@@ -368,7 +309,7 @@ def load_clip(ref: str, *, device: str = "cpu") -> ClipEncoder:
     """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    path = hub.resolve(ref, TINY_CLIP, what="clip model")
+    path = tiny_cache.resolve(ref, TINY_CLIP, what="clip model")
     try:
         model = CLIPModel.from_pretrained(path)
         # PIL backend: bicubic as in the original CLIP preprocessing, and no torchvision needed
@@ -387,7 +328,7 @@ def load_dino(ref: str, *, device: str = "cpu") -> DinoEncoder:
     """
     from transformers import ViTModel
 
-    path = hub.resolve(ref, TINY_DINO, what="dino model")
+    path = tiny_cache.resolve(ref, TINY_DINO, what="dino model")
     try:
         # DINO checkpoints hold no pooler; the default add_pooling_layer=True would bolt on a freshly
         # random one at every load. The metric never reads it, so leave it out.
@@ -457,36 +398,3 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> float:
         text_embeds: (N, D) embeddings of each image's prompt, identifier removed.
     """
     return float(per_image_clip_t(image_embeds, text_embeds).mean())
-
-
-# --- prompts ---------------------------------------------------------------------------------
-
-
-def strip_identifier(prompt: str, token: str) -> str:
-    """Remove the identifier token from a prompt, keeping the class noun.
-
-    The token is removed only as a whole word (delimited by whitespace, or followed by
-    punctuation), together with one adjacent space: ("a S* dog in the jungle", "S*") gives
-    "a dog in the jungle".
-    """
-    if not token.strip():
-        raise ValueError("empty identifier token")
-    pattern = rf"(?<!\S){re.escape(token.strip())}(?![^\s.,;:!?])"
-    stripped = re.sub(pattern, "", prompt)
-    stripped = re.sub(r"\s+([.,;:!?])", r"\1", " ".join(stripped.split()))
-    return stripped
-
-
-def dreambench_prompts(token: str, cls: str, live: bool | None = None) -> list[str]:
-    """The 25 DreamBench evaluation prompts for one subject.
-
-    Args:
-        token: the identifier token ("sks", "S*").
-        cls: the class noun ("dog", "backpack").
-        live: live-subject prompts (accessories, outfits) or object prompts; when None, live
-            exactly for the DreamBench live classes (`LIVE_CLASSES`: cats and dogs).
-    """
-    if live is None:
-        live = cls.strip().lower() in LIVE_CLASSES
-    templates = LIVE_TEMPLATES if live else OBJECT_TEMPLATES
-    return [template.format(token=token, cls=cls) for template in templates]

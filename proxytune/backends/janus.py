@@ -36,9 +36,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import hub
-from proxytune.backends.ar import sample_next
-from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
+from proxytune.backends import tiny_cache
+from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, sample_next, unwrapped
+from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<begin_of_image>"
@@ -224,12 +224,12 @@ def _build_tiny(folder: Path) -> None:
     )
     torch.manual_seed(0)
     JanusForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
-    (folder / "proxytune_student.json").write_text(json.dumps({"backend": "janus", "image_size": 64,
+    (folder / STUDENT_META).write_text(json.dumps({"backend": "janus", "image_size": 64,
                                                                 "prompt_len": TINY_PROMPT_LEN}) + "\n")
 
 
 def materialize_tiny() -> Path:
-    return hub.materialize("tiny-janus-v2", _build_tiny)
+    return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
@@ -241,11 +241,11 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint ({err})") from None
-    meta_path = Path(path) / "proxytune_student.json"
+    meta_path = Path(path) / STUDENT_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     vq = model.config.vq_config
     factor = 2 ** (len(vq.channel_multiplier) - 1)
     model.to(device).eval().requires_grad_(False)
     return JanusStudent(model=model, tokenizer=tokenizer, image_size=int(meta.get("image_size", vq.num_patches * factor)),
-                        path=path, random_init=hub.is_random_init(path),
+                        path=path, random_init=tiny_cache.is_random_init(path),
                         prompt_len=int(meta.get("prompt_len", REAL_PROMPT_LEN)))

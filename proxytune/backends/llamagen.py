@@ -1,473 +1,374 @@
-"""Original LlamaGen text-to-image GPT checkpoints on proxytune's AR student (key conversion).
+"""The LlamaGen student backend: a Llama decoder over the VQ codes of an image tokenizer, captioned by T5.
 
-LlamaGen's T2I GPT is a Llama decoder over [120 caption slots; image codes] with two
-differences from transformers' Llama that a port has to carry:
+A sequence is [caption slots (C); image codes (L)]. The caption slots are the text encoder's
+features through a small MLP; the codes are a VQ tokenizer's grid in raster order. The model
+predicts every code from the caption and the codes before it, so training is one teacher-forced
+pass and sampling is L steps with a KV cache.
 
-1. Its attention projects q, k, v with one fused `wqkv` and rotates interleaved pairs
-   (x[2i], x[2i+1]) of each head as complex numbers; transformers rotates (x[i], x[i + d/2])
-   ("rotate-half"). Splitting `wqkv` and permuting the q and k rows of every head from
-   interleaved to rotate-half order gives the same attention scores (q.k is unchanged when q
-   and k are permuted alike; v and the output projection are untouched).
-2. Its RoPE is 2D: within each head, the first d/4 pairs rotate by the code's row in the
-   image grid and the last d/4 pairs by its column, one frequency ladder base^(-2k/(d/2)),
-   k < d/4, shared by both axes; the caption slots get cos = sin = 0, so their q and k are
-   exactly zero. `LlamaGenStudent` is an `ar.ARStudent` whose Llama backbone takes its
-   (cos, sin) from these tables (`rope_2d_tables`) instead of the 1D rotary embedding; after
-   the permutation, pair i of the original lives in dims (i, i + d/2), so the 2D structure is
-   carried by the table alone and transformers' own `apply_rotary_pos_emb` is used unchanged.
+Captions follow the original LlamaGen (its dataset/t2i.py, train_t2i.py, sample_t2i.py and
+generate.py): the prompt is cleaned as LlamaGen's T5 captions were (`captions.clean_caption`),
+encoded right-padded, then its n token features are moved to the END of the C slots ("left
+padding") and the C - n pad slots are zeroed. No position attends to a pad slot except the pad
+slot itself (which keeps every softmax row finite; nothing reads a pad slot's output). The
+classifier-free-guidance null caption (the uncond embedding, in training dropout and in the
+sampler's uncond half) is masked with the same prompt's pad slots, as in the original.
 
-Key map (original, under ckpt["model"] -> student):
+The condition stays ONE tensor, (B, C, Dt), as the StudentBackend contract asks: the mask is
+derived from it, a slot being padding exactly when its feature row is all zeros (a real T5 output
+row is never exactly zero). So `cond[index]` is a valid batch, and a cond made elsewhere (another
+text encoder, trained jointly) only has to zero its pad rows.
 
-    cls_embedding.uncond_embedding             -> uncond_embedding (its first cond_len of 120 rows)
-    cls_embedding.cap_proj.fc{1,2}.weight      -> cap_proj.fc{1,2}.weight
-    tok_embeddings.weight                      -> backbone.embed_tokens.weight
-    layers.i.attention.wqkv.weight             -> backbone.layers.i.self_attn.{q,k,v}_proj.weight (q, k permuted)
-    layers.i.attention.wo.weight               -> backbone.layers.i.self_attn.o_proj.weight
-    layers.i.feed_forward.w1 / w3 / w2.weight  -> backbone.layers.i.mlp.gate_proj / up_proj / down_proj.weight
-    layers.i.attention_norm.weight             -> backbone.layers.i.input_layernorm.weight
-    layers.i.ffn_norm.weight                   -> backbone.layers.i.post_attention_layernorm.weight
-    norm.weight                                -> backbone.norm.weight
-    output.weight                              -> lm_head.weight
-
-The architecture is read from the checkpoint's shapes (`config_from_state_dict`): width, vocabulary,
-caption width, depth and FFN width; the head count from the original's GPT presets by width (or
-given). The CFG-null caption has 120 rows in every original checkpoint (its CaptionEmbedder always
-allocates 120, whatever cls_token_num), and the original reads its first cls_token_num rows
-(120 for the released T2I models, the default here).
+A student folder (tiny, local or on the hub) holds transformer/ (an `ARStudent` or `LlamaGenStudent`
+of `llamagen_model`), vqvae/ (diffusers VQModel), text_encoder/ (T5 encoder), tokenizer/ and
+proxytune_student.json ({"image_size": S}). Original LlamaGen checkpoints become such a folder
+through `llamagen_convert`.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import AutoModel, DynamicCache
 
-from proxytune.backends import ar, checkpoints
+from proxytune.backends import tiny_cache
+from proxytune.backends.captions import clean_caption
+from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig
+from proxytune.backends.student_api import LORA_GROUPS, sample_next
+from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
 from proxytune.errors import ProxytuneError
-from proxytune.files import staged_dir
 
-# Per-layer renames that are plain copies; wqkv is split and permuted separately.
-LAYER_RENAMES = {
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-GLOBAL_RENAMES = {
-    "cls_embedding.uncond_embedding": "uncond_embedding",
-    "cls_embedding.cap_proj.fc1.weight": "cap_proj.fc1.weight",
-    "cls_embedding.cap_proj.fc2.weight": "cap_proj.fc2.weight",
-    "tok_embeddings.weight": "backbone.embed_tokens.weight",
-    "norm.weight": "backbone.norm.weight",
-    "output.weight": "lm_head.weight",
-}
+ORIGINAL_DROPOUT = 0.1  # LlamaGen's train_t2i.py: --dropout-p (residual, FFN) and --token-dropout-p
+# Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
+LORA_TARGET_MODULES = [name for group in LORA_GROUPS.values() for name in group]
 
 
 # -----------------------------------------------------------------------------
-# config presets
+# bundle
 
 
-class LlamaGenStudentConfig(ar.ARStudentConfig):
-    """An `ARStudentConfig` whose model uses LlamaGen's 2D RoPE (own model_type, so a saved folder says so)."""
+@dataclass
+class ARStudentBundle:
+    """A student and its image and text tokenizers. `model` may be swapped for a peft PeftModel."""
 
-    model_type = "proxytune_llamagen"
+    model: Any  # ARStudent, or a PeftModel wrapping it
+    vq: Any  # diffusers VQModel
+    text_encoder: Any  # transformers T5EncoderModel
+    tokenizer: Any
+    image_size: int
+    path: str
+    random_init: bool
+
+    backend = "llamagen"
+    z_loss_weight = 0.0  # LlamaGen's objective is the plain next-code cross-entropy (a style student reads this)
+
+    @property
+    def config(self) -> ARStudentConfig:
+        return self.model.config
+
+    @property
+    def seq_len(self) -> int:
+        return self.config.seq_len
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
+        """Llama projection suffixes of the named groups ("attention", "mlp"; None = both)."""
+        from proxytune.backends.student_api import lora_groups
+
+        return [name for group in lora_groups(groups) for name in LORA_GROUPS[group]]
+
+    def image_logits(self, cond: torch.Tensor, codes: torch.Tensor, drop_cond: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) teacher-forced logits; logits[:, t] predicts codes[:, t].
+
+        Raises:
+            ProxytuneError: a cond whose last caption slot is padding (right-padded: encoded by an
+                older proxytune, e.g. a codes stage output DVC did not re-run on a code change).
+        """
+        if not bool((cond[:, -1] != 0).any(dim=-1).all()):
+            raise ProxytuneError(f"student model {self.path!r}: caption features are not left-padded (encoded by an "
+                                 "older proxytune?): run the codes stage again "
+                                 "(dvc repro --force --single-item codes@EXPERIMENT.SUBJECT)")
+        return self.model(cond, codes, drop_cond=drop_cond)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels in [-1, 1] -> (B, L) code indices, raster order."""
+        pixels = pixels.to(self.vq.device, self.vq.dtype)
+        latents = self.vq.encode(pixels).latents  # (B, D, g, g), after quant_conv
+        _, _, (_, _, indices) = self.vq.quantize(latents)  # indices (B * g * g,)
+        return indices.view(pixels.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> list[Image.Image]:
+        """(B, L) code indices -> B RGB images of image_size pixels."""
+        B, L = codes.shape
+        g = math.isqrt(L)
+        indices = codes.reshape(-1).to(self.vq.device)
+        shape = (B, g, g, self.vq.config.vq_embed_dim or self.vq.config.latent_channels)
+        if self.vq.config.lookup_from_codebook:
+            pixels = self.vq.decode(indices, force_not_quantize=True, shape=shape).sample
+        else:
+            quant = self.vq.quantize.get_codebook_entry(indices, shape)  # (B, D, g, g)
+            pixels = self.vq.decode(quant, force_not_quantize=True).sample  # (B, 3, S, S)
+        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
+
+    def caption_features(self, prompts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+        """Prompts -> the cond `image_logits` and `loss` take: (B, C, Dt) T5 features, left-padded.
+
+        As the original: each prompt is cleaned (when config.clean_captions), tokenized to at most C
+        tokens and encoded right-padded with its attention mask; its n token features then fill the
+        last n slots in order and the C - n slots before them are zero (the pad mask is read from
+        those zero rows). Gradients flow into the text encoder (for training it jointly);
+        `encode_prompts` is this under no_grad. `max_tokens` (< C) keeps at most that many tokens
+        (a style student keeps slots free for its style tokens); the result is C slots wide all the same.
+        """
+        C = self.config.cond_len
+        if self.config.clean_captions:
+            prompts = [clean_caption(p) for p in prompts]
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=max_tokens or C, truncation=True,
+            padding_side="right", return_tensors="pt",
+        ).to(self.text_encoder.device)
+        feats = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        feats = feats * tokens.attention_mask[:, :, None].to(feats.dtype)  # (B, max_tokens, Dt), pads zero
+        # stable sort of the mask: pad slots (0) first, then the tokens in their own order
+        order = torch.sort(tokens.attention_mask, dim=1, stable=True).indices  # (B, max_tokens)
+        feats = feats.gather(1, order[:, :, None].expand_as(feats))
+        return F.pad(feats, (0, 0, C - feats.shape[1], 0))  # (B, C, Dt): more pad slots in front
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """`caption_features` without gradients (the student stage caches these per prompt)."""
+        return self.caption_features(prompts)
+
+    def loss(
+        self, text_feats: torch.Tensor, codes: torch.Tensor, *, cfg_dropout: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Next-code cross-entropy on image tokens; each caption is dropped with p = cfg_dropout.
+
+        Args:
+            text_feats: (B, C, Dt) caption features.
+            codes: (B, L) target codes.
+            cfg_dropout: probability a sample's caption is replaced by the uncond embedding.
+            generator: the CPU generator the drops are drawn from (B numbers per call).
+        """
+        drop = torch.rand(codes.shape[0], generator=generator) < cfg_dropout  # (B,)
+        logits = self.model(text_feats, codes, drop_cond=drop.to(codes.device))  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        cfg_scale: float = 7.5,
+        top_k: int | None = 1000,
+        temperature: float = 1.0,
+        use_cache: bool = True,
+        text_feats: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sample (B, L) codes with classifier-free guidance; image i depends only on prompts[i], seeds[i].
+
+        Args:
+            prompts: one caption per image.
+            seeds: one seed per image; its own generator makes every draw for that image.
+            cfg_scale: logits = uncond + cfg_scale * (cond - uncond); at 1.0 the uncond half is skipped.
+            top_k: sample among the k most likely codes (None: all).
+            temperature: softmax temperature; 0 is greedy (argmax).
+            use_cache: decode incrementally with a KV cache (else recompute the whole prefix each step).
+            text_feats: (B, C, Dt) caption features to use instead of encoding `prompts` (a style
+                student's, style tokens in some slots); the uncond half replaces them as a caption's.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        model = self.model
+        B, L = len(prompts), self.config.seq_len
+        text = self.encode_prompts(prompts) if text_feats is None else text_feats  # (B, C, Dt)
+        drop = torch.zeros(B, dtype=torch.bool)
+        guided = cfg_scale != 1.0
+        if guided:  # one batch [cond; uncond]
+            text = torch.cat([text, text])
+            drop = torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        text = text.to(self.model_device)
+        codes = torch.zeros(len(text), L, dtype=torch.long, device=text.device)  # codes[:, t] is a placeholder until drawn
+        cache = DynamicCache() if use_cache else None
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        for t in tqdm(range(L), desc="student: sample", unit="code", leave=False, disable=None):
+            logits = model(text, codes[:, : t + 1], drop_cond=drop, past_key_values=cache, use_cache=use_cache)
+            logits = logits[:, -1].float()  # (B or 2B, V)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)  # (B,)
+            codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+        return codes[:B]
+
+    def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images (square, image_size; resized bicubic if not) -> (B, 3, S, S) in [-1, 1]."""
+        from proxytune.backends.student_api import images_to_pixels
+
+        return images_to_pixels(images, self.image_size)
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
-def llamagen_ffn_dim(dim: int, multiple_of: int = 256) -> int:
-    """LlamaGen's SwiGLU width: 2/3 of 4 * dim, rounded up to a multiple (1280 -> 3584)."""
-    hidden = int(2 * (4 * dim) / 3)
-    return -(-hidden // multiple_of) * multiple_of
+# -----------------------------------------------------------------------------
+# tiny built-in and loading
+
+TINY_COND_LEN = 32
 
 
-def llamagen_t2i_xl(*, grid_size: int = 16) -> LlamaGenStudentConfig:
-    """LlamaGen T2I GPT-XL (about 775M parameters) with FLAN-T5-XL captions.
+def _build_tiny_llamagen(folder: Path) -> None:
+    """64 px images, x4 VQ (16x16 = 256 codes, 512 entries), 2-layer Llama, 2-layer T5 encoder."""
+    from diffusers import VQModel
+    from transformers import T5Config, T5EncoderModel
 
-    Args:
-        grid_size: codes per image side; 16 for the 256 px checkpoints, 32 for 512 px.
-            Default: 16.
-    """
-    return LlamaGenStudentConfig(
-        codebook_size=16384,
-        hidden_size=1280,
-        num_hidden_layers=36,
-        num_attention_heads=20,
-        intermediate_size=llamagen_ffn_dim(1280),
-        cond_len=120,
-        text_dim=2048,
-        grid_size=grid_size,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-    )
-
-
-def llamagen_t2i_tiny() -> LlamaGenStudentConfig:
-    """About 0.1M parameters in the same layout, for tests: head dim 16 (4 pairs per axis), 4x4 codes,
-    the original's 120 caption slots."""
-    return LlamaGenStudentConfig(
-        codebook_size=64,
+    student_config = LlamaGenStudentConfig(
+        codebook_size=512,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
-        intermediate_size=llamagen_ffn_dim(64, multiple_of=32),
-        cond_len=120,
+        intermediate_size=128,
+        cond_len=TINY_COND_LEN,
         text_dim=32,
-        grid_size=4,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        grid_size=16,
+        # LoRA leaves lm_head frozen, so its scale bounds the logits: at 0.02 they stay under ~1.3
+        # and fine-tuning cannot lower the loss much; 1/sqrt(hidden) leaves room.
+        initializer_range=0.125,
     )
-
-
-# -----------------------------------------------------------------------------
-# 2D RoPE
-
-
-def head_dim(config: ar.ARStudentConfig) -> int:
-    """Per-head width; must split into a row half and a column half of whole pairs.
-
-    Raises:
-        ValueError: hidden_size not divisible by num_attention_heads, or a head width not divisible by 4.
-    """
-    d, rest = divmod(config.hidden_size, config.num_attention_heads)
-    if rest or d % 4:
-        raise ValueError(
-            f"2D RoPE needs hidden_size / num_attention_heads to be a multiple of 4, "
-            f"got {config.hidden_size} / {config.num_attention_heads}"
-        )
-    return d
-
-
-def rope_2d_tables(
-    config: ar.ARStudentConfig, *, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) for every input position [caption slots (zeros); image codes in raster order].
-
-    Rotate-half layout: column j and j + d/2 hold pair j's angle. Pairs j < d/4 turn by the
-    code's row times base^(-2j/(d/2)), pairs j >= d/4 by its column times base^(-2(j - d/4)/(d/2)),
-    computed in float32 as the original does.
-
-    Returns:
-        cos, sin: (cond_len + grid_size**2, head_dim) float32 each.
-    """
-    d, g, C = head_dim(config), config.grid_size, config.cond_len
-    half = d // 2  # one axis' share of the head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, device=device).float() / half))  # (d/4,)
-    pos = torch.arange(g * g, device=device)
-    rows, cols = pos // g, pos % g  # (L,) each
-    angles = torch.cat([torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)], dim=-1)  # (L, d/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (L, d): pair j in columns j and j + d/2
-    blank = torch.zeros(C, d, device=device)  # caption slots: q and k become exactly zero
-    return torch.cat([blank, angles.cos()]), torch.cat([blank, angles.sin()])
-
-
-class Rope2D(nn.Module):
-    """Drop-in for LlamaModel.rotary_emb: position ids index the 2D tables.
-
-    LlamaModel numbers its inputs 0.. (plus the cache length), which is exactly the row of
-    `rope_2d_tables`. The tables are rebuilt per call ((C + L) x d numbers, once per forward,
-    not per layer) and are no buffer, so nothing is saved and from_pretrained has nothing to
-    initialise.
-    """
-
-    def __init__(self, config: ar.ARStudentConfig):
-        super().__init__()
-        self.config = config
-        head_dim(config)  # fail at build time, not at the first forward
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = rope_2d_tables(self.config, device=x.device)
-        return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)  # (B or 1, T, d) each
-
-
-class LlamaGenStudent(ar.ARStudent):
-    """`ar.ARStudent` with LlamaGen's 2D RoPE; same weights, forward, sampling and LoRA targets."""
-
-    config_class = LlamaGenStudentConfig
-
-    def __init__(self, config: LlamaGenStudentConfig):
-        super().__init__(config)
-        self.backbone.rotary_emb = Rope2D(config)
-
-
-# -----------------------------------------------------------------------------
-# conversion
-
-
-ORIGINAL_UNCOND_ROWS = 120  # CaptionEmbedder's token_num: the null caption's rows in every checkpoint
-ORIGINAL_COND_LEN = 120  # cls_token_num (and t5_feature_max_len) of LlamaGen's T2I training and sampling
-# Heads of the original GPT presets by width (GPT-B, L, XL, XXL, 1B, XXXL, 3B, 7B); the weights do not say.
-ORIGINAL_HEADS = {768: 12, 1024: 16, 1280: 20, 1536: 24, 2048: 32, 2560: 40, 3200: 32, 4096: 32}
-
-
-def original_shapes(config: ar.ARStudentConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of an original LlamaGen T2I GPT state dict and its shape for `config`."""
-    H, V, Dt, F = config.hidden_size, config.codebook_size, config.text_dim, config.intermediate_size
-    shapes = {
-        "cls_embedding.uncond_embedding": (ORIGINAL_UNCOND_ROWS, Dt),
-        "cls_embedding.cap_proj.fc1.weight": (H, Dt),
-        "cls_embedding.cap_proj.fc2.weight": (H, H),
-        "tok_embeddings.weight": (V, H),
-        "norm.weight": (H,),
-        "output.weight": (V, H),
-    }
-    for i in range(config.num_hidden_layers):
-        shapes |= {
-            f"layers.{i}.attention.wqkv.weight": (3 * H, H),  # LlamaGen T2I has n_kv_head == n_head
-            f"layers.{i}.attention.wo.weight": (H, H),
-            f"layers.{i}.feed_forward.w1.weight": (F, H),
-            f"layers.{i}.feed_forward.w3.weight": (F, H),
-            f"layers.{i}.feed_forward.w2.weight": (H, F),
-            f"layers.{i}.attention_norm.weight": (H,),
-            f"layers.{i}.ffn_norm.weight": (H,),
-        }
-    return shapes
-
-
-def _shape(original: dict, key: str) -> tuple[int, ...]:
-    if key not in original:
-        raise ProxytuneError(f"LlamaGen checkpoint: missing key {key} (not a LlamaGen T2I GPT state dict)")
-    return tuple(original[key].shape)
-
-
-def config_from_state_dict(
-    original: dict[str, torch.Tensor],
-    *,
-    grid_size: int,
-    cond_len: int = ORIGINAL_COND_LEN,
-    num_heads: int | None = None,
-) -> LlamaGenStudentConfig:
-    """The architecture of an original T2I GPT state dict, read from its tensor shapes.
-
-    Args:
-        original: the checkpoint's state dict (original key names).
-        grid_size: codes per image side (image size / the VQ's downsampling).
-        cond_len: caption slots it was trained with (LlamaGen's --cls-token-num). Default: 120.
-        num_heads: attention heads. Default: the original GPT preset of its width (`ORIGINAL_HEADS`).
-    Raises:
-        ProxytuneError: a key the shapes are read from is missing, an unknown width without
-            num_heads, or a null caption with fewer rows than cond_len.
-    """
-    V, H = _shape(original, "tok_embeddings.weight")
-    _, Dt = _shape(original, "cls_embedding.cap_proj.fc1.weight")
-    F = _shape(original, "layers.0.feed_forward.w1.weight")[0]
-    layers = 0
-    while f"layers.{layers}.attention.wqkv.weight" in original:
-        layers += 1
-    if num_heads is None:
-        if H not in ORIGINAL_HEADS:
-            raise ProxytuneError(f"LlamaGen checkpoint: width {H} is none of the original GPT presets "
-                                 f"({', '.join(map(str, ORIGINAL_HEADS))}); give its number of heads")
-        num_heads = ORIGINAL_HEADS[H]
-    rows = _shape(original, "cls_embedding.uncond_embedding")[0]
-    if rows < cond_len:
-        raise ProxytuneError(f"LlamaGen checkpoint: cls_embedding.uncond_embedding has {rows} rows, "
-                             f"fewer than the {cond_len} caption slots")
-    return LlamaGenStudentConfig(
-        codebook_size=V,
-        hidden_size=H,
-        num_hidden_layers=layers,
-        num_attention_heads=num_heads,
-        intermediate_size=F,
-        cond_len=cond_len,
-        text_dim=Dt,
-        grid_size=grid_size,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+    text_config = T5Config(
+        vocab_size=char_vocab_size(),
+        d_model=32,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        pad_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID,
     )
+    with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
+        torch.manual_seed(0)
+        LlamaGenStudent(student_config).save_pretrained(folder / "transformer")
+        VQModel(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            latent_channels=8,
+            vq_embed_dim=8,
+            num_vq_embeddings=512,
+            norm_num_groups=16,
+            sample_size=64,
+        ).save_pretrained(folder / "vqvae")
+        T5EncoderModel(text_config).save_pretrained(folder / "text_encoder")
+    write_char_clip_tokenizer(folder / "tokenizer", model_max_length=TINY_COND_LEN)
+    (folder / STUDENT_META).write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
 
 
-def interleaved_to_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Reorder q or k projection rows of each head: pair (2i, 2i + 1) -> rows (i, i + d/2).
+TINY_STUDENTS = {"tiny-llamagen": lambda: tiny_cache.materialize("tiny-llamagen-v2", _build_tiny_llamagen)}
 
-    Args:
-        weight: (num_heads * d, in) rows in the original's interleaved order.
-    Returns:
-        (num_heads * d, in), a new tensor.
-    """
-    out_dim, in_dim = weight.shape
-    d = out_dim // num_heads
-    return weight.reshape(num_heads, d // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
+    try:
+        return cls.from_pretrained(path, subfolder=subfolder) if subfolder else cls.from_pretrained(path)
+    except OSError as err:  # missing folder / file, or the hub could not be reached
+        where = f"{subfolder}/" if subfolder else path
+        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({err})") from None
 
 
-def _check_keys(original: dict, config: ar.ARStudentConfig) -> None:
-    expected = original_shapes(config)
-    problems = []
-    missing = [k for k in expected if k not in original]
-    unexpected = sorted(k for k in original if k not in expected)
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            problems.append(f"{label} keys {', '.join(keys[:3])}{more}")
-    uncond = "cls_embedding.uncond_embedding"
-    for key, shape in expected.items():
-        if key not in original:
-            continue
-        got = tuple(original[key].shape)
-        if key == uncond:  # any number of rows that covers the caption slots (the original: 120)
-            if len(got) != 2 or got[1] != config.text_dim or got[0] < config.cond_len:
-                problems.append(f"{key} has shape {got}, config expects (>= {config.cond_len}, {config.text_dim})")
-        elif got != shape:
-            problems.append(f"{key} has shape {got}, config expects {shape}")
-    if problems:
-        raise ProxytuneError("LlamaGen checkpoint does not fit the config: " + "; ".join(problems[:5]))
+def _load_transformer(path: str, ref: str):
+    """transformer/ as the class its config.json's model_type names: `ARStudent` ("proxytune_ar") or
+    `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen_model registers both with AutoModel."""
+    try:
+        return AutoModel.from_pretrained(path, subfolder="transformer")
+    except (OSError, ValueError) as err:  # missing files, or a model_type that is no LlamaGen student
+        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({err})") from None
 
 
-def convert_state_dict(original: dict[str, torch.Tensor], config: ar.ARStudentConfig) -> dict[str, torch.Tensor]:
-    """Original LlamaGen T2I GPT weights -> a `LlamaGenStudent` state dict (see the module's key map).
-
-    Plain renames keep the caller's tensors (no copy); q, k, v and the null caption's rows are new tensors.
-
-    Args:
-        original: the checkpoint's state dict (ckpt["model"]), original key names.
-        config: the architecture it was trained with (`config_from_state_dict`, `llamagen_t2i_xl()`).
-    Raises:
-        ProxytuneError: a key is missing or unexpected, or a shape disagrees with `config`.
-        ValueError: the head width cannot carry the 2D RoPE.
-    """
-    head_dim(config)
-    _check_keys(original, config)
-    H, heads = config.hidden_size, config.num_attention_heads
-    state = {new: original[old] for old, new in GLOBAL_RENAMES.items()}
-    # the original slices its 120-row null caption to the caption slots in every forward
-    state["uncond_embedding"] = original["cls_embedding.uncond_embedding"][: config.cond_len].clone()
-    for i in range(config.num_hidden_layers):
-        src, dst = f"layers.{i}.", f"backbone.layers.{i}."
-        q, k, v = original[src + "attention.wqkv.weight"].split(H, dim=0)  # (H, H) each
-        state[dst + "self_attn.q_proj.weight"] = interleaved_to_rotate_half(q, heads)
-        state[dst + "self_attn.k_proj.weight"] = interleaved_to_rotate_half(k, heads)
-        state[dst + "self_attn.v_proj.weight"] = v.clone()  # not a view into the whole wqkv
-        for old, new in LAYER_RENAMES.items():
-            state[dst + new] = original[src + old]
-    return state
-
-
-def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a LlamaGen checkpoint file (see `checkpoints.read_state_dict`)."""
-    return checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
-
-
-def load_original_checkpoint(
-    path: str | Path,
-    config: LlamaGenStudentConfig | None = None,
-    *,
-    grid_size: int = 16,
-    cond_len: int = ORIGINAL_COND_LEN,
-    num_heads: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> LlamaGenStudent:
-    """Build a `LlamaGenStudent` (an `ar.ARStudent`) from an original LlamaGen T2I GPT checkpoint.
-
-    The model is built on the meta device and takes the converted tensors as they are, so the
-    full-size model is never random-initialised first.
-
-    Args:
-        path: a LlamaGen `.pt` / `.pth` checkpoint (or a `.safetensors` file with the original keys).
-        config: its architecture. Default: read from the checkpoint (`config_from_state_dict` with
-            grid_size, cond_len and num_heads).
-        grid_size, cond_len, num_heads: see `config_from_state_dict` (used when config is None).
-        dtype: cast floating weights to this dtype. Default: None (keep the checkpoint's).
-    Returns:
-        The model on the CPU in eval mode (not frozen).
-    Raises:
-        ProxytuneError: see `read_original_state_dict`, `config_from_state_dict` and `convert_state_dict`.
-    """
-    original = read_original_state_dict(path)
-    if config is None:
-        config = config_from_state_dict(original, grid_size=grid_size, cond_len=cond_len, num_heads=num_heads)
-    state = convert_state_dict(original, config)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = LlamaGenStudent(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # every tensor of the model must have come from the checkpoint
-        raise RuntimeError(f"not loaded from the checkpoint: {', '.join(left)}")
-    return model.eval()
-
-
-# -----------------------------------------------------------------------------
-# a student folder from the original files
-
-
-def _text_encoder_ref(text_encoder: str | Path) -> str:
-    """An existing folder as an absolute path (the student folder must load from anywhere); else a hub id.
-
-    Raises:
-        ProxytuneError: a path that looks local (./, ../, ~, /) but is not a folder.
-    """
-    local = Path(text_encoder).expanduser()
-    if local.is_dir():
-        return str(local.resolve())
-    if str(text_encoder).startswith((".", "/", "~")) or local.exists():
-        raise ProxytuneError(f"text encoder {str(text_encoder)!r}: not a folder (give a T5 folder or a hub id)")
-    return str(text_encoder)
-
-
-def _vq_factor(vq_folder: Path) -> int:
-    """Pixels per code side of a diffusers VQModel folder (2 ** (levels - 1))."""
-    import json
+def _read_meta(path: str) -> dict:
+    """proxytune_student.json of a student folder or hub repo ({} when absent)."""
+    if Path(path).is_dir():
+        meta_path = Path(path) / STUDENT_META
+        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        config = json.loads((vq_folder / "config.json").read_text())
-        return 2 ** (len(config["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder ({err})") from None
+        return json.loads(Path(hf_hub_download(path, STUDENT_META)).read_text())
+    except EntryNotFoundError:
+        return {}
 
 
-def convert_to_student_folder(
-    gpt_checkpoint: str | Path,
-    out_dir: str | Path,
-    *,
-    vq_folder: str | Path,
-    config: LlamaGenStudentConfig | None = None,
-    image_size: int = 256,
-    cond_len: int = ORIGINAL_COND_LEN,
-    num_heads: int | None = None,
-    text_encoder: str = "google/flan-t5-xl",
-) -> Path:
-    """Write a proxytune student folder (the llamagen backend) from an original T2I GPT checkpoint.
+def _part(path: str, meta: dict, name: str) -> tuple[str, str | None]:
+    """Where a part lives: its subfolder, or the hub id / folder proxytune_student.json names for it
+    (a converted LlamaGen folder refers to google/flan-t5-xl instead of copying it)."""
+    if name in meta:
+        source = meta[name]
+        local = Path(path) / source
+        return (str(local), None) if Path(path).is_dir() and local.is_dir() else (source, None)
+    return path, name
 
-    The GPT weights are converted (`load_original_checkpoint`, architecture read from the
-    checkpoint, the code grid from image_size and the VQ's downsampling) and saved as
-    `transformer/`; the VQ tokenizer is copied from `vq_folder`, a diffusers VQModel folder; the T5
-    caption encoder is not copied but named (hub id, or a folder as an absolute path) in
-    proxytune_student.json, which `ar.load_student` follows.
 
-    Args:
-        gpt_checkpoint: t2i_XL_stage1_256.pt (image_size 256) or t2i_XL_stage2_512.pt (512).
-        out_dir: the new folder (must not exist).
-        vq_folder: the VQ tokenizer as a diffusers VQModel folder (config.json + weights).
-        config: the GPT architecture. Default: read from the checkpoint.
-        image_size: pixels per side of the checkpoint's images.
-        cond_len: caption slots (LlamaGen's --cls-token-num). Default: 120.
-        num_heads: attention heads. Default: the original preset of the checkpoint's width.
-        text_encoder: T5 encoder (and tokenizer) hub id or folder.
+def _check_parts(ref: str, bundle: ARStudentBundle) -> None:
+    """The parts of a student folder must agree on widths, codebook and grid."""
+    config, vq = bundle.config, bundle.vq
+    factor = 2 ** (len(vq.config.block_out_channels) - 1)
+    problems = []
+    if bundle.text_encoder.config.d_model != config.text_dim:
+        problems.append(f"text encoder width {bundle.text_encoder.config.d_model} != text_dim {config.text_dim}")
+    if vq.config.num_vq_embeddings != config.codebook_size:
+        problems.append(f"VQ codebook {vq.config.num_vq_embeddings} != codebook_size {config.codebook_size}")
+    if bundle.image_size // factor != config.grid_size:
+        problems.append(f"image_size {bundle.image_size} / VQ factor {factor} != grid_size {config.grid_size}")
+    if problems:
+        raise ProxytuneError(f"student model {ref!r}: " + "; ".join(problems))
+
+
+def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
+    """Load a student (built-in tiny name, local folder or hub id), frozen and in eval mode.
+
     Raises:
-        ProxytuneError: an existing out_dir, a VQ folder that is not one, an image size the VQ does
-            not divide, a text-encoder path that is not a folder, or a bad checkpoint.
+        ProxytuneError: unknown name, unloadable part, or parts that do not fit together.
     """
-    import json
-    import shutil
+    from diffusers import VQModel
+    from transformers import AutoTokenizer, T5EncoderModel
 
-    out_dir, vq_folder = Path(out_dir), Path(vq_folder)
-    if out_dir.exists():
-        raise ProxytuneError(f"{out_dir}: already exists; choose a new folder")
-    if not (vq_folder / "config.json").is_file():
-        raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder (no config.json)")
-    factor = _vq_factor(vq_folder)
-    if image_size % factor:
-        raise ProxytuneError(f"image size {image_size}: not a multiple of the VQ's downsampling {factor}")
-    text_encoder = _text_encoder_ref(text_encoder)
-    model = load_original_checkpoint(gpt_checkpoint, config, grid_size=image_size // factor, cond_len=cond_len,
-                                     num_heads=num_heads)
-    with staged_dir(out_dir) as tmp:
-        model.save_pretrained(tmp / "transformer", safe_serialization=True)
-        shutil.copytree(vq_folder, tmp / "vqvae")
-        meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": text_encoder,
-                "tokenizer": text_encoder}
-        (tmp / ar.STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out_dir
+    path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
+    meta = _read_meta(path)
+    model = _load_transformer(path, ref)
+    vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
+    text_encoder = _from_pretrained(T5EncoderModel, *_part(path, meta, "text_encoder"), ref)
+    tokenizer = _from_pretrained(AutoTokenizer, *_part(path, meta, "tokenizer"), ref)
+    for part in (model, vq, text_encoder):
+        part.to(device).eval().requires_grad_(False)
+    bundle = ARStudentBundle(
+        model=model,
+        vq=vq,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        image_size=int(meta.get("image_size", vq.config.sample_size)),
+        path=path,
+        random_init=tiny_cache.is_random_init(path),
+    )
+    _check_parts(ref, bundle)
+    return bundle

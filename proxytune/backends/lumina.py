@@ -28,8 +28,7 @@ code loads the tokenizer separately), so when transformers reports those weights
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
 The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
-lacks one gets a clear error rather than a wrong layout. The tiny model's vocabulary puts every one of
-them at its id in Chameleon's real vocabulary (`_tiny_vocabulary`).
+lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina_tiny`.
 """
 
 from __future__ import annotations
@@ -45,9 +44,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import hub, vqgan
-from proxytune.backends.ar import sample_next
-from proxytune.backends.student_api import LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups, unwrapped
+from proxytune.backends import tiny_cache, vqgan
+from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
+                                            sample_next, unwrapped)
+from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError
 
 IMAGE_START = "<racm3:break>"
@@ -58,8 +58,6 @@ PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the follow
 SIZE_BASE = 8800  # <reserved{8800 + n}>: n steps of SIZE_UNIT pixels
 SIZE_UNIT = 32  # the item processor's patch size: two codes of Chameleon's x16 VQ
 Z_LOSS_WEIGHT = 1e-5  # the original fine-tuning's --z_loss_weight (exps/7B.sh)
-TINY_SIZE = 128
-TINY_PROMPT_LEN = 160  # characters: the template alone is about 70
 
 
 def size_token(pixels: int) -> str:
@@ -286,71 +284,7 @@ class LuminaStudent:
 
 
 # -----------------------------------------------------------------------------
-# tiny built-in and loading
-
-
-def _tiny_vocabulary(codes: int) -> dict[str, int]:
-    """Names and ids laid out as in Chameleon's real vocabulary, up to the last reserved size token.
-
-    <s> 0, <pad> 1, </s> 2, <unk> 3; image tokens from 4 (the real 8192 fill 4..8195; the tiny's
-    `codes` take the first ids and placeholders the rest); <eoss> 8196, <racm3:break> 8197; then
-    <reservedNNNNN> at id NNNNN + 4 (the end of turn <reserved08706> at 8710, the row end at 8803, size
-    tokens from 8804), with <reserved08707> renamed <image> as transformers' conversion does.
-    """
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({image_token_name(c): 4 + c for c in range(codes)})
-    vocab.update({f"<tiny-unused-{i}>": i for i in range(4 + codes, 8196)})
-    vocab.update({IMAGE_END: 8196, IMAGE_START: 8197})
-    for i in range(8198, 9004):  # through <reserved08999>: size tokens up to 6,368 px
-        name = f"<reserved{i - 4:05d}>"
-        vocab["<image>" if name == "<reserved08707>" else name] = i
-    return vocab
-
-
-def _build_tiny(folder: Path) -> None:
-    """128 px images, an x16 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder.
-
-    The vocabulary is Chameleon's layout (`_tiny_vocabulary`) plus byte characters for text, so every
-    special token has its real id. The VQ decoder folder is made the way a real one is: a taming-layout
-    VQGAN (Chameleon's encoder and codebook from the checkpoint, a random decoder) converted by
-    `vqgan.convert_state_dict`."""
-    from diffusers import VQModel
-    from transformers import AutoTokenizer, ChameleonConfig, ChameleonForConditionalGeneration, ChameleonVQVAEConfig
-
-    from proxytune.backends.tokenizer import write_char_bpe_tokenizer
-
-    codes = 256
-    entries = _tiny_vocabulary(codes)
-    special = [name for name in entries if name.startswith("<") and not name.startswith("<tiny-unused")]
-    write_char_bpe_tokenizer(folder, entries, special=special, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
-                             model_max_length=TINY_PROMPT_LEN)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    vocab = dict(tokenizer.get_vocab())
-    config = ChameleonConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=512, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        vocabulary_map=vocab, initializer_range=0.125,  # room for a LoRA to move the logits (see tiny-llamagen)
-        vq_config=ChameleonVQVAEConfig(embed_dim=8, num_embeddings=codes, latent_channels=32, resolution=TINY_SIZE,
-                                       base_channels=32, channel_multiplier=[1, 1, 2, 2, 2], num_res_blocks=1,
-                                       attn_resolutions=[]),
-    )
-    torch.manual_seed(0)
-    model = ChameleonForConditionalGeneration(config)
-    model.save_pretrained(folder, safe_serialization=True)
-    decoder_only = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 5,
-                           up_block_types=("UpDecoderBlock2D",) * 5, block_out_channels=(32, 32, 64, 64, 64),
-                           layers_per_block=1, latent_channels=32, vq_embed_dim=8, num_vq_embeddings=codes)
-    taming = {k: v for k, v in vqgan.to_original_state_dict(decoder_only, "taming").items() if k.startswith("decoder.")}
-    taming.update(model.model.vqmodel.state_dict())  # transformers keeps taming's names for the rest
-    decoder = vqgan.build_vqmodel(*vqgan.convert_state_dict(taming, "taming", image_size=TINY_SIZE,
-                                                            label="tiny Chameleon VQGAN"))
-    decoder.save_pretrained(folder / "vq_decoder")
-    meta = {"backend": "lumina-mgpt", "image_size": TINY_SIZE, "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}
-    (folder / "proxytune_student.json").write_text(json.dumps(meta) + "\n")
-
-
-def materialize_tiny() -> Path:
-    return hub.materialize("tiny-lumina-mgpt-v3", _build_tiny)
+# loading
 
 
 def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
@@ -363,7 +297,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     from diffusers import VQModel
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
-    meta_path = Path(path) / "proxytune_student.json"
+    meta_path = Path(path) / STUDENT_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     if "vq_decoder" not in meta:
         raise ProxytuneError(f"student model {ref!r}: proxytune_student.json must name its vq_decoder folder "
@@ -385,7 +319,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     for part in (model, decoder):
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
-                         random_init=hub.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
+                         random_init=tiny_cache.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
 
 
 def _beside(path: str, ref: str) -> str:

@@ -120,16 +120,14 @@ def lora_groups(groups: list[str] | None) -> list[str]:
 
 
 def images_to_pixels(images: list[Image.Image], size: int) -> torch.Tensor:
-    """RGB images (resized bicubic to size x size when they are not) -> (B, 3, S, S) in [-1, 1]."""
-    import numpy as np
+    """RGB images (resized bicubic to size x size when they are not) -> (B, 3, S, S) in [-1, 1].
 
-    arrays = []
-    for image in images:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        arrays.append(np.asarray(image))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    diffusers' VaeImageProcessor, set up for exactly that (tests/test_image_preprocessing.py compares
+    its pixels with the plain PIL + x / 127.5 - 1 arithmetic); vae_scale_factor 1 keeps any size."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=1, resample="bicubic", do_normalize=True, do_convert_rgb=True)
+    return processor.preprocess(list(images), height=size, width=size)
 
 
 def cfg_batch(cond: torch.Tensor, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,3 +145,22 @@ def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         return logits
     cond, uncond = logits.chunk(2)
     return uncond + cfg_scale * (cond - uncond)
+
+
+def sample_next(
+    logits: torch.Tensor, generators: list[torch.Generator], *, top_k: int | None, temperature: float
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) codes; row i draws one number from generators[i] only.
+
+    temperature 0 means argmax; top_k None keeps every code. Draws happen on the CPU so a seed gives
+    the same choice anywhere.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1).cpu()  # (B, V)
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)]
+    return torch.cat(picks).to(logits.device)

@@ -13,29 +13,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.backends.student_api import StudentBackend
+from proxytune.backends.student_meta import STUDENT_BACKENDS, STUDENT_META, STUDENT_MODEL_TYPES
 from proxytune.toyworld.builtins import TOY_STUDENTS
 from proxytune.errors import ProxytuneError
 
-STUDENT_META = "proxytune_student.json"
-BACKENDS = ("llamagen", "janus", "lumina-mgpt")
-_MODEL_TYPES = {"janus": "janus", "chameleon": "lumina-mgpt"}
 
 
 def _tiny(name: str):
     def build():
         if name == "tiny-llamagen":
-            from proxytune.backends import ar
+            from proxytune.backends import llamagen
 
-            return ar.TINY_STUDENTS[name]()
+            return llamagen.TINY_STUDENTS[name]()
         if name == "tiny-janus":
             from proxytune.backends import janus
 
             return janus.materialize_tiny()
-        from proxytune.backends import lumina
+        from proxytune.backends import lumina_tiny
 
-        return lumina.materialize_tiny()
+        return lumina_tiny.materialize_tiny()
 
     return build
 
@@ -61,14 +59,14 @@ def detect_backend(path: str, ref: str) -> str:
     meta = _read_json(path, STUDENT_META)
     if meta is not None and meta.get("backend"):
         backend = meta["backend"]
-        if backend not in BACKENDS:
-            raise ProxytuneError(f"student model {ref!r}: {STUDENT_META}: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+        if backend not in STUDENT_BACKENDS:
+            raise ProxytuneError(f"student model {ref!r}: {STUDENT_META}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
         return backend
     config = _read_json(path, "config.json")
     if config is not None:
         model_type = config.get("model_type")
-        if model_type in _MODEL_TYPES:
-            return _MODEL_TYPES[model_type]
+        if model_type in STUDENT_MODEL_TYPES:
+            return STUDENT_MODEL_TYPES[model_type]
         raise ProxytuneError(f"student model {ref!r}: config.json model_type {model_type!r} is not an AR student proxytune trains")
     if meta is not None:
         return "llamagen"
@@ -77,12 +75,12 @@ def detect_backend(path: str, ref: str) -> str:
 
 def load_student(ref: str, *, device: str = "cpu") -> StudentBackend:
     """Load a student (built-in tiny name, local folder or hub id), frozen, in eval mode."""
-    path = hub.resolve(ref, TINY_STUDENTS, what="student model")
+    path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
     backend = detect_backend(path, ref)
     if backend == "llamagen":
-        from proxytune.backends import ar
+        from proxytune.backends import llamagen
 
-        return ar.load_student(ref if ref in ar.TINY_STUDENTS else path, device=device)
+        return llamagen.load_student(ref if ref in llamagen.TINY_STUDENTS else path, device=device)
     if backend == "janus":
         from proxytune.backends import janus
 

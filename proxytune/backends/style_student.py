@@ -192,13 +192,12 @@ class StyleStudent:
         """adapter/ (peft), style_resampler/ and proxytune_style.json into `folder`; returns the weight files."""
         folder = Path(folder)
         adapter = folder / "adapter"
-        self.student.model.save_pretrained(str(adapter), save_embedding_layers=False)
-        config_path = adapter / "adapter_config.json"
-        config = json.loads(config_path.read_text())
-        config["base_model_name_or_path"] = base_model
-        if isinstance(config.get("target_modules"), list):
-            config["target_modules"] = sorted(config["target_modules"])  # peft writes a set: order varies
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model = self.student.model
+        lora = model.peft_config[model.active_adapter]  # what peft writes as adapter_config.json
+        lora.base_model_name_or_path = base_model  # the spec's reference, not the folder it resolved to
+        if isinstance(lora.target_modules, (set, list)):
+            lora.target_modules = sorted(lora.target_modules)  # peft writes a set as a list in any order
+        model.save_pretrained(str(adapter), save_embedding_layers=False)
         resampler = st.save_resampler(self.resampler.cpu(), folder / "style_resampler")
         self.resampler.to(_device(self.student))
         conditioning = ({"placement": "caption slots before the caption's tokens"} if self.backend == "llamagen" else

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune import stats, tracking
-from proxytune.backends import diffusion, encoders, hub, students
+from proxytune.backends import diffusion, dreambench, encoders, students, tiny_cache
 from proxytune.backends.student_api import sampling_settings
 from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
                              write_png_atomic, write_text_atomic)
@@ -49,7 +49,7 @@ VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench se
 def eval_prompts(params: StageParams) -> list[str]:
     cfg, subject = params.evaluation, params.subject
     if cfg.prompts == "dreambench":
-        prompts = encoders.dreambench_prompts(subject.token, subject.class_noun)
+        prompts = dreambench.dreambench_prompts(subject.token, subject.class_noun)
     elif cfg.prompts == "toyworld":
         from proxytune.toyworld.subjects import toy_prompts
 
@@ -123,7 +123,7 @@ class TeacherSampler:
                                                    s.num_inference_steps, s.guidance_scale))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
-        self.random_init = hub.is_random_init(self.path)
+        self.random_init = tiny_cache.is_random_init(self.path)
 
     @property
     def pipe(self):
@@ -155,8 +155,8 @@ class StudentSampler:
     def __init__(self, params: StageParams, tuned: bool = True):
         self.params = params
         student = params.student
-        self.path = hub.resolve(student.model, students.TINY_STUDENTS, what="student model")
-        self.random_init = hub.is_random_init(self.path)
+        self.path = tiny_cache.resolve(student.model, students.TINY_STUDENTS, what="student model")
+        self.random_init = tiny_cache.is_random_init(self.path)
         self.sampling = sampling_settings(students.detect_backend(self.path, student.model), student.sampling)
         self.weights = self._weights_file(params) if tuned else None
         if self.weights is None:
@@ -213,7 +213,7 @@ def sample_variance(sampler, params: StageParams, prompt: str, name: str, batch:
 def per_image_scores(images: list[list], prompts: list[str], token: str, clip, dino, ref_clip, ref_dino) -> dict:
     """(N,) arrays of CLIP-I, CLIP-T and DINO per generated image, prompt-major order."""
     flat = [image for group in images for image in group]
-    texts = [encoders.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
+    texts = [dreambench.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
     gen_clip = clip.image_embeds(flat)
     return {
         "clip_i": encoders.per_image_pairwise_cosine(gen_clip, ref_clip).numpy(),
@@ -245,7 +245,7 @@ def oracle_scores(read, images: list[list], prompts: list[str], token: str, subj
     seen = iter(read([image for group in images for image in group]))
     subject_acc, prompt_acc, both = [], [], []
     for prompt, group in zip(prompts, images):
-        text = encoders.strip_identifier(prompt, token)
+        text = dreambench.strip_identifier(prompt, token)
         look, asked = distinctive(subject, text), parse_prompt(text)
         for _ in group:
             reading = next(seen)

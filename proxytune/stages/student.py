@@ -423,9 +423,9 @@ def training_dropout(bundle, given: float | None) -> float:
         ProxytuneError: a non-zero dropout for a backend without the option.
     """
     if bundle.backend == "llamagen":
-        from proxytune.backends import ar
+        from proxytune.backends import llamagen
 
-        p = ar.ORIGINAL_DROPOUT if given is None else given
+        p = llamagen.ORIGINAL_DROPOUT if given is None else given
         unwrapped(bundle.model).set_dropout(p)
         return p
     if given:

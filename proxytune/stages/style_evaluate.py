@@ -264,9 +264,9 @@ def mlflow_name(model: str) -> str:
 
 
 def diffusion_random(params: StageParams) -> bool:
-    from proxytune.backends import hub
+    from proxytune.backends import tiny_cache
 
-    return hub.is_random_init(diffusion.resolve(params.teacher.model))
+    return tiny_cache.is_random_init(diffusion.resolve(params.teacher.model))
 
 
 if __name__ == "__main__":

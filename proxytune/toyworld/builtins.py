@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.errors import ProxytuneError
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -76,7 +76,7 @@ def materialize(name: str) -> Path:
         _copy_fp32(source, folder)
         (folder / TOY_MARKER).write_text(json.dumps({"name": name, "toy_world": True, "digest": entry["digest"]}) + "\n")
 
-    return hub.materialize(key, build, random_init=False)
+    return tiny_cache.materialize(key, build, random_init=False)
 
 
 def is_toy(path: str | Path) -> bool:
@@ -84,7 +84,7 @@ def is_toy(path: str | Path) -> bool:
 
 
 def builtin(name: str):
-    """A resolver for hub.resolve's builtins table."""
+    """A resolver for tiny_cache.resolve's builtins table."""
     return lambda: materialize(name)
 
 

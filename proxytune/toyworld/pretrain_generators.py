@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from proxytune.backends.student_meta import STUDENT_META
 from proxytune.toyworld import oracle as oracle_lib
 from proxytune.toyworld.pretrain_loop import (Loop, PretrainConfig, WorldData, step_rng, step_generator,
                                               fresh_renders, oracle_accuracy)
@@ -213,32 +214,32 @@ def _llamagen_folder(out: Path, cfg: PretrainConfig, folder: Path) -> None:
 
     from transformers import T5Config, T5EncoderModel
 
-    from proxytune.backends import llamagen
+    from proxytune.backends import llamagen_model
 
     bos, eos = bos_eos_ids()
-    config = llamagen.LlamaGenStudentConfig(
+    config = llamagen_model.LlamaGenStudentConfig(
         codebook_size=cfg.vq_codes, hidden_size=192, num_hidden_layers=5, num_attention_heads=6,
-        intermediate_size=llamagen.llamagen_ffn_dim(192, multiple_of=64), cond_len=COND_LEN, text_dim=128, grid_size=8,
+        intermediate_size=llamagen_model.llamagen_ffn_dim(192, multiple_of=64), cond_len=COND_LEN, text_dim=128, grid_size=8,
         initializer_range=0.02,
     )
-    llamagen.LlamaGenStudent(config).save_pretrained(folder / "transformer", safe_serialization=True)
+    llamagen_model.LlamaGenStudent(config).save_pretrained(folder / "transformer", safe_serialization=True)
     t5 = T5EncoderModel(T5Config(vocab_size=vocab_size(), d_model=128, d_kv=32, d_ff=512, num_layers=3, num_heads=4,
                                  dropout_rate=0.0, pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos))
     t5.save_pretrained(folder / "text_encoder", safe_serialization=True)
     write_toy_tokenizer(folder / "tokenizer", model_max_length=COND_LEN)
     shutil.copytree(out / "vq", folder / "vqvae", ignore=shutil.ignore_patterns("done.json"))
-    (folder / "proxytune_student.json").write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
+    (folder / STUDENT_META).write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
 
 
 def train_llamagen(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
-    from proxytune.backends import ar
+    from proxytune.backends import llamagen
 
     folder = out / "llamagen"
     init = out / "work" / "llamagen-init"
-    if not (init / "proxytune_student.json").exists():
+    if not (init / STUDENT_META).exists():
         torch.manual_seed(cfg.seed)
         _llamagen_folder(out, cfg, init)
-    bundle = ar.load_student(str(init))  # the loader a student checkpoint takes
+    bundle = llamagen.load_student(str(init))  # the loader a student checkpoint takes
     codes_all = _codes_all(bundle, data)
     model, text_encoder = bundle.model, bundle.text_encoder
     for part in (model, text_encoder):

@@ -130,9 +130,9 @@ def pixels_digest(label: str, images) -> str:
 def cached_references(kind: str, name: str, digest: str, write) -> Path:
     """A reference folder (toy subject or style) in the model cache, keyed by its pixels' digest; `write(tmp)`
     writes TMP/NAME once (atomically), later calls reuse it."""
-    from proxytune.backends import hub
+    from proxytune.backends import tiny_cache
 
-    return hub.materialize(f"toyworld-{kind}-{name}-{digest[:16]}", write, random_init=False) / name
+    return tiny_cache.materialize(f"toyworld-{kind}-{name}-{digest[:16]}", write, random_init=False) / name
 
 
 def reference_digest(name: str) -> str:

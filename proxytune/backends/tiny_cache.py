@@ -1,4 +1,4 @@
-"""Where model weights come from: a built-in tiny architecture, a local directory or a hub id.
+"""The tiny-model cache, and where a spec's model reference points: a built-in tiny, a folder or a hub id.
 
 Tiny architectures are random-initialised from a config with a fixed seed and saved once with
 `save_pretrained` into a cache folder; from then on they load through exactly the same

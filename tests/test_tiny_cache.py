@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from proxytune.backends import hub
+from proxytune.backends import tiny_cache
 from proxytune.errors import ProxytuneError
 
 
@@ -20,10 +20,10 @@ def test_materialize_builds_once_and_leaves_the_callers_rng_alone(tmp_path, monk
     torch.manual_seed(1234)
     expected = torch.randn(4)
     torch.manual_seed(1234)
-    path = hub.materialize("thing-v1", build)
+    path = tiny_cache.materialize("thing-v1", build)
     assert torch.equal(torch.randn(4), expected)
-    assert hub.materialize("thing-v1", build) == path and len(calls) == 1
-    assert hub.is_random_init(path) and (path / "weights.bin").exists()
+    assert tiny_cache.materialize("thing-v1", build) == path and len(calls) == 1
+    assert tiny_cache.is_random_init(path) and (path / "weights.bin").exists()
     assert not any(p.name.startswith(".thing") for p in tmp_path.joinpath("tiny").iterdir())
 
 
@@ -35,16 +35,16 @@ def test_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        hub.materialize("broken-v1", broken)
+        tiny_cache.materialize("broken-v1", broken)
     assert list((tmp_path / "tiny").iterdir()) == []
 
 
 def test_resolve(tmp_path):
     builtins = {"tiny-x": lambda: tmp_path}
-    assert hub.resolve("tiny-x", builtins, what="model") == str(tmp_path)
-    assert hub.resolve(str(tmp_path), builtins, what="model") == str(tmp_path.resolve())
-    assert hub.resolve("org/name", builtins, what="model") == "org/name"
+    assert tiny_cache.resolve("tiny-x", builtins, what="model") == str(tmp_path)
+    assert tiny_cache.resolve(str(tmp_path), builtins, what="model") == str(tmp_path.resolve())
+    assert tiny_cache.resolve("org/name", builtins, what="model") == "org/name"
     with pytest.raises(ProxytuneError, match="unknown model 'gpt-17'"):
-        hub.resolve("gpt-17", builtins, what="model")
+        tiny_cache.resolve("gpt-17", builtins, what="model")
     with pytest.raises(ProxytuneError, match="no such local directory"):
-        hub.resolve("./missing/dir", builtins, what="model")
+        tiny_cache.resolve("./missing/dir", builtins, what="model")
