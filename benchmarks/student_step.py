@@ -1,7 +1,7 @@
 """Student training throughput: cached VQ codes vs encoding the proxy images every step.
 
-optimised: `StudentRecipe.setup()` (tokenizes every proxy image with the VQ encoder and encodes
-           every distinct caption once) then `StudentRecipe.train_step()`.
+optimised: `StudentTrainer.setup()` (tokenizes every proxy image with the VQ encoder and encodes
+           every distinct caption once) then `StudentTrainer.train_step()`.
 baseline:  a plain LoRA loop written here: the same tiny-llamagen student and LoRA, the proxy images
            decoded once and kept in memory as pixels, and every step runs the VQ encoder on its
            batch and the text encoder on its captions before the transformer forward/backward.
@@ -74,11 +74,11 @@ class CachedStudent:
     """The optimised path: the stage's own recipe."""
 
     def __init__(self, params):
-        from proxytune.stages.student import StudentRecipe
+        from proxytune.stages.student import StudentTrainer
 
-        self.recipe = StudentRecipe(params)
+        self.recipe = StudentTrainer(params)
         self.recipe.setup()
-        self.recipe.bundle.model.train()  # as StudentRecipe.train() does before its loop
+        self.recipe.bundle.model.train()  # as StudentTrainer.train() does before its loop
         self.step = self.recipe.train_step
         self.tokens_per_step = self.recipe.codes.shape[1] * params.student.batch_size
 
@@ -92,7 +92,7 @@ class NaiveStudent:
 
         from proxytune.backends import llamagen
         from proxytune.images import center_crop_resize, open_rgb
-        from proxytune.stages.common import seed_everything
+        from proxytune.stages.runtime import seed_everything
 
         cfg = self.cfg = params.student
         self.generator = seed_everything(params.seed + cfg.seed_offset)  # same seeding and flags as the stage
@@ -184,7 +184,7 @@ def main() -> None:
         ["variant", "median s/step", "min-max s", "image tokens/s"],
         [
             ["naive (VQ + text encoder every step)", f"{t_naive:.4f}", C.spread(samples.times["naive"]), f"{tokens / t_naive:.0f}"],
-            ["cached (StudentRecipe.train_step)", f"{t_cached:.4f}", C.spread(samples.times["cached"]), f"{tokens / t_cached:.0f}"],
+            ["cached (StudentTrainer.train_step)", f"{t_cached:.4f}", C.spread(samples.times["cached"]), f"{tokens / t_cached:.0f}"],
             ["  encoding alone (part of naive)", f"{t_encode:.4f}", C.spread(encode.times["encode"]), ""],
         ],
     )

@@ -1,7 +1,7 @@
 """Teacher training step: cached VAE latents + prompt embedding vs re-encoding every step.
 
-optimised: `TeacherRecipe.setup()` (encodes every reference, plain and flipped, and the prompt
-           once) then `TeacherRecipe.train_step()`.
+optimised: `TeacherTrainer.setup()` (encodes every reference, plain and flipped, and the prompt
+           once) then `TeacherTrainer.train_step()`.
 baseline:  a plain DreamBooth-LoRA loop written here: the same tiny-sd pipeline and LoRA, the
            references decoded once and kept in memory as pixels, and every step encodes its batch
            with the VAE and the prompt with the text encoder before the UNet forward/backward.
@@ -37,11 +37,11 @@ def make_params(resolution: int, batch_size: int, model: str = "tiny-sd"):
 
 def cached_step(params):
     """The optimised path: the stage's own recipe."""
-    from proxytune.stages.teacher import TeacherRecipe
+    from proxytune.stages.teacher import TeacherTrainer
 
-    recipe = TeacherRecipe(params)
+    recipe = TeacherTrainer(params)
     recipe.setup()
-    recipe.denoiser.train()  # as TeacherRecipe.train() does before its loop
+    recipe.denoiser.train()  # as TeacherTrainer.train() does before its loop
     return recipe.train_step
 
 
@@ -62,7 +62,7 @@ class NaiveTeacher:
 
         from proxytune.backends import diffusion
         from proxytune.images import load_references
-        from proxytune.stages.common import seed_everything
+        from proxytune.stages.runtime import seed_everything
 
         cfg = self.cfg = params.teacher
         self.generator = seed_everything(params.seed)  # same seeding and determinism flags as the stage
@@ -165,7 +165,7 @@ def bench_resolution(args, resolution: int) -> dict:
         ["variant", "median s/step", "min-max s", "steps/s"],
         [
             ["naive (VAE + text encoder every step)", f"{t_naive:.4f}", C.spread(samples.times["naive"]), f"{1 / t_naive:.2f}"],
-            ["cached (TeacherRecipe.train_step)", f"{t_cached:.4f}", C.spread(samples.times["cached"]), f"{1 / t_cached:.2f}"],
+            ["cached (TeacherTrainer.train_step)", f"{t_cached:.4f}", C.spread(samples.times["cached"]), f"{1 / t_cached:.2f}"],
             ["  encoding alone (part of naive)", f"{t_encode:.4f}", C.spread(encode.times["encode"]), ""],
         ],
     )

@@ -3,7 +3,7 @@
 Runs diffusers' `examples/dreambooth/train_dreambooth_lora.py` (a copy you provide; it is not part of
 proxytune) and proxytune's teacher recipe on the same setting in one process, alternating step by
 step: each time the example's progress bar advances (once per optimiser step), one proxytune step
-runs, exactly as `TeacherRecipe.train()` runs it. Each program's step is timed on its own (wall and
+runs, exactly as `TeacherTrainer.train()` runs it. Each program's step is timed on its own (wall and
 process CPU time), so load that drifts during the run hits both alike. Prints the median time per
 step of each after a warm-up and the ratio proxytune / example, for each of `--pairs` fresh pairs of
 runs, and the median over pairs. Target (issue): <= 0.7.
@@ -47,20 +47,20 @@ def _median_after(times: list[float], skip: int) -> float:
 
 
 class ProxytuneSteps:
-    """proxytune's teacher recipe, set up once, stepping on request like `TeacherRecipe.train()`'s loop."""
+    """proxytune's teacher recipe, set up once, stepping on request like `TeacherTrainer.train()`'s loop."""
 
     def __init__(self, steps: int):
         import torch
         from conftest import make_params, tiny_spec
 
-        from proxytune.stages.teacher import SERIES, TeacherRecipe
+        from proxytune.stages.teacher import SERIES, TeacherTrainer
 
         project = C.temp_project("teacher-vs-example")
         spec = tiny_spec(name="teacher-vs-example",
                          teacher={"model": "tiny-sd", "resolution": 64, "batch_size": 1, "lora": {"rank": 4, "alpha": 4},
                                   "learning_rate": 1e-4, "lr_warmup_steps": 0, "steps": steps,
                                   "checkpoint_every": 1000000})
-        self.recipe = TeacherRecipe(make_params(project, spec))
+        self.recipe = TeacherTrainer(make_params(project, spec))
         self.recipe.setup()
         self.recipe.denoiser.train()
         self.series = SERIES
@@ -73,7 +73,7 @@ class ProxytuneSteps:
         torch, recipe = self._torch, self.recipe
         torch.use_deterministic_algorithms(True, warn_only=True)  # as the recipe's setup left it
         wall, cpu = time.perf_counter(), time.process_time()
-        # the body of TeacherRecipe.train()'s loop (no validation grids or checkpoints in this setting)
+        # the body of TeacherTrainer.train()'s loop (no validation grids or checkpoints in this setting)
         values = recipe.train_step()
         recipe.progress.step += 1
         for key in self.series:

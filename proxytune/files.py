@@ -30,10 +30,20 @@ def digest_files(entries: list[tuple[str, str]]) -> str:
     return sha256_bytes(lines.encode())
 
 
-def digest_dir(folder: str | Path) -> str:
+def folder_files(folder: str | Path) -> dict[str, Path]:
+    """Every file under `folder` by its relative POSIX name, sorted by name."""
     folder = Path(folder)
-    entries = [(p.relative_to(folder).as_posix(), sha256_file(p)) for p in sorted(folder.rglob("*")) if p.is_file()]
-    return digest_files(entries)
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def folder_digests(folder: str | Path) -> dict[str, str]:
+    """The sha256 of every file under `folder`, by its relative POSIX name."""
+    return {name: sha256_file(path) for name, path in folder_files(folder).items()}
+
+
+def digest_dir(folder: str | Path) -> str:
+    """One digest of a folder's files and their relative names."""
+    return digest_files(list(folder_digests(folder).items()))
 
 
 def _umask() -> int:
@@ -108,6 +118,14 @@ def staged_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Hard-link `src` to `dst` (no copy of a large image set on one file system), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def canonical_safetensors(data: bytes) -> bytes:

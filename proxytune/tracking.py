@@ -21,7 +21,7 @@ from pathlib import Path
 
 from proxytune import faults
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_file
+from proxytune.files import digest_files, folder_digests, folder_files, sha256_file
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 PARENT_RUNS_ENV = "PROXYTUNE_PARENT_RUNS"  # JSON {experiment: parent run id}, set by `apply`
@@ -271,7 +271,7 @@ class StageRun:
         its output folder was renamed into place -- that version is reused, not duplicated.
         """
         client = connect(self.uri)
-        files = {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = folder_digests(folder)
         name = registered_name(self.experiment, self.subject, role)
         version_tags = {
             "role": role,
@@ -432,7 +432,7 @@ def recorded_files(version) -> dict[str, str] | None:
 
 def verify_files(folder: Path, recorded: dict[str, str]) -> list[str]:
     """Problems (one line each) between the files under `folder` and their recorded sha256."""
-    present = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    present = folder_files(folder)
     problems = []
     for name, expected in sorted(recorded.items()):
         if name not in present:

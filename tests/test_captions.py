@@ -131,7 +131,7 @@ def test_student_dropout_is_validated(project, value):
 
 def test_student_dropout_defaults_to_the_originals(project):
     from proxytune.backends import llamagen
-    from proxytune.stages.student import training_dropout
+    from proxytune.stages.student_setup import training_dropout
 
     assert load_spec(spec_file(project)).student.dropout is None
     bundle = llamagen.load_student("tiny-llamagen")

@@ -8,7 +8,7 @@ from conftest import make_params, tiny_spec
 from proxytune import stats
 from proxytune.backends import dreambench, encoders
 from proxytune.spec.evaluation import GateRule
-from proxytune.stages import evaluate
+from proxytune.stages import evaluate, sampling
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_reproducible():
@@ -117,7 +117,7 @@ def test_every_model_sees_the_same_prompts_and_seeds(project):
     calls = {"teacher": [], "student": []}
     for name in calls:
         sampler = lambda p, s, name=name: calls[name].append((p, s)) or [None] * len(s)  # noqa: E731
-        evaluate.sample_dreambench(sampler, params, prompts, name)
+        sampling.sample_prompts(sampler, params, prompts, name)
     assert calls["teacher"] == calls["student"]
     seeds = [s for _, batch in calls["teacher"] for s in batch]
     assert len(set(seeds)) == 6 and seeds[:2] == [0, 1] and seeds[2:4] == [1000, 1001]
@@ -139,7 +139,7 @@ def test_student_samples_are_cached_and_the_model_loaded_only_when_missing(proje
     first = evaluate.StudentSampler(params, tuned=False)(prompts, seeds)
     again = evaluate.StudentSampler(params, tuned=False)(prompts, seeds)
     assert len(loads) == 1 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
-    assert len(list((project / evaluate.STUDENT_SAMPLES).rglob("*.png"))) == 2
+    assert len(list((project / sampling.STUDENT_SAMPLES).rglob("*.png"))) == 2
 
     bundle = real_load(params.student.model)
     model = get_peft_model(bundle.model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -177,7 +177,7 @@ def test_teacher_samples_are_cached_by_adapter_and_settings(project, monkeypatch
     diffusion.save_lora(pipe, params.out("teacher") / "adapter")
     prompts, seeds = ["a S* dog", "a S* dog"], [3, 4]
     first = evaluate.TeacherSampler(params)(prompts, seeds)
-    cached = sorted((project / evaluate.TEACHER_SAMPLES).rglob("*.png"))
+    cached = sorted((project / sampling.TEACHER_SAMPLES).rglob("*.png"))
     assert len(cached) == 2
 
     loads = []

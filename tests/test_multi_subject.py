@@ -6,7 +6,7 @@ import yaml
 
 from conftest import make_params, tiny_spec
 from proxytune.stages.params import load_params
-from proxytune.stages.student import StudentRecipe
+from proxytune.stages.student import StudentTrainer
 from test_student import fake_proxy_set
 
 TWO = [{"name": "dog", "class": "dog", "images": "dreambench:dog", "token": "S1*"},
@@ -31,7 +31,7 @@ def test_compile_wires_one_joint_student_and_per_subject_evaluation(project):
     assert "${item.student}" in dvc["evaluate"]["do"]["deps"]
     assert set(dvc["codes"]["foreach"]) == {"t.dog", "t.cat"}
     joint_params = load_params(project / "runs/t/_joint/params.yaml")
-    assert joint_params.members == ["runs/t/dog", "runs/t/cat"]
+    assert joint_params.joint_subjects == ["runs/t/dog", "runs/t/cat"]
     assert load_params(project / "runs/t/cat/params.yaml").student_out().as_posix() == "runs/t/_joint/student"
     # back to one student per subject: the joint stage disappears
     spec = two_subjects()
@@ -71,7 +71,7 @@ def test_the_joint_student_trains_on_the_union_of_the_proxy_sets(project):
         params = load_params(project / f"runs/t/{subject}/params.yaml")
         tensors, metadata = codes.encode_proxies(params)
         (params.out("codes") / "codes.safetensors").write_bytes(save(tensors, metadata=metadata))
-    recipe = StudentRecipe(load_params(project / "runs/t/_joint/params.yaml"))
+    recipe = StudentTrainer(load_params(project / "runs/t/_joint/params.yaml"))
     recipe.setup()
     assert len(recipe.codes) == 5 and recipe.conds.shape[0] == 2  # one prompt per subject
     assert recipe.prompt_index.tolist() == [0, 0, 0, 1, 1]

@@ -7,7 +7,7 @@ from PIL import Image
 
 from conftest import make_params, tiny_spec
 from proxytune.files import sha256_file
-from proxytune.stages.student import StudentRecipe
+from proxytune.stages.student import StudentTrainer
 
 
 def fake_proxy_set(params, count: int = 4) -> None:
@@ -33,7 +33,7 @@ def fake_proxy_set(params, count: int = 4) -> None:
 
 
 def recipe(params):
-    r = StudentRecipe(params)
+    r = StudentTrainer(params)
     r.setup()
     return r
 
@@ -48,9 +48,9 @@ def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     assert straight.codes.shape == (4, 256)
 
     first = recipe(params)
-    first.cfg.steps = 6
+    first.spec.steps = 6
     first.train()
-    first.cfg.steps = 12
+    first.spec.steps = 12
     first.save_checkpoint()
     resumed = recipe(params)
     assert resumed.progress.step == 6
@@ -68,13 +68,13 @@ def test_codes_stage_output_is_checked_against_model_and_proxy_set(project):
     import pytest
 
     from proxytune.errors import ProxytuneError
-    from proxytune.stages import common
+    from proxytune.stages import codes_file
 
     params = make_params(project, tiny_spec())
     fake_proxy_set(params, 3)
-    tensors = common.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="d" * 64)
+    tensors = codes_file.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="d" * 64)
     assert tensors["codes"].shape == (3, 256) and tensors["prompt_index"].tolist() == [0, 0, 0]
     with pytest.raises(ProxytuneError, match="made for model 'tiny-llamagen' and another proxy set"):
-        common.load_codes(params.out("codes"), model="tiny-janus", proxy_digest="d" * 64)
+        codes_file.load_codes(params.out("codes"), model="tiny-janus", proxy_digest="d" * 64)
     with pytest.raises(ProxytuneError, match="made for model"):
-        common.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="e" * 64)
+        codes_file.load_codes(params.out("codes"), model="tiny-llamagen", proxy_digest="e" * 64)

@@ -73,13 +73,13 @@ def test_sampling_depends_only_on_each_images_prompt_and_seed(name):
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_the_student_stage_trains_it_with_selected_layers(project, name):
     from conftest import make_params, tiny_spec
-    from proxytune.stages.student import StudentRecipe
+    from proxytune.stages.student import StudentTrainer
     from test_student import fake_proxy_set
 
     params = make_params(project, tiny_spec(student={"model": name, "steps": 6, "batch_size": 2, "learning_rate": 1e-2,
                                                      "lora": {"rank": 4, "alpha": 4, "layers": [1]}}))
     fake_proxy_set(params, 3)
-    recipe = StudentRecipe(params)
+    recipe = StudentTrainer(params)
     recipe.setup()
     adapted = {n.split(".lora_A")[0] for n, _ in recipe.bundle.model.named_parameters() if "lora_A" in n}
     assert adapted and all(".layers.1." in n for n in adapted)

@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from conftest import make_params, tiny_spec
-from proxytune.stages.student import StudentRecipe, augmented_references, position_weights
+from proxytune.stages.student import StudentTrainer
+from proxytune.stages.student_setup import augmented_references, position_weights
 from test_student import fake_proxy_set
 
 
@@ -12,7 +13,7 @@ def recipe_for(project, proxies: int = 0, **student):
     params = make_params(project, tiny_spec(student={"steps": 10, "batch_size": 4, "checkpoint_every": 100, **student}))
     if proxies and not params.out("proxy").exists():
         fake_proxy_set(params, proxies)
-    r = StudentRecipe(params)
+    r = StudentTrainer(params)
     r.setup()
     return r
 

@@ -8,14 +8,14 @@ import torch
 
 from conftest import copy_images, make_params, tiny_spec
 from proxytune.backends import diffusion
-from proxytune.stages.teacher import TeacherRecipe
+from proxytune.stages.teacher import TeacherTrainer
 
 FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}
 
 
 def recipe_for(project, **teacher):
     params = make_params(project, tiny_spec(teacher=teacher))
-    recipe = TeacherRecipe(params)
+    recipe = TeacherTrainer(params)
     recipe.setup()
     return recipe
 
@@ -42,7 +42,7 @@ def test_loss_falls_when_overfitting_one_reference(project, dreambench, model):
     spec = tiny_spec(teacher={"model": model, "steps": 150, "batch_size": 4, "learning_rate": 1e-2, "lora": lora,
                               "random_flip": False, "checkpoint_every": 1000})
     spec["subjects"][0]["images"] = "../one"
-    recipe = TeacherRecipe(make_params(project, spec))
+    recipe = TeacherTrainer(make_params(project, spec))
     recipe.setup()
     assert recipe.family.name == FAMILIES[model]
     # Fixed noise, fixed times: the same batch before and after training isolates learning from noise.
@@ -65,7 +65,7 @@ def _fixed_batch_loss(recipe) -> float:
     else:
         t = torch.linspace(50, 950, 8).long()
         noisy, target = recipe.noise_scheduler.add_noise(latents, noise, t), noise
-    pred = diffusion.predict(recipe.pipe, noisy, t, recipe._text(8, prior=False), size=recipe.cfg.resolution)
+    pred = diffusion.predict(recipe.pipe, noisy, t, recipe._text(8, prior=False), size=recipe.spec.resolution)
     return torch.nn.functional.mse_loss(pred, target).item()
 
 
@@ -97,9 +97,9 @@ def test_interrupted_run_resumes_bit_for_bit(project, model):
     straight.train()
 
     first = recipe_for(project, model=model, steps=20, checkpoint_every=10)
-    first.cfg.steps = 10  # "killed" right after the step-10 checkpoint
+    first.spec.steps = 10  # "killed" right after the step-10 checkpoint
     first.train()
-    first.cfg.steps = 20
+    first.spec.steps = 20
     first.save_checkpoint()
     resumed = recipe_for(project, model=model, steps=20, checkpoint_every=10)
     assert resumed.progress.step == 10

@@ -9,11 +9,11 @@ import torch
 from conftest import make_params, tiny_spec
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.stages.teacher import TeacherRecipe
+from proxytune.stages.teacher import TeacherTrainer
 
 
 def recipe_for(project, **teacher):
-    recipe = TeacherRecipe(make_params(project, tiny_spec(teacher=teacher)))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher=teacher)))
     recipe.setup()
     return recipe
 

@@ -10,11 +10,11 @@ import torch
 
 from conftest import make_params, tiny_spec
 from proxytune.backends import diffusion
-from proxytune.stages.teacher import TEXT_ENCODER_TARGETS, TeacherRecipe
+from proxytune.stages.teacher import TEXT_ENCODER_TARGETS, TeacherTrainer
 
 
 def recipe_for(project, **teacher):
-    recipe = TeacherRecipe(make_params(project, tiny_spec(teacher={"train_text_encoder": True, **teacher})))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher={"train_text_encoder": True, **teacher})))
     recipe.setup()
     return recipe
 
@@ -55,9 +55,9 @@ def test_text_encoder_lora_resumes_bit_for_bit(project):
     straight.train()
 
     first = recipe_for(project, steps=4, checkpoint_every=2, learning_rate=1e-2)
-    first.cfg.steps = 2  # "killed" right after the step-2 checkpoint
+    first.spec.steps = 2  # "killed" right after the step-2 checkpoint
     first.train()
-    first.cfg.steps = 4
+    first.spec.steps = 4
     first.save_checkpoint()
     resumed = recipe_for(project, steps=4, checkpoint_every=2, learning_rate=1e-2)
     assert resumed.progress.step == 2

@@ -18,7 +18,7 @@ from conftest import make_params
 from proxytune.cli import main
 from proxytune.errors import SpecError
 from proxytune.spec import parse_spec, resolve_images
-from proxytune.stages import evaluate
+from proxytune.stages import evaluate, sampling
 from proxytune.toyworld import world
 from proxytune.toyworld.subjects import SUBJECTS, reference_images, toy_prompts
 
@@ -271,20 +271,20 @@ def test_base_teacher_samples_are_cached_without_an_adapter(project, monkeypatch
     first = evaluate.TeacherSampler(params, tuned=False)(["a sks box"], [7])
     again = evaluate.TeacherSampler(params, tuned=False)(["a sks box"], [7])
     assert len(loads) == 1 and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
-    assert len(list((project / evaluate.TEACHER_SAMPLES).rglob("*.png"))) == 1
+    assert len(list((project / sampling.TEACHER_SAMPLES).rglob("*.png"))) == 1
 
 
 def test_toy_base_models_are_recorded_with_their_shipped_digest(monkeypatch):
-    from proxytune.stages import common
+    from proxytune.stages import runtime
     from proxytune.toyworld import builtins
 
     shipped = {"toy-sd": {"digest": "a" * 64}, "toy-llamagen": {"digest": "b" * 64}, "_pretrain_config": {}}
     monkeypatch.setattr(builtins, "manifest", lambda: shipped)
-    assert common.base_model_tags("toy-sd") == {"base_model": "toy-sd", "base_model_digest": "a" * 64}
-    assert common.base_model_tags("toy-llamagen")["base_model_digest"] == "b" * 64
-    assert common.base_model_tags("tiny-sd") == {"base_model": "tiny-sd"}
-    assert common.base_model_tags("_pretrain_config") == {"base_model": "_pretrain_config"}
-    assert common.base_model_tags("org/model") == {"base_model": "org/model"}
+    assert runtime.base_model_tags("toy-sd") == {"base_model": "toy-sd", "base_model_digest": "a" * 64}
+    assert runtime.base_model_tags("toy-llamagen")["base_model_digest"] == "b" * 64
+    assert runtime.base_model_tags("tiny-sd") == {"base_model": "tiny-sd"}
+    assert runtime.base_model_tags("_pretrain_config") == {"base_model": "_pretrain_config"}
+    assert runtime.base_model_tags("org/model") == {"base_model": "org/model"}
 
 
 def test_specs_toy_and_toy_bench_are_valid():

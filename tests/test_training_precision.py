@@ -2,7 +2,7 @@
 gradient accumulation gives the update of the larger batch with `steps` counting optimiser updates, and
 checkpoints (accelerate's save_state) are written crash-safe: a half-written or old-layout one is never loaded.
 
-accelerate makes no GradScaler for fp16 on CPU, so `common.accelerator` supplies one there; these tests
+accelerate makes no GradScaler for fp16 on CPU, so `training.accelerator` supplies one there; these tests
 run that CPU scaler through the same `accelerator.backward` / `clip_grad_norm_` / prepared-optimizer path
 a GPU run takes.
 """
@@ -15,13 +15,13 @@ import torch
 
 from conftest import make_params, tiny_spec
 from proxytune.errors import ProxytuneError
-from proxytune.stages.student import StudentRecipe
-from proxytune.stages.teacher import TeacherRecipe
+from proxytune.stages.student import StudentTrainer
+from proxytune.stages.teacher import TeacherTrainer
 from test_student import fake_proxy_set
 
 
 def teacher_for(project, **teacher):
-    recipe = TeacherRecipe(make_params(project, tiny_spec(teacher={"checkpoint_every": 100, **teacher})))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher={"checkpoint_every": 100, **teacher})))
     recipe.setup()
     return recipe
 
@@ -30,7 +30,7 @@ def student_for(project, **student):
     params = make_params(project, tiny_spec(student={"checkpoint_every": 100, **student}))
     if not params.out("proxy").exists():
         fake_proxy_set(params, 4)
-    recipe = StudentRecipe(params)
+    recipe = StudentTrainer(params)
     recipe.setup()
     return recipe
 
@@ -77,7 +77,7 @@ def test_fp16_teacher_scales_its_loss_and_checkpoints_the_scale(project):
 def test_fp16_student_scales_its_loss_and_resumes_the_scale(project):
     recipe = student_for(project, steps=4, batch_size=2, checkpoint_every=2, mixed_precision="fp16")
     seen = _record_scaled_losses(recipe)
-    recipe.cfg.steps = 2
+    recipe.spec.steps = 2
     recipe.train()
     assert len(seen) == 2 and all(np.isclose(scaled, recipe.accelerator.scaler.get_scale() * loss, rtol=1e-3)
                                   for loss, scaled in seen)

@@ -198,10 +198,10 @@ def test_stage_and_apply_runs_record_versions_and_lock_digest(project):
     import mlflow
 
     from proxytune import tracking
-    from proxytune.stages import common
+    from proxytune.stages import runtime
 
     params = make_params(project, tiny_spec())
-    with common.stage_run(params, "teacher") as run:
+    with runtime.stage_run(params, "teacher") as run:
         pass
     uri = tracking.resolve_uri(None, project)
     parent = tracking.start_parent_run("t", uri, project, {})

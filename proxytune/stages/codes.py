@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from proxytune import layout
 from proxytune.backends import students
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
-
-from proxytune.stages.common import CODES_FILE
+from proxytune.stages.runtime import device, seed_everything, stage_run
 
 
 @torch.no_grad()
@@ -31,15 +31,15 @@ def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[s
     proxy_dir = params.out("proxy")
     proxy = common.read_record(proxy_dir)
     entries = json.loads((proxy_dir / "manifest.json").read_text())["images"]
-    common.seed_everything(params.seed)
-    bundle = students.load_student(params.student.model, device=str(common.device()))
+    seed_everything(params.seed)
+    bundle = students.load_student(params.student.model, device=str(device()))
     check_identifier(bundle, params)
     prompts = [e["prompt"] for e in entries]
     distinct = sorted(set(prompts))
     codes = []
     for start in tqdm(range(0, len(entries), 16), desc="codes: tokenize proxies", unit="batch"):
         images = [center_crop_resize(open_rgb(proxy_dir / e["file"]), bundle.image_size) for e in entries[start : start + 16]]
-        codes.append(bundle.encode_images(bundle.images_to_pixels(images).to(common.device())).cpu())
+        codes.append(bundle.encode_images(bundle.images_to_pixels(images).to(device())).cpu())
     tensors = {
         "codes": torch.cat(codes).contiguous(),  # (N, L)
         "conds": bundle.encode_prompts(distinct).cpu().contiguous(),  # (P, ...)
@@ -73,9 +73,9 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     tensors, metadata = encode_proxies(params)
     tags = {"proxy_digest": metadata["proxy_digest"], "base_model": metadata["model"], "backend": metadata["backend"]}
-    with common.stage_run(params, "codes", tags) as run, staged_dir(params.out("codes")) as tmp:
-        write_bytes_atomic(tmp / CODES_FILE, safetensors_bytes(tensors, metadata))  # sorted header: same bytes every run
-        digest = sha256_file(tmp / CODES_FILE)
+    with stage_run(params, "codes", tags) as run, staged_dir(params.out("codes")) as tmp:
+        write_bytes_atomic(tmp / layout.CODES_FILE, safetensors_bytes(tensors, metadata))  # sorted header: same bytes every run
+        digest = sha256_file(tmp / layout.CODES_FILE)
         run.log_params({"student.model": metadata["model"], "num_images": len(tensors["codes"]),
                         "seq_len": tensors["codes"].shape[1], "codes_sha256": digest})
         common.write_record(tmp, {"stage": "codes", "run_id": run.run_id, "model": metadata["model"],

@@ -26,7 +26,6 @@ prompt, seed, sha256; the set's digest; the raw pairs with theirs; teacher versi
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -36,11 +35,14 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
-from proxytune.images import grid, is_readable, open_rgb
+from proxytune.files import (digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_json_atomic,
+                             write_png_atomic)
+from proxytune.images import grid, open_rgb
 from proxytune.spec.style import STYLE_CURATION_PROMPT, captioned_images
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
+from proxytune.stages.sampling import unfinished_blocks
 
 
 def curation_items(params: StageParams) -> list[tuple[str, str, int]]:
@@ -61,21 +63,19 @@ def pairs_digest(entries: list[dict]) -> str:
 @torch.no_grad()
 def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> None:
     """Draw every curated image not yet in `scratch` (finished images survive a crash)."""
-    cfg, items = params.synthesis, curation_items(params)
-    # fixed blocks of indices: another batch shape may round differently, so a resumed run redoes whole blocks
-    blocks = [list(range(i, min(i + cfg.batch_size, len(items)))) for i in range(0, len(items), cfg.batch_size)]
-    todo = [block for block in blocks if not all(is_readable(scratch / f"{i:05d}.png") for i in block)]
+    synthesis, items = params.synthesis, curation_items(params)
+    todo = unfinished_blocks([scratch / f"{i:05d}.png" for i in range(len(items))], synthesis.batch_size)
     if not todo:
         return
-    common.seed_everything(params.seed)
+    seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, teacher_dir / "adapter",
-                                             revision=params.teacher.revision, scale=cfg.lora_scale)
-    pipe.to(common.device())
+                                             revision=params.teacher.revision, scale=synthesis.lora_scale)
+    pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=sum(len(block) for block in todo), desc="curation", unit="img")
     for count, block in enumerate(todo, 1):
         images = diffusion.generate(pipe, [items[i][1] for i in block], [items[i][2] for i in block],
-                                    steps=cfg.num_inference_steps, guidance=cfg.guidance_scale,
+                                    steps=synthesis.num_inference_steps, guidance=synthesis.guidance_scale,
                                     size=params.teacher.resolution)
         for i, image in zip(block, images):
             write_png_atomic(scratch / f"{i:05d}.png", image)
@@ -116,13 +116,13 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     if params.style is None:
         raise ProxytuneError(f"{params_path}: the curation stage is for styles (no style section)")
-    cfg, style = params.synthesis, params.style
+    synthesis, style = params.synthesis, params.style
     teacher_dir = params.out("teacher")
     teacher = common.read_record(teacher_dir)
     items = curation_items(params)
-    key = common.config_key(params.seed, cfg.model_dump(exclude={"processes", "filter", "num_images", "prompt", "templates"}),
-                            params.teacher.model, params.teacher.revision, params.teacher.resolution,
-                            teacher["adapter_digest"], items)
+    key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter", "num_images", "prompt", "templates"}),
+                     params.teacher.model, params.teacher.revision, params.teacher.resolution,
+                     teacher["adapter_digest"], items)
     scratch = params.work("curation") / key
     scratch.mkdir(parents=True, exist_ok=True)
     generate_missing(params, teacher_dir, scratch)
@@ -135,14 +135,11 @@ def run(params_path: str | Path) -> None:
     out_dir = params.out("curated")
     tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries)),
             "style": style.name}
-    with common.stage_run(params, "curation", tags) as run, staged_dir(out_dir) as tmp:
+    with stage_run(params, "curation", tags) as run, staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for entry in entries:
             src, dst = scratch / Path(entry["file"]).name, tmp / entry["file"]
-            try:
-                os.link(src, dst)  # same file system: no copy
-            except OSError:
-                shutil.copy2(src, dst)
+            link_or_copy(src, dst)
         raw, raw_source = raw_pairs(params, tmp / "raw")
         raw_digest = pairs_digest(raw) if raw else None
         manifest = {
@@ -163,7 +160,7 @@ def run(params_path: str | Path) -> None:
         if raw:
             preview.append([open_rgb(tmp / e["file"]) for e in raw[:8]])
         write_png_atomic(tmp / "preview.png", grid(preview, cell=min(params.teacher.resolution, 256)))
-        run.log_params({"synthesis": cfg.model_dump(mode="json"), "curation_prompts": style.prompts,
+        run.log_params({"synthesis": synthesis.model_dump(mode="json"), "curation_prompts": style.prompts,
                         "images_per_prompt": style.images_per_prompt, "raw": style.raw.model_dump(mode="json")})
         run.log_metrics({"curated_images": len(entries), "raw_images": len(raw)})
         run.log_artifacts(tmp, "curated")

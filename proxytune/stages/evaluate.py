@@ -31,14 +31,15 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune import stats, tracking
-from proxytune.backends import diffusion, dreambench, encoders, students, tiny_cache
-from proxytune.backends.student_api import sampling_settings
-from proxytune.files import (digest_dir, digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
-                             write_png_atomic, write_text_atomic)
+from proxytune.backends import dreambench, encoders
+from proxytune.files import (digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
+                             write_text_atomic)
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS as LABELS, ORACLE_METRICS  # oracle: toy subjects
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import config_key, seed_everything, stage_run
+from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 from proxytune.toyworld.builtins import is_toy
 
@@ -47,155 +48,22 @@ VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench se
 
 
 def eval_prompts(params: StageParams) -> list[str]:
-    cfg, subject = params.evaluation, params.subject
-    if cfg.prompts == "dreambench":
+    evaluation, subject = params.evaluation, params.subject
+    if evaluation.prompts == "dreambench":
         prompts = dreambench.dreambench_prompts(subject.token, subject.class_noun)
-    elif cfg.prompts == "toyworld":
+    elif evaluation.prompts == "toyworld":
         from proxytune.toyworld.subjects import toy_prompts
 
         prompts = toy_prompts(subject.token, subject.class_noun)
     else:
-        prompts = [p.format(token=subject.token, **{"class": subject.class_noun}) for p in cfg.prompts]
-    return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+        prompts = [p.format(token=subject.token, **{"class": subject.class_noun}) for p in evaluation.prompts]
+    return prompts[: evaluation.num_prompts] if evaluation.num_prompts else prompts
 
 
 def wants_base_models(params: StageParams) -> bool:
     """evaluation.base_models, where null means: on for a toy world subject, off otherwise."""
     chosen = params.evaluation.base_models
     return chosen if chosen is not None else params.subject.toy_subject is not None
-
-
-def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
-    cfg = params.evaluation
-    return [cfg.seed + 1000 * prompt_index + k for k in range(cfg.images_per_prompt)]
-
-
-# -- generators: one object per model with the same call --------------------------------------
-TEACHER_SAMPLES = Path(".proxytune") / "teacher_samples"  # under the project root (the stage's cwd)
-STUDENT_SAMPLES = Path(".proxytune") / "student_samples"
-
-
-class SampleCache:
-    """One model's images, a folder per call: FOLDER/KEY/NNN.png, KEY a digest of `setting` (everything
-    the images depend on besides the call) and the call's prompts and seeds.
-
-    A call is always one batch, so cached bytes equal generated ones (PNG is lossless). A missing or
-    damaged file means the whole call is generated again.
-    """
-
-    def __init__(self, folder: Path, setting: tuple):
-        self.folder, self.setting = folder, setting
-
-    def __call__(self, prompts: list[str], seeds: list[int], generate) -> list:
-        from proxytune.errors import ProxytuneError
-
-        folder = self.folder / common.config_key(*self.setting, prompts, seeds)
-        paths = [folder / f"{i:03d}.png" for i in range(len(prompts))]
-        try:
-            return [open_rgb(path) for path in paths]
-        except ProxytuneError:
-            pass
-        images = generate(prompts, seeds)
-        for path, image in zip(paths, images):
-            write_png_atomic(path, image)
-        return images
-
-
-class TeacherSampler:
-    """The teacher pipeline with its LoRA (or, `tuned=False`, the base pipeline), behind a sample cache.
-
-    A teacher's images depend only on its adapter files and the sampler settings, so each call's
-    images are kept under .proxytune/teacher_samples/KEY. Re-evaluating after a student change, a
-    student variant, or a crash after sampling reuses them, and the pipeline is loaded only when
-    something is missing. The base teacher has no adapter: its key says "base" (and, for a toy model,
-    the digest of its shipped weights) instead of the adapter digest and LoRA scale, so every
-    evaluation of the same base model, prompts and seeds shares its images.
-    """
-
-    def __init__(self, params: StageParams, tuned: bool = True):
-        self.params = params
-        self.adapter = params.out("teacher") / "adapter" if tuned else None
-        t, s = params.teacher, params.synthesis
-        # a toy model's name stays while its shipped weights may change: the base key carries their digest
-        base = "base:" + common.base_model_tags(t.model).get("base_model_digest", "")
-        self.cache = SampleCache(TEACHER_SAMPLES, (digest_dir(self.adapter) if tuned else base, t.model, t.revision,
-                                                   t.resolution, s.lora_scale if tuned else None,
-                                                   s.num_inference_steps, s.guidance_scale))
-        self._pipe = None
-        self.path = diffusion.resolve(params.teacher.model)
-        self.random_init = tiny_cache.is_random_init(self.path)
-
-    @property
-    def pipe(self):
-        if self._pipe is None:
-            params = self.params
-            if self.adapter is None:
-                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision)
-            else:
-                self._pipe = diffusion.load_pipeline_with_lora(
-                    params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
-                )
-            self._pipe.to(common.device())
-            self._pipe.set_progress_bar_config(disable=True)
-        return self._pipe
-
-    def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        s = self.params.synthesis
-        return self.cache(prompts, seeds, lambda p, k: diffusion.generate(
-            self.pipe, p, k, steps=s.num_inference_steps, guidance=s.guidance_scale, size=self.params.teacher.resolution))
-
-
-class StudentSampler:
-    """The tuned student (its adapter or full weights), or with `tuned=False` the base student, behind
-    a sample cache (.proxytune/student_samples/KEY) like the teacher's: every variant of an experiment
-    evaluates the same base student on the same prompts and seeds, and draws it once. The key holds
-    the tuned weights' digest (or "base" and the resolved checkpoint folder), and the sampler settings;
-    the model is loaded only when something is missing."""
-
-    def __init__(self, params: StageParams, tuned: bool = True):
-        self.params = params
-        student = params.student
-        self.path = tiny_cache.resolve(student.model, students.TINY_STUDENTS, what="student model")
-        self.random_init = tiny_cache.is_random_init(self.path)
-        self.sampling = sampling_settings(students.detect_backend(self.path, student.model), student.sampling)
-        self.weights = self._weights_file(params) if tuned else None
-        if self.weights is None:
-            identity = "base:" + common.base_model_tags(student.model).get("base_model_digest", "")
-        elif self.weights.parent.name == "adapter":
-            identity = digest_dir(self.weights.parent)
-        else:
-            identity = sha256_file(self.weights)
-        self.cache = SampleCache(STUDENT_SAMPLES, (identity, student.model, str(self.path), self.sampling))
-        self._bundle = None
-
-    @staticmethod
-    def _weights_file(params: StageParams) -> Path:
-        # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
-        folder = params.student_out()  # the subject's own, or the experiment's multi-subject student
-        return folder / common.read_record(folder).get("weights", "adapter/adapter_model.safetensors")
-
-    @property
-    def bundle(self):
-        if self._bundle is None:
-            self._bundle = students.load_student(self.params.student.model, device=str(common.device()))
-            if self.weights is not None and self.weights.parent.name == "adapter":
-                from peft import PeftModel
-
-                self._bundle.model = PeftModel.from_pretrained(self._bundle.model, str(self.weights.parent)).eval()
-            elif self.weights is not None:
-                from safetensors.torch import load_file
-
-                self._bundle.model.load_state_dict(load_file(self.weights))
-        return self._bundle
-
-    def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        return self.cache(prompts, seeds, lambda p, k: self.bundle.decode_codes(self.bundle.generate(p, k, **self.sampling)))
-
-
-@torch.no_grad()
-def sample_dreambench(sampler, params: StageParams, prompts: list[str], name: str) -> list[list]:
-    return [sampler([p] * params.evaluation.images_per_prompt, seeds_for(params, i))
-            for i, p in enumerate(tqdm(prompts, desc=f"evaluate: {name}", unit="prompt"))]
 
 
 @torch.no_grad()
@@ -360,7 +228,7 @@ def reference_embeddings(params: StageParams, clip, dino, references: list, file
     from safetensors.torch import load_file, save
 
     digest = digest_files([(p.name, sha256_file(p)) for p in files])
-    cache = params.work("evaluate") / f"refs-{common.config_key(clip.ref, dino.ref, digest)}.safetensors"
+    cache = params.work("evaluate") / f"refs-{config_key(clip.ref, dino.ref, digest)}.safetensors"
     if cache.exists():
         tensors = load_file(cache)
         return tensors["clip"], tensors["dino"]
@@ -400,8 +268,8 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: b
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    cfg = params.evaluation
-    common.seed_everything(params.seed)
+    evaluation = params.evaluation
+    seed_everything(params.seed)
     teacher_record = common.read_record(params.out("teacher"))
     student_record = common.read_record(params.student_out())
     prompts = eval_prompts(params)
@@ -419,13 +287,13 @@ def run(params_path: str | Path) -> None:
             random_models.append(sampler.random_init)
             model_paths.append(sampler.path)
             student_sampling = getattr(sampler, "sampling", student_sampling)
-            generated[label] = sample_dreambench(sampler, params, prompts, label)
-            if cfg.variance_samples and tuned:
+            generated[label] = sample_prompts(sampler, params, prompts, label)
+            if evaluation.variance_samples and tuned:
                 variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
             del sampler
     faults.checkpoint("evaluate", "generated")
 
-    clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
+    clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
     ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)
     toy = None
     if params.subject.toy_subject is not None:
@@ -439,12 +307,12 @@ def run(params_path: str | Path) -> None:
         if toy is not None:
             scores.update(oracle_scores(read, images, prompts, params.subject.token, toy))
         all_scores[name] = scores
-        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed, cfg.images_per_prompt)
-        breakdown[name] = per_prompt(scores, prompts, cfg.images_per_prompt)
+        metrics[name] = summarize(scores, evaluation.bootstrap_resamples, evaluation.seed, evaluation.images_per_prompt)
+        breakdown[name] = per_prompt(scores, prompts, evaluation.images_per_prompt)
     variance = None
     if variance_images:
-        variance = {"feature": f"DINO CLS of last_hidden_state, unnormalised ({cfg.dino_model})",
-                    "samples": cfg.variance_samples, "prompt": proxy_prompt,
+        variance = {"feature": f"DINO CLS of last_hidden_state, unnormalised ({evaluation.dino_model})",
+                    "samples": evaluation.variance_samples, "prompt": proxy_prompt,
                     "centroid": "mean feature of the model's own samples", "models": {}}
         for name, images in variance_images.items():
             features = dino.image_features(images).numpy()
@@ -452,11 +320,11 @@ def run(params_path: str | Path) -> None:
                                         "distances": stats.centroid_distances(features).tolist()}
     means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
     gate = None
-    if cfg.gate:
-        intervals = [gate_difference_ci(rule, all_scores, cfg.images_per_prompt, cfg.bootstrap_resamples, cfg.seed)
-                     for rule in cfg.gate]
-        passed, details = evaluate_gate(cfg.gate, means, intervals)
-        gate = {"rule": " and ".join(r.describe() for r in cfg.gate), "passed": passed, "details": details,
+    if evaluation.gate:
+        intervals = [gate_difference_ci(rule, all_scores, evaluation.images_per_prompt, evaluation.bootstrap_resamples, evaluation.seed)
+                     for rule in evaluation.gate]
+        passed, details = evaluate_gate(evaluation.gate, means, intervals)
+        gate = {"rule": " and ".join(r.describe() for r in evaluation.gate), "passed": passed, "details": details,
                 "difference_ci95": [list(interval) for interval in intervals],
                 "student_version": f"{student_record['model']}@{student_record['version']}"}
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
@@ -465,19 +333,19 @@ def run(params_path: str | Path) -> None:
     if toy is not None:
         described["oracle"] = oracle_description(toy)
     summary = {"models": metrics, "random_init": random_init, "toy_world": toy_world, "prompts": len(prompts),
-               "images_per_prompt": cfg.images_per_prompt,
-               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "prompt"}}
+               "images_per_prompt": evaluation.images_per_prompt,
+               "bootstrap": {"resamples": evaluation.bootstrap_resamples, "seed": evaluation.seed, "unit": "prompt"}}
 
     tags = {
         "teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
         "student_version": f"{student_record['model']}@{student_record['version']}",
         "random_init": str(random_init),
         "toy_world": str(toy_world),
-        "clip_model": cfg.clip_model,
-        "dino_model": cfg.dino_model,
+        "clip_model": evaluation.clip_model,
+        "dino_model": evaluation.dino_model,
     }
     out_dir = params.out("eval")
-    with common.stage_run(params, "evaluate", tags) as run, staged_dir(out_dir) as tmp:
+    with stage_run(params, "evaluate", tags) as run, staged_dir(out_dir) as tmp:
         for name, groups in generated.items():
             (tmp / "images" / name).mkdir(parents=True)
             for p, group in enumerate(groups):
@@ -495,12 +363,12 @@ def run(params_path: str | Path) -> None:
             write_json_atomic(tmp / "variance.json", variance)
         if gate:
             write_json_atomic(tmp / "gate.json", gate)
-        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), cfg.images_per_prompt, toy_world))
+        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
         rows = []
-        for p in range(min(cfg.grid_prompts, len(prompts))):
+        for p in range(min(evaluation.grid_prompts, len(prompts))):
             rows += [references[:4], *(groups[p] for groups in generated.values())]
         grid(rows, cell=128).save(tmp / "grid.png")
-        run.log_params({"evaluation": cfg.model_dump(mode="json"), "encoders": described, "student_sampling": student_sampling})
+        run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": described, "student_sampling": student_sampling})
         run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
         if variance:
             run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
@@ -516,7 +384,7 @@ def run(params_path: str | Path) -> None:
         if gate:
             flat["gate_passed"] = gate["passed"]
         write_json_atomic(params.subject_dir / "metrics.json", flat)
-    tqdm.write(table(metrics, random_init, len(prompts), cfg.images_per_prompt, toy_world))
+    tqdm.write(table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
     if gate:
         tqdm.write("gate: " + ("passed: alias 'champion' set" if gate["passed"] else "failed: no alias") + "\n  " + "\n  ".join(gate["details"]))
 

@@ -31,8 +31,9 @@ class StageParams(Strict):
     evaluation: EvaluationSpec
     tracking: TrackingSpec
     source: SourceInfo
-    members: list[str] | None = None  # a multi-subject student's params: every subject's folder
-    student_dir: str | None = None  # a subject of a multi-subject experiment: the shared student's folder
+    # a joint (multi-subject) student's params: every subject's folder (key "members" in the params file)
+    joint_subjects: list[str] | None = Field(default=None, alias="members")
+    student_dir: str | None = None  # a subject of a joint (multi-subject) experiment: the joint student's folder
     upstream_dir: str | None = None  # a student variant: the main experiment's subject folder
     style: StyleSpec | None = None  # a style's params: the style (curation prompts resolved to a list)
     style_student: StyleStudentSpec | None = None

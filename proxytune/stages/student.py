@@ -26,75 +26,58 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune.backends import students
-from proxytune.backends.student_api import sampling_settings, unwrapped
+from proxytune.backends.student_api import sampling_settings
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
-from proxytune.stages import common
+from proxytune.stages import common, training
+from proxytune.stages.codes_file import load_codes
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
+from proxytune.stages.student_setup import (augmented_references, enable_gradient_checkpointing, joint_record,
+                                            position_weights, training_dropout)
 
 SERIES = ("loss", "ce", "distill", "z_loss", "grad_norm")
 FULL_WEIGHTS = "full/model.safetensors"
 
 
-def position_weights(length: int, strength: float) -> torch.Tensor:
-    """(L,) weights exp(-strength * t / L), normalised to mean 1 (uniform at strength 0)."""
-    w = torch.exp(-strength * torch.arange(length, dtype=torch.float32) / length)
-    return w / w.mean()
+class StudentTrainer:
+    """The student's training loop (setup, train_step, train, save), on `self.spec`: the params' student
+    section; `spec.recipe` names what it trains on (proxies, or the references for a baseline)."""
 
-
-def augmented_references(images: list, count: int, size: int, generator: torch.Generator) -> list:
-    """The paper's geometric augmentation baseline: `count` copies of the references, each with a
-    random flip, a rotation in [-5, 5] degrees and a centred-area crop of 0.9-1.0 of the side."""
-    from PIL import Image, ImageOps
-
-    out = []
-    for i in range(count):
-        image = images[i % len(images)]
-        flip, angle, scale, dx, dy = torch.rand(5, generator=generator).tolist()
-        if flip < 0.5:
-            image = ImageOps.mirror(image)
-        image = image.rotate(10 * angle - 5, resample=Image.Resampling.BICUBIC)
-        side = round(min(image.size) * (0.9 + 0.1 * scale))
-        left, top = round((image.width - side) * dx), round((image.height - side) * dy)
-        out.append(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
-    return out
-
-
-class StudentRecipe:
     def __init__(self, params: StageParams):
         self.params = params
-        self.cfg = params.student
-        self.device = common.device()
+        self.spec = params.student
+        self.device = device()
         self.proxy_dir = params.out("proxy")
         subject = params.subject
         self.instance_prompt = f"a {subject.token} {subject.class_noun}"
-        self.prior_prompt = self.cfg.regularisers.prior_prompt.format(**{"class": subject.class_noun})
+        self.prior_prompt = self.spec.regularisers.prior_prompt.format(**{"class": subject.class_noun})
 
     @property
     def full_finetune(self) -> bool:
-        return self.cfg.recipe == "direct-full"
+        return self.spec.recipe == "direct-full"
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg = self.cfg
+        spec = self.spec
         # accelerate: the process group (under `accelerate launch`), mixed precision, fp16 loss scaling
-        self.accelerator = common.accelerator(cfg.mixed_precision)
+        self.accelerator = training.accelerator(spec.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        seed = self.params.seed + cfg.seed_offset
-        common.seed_everything(seed)
+        seed = self.params.seed + spec.seed_offset
+        seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed + 7919 * self.rank)
-        self.bundle = students.load_student(cfg.model, device=str(self.device))
-        self.dropout = training_dropout(self.bundle, cfg.dropout)  # the spec's, else the original's
-        self.sampling = sampling_settings(self.bundle.backend, cfg.sampling)  # the spec's, else the backend's
-        # a multi-subject student learns every member subject's proxy set; otherwise the one subject's
-        self.members = [load_params(Path(m) / "params.yaml") for m in self.params.members or []]
+        self.bundle = students.load_student(spec.model, device=str(self.device))
+        self.dropout = training_dropout(self.bundle, spec.dropout)  # the spec's, else the original's
+        self.sampling = sampling_settings(self.bundle.backend, spec.sampling)  # the spec's, else the backend's
+        # a joint (multi-subject) student learns every subject's proxy set; otherwise the one subject's
+        self.joint_params = [load_params(Path(folder) / layout.PARAMS_FILE) for folder in self.params.joint_subjects or []]
         self.proxy = None
-        if cfg.recipe == "proxy":
-            self.proxy = _joint_record(self.members) if self.members else common.read_record(self.proxy_dir)
-        self.checkpoint_dir = self.params.work("student") / common.config_key(
-            self.params.seed, cfg.model_dump(exclude={"processes"}), self._data_key()
+        if spec.recipe == "proxy":
+            self.proxy = joint_record(self.joint_params) if self.joint_params else common.read_record(self.proxy_dir)
+        self.checkpoint_dir = self.params.work("student") / config_key(
+            self.params.seed, spec.model_dump(exclude={"processes"}), self._data_key()
         )
         self._cache_inputs()
         torch.manual_seed(seed)  # LoRA init draws from the global RNG: the same in every process
@@ -104,44 +87,44 @@ class StudentRecipe:
         else:
             from peft import LoraConfig, get_peft_model
 
-            targets, layers = self.bundle.lora_target_modules(list(cfg.lora.groups)), cfg.lora.layers
+            targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups)), spec.lora.layers
             if isinstance(targets, str) and layers:  # a regex target names the layer indices itself
-                targets, layers = self.bundle.lora_target_modules(list(cfg.lora.groups), layers=layers), None
+                targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups), layers=layers), None
             lora = LoraConfig(
-                r=cfg.lora.rank,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
+                r=spec.lora.rank,
+                lora_alpha=spec.lora.alpha,
+                lora_dropout=spec.lora.dropout,
                 target_modules=targets,
                 layers_to_transform=layers,
             )
             self.bundle.model = model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
+        if spec.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
         # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
-        self.model, self.optimizer = common.prepare_training(
+        self.model, self.optimizer = training.prepare_training(
             self.accelerator, {"student": model}, torch.optim.AdamW(
-                self.trainable, lr=cfg.learning_rate, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
+                self.trainable, lr=spec.learning_rate, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
             weights=self._trained_state, load_weights=self._load_trained_state)
-        self.weights = position_weights(self.bundle.seq_len, cfg.regularisers.position_weighting).to(self.device)
+        self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
         # data generator
-        self.progress = common.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator)
+        self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator)
 
     def _data_key(self) -> str:
         """What the training set depends on besides the model: the proxy digest, or the references."""
-        if self.cfg.recipe == "proxy":
+        if self.spec.recipe == "proxy":
             return self.proxy["digest"]
         return ",".join(sha256_file(p) for p in list_images(self.params.references_dir))
 
     def _training_images(self) -> tuple[list, list[str]]:
         """(images, prompts) of a baseline recipe's training set: the real references, in order."""
-        cfg, size = self.cfg, self.bundle.image_size
+        spec, size = self.spec, self.bundle.image_size
         references = [open_rgb(p) for p in list_images(self.params.references_dir)]
-        if cfg.recipe == "augment":
-            g = torch.Generator().manual_seed(self.params.seed + cfg.seed_offset)
-            images = augmented_references([center_crop_resize(r, max(r.size)) for r in references], cfg.augment_copies, size, g)
+        if spec.recipe == "augment":
+            g = torch.Generator().manual_seed(self.params.seed + spec.seed_offset)
+            images = augmented_references([center_crop_resize(r, max(r.size)) for r in references], spec.augment_copies, size, g)
         else:
             images = [center_crop_resize(r, size) for r in references]
         return images, [self.instance_prompt] * len(images)
@@ -154,13 +137,13 @@ class StudentRecipe:
         references of the baseline recipes are encoded here. Class-prompt samples for prior
         distillation are drawn once and kept in the scratch folder, so a resumed run skips them.
         """
-        cfg = self.cfg
-        if cfg.recipe == "proxy":
+        spec = self.spec
+        if spec.recipe == "proxy":
             codes, conds, prompt_index = [], [], []
-            for member in self.members or [self.params]:
-                digest = common.read_record(member.out("proxy"))["digest"]
-                tensors = common.load_codes(member.out("codes"), model=cfg.model, proxy_digest=digest)
-                n = cfg.num_proxy_images or len(tensors["codes"])
+            for subject_params in self.joint_params or [self.params]:
+                digest = common.read_record(subject_params.out("proxy"))["digest"]
+                tensors = load_codes(subject_params.out("codes"), model=spec.model, proxy_digest=digest)
+                n = spec.num_proxy_images or len(tensors["codes"])
                 codes.append(tensors["codes"][:n])
                 prompt_index.append(tensors["prompt_index"][:n] + sum(len(c) for c in conds))
                 conds.append(tensors["conds"])
@@ -176,7 +159,7 @@ class StudentRecipe:
             self.conds = self.bundle.encode_prompts(distinct).cpu()  # (P, ...)
             self.prompt_index = torch.tensor([distinct.index(p) for p in prompts])  # (N,)
         self.prior_codes = self.prior_cond = None
-        if cfg.regularisers.prior_distillation > 0:
+        if spec.regularisers.prior_distillation > 0:
             self._prior_samples()
 
     @torch.no_grad()
@@ -188,7 +171,7 @@ class StudentRecipe:
         if cache.exists():
             tensors = load_file(cache)
         else:
-            seeds = [self.params.seed + 50_000 + i for i in range(self.cfg.regularisers.prior_samples)]
+            seeds = [self.params.seed + 50_000 + i for i in range(self.spec.regularisers.prior_samples)]
             tensors = {
                 "codes": self.bundle.generate([self.prior_prompt] * len(seeds), seeds, **self.sampling).cpu().contiguous(),
                 "cond": self.bundle.encode_prompts([self.prior_prompt]).cpu().contiguous(),
@@ -216,7 +199,7 @@ class StudentRecipe:
     def save_checkpoint(self) -> None:
         """accelerate's save_state (every process takes part): trained weights, optimiser, fp16 loss scale,
         RNGs, step and curves."""
-        common.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
+        training.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
 
     # -- training ------------------------------------------------------------------------------
     # The model calls below run inside the prepared module's forward, under accelerate's autocast to
@@ -233,8 +216,8 @@ class StudentRecipe:
         return F.kl_div(F.log_softmax(tuned, -1), F.log_softmax(base, -1), log_target=True, reduction="none").sum(-1).mean()
 
     def train_step(self) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
-        accumulation = cfg.gradient_accumulation_steps
+        spec, acc = self.spec, self.accelerator
+        accumulation = spec.gradient_accumulation_steps
         sums = torch.zeros(4, device=self.device)  # ce, distill, z_loss, total loss summed over the micro-batches
         for i in range(accumulation):
             # DDP averages the gradients over processes in the last micro-batch's backward only
@@ -248,7 +231,7 @@ class StudentRecipe:
         # 5. update: every process holds the mean gradient, so the weights stay equal
         if self.world > 1:
             ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]), "mean")
-        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)  # unscales fp16 gradients first
+        grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)  # unscales fp16 gradients first
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "z_loss": z_loss.item(),
@@ -256,12 +239,12 @@ class StudentRecipe:
 
     def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, ce, distill, z_loss) of one micro-batch; runs inside the prepared module."""
-        cfg = self.cfg
+        spec = self.spec
         # 1. a batch of training images (codes) and their captions (conditions), by dataset index
-        index = torch.randint(len(self.codes), (cfg.batch_size,), generator=self.generator)
+        index = torch.randint(len(self.codes), (spec.batch_size,), generator=self.generator)
         codes = self.codes[index].to(self.device)  # (B, L)
         cond = self.conds[self.prompt_index[index]].to(self.device)
-        drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
+        drop = (torch.rand(spec.batch_size, generator=self.generator) < spec.cfg_dropout).to(self.device)
         # 2. next-token cross-entropy, each code position weighted (uniform by default): a backend with its
         #    original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
         #    it; otherwise the codes only, over the codebook
@@ -275,34 +258,34 @@ class StudentRecipe:
             ce = (ce * self.weights).mean()
         # 3. optional prior distillation against the adapter-disabled base
         distill = torch.zeros((), device=self.device)
-        if cfg.regularisers.prior_distillation > 0:
-            distill = self._distillation(cfg.batch_size)
-        loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + cfg.regularisers.prior_distillation * distill
+        if spec.regularisers.prior_distillation > 0:
+            distill = self._distillation(spec.batch_size)
+        loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + spec.regularisers.prior_distillation * distill
         return loss, ce, distill, z_loss
 
     def train(self) -> None:
-        cfg = self.cfg
-        tokens = self.codes.shape[1] * cfg.batch_size * cfg.gradient_accumulation_steps
-        what = "proxy images" if cfg.recipe == "proxy" else f"training images ({cfg.recipe})"
+        spec = self.spec
+        tokens = self.codes.shape[1] * spec.batch_size * spec.gradient_accumulation_steps
+        what = "proxy images" if spec.recipe == "proxy" else f"training images ({spec.recipe})"
         tqdm.write(
             f"student: {self.bundle.backend} backend, {len(self.codes)} {what} ({self.codes.shape[1]} codes each), "
-            f"{cfg.steps} steps x batch {cfg.batch_size}"
-            f"{f' x {cfg.gradient_accumulation_steps} accumulated' if cfg.gradient_accumulation_steps > 1 else ''}"
+            f"{spec.steps} steps x batch {spec.batch_size}"
+            f"{f' x {spec.gradient_accumulation_steps} accumulated' if spec.gradient_accumulation_steps > 1 else ''}"
             f" = {tokens} image tokens/step, "
             f"{sum(p.numel() for p in self.trainable):,} trainable params, dropout {self.dropout:g}"
             + (f", data parallel over {self.world} processes (rank {self.rank})" if self.world > 1 else "")
         )
         self.bundle.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="student", unit="step", disable=self.rank != 0 or None)
-        while self.progress.step < cfg.steps:
+        bar = tqdm(total=spec.steps, initial=self.progress.step, desc="student", unit="step", disable=self.rank != 0 or None)
+        while self.progress.step < spec.steps:
             # dropout masks (model and LoRA) come from the global RNG: seeded from the step, a resumed run
             # draws the same ones
-            torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + 7919 * self.rank + self.progress.step)
+            torch.manual_seed((self.params.seed + spec.seed_offset) * 1_000_003 + 7919 * self.rank + self.progress.step)
             values = self.train_step()
             self.progress.record(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
+            if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
             faults.checkpoint("student", "step", self.progress.step)
         bar.close()
@@ -315,7 +298,7 @@ class StudentRecipe:
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
-        prompts = [f"a {m.subject.token} {m.subject.class_noun}" for m in self.members] or [self.instance_prompt]
+        prompts = [f"a {p.subject.token} {p.subject.class_noun}" for p in self.joint_params] or [self.instance_prompt]
         codes = self.bundle.generate(
             [prompts[i % len(prompts)] for i in range(count)],
             [self.params.evaluation.seed + i for i in range(count)],
@@ -330,7 +313,7 @@ class StudentRecipe:
             path = folder / FULL_WEIGHTS
             path.parent.mkdir()
             state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.bundle.model.state_dict().items())}
-            write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.cfg.model, "backend": self.bundle.backend}))
+            write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.spec.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"
         # LoRA never targets the embeddings (Llama projections only); False also skips peft's check for
@@ -339,15 +322,15 @@ class StudentRecipe:
         # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
         config_path = adapter / "adapter_config.json"
         adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = self.cfg.model
+        adapter_config["base_model_name_or_path"] = self.spec.model
         if isinstance(adapter_config.get("target_modules"), list):  # peft writes a set: order varies per run
             adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
         write_json_atomic(config_path, adapter_config)
         return adapter / "adapter_model.safetensors"
 
     def save(self, out_dir: Path) -> None:
-        cfg = self.cfg
-        tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": cfg.recipe}
+        spec = self.spec
+        tags = {**base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": spec.recipe}
         if self.proxy is not None:
             tags.update({
                 "teacher_version": self.proxy["teacher_version"],
@@ -356,16 +339,17 @@ class StudentRecipe:
                 "proxy_images": str(len(self.codes)),
                 "synthesis_run_id": self.proxy["run_id"],
             })
-        with common.stage_run(self.params, "student", tags) as run, staged_dir(out_dir) as tmp:
-            run.log_params({"student": cfg.model_dump(mode="json"), "seed": self.params.seed, "sampling": self.sampling})
+        with stage_run(self.params, "student", tags) as run, staged_dir(out_dir) as tmp:
+            run.log_params({"student": spec.model_dump(mode="json"), "seed": self.params.seed, "sampling": self.sampling})
             run.log_params({"dropout": self.dropout})  # what student.dropout resolved to
-            logged = {"distill": cfg.regularisers.prior_distillation > 0, "z_loss": hasattr(self.bundle, "sequence_loss")}
+            logged = {"distill": spec.regularisers.prior_distillation > 0, "z_loss": hasattr(self.bundle, "sequence_loss")}
             for key in SERIES:
                 if logged.get(key, True):
                     run.log_series(key, self.progress.series[key])
-            for member in (self.members or [self.params]) if self.proxy is not None else []:
-                run.log_dataset(member.out("proxy"), name=f"{member.experiment}.{member.subject.name}.proxy",
-                                digest=common.read_record(member.out("proxy"))["digest"], context="training")
+            for subject_params in (self.joint_params or [self.params]) if self.proxy is not None else []:
+                proxy_dir = subject_params.out("proxy")
+                run.log_dataset(proxy_dir, name=f"{subject_params.experiment}.{subject_params.subject.name}.proxy",
+                                digest=common.read_record(proxy_dir)["digest"], context="training")
             weights = self._save_weights(tmp)
             adapter_digest = sha256_file(weights)
             self.sample_grid().save(tmp / "samples.png")
@@ -374,12 +358,12 @@ class StudentRecipe:
             version = run.register(
                 registered,
                 "student",
-                {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": cfg.recipe,
+                {**base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": spec.recipe,
                  "adapter_digest": adapter_digest,
                  **({"teacher_version": self.proxy["teacher_version"], "proxy_digest": self.proxy["digest"]}
                     if self.proxy is not None else {})},
             )
-            common.write_curves(tmp, self.progress.series)  # after register: not part of the weights
+            training.write_curves(tmp, self.progress.series)  # after register: not part of the weights
             common.write_record(
                 tmp,
                 {
@@ -387,9 +371,9 @@ class StudentRecipe:
                     "run_id": run.run_id,
                     "model": f"{run.experiment}.{run.subject}.student",
                     "version": version,
-                    **common.base_model_tags(cfg.model),
+                    **base_model_tags(spec.model),
                     "backend": self.bundle.backend,
-                    "recipe": cfg.recipe,
+                    "recipe": spec.recipe,
                     "weights": weights.relative_to(tmp).as_posix(),
                     "adapter_digest": adapter_digest,
                     "proxy_digest": self.proxy["digest"] if self.proxy is not None else None,
@@ -401,51 +385,6 @@ class StudentRecipe:
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
 
 
-def _joint_record(members: list[StageParams]) -> dict:
-    """The proxy record of a multi-subject student: every member's set, one digest over their digests."""
-    from proxytune.files import sha256_bytes
-
-    records = [common.read_record(m.out("proxy")) for m in members]
-    return {
-        "digest": sha256_bytes("\n".join(r["digest"] for r in records).encode()),
-        "prompts_digest": sha256_bytes("\n".join(r["prompts_digest"] for r in records).encode()),
-        "teacher_version": ",".join(r["teacher_version"] for r in records),
-        "run_id": ",".join(r["run_id"] for r in records),
-        "subjects": [m.subject.name for m in members],
-    }
-
-
-def training_dropout(bundle, given: float | None) -> float:
-    """Set the dropout the student trains with and return it: `student.dropout`, else the backend's
-    original (llamagen: LlamaGen's 0.1 token / residual / FFN dropout).
-
-    Raises:
-        ProxytuneError: a non-zero dropout for a backend without the option.
-    """
-    if bundle.backend == "llamagen":
-        from proxytune.backends import llamagen
-
-        p = llamagen.ORIGINAL_DROPOUT if given is None else given
-        unwrapped(bundle.model).set_dropout(p)
-        return p
-    if given:
-        from proxytune.errors import ProxytuneError
-
-        raise ProxytuneError(f"student.dropout: the {bundle.backend} backend has no dropout option; leave it null or 0")
-    return 0.0
-
-
-def _enable_gradient_checkpointing(model) -> None:
-    base = unwrapped(model)
-    if not getattr(base, "supports_gradient_checkpointing", False):
-        from proxytune.errors import ProxytuneError
-
-        raise ProxytuneError(f"student.gradient_checkpointing: {type(base).__name__} does not support it")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-
-
 def processes(params_path: str | Path) -> int:
     """How many data-parallel processes the CLI launches this stage with (accelerate)."""
     return load_params(params_path).student.processes
@@ -453,11 +392,11 @@ def processes(params_path: str | Path) -> int:
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    recipe = StudentRecipe(params)
-    recipe.setup()
-    recipe.train()
-    if recipe.rank == 0:
-        recipe.save(params.out("student"))
+    trainer = StudentTrainer(params)
+    trainer.setup()
+    trainer.train()
+    if trainer.rank == 0:
+        trainer.save(params.out("student"))
 
 
 if __name__ == "__main__":

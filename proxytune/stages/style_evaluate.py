@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults, stats
+from proxytune import faults, layout, stats
 from proxytune.backends import diffusion, encoders, students
 from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, reference_embeds, style_scores
 from proxytune.backends.style_student import SAMPLING, StyleStudent
@@ -46,6 +46,8 @@ from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, generated_prompts
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import device, seed_everything, stage_run
+from proxytune.stages.sampling import StudentSampler, sample_prompts, seeds_for
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 
 STYLE_PROMPTS = ("a cat", "a red bicycle", "a house by a lake", "a bowl of fruit", "a sailing boat", "a mountain at dawn",
@@ -63,22 +65,18 @@ TOY_DESCRIPTIONS = {
 
 
 def eval_prompts(params: StageParams) -> list[str]:
-    cfg = params.evaluation
-    if isinstance(cfg.prompts, list):
-        prompts = list(cfg.prompts)
-    elif cfg.prompts == "toyworld" and params.style.toy_style is not None:
+    evaluation = params.evaluation
+    if isinstance(evaluation.prompts, list):
+        prompts = list(evaluation.prompts)
+    elif evaluation.prompts == "toyworld" and params.style.toy_style is not None:
         from proxytune.toyworld.styles import eval_prompts as toy_style_prompts
 
-        return toy_style_prompts(cfg.num_prompts or 10, 12345, exclude=set(params.style.prompts))
-    elif cfg.prompts == "toyworld":
+        return toy_style_prompts(evaluation.num_prompts or 10, 12345, exclude=set(params.style.prompts))
+    elif evaluation.prompts == "toyworld":
         prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=12345))
     else:
         prompts = list(STYLE_PROMPTS)
-    return prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
-
-
-def seeds_for(params: StageParams, prompt_index: int) -> list[int]:
-    return [params.evaluation.seed + 1000 * prompt_index + k for k in range(params.evaluation.images_per_prompt)]
+    return prompts[: evaluation.num_prompts] if evaluation.num_prompts else prompts
 
 
 @torch.no_grad()
@@ -87,7 +85,7 @@ def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
     s = params.synthesis
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, params.out("teacher") / "adapter",
                                              revision=params.teacher.revision, scale=s.lora_scale)
-    pipe.to(common.device())
+    pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
     out = []
     for p, prompt in enumerate(tqdm(prompts, desc="style evaluate: teacher", unit="prompt")):
@@ -138,16 +136,6 @@ def toy_style_scores(read, images: list, prompts: list[str], style_name: str) ->
     return scores
 
 
-@torch.no_grad()
-def base_student_images(bundle, sampling: dict, params: StageParams, prompts: list[str]) -> list[list]:
-    """The untuned student's images of the prompt alone (no style tokens): the floor of style and leakage."""
-    out = []
-    for p, prompt in enumerate(tqdm(prompts, desc="style evaluate: base-student", unit="prompt")):
-        seeds = seeds_for(params, p)
-        out.append(bundle.decode_codes(bundle.generate([prompt] * len(seeds), seeds, **sampling)))
-    return out
-
-
 def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
     """Mean and 95% bootstrap interval per metric, resampling prompts with all their images."""
     summary = {}
@@ -177,8 +165,8 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     if params.style is None or params.style_student is None:
         raise ProxytuneError(f"{params_path}: the style_evaluate stage is for styles (no style section)")
-    cfg, scfg = params.evaluation, params.style_student
-    common.seed_everything(params.seed)
+    evaluation, style_student = params.evaluation, params.style_student
+    seed_everything(params.seed)
     teacher_record = common.read_record(params.out("teacher"))
     student_record = common.read_record(params.out("student"))
     prompts = eval_prompts(params)
@@ -186,21 +174,23 @@ def run(params_path: str | Path) -> None:
 
     toy = params.style.toy_style
     generated = {"teacher": teacher_images(params, prompts)}
-    bundle = students.load_student(params.student.model, device=str(common.device()))
+    bundle = students.load_student(params.student.model, device=str(device()))
     sampling = sampling_settings(SAMPLING[bundle.backend], params.student.sampling)
     if toy is not None:  # the untuned student, before the style student's LoRA wraps the same model
-        generated["base-student"] = base_student_images(bundle, sampling, params, prompts)
-    clip_style = encoders.load_clip(scfg.clip_model, device=str(common.device()))
+        # the prompt alone, no style tokens: the floor of style accuracy and leakage (cached like evaluate's)
+        base = StudentSampler(params, tuned=False, sampling=sampling, bundle=bundle)
+        generated["base-student"] = sample_prompts(base, params, prompts, "base-student", stage="style evaluate")
+    clip_style = encoders.load_clip(style_student.clip_model, device=str(device()))
     style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
-    generated["student"] = student_images(style, sampling, params, prompts, references, scfg.noise_strength, "student")
-    for strength in scfg.eval_noise_strengths:
+    generated["student"] = student_images(style, sampling, params, prompts, references, style_student.noise_strength, "student")
+    for strength in style_student.eval_noise_strengths:
         label = f"student@noise={strength:g}"
         generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
     faults.checkpoint("style_evaluate", "generated")
 
-    clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
+    clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
     refs = reference_embeds(clip, dino, references)
-    k = cfg.images_per_prompt
+    k = evaluation.images_per_prompt
     metrics, breakdown = {}, {}
     read = oracle_reader() if toy is not None else None
     for name, groups in generated.items():
@@ -209,15 +199,15 @@ def run(params_path: str | Path) -> None:
         scores = style_scores(flat, texts, refs, clip, dino, params.style.content)
         if toy is not None:
             scores.update(toy_style_scores(read, flat, texts, toy))
-        metrics[name] = summarize(scores, cfg.bootstrap_resamples, cfg.seed, k)
+        metrics[name] = summarize(scores, evaluation.bootstrap_resamples, evaluation.seed, k)
         breakdown[name] = [{"prompt": p, **{m: float(np.mean(v[i * k : (i + 1) * k])) for m, v in scores.items()}}
                            for i, p in enumerate(prompts)]
     means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], bundle.random_init,
                        diffusion_random(params)])
-    described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": scfg.clip_model,
+    described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": style_student.clip_model,
                  "metrics": {m: DESCRIPTIONS[m] for m in STYLE_METRICS}, "random_init": random_init,
-                 "content": params.style.content, "noise_strength": scfg.noise_strength, "sampling": sampling}
+                 "content": params.style.content, "noise_strength": style_student.noise_strength, "sampling": sampling}
     if toy is not None:
         from proxytune.toyworld import styles as toy_styles
         from proxytune.toyworld.builtins import manifest, oracle_folder
@@ -227,12 +217,12 @@ def run(params_path: str | Path) -> None:
                                   "content": toy_styles.CONTENT_CAPTION, "oracle": str(oracle_folder()),
                                   "oracle_digest": manifest().get("toy-oracle", {}).get("digest")}
     summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts), "images_per_prompt": k,
-               "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.seed, "unit": "prompt"}, "kind": "style"}
+               "bootstrap": {"resamples": evaluation.bootstrap_resamples, "seed": evaluation.seed, "unit": "prompt"}, "kind": "style"}
     tags = {"teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
             "student_version": f"{student_record['model']}@{student_record['version']}",
-            "random_init": str(random_init), "clip_model": cfg.clip_model, "dino_model": cfg.dino_model,
-            "style": params.style.name, "dvc_stage": f"style_evaluate@{params.experiment}.{params.subject.name}"}
-    with common.stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
+            "random_init": str(random_init), "clip_model": evaluation.clip_model, "dino_model": evaluation.dino_model,
+            "style": params.style.name, "dvc_stage": layout.stage_name("style_evaluate", params.experiment, params.subject.name)}
+    with stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
         for name, groups in generated.items():
             folder = tmp / "images" / name.replace("@", "_").replace("=", "")
             folder.mkdir(parents=True)
@@ -246,10 +236,10 @@ def run(params_path: str | Path) -> None:
         write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), k))
         cell = 128
         rows = []
-        for p in range(min(cfg.grid_prompts, len(prompts))):  # reference | teacher (curated) | student
+        for p in range(min(evaluation.grid_prompts, len(prompts))):  # reference | teacher (curated) | student
             rows.append([center_crop_resize(references[0], cell), *generated["teacher"][p], *generated["student"][p]])
         write_png_atomic(tmp / "grid.png", grid(rows, cell=cell))
-        run.log_params({"evaluation": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
+        run.log_params({"evaluation": evaluation.model_dump(mode="json"), "style_student": style_student.model_dump(mode="json"),
                         "encoders": described})
         run.log_metrics({f"{mlflow_name(name)}.{m}": v for name, values in means.items() for m, v in values.items()})
         run.log_artifacts(tmp, "eval")

@@ -32,72 +32,76 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune.backends import encoders, students
 from proxytune.backends.student_api import sampling_settings
 from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
-from proxytune.stages import common
+from proxytune.stages import common, training
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
 
 SERIES = ("loss", "ce", "z_loss", "grad_norm", "raw_fraction")
 MODEL_DIR = "model"
 SAMPLE_PROMPTS = ("a cat", "a house by a lake")
 
 
-class StyleStudentRecipe:
+class StyleStudentTrainer:
+    """The style student's training loop (setup, train_step, train, save), on `self.spec` (the params'
+    student section) and `self.style_spec` (its style_student section)."""
+
     def __init__(self, params: StageParams):
         if params.style is None or params.style_student is None:
             raise ProxytuneError(f"{params.path}: the style_student stage is for styles (no style section)")
         self.params = params
-        self.cfg = params.student
-        self.style_cfg = params.style_student
-        self.device = common.device()
+        self.spec = params.student
+        self.style_spec = params.style_student
+        self.device = device()
         self.curated_dir = params.out("curated")
 
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        cfg, scfg = self.cfg, self.style_cfg
+        spec, style_spec = self.spec, self.style_spec
         # accelerate: mixed precision and fp16 loss scaling (the stage runs one process)
-        self.accelerator = common.accelerator(cfg.mixed_precision)
-        seed = self.params.seed + cfg.seed_offset
-        common.seed_everything(seed)
+        self.accelerator = training.accelerator(spec.mixed_precision)
+        seed = self.params.seed + spec.seed_offset
+        seed_everything(seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.bundle = students.load_student(cfg.model, device=str(self.device))
-        self.sampling = sampling_settings(SAMPLING[self.bundle.backend], cfg.sampling)  # unset: StyleAR's (Lumina) or LlamaGen's
-        clip = encoders.load_clip(scfg.clip_model, device=str(self.device))
-        r = scfg.resampler
+        self.bundle = students.load_student(spec.model, device=str(self.device))
+        self.sampling = sampling_settings(SAMPLING[self.bundle.backend], spec.sampling)  # unset: StyleAR's (Lumina) or LlamaGen's
+        clip = encoders.load_clip(style_spec.clip_model, device=str(self.device))
+        r = style_spec.resampler
         # the resampler is drawn from its own seed: the LoRA init below does not move it
-        self.style = StyleStudent.build(self.bundle, clip, num_tokens=scfg.num_style_tokens, depth=r.depth,
+        self.style = StyleStudent.build(self.bundle, clip, num_tokens=style_spec.num_style_tokens, depth=r.depth,
                                         heads=r.heads, dim_head=r.dim_head, dim=r.dim, ff_mult=r.ff_mult, seed=seed)
         self.curated = common.read_record(self.curated_dir)
-        self.checkpoint_dir = self.params.work("style_student") / common.config_key(
-            self.params.seed, cfg.model_dump(exclude={"processes"}), scfg.model_dump(), self.params.style.raw.ratio,
+        self.checkpoint_dir = self.params.work("style_student") / config_key(
+            self.params.seed, spec.model_dump(exclude={"processes"}), style_spec.model_dump(), self.params.style.raw.ratio,
             self.curated["digest"], self.curated.get("raw_digest"))
         self._cache_inputs()
         torch.manual_seed(seed)  # LoRA init draws from the global RNG
         from peft import LoraConfig, get_peft_model
 
-        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=self.bundle.lora_target_modules(list(cfg.lora.groups)),
-                          layers_to_transform=cfg.lora.layers)
+        lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                          target_modules=self.bundle.lora_target_modules(list(spec.lora.groups)),
+                          layers_to_transform=spec.lora.layers)
         self.bundle.model = get_peft_model(self.bundle.model, lora)
         self.style.resampler.train().requires_grad_(True)
         self.lora_params = [p for p in self.bundle.model.parameters() if p.requires_grad]
         self.trainable = self.lora_params + list(self.style.resampler.parameters())
-        groups = [{"params": self.lora_params, "lr": cfg.learning_rate},
-                  {"params": list(self.style.resampler.parameters()), "lr": scfg.resampler_lr or cfg.learning_rate}]
+        groups = [{"params": self.lora_params, "lr": spec.learning_rate},
+                  {"params": list(self.style.resampler.parameters()), "lr": style_spec.resampler_lr or spec.learning_rate}]
         # accelerate: autocast around the prepared module's forward, the optimiser that steps through the
         # fp16 GradScaler, checkpoints that hold only the LoRA and resampler weights
-        self.model, self.optimizer = common.prepare_training(
+        self.model, self.optimizer = training.prepare_training(
             self.accelerator, {"student": self.bundle.model, "resampler": self.style.resampler},
-            torch.optim.AdamW(groups, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay),
+            torch.optim.AdamW(groups, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
             weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = torch.ones(self.bundle.seq_len, device=self.device)
-        self.progress = common.resume_training(self.accelerator, self.checkpoint_dir, "style student", SERIES,
-                                               self.generator)
+        self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "style student", SERIES,
+                                                 self.generator)
 
     @torch.no_grad()
     def _cache_inputs(self) -> None:
@@ -111,8 +115,8 @@ class StyleStudentRecipe:
         captions = [e["prompt"] for e in entries]
         distinct = sorted(set(captions))
         # keyed by what the encodings depend on only: another learning rate or step count reuses them
-        cache = self.params.work("style_student") / "inputs-{}.safetensors".format(common.config_key(
-            self.cfg.model, self.style_cfg.clip_model, self.style.num_tokens, self.style.prompt_len,
+        cache = self.params.work("style_student") / "inputs-{}.safetensors".format(config_key(
+            self.spec.model, self.style_spec.clip_model, self.style.num_tokens, self.style.prompt_len,
             self.curated["digest"], self.curated.get("raw_digest")))
         if cache.exists():
             tensors = load_file(cache)
@@ -149,7 +153,7 @@ class StyleStudentRecipe:
         self.style.resampler.load_state_dict({k[10:]: v for k, v in weights.items() if k.startswith("resampler.")})
 
     def save_checkpoint(self) -> None:
-        common.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
+        training.save_state(self.accelerator, self.checkpoint_dir, self.progress.step)
 
     # -- training ------------------------------------------------------------------------------
     def _batch_indices(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,17 +166,17 @@ class StyleStudentRecipe:
         return torch.where(raw, raw_index, curated), raw
 
     def _micro_batch_loss(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cfg, scfg = self.cfg, self.style_cfg
+        spec, style_spec = self.spec, self.style_spec
         # 1. examples, raw or curated; their codes, captions and (from the target image itself) CLIP features
-        index, raw = self._batch_indices(cfg.batch_size)
+        index, raw = self._batch_indices(spec.batch_size)
         codes = self.codes[index].to(self.device)
         cond, positions = self.cond[self.caption_index[index]], self.positions[self.caption_index[index]]
         # 2. style tokens through the resampler (trained), with the training noise when set
         noise = [torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=self.generator)))
-                 for _ in range(cfg.batch_size)] if scfg.train_noise_strength else None
-        tokens = self.style.style_tokens(self.features[index], scfg.train_noise_strength, noise)
+                 for _ in range(spec.batch_size)] if style_spec.train_noise_strength else None
+        tokens = self.style.style_tokens(self.features[index], style_spec.train_noise_strength, noise)
         # 3. CFG dropout: the whole prompt turn (text and style tokens) masked out
-        drop = (torch.rand(cfg.batch_size, generator=self.generator) < cfg.cfg_dropout).to(self.device)
+        drop = (torch.rand(spec.batch_size, generator=self.generator) < spec.cfg_dropout).to(self.device)
         # 4. the backend's objective (Lumina-mGPT: the image turn + z-loss; LlamaGen: the codes), under
         #    accelerate's autocast: this runs in the prepared module
         terms = self.style.sequence_loss(cond, positions, tokens, codes, drop, self.weights)
@@ -180,37 +184,37 @@ class StyleStudentRecipe:
         return loss, terms["ce"], terms["z_loss"], raw.float().mean()
 
     def train_step(self) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
-        accumulation = cfg.gradient_accumulation_steps
+        spec, acc = self.spec, self.accelerator
+        accumulation = spec.gradient_accumulation_steps
         sums = torch.zeros(4, device=self.device)  # loss, ce, z_loss, raw fraction over the micro-batches
         for _ in range(accumulation):
             loss, ce, z_loss, raw = self.model(self._micro_batch_loss)
             acc.backward(loss / accumulation)  # fp16: the GradScaler's scale multiplies the loss first
             sums += torch.stack([loss.detach(), ce.detach(), z_loss.detach(), raw.to(self.device)]).float()
         loss, ce, z_loss, raw = (sums / accumulation).tolist()
-        grad_norm = acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "ce": ce, "z_loss": z_loss, "grad_norm": float(grad_norm), "raw_fraction": raw}
 
     def train(self) -> None:
-        cfg = self.cfg
+        spec = self.spec
         tqdm.write(
             f"style student: {len(self.codes)} pairs ({self.num_curated} curated, {len(self.codes) - self.num_curated} raw; "
-            f"raw with p = {self.raw_probability:.2f}), {cfg.steps} steps x batch {cfg.batch_size}, "
+            f"raw with p = {self.raw_probability:.2f}), {spec.steps} steps x batch {spec.batch_size}, "
             f"{self.style.num_tokens} style tokens, prompt turn {self.style.prompt_len}, "
             f"{sum(p.numel() for p in self.lora_params):,} LoRA + "
             f"{sum(p.numel() for p in self.style.resampler.parameters()):,} resampler params"
         )
         self.bundle.model.train()
-        bar = tqdm(total=cfg.steps, initial=self.progress.step, desc="style student", unit="step")
-        while self.progress.step < cfg.steps:
-            torch.manual_seed((self.params.seed + cfg.seed_offset) * 1_000_003 + self.progress.step)  # LoRA dropout
+        bar = tqdm(total=spec.steps, initial=self.progress.step, desc="style student", unit="step")
+        while self.progress.step < spec.steps:
+            torch.manual_seed((self.params.seed + spec.seed_offset) * 1_000_003 + self.progress.step)  # LoRA dropout
             values = self.train_step()
             self.progress.record(values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
+            if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
             faults.checkpoint("style_student", "step", self.progress.step)
         bar.close()
@@ -225,54 +229,54 @@ class StyleStudentRecipe:
         for r, reference in enumerate(references):
             features = self.style.image_features([reference])
             codes = self.style.generate(list(SAMPLE_PROMPTS), features, [self.params.evaluation.seed + r] * len(SAMPLE_PROMPTS),
-                                        noise_strength=self.style_cfg.noise_strength, **self.sampling)
+                                        noise_strength=self.style_spec.noise_strength, **self.sampling)
             rows.append([center_crop_resize(reference, self.bundle.image_size), *self.bundle.decode_codes(codes)])
         return grid(rows, cell=min(self.bundle.image_size * 2, 256))
 
     def save(self, out_dir: Path) -> None:
-        cfg, scfg, curated = self.cfg, self.style_cfg, self.curated
+        spec, style_spec, curated = self.spec, self.style_spec, self.curated
         params = self.params
         lineage = {"teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"],
                    "proxy_prompts_digest": curated["prompts_digest"], "proxy_images": str(self.num_curated),
                    "synthesis_run_id": curated["run_id"], "raw_digest": str(curated.get("raw_digest")),
                    "raw_images": str(len(self.codes) - self.num_curated)}
-        tags = {**common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
-                "style": params.style.name, "clip_model": scfg.clip_model, **lineage,
-                "dvc_stage": f"style_student@{params.experiment}.{params.subject.name}"}
-        with common.stage_run(params, "style_student", tags) as run, staged_dir(out_dir) as tmp:
-            run.log_params({"student": cfg.model_dump(mode="json"), "style_student": scfg.model_dump(mode="json"),
+        tags = {**base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": "stylear",
+                "style": params.style.name, "clip_model": style_spec.clip_model, **lineage,
+                "dvc_stage": layout.stage_name("style_student", params.experiment, params.subject.name)}
+        with stage_run(params, "style_student", tags) as run, staged_dir(out_dir) as tmp:
+            run.log_params({"student": spec.model_dump(mode="json"), "style_student": style_spec.model_dump(mode="json"),
                             "seed": params.seed, "sampling": self.sampling, "raw_ratio": params.style.raw.ratio})
             for key in SERIES:
                 run.log_series(key, self.progress.series[key])
             run.log_dataset(self.curated_dir / "images", name=f"{params.experiment}.{params.style.name}.curated",
                             digest=curated["digest"], context="training")
             model_dir = tmp / MODEL_DIR
-            weights = self.style.save(model_dir, base_model=cfg.model, clip_model=scfg.clip_model,
-                                      noise_strength=scfg.noise_strength, sampling=self.sampling)
+            weights = self.style.save(model_dir, base_model=spec.model, clip_model=style_spec.clip_model,
+                                      noise_strength=style_spec.noise_strength, sampling=self.sampling)
             adapter_digest = sha256_file(weights[0])
             self.sample_grid().save(tmp / "samples.png")
             run.log_artifact(tmp / "samples.png")
             version = run.register(model_dir, "student", {
-                **common.base_model_tags(cfg.model), "backend": self.bundle.backend, "recipe": "stylear",
+                **base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": "stylear",
                 "adapter_digest": adapter_digest, "resampler_digest": sha256_file(weights[1]),
                 "teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"]})
-            common.write_curves(tmp, self.progress.series)
+            training.write_curves(tmp, self.progress.series)
             common.write_record(tmp, {
                 "stage": "style_student", "run_id": run.run_id, "model": f"{run.experiment}.{run.subject}.student",
-                "version": version, **common.base_model_tags(cfg.model), "backend": self.bundle.backend,
+                "version": version, **base_model_tags(spec.model), "backend": self.bundle.backend,
                 "recipe": "stylear", "weights": MODEL_DIR, "adapter_digest": adapter_digest,
                 "proxy_digest": curated["digest"], "raw_digest": curated.get("raw_digest"),
                 "teacher_version": curated["teacher_version"], "final_loss": self.progress.series["loss"][-1],
-                "sampling": self.sampling, "noise_strength": scfg.noise_strength, "clip_model": scfg.clip_model})
+                "sampling": self.sampling, "noise_strength": style_spec.noise_strength, "clip_model": style_spec.clip_model})
         tqdm.write(f"style student: registered {run.experiment}.{run.subject}.student version {version}")
 
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    recipe = StyleStudentRecipe(params)
-    recipe.setup()
-    recipe.train()
-    recipe.save(params.out("student"))
+    trainer = StyleStudentTrainer(params)
+    trainer.setup()
+    trainer.train()
+    trainer.save(params.out("student"))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ from tqdm.auto import tqdm
 from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
-from proxytune.images import grid, is_readable, open_rgb
+from proxytune.files import (digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_json_atomic,
+                             write_png_atomic)
+from proxytune.images import grid, open_rgb
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
+from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
+from proxytune.stages.sampling import unfinished_blocks
 
 
 def proxy_prompts(params: StageParams) -> list[str]:
@@ -51,23 +54,21 @@ def manifest_digest(entries: list[dict]) -> str:
 @torch.no_grad()
 def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank: int = 0, world: int = 1) -> None:
     """Generate every unfinished block; under accelerate, process `rank` takes blocks rank, rank + world, ..."""
-    cfg = params.synthesis
+    synthesis = params.synthesis
     prompts = proxy_prompts(params)
-    # Batches are fixed blocks of image indices: float kernels may round differently for another
-    # batch shape, so a resumed or sharded run regenerates whole blocks to stay byte-identical.
-    blocks = [list(range(i, min(i + cfg.batch_size, cfg.num_images))) for i in range(0, cfg.num_images, cfg.batch_size)]
-    todo = [block for block in blocks if not all(is_readable(scratch / f"{i:05d}.png") for i in block)]
-    todo = todo[rank::world]
+    # fixed blocks of image indices, regenerated whole: a resumed or sharded run stays byte-identical
+    paths = [scratch / f"{i:05d}.png" for i in range(synthesis.num_images)]
+    todo = unfinished_blocks(paths, synthesis.batch_size)[rank::world]
     if not todo:
         return
-    done = cfg.num_images - sum(len(block) for block in todo)
+    done = synthesis.num_images - sum(len(block) for block in todo)
     if done and world == 1:
         tqdm.write(f"synthesis: resuming, {done} images already done")
-    common.seed_everything(params.seed)
+    seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(
-        params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=cfg.lora_scale
+        params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=synthesis.lora_scale
     )
-    pipe.to(common.device())
+    pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
     label = f"synthesis [{rank + 1}/{world}]" if world > 1 else "synthesis"
     bar = tqdm(total=sum(len(block) for block in todo), desc=label, unit="img")
@@ -75,9 +76,9 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
         images = diffusion.generate(
             pipe,
             [prompt_of(prompts, i) for i in batch],
-            [cfg.seed + i for i in batch],
-            steps=cfg.num_inference_steps,
-            guidance=cfg.guidance_scale,
+            [synthesis.seed + i for i in batch],
+            steps=synthesis.num_inference_steps,
+            guidance=synthesis.guidance_scale,
             size=params.teacher.resolution,
         )
         for i, image in zip(batch, images):
@@ -97,8 +98,8 @@ def quality_filter(params: StageParams, entries: list[dict], scratch: Path) -> t
     from proxytune.backends import encoders
     from proxytune.images import list_images
 
-    cfg = params.synthesis.filter
-    encoder = encoders.load_dino(cfg.model) if cfg.metric == "dino" else encoders.load_clip(cfg.model)
+    filter_spec = params.synthesis.filter
+    encoder = encoders.load_dino(filter_spec.model) if filter_spec.metric == "dino" else encoders.load_clip(filter_spec.model)
     references = [open_rgb(p) for p in list_images(params.references_dir)]
     reference_embeds = encoder.image_embeds(references)
     similarity = []
@@ -107,11 +108,11 @@ def quality_filter(params: StageParams, entries: list[dict], scratch: Path) -> t
         similarity += encoders.per_image_pairwise_cosine(encoder.image_embeds(chunk), reference_embeds).tolist()
     for entry, value in zip(entries, similarity):
         entry["similarity"] = round(float(value), 6)
-    if cfg.drop_fraction is not None:
+    if filter_spec.drop_fraction is not None:
         order = sorted(range(len(entries)), key=lambda i: (similarity[i], i))
-        dropped_index = set(order[: int(cfg.drop_fraction * len(entries))])
+        dropped_index = set(order[: int(filter_spec.drop_fraction * len(entries))])
     else:
-        dropped_index = {i for i, value in enumerate(similarity) if value < cfg.min_similarity}
+        dropped_index = {i for i, value in enumerate(similarity) if value < filter_spec.min_similarity}
     if len(dropped_index) == len(entries):
         raise ProxytuneError(
             f"{params.source.spec_file}: synthesis.filter: every proxy image was dropped "
@@ -124,19 +125,19 @@ def quality_filter(params: StageParams, entries: list[dict], scratch: Path) -> t
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    cfg = params.synthesis
+    synthesis = params.synthesis
     teacher_dir = params.out("teacher")
     teacher = common.read_record(teacher_dir)
     prompts = proxy_prompts(params)
-    key = common.config_key(params.seed, cfg.model_dump(exclude={"processes", "filter"}), params.teacher.model,
-                            params.teacher.revision, params.teacher.resolution, teacher["adapter_digest"], prompts)
+    key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter"}), params.teacher.model,
+                     params.teacher.revision, params.teacher.resolution, teacher["adapter_digest"], prompts)
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
     rank, world = 0, 1
-    if cfg.processes > 1 and "PROXYTUNE_LAUNCHED" in os.environ:
+    if synthesis.processes > 1 and "PROXYTUNE_LAUNCHED" in os.environ:
         from accelerate import PartialState
 
-        state = PartialState(cpu=common.device().type == "cpu")
+        state = PartialState(cpu=device().type == "cpu")
         rank, world = state.process_index, state.num_processes
     generate_missing(params, teacher_dir, scratch, rank, world)
     if world > 1:
@@ -148,37 +149,34 @@ def run(params_path: str | Path) -> None:
 
 
 def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[str]) -> None:
-    cfg = params.synthesis
+    synthesis = params.synthesis
     entries = []
-    for i in range(cfg.num_images):
+    for i in range(synthesis.num_images):
         name = f"{i:05d}.png"
-        entries.append({"file": f"images/{name}", "prompt": prompt_of(prompts, i), "seed": cfg.seed + i,
+        entries.append({"file": f"images/{name}", "prompt": prompt_of(prompts, i), "seed": synthesis.seed + i,
                          "sha256": sha256_file(scratch / name)})
     dropped: list[dict] = []
-    if cfg.filter.enabled:
+    if synthesis.filter.enabled:
         entries, dropped = quality_filter(params, entries, scratch)
-        tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {cfg.num_images} images")
+        tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {synthesis.num_images} images")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
     teacher_version = f"{teacher['model']}@{teacher['version']}"
     out_dir = params.out("proxy")
     tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries))}
-    with common.stage_run(params, "synthesis", tags) as run, staged_dir(out_dir) as tmp:
+    with stage_run(params, "synthesis", tags) as run, staged_dir(out_dir) as tmp:
         (tmp / "images").mkdir()
         for entry in entries:
             src, dst = scratch / Path(entry["file"]).name, tmp / entry["file"]
-            try:
-                os.link(src, dst)  # same file system: no copy of a 1000-image set
-            except OSError:
-                shutil.copy2(src, dst)
+            link_or_copy(src, dst)
         manifest = {
-            "prompt_template": cfg.prompt,
-            "templates": cfg.templates,
+            "prompt_template": synthesis.prompt,
+            "templates": synthesis.templates,
             "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
             "num_images": len(entries),
-            "generated": cfg.num_images,
+            "generated": synthesis.num_images,
             "dropped": len(dropped),
-            "filter": cfg.filter.model_dump(mode="json") if cfg.filter.enabled else None,
+            "filter": synthesis.filter.model_dump(mode="json") if synthesis.filter.enabled else None,
             "digest": digest,
             "prompts_digest": prompts_digest,
             "images": entries,
@@ -187,7 +185,7 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         write_json_atomic(tmp / "manifest.json", manifest)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
         write_png_atomic(tmp / "preview.png", grid([preview], cell=min(params.teacher.resolution, 256)))
-        run.log_params({"synthesis": cfg.model_dump(mode="json"), "prompts": prompts})
+        run.log_params({"synthesis": synthesis.model_dump(mode="json"), "prompts": prompts})
         run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
         run.log_artifacts(tmp, "proxy")
         run.log_dataset(out_dir, name=f"{params.experiment}.{params.subject.name}.proxy", digest=digest, context="synthesized")

@@ -1,0 +1,74 @@
+"""What every stage needs while it runs: the device, seeding, cache keys, how it names its base model,
+and its tracked (MLflow) run with the tags that tie it to the spec and the DVC stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from proxytune import layout, tracking
+from proxytune.stages.params import StageParams
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, numpy and torch globally (accelerate's `set_seed`, for library internals), ask torch
+    for deterministic kernels where it has them, and return the stage's own generator."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def base_model_tags(ref: str) -> dict[str, str]:
+    """How a stage records its base model: the spec's reference and, for a toy world built-in (whose
+    weights ship with the package), the digest of those weights from the package manifest."""
+    from proxytune.toyworld.builtins import SOURCES, manifest
+
+    entry = manifest().get(ref) if ref in SOURCES else None
+    return {"base_model": ref, **({"base_model_digest": entry["digest"]} if entry else {})}
+
+
+def config_key(*parts: object) -> str:
+    """A short digest of everything a checkpoint depends on, so a changed config never resumes it."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def remove_stale_staging(params: StageParams, stage: str) -> None:
+    """Delete staging folders that a killed run of this stage left beside its output (never resumed)."""
+    import shutil
+
+    for leftover in params.subject_dir.glob(f".{layout.OUT_DIRS[stage]}.staging-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = None) -> tracking.StageRun:
+    root = Path.cwd()
+    remove_stale_staging(params, stage)  # called right before the stage stages its output
+    uri = tracking.resolve_uri(params.tracking.uri, root)
+    joint = bool(params.joint_subjects)  # a joint student: named by its folder, not its first subject
+    subject = params.subject_dir.name if joint else params.subject.name
+    tags = {
+        "spec_file": params.source.spec_file,
+        "spec_digest": params.source.spec_digest,
+        "dvc_stage": layout.joint_stage_name(params.experiment) if joint else layout.stage_name(stage, params.experiment, subject),
+        "project_root": str(root),
+        **(tags or {}),
+    }
+    return tracking.StageRun(
+        experiment=params.experiment,
+        subject=subject,
+        stage=stage,
+        uri=uri,
+        root=root,
+        tags=tags,
+        mlflow_experiment=params.tracking.experiment,
+    )
