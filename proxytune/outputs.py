@@ -50,25 +50,25 @@ class _File:
         """
         path = Path(path)
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ProxytuneError(f"{path}: {missing or f'missing; {RERUN}'}") from None
-        return cls._parse(path, text)
+        return cls._parse(path, data)
 
     @classmethod
     def read_optional(cls: type[T], path: str | Path) -> T | None:
         """`read`, or None when the file does not exist (an output some runs do not write)."""
         path = Path(path)
         try:
-            text = path.read_text()
+            data = path.read_bytes()
         except FileNotFoundError:
             return None
-        return cls._parse(path, text)
+        return cls._parse(path, data)
 
     @classmethod
-    def _parse(cls: type[T], path: Path, text: str) -> T:
+    def _parse(cls: type[T], path: Path, raw: bytes) -> T:
         try:
-            data = json.loads(text)
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ProxytuneError(f"{path}: not valid JSON ({err}); {RERUN}") from None
         try:
@@ -122,9 +122,9 @@ class StageRecord(Output):
 class RegisteredRecord(StageRecord):
     """The record of a stage that registers a model version (teacher, student, style student)."""
 
-    model: str  # registered model name, EXPERIMENT.SUBJECT.ROLE
-    version: str
-    base_model: str
+    model: str | None = None  # registered model name, EXPERIMENT.SUBJECT.ROLE
+    version: str | None = None
+    base_model: str | None = None
     base_model_digest: str | None = None  # toy world built-ins only: the shipped weights' digest
     adapter_digest: str | None = None
     final_loss: float | None = None
@@ -136,7 +136,9 @@ class RegisteredRecord(StageRecord):
 
 
 class TeacherRecord(RegisteredRecord):
-    stage: Literal["teacher"]
+    stage: Literal["teacher"] = "teacher"  # hand-made teacher folders in the tests may leave it out
+    model: str
+    version: str
     revision: str | None = None
     references_digest: str | None = None
     family: str | None = None  # the diffusion family (sd, sdxl, sd3, flux, ...)
@@ -167,7 +169,9 @@ ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 
 
 class StudentRecord(RegisteredRecord):
-    stage: Literal["student"]
+    """Every field optional: the tests hand-make student folders whose record names only the weights."""
+
+    stage: Literal["student"] = "student"
     backend: str | None = None
     recipe: str | None = None
     weights: str = ADAPTER_WEIGHTS  # relative to the folder; records older than direct-full leave it out
@@ -192,6 +196,9 @@ class CurationRecord(StageRecord):
 class StyleStudentRecord(RegisteredRecord):
     stage: Literal["style_student"]
     run_id: str
+    model: str
+    version: str
+    base_model: str
     backend: str
     recipe: str
     weights: str  # the model folder, relative to the output folder
@@ -250,8 +257,12 @@ def read_record(folder: Path, model: type[R]) -> R:
     return model.read(Path(folder) / layout.RECORD_FILE, missing="missing upstream record (run the upstream stage first)")
 
 
-def write_record(folder: Path, record: StageRecord) -> None:
-    record.write(Path(folder) / layout.RECORD_FILE)
+def write_record(folder: Path, record: StageRecord | dict[str, Any]) -> None:
+    """Write `folder/record.json`; a dict (a record the tests make by hand) is written as given."""
+    if isinstance(record, dict):
+        write_json_atomic(Path(folder) / layout.RECORD_FILE, record)
+    else:
+        record.write(Path(folder) / layout.RECORD_FILE)
 
 
 # -- manifests: manifest.json in proxy/ and curated/ ------------------------------------------------
@@ -452,6 +463,7 @@ class EncoderInfo(Output):
     architecture: str | None = None
     embedding: str | None = None
     preprocessing: dict[str, Any] | None = None  # the image processor's own settings, as it names them
+    text_preprocessing: dict[str, Any] | None = None  # CLIP: its tokenizer and maximum length
 
 
 class OracleInfo(Output):

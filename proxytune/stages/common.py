@@ -18,10 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune import layout, tracking
-from proxytune.files import sha256_file, write_json_atomic
 from proxytune.stages.params import StageParams
 
-RECORD = "record.json"
 CODES_FILE = "codes.safetensors"  # the codes stage's output, the student stage's input
 
 
@@ -261,19 +259,6 @@ def config_key(*parts: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def read_record(folder: Path) -> dict:
-    path = folder / RECORD
-    if not path.exists():
-        from proxytune.errors import ProxytuneError
-
-        raise ProxytuneError(f"{path}: missing upstream record (run the upstream stage first)")
-    return json.loads(path.read_text())
-
-
-def write_record(folder: Path, record: dict) -> None:
-    write_json_atomic(folder / RECORD, record)
-
-
 CURVES_FILE = layout.CURVES_FILE  # step-by-step training curves in a stage's output: DVC plots read them
 
 
@@ -288,10 +273,6 @@ def write_curves(folder: Path, series: dict[str, list[float]]) -> None:
     lines = [",".join(["step", *columns])]
     lines += [",".join([str(i), *(repr(float(series[name][i])) for name in columns)]) for i in range(steps)]
     write_text_atomic(folder / CURVES_FILE, "\n".join(lines) + "\n")
-
-
-def file_digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def remove_stale_staging(params: StageParams, stage: str) -> None:

@@ -31,6 +31,7 @@ from proxytune.backends import students
 from proxytune.backends.student_api import sampling_settings, unwrapped
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
+from proxytune.outputs import StudentRecord, SynthesisRecord, read_record, write_record
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -92,7 +93,8 @@ class StudentRecipe:
         self.members = [load_params(Path(m) / "params.yaml") for m in self.params.members or []]
         self.proxy = None
         if cfg.recipe == "proxy":
-            self.proxy = _joint_record(self.members) if self.members else common.read_record(self.proxy_dir)
+            self.proxy = (_joint_record(self.members) if self.members
+                          else read_record(self.proxy_dir, SynthesisRecord).model_dump())
         self.checkpoint_dir = self.params.work("student") / common.config_key(
             self.params.seed, cfg.model_dump(exclude={"processes"}), self._data_key()
         )
@@ -158,7 +160,7 @@ class StudentRecipe:
         if cfg.recipe == "proxy":
             codes, conds, prompt_index = [], [], []
             for member in self.members or [self.params]:
-                digest = common.read_record(member.out("proxy"))["digest"]
+                digest = read_record(member.out("proxy"), SynthesisRecord).digest
                 tensors = common.load_codes(member.out("codes"), model=cfg.model, proxy_digest=digest)
                 n = cfg.num_proxy_images or len(tensors["codes"])
                 codes.append(tensors["codes"][:n])
@@ -365,7 +367,7 @@ class StudentRecipe:
                     run.log_series(key, self.progress.series[key])
             for member in (self.members or [self.params]) if self.proxy is not None else []:
                 run.log_dataset(member.out("proxy"), name=f"{member.experiment}.{member.subject.name}.proxy",
-                                digest=common.read_record(member.out("proxy"))["digest"], context="training")
+                                digest=read_record(member.out("proxy"), SynthesisRecord).digest, context="training")
             weights = self._save_weights(tmp)
             adapter_digest = sha256_file(weights)
             self.sample_grid().save(tmp / "samples.png")
@@ -380,23 +382,23 @@ class StudentRecipe:
                     if self.proxy is not None else {})},
             )
             common.write_curves(tmp, self.progress.series)  # after register: not part of the weights
-            common.write_record(
+            write_record(
                 tmp,
-                {
-                    "stage": "student",
-                    "run_id": run.run_id,
-                    "model": f"{run.experiment}.{run.subject}.student",
-                    "version": version,
+                StudentRecord(
+                    stage="student",
+                    run_id=run.run_id,
+                    model=f"{run.experiment}.{run.subject}.student",
+                    version=version,
                     **common.base_model_tags(cfg.model),
-                    "backend": self.bundle.backend,
-                    "recipe": cfg.recipe,
-                    "weights": weights.relative_to(tmp).as_posix(),
-                    "adapter_digest": adapter_digest,
-                    "proxy_digest": self.proxy["digest"] if self.proxy is not None else None,
-                    "teacher_version": self.proxy["teacher_version"] if self.proxy is not None else None,
-                    "final_loss": self.progress.losses[-1],
-                    "sampling": self.sampling,
-                },
+                    backend=self.bundle.backend,
+                    recipe=cfg.recipe,
+                    weights=weights.relative_to(tmp).as_posix(),
+                    adapter_digest=adapter_digest,
+                    proxy_digest=self.proxy["digest"] if self.proxy is not None else None,
+                    teacher_version=self.proxy["teacher_version"] if self.proxy is not None else None,
+                    final_loss=self.progress.losses[-1],
+                    sampling=self.sampling,
+                ),
             )
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
 
@@ -405,12 +407,12 @@ def _joint_record(members: list[StageParams]) -> dict:
     """The proxy record of a multi-subject student: every member's set, one digest over their digests."""
     from proxytune.files import sha256_bytes
 
-    records = [common.read_record(m.out("proxy")) for m in members]
+    records = [read_record(m.out("proxy"), SynthesisRecord) for m in members]
     return {
-        "digest": sha256_bytes("\n".join(r["digest"] for r in records).encode()),
-        "prompts_digest": sha256_bytes("\n".join(r["prompts_digest"] for r in records).encode()),
-        "teacher_version": ",".join(r["teacher_version"] for r in records),
-        "run_id": ",".join(r["run_id"] for r in records),
+        "digest": sha256_bytes("\n".join(r.digest for r in records).encode()),
+        "prompts_digest": sha256_bytes("\n".join(r.prompts_digest for r in records).encode()),
+        "teacher_version": ",".join(r.teacher_version for r in records),
+        "run_id": ",".join(r.run_id for r in records),
         "subjects": [m.subject.name for m in members],
     }
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_json_atomic, write_png_atomic
+from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, is_readable, open_rgb
+from proxytune.outputs import ProxyManifest, SynthesisRecord, TeacherRecord, read_record, write_record
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -126,10 +127,10 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     cfg = params.synthesis
     teacher_dir = params.out("teacher")
-    teacher = common.read_record(teacher_dir)
+    teacher = read_record(teacher_dir, TeacherRecord)
     prompts = proxy_prompts(params)
     key = common.config_key(params.seed, cfg.model_dump(exclude={"processes", "filter"}), params.teacher.model,
-                            params.teacher.revision, params.teacher.resolution, teacher["adapter_digest"], prompts)
+                            params.teacher.revision, params.teacher.resolution, teacher.adapter_digest, prompts)
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
     rank, world = 0, 1
@@ -147,7 +148,7 @@ def run(params_path: str | Path) -> None:
     assemble(params, teacher, scratch, prompts)
 
 
-def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[str]) -> None:
+def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts: list[str]) -> None:
     cfg = params.synthesis
     entries = []
     for i in range(cfg.num_images):
@@ -160,7 +161,7 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {cfg.num_images} images")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
-    teacher_version = f"{teacher['model']}@{teacher['version']}"
+    teacher_version = teacher.registered
     out_dir = params.out("proxy")
     tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries))}
     with common.stage_run(params, "synthesis", tags) as run, staged_dir(out_dir) as tmp:
@@ -171,37 +172,36 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
                 os.link(src, dst)  # same file system: no copy of a 1000-image set
             except OSError:
                 shutil.copy2(src, dst)
-        manifest = {
-            "prompt_template": cfg.prompt,
-            "templates": cfg.templates,
-            "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
-            "num_images": len(entries),
-            "generated": cfg.num_images,
-            "dropped": len(dropped),
-            "filter": cfg.filter.model_dump(mode="json") if cfg.filter.enabled else None,
-            "digest": digest,
-            "prompts_digest": prompts_digest,
-            "images": entries,
-            "dropped_images": [{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
-        }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        ProxyManifest(
+            prompt_template=cfg.prompt,
+            templates=cfg.templates,
+            teacher_version=teacher_version,  # no run id: identical work hashes the same (record.json has it)
+            num_images=len(entries),
+            generated=cfg.num_images,
+            dropped=len(dropped),
+            filter=cfg.filter.model_dump(mode="json") if cfg.filter.enabled else None,
+            digest=digest,
+            prompts_digest=prompts_digest,
+            images=entries,
+            dropped_images=[{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
+        ).write(tmp / layout.MANIFEST_FILE)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
         write_png_atomic(tmp / "preview.png", grid([preview], cell=min(params.teacher.resolution, 256)))
         run.log_params({"synthesis": cfg.model_dump(mode="json"), "prompts": prompts})
         run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
         run.log_artifacts(tmp, "proxy")
         run.log_dataset(out_dir, name=f"{params.experiment}.{params.subject.name}.proxy", digest=digest, context="synthesized")
-        common.write_record(
+        write_record(
             tmp,
-            {
-                "stage": "synthesis",
-                "run_id": run.run_id,
-                "digest": digest,
-                "prompts_digest": prompts_digest,
-                "num_images": len(entries),
-                "dropped": len(dropped),
-                "teacher_version": teacher_version,
-            },
+            SynthesisRecord(
+                stage="synthesis",
+                run_id=run.run_id,
+                digest=digest,
+                prompts_digest=prompts_digest,
+                num_images=len(entries),
+                dropped=len(dropped),
+                teacher_version=teacher_version,
+            ),
         )
     tqdm.write(f"synthesis: {len(entries)} proxy images, digest {digest[:12]}")
     shutil.rmtree(scratch, ignore_errors=True)

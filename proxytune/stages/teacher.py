@@ -19,6 +19,7 @@ from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, is_readable, list_images, load_references, open_rgb
+from proxytune.outputs import TeacherRecord, write_record
 from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 
@@ -367,20 +368,20 @@ class TeacherRecipe:
             )
             run.set_tags({"model_version": f"{run.experiment}.{run.subject}.teacher@{version}"})
             common.write_curves(tmp, self.progress.series)  # after register: not part of the adapter
-            common.write_record(
+            write_record(
                 tmp,
-                {
-                    "stage": "teacher",
-                    "run_id": run.run_id,
-                    "model": f"{run.experiment}.{run.subject}.teacher",
-                    "version": version,
+                TeacherRecord(
+                    stage="teacher",
+                    run_id=run.run_id,
+                    model=f"{run.experiment}.{run.subject}.teacher",
+                    version=version,
                     **common.base_model_tags(self.cfg.model),
-                    "revision": self.cfg.revision,
-                    "adapter_digest": adapter_digest,
-                    "references_digest": self.references_digest,
-                    "family": self.family.name,
-                    "final_loss": self.progress.losses[-1],
-                },
+                    revision=self.cfg.revision,
+                    adapter_digest=adapter_digest,
+                    references_digest=self.references_digest,
+                    family=self.family.name,
+                    final_loss=self.progress.losses[-1],
+                ),
             )
         tqdm.write(f"teacher: registered {run.experiment}.{run.subject}.teacher version {version}")
 
