@@ -8,13 +8,12 @@ not compiled yet). Each node gets `stale`: True, False, or "unknown" when the pr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
 
 from proxytune import compile as compiler
-from proxytune import layout
+from proxytune import layout, outputs
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_file
 
@@ -84,19 +83,19 @@ def _get(data: dict, dotted: str):
 def _superseded(node: dict, kind: str, root: Path) -> list[str]:
     """Whether the stage's output in the project still is this node's."""
     step, experiment, subject = _split_stage(node["dvc_stage"])
-    path = root / layout.subject_dir(experiment, subject) / layout.OUT_DIRS[step] / "record.json"
+    folder = root / layout.subject_dir(experiment, subject) / layout.OUT_DIRS[step]
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return [f"output {path.parent.relative_to(root)} missing in the project"]
+        record = outputs.read_record(folder, outputs.RECORDS[step])
+    except ProxytuneError:  # missing or malformed
+        return [f"output {folder.relative_to(root)} missing in the project"]
     if kind in ("teacher", "student"):
-        current = f"{record.get('model')}@{record.get('version')}"
+        current = record.registered
         return [] if current == node.get("version") else [f"superseded: the project's output is {current}"]
     if kind == "proxy":
-        same = record.get("digest") == node.get("digest")
-        return [] if same else [f"superseded: the project's proxy set has digest {str(record.get('digest'))[:12]}"]
-    same = record.get("run_id") == node.get("run_id")
-    return [] if same else [f"superseded: the project's evaluation is run {record.get('run_id')}"]
+        same = record.digest == node.get("digest")
+        return [] if same else [f"superseded: the project's proxy set has digest {str(record.digest)[:12]}"]
+    same = record.run_id == node.get("run_id")
+    return [] if same else [f"superseded: the project's evaluation is run {record.run_id}"]
 
 
 def _spec_changed(node: dict, root: Path, cache: dict) -> list[str]:

@@ -165,6 +165,13 @@ def test_evaluation_outputs_intervals_variance_and_gate(applied):
     assert ("champion" in student_line) == gate["passed"]
 
 
+def test_stage_outputs_parse_with_the_models_their_readers_use(applied, tmp_path):
+    from test_outputs import check_stage_outputs
+
+    project, _ = applied
+    check_stage_outputs(subject_dir(project), tmp_path)
+
+
 def test_compare_two_evaluations(applied):
     project, _ = applied
     record = json.loads((subject_dir(project) / "eval" / "record.json").read_text())

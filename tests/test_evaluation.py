@@ -129,7 +129,7 @@ def test_student_samples_are_cached_and_the_model_loaded_only_when_missing(proje
     from peft import LoraConfig, get_peft_model
 
     from proxytune.backends import students
-    from proxytune.stages import common
+    from proxytune.outputs import write_record
 
     params = make_params(project, tiny_spec())
     loads = []
@@ -145,7 +145,7 @@ def test_student_samples_are_cached_and_the_model_loaded_only_when_missing(proje
     model = get_peft_model(bundle.model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = params.student_out() / "adapter"
     model.save_pretrained(str(adapter), save_embedding_layers=False)
-    common.write_record(params.student_out(), {"weights": "adapter/adapter_model.safetensors"})
+    write_record(params.student_out(), {"weights": "adapter/adapter_model.safetensors"})
     tuned = evaluate.StudentSampler(params)(prompts, seeds)
     assert len(loads) == 2 and any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, tuned))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(tuned, evaluate.StudentSampler(params)(prompts, seeds)))

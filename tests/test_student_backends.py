@@ -110,13 +110,14 @@ def test_each_backend_samples_with_its_authors_settings_unless_the_spec_says_oth
 def test_evaluation_samples_the_student_with_its_backends_defaults(project):
     """A spec without sampler settings: the evaluation samples Janus-Pro with CFG 5, no top-k, temperature 1."""
     from conftest import make_params, tiny_spec
-    from proxytune.stages import common, evaluate
+    from proxytune.outputs import write_record
+    from proxytune.stages import evaluate
 
     params = make_params(project, tiny_spec(student={"model": "tiny-janus", "sampling": {}}))
     bundle = students.load_student("tiny-janus")
     add_lora(bundle, rank=4)
     bundle.model.save_pretrained(params.student_out() / "adapter")
-    common.write_record(params.student_out(), {"weights": "adapter/adapter_model.safetensors"})
+    write_record(params.student_out(), {"weights": "adapter/adapter_model.safetensors"})
     sampler = evaluate.StudentSampler(params)
     assert sampler.sampling == {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0}
     assert sampler(["a sks dog"], [0])[0].size == (64, 64)

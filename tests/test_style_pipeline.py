@@ -256,6 +256,9 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     metrics = json.loads((folder / "metrics.json").read_text())
     assert {"style_clip", "style_gram", "clip_t", "leakage", "content_dino"} <= set(metrics["student"])
     assert (folder / "eval" / "grid.png").exists()
+    from test_outputs import check_stage_outputs
+
+    check_stage_outputs(folder, tmp_path / "copies")  # every file parses with its readers' model, same bytes back
 
     uri = tracking.resolve_uri(None, tmp_path)
     chain = tracking.lineage(uri, "sty.glass.student@1")

@@ -64,10 +64,10 @@ def test_a_full_disk_in_a_stage_is_one_line_and_the_rerun_resumes(teacher_adapte
     from click.testing import CliRunner
 
     from proxytune.cli import main
-    from proxytune.stages import common
+    from proxytune.outputs import write_record
 
     params = teacher_adapter
-    common.write_record(params.out("teacher"), {"model": "t.dog.teacher", "version": "1", "run_id": "0" * 32,
+    write_record(params.out("teacher"), {"model": "t.dog.teacher", "version": "1", "run_id": "0" * 32,
                                                 "adapter_digest": sha256_file(params.out("teacher") / "adapter" / diffusion.LORA_WEIGHT_NAME)})
     real_mkstemp = tempfile.mkstemp
 

@@ -14,7 +14,8 @@ from conftest import make_params, tiny_spec
 from proxytune.backends import diffusion
 from proxytune.files import sha256_file
 from proxytune.images import list_images
-from proxytune.stages import common, synthesis
+from proxytune.outputs import write_record
+from proxytune.stages import synthesis
 
 SYNTH = {"num_images": 5, "batch_size": 2, "num_inference_steps": 2}
 
@@ -25,7 +26,7 @@ def with_teacher(project, **synth):
     pipe = diffusion.load_pipeline("tiny-sd")
     diffusion.add_lora(pipe.unet, rank=4, alpha=4, target_modules=["to_q", "to_v"])
     adapter = diffusion.save_lora(pipe, params.out("teacher") / "adapter")
-    common.write_record(params.out("teacher"), {"stage": "teacher", "run_id": "0" * 32, "model": "t.dog.teacher",
+    write_record(params.out("teacher"), {"stage": "teacher", "run_id": "0" * 32, "model": "t.dog.teacher",
                                                 "version": "1", "adapter_digest": sha256_file(adapter)})
     return params
 

@@ -10,7 +10,6 @@ metadata, and record.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from proxytune import layout
 from proxytune.backends import students
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, open_rgb
-from proxytune.stages import common
+from proxytune.outputs import CodesMetadata, CodesRecord, ProxyManifest, SynthesisRecord, read_record, write_record
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import device, seed_everything, stage_run
 
@@ -29,25 +28,25 @@ from proxytune.stages.runtime import device, seed_everything, stage_run
 def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) for every proxy image of the manifest, in manifest order."""
     proxy_dir = params.out("proxy")
-    proxy = common.read_record(proxy_dir)
-    entries = json.loads((proxy_dir / "manifest.json").read_text())["images"]
+    proxy = read_record(proxy_dir, SynthesisRecord)
+    entries = ProxyManifest.read(proxy_dir / layout.MANIFEST_FILE).images
     seed_everything(params.seed)
     bundle = students.load_student(params.student.model, device=str(device()))
     check_identifier(bundle, params)
-    prompts = [e["prompt"] for e in entries]
+    prompts = [e.prompt for e in entries]
     distinct = sorted(set(prompts))
     codes = []
     for start in tqdm(range(0, len(entries), 16), desc="codes: tokenize proxies", unit="batch"):
-        images = [center_crop_resize(open_rgb(proxy_dir / e["file"]), bundle.image_size) for e in entries[start : start + 16]]
+        images = [center_crop_resize(open_rgb(proxy_dir / e.file), bundle.image_size) for e in entries[start : start + 16]]
         codes.append(bundle.encode_images(bundle.images_to_pixels(images).to(device())).cpu())
     tensors = {
         "codes": torch.cat(codes).contiguous(),  # (N, L)
         "conds": bundle.encode_prompts(distinct).cpu().contiguous(),  # (P, ...)
         "prompt_index": torch.tensor([distinct.index(p) for p in prompts]),  # (N,)
     }
-    metadata = {"model": params.student.model, "backend": bundle.backend, "proxy_digest": proxy["digest"],
-                "prompts": json.dumps(distinct)}
-    return tensors, metadata
+    metadata = CodesMetadata(model=params.student.model, backend=bundle.backend, proxy_digest=proxy.digest,
+                             prompts=distinct)
+    return tensors, metadata.to_safetensors()
 
 
 def check_identifier(bundle, params: StageParams) -> None:
@@ -78,10 +77,10 @@ def run(params_path: str | Path) -> None:
         digest = sha256_file(tmp / layout.CODES_FILE)
         run.log_params({"student.model": metadata["model"], "num_images": len(tensors["codes"]),
                         "seq_len": tensors["codes"].shape[1], "codes_sha256": digest})
-        common.write_record(tmp, {"stage": "codes", "run_id": run.run_id, "model": metadata["model"],
-                                  "backend": metadata["backend"], "proxy_digest": metadata["proxy_digest"],
-                                  "num_images": len(tensors["codes"]), "seq_len": tensors["codes"].shape[1],
-                                  "sha256": digest})
+        write_record(tmp, CodesRecord(stage="codes", run_id=run.run_id, model=metadata["model"],
+                                      backend=metadata["backend"], proxy_digest=metadata["proxy_digest"],
+                                      num_images=len(tensors["codes"]), seq_len=tensors["codes"].shape[1],
+                                      sha256=digest))
     tqdm.write(f"codes: {len(tensors['codes'])} proxy images x {tensors['codes'].shape[1]} codes ({metadata['backend']})")
 
 

@@ -32,14 +32,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import (digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_json_atomic,
-                             write_png_atomic)
+from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb
+from proxytune.outputs import CuratedManifest, CurationRecord, RawPairs, TeacherRecord, read_record, write_record
 from proxytune.spec.style import STYLE_CURATION_PROMPT, captioned_images
-from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
 from proxytune.stages.sampling import unfinished_blocks
@@ -118,11 +117,11 @@ def run(params_path: str | Path) -> None:
         raise ProxytuneError(f"{params_path}: the curation stage is for styles (no style section)")
     synthesis, style = params.synthesis, params.style
     teacher_dir = params.out("teacher")
-    teacher = common.read_record(teacher_dir)
+    teacher = read_record(teacher_dir, TeacherRecord)
     items = curation_items(params)
     key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter", "num_images", "prompt", "templates"}),
                      params.teacher.model, params.teacher.revision, params.teacher.resolution,
-                     teacher["adapter_digest"], items)
+                     teacher.adapter_digest, items)
     scratch = params.work("curation") / key
     scratch.mkdir(parents=True, exist_ok=True)
     generate_missing(params, teacher_dir, scratch)
@@ -131,7 +130,7 @@ def run(params_path: str | Path) -> None:
                 "sha256": sha256_file(scratch / f"{i:05d}.png")} for i, (prompt, teacher_prompt, seed) in enumerate(items)]
     digest = pairs_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted(style.prompts)).encode())
-    teacher_version = f"{teacher['model']}@{teacher['version']}"
+    teacher_version = teacher.registered
     out_dir = params.out("curated")
     tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries)),
             "style": style.name}
@@ -142,20 +141,18 @@ def run(params_path: str | Path) -> None:
             link_or_copy(src, dst)
         raw, raw_source = raw_pairs(params, tmp / "raw")
         raw_digest = pairs_digest(raw) if raw else None
-        manifest = {
-            "kind": "style",
-            "style": style.name,
-            "token": style.token,
-            "teacher_prompt_template": STYLE_CURATION_PROMPT,
-            "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
-            "num_images": len(entries),
-            "digest": digest,
-            "prompts_digest": prompts_digest,
-            "images": entries,
-            "raw": {"source": raw_source, "ratio": style.raw.ratio, "num_images": len(raw), "digest": raw_digest,
-                    "images": raw},
-        }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        CuratedManifest(
+            kind="style",
+            style=style.name,
+            token=style.token,
+            teacher_prompt_template=STYLE_CURATION_PROMPT,
+            teacher_version=teacher_version,  # no run id: identical work hashes the same (record.json has it)
+            num_images=len(entries),
+            digest=digest,
+            prompts_digest=prompts_digest,
+            images=entries,
+            raw=RawPairs(source=raw_source, ratio=style.raw.ratio, num_images=len(raw), digest=raw_digest, images=raw),
+        ).write(tmp / layout.MANIFEST_FILE)
         preview = [[open_rgb(tmp / e["file"]) for e in entries[:8]]]
         if raw:
             preview.append([open_rgb(tmp / e["file"]) for e in raw[:8]])
@@ -168,10 +165,10 @@ def run(params_path: str | Path) -> None:
                         context="curated")
         if raw:
             run.log_dataset(out_dir / "raw", name=f"{params.experiment}.{style.name}.raw", digest=raw_digest, context="raw")
-        common.write_record(tmp, {"stage": "curation", "run_id": run.run_id, "digest": digest,
-                                  "prompts_digest": prompts_digest, "num_images": len(entries),
-                                  "raw_digest": raw_digest, "raw_images": len(raw), "raw_source": raw_source,
-                                  "teacher_version": teacher_version, "teacher_run_id": teacher["run_id"]})
+        write_record(tmp, CurationRecord(stage="curation", run_id=run.run_id, digest=digest,
+                                         prompts_digest=prompts_digest, num_images=len(entries),
+                                         raw_digest=raw_digest, raw_images=len(raw), raw_source=raw_source,
+                                         teacher_version=teacher_version, teacher_run_id=teacher.run_id))
     tqdm.write(f"curation: {len(entries)} stylised images ({len(style.prompts)} prompts), {len(raw)} raw pairs, "
                f"digest {digest[:12]}")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from proxytune import faults, layout
 from proxytune import stats, tracking
 from proxytune.backends import dreambench, encoders
-from proxytune.files import (digest_files, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic,
-                             write_text_atomic)
+from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
+from proxytune.outputs import (Bootstrap, EvaluateRecord, EvaluationMetrics, FlatMetrics, Gate, PerPrompt, Prompts,
+                               StudentRecord, SubjectEncoders, TeacherRecord, Variance, read_record, write_record)
 from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS as LABELS, ORACLE_METRICS  # oracle: toy subjects
-from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
@@ -270,8 +270,8 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     evaluation = params.evaluation
     seed_everything(params.seed)
-    teacher_record = common.read_record(params.out("teacher"))
-    student_record = common.read_record(params.student_out())
+    teacher_record = read_record(params.out("teacher"), TeacherRecord)
+    student_record = read_record(params.student_out(), StudentRecord)
     prompts = eval_prompts(params)
     proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
     reference_files = list_images(params.references_dir)
@@ -324,21 +324,20 @@ def run(params_path: str | Path) -> None:
         intervals = [gate_difference_ci(rule, all_scores, evaluation.images_per_prompt, evaluation.bootstrap_resamples, evaluation.seed)
                      for rule in evaluation.gate]
         passed, details = evaluate_gate(evaluation.gate, means, intervals)
-        gate = {"rule": " and ".join(r.describe() for r in evaluation.gate), "passed": passed, "details": details,
-                "difference_ci95": [list(interval) for interval in intervals],
-                "student_version": f"{student_record['model']}@{student_record['version']}"}
+        gate = Gate(rule=" and ".join(r.describe() for r in evaluation.gate), passed=passed, details=details,
+                    difference_ci95=[list(interval) for interval in intervals], student_version=student_record.registered)
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
     toy_world = not random_init and all(is_toy(path) for path in [*model_paths, clip.path, dino.path])
     described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init, "toy_world": toy_world}
     if toy is not None:
         described["oracle"] = oracle_description(toy)
-    summary = {"models": metrics, "random_init": random_init, "toy_world": toy_world, "prompts": len(prompts),
-               "images_per_prompt": evaluation.images_per_prompt,
-               "bootstrap": {"resamples": evaluation.bootstrap_resamples, "seed": evaluation.seed, "unit": "prompt"}}
+    summary = EvaluationMetrics(models=metrics, random_init=random_init, toy_world=toy_world, prompts=len(prompts),
+                                images_per_prompt=evaluation.images_per_prompt,
+                                bootstrap=Bootstrap(resamples=evaluation.bootstrap_resamples, seed=evaluation.seed, unit="prompt"))
 
     tags = {
-        "teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
-        "student_version": f"{student_record['model']}@{student_record['version']}",
+        "teacher_version": teacher_record.registered,
+        "student_version": student_record.registered,
         "random_init": str(random_init),
         "toy_world": str(toy_world),
         "clip_model": evaluation.clip_model,
@@ -351,18 +350,17 @@ def run(params_path: str | Path) -> None:
             for p, group in enumerate(groups):
                 for k, image in enumerate(group):
                     image.save(tmp / "images" / name / f"p{p:02d}_k{k}.png")
-        write_json_atomic(tmp / "metrics.json", summary)
-        write_json_atomic(tmp / "prompts.json", prompts)
-        write_json_atomic(tmp / "per_prompt.json", breakdown)
+        summary.write(tmp / layout.METRICS_FILE)
+        Prompts(prompts).write(tmp / layout.PROMPTS_FILE)
+        PerPrompt(breakdown).write(tmp / layout.PROMPT_SCORES_FILE)
         write_text_atomic(tmp / PER_PROMPT_CSV, per_prompt_csv(breakdown))
         # Weights paths differ by machine (model cache, HF cache): record.json has them, the output does not.
-        write_json_atomic(tmp / "encoders.json", {name: ({k: v for k, v in entry.items() if k != "path"}
-                                                         if isinstance(entry, dict) else entry)
-                                                  for name, entry in described.items()})
+        SubjectEncoders(**{name: ({k: v for k, v in entry.items() if k != "path"} if isinstance(entry, dict) else entry)
+                           for name, entry in described.items()}).write(tmp / layout.ENCODERS_FILE)
         if variance:
-            write_json_atomic(tmp / "variance.json", variance)
+            Variance(**variance).write(tmp / layout.VARIANCE_FILE)
         if gate:
-            write_json_atomic(tmp / "gate.json", gate)
+            gate.write(tmp / layout.GATE_FILE)
         write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
         rows = []
         for p in range(min(evaluation.grid_prompts, len(prompts))):
@@ -373,20 +371,19 @@ def run(params_path: str | Path) -> None:
         if variance:
             run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
         if gate:
-            run.log_metrics({"gate_passed": float(gate["passed"])})
-            tracking.record_gate(run.uri, gate["student_version"], gate["passed"], gate["rule"])
+            run.log_metrics({"gate_passed": float(gate.passed)})
+            tracking.record_gate(run.uri, gate.student_version, gate.passed, gate.rule)
         run.log_artifacts(tmp, "eval")
-        common.write_record(tmp, {"stage": "evaluate", "run_id": run.run_id, **tags, "metrics": means,
-                                  "gate": gate["passed"] if gate else None, "student_sampling": student_sampling,
-                                  "encoder_paths": {name: entry["path"] for name, entry in described.items()
-                                                    if isinstance(entry, dict) and "path" in entry}})
-        flat = {**means, "random_init": random_init, "toy_world": toy_world}
-        if gate:
-            flat["gate_passed"] = gate["passed"]
-        write_json_atomic(params.subject_dir / "metrics.json", flat)
+        write_record(tmp, EvaluateRecord(stage="evaluate", run_id=run.run_id, **tags, metrics=means,
+                                         gate=gate.passed if gate else None, student_sampling=student_sampling,
+                                         encoder_paths={name: entry["path"] for name, entry in described.items()
+                                                        if isinstance(entry, dict) and "path" in entry}))
+        flat = FlatMetrics(**means, random_init=random_init, toy_world=toy_world,
+                           **({"gate_passed": gate.passed} if gate else {}))
+        flat.write(params.subject_dir / layout.METRICS_FILE)
     tqdm.write(table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
     if gate:
-        tqdm.write("gate: " + ("passed: alias 'champion' set" if gate["passed"] else "failed: no alias") + "\n  " + "\n  ".join(gate["details"]))
+        tqdm.write("gate: " + ("passed: alias 'champion' set" if gate.passed else "failed: no alias") + "\n  " + "\n  ".join(gate.details))
 
 
 if __name__ == "__main__":

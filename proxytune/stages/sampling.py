@@ -16,7 +16,7 @@ from proxytune.backends import diffusion, students, tiny_cache
 from proxytune.backends.student_api import sampling_settings
 from proxytune.files import digest_dir, sha256_file, write_png_atomic
 from proxytune.images import is_readable, open_rgb
-from proxytune.stages.common import read_record
+from proxytune.outputs import StudentRecord, read_record
 from proxytune.stages.params import StageParams
 from proxytune.stages.runtime import base_model_tags, config_key, device
 
@@ -156,7 +156,7 @@ class StudentSampler:
     def _weights_file(params: StageParams) -> Path:
         # the student stage's record names its weights: a peft adapter, or full weights (direct-full)
         folder = params.student_out()  # the subject's own, or the experiment's multi-subject student
-        return folder / read_record(folder).get("weights", "adapter/adapter_model.safetensors")
+        return folder / (read_record(folder, StudentRecord).weights or "adapter/adapter_model.safetensors")
 
     @property
     def bundle(self):

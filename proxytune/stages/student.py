@@ -31,7 +31,8 @@ from proxytune.backends import students
 from proxytune.backends.student_api import sampling_settings
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
-from proxytune.stages import common, training
+from proxytune.outputs import StudentRecord, SynthesisRecord, read_record, write_record
+from proxytune.stages import training
 from proxytune.stages.codes_file import load_codes
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
@@ -75,7 +76,8 @@ class StudentTrainer:
         self.joint_params = [load_params(Path(folder) / layout.PARAMS_FILE) for folder in self.params.joint_subjects or []]
         self.proxy = None
         if spec.recipe == "proxy":
-            self.proxy = joint_record(self.joint_params) if self.joint_params else common.read_record(self.proxy_dir)
+            self.proxy = (joint_record(self.joint_params) if self.joint_params
+                          else read_record(self.proxy_dir, SynthesisRecord).model_dump())
         self.checkpoint_dir = self.params.work("student") / config_key(
             self.params.seed, spec.model_dump(exclude={"processes"}), self._data_key()
         )
@@ -141,7 +143,7 @@ class StudentTrainer:
         if spec.recipe == "proxy":
             codes, conds, prompt_index = [], [], []
             for subject_params in self.joint_params or [self.params]:
-                digest = common.read_record(subject_params.out("proxy"))["digest"]
+                digest = read_record(subject_params.out("proxy"), SynthesisRecord).digest
                 tensors = load_codes(subject_params.out("codes"), model=spec.model, proxy_digest=digest)
                 n = spec.num_proxy_images or len(tensors["codes"])
                 codes.append(tensors["codes"][:n])
@@ -349,7 +351,7 @@ class StudentTrainer:
             for subject_params in (self.joint_params or [self.params]) if self.proxy is not None else []:
                 proxy_dir = subject_params.out("proxy")
                 run.log_dataset(proxy_dir, name=f"{subject_params.experiment}.{subject_params.subject.name}.proxy",
-                                digest=common.read_record(proxy_dir)["digest"], context="training")
+                                digest=read_record(proxy_dir, SynthesisRecord).digest, context="training")
             weights = self._save_weights(tmp)
             adapter_digest = sha256_file(weights)
             self.sample_grid().save(tmp / "samples.png")
@@ -364,23 +366,23 @@ class StudentTrainer:
                     if self.proxy is not None else {})},
             )
             training.write_curves(tmp, self.progress.series)  # after register: not part of the weights
-            common.write_record(
+            write_record(
                 tmp,
-                {
-                    "stage": "student",
-                    "run_id": run.run_id,
-                    "model": f"{run.experiment}.{run.subject}.student",
-                    "version": version,
+                StudentRecord(
+                    stage="student",
+                    run_id=run.run_id,
+                    model=f"{run.experiment}.{run.subject}.student",
+                    version=version,
                     **base_model_tags(spec.model),
-                    "backend": self.bundle.backend,
-                    "recipe": spec.recipe,
-                    "weights": weights.relative_to(tmp).as_posix(),
-                    "adapter_digest": adapter_digest,
-                    "proxy_digest": self.proxy["digest"] if self.proxy is not None else None,
-                    "teacher_version": self.proxy["teacher_version"] if self.proxy is not None else None,
-                    "final_loss": self.progress.losses[-1],
-                    "sampling": self.sampling,
-                },
+                    backend=self.bundle.backend,
+                    recipe=spec.recipe,
+                    weights=weights.relative_to(tmp).as_posix(),
+                    adapter_digest=adapter_digest,
+                    proxy_digest=self.proxy["digest"] if self.proxy is not None else None,
+                    teacher_version=self.proxy["teacher_version"] if self.proxy is not None else None,
+                    final_loss=self.progress.losses[-1],
+                    sampling=self.sampling,
+                ),
             )
         tqdm.write(f"student: registered {run.experiment}.{run.subject}.student version {version}")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from proxytune.backends.student_api import unwrapped
-from proxytune.stages.common import read_record
+from proxytune.outputs import SynthesisRecord, read_record
 from proxytune.stages.params import StageParams
 
 
@@ -39,12 +39,12 @@ def joint_record(joint_params: list[StageParams]) -> dict:
     """The proxy record of a joint (multi-subject) student: every subject's set, one digest over their digests."""
     from proxytune.files import sha256_bytes
 
-    records = [read_record(p.out("proxy")) for p in joint_params]
+    records = [read_record(p.out("proxy"), SynthesisRecord) for p in joint_params]
     return {
-        "digest": sha256_bytes("\n".join(r["digest"] for r in records).encode()),
-        "prompts_digest": sha256_bytes("\n".join(r["prompts_digest"] for r in records).encode()),
-        "teacher_version": ",".join(r["teacher_version"] for r in records),
-        "run_id": ",".join(r["run_id"] for r in records),
+        "digest": sha256_bytes("\n".join(r.digest for r in records).encode()),
+        "prompts_digest": sha256_bytes("\n".join(r.prompts_digest for r in records).encode()),
+        "teacher_version": ",".join(r.teacher_version for r in records),
+        "run_id": ",".join(r.run_id for r in records),
         "subjects": [p.subject.name for p in joint_params],
     }
 

@@ -41,10 +41,11 @@ from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, refere
 from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.backends.student_api import sampling_settings
 from proxytune.errors import ProxytuneError
-from proxytune.files import staged_dir, write_json_atomic, write_png_atomic, write_text_atomic
+from proxytune.files import staged_dir, write_png_atomic, write_text_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
+from proxytune.outputs import (Bootstrap, EvaluationMetrics, FlatMetrics, PerPrompt, Prompts, StyleEncoders,
+                               StyleEvaluateRecord, StyleStudentRecord, TeacherRecord, read_record, write_record)
 from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, generated_prompts
-from proxytune.stages import common
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import device, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, sample_prompts, seeds_for
@@ -167,8 +168,8 @@ def run(params_path: str | Path) -> None:
         raise ProxytuneError(f"{params_path}: the style_evaluate stage is for styles (no style section)")
     evaluation, style_student = params.evaluation, params.style_student
     seed_everything(params.seed)
-    teacher_record = common.read_record(params.out("teacher"))
-    student_record = common.read_record(params.out("student"))
+    teacher_record = read_record(params.out("teacher"), TeacherRecord)
+    student_record = read_record(params.out("student"), StyleStudentRecord)
     prompts = eval_prompts(params)
     references = [open_rgb(p) for p in list_images(params.references_dir)]
 
@@ -181,7 +182,7 @@ def run(params_path: str | Path) -> None:
         base = StudentSampler(params, tuned=False, sampling=sampling, bundle=bundle)
         generated["base-student"] = sample_prompts(base, params, prompts, "base-student", stage="style evaluate")
     clip_style = encoders.load_clip(style_student.clip_model, device=str(device()))
-    style = StyleStudent.load(params.out("student") / student_record["weights"], bundle, clip_style)
+    style = StyleStudent.load(params.out("student") / student_record.weights, bundle, clip_style)
     generated["student"] = student_images(style, sampling, params, prompts, references, style_student.noise_strength, "student")
     for strength in style_student.eval_noise_strengths:
         label = f"student@noise={strength:g}"
@@ -216,10 +217,11 @@ def run(params_path: str | Path) -> None:
         described["toy_style"] = {"style": toy, "detector": toy_styles.DESCRIPTIONS[toy],
                                   "content": toy_styles.CONTENT_CAPTION, "oracle": str(oracle_folder()),
                                   "oracle_digest": manifest().get("toy-oracle", {}).get("digest")}
-    summary = {"models": metrics, "random_init": random_init, "prompts": len(prompts), "images_per_prompt": k,
-               "bootstrap": {"resamples": evaluation.bootstrap_resamples, "seed": evaluation.seed, "unit": "prompt"}, "kind": "style"}
-    tags = {"teacher_version": f"{teacher_record['model']}@{teacher_record['version']}",
-            "student_version": f"{student_record['model']}@{student_record['version']}",
+    summary = EvaluationMetrics(models=metrics, random_init=random_init, prompts=len(prompts), images_per_prompt=k,
+                                bootstrap=Bootstrap(resamples=evaluation.bootstrap_resamples, seed=evaluation.seed, unit="prompt"),
+                                kind="style")
+    tags = {"teacher_version": teacher_record.registered,
+            "student_version": student_record.registered,
             "random_init": str(random_init), "clip_model": evaluation.clip_model, "dino_model": evaluation.dino_model,
             "style": params.style.name, "dvc_stage": layout.stage_name("style_evaluate", params.experiment, params.subject.name)}
     with stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
@@ -229,10 +231,10 @@ def run(params_path: str | Path) -> None:
             for p, group in enumerate(groups):
                 for j, image in enumerate(group):
                     image.save(folder / f"p{p:02d}_k{j}.png")
-        write_json_atomic(tmp / "metrics.json", summary)
-        write_json_atomic(tmp / "prompts.json", prompts)
-        write_json_atomic(tmp / "per_prompt.json", breakdown)
-        write_json_atomic(tmp / "encoders.json", described)
+        summary.write(tmp / layout.METRICS_FILE)
+        Prompts(prompts).write(tmp / layout.PROMPTS_FILE)
+        PerPrompt(breakdown).write(tmp / layout.PROMPT_SCORES_FILE)
+        StyleEncoders(**described).write(tmp / layout.ENCODERS_FILE)
         write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), k))
         cell = 128
         rows = []
@@ -243,8 +245,8 @@ def run(params_path: str | Path) -> None:
                         "encoders": described})
         run.log_metrics({f"{mlflow_name(name)}.{m}": v for name, values in means.items() for m, v in values.items()})
         run.log_artifacts(tmp, "eval")
-        common.write_record(tmp, {"stage": "style_evaluate", "run_id": run.run_id, **tags, "metrics": means})
-        write_json_atomic(params.subject_dir / "metrics.json", {**means, "random_init": random_init})
+        write_record(tmp, StyleEvaluateRecord(stage="style_evaluate", run_id=run.run_id, **tags, metrics=means))
+        FlatMetrics(**means, random_init=random_init).write(params.subject_dir / layout.METRICS_FILE)
     tqdm.write(table(metrics, random_init, len(prompts), k))
 
 

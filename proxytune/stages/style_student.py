@@ -26,7 +26,6 @@ EXPERIMENT.STYLE.student with the style teacher and the curated set as its linea
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -39,7 +38,8 @@ from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
-from proxytune.stages import common, training
+from proxytune.outputs import CuratedManifest, CurationRecord, StyleStudentRecord, read_record, write_record
+from proxytune.stages import training
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
 
@@ -76,10 +76,10 @@ class StyleStudentTrainer:
         # the resampler is drawn from its own seed: the LoRA init below does not move it
         self.style = StyleStudent.build(self.bundle, clip, num_tokens=style_spec.num_style_tokens, depth=r.depth,
                                         heads=r.heads, dim_head=r.dim_head, dim=r.dim, ff_mult=r.ff_mult, seed=seed)
-        self.curated = common.read_record(self.curated_dir)
+        self.curated = read_record(self.curated_dir, CurationRecord)
         self.checkpoint_dir = self.params.work("style_student") / config_key(
             self.params.seed, spec.model_dump(exclude={"processes"}), style_spec.model_dump(), self.params.style.raw.ratio,
-            self.curated["digest"], self.curated.get("raw_digest"))
+            self.curated.digest, self.curated.raw_digest)
         self._cache_inputs()
         torch.manual_seed(seed)  # LoRA init draws from the global RNG
         from peft import LoraConfig, get_peft_model
@@ -109,22 +109,22 @@ class StyleStudentTrainer:
         caption, by dataset index; computed once and kept in the scratch folder (a resumed run skips it)."""
         from safetensors.torch import load_file, save
 
-        manifest = json.loads((self.curated_dir / "manifest.json").read_text())
-        entries = manifest["images"] + manifest["raw"]["images"]
-        self.num_curated = len(manifest["images"])
-        captions = [e["prompt"] for e in entries]
+        manifest = CuratedManifest.read(self.curated_dir / layout.MANIFEST_FILE)
+        entries = [*manifest.images, *manifest.raw.images]
+        self.num_curated = len(manifest.images)
+        captions = [e.prompt for e in entries]
         distinct = sorted(set(captions))
         # keyed by what the encodings depend on only: another learning rate or step count reuses them
         cache = self.params.work("style_student") / "inputs-{}.safetensors".format(config_key(
             self.spec.model, self.style_spec.clip_model, self.style.num_tokens, self.style.prompt_len,
-            self.curated["digest"], self.curated.get("raw_digest")))
+            self.curated.digest, self.curated.raw_digest))
         if cache.exists():
             tensors = load_file(cache)
         else:
             codes, features = [], []
             size = self.bundle.image_size
             for start in tqdm(range(0, len(entries), 16), desc="style student: encode images", unit="batch", leave=False):
-                images = [open_rgb(self.curated_dir / e["file"]) for e in entries[start : start + 16]]
+                images = [open_rgb(self.curated_dir / e.file) for e in entries[start : start + 16]]
                 pixels = self.bundle.images_to_pixels([center_crop_resize(i, size) for i in images]).to(self.device)
                 codes.append(self.bundle.encode_images(pixels).cpu())
                 features.append(self.style.image_features(images))
@@ -236,9 +236,9 @@ class StyleStudentTrainer:
     def save(self, out_dir: Path) -> None:
         spec, style_spec, curated = self.spec, self.style_spec, self.curated
         params = self.params
-        lineage = {"teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"],
-                   "proxy_prompts_digest": curated["prompts_digest"], "proxy_images": str(self.num_curated),
-                   "synthesis_run_id": curated["run_id"], "raw_digest": str(curated.get("raw_digest")),
+        lineage = {"teacher_version": curated.teacher_version, "proxy_digest": curated.digest,
+                   "proxy_prompts_digest": curated.prompts_digest, "proxy_images": str(self.num_curated),
+                   "synthesis_run_id": curated.run_id, "raw_digest": str(curated.raw_digest),
                    "raw_images": str(len(self.codes) - self.num_curated)}
         tags = {**base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": "stylear",
                 "style": params.style.name, "clip_model": style_spec.clip_model, **lineage,
@@ -249,7 +249,7 @@ class StyleStudentTrainer:
             for key in SERIES:
                 run.log_series(key, self.progress.series[key])
             run.log_dataset(self.curated_dir / "images", name=f"{params.experiment}.{params.style.name}.curated",
-                            digest=curated["digest"], context="training")
+                            digest=curated.digest, context="training")
             model_dir = tmp / MODEL_DIR
             weights = self.style.save(model_dir, base_model=spec.model, clip_model=style_spec.clip_model,
                                       noise_strength=style_spec.noise_strength, sampling=self.sampling)
@@ -259,15 +259,15 @@ class StyleStudentTrainer:
             version = run.register(model_dir, "student", {
                 **base_model_tags(spec.model), "backend": self.bundle.backend, "recipe": "stylear",
                 "adapter_digest": adapter_digest, "resampler_digest": sha256_file(weights[1]),
-                "teacher_version": curated["teacher_version"], "proxy_digest": curated["digest"]})
+                "teacher_version": curated.teacher_version, "proxy_digest": curated.digest})
             training.write_curves(tmp, self.progress.series)
-            common.write_record(tmp, {
-                "stage": "style_student", "run_id": run.run_id, "model": f"{run.experiment}.{run.subject}.student",
-                "version": version, **base_model_tags(spec.model), "backend": self.bundle.backend,
-                "recipe": "stylear", "weights": MODEL_DIR, "adapter_digest": adapter_digest,
-                "proxy_digest": curated["digest"], "raw_digest": curated.get("raw_digest"),
-                "teacher_version": curated["teacher_version"], "final_loss": self.progress.series["loss"][-1],
-                "sampling": self.sampling, "noise_strength": style_spec.noise_strength, "clip_model": style_spec.clip_model})
+            write_record(tmp, StyleStudentRecord(
+                stage="style_student", run_id=run.run_id, model=f"{run.experiment}.{run.subject}.student",
+                version=version, **base_model_tags(spec.model), backend=self.bundle.backend,
+                recipe="stylear", weights=MODEL_DIR, adapter_digest=adapter_digest,
+                proxy_digest=curated.digest, raw_digest=curated.raw_digest,
+                teacher_version=curated.teacher_version, final_loss=self.progress.series["loss"][-1],
+                sampling=self.sampling, noise_strength=style_spec.noise_strength, clip_model=style_spec.clip_model))
         tqdm.write(f"style student: registered {run.experiment}.{run.subject}.student version {version}")
 
 

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults
+from proxytune import faults, layout
 from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
-from proxytune.files import (digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_json_atomic,
-                             write_png_atomic)
+from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb
-from proxytune.stages import common
+from proxytune.outputs import ProxyManifest, SynthesisRecord, TeacherRecord, read_record, write_record
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
 from proxytune.stages.sampling import unfinished_blocks
@@ -127,10 +126,10 @@ def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     synthesis = params.synthesis
     teacher_dir = params.out("teacher")
-    teacher = common.read_record(teacher_dir)
+    teacher = read_record(teacher_dir, TeacherRecord)
     prompts = proxy_prompts(params)
     key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter"}), params.teacher.model,
-                     params.teacher.revision, params.teacher.resolution, teacher["adapter_digest"], prompts)
+                     params.teacher.revision, params.teacher.resolution, teacher.adapter_digest, prompts)
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
     rank, world = 0, 1
@@ -148,7 +147,7 @@ def run(params_path: str | Path) -> None:
     assemble(params, teacher, scratch, prompts)
 
 
-def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[str]) -> None:
+def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts: list[str]) -> None:
     synthesis = params.synthesis
     entries = []
     for i in range(synthesis.num_images):
@@ -161,7 +160,7 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {synthesis.num_images} images")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
-    teacher_version = f"{teacher['model']}@{teacher['version']}"
+    teacher_version = teacher.registered
     out_dir = params.out("proxy")
     tags = {"teacher_version": teacher_version, "proxy_digest": digest, "proxy_images": str(len(entries))}
     with stage_run(params, "synthesis", tags) as run, staged_dir(out_dir) as tmp:
@@ -169,37 +168,36 @@ def assemble(params: StageParams, teacher: dict, scratch: Path, prompts: list[st
         for entry in entries:
             src, dst = scratch / Path(entry["file"]).name, tmp / entry["file"]
             link_or_copy(src, dst)
-        manifest = {
-            "prompt_template": synthesis.prompt,
-            "templates": synthesis.templates,
-            "teacher_version": teacher_version,  # no run id: identical work hashes the same (record.json has it)
-            "num_images": len(entries),
-            "generated": synthesis.num_images,
-            "dropped": len(dropped),
-            "filter": synthesis.filter.model_dump(mode="json") if synthesis.filter.enabled else None,
-            "digest": digest,
-            "prompts_digest": prompts_digest,
-            "images": entries,
-            "dropped_images": [{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
-        }
-        write_json_atomic(tmp / "manifest.json", manifest)
+        ProxyManifest(
+            prompt_template=synthesis.prompt,
+            templates=synthesis.templates,
+            teacher_version=teacher_version,  # no run id: identical work hashes the same (record.json has it)
+            num_images=len(entries),
+            generated=synthesis.num_images,
+            dropped=len(dropped),
+            filter=synthesis.filter.model_dump(mode="json") if synthesis.filter.enabled else None,
+            digest=digest,
+            prompts_digest=prompts_digest,
+            images=entries,
+            dropped_images=[{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
+        ).write(tmp / layout.MANIFEST_FILE)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
         write_png_atomic(tmp / "preview.png", grid([preview], cell=min(params.teacher.resolution, 256)))
         run.log_params({"synthesis": synthesis.model_dump(mode="json"), "prompts": prompts})
         run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
         run.log_artifacts(tmp, "proxy")
         run.log_dataset(out_dir, name=f"{params.experiment}.{params.subject.name}.proxy", digest=digest, context="synthesized")
-        common.write_record(
+        write_record(
             tmp,
-            {
-                "stage": "synthesis",
-                "run_id": run.run_id,
-                "digest": digest,
-                "prompts_digest": prompts_digest,
-                "num_images": len(entries),
-                "dropped": len(dropped),
-                "teacher_version": teacher_version,
-            },
+            SynthesisRecord(
+                stage="synthesis",
+                run_id=run.run_id,
+                digest=digest,
+                prompts_digest=prompts_digest,
+                num_images=len(entries),
+                dropped=len(dropped),
+                teacher_version=teacher_version,
+            ),
         )
     tqdm.write(f"synthesis: {len(entries)} proxy images, digest {digest[:12]}")
     shutil.rmtree(scratch, ignore_errors=True)

@@ -18,7 +18,8 @@ from proxytune import faults
 from proxytune.backends import diffusion
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, list_images, load_references
-from proxytune.stages import common, training
+from proxytune.outputs import TeacherRecord, write_record
+from proxytune.stages import training
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
 from proxytune.stages.teacher_setup import class_images, optimizer, to_tensor
@@ -344,20 +345,20 @@ class TeacherTrainer:
             )
             run.set_tags({"model_version": f"{run.experiment}.{run.subject}.teacher@{version}"})
             training.write_curves(tmp, self.progress.series)  # after register: not part of the adapter
-            common.write_record(
+            write_record(
                 tmp,
-                {
-                    "stage": "teacher",
-                    "run_id": run.run_id,
-                    "model": f"{run.experiment}.{run.subject}.teacher",
-                    "version": version,
+                TeacherRecord(
+                    stage="teacher",
+                    run_id=run.run_id,
+                    model=f"{run.experiment}.{run.subject}.teacher",
+                    version=version,
                     **base_model_tags(self.spec.model),
-                    "revision": self.spec.revision,
-                    "adapter_digest": adapter_digest,
-                    "references_digest": self.references_digest,
-                    "family": self.family.name,
-                    "final_loss": self.progress.losses[-1],
-                },
+                    revision=self.spec.revision,
+                    adapter_digest=adapter_digest,
+                    references_digest=self.references_digest,
+                    family=self.family.name,
+                    final_loss=self.progress.losses[-1],
+                ),
             )
         tqdm.write(f"teacher: registered {run.experiment}.{run.subject}.teacher version {version}")
 
