@@ -55,6 +55,11 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
                                  styles=styles)
 
 
+def resolve_specs(paths: tuple[str, ...] | list[str], root: Path) -> list[compiler.ResolvedSpec]:
+    """`resolve_spec` of each spec file, in order."""
+    return [resolve_spec(path, root) for path in paths]
+
+
 def check_resolution(spec, path: Path, root: Path) -> None:
     """`teacher.resolution` must be a multiple of what the teacher pipeline divides it by (VAE, patches).
 

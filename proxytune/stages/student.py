@@ -304,7 +304,7 @@ class StudentRecipe:
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
-            faults.checkpoint("student", "step", self.progress.step)
+            faults.kill_point("student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
         if self.world > 1:  # the processes must end with the same weights; say so checkably

@@ -196,7 +196,7 @@ def run(params_path: str | Path) -> None:
     for strength in scfg.eval_noise_strengths:
         label = f"student@noise={strength:g}"
         generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
-    faults.checkpoint("style_evaluate", "generated")
+    faults.kill_point("style_evaluate", "generated")
 
     clip, dino = encoders.load_clip(cfg.clip_model), encoders.load_dino(cfg.dino_model)
     refs = reference_embeds(clip, dino, references)

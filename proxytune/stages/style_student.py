@@ -212,7 +212,7 @@ class StyleStudentRecipe:
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % cfg.checkpoint_every == 0 and self.progress.step < cfg.steps:
                 self.save_checkpoint()
-            faults.checkpoint("style_student", "step", self.progress.step)
+            faults.kill_point("style_student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
         self.style.resampler.eval()
