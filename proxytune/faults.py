@@ -35,7 +35,7 @@ def _matches(item: str, stage: str, point: str, n: int | None) -> bool:
     return len(parts) == 2 or (n is not None and parts[2] == str(n))
 
 
-def checkpoint(stage: str, point: str, n: int | None = None) -> None:
+def kill_point(stage: str, point: str, n: int | None = None) -> None:
     """Die now if PROXYTUNE_CRASH_AT names this point; otherwise do nothing."""
     wanted = os.environ.get(ENV)
     if not wanted or not any(_matches(item, stage, point, n) for item in wanted.split(",")):

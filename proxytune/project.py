@@ -55,6 +55,11 @@ def resolve_spec(path: str | Path, root: Path, *, check_images: bool = True) -> 
                                  styles=styles)
 
 
+def resolve_specs(paths: tuple[str, ...] | list[str], root: Path) -> list[compiler.ResolvedSpec]:
+    """`resolve_spec` of each spec file, in order."""
+    return [resolve_spec(path, root) for path in paths]
+
+
 def check_resolution(spec, path: Path, root: Path) -> None:
     """`teacher.resolution` must be a multiple of what the teacher pipeline divides it by (VAE, patches).
 
@@ -247,29 +252,27 @@ def project_lock(root: Path, on_wait: Callable[[], None] | None = None) -> Itera
     Two applies in one project would race on dvc.yaml (read, merge, write) and on DVC's own lock,
     which makes a concurrent `dvc repro` fail rather than wait. With this lock the second apply
     waits (calling `on_wait` once), then compiles on top of the first one's dvc.yaml and runs only
-    what is still stale. It is an flock(2) on .proxytune/apply.lock: the kernel releases it when
-    the holder exits or is killed, so a crash never leaves a stale lock behind.
+    what is still stale. It is a `filelock` lock on .proxytune/apply.lock (flock(2) on POSIX, msvcrt
+    locking on Windows): the operating system releases it when the holder exits or is
+    killed, so a crash never leaves a stale lock behind.
     """
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
+    from filelock import FileLock, Timeout
+
     folder = root / LOCK_DIR
     folder.mkdir(exist_ok=True)
     if not (folder / ".gitignore").exists():
         (folder / ".gitignore").write_text("*\n")
-    fd = os.open(folder / "apply.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(folder / "apply.lock")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        lock.acquire(blocking=False)
+    except Timeout:
+        if on_wait is not None:
+            on_wait()
+        lock.acquire()
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 # -- an apply that was killed ------------------------------------------------------------------------

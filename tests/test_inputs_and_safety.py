@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import REPO, copy_images
-from proxytune import provenance
+from proxytune.tracking import provenance
 from proxytune.cli import main
 from proxytune.project import project_lock
 
@@ -120,7 +120,7 @@ def _checkpoint_exit(env_value: str | None, *args) -> subprocess.CompletedProces
     env["PYTHONPATH"] = str(REPO)
     if env_value is not None:
         env["PROXYTUNE_CRASH_AT"] = env_value
-    code = f"from proxytune import faults; faults.checkpoint(*{args!r}); print('survived')"
+    code = f"from proxytune import faults; faults.kill_point(*{args!r}); print('survived')"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -186,11 +186,12 @@ def test_a_full_disk_during_apply_is_one_line_and_exit_2(project, monkeypatch):
 
 
 def test_audit_closes_runs_of_dead_processes_and_flags_other_hosts(project):
-    from proxytune import tracking
+    from proxytune.tracking import store
+    from proxytune.tracking.runs import start_parent_run
 
-    uri = tracking.resolve_uri(None, project)
-    client = tracking.connect(uri)
-    runs = {name: tracking.start_parent_run("t", uri, project, {}) for name in ("dead", "reused", "elsewhere", "alive")}
+    uri = store.resolve_uri(None, project)
+    client = store.connect(uri)
+    runs = {name: start_parent_run("t", uri, project, {}) for name in ("dead", "reused", "elsewhere", "alive")}
     assert client.get_run(runs["alive"]).data.tags["proxytune.pid"] == str(os.getpid())
     client.set_tag(runs["dead"], "proxytune.pid", str(dead_pid()))
     client.set_tag(runs["reused"], "proxytune.pid_start", "1")  # this pid, but a process that started earlier

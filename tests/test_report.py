@@ -242,12 +242,12 @@ def test_malformed_metrics_is_a_one_line_error(evaluated, project):
 
 
 def test_cli_writes_and_logs_to_mlflow(evaluated, project):
-    from proxytune import tracking
+    from proxytune.tracking import store
 
     result = CliRunner().invoke(main, ["report", "specs/rep.yaml"])
     assert result.exit_code == 0, result.output + result.stderr
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", result.output).group(1)
-    client = tracking.connect(tracking.resolve_uri(None, project))
+    client = store.connect(store.resolve_uri(None, project))
     run = client.get_run(run_id)
     assert run.info.run_name == "report" and run.info.status == "FINISHED"
     assert run.data.tags["proxytune.kind"] == "report" and run.data.tags["proxytune.subjects"] == "dog,plain"

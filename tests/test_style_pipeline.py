@@ -210,7 +210,7 @@ def test_prompt_file_generated_prompts_and_a_captioned_raw_folder_resolve(tmp_pa
 def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypatch, model):
     """compile -> teacher -> curation -> style student -> style evaluation, each stage's run() in this
     process (DVC's orchestration is tested for subjects); then the registry's lineage and the report."""
-    from proxytune import tracking
+    from proxytune.tracking import audit, lineage, registry, store
     from proxytune.project import resolve_spec, write_compiled
     from proxytune.stages import curation, style_evaluate, style_student, teacher
     from proxytune.stages.params import load_params
@@ -260,23 +260,23 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
 
     check_stage_outputs(folder, tmp_path / "copies")  # every file parses with its readers' model, same bytes back
 
-    uri = tracking.resolve_uri(None, tmp_path)
-    chain = tracking.lineage(uri, "sty.glass.student@1")
+    uri = store.resolve_uri(None, tmp_path)
+    chain = lineage.lineage(uri, "sty.glass.student@1")
     assert chain["references"]["digest"] and chain["teacher"]["version"] == "sty.glass.teacher@1"
     assert chain["proxy"]["digest"] == manifest["digest"] and chain["proxy"]["num_images"] == "2"
     assert chain["evaluations"] and "student.style_gram" in chain["evaluations"][0]["metrics"]
     # the style stages' runs are tagged as theirs, not as a subject's student and evaluation
     assert chain["evaluations"][0]["kind"] == "style"
-    evaluation = tracking.evaluation_run(uri, "sty.glass.student@1")
+    evaluation = lineage.evaluation_run(uri, "sty.glass.student@1")
     assert evaluation.data.tags["proxytune.stage"] == "style_evaluate"
-    student_run = tracking.connect(uri).get_run(chain["student"]["run_id"])
+    student_run = store.connect(uri).get_run(chain["student"]["run_id"])
     assert student_run.data.tags["proxytune.stage"] == "style_student"
-    compared = tracking.compare(uri, "sty.glass.student@1", evaluation.info.run_id)
+    compared = lineage.compare(uri, "sty.glass.student@1", evaluation.info.run_id)
     assert compared["kind"] == "style" and compared["intervals"]["student.style_gram"] == (0.0, 0.0)
     assert chain["proxy"]["set"] == "curated"
-    assert not tracking.audit(uri)["problems"]
+    assert not audit.audit(uri)["problems"]
     # an edit of style_student: only the style student and its evaluation are stale against the spec
-    from proxytune import provenance
+    from proxytune.tracking import provenance
 
     spec["style_student"]["noise_strength"] = 0.5
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -284,7 +284,7 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     changed["evaluation"] = provenance._spec_changed(chain["evaluations"][0], tmp_path, {})
     edited = ["spec spec.yaml edited since: style_student (not compiled yet)"]
     assert changed == {"teacher": [], "proxy": [], "student": edited, "evaluation": edited}, changed
-    pulled, _ = tracking.pull(uri, "sty.glass.student@1", tmp_path / "pulled")
+    pulled, _ = registry.pull(uri, "sty.glass.student@1", tmp_path / "pulled")
     # the pulled folder is a style student as it was trained: same images
     bundle = students.load_student(model)
     again = StyleStudent.load(pulled, bundle, encoders.load_clip("tiny-clip"))
@@ -302,19 +302,19 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
 # -- registry: style evaluations are not subject evaluations ------------------------------------------
 def _registered_student(tmp_path: Path, uri: str, subject: str, stage: str) -> str:
     """A student version registered by a `stage` run (a one-file adapter); returns NAME@VERSION."""
-    from proxytune import tracking
+    from proxytune.tracking import runs
 
     folder = tmp_path / f"{subject}-adapter"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(subject.encode())
-    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"spec_digest": "d"}) as run:
+    with runs.StageRun("e", subject, stage, uri, tmp_path, {"spec_digest": "d"}) as run:
         version = run.register(folder, "student", {"adapter_digest": "x"})
     return f"e.{subject}.student@{version}"
 
 
 def _evaluation(tmp_path: Path, uri: str, student: str, stage: str, metrics: dict[str, list[float]], **tags) -> str:
     """An evaluation run as the stages log it: MODEL.METRIC means, eval/per_prompt.json and eval/prompts.json."""
-    from proxytune import tracking
+    from proxytune.tracking import runs
 
     subject = student.split(".")[1]
     files = tmp_path / f"eval-{subject}-{stage}"
@@ -323,7 +323,7 @@ def _evaluation(tmp_path: Path, uri: str, student: str, stage: str, metrics: dic
     per_prompt = {"student": [{"prompt": p, **{m: v[i] for m, v in metrics.items()}} for i, p in enumerate(prompts)]}
     (files / "eval" / "per_prompt.json").write_text(json.dumps(per_prompt))
     (files / "eval" / "prompts.json").write_text(json.dumps(prompts))
-    with tracking.StageRun("e", subject, stage, uri, tmp_path, {"student_version": student, **tags}) as run:
+    with runs.StageRun("e", subject, stage, uri, tmp_path, {"student_version": student, **tags}) as run:
         run.log_metrics({f"student.{m}": float(np.mean(v)) for m, v in metrics.items()})
         run.log_artifacts(files)
     return run.run_id
@@ -332,12 +332,12 @@ def _evaluation(tmp_path: Path, uri: str, student: str, stage: str, metrics: dic
 def test_compare_tells_style_evaluations_from_subject_evaluations(tmp_path, monkeypatch):
     """compare of two style students gives their style metrics with intervals; a style student against a
     subject student, or a run that is no evaluation, is one line naming the proxytune.stage tag, exit 2."""
-    from proxytune import tracking
+    from proxytune.tracking import lineage, registry, store
     from proxytune.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.resolve_uri(None, tmp_path)
+    uri = store.resolve_uri(None, tmp_path)
     glass = _registered_student(tmp_path, uri, "glass", "style_student")
     ink = _registered_student(tmp_path, uri, "ink", "style_student")
     dog = _registered_student(tmp_path, uri, "dog", "student")
@@ -355,20 +355,20 @@ def test_compare_tells_style_evaluations_from_subject_evaluations(tmp_path, monk
     gram = next(line for line in lines if line.startswith("student.style_gram"))
     assert "+0.1500" in gram and gram.endswith("[+0.1000, +0.2000]")  # paired by prompt: +0.1 and +0.2
     assert not any("dino" in line for line in lines) and "style evaluations" in lines[-2]
-    assert tracking.compare(uri, glass, ink)["kind"] == "style"
-    assert tracking.compare(uri, dog, dog_run)["kind"] == "subject"
+    assert lineage.compare(uri, glass, ink)["kind"] == "style"
+    assert lineage.compare(uri, dog, dog_run)["kind"] == "subject"
 
     for a, b in ((glass, dog), (dog_run, ink)):
         code, lines = compare(a, b)
         assert code == 2 and len(lines) == 1, lines
         assert lines[0].startswith(f"error: {a} is a ") and "tag proxytune.stage" in lines[0], lines[0]
         assert "style_evaluate vs evaluate" in lines[0] or "evaluate vs style_evaluate" in lines[0]
-    student_run = tracking.show(uri, glass)["run_id"]
+    student_run = registry.show(uri, glass)["run_id"]
     code, lines = compare(student_run, ink)
     assert code == 2 and lines == [f"error: run {student_run}: not an evaluation run (tag proxytune.stage is "
                                    "'style_student', expected one of evaluate, style_evaluate)"]
     # lineage lists the style evaluation as one
-    assert [e["kind"] for e in tracking.lineage(uri, glass)["evaluations"]] == ["style"]
+    assert [e["kind"] for e in lineage.lineage(uri, glass)["evaluations"]] == ["style"]
 
 
 # -- the LlamaGen side: style tokens in the caption slots ----------------------------------------------

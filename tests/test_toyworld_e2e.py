@@ -47,11 +47,11 @@ def test_toy_spec_personalises_the_teacher_and_the_student(tmp_path):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
     # the registry records the toy base models like any other, plus the digest of their shipped weights
-    from proxytune import tracking
+    from proxytune.tracking import lineage, store
     from proxytune.toyworld.builtins import manifest
 
-    uri = f"sqlite:///{tracking.registry_dir(project) / 'mlflow.db'}"  # the apply's embedded store
-    chain = tracking.lineage(uri, "toy-e2e.stripy-box.student@candidate")
+    uri = f"sqlite:///{store.registry_dir(project) / 'mlflow.db'}"  # the apply's embedded store
+    chain = lineage.lineage(uri, "toy-e2e.stripy-box.student@candidate")
     for role, model in (("teacher", "toy-sd"), ("student", "toy-llamagen")):
         assert chain[role]["base_model"] == model and chain[role]["base_model_digest"] == manifest()[model]["digest"]
 

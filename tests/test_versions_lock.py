@@ -197,14 +197,14 @@ def test_versions_module_imports_no_heavy_library():
 def test_stage_and_apply_runs_record_versions_and_lock_digest(project):
     import mlflow
 
-    from proxytune import tracking
     from proxytune.stages import runtime
+    from proxytune.tracking import runs, store
 
     params = make_params(project, tiny_spec())
     with runtime.stage_run(params, "teacher") as run:
         pass
-    uri = tracking.resolve_uri(None, project)
-    parent = tracking.start_parent_run("t", uri, project, {})
+    uri = store.resolve_uri(None, project)
+    parent = runs.start_parent_run("t", uri, project, {})
     client = mlflow.MlflowClient(tracking_uri=uri)
     for run_id in (run.run_id, parent):
         tags = client.get_run(run_id).data.tags

@@ -79,7 +79,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
         for i, image in zip(block, images):
             write_png_atomic(scratch / f"{i:05d}.png", image)
         bar.update(len(block))
-        faults.checkpoint("curation", "batch", count)
+        faults.kill_point("curation", "batch", count)
     bar.close()
 
 

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune import faults, layout
-from proxytune import stats, tracking
+from proxytune import stats
 from proxytune.backends import dreambench, encoders
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
@@ -40,6 +40,7 @@ from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS 
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
+from proxytune.tracking import registry
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 from proxytune.toyworld.builtins import is_toy
 
@@ -291,7 +292,7 @@ def run(params_path: str | Path) -> None:
             if evaluation.variance_samples and tuned:
                 variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
             del sampler
-    faults.checkpoint("evaluate", "generated")
+    faults.kill_point("evaluate", "generated")
 
     clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
     ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)
@@ -372,7 +373,7 @@ def run(params_path: str | Path) -> None:
             run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
         if gate:
             run.log_metrics({"gate_passed": float(gate.passed)})
-            tracking.record_gate(run.uri, gate.student_version, gate.passed, gate.rule)
+            registry.record_gate(run.uri, gate.student_version, gate.passed, gate.rule)
         run.log_artifacts(tmp, "eval")
         write_record(tmp, EvaluateRecord(stage="evaluate", run_id=run.run_id, **tags, metrics=means,
                                          gate=gate.passed if gate else None, student_sampling=student_sampling,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from proxytune import layout, tracking
+from proxytune import layout
+from proxytune.tracking import runs, store
 from proxytune.stages.params import StageParams
 
 
@@ -50,10 +51,10 @@ def remove_stale_staging(params: StageParams, stage: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = None) -> tracking.StageRun:
+def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = None) -> runs.StageRun:
     root = Path.cwd()
     remove_stale_staging(params, stage)  # called right before the stage stages its output
-    uri = tracking.resolve_uri(params.tracking.uri, root)
+    uri = store.resolve_uri(params.tracking.uri, root)
     joint = bool(params.joint_subjects)  # a joint student: named by its folder, not its first subject
     subject = params.subject_dir.name if joint else params.subject.name
     tags = {
@@ -63,7 +64,7 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
         "project_root": str(root),
         **(tags or {}),
     }
-    return tracking.StageRun(
+    return runs.StageRun(
         experiment=params.experiment,
         subject=subject,
         stage=stage,

@@ -289,7 +289,7 @@ class StudentTrainer:
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
-            faults.checkpoint("student", "step", self.progress.step)
+            faults.kill_point("student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
         if self.world > 1:  # the processes must end with the same weights; say so checkably

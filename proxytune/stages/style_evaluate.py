@@ -187,7 +187,7 @@ def run(params_path: str | Path) -> None:
     for strength in style_student.eval_noise_strengths:
         label = f"student@noise={strength:g}"
         generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
-    faults.checkpoint("style_evaluate", "generated")
+    faults.kill_point("style_evaluate", "generated")
 
     clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
     refs = reference_embeds(clip, dino, references)

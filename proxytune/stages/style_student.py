@@ -216,7 +216,7 @@ class StyleStudentTrainer:
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
-            faults.checkpoint("style_student", "step", self.progress.step)
+            faults.kill_point("style_student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
         self.style.resampler.eval()

@@ -83,7 +83,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
         for i, image in zip(batch, images):
             write_png_atomic(scratch / f"{i:05d}.png", image)
         bar.update(len(batch))
-        faults.checkpoint("synthesis", "batch", count)
+        faults.kill_point("synthesis", "batch", count)
     bar.close()
 
 

@@ -286,7 +286,7 @@ class TeacherTrainer:
                 self.validation_grid()
             if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
-            faults.checkpoint("teacher", "step", self.progress.step)
+            faults.kill_point("teacher", "step", self.progress.step)
         bar.close()
         self.denoiser.eval()
         if self.world > 1:  # the processes must end with the same weights; say so checkably

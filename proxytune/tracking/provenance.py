@@ -1,6 +1,6 @@
 """Staleness and drawing of a lineage chain (what `proxytune lineage` prints).
 
-`tracking.lineage` reads the chain from the registry; this module asks the project whether each
+`lineage.lineage` reads the chain from the registry; this module asks the project whether each
 node still matches it: `dvc status` of the stage the run recorded (`proxytune.dvc_stage`), whether
 the stage's output in the project is still this run's, and whether the spec was edited since (and
 not compiled yet). Each node gets `stale`: True, False, or "unknown" when the project is not here.

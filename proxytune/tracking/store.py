@@ -1,0 +1,210 @@
+"""Where runs are stored: tracking URIs, the MLflow client, experiments, the tags every run carries
+(git commit, versions, owning process), closing runs whose process died, and the server probe."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from proxytune.errors import ProxytuneError
+
+TAG = "proxytune."  # prefix of every tag we write
+
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def load_mlflow():
+    """The mlflow module, imported on first use: it takes ~1.5 s and most CLI calls never need it."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return mlflow
+
+
+def registry_dir(root: Path) -> Path:
+    return (root / "registry").resolve()
+
+
+def resolve_uri(spec_uri: str | None, root: Path) -> str:
+    """Spec value, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under root/registry."""
+    if spec_uri:
+        return spec_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    folder = registry_dir(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def _is_embedded(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def connect(uri: str):
+    """Point mlflow at `uri` and return a client."""
+    mlflow = load_mlflow()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(name: str, uri: str, root: Path) -> str:
+    client = connect(uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if _is_embedded(uri):
+        location = (registry_dir(root) / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def version_tags() -> dict[str, str]:
+    """proxytune.version.{python,proxytune,torch,diffusers,transformers,peft,accelerate},
+    proxytune.lock_digest and proxytune.lock_status (and proxytune.version_problems when a known
+    incompatibility holds): what a bug report needs. Package metadata only; never fails a run."""
+    from proxytune import versions
+
+    try:
+        found = versions.report().tags()
+    except Exception as err:  # unreadable metadata must not cost a training run
+        found = {"version_error": f"{type(err).__name__}: {err}"[:4000]}
+    return {TAG + k: v for k, v in found.items()}
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc), or None where unreadable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, starttime; the name before ")" may hold spaces
+
+
+def owner_tags() -> dict[str, str]:
+    """proxytune.pid, proxytune.host and proxytune.pid_start of this process: on every run it starts,
+    so that a later apply or audit can tell a run whose process was killed (`close_ghost_runs`)."""
+    pid = os.getpid()
+    start = _start_ticks(pid)
+    return {f"{TAG}pid": str(pid), f"{TAG}host": socket.gethostname(), **({f"{TAG}pid_start": start} if start else {})}
+
+
+def _owner_gone(tags: dict[str, str]) -> bool | None:
+    """Whether a run's process is gone: True (no such pid on this host, or the pid now belongs to a
+    process that started later), False (alive), None (another host, or no owner recorded)."""
+    pid, host = tags.get(f"{TAG}pid", ""), tags.get(f"{TAG}host")
+    if not pid.isdigit() or host != socket.gethostname():
+        return None
+    from proxytune.files import process_alive
+
+    if not process_alive(int(pid)):
+        return True
+    recorded, now = tags.get(f"{TAG}pid_start"), _start_ticks(int(pid))
+    return recorded is not None and now is not None and now != recorded
+
+
+GHOST_KINDS = ("apply", "stage", "report")  # proxytune.kind of the runs proxytune starts
+
+
+def close_ghost_runs(uri: str) -> tuple[list, list]:
+    """Mark proxytune's RUNNING runs whose process is gone KILLED.
+
+    Returns (runs marked KILLED, RUNNING runs this host cannot judge: started on another host or
+    with no owner recorded). Runs of live processes are left alone.
+    """
+    client = connect(uri)
+    killed, unknown = [], []
+    for run in all_runs(client, "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(f"{TAG}kind") not in GHOST_KINDS:
+            continue
+        gone = _owner_gone(tags)
+        if gone:
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run)
+        elif gone is None:
+            unknown.append(run)
+    return killed, unknown
+
+
+def describe_run(run) -> str:
+    """'run ID (NAME, experiment E, pid P on HOST)': how a ghost run is named in messages."""
+    tags = run.data.tags
+    owner = (f"pid {tags[TAG + 'pid']} on {tags.get(TAG + 'host', '?')}" if TAG + "pid" in tags
+             else "no owner recorded")
+    return f"run {run.info.run_id} ({run.info.run_name}, experiment {run.info.experiment_id}, {owner})"
+
+
+def all_runs(client, filter_string: str) -> list:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, filter_string=filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def run_tag(run, key: str) -> str | None:
+    return run.data.tags.get(TAG + key)
+
+
+def find_run(client, run_id: str | None):
+    try:
+        return client.get_run(run_id) if run_id else None
+    except Exception:
+        return None
+
+
+def load_json_artifact(run_id: str, path: str) -> object | None:
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a small JSON: no progress bar
+    try:
+        return load_mlflow().artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except Exception:
+        return None
+
+
+def remote_uri(spec_uri: str | None) -> str | None:
+    """The tracking URI a spec resolves to when it is an MLflow server (http/https), else None."""
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri.lower().startswith(("http://", "https://")) else None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Ask the server's /health, waiting at most `timeout` seconds.
+
+    Raises:
+        ProxytuneError: nothing answers (refused, unknown host, timeout) or the server answers 5xx.
+    """
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return  # something answered (an auth proxy may guard /health): the server is there
+        raise ProxytuneError(f"MLflow server {uri} answered HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ProxytuneError(f"cannot reach the MLflow server {uri} ({reason}) within {timeout:g} s") from None
