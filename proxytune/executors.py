@@ -43,7 +43,7 @@ MAX_RETRIES = 3  # retries of a task whose worker died; a stage's own failure is
 LOG_DIR = ".proxytune/logs"  # one log per stage, inside the project's git-ignored state folder
 FORWARDED = ("PROXYTUNE_", "MLFLOW_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH_HOME",
              "DVC_NO_ANALYTICS")
-NOT_FORWARDED = {"PROXYTUNE_LAUNCHED"}  # set by a stage for its own accelerate processes only
+NOT_FORWARDED = {layout.LAUNCHED_ENV}  # set by a stage for its own accelerate processes only
 RAY_MISSING = "--executor ray: Ray is not installed for {python}; install it with pip install \"proxytune[ray]\""
 
 

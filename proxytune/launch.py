@@ -17,7 +17,7 @@ from proxytune.errors import ProxytuneError, disk_full_message
 # `processes(params_path)` reads it. Every other stage runs as one process.
 DATA_PARALLEL = ("teacher", "synthesis", "student")
 assert set(DATA_PARALLEL) <= set(layout.STEPS)
-LAUNCHED_ENV = "PROXYTUNE_LAUNCHED"  # set for the processes accelerate starts: they run the stage itself
+LAUNCHED_ENV = layout.LAUNCHED_ENV  # set for the processes accelerate starts: they run the stage itself
 
 
 def process_count(step: str, params_path: str) -> int:

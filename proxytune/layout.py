@@ -43,6 +43,8 @@ PER_PROMPT_FILE = "per_prompt.csv"  # eval/: prompt, MODEL_METRIC columns
 CODES_FILE = "codes.safetensors"  # codes/: the proxies as the student's image tokens
 PARAMS_FILE = "params.yaml"  # the subject folder: resolved params
 
+LAUNCHED_ENV = "PROXYTUNE_LAUNCHED"  # set for the processes `accelerate launch` starts for a stage (launch.py)
+
 
 def subject_dir(experiment: str, subject: str) -> str:
     return f"{RUNS_DIR}/{experiment}/{subject}"

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import yaml
 
 from proxytune import compile as compiler
+from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError, SpecError
 from proxytune.files import process_alive, sha256_file, write_text_atomic
 from proxytune.images import list_images, open_rgb
@@ -84,7 +85,7 @@ def _llamagen_student(ref: str, root: Path) -> bool:
 
     if ref in ("tiny-llamagen", "toy-llamagen"):
         return True
-    meta = (root / Path(ref).expanduser()) / "proxytune_student.json"
+    meta = (root / Path(ref).expanduser()) / STUDENT_META
     try:
         return json.loads(meta.read_text()).get("backend", "llamagen") == "llamagen"
     except (OSError, ValueError, AttributeError):

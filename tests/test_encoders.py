@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from proxytune.backends import dreambench, encoders
+from proxytune.backends import dreambench_prompts, encoders
 from proxytune.errors import ProxytuneError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
@@ -107,17 +107,17 @@ def test_mean_pairwise_cosine_covers_all_pairs():
 
 
 def test_strip_identifier_keeps_class_noun():
-    assert dreambench.strip_identifier("a S* dog in the jungle", "S*") == "a dog in the jungle"
-    assert dreambench.strip_identifier("sks backpack on the beach", "sks") == "backpack on the beach"
-    assert dreambench.strip_identifier("a photo of my sks.", "sks") == "a photo of my."
+    assert dreambench_prompts.strip_identifier("a S* dog in the jungle", "S*") == "a dog in the jungle"
+    assert dreambench_prompts.strip_identifier("sks backpack on the beach", "sks") == "backpack on the beach"
+    assert dreambench_prompts.strip_identifier("a photo of my sks.", "sks") == "a photo of my."
     # only whole words: "asks" and "sksx" survive
-    assert dreambench.strip_identifier("he asks for a sks sksx dog", "sks") == "he asks for a sksx dog"
+    assert dreambench_prompts.strip_identifier("he asks for a sks sksx dog", "sks") == "he asks for a sksx dog"
 
 
 def test_dreambench_prompts_live_and_object():
-    dog = dreambench.dreambench_prompts("S*", "dog")
-    cat = dreambench.dreambench_prompts("S*", "cat")
-    backpack = dreambench.dreambench_prompts("S*", "backpack")
+    dog = dreambench_prompts.dreambench_prompts("S*", "dog")
+    cat = dreambench_prompts.dreambench_prompts("S*", "cat")
+    backpack = dreambench_prompts.dreambench_prompts("S*", "backpack")
     assert len(dog) == len(cat) == len(backpack) == 25
     assert len(set(backpack)) == 25
     assert dog[0] == "a S* dog in the jungle"
@@ -127,9 +127,9 @@ def test_dreambench_prompts_live_and_object():
     assert sum(p not in backpack for p in as_backpack) == 10  # the live-only accessories and outfits
     assert not any("wearing" in p or "outfit" in p for p in backpack)
     assert "a cube shaped S* backpack" in backpack
-    assert dreambench.dreambench_prompts("S*", "toy", live=True)[10] == "a S* toy wearing a red hat"
-    assert dreambench.LIVE_CLASSES == {"dog", "cat"}
-    assert dreambench.strip_identifier(dog[0], "S*") == "a dog in the jungle"
+    assert dreambench_prompts.dreambench_prompts("S*", "toy", live=True)[10] == "a S* toy wearing a red hat"
+    assert dreambench_prompts.LIVE_CLASSES == {"dog", "cat"}
+    assert dreambench_prompts.strip_identifier(dog[0], "S*") == "a dog in the jungle"
 
 
 # --- 4. DINO uses the CLS token, not the pooler -----------------------------------------------

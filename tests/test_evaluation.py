@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_params, tiny_spec
 from proxytune import stats
-from proxytune.backends import dreambench, encoders
+from proxytune.backends import dreambench_prompts, encoders
 from proxytune.spec.evaluation import GateRule
 from proxytune.stages import evaluate, sampling
 
@@ -113,7 +113,7 @@ def test_gate_rules():
 def test_every_model_sees_the_same_prompts_and_seeds(project):
     params = make_params(project, tiny_spec(evaluation={"num_prompts": 3, "images_per_prompt": 2}))
     prompts = evaluate.eval_prompts(params)
-    assert prompts == dreambench.dreambench_prompts(params.subject.token, "dog")[:3]
+    assert prompts == dreambench_prompts.dreambench_prompts(params.subject.token, "dog")[:3]
     calls = {"teacher": [], "student": []}
     for name in calls:
         sampler = lambda p, s, name=name: calls[name].append((p, s)) or [None] * len(s)  # noqa: E731

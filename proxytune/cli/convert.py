@@ -3,13 +3,11 @@ a style student's adapter)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 from proxytune.cli.common import user_errors
-from proxytune.errors import ProxytuneError
 
 
 @click.group()
@@ -80,21 +78,11 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     """A Lumina-mGPT (Chameleon-format) MODEL, hub id or folder, + Chameleon's VQGAN -> a student folder.
 
     The folder holds the converted VQGAN and names MODEL; the Chameleon weights are not copied."""
-    from proxytune.backends import vqgan
-    from proxytune.files import staged_dir
+    from proxytune.backends import lumina_convert
 
-    if image_size % 32:
-        raise ProxytuneError(f"--image-size {image_size}: must be a multiple of 32 (Lumina-mGPT's size tokens count 32 px steps)")
-    out = Path(out_dir)
-    if out.exists():
-        raise ProxytuneError(f"{out}: already exists; choose a new folder")
-    source = str(Path(model).resolve()) if Path(model).exists() else model
-    meta = {"backend": "lumina-mgpt", "model": source, "vq_decoder": "vq_decoder", "image_size": image_size}
-    if tokenizer:
-        meta["tokenizer"] = str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
-    with staged_dir(out) as tmp:
-        vqgan.convert_file(vqgan_checkpoint, tmp / "vq_decoder", layout="taming", image_size=image_size)
-        (tmp / "proxytune_student.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = lumina_convert.convert_to_student_folder(model, out_dir, vqgan_checkpoint, image_size=image_size,
+                                                    tokenizer=tokenizer)
+    out, source = Path(out_dir), meta["model"]
     click.echo(f"wrote {out} (backend lumina-mgpt, {image_size} px, weights from {source}); use it as student.model")
 
 

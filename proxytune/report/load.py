@@ -1,7 +1,8 @@
 """Reading what the stages wrote into the report's dataclasses (results.py).
 
-The checks here validate the evaluation's JSON files by hand; they are the one place to swap for the
-typed stage-output models (proxytune.outputs) once those exist, without touching the renderings.
+Every file is first parsed by the model its stage wrote it with (proxytune.outputs: one-line errors
+that name the file and the field); the dataclasses then carry the same files as plain mappings, which
+is what the templates read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from proxytune import layout
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_bytes
 from proxytune.images import IMAGE_SUFFIXES
+from proxytune.outputs import load_evaluation, load_style_records, load_subject_records
 from proxytune.report.content import as_mapping
 from proxytune.report.results import Report, StyleResult, SubjectResult
 
@@ -32,11 +34,6 @@ def _read_json(path: Path, required: bool = True):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ProxytuneError(f"{path}: not valid JSON ({err}); re-run `proxytune apply`") from None
-
-
-def _expect(condition: bool, path: Path, what: str) -> None:
-    if not condition:
-        raise ProxytuneError(f"{path}: unexpected content ({what}); re-run `proxytune apply`")
 
 
 def _generated_images(folder: Path) -> dict[str, dict[int, list[Path]]]:
@@ -76,27 +73,19 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: 
     params = params if isinstance(params, dict) else {}
     source, subject = as_mapping(params.get("source")), as_mapping(params.get("subject"))
 
-    metrics_file = eval_dir / layout.METRICS_FILE
-    metrics = _read_json(metrics_file)
-    _expect(isinstance(metrics, dict) and isinstance(metrics.get("models"), dict) and metrics["models"],
-            metrics_file, "no 'models' mapping")
-    for model, values in metrics["models"].items():
-        _expect(isinstance(values, dict), metrics_file, f"models.{model} is not a mapping")
-    prompts = _read_json(eval_dir / "prompts.json")
-    _expect(isinstance(prompts, list) and all(isinstance(p, str) for p in prompts), eval_dir / "prompts.json",
-            "expected a list of prompts")
-    per_prompt = _read_json(eval_dir / "per_prompt.json")
-    _expect(isinstance(per_prompt, dict) and all(isinstance(v, list) for v in per_prompt.values()),
-            eval_dir / "per_prompt.json", "expected {model: [rows]}")
-    variance = _read_json(eval_dir / "variance.json", required=False)
-    _expect(variance is None or isinstance(as_mapping(variance).get("models"), dict), eval_dir / "variance.json",
-            "no 'models' mapping")
+    # every file is checked by the model its stage wrote it with (one-line errors naming file and field);
+    # the renderings read the same files as plain mappings
+    load_evaluation(eval_dir)
+    metrics = _read_json(eval_dir / layout.METRICS_FILE)
+    prompts = _read_json(eval_dir / layout.PROMPTS_FILE)
+    per_prompt = _read_json(eval_dir / layout.PROMPT_SCORES_FILE)
+    variance = _read_json(eval_dir / layout.VARIANCE_FILE, required=False)
     gate = _read_json(eval_dir / layout.GATE_FILE, required=False)
-    _expect(gate is None or isinstance(gate, dict), eval_dir / layout.GATE_FILE, "expected a mapping")
-    encoders = as_mapping(_read_json(eval_dir / "encoders.json", required=False))
+    encoders = as_mapping(_read_json(eval_dir / layout.ENCODERS_FILE, required=False))
 
     upstream = (root / params["upstream_dir"]).resolve() if params.get("upstream_dir") else folder  # a variant's
     student = (root / params["student_dir"]).resolve() if params.get("student_dir") else folder / layout.OUT_DIRS["student"]
+    load_subject_records(upstream, student, eval_dir)  # checked as above
     records = {
         step: as_mapping(_read_json(path, required=False)) or None
         for step, path in (
@@ -161,12 +150,16 @@ def load_style(root: Path, experiment: str, name: str) -> StyleResult:
             match = IMAGE_NAME.match(path.name)
             if match:
                 images.setdefault(model_dir.name, {}).setdefault(int(match.group(1)), []).append(path)
+    if not eval_dir.is_dir():
+        raise ProxytuneError(f"{eval_dir / layout.METRICS_FILE}: missing; run `proxytune apply` on the spec first")
+    load_evaluation(eval_dir)  # checked by the models the style stages wrote them with
+    load_style_records(folder)
     records = {step: _style_json(folder / layout.OUT_DIRS[out] / layout.RECORD_FILE, required=False)
                for step, out in (("teacher", "teacher"), ("curated", "curation"), ("student", "style_student"),
                                  ("eval", "style_evaluate"))}
     return StyleResult(name=name, folder=folder, reference_files=reference_files,
-                       metrics=_style_json(eval_dir / layout.METRICS_FILE), prompts=_style_json(eval_dir / "prompts.json"),
-                       encoders=_style_json(eval_dir / "encoders.json", required=False) or {}, records=records,
+                       metrics=_style_json(eval_dir / layout.METRICS_FILE), prompts=_style_json(eval_dir / layout.PROMPTS_FILE),
+                       encoders=_style_json(eval_dir / layout.ENCODERS_FILE, required=False) or {}, records=records,
                        images=images)
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune import stats
-from proxytune.backends import dreambench, encoders
+from proxytune.backends import dreambench_prompts, encoders
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.outputs import (Bootstrap, EvaluateRecord, EvaluationMetrics, FlatMetrics, Gate, PerPrompt, Prompts,
@@ -51,7 +51,7 @@ VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench se
 def eval_prompts(params: StageParams) -> list[str]:
     evaluation, subject = params.evaluation, params.subject
     if evaluation.prompts == "dreambench":
-        prompts = dreambench.dreambench_prompts(subject.token, subject.class_noun)
+        prompts = dreambench_prompts.dreambench_prompts(subject.token, subject.class_noun)
     elif evaluation.prompts == "toyworld":
         from proxytune.toyworld.subjects import toy_prompts
 
@@ -82,7 +82,7 @@ def sample_variance(sampler, params: StageParams, prompt: str, name: str, batch:
 def per_image_scores(images: list[list], prompts: list[str], token: str, clip, dino, ref_clip, ref_dino) -> dict:
     """(N,) arrays of CLIP-I, CLIP-T and DINO per generated image, prompt-major order."""
     flat = [image for group in images for image in group]
-    texts = [dreambench.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
+    texts = [dreambench_prompts.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
     gen_clip = clip.image_embeds(flat)
     return {
         "clip_i": encoders.per_image_pairwise_cosine(gen_clip, ref_clip).numpy(),
@@ -114,7 +114,7 @@ def oracle_scores(read, images: list[list], prompts: list[str], token: str, subj
     seen = iter(read([image for group in images for image in group]))
     subject_acc, prompt_acc, both = [], [], []
     for prompt, group in zip(prompts, images):
-        text = dreambench.strip_identifier(prompt, token)
+        text = dreambench_prompts.strip_identifier(prompt, token)
         look, asked = distinctive(subject, text), parse_prompt(text)
         for _ in group:
             reading = next(seen)

@@ -18,7 +18,6 @@ direct-full, full/model.safetensors; samples.png; record.json.
 from __future__ import annotations
 
 import argparse
-import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from proxytune import faults, layout
 from proxytune.backends import students
 from proxytune.backends.student_api import sampling_settings
-from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic, write_json_atomic
+from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.outputs import StudentRecord, SynthesisRecord, read_record, write_record
 from proxytune.stages import training
@@ -318,16 +317,14 @@ class StudentTrainer:
             write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.spec.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"
+        model = self.bundle.model
+        lora = model.peft_config[model.active_adapter]  # what peft writes as adapter_config.json
+        lora.base_model_name_or_path = self.spec.model  # as the spec names it (tiny name, hub id, path), not the cache folder
+        if isinstance(lora.target_modules, (set, list)):
+            lora.target_modules = sorted(lora.target_modules)  # peft writes a set as a list in any order
         # LoRA never targets the embeddings (Llama projections only); False also skips peft's check for
         # a base config.json, which student folders lack (it warned and asked the hub, even offline).
-        self.bundle.model.save_pretrained(str(adapter), save_embedding_layers=False)
-        # Name the base model as the spec does (a tiny name, hub id or path), not the cache folder.
-        config_path = adapter / "adapter_config.json"
-        adapter_config = json.loads(config_path.read_text())
-        adapter_config["base_model_name_or_path"] = self.spec.model
-        if isinstance(adapter_config.get("target_modules"), list):  # peft writes a set: order varies per run
-            adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
-        write_json_atomic(config_path, adapter_config)
+        model.save_pretrained(str(adapter), save_embedding_layers=False)
         return adapter / "adapter_model.safetensors"
 
     def save(self, out_dir: Path) -> None:

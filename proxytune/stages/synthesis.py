@@ -133,7 +133,7 @@ def run(params_path: str | Path) -> None:
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
     rank, world = 0, 1
-    if synthesis.processes > 1 and "PROXYTUNE_LAUNCHED" in os.environ:
+    if synthesis.processes > 1 and layout.LAUNCHED_ENV in os.environ:
         from accelerate import PartialState
 
         state = PartialState(cpu=device().type == "cpu")

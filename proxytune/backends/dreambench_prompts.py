@@ -40,17 +40,8 @@ OBJECT_TEMPLATES = (
     "a cube shaped {token} {cls}",
 )
 
-LIVE_TEMPLATES = (
-    "a {token} {cls} in the jungle",
-    "a {token} {cls} in the snow",
-    "a {token} {cls} on the beach",
-    "a {token} {cls} on a cobblestone street",
-    "a {token} {cls} on top of pink fabric",
-    "a {token} {cls} on top of a wooden floor",
-    "a {token} {cls} with a city in the background",
-    "a {token} {cls} with a mountain in the background",
-    "a {token} {cls} with a blue house in the background",
-    "a {token} {cls} on top of a purple rug in a forest",
+# Live subjects share the object list's 10 scenes and 5 property edits; the 10 in between are outfits.
+LIVE_TEMPLATES = OBJECT_TEMPLATES[:10] + (
     "a {token} {cls} wearing a red hat",
     "a {token} {cls} wearing a santa hat",
     "a {token} {cls} wearing a rainbow scarf",
@@ -61,12 +52,7 @@ LIVE_TEMPLATES = (
     "a {token} {cls} wearing pink glasses",
     "a {token} {cls} wearing a yellow shirt",
     "a {token} {cls} in a purple wizard outfit",
-    "a red {token} {cls}",
-    "a purple {token} {cls}",
-    "a shiny {token} {cls}",
-    "a wet {token} {cls}",
-    "a cube shaped {token} {cls}",
-)
+) + OBJECT_TEMPLATES[-5:]
 
 
 def strip_identifier(prompt: str, token: str) -> str:
