@@ -35,6 +35,37 @@ def student_for(project, **student):
     return recipe
 
 
+def _record_step_gradients(recipe) -> list[list[torch.Tensor]]:
+    """The gradient of every trainable tensor as each update computes it (before clipping), one list a step."""
+    steps, clip = [], recipe.accelerator.clip_grad_norm_
+
+    def spy(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        steps.append([p.grad.detach().clone() for p in parameters])
+        return clip(parameters, *args, **kwargs)
+
+    recipe.accelerator.clip_grad_norm_ = spy
+    return steps
+
+
+def assert_same_update_gradient(accumulated: list[torch.Tensor], big: list[torch.Tensor]) -> None:
+    """The first optimiser step's gradients agree to float32 rounding.
+
+    Both runs start from the same weights and see the same examples, so the gradients are the same sum of
+    per-example terms taken in another order (2 x 2 against 4). Reordering a float32 sum changes it by at most
+    about n * 2**-24 of the summed magnitudes; with n a few hundred terms per entry that is under 1e-4 of the
+    largest entry, which is the tolerance. Later steps are not compared entry by entry: Adam divides each
+    entry by its own running magnitude, so a rounding-sized difference in a near-zero gradient becomes a
+    weight difference of the order of the learning rate (issue 31), and from then on the two runs compute at
+    different weights. A broken accumulation is far outside the bound: an undivided loss doubles every entry,
+    and gradients zeroed between micro-batches keep only the last micro-batch's half.
+    """
+    assert len(accumulated) == len(big)
+    scale = max(g.abs().max().item() for g in big)
+    for a, b in zip(accumulated, big):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * scale)
+
+
 def _record_scaled_losses(recipe) -> list[tuple[float, float]]:
     """(loss as computed, loss as backpropagated) of every backward call."""
     seen, backward = [], recipe.accelerator.backward
@@ -91,14 +122,14 @@ def test_fp16_student_scales_its_loss_and_resumes_the_scale(project):
 
 def test_student_accumulation_matches_the_larger_batch(project):
     """Batch 2 x 2 accumulated makes the update of batch 4: one training image and no dropout, so both
-    see the same data, and the gradient norms (before clipping) and weights agree."""
-    from peft.utils import get_peft_model_state_dict
-
+    see the same data, and the first update's gradients and every step's loss and gradient norm agree."""
     same = {"num_proxy_images": 1, "cfg_dropout": 0.0, "dropout": 0.0, "steps": 3, "learning_rate": 1e-2}
     big = student_for(project, batch_size=4, **same)
     big.checkpoint_dir = big.checkpoint_dir.with_name("big")
+    big_grads = _record_step_gradients(big)
     big.train()
     accumulated = student_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
+    accumulated_grads = _record_step_gradients(accumulated)
     calls = []
     micro = accumulated._micro_batch_loss
     accumulated._micro_batch_loss = lambda: calls.append(1) or micro()
@@ -108,8 +139,8 @@ def test_student_accumulation_matches_the_larger_batch(project):
     assert len(calls) == 6  # two micro-batches each
     np.testing.assert_allclose(accumulated.progress.losses, big.progress.losses, rtol=1e-5)
     np.testing.assert_allclose(accumulated.progress.series["grad_norm"], big.progress.series["grad_norm"], rtol=1e-4)
-    a, b = get_peft_model_state_dict(big.bundle.model), get_peft_model_state_dict(accumulated.bundle.model)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert len(accumulated_grads) == len(big_grads) == 3
+    assert_same_update_gradient(accumulated_grads[0], big_grads[0])
 
 
 def test_teacher_accumulation_counts_optimiser_steps(project):
@@ -127,8 +158,6 @@ def test_teacher_accumulation_counts_optimiser_steps(project):
 def test_teacher_accumulation_matches_the_larger_batch(project):
     """Batch 2 x 2 accumulated makes the update of batch 4 when both see the same latents, noise and
     times (drawn here from a fixed pool, row by row, instead of the recipe's generator)."""
-    from proxytune.backends import diffusion
-
     def fixed_draws(recipe):
         g = torch.Generator().manual_seed(5)
         shape = recipe.latent_mean.shape[2:]
@@ -152,16 +181,18 @@ def test_teacher_accumulation_matches_the_larger_batch(project):
     big = teacher_for(project, batch_size=4, **same)
     big.checkpoint_dir = big.checkpoint_dir.with_name("big")
     fixed_draws(big)
+    big_grads = _record_step_gradients(big)
     big.train()
     accumulated = teacher_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
     fixed_draws(accumulated)
+    accumulated_grads = _record_step_gradients(accumulated)
     accumulated.train()
 
     assert accumulated.progress.step == 3 and len(accumulated.progress.losses) == 3
     np.testing.assert_allclose(accumulated.progress.losses, big.progress.losses, rtol=1e-5)
     np.testing.assert_allclose(accumulated.progress.series["grad_norm"], big.progress.series["grad_norm"], rtol=1e-4)
-    a, b = diffusion.lora_state_dict(big.denoiser), diffusion.lora_state_dict(accumulated.denoiser)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert len(accumulated_grads) == len(big_grads) == 3
+    assert_same_update_gradient(accumulated_grads[0], big_grads[0])
 
 
 def test_a_half_written_or_old_layout_checkpoint_is_never_loaded(project, capsys):
