@@ -8,7 +8,12 @@ and refuses, as one line naming the spec file and key:
   LlamaGen layout, Janus, Lumina-mGPT) with its parts, a CLIP or DINO encoder (config.json and weights);
 - a hub id that is neither in the local Hugging Face cache nor reachable on the hub (HF_HUB_OFFLINE set,
   no network, no such repository or file);
-- a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass.
+- a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass;
+- what a model's own config files say that its loader cannot run, read from the folder or, for a hub id, from
+  the local Hugging Face cache (never downloaded): a diffusers folder named as a student or a transformers
+  model named as a teacher, a pipeline class with no proxytune family, Janus-Pro as deepseek-ai releases it
+  (model_type multi_modality: `proxytune convert janus`), a Lumina-mGPT release not yet converted or a
+  Chameleon config whose fields `backends.lumina` cannot load, and a declared dtype proxytune does not run.
 """
 
 from __future__ import annotations
@@ -18,13 +23,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune.backends.student_meta import STUDENT_BACKENDS, STUDENT_META, STUDENT_MODEL_TYPES
+from proxytune.backends.student_meta import (JANUS_CONVERT_FIX, JANUS_ORIGINAL_MODEL_TYPE, STUDENT_BACKENDS,
+                                             STUDENT_META, STUDENT_MODEL_TYPES)
 from proxytune.errors import SpecError
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
 HUB_TIMEOUT_S = 10.0
+RUNNABLE_DTYPES = ("float32", "float16", "bfloat16")  # a config's torch_dtype (dtype in transformers 5) proxytune runs
+# backends.diffusion.FAMILIES' pipeline classes (tests check that the two agree; that module imports torch)
+TEACHER_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+# backends.lumina's names (tests check that they agree): looked up in a Chameleon config's vocabulary_map
+LUMINA_TOKENS = ("<racm3:break>", "<eoss>", "<reserved08799>", "<reserved08706>")
+LUMINA_SIZE_BASE, LUMINA_SIZE_UNIT = 8800, 32  # <reserved{8800 + pixels / 32}>
+LUMINA_VQ_FACTOR = 16
 
 
 class ModelProblem(Exception):
@@ -103,6 +116,7 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
         problem = hub_problem(ref, HUB_FILES[role], revision)
         if problem:
             raise ModelProblem(f"hub id {ref!r}{f' (revision {revision})' if revision else ''} {problem}")
+        HUB_CHECKS[role](ref, revision)
         return
     other = sorted(r for r, names in BUILTINS.items() if ref in names and r != role)
     named = f" ({ref!r} is a {other[0]} model)" if other else ""
@@ -150,8 +164,9 @@ def check_pipeline_folder(folder: Path, root: Path) -> None:
     """A diffusers pipeline: model_index.json and every component folder it lists, each with its files."""
     index = _read_json(folder / "model_index.json")
     if index is None:
-        raise ModelProblem(f"{folder} has no model_index.json: not a diffusers pipeline folder "
+        raise ModelProblem(f"{folder} has no model_index.json: not a diffusers pipeline folder{_what_it_is(folder)} "
                            "(save one with `pipeline.save_pretrained`)")
+    check_pipeline_index(index, str(folder / "model_index.json"))
     for name, value in sorted(index.items()):
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
             continue  # metadata, or an optional component the pipeline goes without
@@ -160,6 +175,19 @@ def check_pipeline_folder(folder: Path, root: Path) -> None:
             raise ModelProblem(f"{folder}: model_index.json lists {name} ({value[1]}) but {name}/ is missing or empty")
         if (part / "config.json").is_file() and not _has_weights(part):
             raise ModelProblem(f"{part} has config.json but no weights (*.safetensors, *.bin)")
+        config = _read_json(part / "config.json")
+        if config is not None:
+            check_dtype(config, str(part / "config.json"))
+
+
+def _what_it_is(folder: Path) -> str:
+    """What a folder without model_index.json holds instead, when its files say (for the teacher's error)."""
+    if (folder / STUDENT_META).is_file():
+        return f" ({STUDENT_META}: an AR student, name it as student.model)"
+    config = _read_json(folder / "config.json")
+    if config is not None and config.get("model_type"):
+        return f" (config.json: a transformers {config['model_type']!r} model, not a text-to-image pipeline)"
+    return ""
 
 
 def _check_part(folder: Path, meta: dict, name: str, kind: str, root: Path) -> None:
@@ -190,16 +218,10 @@ def check_student_folder(folder: Path, root: Path) -> None:
     """A student folder in a layout `backends.students.detect_backend` recognises, with the parts its loader reads."""
     meta = _read_json(folder / STUDENT_META)
     config = _read_json(folder / "config.json")
-    backend = (meta or {}).get("backend")
-    if backend is not None and backend not in STUDENT_BACKENDS:
-        raise ModelProblem(f"{folder / STUDENT_META}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
-    if backend is None and config is not None:
-        backend = STUDENT_MODEL_TYPES.get(config.get("model_type"))
-        if backend is None:
-            raise ModelProblem(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is not an AR student "
-                               f"proxytune trains (janus, chameleon), and there is no {STUDENT_META} naming a backend")
-    if backend is None and meta is not None:
-        backend = "llamagen"
+    if meta is None and config is None and (folder / "model_index.json").is_file():
+        raise ModelProblem(f"{folder / 'model_index.json'}: a diffusers pipeline (a teacher), not an AR student: "
+                           "name it as teacher.model")
+    backend = student_backend(meta, config, str(folder), str(folder / STUDENT_META), str(folder / "config.json"))
     if backend is None:
         raise ModelProblem(f"{folder} has neither {STUDENT_META} nor config.json: not a student model folder")
     meta = meta or {}
@@ -220,14 +242,163 @@ def check_student_folder(folder: Path, root: Path) -> None:
         for name, kind in (("model", "weights"), ("tokenizer", "tokenizer")):
             meta_part = {name: meta.get(name, meta.get("model", "."))}
             _check_part(folder, meta_part, name, kind, root)
+        _check_lumina_weights_config(folder, meta)
+
+
+def _check_lumina_weights_config(folder: Path, meta: dict) -> None:
+    """The Chameleon config.json of a converted Lumina-mGPT folder's weights: beside it, or cached for a hub id."""
+    source = meta.get("model", ".")
+    if (folder / source).is_dir():
+        where = folder / source / "config.json"
+        config, label = _read_json(where), str(where)
+    else:
+        config, label = _cached_json(source, "config.json", None)
+    if config is not None:
+        check_chameleon_config(config, label, meta.get("image_size"))
 
 
 def check_encoder_folder(folder: Path, root: Path) -> None:
     _check_weights_folder(folder, "transformers encoder")
+    check_dtype(_read_json(folder / "config.json") or {}, str(folder / "config.json"))
 
 
 LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_encoder_folder,
                 "dino": check_encoder_folder}
+
+
+# -- what the config files say --------------------------------------------------------------------
+def check_dtype(config: dict, label: str) -> None:
+    """A declared torch_dtype (transformers 5 writes `dtype`), top level or in a sub-config, that proxytune runs."""
+    subconfigs = ((f"{k}.", v) for k, v in sorted(config.items()) if k.endswith("config") and isinstance(v, dict))
+    for where, part in (("", config), *subconfigs):
+        for key in ("torch_dtype", "dtype"):
+            value = part.get(key)
+            if value is not None and value not in RUNNABLE_DTYPES:
+                raise ModelProblem(f"{label}: {where}{key} {value!r} is not a dtype proxytune runs "
+                                   f"({', '.join(RUNNABLE_DTYPES)}): save the model in one of them")
+
+
+def check_pipeline_index(index: dict, label: str) -> None:
+    """A model_index.json whose pipeline class has a proxytune teacher family."""
+    name = index.get("_class_name")
+    if name not in TEACHER_PIPELINES:
+        raise ModelProblem(f"{label}: pipeline class {name!r} has no proxytune teacher family (supported: "
+                           f"{', '.join(TEACHER_PIPELINES)}): name an SD 1.5, SDXL, SD3 or FLUX pipeline")
+
+
+def student_backend(meta: dict | None, config: dict | None, model: str, meta_label: str, config_label: str) -> str | None:
+    """The backend a student's proxytune_student.json / config.json name, as `students.detect_backend` reads them;
+    None when there is neither. Raises ModelProblem for a layout proxytune cannot load."""
+    backend = (meta or {}).get("backend")
+    if backend is not None and backend not in STUDENT_BACKENDS:
+        raise ModelProblem(f"{meta_label}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
+    if config is not None:
+        check_dtype(config, config_label)
+    if backend is None and config is not None:
+        model_type = config.get("model_type")
+        if model_type == JANUS_ORIGINAL_MODEL_TYPE:
+            raise ModelProblem(f"{config_label}: {JANUS_CONVERT_FIX.format(src=model)}")
+        backend = STUDENT_MODEL_TYPES.get(model_type)
+        if backend is None:
+            raise ModelProblem(f"{config_label}: model_type {model_type!r} is not an AR student proxytune trains "
+                               f"(janus, chameleon), and there is no {STUDENT_META} naming a backend")
+        if backend == "lumina-mgpt":
+            check_chameleon_config(config, config_label, (meta or {}).get("image_size"))
+            if meta is None:
+                raise ModelProblem(f"{config_label}: a Lumina-mGPT (Chameleon) checkpoint as released, without the VQ "
+                                   f"decoder proxytune needs: convert it once with `proxytune convert lumina-mgpt {model} "
+                                   "OUT --vqgan vqgan.ckpt --image-size N` and name OUT as student.model")
+    if backend is None and meta is not None:
+        backend = "llamagen"
+    return backend
+
+
+def lumina_image_token(code: int) -> str:
+    """Chameleon's vocabulary_map name of image code `code` (as backends.lumina.image_token_name)."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
+
+
+def check_chameleon_config(config: dict, label: str, image_size=None) -> None:
+    """The fields of a Lumina-mGPT / Chameleon config.json that `backends.lumina` needs (defaults as ChameleonConfig's).
+
+    Lumina-mGPT's q/k norms hold one (head_dim) row per model-parallel rank, repeated over that rank's heads, so
+    model_parallel_size must divide the query and the key/value heads.
+    """
+    vq = config.get("vq_config") or {}
+    factor = 2 ** (len(vq.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
+    if factor != LUMINA_VQ_FACTOR:
+        raise ModelProblem(f"{label}: vq_config.channel_multiplier gives an x{factor} VQ; Lumina-mGPT's size tokens "
+                           f"need Chameleon's x{LUMINA_VQ_FACTOR} (channel_multiplier of 5 levels)")
+    heads = config.get("num_attention_heads", 32)
+    kv_heads = config.get("num_key_value_heads") or heads
+    parallel = config.get("model_parallel_size", 1)
+    if not isinstance(parallel, int) or parallel < 1 or heads % parallel or kv_heads % parallel:
+        raise ModelProblem(f"{label}: model_parallel_size {parallel!r} does not divide num_attention_heads {heads} and "
+                           f"num_key_value_heads {kv_heads} (its q/k norms hold one row per model-parallel rank)")
+    vocab = config.get("vocabulary_map")
+    if not isinstance(vocab, dict) or not vocab:
+        raise ModelProblem(f"{label}: no vocabulary_map: proxytune finds Lumina-mGPT's image, size and turn tokens by "
+                           "name in it (the released config.json holds Chameleon's whole map)")
+    wanted = list(LUMINA_TOKENS)
+    if isinstance(image_size, int):
+        if image_size % LUMINA_SIZE_UNIT:
+            raise ModelProblem(f"{label}: image_size {image_size} is not a multiple of {LUMINA_SIZE_UNIT} px "
+                               "(Lumina-mGPT's size tokens count 32 px steps)")
+        wanted.append(f"<reserved{LUMINA_SIZE_BASE + image_size // LUMINA_SIZE_UNIT:05d}>")
+    wanted += [lumina_image_token(code) for code in range(int(vq.get("num_embeddings", 8192)))]
+    missing = [name for name in wanted if name not in vocab]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelProblem(f"{label}: vocabulary_map lacks {', '.join(missing[:3])}{more} (Lumina-mGPT's tokens; "
+                           "use the config.json the checkpoint was released with)")
+
+
+# -- hub ids: what the local cache holds (never downloaded) ------------------------------------------
+def _cached_json(repo: str, name: str, revision: str | None) -> tuple[dict | None, str]:
+    """A hub repository's JSON file when the local cache holds it (else None), and how to name it in an error."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of diffusers and transformers
+        return None, name
+    if not _HUB_ID.match(repo):
+        return None, name
+    path = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir(), revision=revision)
+    label = f"hub id {repo!r}: {name} (cached at {path})"
+    if not isinstance(path, str):
+        return None, label
+    try:
+        return _read_json(Path(path)), label
+    except ModelProblem as problem:
+        raise ModelProblem(f"hub id {repo!r}: {problem}") from None
+
+
+def check_hub_teacher(repo: str, revision: str | None) -> None:
+    index, label = _cached_json(repo, "model_index.json", revision)
+    if index is not None:
+        check_pipeline_index(index, label)
+
+
+def check_hub_student(repo: str, revision: str | None) -> None:
+    meta, meta_label = _cached_json(repo, STUDENT_META, revision)
+    config, config_label = _cached_json(repo, "config.json", revision)
+    if meta is None and config is None:
+        if _cached_json(repo, "model_index.json", revision)[0] is not None:
+            raise ModelProblem(f"hub id {repo!r}: model_index.json: a diffusers pipeline (a teacher), not an AR student: "
+                               "name it as teacher.model")
+        return  # reachable on the hub but not cached: the stage downloads and checks it
+    if config is not None and meta is None and config.get("_class_name"):
+        raise ModelProblem(f"{config_label}: a diffusers model, not an AR student")
+    student_backend(meta, config, repo, meta_label, config_label)
+
+
+def check_hub_encoder(repo: str, revision: str | None) -> None:
+    config, label = _cached_json(repo, "config.json", revision)
+    if config is not None:
+        check_dtype(config, label)
+
+
+HUB_CHECKS = {"teacher": check_hub_teacher, "student": check_hub_student, "clip": check_hub_encoder,
+              "dino": check_hub_encoder}
 
 
 # -- hub ids ---------------------------------------------------------------------------------------
