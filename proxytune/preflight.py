@@ -254,6 +254,7 @@ def _check_lumina_weights_config(folder: Path, meta: dict) -> None:
     else:
         config, label = _cached_json(source, "config.json", None)
     if config is not None:
+        check_dtype(config, label)
         check_chameleon_config(config, label, meta.get("image_size"))
 
 
