@@ -103,8 +103,12 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
     if local.is_dir():
         try:
             LOCAL_CHECKS[role](local.resolve(strict=True), root)
+        except ModelProblem:
+            raise
         except (OSError, RuntimeError) as err:  # a folder we may not enter, a symlink loop inside
             raise ModelProblem(f"{local}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        except Exception as err:  # a config field of a type no check foresaw: still one line
+            raise ModelProblem(f"{local}: {_unexpected(err)}") from None
         return
     if ref.startswith(("/", ".", "~")):
         if local.is_symlink() and not local.exists():
@@ -116,12 +120,22 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
         problem = hub_problem(ref, HUB_FILES[role], revision)
         if problem:
             raise ModelProblem(f"hub id {ref!r}{f' (revision {revision})' if revision else ''} {problem}")
-        HUB_CHECKS[role](ref, revision)
+        try:
+            HUB_CHECKS[role](ref, revision)
+        except ModelProblem:
+            raise
+        except Exception as err:
+            raise ModelProblem(f"hub id {ref!r} (local cache): {_unexpected(err)}") from None
         return
     other = sorted(r for r, names in BUILTINS.items() if ref in names and r != role)
     named = f" ({ref!r} is a {other[0]} model)" if other else ""
     raise ModelProblem(f"unknown {role} model {ref!r}{named}: use a built-in ({', '.join(BUILTINS[role])}), "
                        "a local folder or a hub id 'org/name'")
+
+
+def _unexpected(err: Exception) -> str:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"its config files hold a field proxytune cannot read ({err.__class__.__name__}: {first})"
 
 
 # -- local folders ---------------------------------------------------------------------------------
@@ -293,13 +307,13 @@ def student_backend(meta: dict | None, config: dict | None, model: str, meta_lab
     backend = (meta or {}).get("backend")
     if backend is not None and backend not in STUDENT_BACKENDS:
         raise ModelProblem(f"{meta_label}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
+    model_type = (config or {}).get("model_type")
+    if model_type == JANUS_ORIGINAL_MODEL_TYPE:  # whatever a proxytune_student.json beside it says
+        raise ModelProblem(f"{config_label}: {JANUS_CONVERT_FIX.format(src=model)}")
     if config is not None:
         check_dtype(config, config_label)
     if backend is None and config is not None:
-        model_type = config.get("model_type")
-        if model_type == JANUS_ORIGINAL_MODEL_TYPE:
-            raise ModelProblem(f"{config_label}: {JANUS_CONVERT_FIX.format(src=model)}")
-        backend = STUDENT_MODEL_TYPES.get(model_type)
+        backend = STUDENT_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
         if backend is None:
             raise ModelProblem(f"{config_label}: model_type {model_type!r} is not an AR student proxytune trains "
                                f"(janus, chameleon), and there is no {STUDENT_META} naming a backend")
@@ -326,14 +340,20 @@ def check_chameleon_config(config: dict, label: str, image_size=None) -> None:
     model_parallel_size must divide the query and the key/value heads.
     """
     vq = config.get("vq_config") or {}
-    factor = 2 ** (len(vq.get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
+    levels = vq.get("channel_multiplier", [1, 1, 2, 2, 4]) if isinstance(vq, dict) else None
+    if not isinstance(levels, list):
+        raise ModelProblem(f"{label}: vq_config must be an object with a channel_multiplier list (ChameleonVQVAEConfig)")
+    factor = 2 ** (len(levels) - 1)
     if factor != LUMINA_VQ_FACTOR:
         raise ModelProblem(f"{label}: vq_config.channel_multiplier gives an x{factor} VQ; Lumina-mGPT's size tokens "
                            f"need Chameleon's x{LUMINA_VQ_FACTOR} (channel_multiplier of 5 levels)")
     heads = config.get("num_attention_heads", 32)
     kv_heads = config.get("num_key_value_heads") or heads
     parallel = config.get("model_parallel_size", 1)
-    if not isinstance(parallel, int) or parallel < 1 or heads % parallel or kv_heads % parallel:
+    if not all(isinstance(n, int) and n >= 1 for n in (heads, kv_heads, parallel)):
+        raise ModelProblem(f"{label}: num_attention_heads {heads!r}, num_key_value_heads {kv_heads!r} and "
+                           f"model_parallel_size {parallel!r} must be positive integers")
+    if heads % parallel or kv_heads % parallel:
         raise ModelProblem(f"{label}: model_parallel_size {parallel!r} does not divide num_attention_heads {heads} and "
                            f"num_key_value_heads {kv_heads} (its q/k norms hold one row per model-parallel rank)")
     vocab = config.get("vocabulary_map")
@@ -346,8 +366,12 @@ def check_chameleon_config(config: dict, label: str, image_size=None) -> None:
             raise ModelProblem(f"{label}: image_size {image_size} is not a multiple of {LUMINA_SIZE_UNIT} px "
                                "(Lumina-mGPT's size tokens count 32 px steps)")
         wanted.append(f"<reserved{LUMINA_SIZE_BASE + image_size // LUMINA_SIZE_UNIT:05d}>")
-    wanted += [lumina_image_token(code) for code in range(int(vq.get("num_embeddings", 8192)))]
-    missing = [name for name in wanted if name not in vocab]
+    codes = vq.get("num_embeddings", 8192)
+    if not isinstance(codes, int) or codes < 1:
+        raise ModelProblem(f"{label}: vq_config.num_embeddings {codes!r} is not a codebook size")
+    if codes <= len(vocab):  # else the codes' tokens cannot all be there: counted, not listed
+        wanted += [lumina_image_token(code) for code in range(codes)]
+    missing = [name for name in wanted if name not in vocab] + [f"IMGIMG tokens of {codes} codes"] * (codes > len(vocab))
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelProblem(f"{label}: vocabulary_map lacks {', '.join(missing[:3])}{more} (Lumina-mGPT's tokens; "

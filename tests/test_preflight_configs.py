@@ -126,7 +126,7 @@ def test_lumina_release_folder_needs_the_conversion(project):
     ({"num_key_value_heads": 6, "model_parallel_size": 4}, ("num_key_value_heads 6",)),
     ({"vq_config": {"channel_multiplier": [1, 2, 2, 4], "num_embeddings": 8192}}, ("an x8 VQ",)),
     ({"vocabulary_map": None}, ("no vocabulary_map",)),
-    ({"vocabulary_map": {"<s>": 0, "<racm3:break>": 1}}, ("vocabulary_map lacks <eoss>, <reserved08799>, <reserved08706> and 8193 more",)),
+    ({"vocabulary_map": {"<s>": 0, "<racm3:break>": 1}}, ("vocabulary_map lacks <eoss>, <reserved08799>, <reserved08706> and 2 more",)),
     ({"torch_dtype": "float8_e4m3fn"}, ("torch_dtype 'float8_e4m3fn' is not a dtype proxytune runs",)),
 ])
 def test_converted_lumina_with_fields_lumina_cannot_load(project, changes, words):
@@ -242,3 +242,33 @@ def test_names_agree_with_the_loaders():
     assert preflight.LUMINA_TOKENS == (lumina.IMAGE_START, lumina.IMAGE_END, lumina.ROW_END, lumina.END_OF_TURN)
     assert (preflight.LUMINA_SIZE_BASE, preflight.LUMINA_SIZE_UNIT) == (lumina.SIZE_BASE, lumina.SIZE_UNIT)
     assert all(preflight.lumina_image_token(c) == lumina.image_token_name(c) for c in (0, 7, 10, 8191))
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"model_type": ["janus"]}, ("model_type ['janus'] is not an AR student",)),
+    (lumina_config(vq_config=[1, 2]), ("vq_config must be an object",)),
+    (lumina_config(num_attention_heads="32"), ("num_attention_heads '32', num_key_value_heads 32", "positive integers")),
+    (lumina_config(vq_config={"num_embeddings": 10**9}), ("vocabulary_map lacks IMGIMG tokens of 1000000000 codes",)),
+    (lumina_config(vq_config={"num_embeddings": "8192"}), ("vq_config.num_embeddings '8192' is not a codebook size",)),
+    (lumina_config(vocabulary_map=[("<s>", 0)]), ("no vocabulary_map",)),
+])
+def test_config_fields_of_the_wrong_type_are_one_line(project, config, words):
+    """Hand-edited or truncated configs: a field of another type is refused like a wrong value, never a traceback."""
+    folder = fake_weights_folder(project / "models" / "student", config)
+    (folder / "tokenizer_config.json").write_text("{}")
+    if config.get("model_type") == "chameleon":
+        converted_lumina(folder, ".")
+    path = write_spec(project, student={"model": "./models/student"})
+    refused(project, path, "student.model", "models/student/config.json", *words)
+
+
+def test_any_other_failure_of_a_check_is_one_line(project, monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("vq_config")
+
+    monkeypatch.setattr(preflight, "check_chameleon_config", broken)
+    release = lumina_release_folder(project / "models" / "release", lumina_config())
+    converted_lumina(project / "models" / "student", str(release))
+    path = write_spec(project, student={"model": "./models/student"})
+    refused(project, path, "student.model", "models/student: its config files hold a field proxytune cannot read "
+            "(KeyError: 'vq_config')")
