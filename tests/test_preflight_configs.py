@@ -12,11 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from proxytune import preflight
+from proxytune import model_configs, preflight
 from proxytune.backends.student_meta import JANUS_CONVERT_FIX
-from proxytune.cli import main
 from test_model_preflight import cache_repo, fake_pipeline, fake_weights_folder, offline_hub, refused, write_spec  # noqa: F401
 
 # deepseek-ai/Janus-Pro-7B's config.json fields as the Janus repository's MultiModalityConfig reads them
@@ -238,10 +236,10 @@ def test_converted_lumina_releases_pass(project, offline_hub):
 def test_names_agree_with_the_loaders():
     from proxytune.backends import diffusion, lumina
 
-    assert preflight.TEACHER_PIPELINES == tuple(diffusion.FAMILIES)
-    assert preflight.LUMINA_TOKENS == (lumina.IMAGE_START, lumina.IMAGE_END, lumina.ROW_END, lumina.END_OF_TURN)
-    assert (preflight.LUMINA_SIZE_BASE, preflight.LUMINA_SIZE_UNIT) == (lumina.SIZE_BASE, lumina.SIZE_UNIT)
-    assert all(preflight.lumina_image_token(c) == lumina.image_token_name(c) for c in (0, 7, 10, 8191))
+    assert model_configs.TEACHER_PIPELINES == tuple(diffusion.FAMILIES)
+    assert model_configs.LUMINA_TOKENS == (lumina.IMAGE_START, lumina.IMAGE_END, lumina.ROW_END, lumina.END_OF_TURN)
+    assert (model_configs.LUMINA_SIZE_BASE, model_configs.LUMINA_SIZE_UNIT) == (lumina.SIZE_BASE, lumina.SIZE_UNIT)
+    assert all(model_configs.lumina_image_token(c) == lumina.image_token_name(c) for c in (0, 7, 10, 8191))
 
 
 @pytest.mark.parametrize("config,words", [
