@@ -18,6 +18,9 @@ TEACHER_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "St
 LUMINA_TOKENS = ("<racm3:break>", "<eoss>", "<reserved08799>", "<reserved08706>")
 LUMINA_SIZE_BASE, LUMINA_SIZE_UNIT = 8800, 32  # <reserved{8800 + pixels / 32}>
 LUMINA_VQ_FACTOR = 16
+# backends.encoders loads CLIP with CLIPModel and DINO with ViTModel: the config.json model_type each reads
+ENCODER_MODEL_TYPES = {"clip": ("clip", "CLIPModel", "openai/clip-vit-base-patch32"),
+                       "dino": ("vit", "ViTModel", "facebook/dino-vits16")}
 
 
 class ModelProblem(Exception):
@@ -33,6 +36,20 @@ def check_dtype(config: dict, label: str) -> None:
             if value is not None and value not in RUNNABLE_DTYPES:
                 raise ModelProblem(f"{label}: {where}{key} {value!r} is not a dtype proxytune runs "
                                    f"({', '.join(RUNNABLE_DTYPES)}): save the model in one of them")
+
+
+def check_encoder_config(config: dict, label: str, role: str) -> None:
+    """A CLIP / DINO config.json of the model type its loader reads, in a dtype proxytune runs.
+
+    transformers loads another model type's checkpoint into CLIPModel / ViTModel with only a warning and
+    random weights where the names differ (a DINOv2 as ViTModel), so the scores would be noise.
+    """
+    model_type = config.get("model_type")
+    wanted, cls, example = ENCODER_MODEL_TYPES[role]
+    if model_type is not None and model_type != wanted:
+        raise ModelProblem(f"{label}: model_type {model_type!r}: proxytune loads the {role} encoder as {cls} "
+                           f"(model_type {wanted!r}), e.g. {example}")
+    check_dtype(config, label)
 
 
 def check_pipeline_index(index: dict, label: str) -> None:

@@ -13,7 +13,8 @@ and refuses, as one line naming the spec file and key:
   the local Hugging Face cache (never downloaded): a diffusers folder named as a student or a transformers
   model named as a teacher, a pipeline class with no proxytune family, Janus-Pro as deepseek-ai releases it
   (model_type multi_modality: `proxytune convert janus`), a Lumina-mGPT release not yet converted or a
-  Chameleon config whose fields `backends.lumina` cannot load, and a declared dtype proxytune does not run.
+  Chameleon config whose fields `backends.lumina` cannot load, a CLIP / DINO config of another model type than
+  CLIPModel / ViTModel read, and a declared dtype proxytune does not run (checks: `model_configs`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from proxytune.backends.student_meta import STUDENT_META
-from proxytune.model_configs import (ModelProblem, check_chameleon_config, check_dtype, check_pipeline_index,
-                                     student_backend)
+from proxytune.model_configs import (ModelProblem, check_chameleon_config, check_dtype, check_encoder_config,
+                                     check_pipeline_index, student_backend)
 from proxytune.errors import SpecError
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
 
@@ -262,13 +263,18 @@ def _check_lumina_weights_config(folder: Path, meta: dict) -> None:
         check_chameleon_config(config, label, meta.get("image_size"))
 
 
-def check_encoder_folder(folder: Path, root: Path) -> None:
+def check_clip_folder(folder: Path, root: Path) -> None:
     _check_weights_folder(folder, "transformers encoder")
-    check_dtype(_read_json(folder / "config.json") or {}, str(folder / "config.json"))
+    check_encoder_config(_read_json(folder / "config.json") or {}, str(folder / "config.json"), "clip")
 
 
-LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_encoder_folder,
-                "dino": check_encoder_folder}
+def check_dino_folder(folder: Path, root: Path) -> None:
+    _check_weights_folder(folder, "transformers encoder")
+    check_encoder_config(_read_json(folder / "config.json") or {}, str(folder / "config.json"), "dino")
+
+
+LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_clip_folder,
+                "dino": check_dino_folder}
 
 
 # -- hub ids: what the local cache holds (never downloaded) ------------------------------------------
@@ -309,14 +315,17 @@ def check_hub_student(repo: str, revision: str | None) -> None:
     student_backend(meta, config, repo, meta_label, config_label)
 
 
-def check_hub_encoder(repo: str, revision: str | None) -> None:
-    config, label = _cached_json(repo, "config.json", revision)
-    if config is not None:
-        check_dtype(config, label)
+def _hub_encoder_check(role: str):
+    def check(repo: str, revision: str | None) -> None:
+        config, label = _cached_json(repo, "config.json", revision)
+        if config is not None:
+            check_encoder_config(config, label, role)
+
+    return check
 
 
-HUB_CHECKS = {"teacher": check_hub_teacher, "student": check_hub_student, "clip": check_hub_encoder,
-              "dino": check_hub_encoder}
+HUB_CHECKS = {"teacher": check_hub_teacher, "student": check_hub_student, "clip": _hub_encoder_check("clip"),
+              "dino": _hub_encoder_check("dino")}
 
 
 # -- hub ids ---------------------------------------------------------------------------------------

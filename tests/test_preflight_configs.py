@@ -270,3 +270,20 @@ def test_any_other_failure_of_a_check_is_one_line(project, monkeypatch):
     path = write_spec(project, student={"model": "./models/student"})
     refused(project, path, "student.model", "models/student: its config files hold a field proxytune cannot read "
             "(KeyError: 'vq_config')")
+
+
+# -- encoders ----------------------------------------------------------------------------------------------
+def test_a_dinov2_named_as_the_dino_encoder(project, offline_hub):
+    """ViTModel would load a DINOv2 checkpoint with a warning and random weights: refused up front."""
+    cache_repo(offline_hub, "facebook/dinov2-base", {"config.json": json.dumps(
+        {"architectures": ["Dinov2Model"], "model_type": "dinov2", "torch_dtype": "float32"})})
+    path = write_spec(project, evaluation={"dino_model": "facebook/dinov2-base"})
+    refused(project, path, "evaluation.dino_model", "hub id 'facebook/dinov2-base': config.json (cached at ",
+            "model_type 'dinov2': proxytune loads the dino encoder as ViTModel (model_type 'vit')")
+
+
+def test_a_siglip_folder_named_as_the_clip_encoder(project):
+    fake_weights_folder(project / "models" / "siglip", {"architectures": ["SiglipModel"], "model_type": "siglip"})
+    path = write_spec(project, evaluation={"clip_model": "./models/siglip"})
+    refused(project, path, "evaluation.clip_model", "siglip/config.json: model_type 'siglip'", "as CLIPModel",
+            "e.g. openai/clip-vit-base-patch32")
