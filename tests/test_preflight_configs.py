@@ -212,6 +212,12 @@ def test_a_model_index_that_is_not_json(project):
     refused(project, path, "teacher.model", "sd/model_index.json: not valid JSON")
 
 
+def test_a_cached_model_index_that_is_not_json(project, offline_hub):
+    cache_repo(offline_hub, "org/half-downloaded", {"model_index.json": '{"_class_name": "FluxPipe'})
+    path = write_spec(project, teacher={"model": "org/half-downloaded"})
+    refused(project, path, "teacher.model", "hub id 'org/half-downloaded': ", "model_index.json: not valid JSON")
+
+
 # -- accepted: the releases' own configs -----------------------------------------------------------------
 @pytest.mark.parametrize("cls,dtype", [("StableDiffusionPipeline", "float32"), ("StableDiffusionXLPipeline", "float16"),
                                        ("StableDiffusion3Pipeline", "float16"), ("FluxPipeline", "bfloat16")])
