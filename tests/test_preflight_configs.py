@@ -112,6 +112,15 @@ def test_janus_pro_in_the_hub_cache_is_refused_offline(project, offline_hub):
             "`proxytune convert janus deepseek-ai/Janus-Pro-1B OUT`")
 
 
+@pytest.mark.parametrize("size", [512, 768, 1024])
+def test_lumina_release_hub_ids_need_the_conversion(project, offline_hub, size):
+    repo = f"Alpha-VLLM/Lumina-mGPT-7B-{size}"
+    cache_repo(offline_hub, repo, {"config.json": json.dumps(lumina_config()), "generation_config.json": "{}"})
+    path = write_spec(project, student={"model": repo})
+    refused(project, path, "student.model", f"hub id '{repo}': config.json (cached at ",
+            f"`proxytune convert lumina-mgpt {repo} OUT --vqgan vqgan.ckpt --image-size N`")
+
+
 def test_lumina_release_folder_needs_the_conversion(project):
     lumina_release_folder(project / "models" / "Lumina-mGPT-7B-768", lumina_config())
     path = write_spec(project, student={"model": "./models/Lumina-mGPT-7B-768"})
@@ -227,6 +236,18 @@ def test_release_pipelines_pass(tmp_path, cls, dtype):
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": cls}))
     (folder / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "clip_text_model", "torch_dtype": dtype}))
     preflight.check_model(str(folder), "teacher", tmp_path)
+
+
+def test_janus_pro_in_transformers_layout_passes(project, offline_hub):
+    """deepseek-community/Janus-Pro-*: transformers' own `janus` layout, bf16 sub-configs (as its converter writes)."""
+    config = {"architectures": ["JanusForConditionalGeneration"], "model_type": "janus", "torch_dtype": "bfloat16",
+              "text_config": {"model_type": "llama", "torch_dtype": "bfloat16"},
+              "vision_config": {"model_type": "janus_vision_model"}, "vq_config": {"model_type": "janus_vqgan"}}
+    folder = fake_weights_folder(project / "models" / "janus", config)
+    (folder / "tokenizer_config.json").write_text("{}")
+    preflight.check_model(str(folder), "student", project)
+    cache_repo(offline_hub, "deepseek-community/Janus-Pro-1B", {"config.json": json.dumps(config)})
+    preflight.check_model("deepseek-community/Janus-Pro-1B", "student", project)
 
 
 def test_converted_lumina_releases_pass(project, offline_hub):
