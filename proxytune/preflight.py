@@ -8,7 +8,13 @@ and refuses, as one line naming the spec file and key:
   LlamaGen layout, Janus, Lumina-mGPT) with its parts, a CLIP or DINO encoder (config.json and weights);
 - a hub id that is neither in the local Hugging Face cache nor reachable on the hub (HF_HUB_OFFLINE set,
   no network, no such repository or file);
-- a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass.
+- a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass;
+- what a model's own config files say that its loader cannot run, read from the folder or, for a hub id, from
+  the local Hugging Face cache (never downloaded): a diffusers folder named as a student or a transformers
+  model named as a teacher, a pipeline class with no proxytune family, Janus-Pro as deepseek-ai releases it
+  (model_type multi_modality: `proxytune convert janus`), a Lumina-mGPT release not yet converted or a
+  Chameleon config whose fields `backends.lumina` cannot load, a CLIP / DINO config of another model type than
+  CLIPModel / ViTModel read, and a declared dtype proxytune does not run (checks: `model_configs`).
 """
 
 from __future__ import annotations
@@ -18,17 +24,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune.backends.student_meta import STUDENT_BACKENDS, STUDENT_META, STUDENT_MODEL_TYPES
+from proxytune.backends.student_meta import STUDENT_META
+from proxytune.model_configs import (ModelProblem, check_chameleon_config, check_dtype, check_encoder_config,
+                                     check_pipeline_index, student_backend)
 from proxytune.errors import SpecError
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
 HUB_TIMEOUT_S = 10.0
-
-
-class ModelProblem(Exception):
-    """What is wrong with one model reference (the caller adds the spec file and key)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +94,12 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
     if local.is_dir():
         try:
             LOCAL_CHECKS[role](local.resolve(strict=True), root)
+        except ModelProblem:
+            raise
         except (OSError, RuntimeError) as err:  # a folder we may not enter, a symlink loop inside
             raise ModelProblem(f"{local}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        except Exception as err:  # a config field of a type no check foresaw: still one line
+            raise ModelProblem(f"{local}: {_unexpected(err)}") from None
         return
     if ref.startswith(("/", ".", "~")):
         if local.is_symlink() and not local.exists():
@@ -103,11 +111,22 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
         problem = hub_problem(ref, HUB_FILES[role], revision)
         if problem:
             raise ModelProblem(f"hub id {ref!r}{f' (revision {revision})' if revision else ''} {problem}")
+        try:
+            HUB_CHECKS[role](ref, revision)
+        except ModelProblem:
+            raise
+        except Exception as err:
+            raise ModelProblem(f"hub id {ref!r} (local cache): {_unexpected(err)}") from None
         return
     other = sorted(r for r, names in BUILTINS.items() if ref in names and r != role)
     named = f" ({ref!r} is a {other[0]} model)" if other else ""
     raise ModelProblem(f"unknown {role} model {ref!r}{named}: use a built-in ({', '.join(BUILTINS[role])}), "
                        "a local folder or a hub id 'org/name'")
+
+
+def _unexpected(err: Exception) -> str:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"its config files hold a field proxytune cannot read ({err.__class__.__name__}: {first})"
 
 
 # -- local folders ---------------------------------------------------------------------------------
@@ -150,8 +169,9 @@ def check_pipeline_folder(folder: Path, root: Path) -> None:
     """A diffusers pipeline: model_index.json and every component folder it lists, each with its files."""
     index = _read_json(folder / "model_index.json")
     if index is None:
-        raise ModelProblem(f"{folder} has no model_index.json: not a diffusers pipeline folder "
+        raise ModelProblem(f"{folder} has no model_index.json: not a diffusers pipeline folder{_what_it_is(folder)} "
                            "(save one with `pipeline.save_pretrained`)")
+    check_pipeline_index(index, str(folder / "model_index.json"))
     for name, value in sorted(index.items()):
         if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or None in value:
             continue  # metadata, or an optional component the pipeline goes without
@@ -160,6 +180,19 @@ def check_pipeline_folder(folder: Path, root: Path) -> None:
             raise ModelProblem(f"{folder}: model_index.json lists {name} ({value[1]}) but {name}/ is missing or empty")
         if (part / "config.json").is_file() and not _has_weights(part):
             raise ModelProblem(f"{part} has config.json but no weights (*.safetensors, *.bin)")
+        config = _read_json(part / "config.json")
+        if config is not None:
+            check_dtype(config, str(part / "config.json"))
+
+
+def _what_it_is(folder: Path) -> str:
+    """What a folder without model_index.json holds instead, when its files say (for the teacher's error)."""
+    if (folder / STUDENT_META).is_file():
+        return f" ({STUDENT_META}: an AR student, name it as student.model)"
+    config = _read_json(folder / "config.json")
+    if config is not None and config.get("model_type"):
+        return f" (config.json: a transformers {config['model_type']!r} model, not a text-to-image pipeline)"
+    return ""
 
 
 def _check_part(folder: Path, meta: dict, name: str, kind: str, root: Path) -> None:
@@ -190,16 +223,10 @@ def check_student_folder(folder: Path, root: Path) -> None:
     """A student folder in a layout `backends.students.detect_backend` recognises, with the parts its loader reads."""
     meta = _read_json(folder / STUDENT_META)
     config = _read_json(folder / "config.json")
-    backend = (meta or {}).get("backend")
-    if backend is not None and backend not in STUDENT_BACKENDS:
-        raise ModelProblem(f"{folder / STUDENT_META}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
-    if backend is None and config is not None:
-        backend = STUDENT_MODEL_TYPES.get(config.get("model_type"))
-        if backend is None:
-            raise ModelProblem(f"{folder / 'config.json'}: model_type {config.get('model_type')!r} is not an AR student "
-                               f"proxytune trains (janus, chameleon), and there is no {STUDENT_META} naming a backend")
-    if backend is None and meta is not None:
-        backend = "llamagen"
+    if meta is None and config is None and (folder / "model_index.json").is_file():
+        raise ModelProblem(f"{folder / 'model_index.json'}: a diffusers pipeline (a teacher), not an AR student: "
+                           "name it as teacher.model")
+    backend = student_backend(meta, config, str(folder), str(folder / STUDENT_META), str(folder / "config.json"))
     if backend is None:
         raise ModelProblem(f"{folder} has neither {STUDENT_META} nor config.json: not a student model folder")
     meta = meta or {}
@@ -220,14 +247,85 @@ def check_student_folder(folder: Path, root: Path) -> None:
         for name, kind in (("model", "weights"), ("tokenizer", "tokenizer")):
             meta_part = {name: meta.get(name, meta.get("model", "."))}
             _check_part(folder, meta_part, name, kind, root)
+        _check_lumina_weights_config(folder, meta)
 
 
-def check_encoder_folder(folder: Path, root: Path) -> None:
+def _check_lumina_weights_config(folder: Path, meta: dict) -> None:
+    """The Chameleon config.json of a converted Lumina-mGPT folder's weights: beside it, or cached for a hub id."""
+    source = meta.get("model", ".")
+    if (folder / source).is_dir():
+        where = folder / source / "config.json"
+        config, label = _read_json(where), str(where)
+    else:
+        config, label = _cached_json(source, "config.json", None)
+    if config is not None:
+        check_dtype(config, label)
+        check_chameleon_config(config, label, meta.get("image_size"))
+
+
+def check_clip_folder(folder: Path, root: Path) -> None:
     _check_weights_folder(folder, "transformers encoder")
+    check_encoder_config(_read_json(folder / "config.json") or {}, str(folder / "config.json"), "clip")
 
 
-LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_encoder_folder,
-                "dino": check_encoder_folder}
+def check_dino_folder(folder: Path, root: Path) -> None:
+    _check_weights_folder(folder, "transformers encoder")
+    check_encoder_config(_read_json(folder / "config.json") or {}, str(folder / "config.json"), "dino")
+
+
+LOCAL_CHECKS = {"teacher": check_pipeline_folder, "student": check_student_folder, "clip": check_clip_folder,
+                "dino": check_dino_folder}
+
+
+# -- hub ids: what the local cache holds (never downloaded) ------------------------------------------
+def _cached_json(repo: str, name: str, revision: str | None) -> tuple[dict | None, str]:
+    """A hub repository's JSON file when the local cache holds it (else None), and how to name it in an error."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency of diffusers and transformers
+        return None, name
+    if not _HUB_ID.match(repo):
+        return None, name
+    path = try_to_load_from_cache(repo, name, cache_dir=hub_cache_dir(), revision=revision)
+    label = f"hub id {repo!r}: {name} (cached at {path})"
+    if not isinstance(path, str):
+        return None, label
+    try:
+        return _read_json(Path(path)), label
+    except ModelProblem as problem:
+        raise ModelProblem(f"hub id {repo!r}: {problem}") from None
+
+
+def check_hub_teacher(repo: str, revision: str | None) -> None:
+    index, label = _cached_json(repo, "model_index.json", revision)
+    if index is not None:
+        check_pipeline_index(index, label)
+
+
+def check_hub_student(repo: str, revision: str | None) -> None:
+    meta, meta_label = _cached_json(repo, STUDENT_META, revision)
+    config, config_label = _cached_json(repo, "config.json", revision)
+    if meta is None and config is None:
+        if _cached_json(repo, "model_index.json", revision)[0] is not None:
+            raise ModelProblem(f"hub id {repo!r}: model_index.json: a diffusers pipeline (a teacher), not an AR student: "
+                               "name it as teacher.model")
+        return  # reachable on the hub but not cached: the stage downloads and checks it
+    if config is not None and meta is None and config.get("_class_name"):
+        raise ModelProblem(f"{config_label}: a diffusers model, not an AR student")
+    student_backend(meta, config, repo, meta_label, config_label)
+
+
+def _hub_encoder_check(role: str):
+    def check(repo: str, revision: str | None) -> None:
+        config, label = _cached_json(repo, "config.json", revision)
+        if config is not None:
+            check_encoder_config(config, label, role)
+
+    return check
+
+
+HUB_CHECKS = {"teacher": check_hub_teacher, "student": check_hub_student, "clip": _hub_encoder_check("clip"),
+              "dino": _hub_encoder_check("dino")}
 
 
 # -- hub ids ---------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_an_existing_project_is_left_unmodified(project):
 # -- accepted ---------------------------------------------------------------------------------------------
 def test_cached_hub_ids_and_complete_folders_pass(project, offline_hub):
     cache_repo(offline_hub, "org/cached-clip", {"config.json": "{}"})
-    cache_repo(offline_hub, "org/cached-sd", {"model_index.json": "{}"})
+    cache_repo(offline_hub, "org/cached-sd", {"model_index.json": json.dumps({"_class_name": "StableDiffusionPipeline"})})
     fake_pipeline(project / "models" / "sd")
     path = write_spec(project, teacher={"model": "./models/sd"},
                       evaluation={"clip_model": "org/cached-clip"})

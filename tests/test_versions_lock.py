@@ -122,7 +122,7 @@ def test_readme_setup_installs_from_the_lock_and_ci_runs_exactly_it_in_a_new_ven
 # -- doctor and --version -------------------------------------------------------------------------
 GOOD = {"proxytune": "0.1.0", "torch": "2.13.0+cpu", "diffusers": "0.42.1", "transformers": "5.23.0",
         "peft": "0.21.2", "accelerate": "1.15.0", "packaging": "26.2"}
-REQUIRES = {"proxytune": ["torch>=2.4", "diffusers>=0.35", "transformers<5.24,>=4.56", "peft>=0.17", "accelerate>=1.10",
+REQUIRES = {"proxytune": ["torch>=2.4", "diffusers>=0.40", "transformers<5.24,>=5.4", "peft>=0.20", "accelerate>=1.10",
                           "pytest>=8; extra == \"dev\""],
             "diffusers": ["packaging"], "transformers": ["packaging>=20.0"]}
 
@@ -155,7 +155,7 @@ def test_doctor_fails_on_transformers_524_with_peft_021(simulated):
     result = CliRunner().invoke(main, ["doctor"])
     assert result.exit_code == 1
     assert "incompatible: transformers 5.24.0 with peft 0.21.2: transformers 5.24 requires peft>=0.22" in result.output
-    assert "incompatible: transformers 5.24.0 does not satisfy proxytune's requirement transformers<5.24,>=4.56" in result.output
+    assert "incompatible: transformers 5.24.0 does not satisfy proxytune's requirement transformers<5.24,>=5.4" in result.output
     assert "transformers 5.24.0 (lock 5.23.0)" in result.output
     assert 'pip install -e ".[dev]" -c constraints.txt' in result.output
     # --version says the same and still exits 0 (it is for reporting)
@@ -164,6 +164,24 @@ def test_doctor_fails_on_transformers_524_with_peft_021(simulated):
     # with a peft that transformers 5.24 accepts, only proxytune's own bound remains
     simulated(transformers="5.24.0", peft="0.22.0")
     assert "with peft" not in CliRunner().invoke(main, ["doctor"]).output
+
+
+def test_simulated_requirements_are_pyprojects_floors():
+    """The simulated Requires-Dist above follows pyproject.toml's key floors (a raised floor is raised there too)."""
+    from packaging.requirements import Requirement
+
+    declared = {Requirement(r).name: Requirement(r).specifier for r in pyproject_requirements()}
+    for line in REQUIRES["proxytune"][:-1]:
+        req = Requirement(line)
+        assert req.specifier == declared[req.name], (line, str(declared[req.name]))
+
+
+def test_doctor_flags_a_diffusers_that_ignores_dtype(simulated):
+    """diffusers 0.39 reads only torch_dtype: a teacher loaded with dtype= would run in float32 silently."""
+    simulated(diffusers="0.39.0")
+    result = CliRunner().invoke(main, ["doctor"])
+    assert result.exit_code == 1
+    assert "incompatible: diffusers 0.39.0 does not satisfy proxytune's requirement diffusers>=0.40" in result.output
 
 
 def test_doctor_strict_fails_when_the_installed_set_leaves_the_lock(simulated):
