@@ -27,7 +27,8 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         path: the checkpoint file.
         label: what the file is, for error messages ("LlamaGen checkpoint").
     Raises:
-        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
+        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, holds no
+            dict, or its state dict holds something other than tensors (the key is named).
     """
     path = Path(path)
     if not path.is_file():
@@ -48,7 +49,8 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(ckpt, dict):
         raise ProxytuneError(f"{label} {str(path)!r}: holds a {type(ckpt).__name__}, not a state dict")
-    for entry in WEIGHT_ENTRIES:
-        if isinstance(ckpt.get(entry), dict):
-            return ckpt[entry]
-    return ckpt
+    state = next((ckpt[entry] for entry in WEIGHT_ENTRIES if isinstance(ckpt.get(entry), dict)), ckpt)
+    for key, value in state.items():  # a converter reads shapes and dtypes: anything else is a bad file
+        if not isinstance(value, torch.Tensor):
+            raise ProxytuneError(f"{label} {str(path)!r}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    return state

@@ -177,6 +177,8 @@ def _check_keys(original: dict, config: ARStudentConfig) -> None:
     for key, shape in expected.items():
         if key not in original:
             continue
+        if not original[key].is_floating_point():
+            problems.append(f"{key} is {original[key].dtype}, not floating-point weights")
         got = tuple(original[key].shape)
         if key == uncond:  # any number of rows that covers the caption slots (the original: 120)
             if len(got) != 2 or got[1] != config.text_dim or got[0] < config.cond_len:
@@ -244,20 +246,28 @@ def load_original_checkpoint(
     Returns:
         The model on the CPU in eval mode (not frozen).
     Raises:
-        ProxytuneError: see `read_original_state_dict`, `config_from_state_dict` and `convert_state_dict`.
+        ProxytuneError: any failure to read or convert it, as one line naming the file (and the key
+            where one is at fault).
     """
     original = read_original_state_dict(path)
-    if config is None:
-        config = config_from_state_dict(original, grid_size=grid_size, cond_len=cond_len, num_heads=num_heads)
-    state = convert_state_dict(original, config)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = LlamaGenStudent(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # every tensor of the model must have come from the checkpoint
-        raise RuntimeError(f"not loaded from the checkpoint: {', '.join(left)}")
+    try:
+        if config is None:
+            config = config_from_state_dict(original, grid_size=grid_size, cond_len=cond_len, num_heads=num_heads)
+        state = convert_state_dict(original, config)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        with torch.device("meta"):
+            model = LlamaGenStudent(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:  # every tensor of the model must have come from the checkpoint
+            raise ProxytuneError(f"not loaded from the checkpoint: {', '.join(left)}")
+    except ProxytuneError as err:
+        raise ProxytuneError(f"{str(path)!r}: {err}") from None
+    except Exception as err:  # any other failure is still one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: cannot build the model from it "
+                             f"({type(err).__name__}: {first})") from None
     return model.eval()
 
 
