@@ -27,8 +27,7 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         path: the checkpoint file.
         label: what the file is, for error messages ("LlamaGen checkpoint").
     Raises:
-        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, holds no
-            dict, or its state dict holds something other than tensors (the key is named).
+        ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,8 +48,19 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(ckpt, dict):
         raise ProxytuneError(f"{label} {str(path)!r}: holds a {type(ckpt).__name__}, not a state dict")
-    state = next((ckpt[entry] for entry in WEIGHT_ENTRIES if isinstance(ckpt.get(entry), dict)), ckpt)
-    for key, value in state.items():  # a converter reads shapes and dtypes: anything else is a bad file
+    for entry in WEIGHT_ENTRIES:
+        if isinstance(ckpt.get(entry), dict):
+            return ckpt[entry]
+    return ckpt
+
+
+def tensors_only(state: dict, *, label: str) -> dict[str, torch.Tensor]:
+    """`state` itself, once every value is a tensor (a converter reads shapes and dtypes from them).
+
+    Raises:
+        ProxytuneError: one line naming `label` (the file) and the first key that holds something else.
+    """
+    for key, value in state.items():
         if not isinstance(value, torch.Tensor):
-            raise ProxytuneError(f"{label} {str(path)!r}: key {key!r} holds a {type(value).__name__}, not a tensor")
+            raise ProxytuneError(f"{label}: key {key!r} holds a {type(value).__name__}, not a tensor")
     return state

@@ -220,7 +220,8 @@ def convert_state_dict(original: dict[str, torch.Tensor], config: ARStudentConfi
 
 def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a LlamaGen checkpoint file (see `checkpoints.read_state_dict`)."""
-    return checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
+    state = checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
+    return checkpoints.tensors_only(state, label=f"LlamaGen checkpoint {str(path)!r}")
 
 
 def load_original_checkpoint(

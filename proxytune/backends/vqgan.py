@@ -253,7 +253,7 @@ def convert_file(path: str | Path, out_dir: str | Path, *, layout: str, image_si
     if out_dir.exists():
         raise ProxytuneError(f"{out_dir}: already exists; choose a new folder")
     label = f"{layout} VQGAN checkpoint {str(path)!r}"
-    original = checkpoints.read_state_dict(path, label=f"{layout} VQGAN checkpoint")
+    original = checkpoints.tensors_only(checkpoints.read_state_dict(path, label=f"{layout} VQGAN checkpoint"), label=label)
     try:
         config, state = convert_state_dict(original, layout, image_size=image_size, label=label)
         model = build_vqmodel(config, state)
