@@ -179,3 +179,26 @@ def test_bad_release_files_are_one_line_naming_file_and_key(llamagen_release, tm
     with pytest.raises(ProxytuneError, match="cannot load transformer/") as err:
         students.load_student(str(broken))
     assert len(str(err.value).splitlines()) == 1
+    (broken / "proxytune_student.json").write_text("{not json")
+    with pytest.raises(ProxytuneError, match=r"proxytune_student\.json: cannot read it"):
+        students.load_student(str(broken))
+
+
+def test_preflight_passes_the_converted_folders_and_names_what_is_wrong(llamagen_release, tmp_path):
+    """The existing pre-flight (proxytune/preflight.py) on what a user has before `apply` runs."""
+    import json
+    import shutil
+
+    from proxytune.preflight import ModelProblem, check_model
+
+    for stage in STAGES:
+        check_model(str(llamagen_release[stage]), "student", tmp_path)
+    with pytest.raises(ModelProblem, match="a file, not a model folder"):  # the raw download, not converted
+        check_model(str(llamagen_release[STAGES["stage1"]]), "student", tmp_path)
+    moved = tmp_path / "moved"  # the T5 folder recorded by absolute path has since gone
+    shutil.copytree(llamagen_release["stage1"], moved)
+    meta = json.loads((moved / "proxytune_student.json").read_text())
+    meta["text_encoder"] = meta["tokenizer"] = str(tmp_path / "gone" / "flan-t5-xl")
+    (moved / "proxytune_student.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelProblem, match="text_encoder"):
+        check_model(str(moved), "student", tmp_path)

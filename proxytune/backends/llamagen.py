@@ -359,7 +359,10 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
-    meta = _read_meta(path)
+    try:
+        meta = _read_meta(path)
+    except Exception as err:  # unreadable or not JSON
+        raise ProxytuneError(f"student model {ref!r}: cannot read {STUDENT_META} ({_first_line(err)})") from None
     model = _load_transformer(path, ref)
     vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
     text_encoder = _from_pretrained(T5EncoderModel, *_part(path, meta, "text_encoder"), ref)
