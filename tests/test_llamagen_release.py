@@ -27,11 +27,11 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def convert(paths, stage: str, out) -> CliRunner:
-    name = STAGES[stage]
-    return CliRunner().invoke(main, ["convert", "llamagen", str(paths[name]), str(out), "--vq", str(paths["vq_ds16_t2i.pt"]),
-                                     "--text-encoder", str(paths["flan-t5-xl"]),
-                                     "--image-size", str(release.TINY_IMAGE_SIZE[name]), "--heads", "4"])
+def convert(paths, stage: str, out, *options: str) -> CliRunner:
+    """`proxytune convert llamagen` as a user runs it (the image size: the checkpoint's own, unless given)."""
+    return CliRunner().invoke(main, ["convert", "llamagen", str(paths[STAGES[stage]]), str(out),
+                                     "--vq", str(paths["vq_ds16_t2i.pt"]), "--text-encoder", str(paths["flan-t5-xl"]),
+                                     "--heads", "4", *options])
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +72,7 @@ def test_each_gpt_file_converts_to_a_student_with_the_originals_logits(llamagen_
 
     bundle = students.load_student(str(llamagen_release[stage]))
     args = TINY_ARGS[stage]
+    assert bundle.image_size == release.TINY_IMAGE_SIZE[STAGES[stage]]  # read from the file's training args
     assert bundle.seq_len == args["block_size"] and bundle.config.cond_len == args["cls_token_num"] == 120
     assert {bundle.model.dtype, bundle.vq.dtype, bundle.text_encoder.dtype} == {torch.float32}  # as released
     original = load_weights_only(llamagen_release[STAGES[stage]])["model"]
@@ -162,6 +163,9 @@ def test_bad_release_files_are_one_line_naming_file_and_key(llamagen_release, tm
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and name in lines[0], (name, result.output)
         assert re.search(message, lines[0]), (name, lines[0])
+    # a size other than the one the file was trained at converts, with a note saying so
+    result = convert(paths, "stage2", tmp_path / "at64", "--image-size", "64")
+    assert result.exit_code == 0 and "was trained at 128 px; converting for 64 px" in result.output
     # a VQ file whose tensors disagree with each other (quant_conv for a 4-wide codebook): one line, the file named
     vq = load_weights_only(paths["vq_ds16_t2i.pt"])
     vq["model"]["quant_conv.weight"] = torch.zeros(4, 32, 1, 1)

@@ -275,6 +275,36 @@ def load_original_checkpoint(
 # -----------------------------------------------------------------------------
 # a student folder from the original files
 
+DEFAULT_IMAGE_SIZE = 256  # t2i_XL_stage1_256.pt's
+
+
+def trained_image_size(path: str | Path) -> int | None:
+    """The --image-size a LlamaGen checkpoint was trained at, from the "args" train_t2i.py saves with
+    it (an argparse.Namespace); None when the file holds no such record (or is not readable: the
+    weights' reader says why). Memory-maps the file, so the weights are not read twice."""
+    import argparse
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # e.g. an old (non-zip) file that cannot be memory-mapped
+        return None
+    size = getattr(ckpt.get("args"), "image_size", None) if isinstance(ckpt, dict) else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def resolve_image_size(gpt_checkpoint: str | Path, image_size: int | None) -> tuple[int, str | None]:
+    """(the size to convert for, a note for the user or None): the given size, else the trained one,
+    else 256; the note says when a given size differs from the one the checkpoint was trained at."""
+    trained = trained_image_size(gpt_checkpoint)
+    note = None
+    if image_size is not None and trained is not None and image_size != trained:
+        note = f"{gpt_checkpoint} was trained at {trained} px; converting for {image_size} px"
+    return image_size or trained or DEFAULT_IMAGE_SIZE, note
+
 
 def _text_encoder_ref(text_encoder: str | Path) -> str:
     """An existing folder as an absolute path (the student folder must load from anywhere); else a hub id.
@@ -305,7 +335,7 @@ def convert_to_student_folder(
     *,
     vq_folder: str | Path,
     config: LlamaGenStudentConfig | None = None,
-    image_size: int = 256,
+    image_size: int | None = None,
     cond_len: int = ORIGINAL_COND_LEN,
     num_heads: int | None = None,
     text_encoder: str = "google/flan-t5-xl",
@@ -323,7 +353,8 @@ def convert_to_student_folder(
         out_dir: the new folder (must not exist).
         vq_folder: the VQ tokenizer as a diffusers VQModel folder (config.json + weights).
         config: the GPT architecture. Default: read from the checkpoint.
-        image_size: pixels per side of the checkpoint's images.
+        image_size: pixels per side of the checkpoint's images. Default: the size its training
+            arguments record (`trained_image_size`), else 256.
         cond_len: caption slots (LlamaGen's --cls-token-num). Default: 120.
         num_heads: attention heads. Default: the original preset of the checkpoint's width.
         text_encoder: T5 encoder (and tokenizer) hub id or folder.
@@ -337,6 +368,7 @@ def convert_to_student_folder(
     if not (vq_folder / "config.json").is_file():
         raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder (no config.json)")
     factor = _vq_factor(vq_folder)
+    image_size, _ = resolve_image_size(gpt_checkpoint, image_size)
     if image_size % factor:
         raise ProxytuneError(f"image size {image_size}: not a multiple of the VQ's downsampling {factor}")
     text_encoder = _text_encoder_ref(text_encoder)
