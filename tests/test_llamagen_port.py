@@ -28,11 +28,15 @@ def config():
 
 
 def original_checkpoint(config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under LlamaGen's key names and shapes (the null caption always has 120 rows);
-    norms near 1 but not 1."""
+    """Random tensors under the key names and shapes gpt.py's rules give (`releases.llamagen.gpt_shapes`:
+    the null caption always has 120 rows) for the tiny config; norms near 1 but not 1."""
+    from releases import llamagen as release
+
+    args = {**release.TINY_GPT_STAGE1, "multiple_of": 32}  # llamagen_t2i_tiny: FFN rounded to 32, not 256
+    assert (config.hidden_size, config.num_hidden_layers, config.codebook_size, config.text_dim) == (64, 2, 64, 32)
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in llamagen_convert.original_shapes(config).items():
+    for key, shape in release.gpt_shapes(args).items():
         if len(shape) == 1:  # RMSNorm weights
             state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
         else:  # (out, in) projections, embeddings and the null caption
