@@ -20,7 +20,10 @@ What a user downloads, and what each file is (read from FoundationVision/LlamaGe
   the lowest-resolution level only, `quantize.codebook_used` a (65536,) usage buffer).
 - google/flan-t5-xl: a `T5ForConditionalGeneration` folder (encoder, decoder, untied lm_head),
   float32; language/t5.py loads its encoder with `T5EncoderModel.from_pretrained` and
-  `AutoTokenizer` (120 tokens, padding to max_length), in the sampler's --precision (bf16 default).
+  `AutoTokenizer` (120 tokens, padding to max_length), in the sampler's --precision (bf16 default;
+  language/extract_t5_feature.py made the training features in bf16 too). The fixture writes the
+  weights as two safetensors shards with an index, which transformers reads first; the hub folder
+  is believed to also carry pytorch_model-0000N-of-00002.bin shards (not written here).
 
 Config values: `GPT_XL_STAGE1_256` / `GPT_XL_STAGE2_512` / `VQ_16` are copies of
 ../shared/real-configs/peizesun__llamagen_t2i/RECONSTRUCTED_*.json, which are RECONSTRUCTED from the
