@@ -28,11 +28,15 @@ def config():
 
 
 def original_checkpoint(config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under LlamaGen's key names and shapes (the null caption always has 120 rows);
-    norms near 1 but not 1."""
+    """Random tensors under the key names and shapes gpt.py's rules give (`releases.llamagen.gpt_shapes`:
+    the null caption always has 120 rows) for the tiny config; norms near 1 but not 1."""
+    from releases import llamagen as release
+
+    args = {**release.TINY_GPT_STAGE1, "multiple_of": 32}  # llamagen_t2i_tiny: FFN rounded to 32, not 256
+    assert (config.hidden_size, config.num_hidden_layers, config.codebook_size, config.text_dim) == (64, 2, 64, 32)
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape in llamagen_convert.original_shapes(config).items():
+    for key, shape in release.gpt_shapes(args).items():
         if len(shape) == 1:  # RMSNorm weights
             state[key] = 1.0 + 0.2 * torch.randn(shape, generator=gen)
         else:  # (out, in) projections, embeddings and the null caption
@@ -343,22 +347,68 @@ def test_bad_checkpoints_are_clear_errors(config, case, tmp_path):
         llamagen_convert.load_original_checkpoint(tmp_path / "absent.pt", config)
 
 
-def test_xl_preset_maps_every_key_at_full_size():
-    """Shapes only: the real-size conversion on the meta device (no memory, no random init); the
-    architecture read from the XL's shapes is the XL preset."""
-    config = llamagen_model.llamagen_t2i_xl()
+@pytest.mark.parametrize("release_args", ["GPT_XL_STAGE1_256", "GPT_XL_STAGE2_512"])
+def test_xl_preset_maps_every_key_at_full_size(release_args):
+    """Shapes only, on the meta device (no memory, no random init): every tensor the released
+    t2i_XL_stage1_256.pt / t2i_XL_stage2_512.pt holds (gpt.py's rules, `releases.llamagen.gpt_shapes`)
+    is what the converter expects, the architecture read from them is the XL preset, and the
+    conversion fills every tensor of the full-size student. The two files hold the same tensors; they
+    differ in block_size only, which is the student's 2D RoPE table: equal to gpt.py's
+    precompute_freqs_cis_2d for a 16 x 16 or 32 x 32 grid, in rotate-half order."""
+    from releases import llamagen as release
+
+    args = getattr(release, release_args)
+    grid = math.isqrt(args["block_size"])
+    config = llamagen_model.llamagen_t2i_xl(grid_size=grid)
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (1280, 36, 20)
-    assert (config.intermediate_size, config.cond_len, config.text_dim, config.seq_len) == (3584, 120, 2048, 256)
-    shapes = llamagen_convert.original_shapes(config)
-    assert len(shapes) == 6 + 7 * 36
-    assert 770e6 < sum(math.prod(s) for s in shapes.values()) < 780e6  # "775M" GPT-XL
-    original = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
-    assert llamagen_convert.config_from_state_dict(original, grid_size=16).to_dict() == config.to_dict()
+    assert (config.intermediate_size, config.cond_len, config.text_dim, config.seq_len) == (3584, 120, 2048, grid**2)
+    released = release.gpt_shapes(args)
+    assert released == llamagen_convert.original_shapes(config)
+    assert len(released) == 6 + 7 * 36
+    assert 770e6 < sum(math.prod(s) for s in released.values()) < 780e6  # "775M" GPT-XL
+    original = {k: torch.empty(s, device="meta") for k, s in released.items()}
+    assert llamagen_convert.config_from_state_dict(original, grid_size=grid).to_dict() == config.to_dict()
     with torch.device("meta"):
         model = llamagen_model.LlamaGenStudent(config)
-    model.load_state_dict(llamagen_convert.convert_state_dict(original, config), strict=True, assign=True)
+    converted = llamagen_convert.convert_state_dict(original, config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(converted, strict=True, assign=True)
     cos, sin = llamagen_model.rope_2d_tables(config)
-    assert cos.shape == sin.shape == (120 + 256, 64)
+    assert cos.shape == sin.shape == (120 + grid**2, 64)
+    freqs = original_freqs_cis(grid, 64, args["rope_base"], args["cls_token_num"])  # (120 + g^2, 32) complex
+    for table, part in ((cos, freqs.real), (sin, freqs.imag)):
+        torch.testing.assert_close(table[120:, :32], part[120:])
+        torch.testing.assert_close(table[120:, 32:], part[120:])
+
+
+def test_vq16_and_flan_t5_xl_map_every_key_at_full_size():
+    """vq_ds16_t2i.pt's tensors (vq_model.py's rules) convert onto a diffusers VQModel with exactly its
+    keys and shapes (x16, 16384 codes of 8, 72M parameters); flan-t5-xl's T5ForConditionalGeneration
+    holds every tensor T5EncoderModel loads, at the width the GPT's caption projector takes."""
+    from diffusers import VQModel
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+    from proxytune.backends import vqgan
+    from releases import llamagen as release
+
+    shapes = release.vq_shapes(release.VQ_16)
+    assert 71e6 < sum(math.prod(s) for k, s in shapes.items() if "codebook_used" not in k) < 73e6  # "72M"
+    original = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    config, state = vqgan.convert_state_dict(original, "llamagen", image_size=256, label="VQ-16")
+    assert tuple(config["block_out_channels"]) == (128, 128, 256, 256, 512)
+    assert (config["num_vq_embeddings"], config["vq_embed_dim"]) == (16384, 8)
+    with torch.device("meta"):
+        vq = VQModel(**config)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in vq.state_dict().items()}
+
+    fields = {k: v for k, v in release.FLAN_T5_XL.items() if k not in ("architectures", "model_type", "torch_dtype",
+                                                                        "transformers_version")}
+    with torch.device("meta"):
+        released = T5ForConditionalGeneration(T5Config(**fields)).state_dict()
+        encoder = T5EncoderModel(T5Config(**fields)).state_dict()
+    assert all(k in released and released[k].shape == v.shape for k, v in encoder.items())
+    assert encoder["shared.weight"].shape == (32128, release.GPT_XL_STAGE1_256["caption_dim"])
+    assert 1.15e9 < sum(v.numel() for k, v in encoder.items() if k != "encoder.embed_tokens.weight") < 1.3e9
 
 
 def test_dropout_is_the_originals(config, case):

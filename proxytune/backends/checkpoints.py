@@ -52,3 +52,15 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         if isinstance(ckpt.get(entry), dict):
             return ckpt[entry]
     return ckpt
+
+
+def tensors_only(state: dict, *, label: str) -> dict[str, torch.Tensor]:
+    """`state` itself, once every value is a tensor (a converter reads shapes and dtypes from them).
+
+    Raises:
+        ProxytuneError: one line naming `label` (the file) and the first key that holds something else.
+    """
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ProxytuneError(f"{label}: key {key!r} holds a {type(value).__name__}, not a tensor")
+    return state

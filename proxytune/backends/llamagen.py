@@ -291,9 +291,14 @@ TINY_STUDENTS = {"tiny-llamagen": lambda: tiny_cache.materialize("tiny-llamagen-
 def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
     try:
         return cls.from_pretrained(path, subfolder=subfolder) if subfolder else cls.from_pretrained(path)
-    except OSError as err:  # missing folder / file, or the hub could not be reached
+    except Exception as err:  # missing file, no hub, a bad config or shapes: any failure is one line
         where = f"{subfolder}/" if subfolder else path
-        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({err})") from None
+        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({_first_line(err)})") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _load_transformer(path: str, ref: str):
@@ -301,8 +306,8 @@ def _load_transformer(path: str, ref: str):
     `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen_model registers both with AutoModel."""
     try:
         return AutoModel.from_pretrained(path, subfolder="transformer")
-    except (OSError, ValueError) as err:  # missing files, or a model_type that is no LlamaGen student
-        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({err})") from None
+    except Exception as err:  # missing files, a model_type that is no LlamaGen student, bad shapes
+        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({_first_line(err)})") from None
 
 
 def _read_meta(path: str) -> dict:
@@ -354,7 +359,10 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     from transformers import AutoTokenizer, T5EncoderModel
 
     path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
-    meta = _read_meta(path)
+    try:
+        meta = _read_meta(path)
+    except Exception as err:  # unreadable or not JSON
+        raise ProxytuneError(f"student model {ref!r}: cannot read {STUDENT_META} ({_first_line(err)})") from None
     model = _load_transformer(path, ref)
     vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
     text_encoder = _from_pretrained(T5EncoderModel, *_part(path, meta, "text_encoder"), ref)

@@ -177,6 +177,8 @@ def _check_keys(original: dict, config: ARStudentConfig) -> None:
     for key, shape in expected.items():
         if key not in original:
             continue
+        if not original[key].is_floating_point():
+            problems.append(f"{key} is {original[key].dtype}, not floating-point weights")
         got = tuple(original[key].shape)
         if key == uncond:  # any number of rows that covers the caption slots (the original: 120)
             if len(got) != 2 or got[1] != config.text_dim or got[0] < config.cond_len:
@@ -218,7 +220,8 @@ def convert_state_dict(original: dict[str, torch.Tensor], config: ARStudentConfi
 
 def read_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a LlamaGen checkpoint file (see `checkpoints.read_state_dict`)."""
-    return checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
+    state = checkpoints.read_state_dict(path, label="LlamaGen checkpoint")
+    return checkpoints.tensors_only(state, label=f"LlamaGen checkpoint {str(path)!r}")
 
 
 def load_original_checkpoint(
@@ -244,25 +247,63 @@ def load_original_checkpoint(
     Returns:
         The model on the CPU in eval mode (not frozen).
     Raises:
-        ProxytuneError: see `read_original_state_dict`, `config_from_state_dict` and `convert_state_dict`.
+        ProxytuneError: any failure to read or convert it, as one line naming the file (and the key
+            where one is at fault).
     """
     original = read_original_state_dict(path)
-    if config is None:
-        config = config_from_state_dict(original, grid_size=grid_size, cond_len=cond_len, num_heads=num_heads)
-    state = convert_state_dict(original, config)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = LlamaGenStudent(config)
-    model.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # every tensor of the model must have come from the checkpoint
-        raise RuntimeError(f"not loaded from the checkpoint: {', '.join(left)}")
+    try:
+        if config is None:
+            config = config_from_state_dict(original, grid_size=grid_size, cond_len=cond_len, num_heads=num_heads)
+        state = convert_state_dict(original, config)
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        with torch.device("meta"):
+            model = LlamaGenStudent(config)
+        model.load_state_dict(state, strict=True, assign=True)
+        left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if left:  # every tensor of the model must have come from the checkpoint
+            raise ProxytuneError(f"not loaded from the checkpoint: {', '.join(left)}")
+    except ProxytuneError as err:
+        raise ProxytuneError(f"{str(path)!r}: {err}") from None
+    except Exception as err:  # any other failure is still one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: cannot build the model from it "
+                             f"({type(err).__name__}: {first})") from None
     return model.eval()
 
 
 # -----------------------------------------------------------------------------
 # a student folder from the original files
+
+DEFAULT_IMAGE_SIZE = 256  # t2i_XL_stage1_256.pt's
+
+
+def trained_image_size(path: str | Path) -> int | None:
+    """The --image-size a LlamaGen checkpoint was trained at, from the "args" train_t2i.py saves with
+    it (an argparse.Namespace); None when the file holds no such record (or is not readable: the
+    weights' reader says why). Memory-maps the file, so the weights are not read twice."""
+    import argparse
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # e.g. an old (non-zip) file that cannot be memory-mapped
+        return None
+    size = getattr(ckpt.get("args"), "image_size", None) if isinstance(ckpt, dict) else None
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def resolve_image_size(gpt_checkpoint: str | Path, image_size: int | None) -> tuple[int, str | None]:
+    """(the size to convert for, a note for the user or None): the given size, else the trained one,
+    else 256; the note says when a given size differs from the one the checkpoint was trained at."""
+    trained = trained_image_size(gpt_checkpoint)
+    note = None
+    if image_size is not None and trained is not None and image_size != trained:
+        note = f"{gpt_checkpoint} was trained at {trained} px; converting for {image_size} px"
+    return image_size or trained or DEFAULT_IMAGE_SIZE, note
 
 
 def _text_encoder_ref(text_encoder: str | Path) -> str:
@@ -294,7 +335,7 @@ def convert_to_student_folder(
     *,
     vq_folder: str | Path,
     config: LlamaGenStudentConfig | None = None,
-    image_size: int = 256,
+    image_size: int | None = None,
     cond_len: int = ORIGINAL_COND_LEN,
     num_heads: int | None = None,
     text_encoder: str = "google/flan-t5-xl",
@@ -312,7 +353,8 @@ def convert_to_student_folder(
         out_dir: the new folder (must not exist).
         vq_folder: the VQ tokenizer as a diffusers VQModel folder (config.json + weights).
         config: the GPT architecture. Default: read from the checkpoint.
-        image_size: pixels per side of the checkpoint's images.
+        image_size: pixels per side of the checkpoint's images. Default: the size its training
+            arguments record (`trained_image_size`), else 256.
         cond_len: caption slots (LlamaGen's --cls-token-num). Default: 120.
         num_heads: attention heads. Default: the original preset of the checkpoint's width.
         text_encoder: T5 encoder (and tokenizer) hub id or folder.
@@ -326,6 +368,7 @@ def convert_to_student_folder(
     if not (vq_folder / "config.json").is_file():
         raise ProxytuneError(f"{vq_folder}: not a diffusers VQModel folder (no config.json)")
     factor = _vq_factor(vq_folder)
+    image_size, _ = resolve_image_size(gpt_checkpoint, image_size)
     if image_size % factor:
         raise ProxytuneError(f"image size {image_size}: not a multiple of the VQ's downsampling {factor}")
     text_encoder = _text_encoder_ref(text_encoder)

@@ -45,7 +45,10 @@ TINY_STUDENTS.update(TOY_STUDENTS)  # the toy world's pretrained toy-llamagen
 def _read_json(path: str, name: str) -> dict | None:
     if Path(path).is_dir():
         file = Path(path) / name
-        return json.loads(file.read_text()) if file.exists() else None
+        try:
+            return json.loads(file.read_text()) if file.exists() else None
+        except (OSError, ValueError) as err:  # unreadable, or not JSON: one line naming the file
+            raise ProxytuneError(f"{file}: cannot read it ({err})") from None
     from huggingface_hub import hf_hub_download
 
     try:

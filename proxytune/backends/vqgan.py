@@ -253,9 +253,15 @@ def convert_file(path: str | Path, out_dir: str | Path, *, layout: str, image_si
     if out_dir.exists():
         raise ProxytuneError(f"{out_dir}: already exists; choose a new folder")
     label = f"{layout} VQGAN checkpoint {str(path)!r}"
-    config, state = convert_state_dict(checkpoints.read_state_dict(path, label=f"{layout} VQGAN checkpoint"),
-                                       layout, image_size=image_size, label=label)
-    model = build_vqmodel(config, state)
+    original = checkpoints.tensors_only(checkpoints.read_state_dict(path, label=f"{layout} VQGAN checkpoint"), label=label)
+    try:
+        config, state = convert_state_dict(original, layout, image_size=image_size, label=label)
+        model = build_vqmodel(config, state)
+    except ProxytuneError:
+        raise
+    except Exception as err:  # e.g. shapes that disagree with each other: still one line naming the file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ProxytuneError(f"{label}: cannot build the tokenizer from it ({type(err).__name__}: {first})") from None
     with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "proxytune_source.json").write_text(json.dumps({"converted_from": str(path), "layout": layout}) + "\n")

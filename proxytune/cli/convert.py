@@ -22,16 +22,16 @@ def convert() -> None:
               help="The VQ tokenizer: the original vq_ds16_t2i.pt (converted here) or a diffusers VQModel folder.")
 @click.option("--text-encoder", default="google/flan-t5-xl", show_default=True,
               help="T5 caption encoder: hub id or folder (a folder is recorded as an absolute path).")
-@click.option("--image-size", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
               help="Pixels per side (a multiple of the VQ's downsampling): 256 for t2i_XL_stage1_256.pt, 512 for "
-                   "t2i_XL_stage2_512.pt.")
+                   "t2i_XL_stage2_512.pt. Default: the size the checkpoint's training arguments record, else 256.")
 @click.option("--cond-len", type=click.IntRange(min=1), default=120, show_default=True,
               help="Caption slots the checkpoint was trained with (LlamaGen's --cls-token-num).")
 @click.option("--heads", type=click.IntRange(min=1), default=None,
               help="Attention heads; default: the original GPT preset of the checkpoint's width (XL: 20).")
 @user_errors
-def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: str, image_size: int, cond_len: int,
-                     heads: int | None) -> None:
+def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: str, image_size: int | None,
+                     cond_len: int, heads: int | None) -> None:
     """A LlamaGen T2I GPT checkpoint (original keys) -> a student folder for `student.model`.
 
     The architecture (width, depth, vocabulary, caption width, FFN width) is read from the checkpoint."""
@@ -39,6 +39,9 @@ def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: s
 
     from proxytune.backends import llamagen_convert, vqgan
 
+    image_size, note = llamagen_convert.resolve_image_size(gpt_checkpoint, image_size)
+    if note:
+        click.echo(f"note: {note}", err=True)
     with tempfile.TemporaryDirectory(dir=Path(out_dir).resolve().parent) as scratch:
         vq_folder = Path(vq)
         if vq_folder.is_file():  # the original tokenizer checkpoint: convert it first
