@@ -106,6 +106,9 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
             what = "a broken symlink or a symlink loop"
         else:
             what = "a file, not a model folder" if local.exists() else "no such folder"
+            if role == "student" and local.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+                what += (" (an original LlamaGen checkpoint? convert it first: proxytune convert llamagen "
+                         f"{ref} OUT --vq VQ.pt, and name OUT as student.model)")
         raise ModelProblem(f"{local}: {what}")
     if _HUB_ID.match(ref):
         problem = hub_problem(ref, HUB_FILES[role], revision)

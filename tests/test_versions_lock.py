@@ -122,7 +122,7 @@ def test_readme_setup_installs_from_the_lock_and_ci_runs_exactly_it_in_a_new_ven
 # -- doctor and --version -------------------------------------------------------------------------
 GOOD = {"proxytune": "0.1.0", "torch": "2.13.0+cpu", "diffusers": "0.42.1", "transformers": "5.23.0",
         "peft": "0.21.2", "accelerate": "1.15.0", "packaging": "26.2"}
-REQUIRES = {"proxytune": ["torch>=2.4", "diffusers>=0.40", "transformers<5.24,>=5.4", "peft>=0.20", "accelerate>=1.10",
+REQUIRES = {"proxytune": ["torch>=2.5", "diffusers>=0.40", "transformers<5.24,>=5.4", "peft>=0.20", "accelerate>=1.10",
                           "pytest>=8; extra == \"dev\""],
             "diffusers": ["packaging"], "transformers": ["packaging>=20.0"]}
 
