@@ -100,9 +100,11 @@ class JanusStudent:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, L) codes: cosine-nearest codebook entries, as the original."""
         vq = self._janus.vqmodel
-        z = vq.quant_conv(vq.encoder(pixels.to(self._device)))  # (B, D, g, g)
-        z = F.normalize(z.permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
-        codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
+        # pixels in the VQ's own dtype (a bf16 release's convolutions refuse float32 input); the nearest-code
+        # search in float32, so near-ties do not depend on the weights' precision
+        z = vq.quant_conv(vq.encoder(pixels.to(self._device, vq.quant_conv.weight.dtype)))  # (B, D, g, g)
+        z = F.normalize(z.float().permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
+        codebook = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)  # (K, D)
         return (z @ codebook.T).argmax(-1)
 
     @torch.no_grad()
@@ -232,15 +234,27 @@ def materialize_tiny() -> Path:
     return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
 
 
+def _first_line(err: Exception) -> str:
+    """The error's first non-empty line (transformers' size-mismatch report names the key there)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
-    """A Janus checkpoint in transformers format, frozen, in eval mode."""
+    """A Janus checkpoint in transformers format, in the dtype its config declares, frozen, in eval mode.
+
+    Raises:
+        ProxytuneError: any load failure, in one line naming the checkpoint and what failed.
+    """
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path)
+        model = JanusForConditionalGeneration.from_pretrained(path)  # in the dtype config.json declares
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint ({err})") from None
+    except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {_first_line(err)}") from None
+    if tokenizer.pad_token is None:  # prompts are left-padded (masked); the original's pad token, as its CFG rows
+        tokenizer.pad_token = PAD
     meta_path = Path(path) / STUDENT_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     vq = model.config.vq_config
