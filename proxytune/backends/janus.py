@@ -240,6 +240,35 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
+def _mismatched_tensor(path: str) -> str | None:
+    """The first tensor whose file shape differs from what config.json builds, or that one side lacks.
+
+    transformers reports size mismatches in a log and raises a line without the key; this names it.
+    Best effort (None when the files cannot tell): it reads only safetensors headers and builds the
+    model on the meta device."""
+    try:
+        from safetensors import safe_open
+        from transformers import JanusConfig, JanusForConditionalGeneration
+
+        folder = Path(path)
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        saved = {}
+        for name in files:
+            with safe_open(folder / name, "pt") as f:
+                saved |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        with torch.device("meta"):
+            model = JanusForConditionalGeneration(JanusConfig.from_pretrained(path))
+        for key, tensor in model.state_dict().items():
+            if key not in saved and key != "lm_head.weight":  # lm_head may be tied to the embeddings
+                return f"tensor {key!r} is missing from the checkpoint files"
+            if key in saved and saved[key] != tuple(tensor.shape):
+                return f"tensor {key!r} has shape {saved[key]} in the files, config.json builds {tuple(tensor.shape)}"
+    except Exception:
+        return None
+    return None
+
+
 def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
     """A Janus checkpoint in transformers format, in the dtype its config declares, frozen, in eval mode.
 
@@ -252,7 +281,8 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
         model = JanusForConditionalGeneration.from_pretrained(path)  # in the dtype config.json declares
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
-        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {_first_line(err)}") from None
+        detail = _mismatched_tensor(path) or _first_line(err)
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {detail}") from None
     if tokenizer.pad_token is None:  # prompts are left-padded (masked); the original's pad token, as its CFG rows
         tokenizer.pad_token = PAD
     meta_path = Path(path) / STUDENT_META

@@ -19,7 +19,8 @@ What the conversion does, read from the originals:
 - keys: timm's `qkv` is split into q/k/v, `pos_embed` (1, N, W) loses its batch axis, the unused
   attention-pool head (`attn_pool`, never called: `ignore_head=True`) and the quantizer's usage
   counter (`codebook_used`) are dropped, every other tensor is renamed one to one;
-- dtype: tensors keep the checkpoint's dtype (bf16 as released); config.json records it;
+- dtype: the tensors in the dtype config.json declares (bf16, which the released tensors already are);
+  the converted config.json declares it too, so transformers loads them in it;
 - the language model's `lm_head` is kept as its own tensor (`tie_word_embeddings: false`), as in the
   original's LlamaForCausalLM;
 - the tokenizer is re-saved as is, with `<｜▁pad▁｜>` as its pad token when it names none (the original
@@ -335,15 +336,15 @@ def convert_release(src: str, out_dir: str | Path) -> dict:
     if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
         tokenizer.pad_token = PAD
     weights = read_release_weights(folder, src)
-    dtypes = {t.dtype for t in weights.values() if t.is_floating_point()}
     declared = str(config.get("torch_dtype", "float32"))
     dtype = getattr(torch, declared, None)
-    if len(dtypes) != 1 or dtype not in dtypes:
-        raise ProxytuneError(f"{ref}: weights are {sorted(str(d) for d in dtypes)} but config.json torch_dtype is {declared!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ProxytuneError(f"{ref}: config.json torch_dtype {declared!r} is not a floating-point dtype")
     kwargs = janus_config_kwargs(config, {k: tuple(v.shape) for k, v in weights.items()},
                                  image_token_id=tokenizer.get_vocab().get(IMAGE_TAG), ref=ref)
     janus_config = build_config(kwargs, declared)
-    converted = convert_state_dict(weights, ref)
+    # in the declared dtype (the release's tensors already are: bf16), as a user's load of the original gets them
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in convert_state_dict(weights, ref).items()}
     del weights
     with torch.device("meta"):
         model = JanusForConditionalGeneration(janus_config)
