@@ -31,7 +31,7 @@ def janus_folders(tmp_path_factory):
 # -- the full-size layouts, without weights ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size, params", [("1B", (1.9e9, 2.2e9)), ("7B", (7.2e9, 7.6e9))])
+@pytest.mark.parametrize("size, params", [("1B", (2.08e9, 2.10e9)), ("7B", (7.41e9, 7.43e9))])
 def test_full_size_release_maps_onto_transformers_janus_key_for_key(size, params):
     """Every tensor of Janus-Pro-{size} (the original's module rules at the release's sizes) converts to
     exactly the keys and shapes transformers' JanusForConditionalGeneration has at full size."""
@@ -39,7 +39,7 @@ def test_full_size_release_maps_onto_transformers_janus_key_for_key(size, params
 
     config = release.full_config(size)
     shapes = release.release_shapes(config)
-    # published totals: Janus-Pro-1B ~2.09B parameters, -7B ~7.42B (model cards)
+    # the totals the hub lists (2.09B, 7.42B): a check of the reconstructed sizes
     assert params[0] < sum(math.prod(s) for k, s in shapes.items() if "codebook_used" not in k) < params[1]
     with torch.device("meta"):
         converted = janus_convert.convert_state_dict({k: torch.empty(s) for k, s in shapes.items()})
@@ -56,6 +56,30 @@ def test_full_size_release_maps_onto_transformers_janus_key_for_key(size, params
         assert getattr(got_vq, name) == getattr(vq, name), name
     assert list(got_vq.channel_multiplier) == list(vq.channel_multiplier) and got_vq.num_patches == 24
     assert not model.config.tie_word_embeddings  # the original's lm_head is its own tensor
+
+
+@pytest.mark.parametrize("size", ["1B", "7B"])
+def test_full_size_transformers_layout_is_what_the_conversion_writes(size):
+    """deepseek-community/Janus-Pro-{size}: the config as transformers' convert_janus_weights_to_hf.py builds
+    it (language_config's sizes; the vision and VQ defaults with the aligner/head widths) has the same
+    keys and shapes, on the meta device, as proxytune's conversion of the release."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    config = release.full_config(size)
+    lang, params = config["language_config"], {p: config[p]["params"] for p in config if p.endswith("_config") and p != "language_config"}
+    text = LlamaConfig(**{k: lang[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                               "num_attention_heads", "num_key_value_heads", "max_position_embeddings")})
+    vision = JanusVisionConfig(image_size=params["vision_config"]["image_size"],
+                               projection_dim=params["aligner_config"]["n_embed"], depth=params["aligner_config"]["depth"])
+    vq = JanusVQVAEConfig(embed_dim=params["gen_vision_config"]["n_embed"],
+                          num_embeddings=params["gen_vision_config"]["image_token_size"],
+                          projection_dim=params["gen_aligner_config"]["n_embed"],
+                          image_token_embed_dim=params["gen_head_config"]["image_token_embed"])
+    ours = janus_convert.build_config(janus_convert.janus_config_kwargs(config, release.release_shapes(config), image_token_id=1))
+    with torch.device("meta"):
+        theirs = JanusForConditionalGeneration(JanusConfig(text_config=text, vision_config=vision, vq_config=vq))
+        converted = JanusForConditionalGeneration(ours)
+    assert {k: v.shape for k, v in converted.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
 
 
 # -- the conversion against the original's computation ------------------------------------------------

@@ -329,10 +329,16 @@ def convert_release(src: str, out_dir: str | Path) -> dict:
     folder = resolve_source(src)
     ref = f"Janus checkpoint {src!r}"
     config = read_release_config(folder, src)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that multi_modality is not a type it knows
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         raise ProxytuneError(f"{ref}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
         tokenizer.pad_token = PAD
     weights = read_release_weights(folder, src)
