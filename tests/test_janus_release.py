@@ -232,6 +232,14 @@ def test_any_load_failure_is_one_line_naming_the_checkpoint(janus_folders, tmp_p
     message = str(err.value)
     assert message.startswith(f"student model {str(broken)!r}: cannot load") and "\n" not in message
     assert "language_model" in message  # names the tensor
+    from safetensors.torch import load_file, save_file
+
+    missing = shutil.copytree(janus_folders["converted"], tmp_path / "missing")
+    tensors = load_file(missing / "model.safetensors")
+    del tensors["model.generation_head.vision_head.bias"]  # transformers alone would re-initialise it silently
+    save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ProxytuneError, match="lacks tensor 'model.generation_head.vision_head.bias'"):
+        students.load_student(str(missing))
     truncated = shutil.copytree(janus_folders["converted"], tmp_path / "truncated")
     data = (truncated / "model.safetensors").read_bytes()
     (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])

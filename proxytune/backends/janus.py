@@ -277,12 +277,23 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
     """
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: what matters in it is raised below, in one line
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path)  # in the dtype config.json declares
+        # in the dtype config.json declares (bf16 for the releases)
+        model, info = JanusForConditionalGeneration.from_pretrained(path, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
         detail = _mismatched_tensor(path) or _first_line(err)
         raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {detail}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would train and sample from freshly initialised tensors
+        raise ProxytuneError(f"student model {ref!r}: the Janus checkpoint in {path} lacks tensor {missing[0]!r} "
+                             f"({len(missing)} missing)")
     if tokenizer.pad_token is None:  # prompts are left-padded (masked); the original's pad token, as its CFG rows
         tokenizer.pad_token = PAD
     meta_path = Path(path) / STUDENT_META
