@@ -171,7 +171,33 @@ def _original_codes(w, pixels):
     return distance.argmin(-1)
 
 
-def test_converted_vq_codes_equal_the_originals_cosine_quantizer(janus_folders):
+def _original_decode(w, codes):
+    """vq_model.py decode_code: the l2-normalised codebook entries, post_quant_conv, the Decoder (conv_blocks[0]
+    the deepest level, nearest-neighbour upsampling + conv), as a (B, S, S, 3) uint8 array as generation_inference.py
+    writes it."""
+    p = "gen_vision_model."
+    w = {k[len(p):]: v for k, v in w.items() if k.startswith(p)}
+    grid = int(codes.shape[1] ** 0.5)
+    z = F.normalize(w["quantize.embedding.weight"], dim=-1)[codes].view(len(codes), grid, grid, -1).permute(0, 3, 1, 2)
+    h = _conv(_conv(z, w, "post_quant_conv", padding=0), w, "decoder.conv_in")
+    h = _res(_attn(_res(h, w, "decoder.mid.0"), w, "decoder.mid.1"), w, "decoder.mid.2")
+    levels = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("decoder.conv_blocks."))
+    for level in range(levels):
+        for r in range(1 + max(int(k.split(".")[4]) for k in w if k.startswith(f"decoder.conv_blocks.{level}.res."))):
+            h = _res(h, w, f"decoder.conv_blocks.{level}.res.{r}")
+            if f"decoder.conv_blocks.{level}.attn.{r}.q.weight" in w:
+                h = _attn(h, w, f"decoder.conv_blocks.{level}.attn.{r}")
+        if level != levels - 1:
+            h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), w, f"decoder.conv_blocks.{level}.upsample.conv")
+    h = _conv(F.silu(_gn(h, w, "decoder.norm_out")), w, "decoder.conv_out")
+    return ((h.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1)  # before the cast to uint8
+
+
+def test_converted_vq_codes_and_images_equal_the_originals(janus_folders):
+    """The codes stage's encoding and the sampler's decoding of the converted VQ, in float32, against the
+    original's VQ-16 forward written from vq_model.py."""
+    import numpy as np
+
     w = _release_weights(janus_folders["original"])
     bundle = students.load_student(str(janus_folders["converted"]))
     bundle.model.float()
@@ -179,8 +205,12 @@ def test_converted_vq_codes_equal_the_originals_cosine_quantizer(janus_folders):
     pixels = torch.rand(2, 3, bundle.image_size, bundle.image_size) * 2 - 1
     with torch.no_grad():
         expected = _original_codes(w, pixels)
+        decoded = _original_decode(w, expected)
     assert expected.shape == (2, bundle.seq_len) and len(expected.unique()) > 4
     assert torch.equal(bundle.encode_images(pixels), expected)
+    images = np.stack([np.asarray(image) for image in bundle.decode_codes(expected)]).astype(np.float32)
+    assert images.shape == (2, bundle.image_size, bundle.image_size, 3) and images.std() > 1
+    assert np.abs(images - decoded.numpy()).max() <= 0.5 + 1e-3  # the same values, rounded to uint8
 
 
 # -- every stage in the release's dtype (bf16), through the stage code --------------------------------
@@ -247,8 +277,9 @@ def test_any_load_failure_is_one_line_naming_the_checkpoint(janus_folders, tmp_p
         students.load_student(str(truncated))
 
 
-def test_convert_cli_takes_a_single_file_release_and_is_staged(janus_folders, tmp_path):
-    """The one-file layout (pytorch_model.bin), the CLI's exit codes, and an unknown tensor named."""
+def test_convert_cli_takes_a_single_file_release_and_is_staged(janus_folders, tmp_path, monkeypatch):
+    """The one-file layout (pytorch_model.bin), a hub id in the local cache, the CLI's exit codes, and an
+    unknown tensor named."""
     from click.testing import CliRunner
 
     from proxytune.cli.convert import convert
@@ -267,7 +298,27 @@ def test_convert_cli_takes_a_single_file_release_and_is_staged(janus_folders, tm
     assert result.exit_code == 2 and "already exists" in result.output
     result = CliRunner().invoke(convert, ["janus", str(janus_folders["transformers"]), str(tmp_path / "x")])
     assert result.exit_code == 2 and "already transformers' Janus layout" in result.output
+    # a hub id resolves in the local Hugging Face cache only (nothing is downloaded)
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--deepseek-ai--Janus-Pro-1B"
+    shutil.copytree(single, snapshot / "snapshots" / ("a" * 40))
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = CliRunner().invoke(convert, ["janus", "deepseek-ai/Janus-Pro-1B", str(tmp_path / "from-hub")])
+    assert result.exit_code == 0 and (tmp_path / "from-hub" / "model.safetensors").exists(), result.output
+    result = CliRunner().invoke(convert, ["janus", "deepseek-ai/Janus-Pro-7B", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "not in the local Hugging Face cache" in result.output
     torch.save({**weights, "gen_head.extra.weight": torch.zeros(1, dtype=torch.bfloat16)}, single / "pytorch_model.bin")
     result = CliRunner().invoke(convert, ["janus", str(single), str(tmp_path / "y")])
     assert result.exit_code == 2 and "'gen_head.extra.weight'" in result.output
     assert not (tmp_path / "y").exists() and not list(tmp_path.glob(".y.staging-*"))
+
+
+def test_builtin_tiny_janus_runs_in_bf16():
+    """proxytune's own tiny, loaded in bf16: float32 pixels used to meet the VQ's bf16 convolutions."""
+    bundle = students.load_student("tiny-janus")
+    bundle.model.to(torch.bfloat16)
+    codes = bundle.encode_images(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert codes.shape == (1, 64) and bundle.decode_codes(codes)[0].size == (64, 64)
