@@ -24,7 +24,8 @@ What the conversion does, read from the originals:
 - the language model's `lm_head` is kept as its own tensor (`tie_word_embeddings: false`), as in the
   original's LlamaForCausalLM;
 - the tokenizer is re-saved as is, with `<｜▁pad▁｜>` as its pad token when it names none (the original
-  pads its CFG rows with that token; proxytune left-pads prompts with it).
+  pads its CFG rows with that token; proxytune left-pads prompts with it); preprocessor_config.json
+  becomes transformers' Janus image processor with the release's size, mean/std and rescale values.
 
 The output folder is written staged: complete or absent.
 """
@@ -356,14 +357,28 @@ def convert_release(src: str, out_dir: str | Path) -> dict:
         model = JanusForConditionalGeneration(janus_config)
     check_layout(model.state_dict(), converted, ref)
     model.load_state_dict(converted, strict=True, assign=True)
-    _materialise_buffers(model, janus_config)
+    _materialise_buffers(model)
     with staged_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for name in ("preprocessor_config.json", "processor_config.json"):  # the original's, kept for reference
-            if (folder / name).is_file():
-                (tmp / f"original_{name}").write_bytes((folder / name).read_bytes())
+        _image_processor(folder, ref).save_pretrained(tmp)
     return {"dtype": declared, "image_size": kwargs["vision_config"]["image_size"], "tensors": len(converted)}
+
+
+def _image_processor(folder: Path, ref: str):
+    """transformers' Janus image processor with the release's preprocessor_config.json values (VLMImageProcessor:
+    image_size, mean/std, min_size, rescale_factor, do_normalize), as transformers' own conversion sets them."""
+    from transformers import JanusImageProcessorPil
+
+    file = folder / "preprocessor_config.json"
+    try:
+        original = json.loads(file.read_text()) if file.is_file() else {}
+    except Exception as err:
+        raise ProxytuneError(f"{ref}: cannot read {file.name} ({type(err).__name__})") from None
+    kwargs = {k: original[k] for k in ("do_normalize", "image_mean", "image_std", "min_size", "rescale_factor") if k in original}
+    if "image_size" in original:
+        kwargs["size"] = {"height": original["image_size"], "width": original["image_size"]}
+    return JanusImageProcessorPil(**kwargs)
 
 
 def check_layout(expected: dict, converted: dict, ref: str) -> None:
@@ -379,7 +394,7 @@ def check_layout(expected: dict, converted: dict, ref: str) -> None:
                                  f"transformers' Janus expects {tuple(tensor.shape)}")
 
 
-def _materialise_buffers(model, config) -> None:
+def _materialise_buffers(model) -> None:
     """Non-persistent buffers built on the meta device (rotary frequencies, position ids): rebuilt on CPU."""
     import torch
 

@@ -57,14 +57,16 @@ LANGUAGE = {  # RECONSTRUCTED (see the module docstring)
 
 
 def release_config(*, hidden_size: int, intermediate_size: int, num_hidden_layers: int, num_attention_heads: int,
-                   vocab_size: int = 102400, image_size: int = 384, codebook: int = 16384, max_position_embeddings: int = 16384) -> dict:
+                   vision_width: int, vocab_size: int = 102400, image_size: int = 384, codebook: int = 16384,
+                   max_position_embeddings: int = 16384) -> dict:
     """config.json of a multi_modality release (the fields MultiModalityConfig reads, sorted as
     transformers 4.33 writes them)."""
     def part(cls: str, model_type: str, **params) -> dict:
         return {"cls": cls, "model_type": model_type, "params": params}
 
     return {
-        "aligner_config": part("MlpProjector", "aligner", depth=2, input_dim=None, n_embed=hidden_size, projector_type="mlp_gelu"),
+        "aligner_config": part("MlpProjector", "aligner", depth=2, input_dim=vision_width, n_embed=hidden_size,
+                               projector_type="mlp_gelu"),
         "architectures": ["MultiModalityCausalLM"],
         "gen_aligner_config": part("MlpProjector", "gen_aligner", depth=2, input_dim=8, n_embed=hidden_size,
                                    projector_type="mlp_gelu"),
@@ -85,16 +87,13 @@ def release_config(*, hidden_size: int, intermediate_size: int, num_hidden_layer
 
 def full_config(size: str) -> dict:
     """deepseek-ai/Janus-Pro-{size}'s config.json at full size (RECONSTRUCTED, see the module docstring)."""
-    config = release_config(**LANGUAGE[size])
-    config["aligner_config"]["params"]["input_dim"] = SIGLIP_L["width"]
-    return config
+    return release_config(**LANGUAGE[size], vision_width=SIGLIP_L["width"])
 
 
 def tiny_config(vocab_size: int) -> dict:
-    config = release_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=vocab_size, image_size=64, codebook=TINY_VQ["codebook"], max_position_embeddings=256)
-    config["aligner_config"]["params"]["input_dim"] = TINY_SIGLIP["width"]
-    return config
+    return release_config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          vision_width=TINY_SIGLIP["width"], vocab_size=vocab_size, image_size=64,
+                          codebook=TINY_VQ["codebook"], max_position_embeddings=256)
 
 
 # -----------------------------------------------------------------------------
