@@ -283,7 +283,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
     hf_logging.set_verbosity_error()  # transformers' load report: what matters in it is raised below, in one line
     try:
         # in the dtype config.json declares (bf16 for the releases)
-        model, info = JanusForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+        model, info = JanusForConditionalGeneration.from_pretrained(path, dtype="auto", output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
         detail = _mismatched_tensor(path) or _first_line(err)

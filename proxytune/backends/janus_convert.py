@@ -368,7 +368,10 @@ def convert_release(src: str, out_dir: str | Path) -> dict:
 def _image_processor(folder: Path, ref: str):
     """transformers' Janus image processor with the release's preprocessor_config.json values (VLMImageProcessor:
     image_size, mean/std, min_size, rescale_factor, do_normalize), as transformers' own conversion sets them."""
-    from transformers import JanusImageProcessorPil
+    try:
+        from transformers import JanusImageProcessorPil as processor_class  # transformers 5: no torchvision needed
+    except ImportError:
+        from transformers import JanusImageProcessor as processor_class
 
     file = folder / "preprocessor_config.json"
     try:
@@ -378,7 +381,7 @@ def _image_processor(folder: Path, ref: str):
     kwargs = {k: original[k] for k in ("do_normalize", "image_mean", "image_std", "min_size", "rescale_factor") if k in original}
     if "image_size" in original:
         kwargs["size"] = {"height": original["image_size"], "width": original["image_size"]}
-    return JanusImageProcessorPil(**kwargs)
+    return processor_class(**kwargs)
 
 
 def check_layout(expected: dict, converted: dict, ref: str) -> None:
