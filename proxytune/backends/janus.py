@@ -235,7 +235,7 @@ def materialize_tiny() -> Path:
 
 
 def _first_line(err: Exception) -> str:
-    """The error's first non-empty line (transformers' size-mismatch report names the key there)."""
+    """The error's type and first non-empty line (a traceback-free summary for the one-line message)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
@@ -276,7 +276,6 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
         ProxytuneError: any load failure, in one line naming the checkpoint and what failed.
     """
     from transformers import AutoTokenizer, JanusForConditionalGeneration
-
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
