@@ -100,9 +100,11 @@ class JanusStudent:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, L) codes: cosine-nearest codebook entries, as the original."""
         vq = self._janus.vqmodel
-        z = vq.quant_conv(vq.encoder(pixels.to(self._device)))  # (B, D, g, g)
-        z = F.normalize(z.permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
-        codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)  # (K, D)
+        # pixels in the VQ's own dtype (a bf16 release's convolutions refuse float32 input); the nearest-code
+        # search in float32, so near-ties do not depend on the weights' precision
+        z = vq.quant_conv(vq.encoder(pixels.to(self._device, vq.quant_conv.weight.dtype)))  # (B, D, g, g)
+        z = F.normalize(z.float().permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
+        codebook = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)  # (K, D)
         return (z @ codebook.T).argmax(-1)
 
     @torch.no_grad()
@@ -232,15 +234,67 @@ def materialize_tiny() -> Path:
     return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
 
 
-def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
-    """A Janus checkpoint in transformers format, frozen, in eval mode."""
-    from transformers import AutoTokenizer, JanusForConditionalGeneration
+def _first_line(err: Exception) -> str:
+    """The error's type and first non-empty line (a traceback-free summary for the one-line message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
+
+def _mismatched_tensor(path: str) -> str | None:
+    """The first tensor whose file shape differs from what config.json builds, or that one side lacks.
+
+    transformers reports size mismatches in a log and raises a line without the key; this names it.
+    Best effort (None when the files cannot tell): it reads only safetensors headers and builds the
+    model on the meta device."""
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path)
+        from safetensors import safe_open
+        from transformers import JanusConfig, JanusForConditionalGeneration
+
+        folder = Path(path)
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        saved = {}
+        for name in files:
+            with safe_open(folder / name, "pt") as f:
+                saved |= {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        with torch.device("meta"):
+            model = JanusForConditionalGeneration(JanusConfig.from_pretrained(path))
+        for key, tensor in model.state_dict().items():
+            if key not in saved and key != "lm_head.weight":  # lm_head may be tied to the embeddings
+                return f"tensor {key!r} is missing from the checkpoint files"
+            if key in saved and saved[key] != tuple(tensor.shape):
+                return f"tensor {key!r} has shape {saved[key]} in the files, config.json builds {tuple(tensor.shape)}"
+    except Exception:
+        return None
+    return None
+
+
+def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
+    """A Janus checkpoint in transformers format, in the dtype its config declares, frozen, in eval mode.
+
+    Raises:
+        ProxytuneError: any load failure, in one line naming the checkpoint and what failed.
+    """
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' load report: what matters in it is raised below, in one line
+    try:
+        # in the dtype config.json declares (bf16 for the releases)
+        model, info = JanusForConditionalGeneration.from_pretrained(path, dtype="auto", output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint ({err})") from None
+    except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
+        detail = _mismatched_tensor(path) or _first_line(err)
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {detail}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would train and sample from freshly initialised tensors
+        raise ProxytuneError(f"student model {ref!r}: the Janus checkpoint in {path} lacks tensor {missing[0]!r} "
+                             f"({len(missing)} missing)")
+    if tokenizer.pad_token is None:  # prompts are left-padded (masked); the original's pad token, as its CFG rows
+        tokenizer.pad_token = PAD
     meta_path = Path(path) / STUDENT_META
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     vq = model.config.vq_config

@@ -3,7 +3,8 @@
 A folder (or hub repo) is one of:
 - proxytune's LlamaGen layout: proxytune_student.json ({"backend": "llamagen", "image_size": S}),
   transformer/, vqvae/, text_encoder/, tokenizer/ (a missing "backend" key means llamagen);
-- a transformers Janus checkpoint: config.json with model_type "janus";
+- a transformers Janus checkpoint: config.json with model_type "janus" (a released deepseek-ai/Janus-Pro
+  folder, model_type "multi_modality", is refused with the `proxytune convert janus` command to run);
 - a Lumina-mGPT checkpoint: config.json with model_type "chameleon" (plus proxytune_student.json
   naming its VQ decoder folder, since transformers has no Chameleon VQ decoder).
 """
@@ -68,6 +69,10 @@ def detect_backend(path: str, ref: str) -> str:
     config = _read_json(path, "config.json")
     if config is not None:
         model_type = config.get("model_type")
+        if model_type == "multi_modality":  # deepseek-ai/Janus-Pro-* as released: converted once, never loaded
+            from proxytune.backends.janus_convert import multi_modality_message
+
+            raise ProxytuneError(multi_modality_message(ref))
         if model_type in STUDENT_MODEL_TYPES:
             return STUDENT_MODEL_TYPES[model_type]
         raise ProxytuneError(f"student model {ref!r}: config.json model_type {model_type!r} is not an AR student proxytune trains")

@@ -89,6 +89,22 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     click.echo(f"wrote {out} (backend lumina-mgpt, {image_size} px, weights from {source}); use it as student.model")
 
 
+@convert.command(name="janus")
+@click.argument("src")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@user_errors
+def convert_janus(src: str, out_dir: str) -> None:
+    """deepseek-ai/Janus-Pro-1B or -7B as released (model_type multi_modality), a folder or a hub id in the
+    local Hugging Face cache -> transformers' Janus layout in OUT_DIR, for `student.model`.
+
+    The weights keep the release's dtype (bf16); the folder is written whole or not at all."""
+    from proxytune.backends import janus_convert
+
+    meta = janus_convert.convert_release(src, out_dir)
+    click.echo(f"wrote {out_dir} (backend janus, {meta['image_size']} px, {meta['dtype']}, {meta['tensors']} tensors); "
+               "use it as student.model")
+
+
 @convert.command(name="stylear")
 @click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("out_dir", type=click.Path(file_okay=False))
