@@ -14,6 +14,12 @@ def test_prompts_are_left_padded():
     assert cond.shape == (2, 2, janus.TINY_PROMPT_LEN) and cond[0, 1].sum() < cond[1, 1].sum()  # left padding
 
 
+def test_a_prompt_longer_than_the_context_keeps_its_image_start_token():
+    bundle = students.load_student("tiny-janus")
+    cond = bundle.encode_prompts(["a " * 200 + "dog"])
+    assert cond[0, 1].all() and cond[0, 0, -1] == bundle.image_start_id  # cut at its start, not its end
+
+
 def test_quantizer_is_cosine_as_the_original_not_transformers_euclidean():
     bundle = students.load_student("tiny-janus")
     vq = bundle._janus.vqmodel

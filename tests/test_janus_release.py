@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from conftest import make_params, tiny_spec
 from proxytune.backends import janus_convert, students
+from proxytune.backends.student_meta import JANUS_CONVERT_FIX
 from proxytune.errors import ProxytuneError
 from releases import janus as release
 
@@ -248,7 +249,7 @@ def test_released_layout_as_student_is_refused_with_the_convert_command(janus_fo
     ref = str(janus_folders["original"])
     with pytest.raises(ProxytuneError) as err:
         students.load_student(ref)
-    assert str(err.value) == janus_convert.multi_modality_message(ref)
+    assert str(err.value) == f"student model {ref!r}: config.json: {JANUS_CONVERT_FIX.format(src=ref)}"
     assert f"proxytune convert janus {ref} OUT" in str(err.value) and "\n" not in str(err.value)
 
 

@@ -65,6 +65,9 @@ class JanusStudent:
         if missing:
             raise ProxytuneError(f"student model {self.path!r}: the tokenizer's vocabulary lacks {', '.join(missing)}")
         self.pad_id, self.image_start_id = vocab[PAD], vocab[IMAGE_START]
+        # a long prompt loses its start, never the image-start token; transformers 5 ignores truncation_side
+        # as a call argument, so it is set on the tokenizer
+        self.tokenizer.truncation_side = "left"
 
     # -- sizes and LoRA ------------------------------------------------------------------------
     @property
@@ -119,7 +122,7 @@ class JanusStudent:
         """(B, 2, T): left-padded ids of the chat-formatted prompt + image-start token, and the mask."""
         texts = [PROMPT_FORMAT.format(prompt=p) + IMAGE_START for p in prompts]
         tokens = self.tokenizer(texts, padding="max_length", max_length=self.prompt_len, truncation=True,
-                                return_tensors="pt", padding_side="left", truncation_side="left")
+                                return_tensors="pt", padding_side="left")
         return torch.stack([tokens.input_ids, tokens.attention_mask], dim=1)
 
     def _uncond(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

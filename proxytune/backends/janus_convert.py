@@ -39,12 +39,6 @@ from pathlib import Path
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir
 
-# The one line a user gets wherever a released multi_modality folder is named as a student (student
-# detection here; the model pre-flight imports it): torch-free on purpose.
-MULTI_MODALITY_FIX = ("student model {ref!r}: config.json has model_type 'multi_modality' (the Janus repository's own "
-                      "layout, as deepseek-ai/Janus-Pro-1B and -7B ship), which proxytune does not load; convert it once "
-                      "with `proxytune convert janus {ref} OUT`, then name OUT as student.model")
-
 # janus/models/siglip_vit.py SigLIP_MODEL_CONFIG: what the weights cannot tell (heads; the rest is checked)
 SIGLIP_TOWERS = {
     "siglip_large_patch16_384": {"heads": 16, "patch_size": 16, "mlp_ratio": 4.0},
@@ -55,10 +49,6 @@ PAD = "<｜▁pad▁｜>"
 IMAGE_TAG = "<image_placeholder>"
 WEIGHT_FILES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.safetensors.index.json", "model.safetensors")
 SOURCE_FILES = ["config.json", "*.json", "*.bin", "*.safetensors", "tokenizer*"]
-
-
-def multi_modality_message(ref: str) -> str:
-    return MULTI_MODALITY_FIX.format(ref=ref)
 
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from proxytune.backends import tiny_cache
 from proxytune.backends.student_api import StudentBackend
-from proxytune.backends.student_meta import STUDENT_BACKENDS, STUDENT_META, STUDENT_MODEL_TYPES
+from proxytune.backends.student_meta import (JANUS_CONVERT_FIX, JANUS_ORIGINAL_MODEL_TYPE, STUDENT_BACKENDS, STUDENT_META,
+                                             STUDENT_MODEL_TYPES)
 from proxytune.toyworld.builtins import TOY_STUDENTS
 from proxytune.errors import ProxytuneError
 
@@ -69,10 +70,8 @@ def detect_backend(path: str, ref: str) -> str:
     config = _read_json(path, "config.json")
     if config is not None:
         model_type = config.get("model_type")
-        if model_type == "multi_modality":  # deepseek-ai/Janus-Pro-* as released: converted once, never loaded
-            from proxytune.backends.janus_convert import multi_modality_message
-
-            raise ProxytuneError(multi_modality_message(ref))
+        if model_type == JANUS_ORIGINAL_MODEL_TYPE:  # deepseek-ai/Janus-Pro-* as released: converted once, never loaded
+            raise ProxytuneError(f"student model {ref!r}: config.json: {JANUS_CONVERT_FIX.format(src=ref)}")
         if model_type in STUDENT_MODEL_TYPES:
             return STUDENT_MODEL_TYPES[model_type]
         raise ProxytuneError(f"student model {ref!r}: config.json model_type {model_type!r} is not an AR student proxytune trains")
