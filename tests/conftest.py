@@ -40,6 +40,16 @@ def project(tmp_path, dreambench, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, in offline mode."""
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
 def copy_images(src: Path, dst: Path, count: int | None = None) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for path in sorted(src.iterdir())[:count]:

@@ -43,16 +43,6 @@ def refused(project: Path, path: Path, key: str, *words: str) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, in offline mode."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return cache
-
-
 def cache_repo(cache: Path, repo: str, files: dict[str, str]) -> None:
     """Lay out `repo` in a Hugging Face cache as a download would (refs/main -> snapshots/COMMIT)."""
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -15,7 +15,7 @@ import pytest
 
 from proxytune import model_configs, preflight
 from proxytune.backends.student_meta import JANUS_CONVERT_FIX
-from test_model_preflight import cache_repo, fake_pipeline, fake_weights_folder, offline_hub, refused, write_spec  # noqa: F401
+from test_model_preflight import cache_repo, fake_pipeline, fake_weights_folder, refused, write_spec
 
 # deepseek-ai/Janus-Pro-7B's config.json fields as the Janus repository's MultiModalityConfig reads them
 # (values from the research notes; the hub file itself was not reachable, so the bytes are not the release's).
