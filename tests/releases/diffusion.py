@@ -132,7 +132,7 @@ RELEASES = {
 # added-embedding input = bigG projection + 6 x addition_time_embed_dim; SD3 pooled = the two CLIP
 # projections, joint dim = T5 d_model >= the two CLIP hiddens; FLUX pooled = CLIP hidden, joint = T5,
 # in_channels = 4 x VAE latent channels. The VAEs keep 4 blocks (x8 downsampling).
-_VAE = {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
+_VAE = {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1}
 _CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "projection_dim": 32}
 _T5 = {"d_model": 48, "d_ff": 64, "d_kv": 8, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2}
 SHRINK = {
@@ -230,19 +230,32 @@ def instantiate(name: str, component: str, config: dict) -> torch.nn.Module:
     return cls(config_class.from_dict(config))
 
 
+def released_key(model: torch.nn.Module, key: str) -> str:
+    """A state-dict key as the release's file names it. The releases were saved by transformers 4.22-4.43,
+    whose CLIPTextModel / CLIPVisionModel wrapped their transformer in a `text_model` / `vision_model`
+    attribute; transformers 5 dropped that level (and adds it back for CLIPTextModel when loading)."""
+    name = type(model).__name__
+    if name == "CLIPTextModel":
+        return f"text_model.{key}"
+    if name == "StableDiffusionSafetyChecker" and key.startswith("vision_model."):
+        return f"vision_model.{key}"
+    return key
+
+
 def state_dict_as_released(model: torch.nn.Module, dtype: torch.dtype, position_ids: bool) -> dict[str, torch.Tensor]:
-    """The tensors a release file holds: tied copies dropped (transformers saves `shared.weight` only),
-    floats in the release's dtype, CLIP's position_ids added where old transformers saved them."""
+    """The tensors a release file holds, under the release's key names: tied copies dropped (transformers
+    saves T5's `shared.weight` only), floats in the release's dtype, CLIP's position_ids added where old
+    transformers saved them. On the meta device nothing is dropped (meta tensors share no storage)."""
     out, seen = {}, set()
     for key, value in model.state_dict().items():
-        if value.data_ptr() in seen:
+        if not value.is_meta and value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
-        out[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
+        out[released_key(model, key)] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
     if position_ids:
         for key, buffer in model.named_buffers():
-            if key.endswith("embeddings.position_ids") and key not in out:
-                out[key] = buffer.clone()
+            if key.endswith("embeddings.position_ids") and released_key(model, key) not in out:
+                out[released_key(model, key)] = buffer.clone()
     return out
 
 
