@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from conftest import make_params, tiny_spec
+from conftest import copy_images, make_params, tiny_spec
 from proxytune.backends import diffusion, teacher_sizes
 from proxytune.errors import ProxytuneError
 from releases import diffusion as releases
@@ -147,16 +147,16 @@ def test_full_size_release_on_meta_device(release_folders, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_training_step_and_synthesis_in_the_release_dtype(project, release_folders, name):
-    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker  # noqa: F401
-
+def test_training_step_and_synthesis_in_the_release_dtype(project, dreambench, release_folders, name):
     from proxytune.stages import synthesis
     from proxytune.stages.teacher import TeacherTrainer
 
     precision, dtype_name = PRECISION[name]
+    copy_images(dreambench / "dog", project / "one", count=1)
     spec = tiny_spec(teacher={"model": str(release_folders[name]), "resolution": 64, "steps": 1, "batch_size": 1,
                               "mixed_precision": precision, "learning_rate": 1e-2},
-                     synthesis={"num_images": 1, "num_inference_steps": 2, "batch_size": 1, "dtype": dtype_name})
+                     synthesis={"num_images": 1, "num_inference_steps": 1, "batch_size": 1, "dtype": dtype_name})
+    spec["subjects"][0]["images"] = "../one"
     params = make_params(project, spec)
     recipe = TeacherTrainer(params)
     recipe.setup()

@@ -251,7 +251,7 @@ def state_dict_as_released(model: torch.nn.Module, dtype: torch.dtype, position_
         if not value.is_meta and value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
-        out[released_key(model, key)] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
+        out[released_key(model, key)] = (value.to(dtype) if value.is_floating_point() else value).contiguous()
     if position_ids:
         for key, buffer in model.named_buffers():
             if key.endswith("embeddings.position_ids") and released_key(model, key) not in out:
