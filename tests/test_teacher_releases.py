@@ -207,11 +207,20 @@ def _break(folder, how: str) -> str:
         tensors["decoder.conv_in.weight"] = torch.zeros(1, 1, 3, 3, dtype=torch.bfloat16)
         save_file(tensors, path)
         return "vae"
+    if how.startswith("missing key"):  # both libraries would initialise it at random and only log that
+        component, key = ("vae", "decoder.conv_out.bias") if how.endswith("diffusers") else \
+            ("text_encoder", "text_model.final_layer_norm.weight")
+        path = next((folder / component).glob("*.safetensors"))
+        tensors = load_file(path)
+        del tensors[key]
+        save_file(tensors, path)
+        return component
     (folder / "tokenizer_2/tokenizer.json").write_text("{not json")
     return "tokenizer_2"
 
 
-@pytest.mark.parametrize("how", ["truncated shard", "missing file", "wrong shape", "broken tokenizer"])
+@pytest.mark.parametrize("how", ["truncated shard", "missing file", "wrong shape", "missing key diffusers",
+                                 "missing key transformers", "broken tokenizer"])
 def test_a_broken_release_folder_is_one_line_naming_checkpoint_and_component(release_folders, tmp_path, how):
     folder = tmp_path / "flux"
     shutil.copytree(release_folders["flux-dev"], folder)
@@ -220,3 +229,5 @@ def test_a_broken_release_folder_is_one_line_naming_checkpoint_and_component(rel
         diffusion.load_pipeline(str(folder))
     message = str(err.value)
     assert "\n" not in message and str(folder) in message and f"({component}/)" in message, message
+    if how.startswith("missing key"):
+        assert "final_layer_norm.weight" in message or "decoder.conv_out.bias" in message

@@ -107,20 +107,50 @@ def _failing_component(err: BaseException) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Each diffusers / transformers model the pipeline names, loaded on its own so that its loading report
+    is seen: both libraries initialise a weight missing from the files at random and only log it, which
+    would train and sample a silently different teacher."""
+    import importlib
+
+    models = {}
+    for name, entry in _model_index(path, revision).items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
+            continue  # pipeline settings, absent components (null), the SD safety checker's own module
+        cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # tokenizers, schedulers and image processors: the pipeline loads those
+        try:
+            model, info = cls.from_pretrained(path, subfolder=name, revision=revision, dtype=dtype,
+                                              output_loading_info=True)
+        except Exception as err:
+            raise ProxytuneError(f"teacher model {ref!r} ({name}/): cannot load: {_one_line(err)}") from None
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise ProxytuneError(
+                f"teacher model {ref!r} ({name}/): key {missing[0]} is not in the weight files "
+                f"({len(missing)} missing); the folder is incomplete or of another architecture than its config.json"
+            )
+        models[name] = model
+    return models
+
+
 def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
     """The base text-to-image pipeline in `dtype`, every model frozen.
 
     Raises:
         ProxytuneError: no readable model_index.json, an unsupported pipeline class, or any failure while
-            diffusers / transformers load the files (a missing or truncated weight file, a key or shape
-            mismatch, an unreadable tokenizer), as one line naming the checkpoint and the component.
+            diffusers / transformers load the files (a missing or truncated weight file, a weight missing
+            from the files, a shape mismatch, an unreadable tokenizer), as one line naming the checkpoint and
+            the component.
     """
     from diffusers import DiffusionPipeline
 
     path = resolve(ref)
     family = detect_family(path, revision)
+    models = _load_models(ref, path, revision, dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
     except ProxytuneError:
         raise
     except Exception as err:
