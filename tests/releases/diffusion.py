@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -292,7 +292,7 @@ def _write_t5_tokenizer(folder: Path, configs: str) -> None:
     """tokenizer.json of a tiny T5 Unigram model (T5's normalisation-free layout: Metaspace, "</s>" appended),
     with the release's tokenizer_config.json / special_tokens_map.json (added-token ids moved to the tiny
     vocabulary). The release's spiece.model (sentencepiece) is not written: transformers reads tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
     extra = [f"<extra_id_{i}>" for i in range(99, -1, -1)]  # T5 puts <extra_id_99> first, <extra_id_0> last
@@ -303,8 +303,6 @@ def _write_t5_tokenizer(folder: Path, configs: str) -> None:
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                              special_tokens=[("</s>", 1)])
-    from tokenizers import AddedToken
-
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>", *extra)])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
