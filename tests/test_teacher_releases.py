@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from conftest import copy_images, make_params, tiny_spec
+from proxytune import preflight
 from proxytune.backends import diffusion, teacher_sizes
 from proxytune.errors import ProxytuneError
 from releases import diffusion as releases
@@ -74,6 +75,8 @@ def test_folder_is_laid_out_as_released_and_loads_every_weight(release_folders, 
         assert set(expected) == set(loaded), component
         for key, value in expected.items():
             assert torch.equal(value.to(weights.dtype).float(), loaded[key].float()), (component, key)
+    # pre-flight reads the same folder without loading it: it passes, and knows the resolution multiple
+    preflight.check_model(str(folder), "teacher", folder.parent)
     assert teacher_sizes.resolution_multiple(str(folder), folder) == MULTIPLE[name]
 
 
@@ -181,6 +184,18 @@ def test_training_step_and_synthesis_in_the_release_dtype(project, dreambench, r
 
     image = np.asarray(Image.open(scratch / "00000.png"), dtype=np.float32)
     assert image.shape == (64, 64, 3) and image.std() > 0  # decoded, not a NaN-black or constant frame
+
+
+def test_auto_generation_dtype_is_float32_on_cpu_and_bfloat16_on_a_bf16_gpu(monkeypatch):
+    from proxytune.stages import runtime
+
+    assert runtime.generation_dtype("auto") == torch.float32  # CPU: the suite's numbers stay
+    assert runtime.generation_dtype("float16") == torch.float16
+    monkeypatch.setattr(runtime, "device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.generation_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.generation_dtype("auto") == torch.float32
 
 
 def test_a_bad_synthesis_dtype_is_a_clear_error():
