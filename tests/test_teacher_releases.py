@@ -246,3 +246,22 @@ def test_a_broken_release_folder_is_one_line_naming_checkpoint_and_component(rel
     assert "\n" not in message and str(folder) in message and f"({component}/)" in message, message
     if how.startswith("missing key"):
         assert "final_layer_norm.weight" in message or "decoder.conv_out.bias" in message
+
+
+def test_pipeline_support_is_told_from_model_index_alone(release_folders, tmp_path):
+    assert set(teacher_sizes.SUPPORTED_PIPELINES) == set(diffusion.FAMILIES)
+    for folder in release_folders.values():
+        assert teacher_sizes.pipeline_problem(str(folder), tmp_path) is None
+    other = tmp_path / "kandinsky"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    problem = teacher_sizes.pipeline_problem(str(other), tmp_path)
+    assert "KandinskyV22Pipeline" in problem and "StableDiffusionXLPipeline" in problem and "\n" not in problem
+
+
+def test_a_broken_adapter_is_one_line_naming_the_file(release_folders, tmp_path):
+    (tmp_path / diffusion.LORA_WEIGHT_NAME).write_bytes(b"not safetensors")
+    with pytest.raises(ProxytuneError) as err:
+        diffusion.load_pipeline_with_lora(str(release_folders["sd15"]), tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(tmp_path / diffusion.LORA_WEIGHT_NAME) in message, message
