@@ -75,6 +75,8 @@ def test_folder_is_laid_out_as_released_and_loads_every_weight(release_folders, 
         assert set(expected) == set(loaded), component
         for key, value in expected.items():
             assert torch.equal(value.to(weights.dtype).float(), loaded[key].float()), (component, key)
+    # the latent scale the teacher step and sampling use (SD 1.5's config omits it: diffusers' default)
+    assert pipe.vae.config.scaling_factor == {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305, "flux-dev": 0.3611}[name]
     # pre-flight reads the same folder without loading it: it passes, and knows the resolution multiple
     preflight.check_model(str(folder), "teacher", folder.parent)
     assert teacher_sizes.resolution_multiple(str(folder), folder) == MULTIPLE[name]
