@@ -288,10 +288,32 @@ def _write_clip_tokenizer(folder: Path, configs: str) -> None:
         shutil.copyfile(real_configs() / configs / file, folder / file)
 
 
+def _write_spiece_model(path: Path, vocab: list[tuple[str, float]]) -> None:
+    """A sentencepiece ModelProto as T5's spiece.model is laid out: <pad> and </s> control pieces, <unk>,
+    then the pieces (the 100 extra ids are not in it; the tokenizer adds them), Unigram, pad 0, eos 1, unk 2,
+    no bos."""
+    from transformers.utils import sentencepiece_model_pb2_new as sp
+
+    model = sp.ModelProto()
+    kinds = {"<pad>": sp.ModelProto.SentencePiece.CONTROL, "</s>": sp.ModelProto.SentencePiece.CONTROL,
+             "<unk>": sp.ModelProto.SentencePiece.UNKNOWN}
+    for piece, score in vocab:
+        model.pieces.add(piece=piece, score=score, type=kinds.get(piece, sp.ModelProto.SentencePiece.NORMAL))
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size = sp.TrainerSpec.UNIGRAM, len(vocab)
+    spec.pad_id, spec.eos_id, spec.unk_id, spec.bos_id = 0, 1, 2, -1
+    model.normalizer_spec.name = "nmt_nfkc"
+    model.normalizer_spec.add_dummy_prefix = True
+    model.normalizer_spec.remove_extra_whitespaces = True
+    model.normalizer_spec.escape_whitespaces = True
+    path.write_bytes(model.SerializeToString())
+
+
 def _write_t5_tokenizer(folder: Path, configs: str) -> None:
-    """tokenizer.json of a tiny T5 Unigram model (T5's normalisation-free layout: Metaspace, "</s>" appended),
-    with the release's tokenizer_config.json / special_tokens_map.json (added-token ids moved to the tiny
-    vocabulary). The release's spiece.model (sentencepiece) is not written: transformers reads tokenizer.json."""
+    """A tiny T5 Unigram tokenizer in the release's four files: spiece.model (the sentencepiece model proto),
+    tokenizer.json (Metaspace, "</s>" appended), and the release's tokenizer_config.json /
+    special_tokens_map.json (added-token ids moved to the tiny vocabulary). The Unigram scores are made up
+    and no NFKC charsmap is written: prompts of plain ASCII tokenize the same either way."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
@@ -306,6 +328,7 @@ def _write_t5_tokenizer(folder: Path, configs: str) -> None:
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "</s>", "<unk>", *extra)])
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(folder / "tokenizer.json"))
+    _write_spiece_model(folder / "spiece.model", vocab[: 3 + len(_T5_PIECES)])
     ids = {token: tokenizer.token_to_id(token) for token in ("<pad>", "</s>", "<unk>", *extra)}
     config = _read(f"{configs}/tokenizer_config.json")
     config["added_tokens_decoder"] = {str(ids[entry["content"]]): entry for entry in config["added_tokens_decoder"].values()}
