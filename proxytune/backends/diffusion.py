@@ -55,7 +55,10 @@ def resolve(ref: str) -> str:
 def _model_index(path_or_id: str, revision: str | None) -> dict:
     local = Path(path_or_id) / "model_index.json"
     if local.exists():
-        return json.loads(local.read_text())
+        try:
+            return json.loads(local.read_text())
+        except (OSError, ValueError) as err:
+            raise ProxytuneError(f"teacher model {path_or_id!r}: {local}: not readable JSON ({err})") from None
     from huggingface_hub import hf_hub_download
 
     try:
@@ -86,22 +89,93 @@ def denoiser(pipe):
     return getattr(pipe, family_of(pipe).denoiser)
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """`ClassName: first line of the message`, cut to `limit` characters."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{err.__class__.__name__}: {lines[0]}" if lines else err.__class__.__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failing_component(err: BaseException) -> str | None:
+    """The pipeline component diffusers was loading when `err` was raised (its `load_sub_model(name=...)`
+    frame), or None. diffusers' own messages often name a file or class but not the component."""
+    tb, name = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_sub_model":
+            name = tb.tb_frame.f_locals.get("name")
+        tb = tb.tb_next
+    return name if isinstance(name, str) else None
+
+
+def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Each diffusers / transformers model the pipeline names, loaded on its own so that its loading report
+    is seen: both libraries initialise a weight missing from the files at random and only log it, which
+    would train and sample a silently different teacher."""
+    import importlib
+
+    models = {}
+    for name, entry in _model_index(path, revision).items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
+            continue  # pipeline settings, absent components (null), the SD safety checker's own module
+        cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # tokenizers, schedulers and image processors: the pipeline loads those
+        try:
+            model, info = cls.from_pretrained(path, subfolder=name, revision=revision, dtype=dtype,
+                                              output_loading_info=True)
+        except Exception as err:
+            raise ProxytuneError(f"teacher model {ref!r} ({name}/): cannot load: {_one_line(err)}") from None
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise ProxytuneError(
+                f"teacher model {ref!r} ({name}/): key {missing[0]} is not in the weight files "
+                f"({len(missing)} missing); the folder is incomplete or of another architecture than its config.json"
+            )
+        models[name] = model
+    return models
+
+
 def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """The base text-to-image pipeline, every model frozen."""
+    """The base text-to-image pipeline in `dtype`, every model frozen.
+
+    Raises:
+        ProxytuneError: no readable model_index.json, an unsupported pipeline class, or any failure while
+            diffusers / transformers load the files (a missing or truncated weight file, a weight missing
+            from the files, a shape mismatch, an unreadable tokenizer), as one line naming the checkpoint and
+            the component.
+    """
     from diffusers import DiffusionPipeline
 
     path = resolve(ref)
     family = detect_family(path, revision)
-    pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype)
+    models = _load_models(ref, path, revision, dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
+    except ProxytuneError:
+        raise
+    except Exception as err:
+        component = _failing_component(err)
+        where = f" ({component}/)" if component else ""
+        raise ProxytuneError(f"teacher model {ref!r}{where}: cannot load: {_one_line(err)}") from None
     for name in (family.denoiser, "vae", *family.text_encoders):
         getattr(pipe, name).requires_grad_(False)
     return pipe
 
 
-def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = None, scale: float = 1.0, fuse: bool = True):
-    """Base pipeline + a saved teacher LoRA, fused for generation (no LoRA overhead per step)."""
-    pipe = load_pipeline(ref, revision=revision)
-    pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name="subject")
+def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = None, scale: float = 1.0,
+                            fuse: bool = True, dtype: torch.dtype = torch.float32):
+    """Base pipeline in `dtype` + a saved teacher LoRA, fused for generation (no LoRA overhead per step).
+
+    Raises:
+        ProxytuneError: the base pipeline does not load (see `load_pipeline`), or the adapter file does not
+            load into it.
+    """
+    pipe = load_pipeline(ref, revision=revision, dtype=dtype)
+    try:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name="subject")
+    except Exception as err:
+        raise ProxytuneError(f"teacher adapter {Path(lora_dir) / LORA_WEIGHT_NAME}: cannot load into teacher model "
+                             f"{ref!r}: {_one_line(err)}") from None
     if fuse:
         pipe.fuse_lora(lora_scale=scale)
         pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA modules

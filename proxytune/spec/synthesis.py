@@ -53,6 +53,12 @@ class SynthesisSpec(Strict):
         "i mod (1 + len(templates)) of [prompt, *templates].",
     )
     processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch) sharing the blocks.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype of the tuned teacher while it generates (synthesis, curation and the "
+        "evaluation's teacher samples). auto: bfloat16 on a CUDA GPU that has it, else float32 (so CPU runs stay "
+        "float32). float16 matches SD3-medium's release; on CPU it is slow. Training uses teacher.mixed_precision.",
+    )
     filter: FilterSpec = Field(default_factory=FilterSpec, description="Optional quality filter on the proxies.")
 
     @field_validator("prompt")

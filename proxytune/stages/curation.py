@@ -40,7 +40,7 @@ from proxytune.images import grid, open_rgb
 from proxytune.outputs import CuratedManifest, CurationRecord, RawPairs, TeacherRecord, read_record, write_record
 from proxytune.spec.style import STYLE_CURATION_PROMPT, captioned_images
 from proxytune.stages.params import StageParams, load_params
-from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
+from proxytune.stages.runtime import config_key, device, generation_dtype, seed_everything, stage_run
 from proxytune.stages.sampling import unfinished_blocks
 
 
@@ -68,7 +68,8 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
         return
     seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, teacher_dir / "adapter",
-                                             revision=params.teacher.revision, scale=synthesis.lora_scale)
+                                             revision=params.teacher.revision, scale=synthesis.lora_scale,
+                                             dtype=generation_dtype(synthesis.dtype))
     pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=sum(len(block) for block in todo), desc="curation", unit="img")

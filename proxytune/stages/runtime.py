@@ -18,6 +18,17 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+GENERATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def generation_dtype(choice: str) -> torch.dtype:
+    """`synthesis.dtype` as a torch dtype: "auto" is bfloat16 on a CUDA GPU that supports it, else float32."""
+    if choice == "auto":
+        cuda = device().type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    return GENERATION_DTYPES[choice]
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, numpy and torch globally (accelerate's `set_seed`, for library internals), ask torch
     for deterministic kernels where it has them, and return the stage's own generator."""

@@ -18,7 +18,7 @@ from proxytune.files import digest_dir, sha256_file, write_png_atomic
 from proxytune.images import is_readable, open_rgb
 from proxytune.outputs import StudentRecord, read_record
 from proxytune.stages.params import StageParams
-from proxytune.stages.runtime import base_model_tags, config_key, device
+from proxytune.stages.runtime import base_model_tags, config_key, device, generation_dtype
 
 
 def unfinished_blocks(paths: list[Path], size: int) -> list[list[int]]:
@@ -95,7 +95,8 @@ class TeacherSampler:
         base = "base:" + base_model_tags(t.model).get("base_model_digest", "")
         self.cache = SampleCache(TEACHER_SAMPLES, (digest_dir(self.adapter) if tuned else base, t.model, t.revision,
                                                    t.resolution, s.lora_scale if tuned else None,
-                                                   s.num_inference_steps, s.guidance_scale))
+                                                   s.num_inference_steps, s.guidance_scale,
+                                                   str(generation_dtype(s.dtype))))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
         self.random_init = tiny_cache.is_random_init(self.path)
@@ -104,11 +105,13 @@ class TeacherSampler:
     def pipe(self):
         if self._pipe is None:
             params = self.params
+            dtype = generation_dtype(params.synthesis.dtype)
             if self.adapter is None:
-                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision)
+                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision, dtype=dtype)
             else:
                 self._pipe = diffusion.load_pipeline_with_lora(
                     params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
+                    dtype=dtype,
                 )
             self._pipe.to(device())
             self._pipe.set_progress_bar_config(disable=True)

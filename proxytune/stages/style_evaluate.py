@@ -47,7 +47,7 @@ from proxytune.outputs import (Bootstrap, EvaluationMetrics, FlatMetrics, PerPro
                                StyleEvaluateRecord, StyleStudentRecord, TeacherRecord, read_record, write_record)
 from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, generated_prompts
 from proxytune.stages.params import StageParams, load_params
-from proxytune.stages.runtime import device, seed_everything, stage_run
+from proxytune.stages.runtime import device, generation_dtype, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, sample_prompts, seeds_for
 from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 
@@ -85,7 +85,8 @@ def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
     """The style teacher's images of "P, in {token} style" (what curation would add for P)."""
     s = params.synthesis
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, params.out("teacher") / "adapter",
-                                             revision=params.teacher.revision, scale=s.lora_scale)
+                                             revision=params.teacher.revision, scale=s.lora_scale,
+                                             dtype=generation_dtype(s.dtype))
     pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
     out = []

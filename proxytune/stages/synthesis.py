@@ -25,7 +25,7 @@ from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_fil
 from proxytune.images import grid, open_rgb
 from proxytune.outputs import ProxyManifest, SynthesisRecord, TeacherRecord, read_record, write_record
 from proxytune.stages.params import StageParams, load_params
-from proxytune.stages.runtime import config_key, device, seed_everything, stage_run
+from proxytune.stages.runtime import config_key, device, generation_dtype, seed_everything, stage_run
 from proxytune.stages.sampling import unfinished_blocks
 
 
@@ -65,7 +65,8 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
         tqdm.write(f"synthesis: resuming, {done} images already done")
     seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(
-        params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=synthesis.lora_scale
+        params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=synthesis.lora_scale,
+        dtype=generation_dtype(synthesis.dtype),
     )
     pipe.to(device())
     pipe.set_progress_bar_config(disable=True)
