@@ -251,13 +251,16 @@ def test_a_broken_release_folder_is_one_line_naming_checkpoint_and_component(rel
 
 
 def test_pipeline_support_is_told_from_model_index_alone(release_folders, tmp_path):
-    assert set(teacher_sizes.SUPPORTED_PIPELINES) == set(diffusion.FAMILIES)
+    from proxytune.preflight import ModelProblem, check_model
+
     for folder in release_folders.values():
-        assert teacher_sizes.pipeline_problem(str(folder), tmp_path) is None
+        check_model(str(folder), "teacher", tmp_path)
     other = tmp_path / "kandinsky"
     other.mkdir()
     (other / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
-    problem = teacher_sizes.pipeline_problem(str(other), tmp_path)
+    with pytest.raises(ModelProblem) as err:
+        check_model(str(other), "teacher", tmp_path)
+    problem = str(err.value)
     assert "KandinskyV22Pipeline" in problem and "StableDiffusionXLPipeline" in problem and "\n" not in problem
 
 

@@ -6,9 +6,6 @@ downsampling factor 2 ** (len(vae.block_out_channels) - 1):
 - sd, sdxl  lcm(f, 8): diffusers' SD and SDXL pipelines refuse a height or width not divisible by 8
 - sd3       f * transformer.patch_size: the MMDiT cuts the latent into patches
 - flux      f * 2: latents are packed 2x2 (FLUX's own pipeline silently shrinks other sizes; training crashes)
-
-`pipeline_problem` tells, from model_index.json alone, whether proxytune can train the pipeline at all, so
-pre-flight can refuse an unsupported one before the teacher stage loads it.
 """
 
 from __future__ import annotations
@@ -32,25 +29,6 @@ def multiple_from_configs(model_index: dict, vae: dict, transformer: dict | None
     if kind == "FluxPipeline":
         return factor * 2
     return None
-
-
-# The pipeline classes `diffusion.FAMILIES` trains (kept equal by a test; this module imports no torch).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-
-
-def pipeline_problem(ref: str, root: Path, revision: str | None = None) -> str | None:
-    """One line saying why the teacher `ref` cannot be trained (an unsupported pipeline class in its
-    model_index.json), or None when it can or when the file cannot be read without downloading."""
-    if ref in BUILTIN_MULTIPLES:
-        return None
-    model_index = _config_file(ref, "model_index.json", root, revision)
-    if model_index is None:
-        return None
-    kind = model_index.get("_class_name")
-    if kind in SUPPORTED_PIPELINES:
-        return None
-    return (f"teacher model {ref!r}: model_index.json names pipeline {kind}, which proxytune does not train "
-            f"(supported: {', '.join(SUPPORTED_PIPELINES)})")
 
 
 def _config_file(ref: str, name: str, root: Path, revision: str | None) -> dict | None:
