@@ -34,6 +34,8 @@ lacks one gets a clear error rather than a wrong layout. The built-in tiny model
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,7 +129,8 @@ class LuminaStudent:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self._chameleon.vqmodel.encode(pixels.to(self._device), return_dict=True)
+        vq = self._chameleon.vqmodel
+        out = vq.encode(pixels.to(self._device, next(vq.parameters()).dtype), return_dict=True)
         return out.image_tokens.view(pixels.shape[0], -1)
 
     @torch.no_grad()
@@ -184,7 +187,8 @@ class LuminaStudent:
         """Last hidden states of `ids`; `embed` (ids -> input embeddings), when given, makes the input
         embeddings instead of the embedding table (the style tokens, backends/style_student.py)."""
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
+        dtype = self._chameleon.embed_tokens.weight.dtype  # the checkpoint's (bfloat16 for the releases)
+        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids).to(dtype)}
         out = self._chameleon(**inputs, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                               use_cache=cache is not None)
         return out.last_hidden_state
@@ -292,24 +296,47 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
 
     proxytune_student.json names the VQGAN folder ("vq_decoder") and, optionally, where the
     Chameleon weights and the text tokenizer live ("model", "tokenizer": hub ids or folders, relative
-    to this one; default: here, and the tokenizer beside the weights).
+    to this one; default: here, and the tokenizer beside the weights). The language model loads in the
+    dtype its config declares (bfloat16 for the releases); the Chameleon VQ encoder runs in float32,
+    as the original's image tokenizer does. Both the released layout (q/k norms of shape
+    (model_parallel_size, head_dim), `expand_qk_norms`) and transformers' load.
+
+    Raises:
+        ProxytuneError: any failure to load the checkpoint, its tokenizer or the VQGAN folder, in one
+            line naming the checkpoint (and the key, for a weight that does not fit).
     """
     from diffusers import VQModel
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
     meta_path = Path(path) / STUDENT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (OSError, ValueError) as err:
+        raise ProxytuneError(f"student model {ref!r}: {meta_path}: unreadable ({err})") from None
     if "vq_decoder" not in meta:
         raise ProxytuneError(f"student model {ref!r}: proxytune_student.json must name its vq_decoder folder "
                              "(transformers has no Chameleon VQ decoder; `proxytune convert lumina-mgpt` writes one)")
     weights, text = (_beside(path, meta.get(key, meta.get("model", "."))) for key in ("model", "tokenizer"))
+    what = "checkpoint"
     try:
-        model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True)
+        # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there
+        model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
+                                                                        ignore_mismatched_sizes=True)
+        expand_qk_norms(model, info["mismatched_keys"], lambda key: _stored_tensor(weights, key), ref)
+        what = "text tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(text)
+        what = "VQGAN folder"
         decoder = VQModel.from_pretrained(str(Path(path) / meta["vq_decoder"]))
-    except OSError as err:
-        raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT checkpoint ({err})") from None
+    except ProxytuneError:
+        raise
+    except Exception as err:  # any failure of any type (bad JSON, missing shard, truncated file): one line
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        source = {"checkpoint": weights, "text tokenizer": text, "VQGAN folder": str(Path(path) / meta["vq_decoder"])}[what]
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT {what} {source} "
+                             f"({type(err).__name__}: {detail})") from None
+    _refuse_missing(info["missing_keys"], weights, ref)
     _fill_vq_encoder(model, decoder, info["missing_keys"], ref)
+    model.model.vqmodel.float()  # the original tokenizes images with its float32 VQGAN
     image_size = int(meta.get("image_size", model.config.vq_config.resolution))
     factor = 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
     if factor != 16 or image_size % SIZE_UNIT:
@@ -320,6 +347,63 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
                          random_init=tiny_cache.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
+
+
+QK_NORM = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k)_norm\.(weight|bias)")
+
+
+def expand_qk_norms(model, mismatched: Iterable[tuple], stored: Callable[[str], torch.Tensor], ref: str) -> None:
+    """Load Lumina-mGPT's released q/k LayerNorm parameters into transformers' per-head ones.
+
+    Lumina-mGPT's own Chameleon (model/chameleon/modeling_chameleon.py, `ChameleonLayerNorm`) stores
+    them as (model_parallel_size, head_dim) and applies row r to heads r * n .. (r + 1) * n - 1, with
+    n = heads // model_parallel_size (repeat_interleave on dim 0; heads = num_key_value_heads for
+    k_norm); transformers' Chameleon stores one row per head. `mismatched` are transformers'
+    (key, checkpoint shape, model shape) triples and `stored(key)` reads a key from the checkpoint.
+
+    Raises:
+        ProxytuneError: a mismatched key that is not such a norm, or a norm of another shape.
+    """
+    config, params = model.config, dict(model.named_parameters())
+    mp = getattr(config, "model_parallel_size", 1) or 1
+    for key, theirs, ours in sorted(mismatched):
+        match = QK_NORM.fullmatch(key)
+        heads = (config.num_attention_heads if match and match[1] == "q" else config.num_key_value_heads)
+        head_dim = config.hidden_size // config.num_attention_heads
+        if not match or tuple(theirs) != (mp, head_dim) or tuple(ours) != (heads, head_dim) or heads % mp:
+            raise ProxytuneError(f"student model {ref!r}: checkpoint key {key} has shape {tuple(theirs)}, the model "
+                                 f"expects {tuple(ours)}" + ("" if not match else f" (or ({mp}, {head_dim}) per "
+                                                             f"model_parallel_size {mp}, as Lumina-mGPT saves it)"))
+        with torch.no_grad():
+            params[key].copy_(stored(key).to(params[key].dtype).repeat_interleave(heads // mp, dim=0))
+
+
+def _stored_tensor(weights: str, key: str) -> torch.Tensor:
+    """One tensor of a safetensors checkpoint (folder or hub id; shards with an index, or one file)."""
+    from safetensors import safe_open
+
+    if Path(weights).is_dir():
+        def locate(name: str) -> str | None:
+            return str(Path(weights) / name) if (Path(weights) / name).exists() else None
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        def locate(name: str) -> str | None:  # from_pretrained has just fetched the files into the cache
+            found = try_to_load_from_cache(weights, name)
+            return found if isinstance(found, str) else None
+
+    index = locate("model.safetensors.index.json")
+    file = json.loads(Path(index).read_text())["weight_map"][key] if index else "model.safetensors"
+    with safe_open(locate(file), framework="pt") as f:
+        return f.get_tensor(key)
+
+
+def _refuse_missing(missing_keys: list[str], weights: str, ref: str) -> None:
+    """A missing language-model weight would be left at random init: refuse (the VQ encoder is filled)."""
+    missing = sorted(k for k in missing_keys if ".vqmodel." not in f".{k}")
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ProxytuneError(f"student model {ref!r}: checkpoint {weights} lacks {missing[0]}{more}")
 
 
 def _beside(path: str, ref: str) -> str:
