@@ -95,11 +95,13 @@ def vq_config(taming: dict) -> dict:
 
 
 def full_config(release: str = "768") -> dict:
-    """The full-size config.json of Lumina-mGPT-7B-{release}, without the 65,536-entry vocabulary_map
-    (all three share the 7B architecture; the image size is only in the prompt and size tokens)."""
+    """The full-size config.json of Lumina-mGPT-7B-{release} (all three share the 7B architecture; the
+    image size is only in the prompt and size tokens). Its vocabulary_map holds Chameleon's special
+    and image tokens at their real ids (<s> 0 .. the 8192 image tokens at 4..8195 .. <reserved08999>),
+    not the text tokens of the real 65,536-entry map (Meta's gated tokenizer)."""
     if release not in RELEASES:
         raise ValueError(f"unknown release {release!r}")
-    return {**FULL_CONFIG, "vq_config": vq_config(FULL_VQ)}
+    return {**FULL_CONFIG, "vq_config": vq_config(FULL_VQ), "vocabulary_map": tiny_vocabulary(FULL_VOCAB_IMAGE_TOKENS)}
 
 
 def head_dim(config: dict) -> int:
