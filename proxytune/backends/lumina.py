@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,9 +320,11 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     weights, text = (_beside(path, meta.get(key, meta.get("model", "."))) for key in ("model", "tokenizer"))
     what = "checkpoint"
     try:
-        # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there
-        model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
-                                                                        ignore_mismatched_sizes=True)
+        # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there.
+        # transformers' load report would list them and the VQ encoder as re-initialised: both are handled.
+        with _transformers_errors_only():
+            model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
+                                                                            ignore_mismatched_sizes=True)
         expand_qk_norms(model, info["mismatched_keys"], lambda key: _stored_tensor(weights, key), ref)
         what = "text tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(text)
@@ -347,6 +350,18 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
                          random_init=tiny_cache.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
+
+
+@contextmanager
+def _transformers_errors_only():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 QK_NORM = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k)_norm\.(weight|bias)")
