@@ -241,3 +241,52 @@ def test_the_full_size_release_is_what_the_loader_expects(name):
                                                                 for p in ("weight", "bias")}
     lumina.expand_qk_norms(model, mismatched, lambda key: torch.empty(theirs[key], device="meta"), name)
     assert ours["model.layers.0.self_attn.q_norm.weight"] == (32, 128)
+
+
+# -- StyleAR's released weights (tests/releases/stylear.py), on the Lumina-mGPT-7B-768 release -------
+def test_stylears_full_size_lora_and_resampler_are_what_the_converter_expects():
+    """At full size on the meta device: StyleAR's LoRA keys (rank 4 on q/k/v/o, down_proj, lm_head of
+    all 32 layers), through `lora_to_peft`, are exactly the keys and shapes peft creates on the
+    7B Chameleon with the converter's targets; image_proj.pth's keys and shapes are the resampler's."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    from proxytune.backends import style_tokens, stylear_convert
+    from releases import stylear
+
+    config = release.full_config("768")
+    shapes = stylear.lora_shapes(config)
+    assert len(shapes) == 2 * (5 * stylear.NUM_LAYERS + 1) and shapes["lm_head.lm_head_lora.B"] == (4, 65536)
+    peft_state, rank = stylear_convert.lora_to_peft({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+    with torch.device("meta"):
+        model = ChameleonForConditionalGeneration(ChameleonConfig(**config))
+        lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=stylear_convert.LORA_TARGETS)
+        expected = get_peft_model_state_dict(get_peft_model(model, lora), save_embedding_layers=False)
+    assert {k: tuple(v.shape) for k, v in peft_state.items()} == \
+        {f"base_model.model.{k.removeprefix('base_model.model.')}": tuple(v.shape) for k, v in expected.items()}
+    with torch.device("meta"):
+        resampler = style_tokens.StyleResampler(style_tokens.STYLEAR_RESAMPLER)
+    theirs = stylear.resampler_shapes(style_tokens.STYLEAR_RESAMPLER)
+    assert {k: tuple(v.shape) for k, v in stylear_convert.resampler_to_original(resampler).items()} == theirs
+
+
+def test_a_bf16_stylear_release_converts_and_its_lora_runs_on_the_bf16_release(released, tmp_path):
+    from peft import PeftModel
+
+    from proxytune.backends import stylear_convert, style_tokens
+    from releases import stylear
+
+    bundle = students.load_student(str(released[2]))
+    small = style_tokens.ResamplerConfig(dim=32, depth=1, dim_head=8, heads=2, num_queries=4, embedding_dim=20,
+                                         output_dim=bundle.model.config.hidden_size)
+    lora = stylear.lora_state(bundle.model, seed=5)
+    folder = stylear.build(tmp_path / "stylear_models", lora, stylear.resampler_state(small), dtype=torch.bfloat16)
+    meta = stylear_convert.convert_released(folder, tmp_path / "style", base_model=str(released[0]), dim_head=8)
+    assert meta["lora_rank"] == 4 and meta["lora_modules"] == 2 * 5 + 1
+    cond, codes = bundle.encode_prompts(["a S* dog"]), torch.randint(0, 256, (1, 64))
+    keep = torch.zeros(1, dtype=torch.bool)
+    with torch.no_grad():
+        base = bundle.image_logits(cond, codes, keep).float()
+        bundle.model = PeftModel.from_pretrained(bundle.model, str(tmp_path / "style" / "adapter"))
+        styled = bundle.image_logits(cond, codes, keep).float()
+    assert torch.isfinite(styled).all() and (styled - base).abs().max() > 1e-2
