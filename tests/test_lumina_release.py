@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proxytune.backends import lumina, students
+from proxytune.backends import lumina, students, vqgan
 from proxytune.errors import ProxytuneError
 from releases import lumina as release
 
@@ -225,7 +225,7 @@ def test_the_full_size_release_is_what_the_loader_expects(name):
     """Lumina-mGPT-7B-{512,768,1024} at full size: every released key is a key of transformers'
     Chameleon; the only shape differences are the q/k norms, which `lumina.expand_qk_norms` accepts and
     turns into the model's shapes; the model's only keys the release lacks are the VQ encoder's, which
-    the loader fills from the converted VQGAN."""
+    the loader fills from the converted VQGAN (Chameleon's vqgan.ckpt at full size)."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
     config = release.full_config(name)
@@ -241,6 +241,14 @@ def test_the_full_size_release_is_what_the_loader_expects(name):
                                                                 for p in ("weight", "bias")}
     lumina.expand_qk_norms(model, mismatched, lambda key: torch.empty(theirs[key], device="meta"), name)
     assert ours["model.layers.0.self_attn.q_norm.weight"] == (32, 128)
+
+    # the VQ encoder the loader fills: Chameleon's full-size vqgan.ckpt through `convert lumina-mgpt`'s
+    # conversion, back to taming names as `lumina.load` does, is exactly transformers' vqmodel
+    taming = {k: torch.empty(s, device="meta") for k, s in release.vqgan_shapes(release.FULL_VQ).items()}
+    vq_config, vq_state = vqgan.convert_state_dict(taming, "taming", image_size=int(name), label="vqgan.ckpt")
+    filled = vqgan.to_original_state_dict(vqgan.build_vqmodel(vq_config, vq_state), "taming")
+    assert {k: tuple(v.shape) for k, v in filled.items() if not k.startswith("decoder.")} == \
+        {k.removeprefix("model.vqmodel."): s for k, s in ours.items() if k.startswith("model.vqmodel.")}
 
 
 # -- StyleAR's released weights (tests/releases/stylear.py), on the Lumina-mGPT-7B-768 release -------

@@ -212,24 +212,76 @@ def build(folder: Path, release: str = "768", *, seed: int = 0, model_parallel_s
     return state
 
 
+def vqgan_shapes(taming: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor of Chameleon's vqgan.ckpt state_dict (taming-transformers' VQModel: Encoder,
+    quant_conv, VectorQuantizer, post_quant_conv, Decoder) for vqgan.yaml's params `taming`."""
+    ch, mult, blocks, z = taming["ch"], taming["ch_mult"], taming["num_res_blocks"], taming["z_channels"]
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name, c_out, c_in, k):
+        shapes.update({f"{name}.weight": (c_out, c_in, k, k), f"{name}.bias": (c_out,)})
+
+    def norm(name, c):
+        shapes.update({f"{name}.weight": (c,), f"{name}.bias": (c,)})
+
+    def resnet(name, c_in, c_out):
+        norm(f"{name}.norm1", c_in), conv(f"{name}.conv1", c_out, c_in, 3)
+        norm(f"{name}.norm2", c_out), conv(f"{name}.conv2", c_out, c_out, 3)
+        if c_in != c_out:
+            conv(f"{name}.nin_shortcut", c_out, c_in, 1)
+
+    def mid(name, c):
+        resnet(f"{name}.mid.block_1", c, c), norm(f"{name}.mid.attn_1.norm", c)
+        for part in ("q", "k", "v", "proj_out"):
+            conv(f"{name}.mid.attn_1.{part}", c, c, 1)
+        resnet(f"{name}.mid.block_2", c, c)
+
+    if taming["attn_resolutions"]:
+        raise ValueError("attention inside the levels is not modelled (Chameleon's VQGAN has none)")
+    conv("encoder.conv_in", ch, taming["in_channels"], 3)
+    c_in = ch
+    for i, m in enumerate(mult):
+        for j in range(blocks):
+            resnet(f"encoder.down.{i}.block.{j}", c_in, ch * m)
+            c_in = ch * m
+        if i != len(mult) - 1:
+            conv(f"encoder.down.{i}.downsample.conv", c_in, c_in, 3)
+    mid("encoder", c_in)
+    norm("encoder.norm_out", c_in), conv("encoder.conv_out", 2 * z if taming["double_z"] else z, c_in, 3)
+    conv("quant_conv", taming["embed_dim"], z, 1)
+    shapes["quantize.embedding.weight"] = (taming["n_embed"], taming["embed_dim"])
+    conv("post_quant_conv", z, taming["embed_dim"], 1)
+    c_in = ch * mult[-1]
+    conv("decoder.conv_in", c_in, z, 3)
+    mid("decoder", c_in)
+    for i in reversed(range(len(mult))):  # taming indexes the decoder's levels by resolution: up[n-1] runs first
+        for j in range(blocks + 1):
+            resnet(f"decoder.up.{i}.block.{j}", c_in, ch * mult[i])
+            c_in = ch * mult[i]
+        if i != 0:
+            conv(f"decoder.up.{i}.upsample.conv", c_in, c_in, 3)
+    norm("decoder.norm_out", c_in), conv("decoder.conv_out", taming["out_ch"], c_in, 3)
+    return shapes
+
+
 def build_chameleon_tokenizer(folder: Path, seed: int = 0) -> Path:
     """Chameleon's tokenizer folder as Lumina-mGPT reads it: vqgan.ckpt ({"state_dict": taming keys,
     encoder, codebook and decoder}) and vqgan.yaml (model.target / model.params with ddconfig and
     lossconfig); tiny sizes of TINY_VQ. Returns the folder."""
     import yaml
-    from diffusers import VQModel
-
-    from proxytune.backends import vqgan
 
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    levels = len(TINY_VQ["ch_mult"])
-    model = VQModel(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                    up_block_types=("UpDecoderBlock2D",) * levels,
-                    block_out_channels=tuple(TINY_VQ["ch"] * m for m in TINY_VQ["ch_mult"]),
-                    layers_per_block=TINY_VQ["num_res_blocks"], latent_channels=TINY_VQ["z_channels"],
-                    vq_embed_dim=TINY_VQ["embed_dim"], num_vq_embeddings=TINY_VQ["n_embed"])
-    torch.save({"state_dict": vqgan.to_original_state_dict(model, "taming")}, folder / "vqgan.ckpt")
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in vqgan_shapes(TINY_VQ).items():  # random, at roughly unit activations
+        noise = torch.randn(shape, generator=g)
+        if key.endswith("bias"):
+            state[key] = 0.1 * noise
+        elif len(shape) == 1:  # GroupNorm weights
+            state[key] = 1 + 0.1 * noise
+        else:  # convolutions (fan-in scaled) and the codebook
+            state[key] = noise / (shape[1] * shape[2] * shape[3]) ** 0.5 if len(shape) == 4 else noise
+    torch.save({"state_dict": state}, folder / "vqgan.ckpt")
     ddconfig = {k: TINY_VQ[k] for k in ("double_z", "z_channels", "resolution", "in_channels", "out_ch", "ch", "ch_mult",
                                         "num_res_blocks", "attn_resolutions", "dropout")}
     params = {"embed_dim": TINY_VQ["embed_dim"], "n_embed": TINY_VQ["n_embed"], "ddconfig": ddconfig,
