@@ -155,8 +155,9 @@ def test_the_released_checkpoint_gives_the_originals_logits(tmp_path, released, 
 def broken_copy(released, tmp_path, chameleon_tokenizer, damage) -> str:
     folder = tmp_path / "broken"
     shutil.copytree(released[0], folder)
-    damage(folder)
-    return str(convert(folder, chameleon_tokenizer, tmp_path / "student"))
+    student = convert(folder, chameleon_tokenizer, tmp_path / "student")
+    damage(folder)  # after converting: the student folder names these weights, which break later
+    return str(student)
 
 
 def rewrite_tensor(folder, key, value):
@@ -185,6 +186,24 @@ def test_a_broken_checkpoint_is_refused_in_one_line_naming_it(released, tmp_path
     with pytest.raises(ProxytuneError, match=message) as err:
         students.load_student(student)
     assert "\n" not in str(err.value)
+
+
+def test_convert_reads_the_config_and_refuses_an_unsupported_layout_before_writing(released, tmp_path, chameleon_tokenizer):
+    from click.testing import CliRunner
+
+    from proxytune.backends import lumina_layout
+    from proxytune.cli import main
+
+    config = json.loads((released[0] / "config.json").read_text())
+    assert lumina_layout.config_problem(config) is None
+    assert lumina_layout.config_problem(release.full_config("1024")) is None
+    folder = tmp_path / "odd"
+    shutil.copytree(released[0], folder)
+    (folder / "config.json").write_text(json.dumps({**config, "model_parallel_size": 3}))
+    result = CliRunner().invoke(main, ["convert", "lumina-mgpt", str(folder), str(tmp_path / "student"), "--vqgan",
+                                       str(chameleon_tokenizer / "vqgan.ckpt"), "--image-size", "128"])
+    assert result.exit_code == 2 and "config.json: model_parallel_size 3" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "student").exists()
 
 
 # -- every stage in bf16 ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import tiny_cache, vqgan
+from proxytune.backends import lumina_layout, tiny_cache, vqgan
 from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
                                             sample_next, unwrapped)
 from proxytune.backends.student_meta import STUDENT_META
@@ -320,6 +320,10 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     weights, text = (_beside(path, meta.get(key, meta.get("model", "."))) for key in ("model", "tokenizer"))
     what = "checkpoint"
     try:
+        config = lumina_layout.read_config(weights)
+        problem = config is not None and lumina_layout.config_problem(config)
+        if problem:
+            raise ProxytuneError(f"student model {ref!r}: {weights}/config.json: {problem}")
         # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there.
         # transformers' load report would list them and the VQ encoder as re-initialised: both are handled.
         with _transformers_errors_only():
