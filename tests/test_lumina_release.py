@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proxytune.backends import lumina, students, vqgan
+from proxytune.backends import lumina_weights, students, vqgan
 from proxytune.errors import ProxytuneError
 from releases import lumina as release
 
@@ -242,7 +242,7 @@ def test_every_student_stage_runs_the_release_in_bf16(project, released):
 @pytest.mark.parametrize("name", release.RELEASES)
 def test_the_full_size_release_is_what_the_loader_expects(name):
     """Lumina-mGPT-7B-{512,768,1024} at full size: every released key is a key of transformers'
-    Chameleon; the only shape differences are the q/k norms, which `lumina.expand_qk_norms` accepts and
+    Chameleon; the only shape differences are the q/k norms, which `lumina_weights.expand_qk_norms` accepts and
     turns into the model's shapes; the model's only keys the release lacks are the VQ encoder's, which
     the loader fills from the converted VQGAN (Chameleon's vqgan.ckpt at full size)."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
@@ -258,7 +258,7 @@ def test_the_full_size_release_is_what_the_loader_expects(name):
     mismatched = [(k, theirs[k], ours[k]) for k in theirs if theirs[k] != ours[k]]
     assert {k.split(".", 3)[3] for k, _, _ in mismatched} == {f"self_attn.{n}_norm.{p}" for n in "qk"
                                                                 for p in ("weight", "bias")}
-    lumina.expand_qk_norms(model, mismatched, lambda key: torch.empty(theirs[key], device="meta"), name)
+    lumina_weights.expand_qk_norms(model, mismatched, lambda key: torch.empty(theirs[key], device="meta"), name)
     assert ours["model.layers.0.self_attn.q_norm.weight"] == (32, 128)
 
     # the VQ encoder the loader fills: Chameleon's full-size vqgan.ckpt through `convert lumina-mgpt`'s

@@ -27,6 +27,11 @@ Chameleon VQ encoder inside the checkpoint; Lumina-mGPT's released checkpoints d
 code loads the tokenizer separately), so when transformers reports those weights missing they are
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
+Lumina-mGPT's released checkpoints (Alpha-VLLM/Lumina-mGPT-7B-512/768/1024) were saved by its own
+Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina_weights`
+repeats per head as the original does; the config's checks are in `lumina_layout`. The language
+model runs in its declared dtype (bfloat16 for the releases), the VQ encoder in float32.
+
 The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
 lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina_tiny`.
 """
@@ -34,9 +39,6 @@ lacks one gets a clear error rather than a wrong layout. The built-in tiny model
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import lumina_layout, tiny_cache, vqgan
+from proxytune.backends import lumina_layout, lumina_weights, tiny_cache, vqgan
 from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
                                             sample_next, unwrapped)
 from proxytune.backends.student_meta import STUDENT_META
@@ -300,7 +302,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     to this one; default: here, and the tokenizer beside the weights). The language model loads in the
     dtype its config declares (bfloat16 for the releases); the Chameleon VQ encoder runs in float32,
     as the original's image tokenizer does. Both the released layout (q/k norms of shape
-    (model_parallel_size, head_dim), `expand_qk_norms`) and transformers' load.
+    (model_parallel_size, head_dim), `lumina_weights.expand_qk_norms`) and transformers' load.
 
     Raises:
         ProxytuneError: any failure to load the checkpoint, its tokenizer or the VQGAN folder, in one
@@ -326,10 +328,11 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
             raise ProxytuneError(f"student model {ref!r}: {weights}/config.json: {problem}")
         # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there.
         # transformers' load report would list them and the VQ encoder as re-initialised: both are handled.
-        with _transformers_errors_only():
+        with lumina_weights.transformers_errors_only():
             model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
                                                                             ignore_mismatched_sizes=True)
-        expand_qk_norms(model, info["mismatched_keys"], lambda key: _stored_tensor(weights, key), ref)
+        lumina_weights.expand_qk_norms(model, info["mismatched_keys"],
+                                       lambda key: lumina_weights.stored_tensor(weights, key), ref)
         what = "text tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(text)
         what = "VQGAN folder"
@@ -341,7 +344,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         source = {"checkpoint": weights, "text tokenizer": text, "VQGAN folder": str(Path(path) / meta["vq_decoder"])}[what]
         raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT {what} {source} "
                              f"({type(err).__name__}: {detail})") from None
-    _refuse_missing(info["missing_keys"], weights, ref)
+    lumina_weights.refuse_missing(info["missing_keys"], weights, ref)
     _fill_vq_encoder(model, decoder, info["missing_keys"], ref)
     model.model.vqmodel.float()  # the original tokenizes images with its float32 VQGAN
     image_size = int(meta.get("image_size", model.config.vq_config.resolution))
@@ -354,75 +357,6 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         part.to(device).eval().requires_grad_(False)
     return LuminaStudent(model=model, tokenizer=tokenizer, decoder=decoder, image_size=image_size, grid=grid, path=path,
                          random_init=tiny_cache.is_random_init(path), prompt_len=int(meta.get("prompt_len", 128)))
-
-
-@contextmanager
-def _transformers_errors_only():
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-QK_NORM = re.compile(r"model\.layers\.\d+\.self_attn\.(q|k)_norm\.(weight|bias)")
-
-
-def expand_qk_norms(model, mismatched: Iterable[tuple], stored: Callable[[str], torch.Tensor], ref: str) -> None:
-    """Load Lumina-mGPT's released q/k LayerNorm parameters into transformers' per-head ones.
-
-    Lumina-mGPT's own Chameleon (model/chameleon/modeling_chameleon.py, `ChameleonLayerNorm`) stores
-    them as (model_parallel_size, head_dim) and applies row r to heads r * n .. (r + 1) * n - 1, with
-    n = heads // model_parallel_size (repeat_interleave on dim 0; heads = num_key_value_heads for
-    k_norm); transformers' Chameleon stores one row per head. `mismatched` are transformers'
-    (key, checkpoint shape, model shape) triples and `stored(key)` reads a key from the checkpoint.
-
-    Raises:
-        ProxytuneError: a mismatched key that is not such a norm, or a norm of another shape.
-    """
-    config, params = model.config, dict(model.named_parameters())
-    mp = getattr(config, "model_parallel_size", 1) or 1
-    for key, theirs, ours in sorted(mismatched):
-        match = QK_NORM.fullmatch(key)
-        heads = (config.num_attention_heads if match and match[1] == "q" else config.num_key_value_heads)
-        head_dim = config.hidden_size // config.num_attention_heads
-        if not match or tuple(theirs) != (mp, head_dim) or tuple(ours) != (heads, head_dim) or heads % mp:
-            raise ProxytuneError(f"student model {ref!r}: checkpoint key {key} has shape {tuple(theirs)}, the model "
-                                 f"expects {tuple(ours)}" + ("" if not match else f" (or ({mp}, {head_dim}) per "
-                                                             f"model_parallel_size {mp}, as Lumina-mGPT saves it)"))
-        with torch.no_grad():
-            params[key].copy_(stored(key).to(params[key].dtype).repeat_interleave(heads // mp, dim=0))
-
-
-def _stored_tensor(weights: str, key: str) -> torch.Tensor:
-    """One tensor of a safetensors checkpoint (folder or hub id; shards with an index, or one file)."""
-    from safetensors import safe_open
-
-    if Path(weights).is_dir():
-        def locate(name: str) -> str | None:
-            return str(Path(weights) / name) if (Path(weights) / name).exists() else None
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        def locate(name: str) -> str | None:  # from_pretrained has just fetched the files into the cache
-            found = try_to_load_from_cache(weights, name)
-            return found if isinstance(found, str) else None
-
-    index = locate("model.safetensors.index.json")
-    file = json.loads(Path(index).read_text())["weight_map"][key] if index else "model.safetensors"
-    with safe_open(locate(file), framework="pt") as f:
-        return f.get_tensor(key)
-
-
-def _refuse_missing(missing_keys: list[str], weights: str, ref: str) -> None:
-    """A missing language-model weight would be left at random init: refuse (the VQ encoder is filled)."""
-    missing = sorted(k for k in missing_keys if ".vqmodel." not in f".{k}")
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ProxytuneError(f"student model {ref!r}: checkpoint {weights} lacks {missing[0]}{more}")
 
 
 def _beside(path: str, ref: str) -> str:
