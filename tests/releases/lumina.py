@@ -138,7 +138,10 @@ def tiny_vocabulary(codes: int) -> dict[str, int]:
 def write_text_tokenizer(folder: Path, codes: int) -> dict[str, int]:
     """The -768 repo's tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json):
     BOS <s> added, no EOS, <pad> 1, the end of turn <reserved08706> as sep (the converter sets
-    sep_token_id 8710 and pad_token_id 1). Returns the whole vocabulary."""
+    sep_token_id 8710 and pad_token_id 1), tokenizer_class LlamaTokenizer (what LlamaTokenizerFast
+    writes). Reconstructed: the files' exact fields were not found; the tiny tokenizer.json is a
+    byte-level BPE (transformers 5 loads it with its generic backend whatever the class says).
+    Returns the whole vocabulary."""
     from transformers import AutoTokenizer
 
     from proxytune.backends.tokenizer import write_char_bpe_tokenizer
@@ -148,7 +151,9 @@ def write_text_tokenizer(folder: Path, codes: int) -> dict[str, int]:
     write_char_bpe_tokenizer(folder, entries, special=special, bos="<s>", eos="</s>", pad="<pad>", unk="<unk>",
                              model_max_length=4096)
     tok_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tok_config.update({"sep_token": "<reserved08706>", "add_bos_token": True, "add_eos_token": False, "legacy": False})
+    tok_config.pop("backend", None)  # transformers 5's key; the release was written by 4.43's LlamaTokenizerFast
+    tok_config.update({"tokenizer_class": "LlamaTokenizer", "sep_token": "<reserved08706>", "add_bos_token": True,
+                       "add_eos_token": False, "legacy": False})
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
     special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "sep_token": "<reserved08706>",
                    "unk_token": "<unk>"}
