@@ -12,6 +12,7 @@ from proxytune.backends import students
 from proxytune.backends import style_tokens as st
 from proxytune.backends import stylear_convert
 from proxytune.errors import ProxytuneError
+from releases import stylear as stylear_release
 
 TINY = st.ResamplerConfig(dim=32, depth=2, dim_head=8, heads=3, num_queries=4, embedding_dim=20, output_dim=48,
                           ff_mult=4)
@@ -19,21 +20,7 @@ TINY = st.ResamplerConfig(dim=32, depth=2, dim_head=8, heads=3, num_queries=4, e
 
 def original_layout_state(c: st.ResamplerConfig, seed: int = 0) -> dict:
     """Random weights under the original Resampler's parameter names (LayerNorms not at identity)."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
-    inner = c.heads * c.dim_head
-    state = {"latents": r(1, c.num_queries, c.dim), "proj_in.weight": r(c.dim, c.embedding_dim), "proj_in.bias": r(c.dim),
-             "proj_out.weight": r(c.output_dim, c.dim), "proj_out.bias": r(c.output_dim),
-             "norm_out.weight": 1 + r(c.output_dim), "norm_out.bias": r(c.output_dim)}
-    for i in range(c.depth):
-        p = f"layers.{i}."
-        state.update({p + "0.norm1.weight": 1 + r(c.dim), p + "0.norm1.bias": r(c.dim),
-                      p + "0.norm2.weight": 1 + r(c.dim), p + "0.norm2.bias": r(c.dim),
-                      p + "0.to_q.weight": r(inner, c.dim), p + "0.to_kv.weight": r(2 * inner, c.dim),
-                      p + "0.to_out.weight": r(c.dim, inner),
-                      p + "1.0.weight": 1 + r(c.dim), p + "1.0.bias": r(c.dim),
-                      p + "1.1.weight": r(c.dim * c.ff_mult, c.dim), p + "1.3.weight": r(c.dim, c.dim * c.ff_mult)})
-    return state
+    return stylear_release.resampler_state(c, seed)
 
 
 def reference_resampler(sd: dict, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -237,20 +224,7 @@ def test_style_tokens_condition_the_tiny_lumina_and_the_unconditional_branch_ign
 
 def stylear_lora_state(model, r: int = 4, seed: int = 0) -> dict:
     """Random A (in, r), B (r, out) under StyleAR's names, for every module its solver wraps."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for i, layer in enumerate(model.model.layers):
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(layer.self_attn, name)
-            state[f"model.layers.{i}.self_attn.{name}_lora.A"] = torch.randn(lin.in_features, r, generator=g) * 0.5
-            state[f"model.layers.{i}.self_attn.{name}_lora.B"] = torch.randn(r, lin.out_features, generator=g) * 0.5
-        lin = layer.mlp.down_proj
-        state[f"model.layers.{i}.mlp.down_proj_lora.A"] = torch.randn(lin.in_features, r, generator=g) * 0.5
-        state[f"model.layers.{i}.mlp.down_proj_lora.B"] = torch.randn(r, lin.out_features, generator=g) * 0.5
-    head = model.lm_head
-    state["lm_head.lm_head_lora.A"] = torch.randn(head.in_features, r, generator=g) * 0.5
-    state["lm_head.lm_head_lora.B"] = torch.randn(r, head.out_features, generator=g) * 0.5
-    return state
+    return stylear_release.lora_state(model, r, seed)
 
 
 def test_stylear_lora_loads_into_peft_and_reproduces_the_originals_forward(tmp_path):
@@ -313,17 +287,13 @@ class NotWeights:  # a pickled object torch.load(weights_only=True) must refuse
 def test_convert_stylear_turns_a_released_layout_folder_into_adapter_and_resampler(tmp_path):
     from click.testing import CliRunner
     from peft import PeftModel
-    from safetensors.torch import save_file
-
     from proxytune.cli import main
 
     bundle = students.load_student("tiny-lumina-mgpt")
     lora = stylear_lora_state(bundle.model, r=4, seed=3)
     proj = original_layout_state(TINY, seed=4)
     released = tmp_path / "released"
-    released.mkdir()
-    save_file({**lora, "some.other.weight": torch.zeros(2)}, str(released / "model.safetensors"))
-    torch.save(proj, released / "image_proj.pth")
+    stylear_release.build(released, lora, proj, dtype=torch.float32, extra={"some.other.weight": torch.zeros(2)})
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", "stylear", str(released), str(out), "--base-model", "tiny",
                                        "--dim-head", str(TINY.dim_head)])

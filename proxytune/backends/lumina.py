@@ -27,6 +27,11 @@ Chameleon VQ encoder inside the checkpoint; Lumina-mGPT's released checkpoints d
 code loads the tokenizer separately), so when transformers reports those weights missing they are
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
+Lumina-mGPT's released checkpoints (Alpha-VLLM/Lumina-mGPT-7B-512/768/1024) were saved by its own
+Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina_weights`
+repeats per head as the original does; the config's checks are in `lumina_layout`. The language
+model runs in its declared dtype (bfloat16 for the releases), the VQ encoder in float32.
+
 The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
 lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina_tiny`.
 """
@@ -44,7 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import tiny_cache, vqgan
+from proxytune.backends import lumina_layout, lumina_weights, tiny_cache, vqgan
 from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
                                             sample_next, unwrapped)
 from proxytune.backends.student_meta import STUDENT_META
@@ -127,7 +132,8 @@ class LuminaStudent:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self._chameleon.vqmodel.encode(pixels.to(self._device), return_dict=True)
+        vq = self._chameleon.vqmodel
+        out = vq.encode(pixels.to(self._device, next(vq.parameters()).dtype), return_dict=True)
         return out.image_tokens.view(pixels.shape[0], -1)
 
     @torch.no_grad()
@@ -184,7 +190,8 @@ class LuminaStudent:
         """Last hidden states of `ids`; `embed` (ids -> input embeddings), when given, makes the input
         embeddings instead of the embedding table (the style tokens, backends/style_student.py)."""
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
+        dtype = self._chameleon.embed_tokens.weight.dtype  # the checkpoint's (bfloat16 for the releases)
+        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids).to(dtype)}
         out = self._chameleon(**inputs, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                               use_cache=cache is not None)
         return out.last_hidden_state
@@ -292,24 +299,54 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
 
     proxytune_student.json names the VQGAN folder ("vq_decoder") and, optionally, where the
     Chameleon weights and the text tokenizer live ("model", "tokenizer": hub ids or folders, relative
-    to this one; default: here, and the tokenizer beside the weights).
+    to this one; default: here, and the tokenizer beside the weights). The language model loads in the
+    dtype its config declares (bfloat16 for the releases); the Chameleon VQ encoder runs in float32,
+    as the original's image tokenizer does. Both the released layout (q/k norms of shape
+    (model_parallel_size, head_dim), `lumina_weights.expand_qk_norms`) and transformers' load.
+
+    Raises:
+        ProxytuneError: any failure to load the checkpoint, its tokenizer or the VQGAN folder, in one
+            line naming the checkpoint (and the key, for a weight that does not fit).
     """
     from diffusers import VQModel
     from transformers import AutoTokenizer, ChameleonForConditionalGeneration
 
     meta_path = Path(path) / STUDENT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except (OSError, ValueError) as err:
+        raise ProxytuneError(f"student model {ref!r}: {meta_path}: unreadable ({err})") from None
     if "vq_decoder" not in meta:
         raise ProxytuneError(f"student model {ref!r}: proxytune_student.json must name its vq_decoder folder "
                              "(transformers has no Chameleon VQ decoder; `proxytune convert lumina-mgpt` writes one)")
     weights, text = (_beside(path, meta.get(key, meta.get("model", "."))) for key in ("model", "tokenizer"))
+    what = "checkpoint"
     try:
-        model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True)
+        config = lumina_layout.read_config(weights)
+        problem = config is not None and lumina_layout.config_problem(config)
+        if problem:
+            raise ProxytuneError(f"student model {ref!r}: {weights}/config.json: {problem}")
+        # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there.
+        # transformers' load report would list them and the VQ encoder as re-initialised: both are handled.
+        with lumina_weights.transformers_errors_only():
+            model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
+                                                                            ignore_mismatched_sizes=True)
+        lumina_weights.expand_qk_norms(model, info["mismatched_keys"],
+                                       lambda key: lumina_weights.stored_tensor(weights, key), ref)
+        what = "text tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(text)
+        what = "VQGAN folder"
         decoder = VQModel.from_pretrained(str(Path(path) / meta["vq_decoder"]))
-    except OSError as err:
-        raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT checkpoint ({err})") from None
+    except ProxytuneError:
+        raise
+    except Exception as err:  # any failure of any type (bad JSON, missing shard, truncated file): one line
+        detail = (str(err).strip().splitlines() or [""])[0][:300]
+        source = {"checkpoint": weights, "text tokenizer": text, "VQGAN folder": str(Path(path) / meta["vq_decoder"])}[what]
+        raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT {what} {source} "
+                             f"({type(err).__name__}: {detail})") from None
+    lumina_weights.refuse_missing(info["missing_keys"], weights, ref)
     _fill_vq_encoder(model, decoder, info["missing_keys"], ref)
+    model.model.vqmodel.float()  # the original tokenizes images with its float32 VQGAN
     image_size = int(meta.get("image_size", model.config.vq_config.resolution))
     factor = 2 ** (len(model.config.vq_config.channel_multiplier) - 1)
     if factor != 16 or image_size % SIZE_UNIT:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from proxytune.backends import vqgan
+from proxytune.backends import lumina_layout, vqgan
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir
@@ -23,8 +23,9 @@ def convert_to_student_folder(model: str, out_dir: str | Path, vqgan_checkpoint:
     """Write the student folder `out_dir` (staged: complete or absent) and return its metadata.
 
     Raises:
-        ProxytuneError: image_size not a multiple of 32, `out_dir` exists, or the VQGAN checkpoint
-            cannot be converted.
+        ProxytuneError: image_size not a multiple of 32, `out_dir` exists, the model's config.json
+            (a folder's, or a hub id's already cached) is not a Lumina-mGPT layout proxytune loads,
+            or the VQGAN checkpoint cannot be converted.
     """
     if image_size % SIZE_STEP:
         raise ProxytuneError(f"--image-size {image_size}: must be a multiple of {SIZE_STEP} "
@@ -32,6 +33,13 @@ def convert_to_student_folder(model: str, out_dir: str | Path, vqgan_checkpoint:
     out = Path(out_dir)
     if out.exists():
         raise ProxytuneError(f"{out}: already exists; choose a new folder")
+    try:
+        config = lumina_layout.read_config(model)
+    except ValueError as err:
+        raise ProxytuneError(f"{model}: config.json is not JSON ({err})") from None
+    problem = config is not None and lumina_layout.config_problem(config)
+    if problem:
+        raise ProxytuneError(f"{model}: config.json: {problem}")
     source = str(Path(model).resolve()) if Path(model).exists() else model
     meta = {"backend": "lumina-mgpt", "model": source, "vq_decoder": "vq_decoder", "image_size": image_size}
     if tokenizer:
