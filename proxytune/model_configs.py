@@ -2,22 +2,19 @@
 
 Torch-free and weight-free (`preflight` calls these on config.json / model_index.json / proxytune_student.json
 read from a folder or the local Hugging Face cache). Each check raises ModelProblem with a line that starts with
-the file it read (`label`) and ends with the fix. The names copied from torch-side modules (diffusers' pipeline
-families, Lumina-mGPT's tokens) are checked against them by tests/test_preflight_configs.py.
+the file it read (`label`) and ends with the fix. The pipeline classes copied from the torch-side
+`backends.diffusion` are checked against it by tests/test_preflight_configs.py.
 """
 
 from __future__ import annotations
 
+from proxytune.backends.lumina_layout import config_problem
 from proxytune.backends.student_meta import (JANUS_CONVERT_FIX, JANUS_ORIGINAL_MODEL_TYPE, STUDENT_BACKENDS,
                                              STUDENT_META, STUDENT_MODEL_TYPES)
 
 RUNNABLE_DTYPES = ("float32", "float16", "bfloat16")  # a config's torch_dtype (dtype in transformers 5) proxytune runs
 # backends.diffusion.FAMILIES' pipeline classes (tests check that the two agree; that module imports torch)
 TEACHER_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
-# backends.lumina's names (tests check that they agree): looked up in a Chameleon config's vocabulary_map
-LUMINA_TOKENS = ("<racm3:break>", "<eoss>", "<reserved08799>", "<reserved08706>")
-LUMINA_SIZE_BASE, LUMINA_SIZE_UNIT = 8800, 32  # <reserved{8800 + pixels / 32}>
-LUMINA_VQ_FACTOR = 16
 # backends.encoders loads CLIP with CLIPModel and DINO with ViTModel: the config.json model_type each reads
 ENCODER_MODEL_TYPES = {"clip": ("clip", "CLIPModel", "openai/clip-vit-base-patch32"),
                        "dino": ("vit", "ViTModel", "facebook/dino-vits16")}
@@ -87,51 +84,8 @@ def student_backend(meta: dict | None, config: dict | None, model: str, meta_lab
     return backend
 
 
-def lumina_image_token(code: int) -> str:
-    """Chameleon's vocabulary_map name of image code `code` (as backends.lumina.image_token_name)."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
-
-
 def check_chameleon_config(config: dict, label: str, image_size=None) -> None:
-    """The fields of a Lumina-mGPT / Chameleon config.json that `backends.lumina` needs (defaults as ChameleonConfig's).
-
-    Lumina-mGPT's q/k norms hold one (head_dim) row per model-parallel rank, repeated over that rank's heads, so
-    model_parallel_size must divide the query and the key/value heads.
-    """
-    vq = config.get("vq_config") or {}
-    levels = vq.get("channel_multiplier", [1, 1, 2, 2, 4]) if isinstance(vq, dict) else None
-    if not isinstance(levels, list):
-        raise ModelProblem(f"{label}: vq_config must be an object with a channel_multiplier list (ChameleonVQVAEConfig)")
-    factor = 2 ** (len(levels) - 1)
-    if factor != LUMINA_VQ_FACTOR:
-        raise ModelProblem(f"{label}: vq_config.channel_multiplier gives an x{factor} VQ; Lumina-mGPT's size tokens "
-                           f"need Chameleon's x{LUMINA_VQ_FACTOR} (channel_multiplier of 5 levels)")
-    heads = config.get("num_attention_heads", 32)
-    kv_heads = config.get("num_key_value_heads") or heads
-    parallel = config.get("model_parallel_size", 1)
-    if not all(isinstance(n, int) and n >= 1 for n in (heads, kv_heads, parallel)):
-        raise ModelProblem(f"{label}: num_attention_heads {heads!r}, num_key_value_heads {kv_heads!r} and "
-                           f"model_parallel_size {parallel!r} must be positive integers")
-    if heads % parallel or kv_heads % parallel:
-        raise ModelProblem(f"{label}: model_parallel_size {parallel!r} does not divide num_attention_heads {heads} and "
-                           f"num_key_value_heads {kv_heads} (its q/k norms hold one row per model-parallel rank)")
-    vocab = config.get("vocabulary_map")
-    if not isinstance(vocab, dict) or not vocab:
-        raise ModelProblem(f"{label}: no vocabulary_map: proxytune finds Lumina-mGPT's image, size and turn tokens by "
-                           "name in it (the released config.json holds Chameleon's whole map)")
-    wanted = list(LUMINA_TOKENS)
-    if isinstance(image_size, int):
-        if image_size % LUMINA_SIZE_UNIT:
-            raise ModelProblem(f"{label}: image_size {image_size} is not a multiple of {LUMINA_SIZE_UNIT} px "
-                               "(Lumina-mGPT's size tokens count 32 px steps)")
-        wanted.append(f"<reserved{LUMINA_SIZE_BASE + image_size // LUMINA_SIZE_UNIT:05d}>")
-    codes = vq.get("num_embeddings", 8192)
-    if not isinstance(codes, int) or codes < 1:
-        raise ModelProblem(f"{label}: vq_config.num_embeddings {codes!r} is not a codebook size")
-    if codes <= len(vocab):  # else the codes' tokens cannot all be there: counted, not listed
-        wanted += [lumina_image_token(code) for code in range(codes)]
-    missing = [name for name in wanted if name not in vocab] + [f"IMGIMG tokens of {codes} codes"] * (codes > len(vocab))
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ModelProblem(f"{label}: vocabulary_map lacks {', '.join(missing[:3])}{more} (Lumina-mGPT's tokens; "
-                           "use the config.json the checkpoint was released with)")
+    """The fields of a Lumina-mGPT / Chameleon config.json that `backends.lumina` needs (`lumina_layout`)."""
+    problem = config_problem(config, image_size)
+    if problem:
+        raise ModelProblem(f"{label}: {problem}")

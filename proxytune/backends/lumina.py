@@ -50,29 +50,15 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from proxytune.backends import lumina_layout, lumina_weights, tiny_cache, vqgan
+from proxytune.backends.lumina_layout import (END_OF_TURN, IMAGE_END, IMAGE_START, ROW_END, SIZE_UNIT, image_token_name,
+                                            size_token)
 from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
                                             sample_next, unwrapped)
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError
 
-IMAGE_START = "<racm3:break>"
-IMAGE_END = "<eoss>"
-ROW_END = "<reserved08799>"
-END_OF_TURN = "<reserved08706>"  # the conversation template's separator: closes the prompt and the image turn
 PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
-SIZE_BASE = 8800  # <reserved{8800 + n}>: n steps of SIZE_UNIT pixels
-SIZE_UNIT = 32  # the item processor's patch size: two codes of Chameleon's x16 VQ
 Z_LOSS_WEIGHT = 1e-5  # the original fine-tuning's --z_loss_weight (exps/7B.sh)
-
-
-def size_token(pixels: int) -> str:
-    """Lumina-mGPT's token for an image height or width: <reserved{8800 + pixels / 32}>."""
-    return f"<reserved{SIZE_BASE + pixels // SIZE_UNIT:05d}>"
-
-
-def image_token_name(code: int) -> str:
-    """Chameleon's name of image code `code`: digits written as letters A-J, between IMGIMG and Z."""
-    return "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(code)) + "Z"
 
 
 @dataclass
