@@ -143,6 +143,14 @@ def count(component: models.Component, options: steps.Options | None = None) -> 
     return _cached({"count": component.kind, "config": component.config, "lora": lora}, make)
 
 
+def params(count: float) -> str:
+    """A parameter count for people: 2.57B, 11.6M, 40.0k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}" if unit == "B" else f"{count / size:.1f}{unit}"
+    return str(int(count))
+
+
 def _time(flops: float, gpu: Gpu, half: bool) -> float:
     return flops / (gpu.tflops(half) * 1e12 * EFFICIENCY)
 
@@ -182,8 +190,8 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
         activations=batch * max(0, trace["peak"] - trace["end"]))
     est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
     est.seconds = _time(est.flops, gpu, half)
-    est.notes.append(f"{(counts['frozen'] + frozen + vae) / 1e9:.2f}B frozen parameters on the GPU "
-                     f"(denoiser {counts['frozen'] / 1e9:.2f}B), {trainable / 1e6:.1f}M trained")
+    est.notes.append(f"{params(counts['frozen'] + frozen + vae)} frozen parameters on the GPU "
+                     f"(denoiser {params(counts['frozen'])}), {params(trainable)} trained")
     if spec.train_text_encoder:
         est.notes.append("the text encoder's LoRA is not counted")
     return est
@@ -255,8 +263,8 @@ def student_training(spec, student: models.StudentModel, gpu: Gpu) -> StageEstim
         activations=batch * max(0, trace["peak"] - trace["end"]))
     est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
     est.seconds = _time(est.flops, gpu, half or dtype != "float32")
-    est.notes.append(f"{(counts['frozen'] + trainable) / 1e9:.2f}B parameters in the model, {trainable / 1e6:.1f}M trained"
-                     + (f"; {_student_parts(student) / 1e9:.2f}B in its text encoder and VQ (float32, on the GPU)"
+    est.notes.append(f"{params(counts['frozen'] + trainable)} parameters in the model, {params(trainable)} trained"
+                     + (f"; {params(_student_parts(student))} in its text encoder and VQ (float32, on the GPU)"
                         if len(student.parts) > 1 else ""))
     return est
 

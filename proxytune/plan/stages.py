@@ -82,9 +82,9 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
         if found is not None:
             text, best = found
             stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
-        elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)"):
-            stage.suggestion = ("no option the spec has fits: the frozen weights alone need "
-                                f"{stage.weights / estimate.GIB:.1f} GiB (quantised bases and offload are not "
-                                "available yet, issue 27)")
+        elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
+            stage.suggestion = (f"no setting of the spec's memory options fits (the weights alone: "
+                                f"{stage.weights / estimate.GIB:.1f} GiB); quantised frozen bases, offload, bf16 "
+                                "sampling and sharding are not available yet (issue 27)")
         else:
-            stage.suggestion = "no option the spec has fits (sharding and 8-bit student optimisers are not available yet)"
+            stage.suggestion = "the spec has no option that changes this stage's memory"

@@ -103,7 +103,7 @@ def denoiser_inputs(component: Component, shape: DenoiserShape, batch: int, dtyp
     return args
 
 
-def denoiser_step(component: Component, shape: DenoiserShape, options: Options, *, train: bool):
+def denoiser_step(component: Component, shape: DenoiserShape, options: Options, *, train: bool, batch: int = 1):
     """One teacher training step (MSE on the prediction) or one sampling call (no_grad)."""
 
     def make():
@@ -112,7 +112,7 @@ def denoiser_step(component: Component, shape: DenoiserShape, options: Options, 
     def step(model):
         dtype = getattr(torch, options.weights)
         with _autocast(options), (contextlib.nullcontext() if train else torch.no_grad()):
-            out = model(**denoiser_inputs(component, shape, 1, dtype), return_dict=False)[0]
+            out = model(**denoiser_inputs(component, shape, batch, dtype), return_dict=False)[0]
             if train:
                 target = torch.randn(out.shape)
                 loss = F.mse_loss(out.float(), target)
@@ -148,7 +148,7 @@ def student_sequence(component: Component, image_size: int, prompt_tokens: int) 
     return prompt_tokens + grid * grid, grid * grid
 
 
-def student_step(component: Component, image_size: int, prompt_tokens: int, options: Options):
+def student_step(component: Component, image_size: int, prompt_tokens: int, options: Options, batch: int = 1):
     """One student training step: teacher-forced cross-entropy on the image codes, logits in float32."""
     seq, codes = student_sequence(component, image_size, prompt_tokens)
 
@@ -164,15 +164,16 @@ def student_step(component: Component, image_size: int, prompt_tokens: int, opti
                 # padding is data the fake tensors do not have, so the mask is built here
                 model.attention_mask = lambda feats, start, end: torch.ones(
                     feats.shape[0], 1, end - start, end, dtype=torch.bool).tril(start)
-                logits = model(torch.randn(1, cfg.get("cond_len", 120), cfg.get("text_dim", 2048), dtype=dtype),
-                               torch.randint(0, cfg.get("codebook_size", 16384), (1, codes)), torch.zeros(1, dtype=torch.bool))
+                logits = model(torch.randn(batch, cfg.get("cond_len", 120), cfg.get("text_dim", 2048), dtype=dtype),
+                               torch.randint(0, cfg.get("codebook_size", 16384), (batch, codes)),
+                               torch.zeros(batch, dtype=torch.bool))
             elif component.kind == "chameleon":
-                hidden = model.model(input_ids=torch.randint(0, 1000, (1, seq))).last_hidden_state
+                hidden = model.model(input_ids=torch.randint(0, 1000, (batch, seq))).last_hidden_state
                 logits = model.lm_head(hidden)
             else:  # janus: prompt embeddings, then the image codes through the generation aligner and head
                 inner = model.model
-                text = inner.language_model.get_input_embeddings()(torch.randint(0, 1000, (1, seq - codes)))
-                image = inner.generation_aligner(inner.generation_embeddings(torch.randint(0, 1000, (1, codes))))
+                text = inner.language_model.get_input_embeddings()(torch.randint(0, 1000, (batch, seq - codes)))
+                image = inner.generation_aligner(inner.generation_embeddings(torch.randint(0, 1000, (batch, codes))))
                 hidden = inner.language_model(inputs_embeds=torch.cat([text, image.to(text.dtype)], 1)).last_hidden_state
                 logits = inner.generation_head(hidden[:, -codes:])
             loss = F.cross_entropy(logits.flatten(0, 1).float(), torch.randint(0, logits.shape[-1], (logits.shape[0] * logits.shape[1],)))
