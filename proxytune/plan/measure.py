@@ -2,7 +2,7 @@
 
 For each case: a model built from a built-in tiny model's config, made deeper than the estimator's
 shallow copy (so the depth scaling is exercised too) and run at a batch above 1 (so is the batch
-scaling). The real step runs once to warm up, then under torch.profiler with profile_memory=True;
+scaling). The real step runs on a fresh model under torch.profiler with profile_memory=True;
 its peak is the running sum of the allocator's allocation and free events. The estimate is what
 `plan` uses for the same step: B x (traced peak - traced end) + traced end, from `estimate.scaled_trace`.
 
@@ -29,11 +29,12 @@ class Case:
 
 
 def allocator_peak(model, step) -> int:
-    """Peak bytes the CPU allocator holds during `step(model)` on top of what was allocated before."""
+    """Peak bytes the CPU allocator holds during `step(model)` on top of what was allocated before.
+
+    No warm-up step: the trace is of a fresh model too, so whatever the first step makes lazily
+    (gradients, cached tables) is counted on both sides."""
     from torch.profiler import ProfilerActivity, profile
 
-    step(model)  # warm-up: lazily made buffers are not the step's
-    model.zero_grad(set_to_none=True)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(model)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
