@@ -82,7 +82,10 @@ _CHAMELEON_7B = {"vocab_size": 65536, "hidden_size": 4096, "intermediate_size": 
 def _janus(hidden: int, layers: int, heads: int, ffn: int) -> dict:
     return {"text_config": {"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
                             "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": ffn,
-                            "vocab_size": 102400, "max_position_embeddings": 16384}}
+                            "vocab_size": 102400, "max_position_embeddings": 16384},
+            # the image aligners and the generation head are as wide as the language model
+            "vision_config": {"projection_dim": hidden},
+            "vq_config": {"projection_dim": hidden, "image_token_embed_dim": hidden}}
 
 
 # backend, image size (px), declared weight dtype, {component: (kind, config)}; "model" is the trained one
