@@ -39,7 +39,7 @@ from proxytune.plan.gpus import EFFICIENCY, RESERVED_GIB, Gpu
 from proxytune.plan.trace import trace_step
 
 GIB = 2**30
-TRACE_VERSION = 1
+TRACE_VERSION = 2  # 2: FLOPs counted in LiveBytes (checkpointed steps were too big)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -182,7 +182,7 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
     batch = spec.batch_size * (2 if spec.prior_preservation.enabled else 1)
     trainable = counts["trainable"]
     est = StageEstimate(
-        "teacher", f"{teacher.family} {denoiser.kind} LoRA r{spec.lora.rank}, {spec.resolution} px, batch {batch}"
+        "teacher", f"{teacher.family} {'UNet' if denoiser.kind == 'unet' else 'transformer'} LoRA r{spec.lora.rank}, {spec.resolution} px, batch {batch}"
         f"{', bf16' if half else ', fp32'}{', checkpointing' if spec.gradient_checkpointing else ''}"
         f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}",
         weights=(counts["frozen"] + frozen) * _BYTES[weights] + vae * 4 + trainable * 4,

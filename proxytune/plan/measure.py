@@ -58,7 +58,8 @@ def measured_peak(case: Case) -> int:
 
 def cases(root: Path = Path(".")) -> list[Case]:
     """tiny-sd's UNet (transformer depth 3) LoRA step, tiny-llamagen's student (6 layers) LoRA step,
-    tiny-sd3's MMDiT (5 blocks) LoRA step: the three kinds of training step plan traces."""
+    the same with gradient checkpointing, tiny-sd3's MMDiT (5 blocks) LoRA step: the three kinds of
+    training step plan traces."""
     lora = steps.Options(lora_rank=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
     sd = models.describe_teacher("tiny-sd", root)
     unet = models.Component("unet", {**sd.denoiser.config, "transformer_layers_per_block": 3})
@@ -69,6 +70,7 @@ def cases(root: Path = Path(".")) -> list[Case]:
     student = models.describe_student("tiny-llamagen", root)
     ar = models.Component("llamagen", {**student.parts["model"].config, "num_hidden_layers": 6})
     ar_lora = steps.Options(lora_rank=8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    ar_ckpt = steps.Options(lora_rank=8, lora_targets=ar_lora.lora_targets, checkpointing=True)
     return [
         Case("tiny-sd UNet LoRA, transformer depth 3, 16x16 latents, batch 4", unet,
              lambda c, b: steps.denoiser_step(c, sd_shape, lora, train=True, batch=b), 4,
@@ -76,6 +78,9 @@ def cases(root: Path = Path(".")) -> list[Case]:
         Case("tiny-llamagen LoRA, 6 layers, batch 8", ar,
              lambda c, b: steps.student_step(c, student.image_size, 0, ar_lora, batch=b), 8,
              {"step": "student", "size": student.image_size, "prompt": 0, **ar_lora.key()}),
+        Case("tiny-llamagen LoRA, 6 layers, batch 8, gradient checkpointing", ar,
+             lambda c, b: steps.student_step(c, student.image_size, 0, ar_ckpt, batch=b), 8,
+             {"step": "student", "size": student.image_size, "prompt": 0, **ar_ckpt.key()}),
         Case("tiny-sd3 MMDiT LoRA, 5 blocks, 32x32 latents, batch 4", mmdit,
              lambda c, b: steps.denoiser_step(c, sd3_shape, lora, train=True, batch=b), 4,
              {"step": "teacher", "shape": sd3_shape.__dict__, **lora.key()}),
