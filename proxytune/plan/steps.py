@@ -54,9 +54,8 @@ def _prepare(module, options: Options, *, train: bool):
             if "lora_" in name:
                 param.requires_grad_(True)
                 param.data = param.data.float()
-    else:
+    else:  # a full fine-tune trains every weight in the dtype it was loaded in
         module.requires_grad_(True)
-        module.float() if options.weights == "float32" else None
     if options.checkpointing:
         if hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
