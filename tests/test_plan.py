@@ -146,3 +146,6 @@ def test_plan_command_refuses_bad_input_in_one_line(tmp_path):
     result = runner.invoke(main, ["plan", str(spec)])
     assert result.exit_code == 2 and f"{spec}: student.batch_size" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    spec.write_text(SPEC.replace("model: tiny-llamagen", "model: nobody/not-downloaded"))
+    result = runner.invoke(main, ["plan", str(spec)])
+    assert result.exit_code == 2 and "student.model: cannot size 'nobody/not-downloaded'" in result.output

@@ -85,7 +85,7 @@ def _cached(key: dict, make) -> dict:
     result = make()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two plans at once each write their own
         tmp.write_text(json.dumps(result))
         tmp.replace(path)
     except OSError:  # a read-only home only costs the next run the same seconds
