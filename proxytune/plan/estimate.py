@@ -15,10 +15,13 @@ How the numbers are made:
   model's figure is shallow + sum over kinds of (full - shallow) x (one deeper - shallow). They are
   also linear in the batch, so a batch of B is B x the batch-1 figure. A batch-1 trace of a shallow
   SDXL UNet at 1024 px takes seconds instead of the ~20 minutes of the full model, and traces are
-  cached under PROXYTUNE_HOME/plan. Checked against the CPU allocator on smaller models
-  (`proxytune.plan.measure`, tests/test_plan.py): within a few percent; what is not modelled (CUDA
-  kernels' workspaces, the allocator's fragmentation, the optimiser step's temporaries) is what
-  `gpus.RESERVED_GIB` leaves free.
+  cached under PROXYTUNE_HOME/plan. Gradient checkpointing is traced as it runs (the recomputation
+  happens inside the traced backward). Checked against the CPU allocator on deeper-than-traced models
+  at batch 4-8 (`proxytune.plan.measure`, tests/test_plan.py at 15 %): -0.9 % (UNet), -1.3 %
+  (LlamaGen), -4.9 % (LlamaGen, checkpointing), +1.3 % (MMDiT); a scaled trace is within 2 % of the
+  full-depth one. What it does not see (CUDA kernels' own workspaces and attention backends, the
+  caching allocator's fragmentation, the optimiser step's temporaries) is what `gpus.RESERVED_GIB`
+  leaves free.
 - **Time**: the traced FLOPs (matmuls, convolutions, attention) times the steps or images, at the
   GPU's bf16 or fp32 peak times `gpus.EFFICIENCY`; autoregressive sampling also by reading every
   weight once per token at the GPU's bandwidth, whichever is slower.
