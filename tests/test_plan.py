@@ -21,8 +21,8 @@ def fresh_traces(tmp_path, monkeypatch):
     monkeypatch.setattr(estimate, "_cache_dir", lambda: tmp_path / "traces")
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3], ids=["tiny-sd-unet", "tiny-llamagen", "tiny-llamagen-checkpointing",
-                                                   "tiny-sd3-mmdit"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3, 4], ids=["tiny-sd-unet", "tiny-llamagen", "tiny-llamagen-checkpointing",
+                                                      "tiny-llamagen-bf16", "tiny-sd3-mmdit"])
 def test_estimate_within_15_percent_of_the_cpu_allocator(index):
     case = measure.cases()[index]
     assert models.depth_knobs(case.component), "the case must exercise the depth scaling"

@@ -18,7 +18,7 @@ How the numbers are made:
   cached under PROXYTUNE_HOME/plan. Gradient checkpointing is traced as it runs (the recomputation
   happens inside the traced backward). Checked against the CPU allocator on deeper-than-traced models
   at batch 4-8 (`proxytune.plan.measure`, tests/test_plan.py at 15 %): -0.9 % (UNet), -1.3 %
-  (LlamaGen), -4.9 % (LlamaGen, checkpointing), +1.3 % (MMDiT); a scaled trace is within 2 % of the
+  (LlamaGen), -4.9 % (LlamaGen, checkpointing), -1.0 % (LlamaGen, bf16), +1.3 % (MMDiT); a scaled trace is within 2 % of the
   full-depth one. What it does not see (CUDA kernels' own workspaces and attention backends, the
   caching allocator's fragmentation, the optimiser step's temporaries) is what `gpus.RESERVED_GIB`
   leaves free.

@@ -63,7 +63,7 @@ def measured_peak(case: Case) -> int:
 
 def cases(root: Path = Path(".")) -> list[Case]:
     """tiny-sd's UNet (transformer depth 3) LoRA step, tiny-llamagen's student (6 layers) LoRA step,
-    the same with gradient checkpointing, tiny-sd3's MMDiT (5 blocks) LoRA step: the three kinds of
+    the same with gradient checkpointing and in bf16, tiny-sd3's MMDiT (5 blocks) LoRA step: the three kinds of
     training step plan traces."""
     lora = steps.Options(lora_rank=4, lora_targets=("to_q", "to_k", "to_v", "to_out.0"))
     sd = models.describe_teacher("tiny-sd", root)
@@ -76,6 +76,7 @@ def cases(root: Path = Path(".")) -> list[Case]:
     ar = models.Component("llamagen", {**student.parts["model"].config, "num_hidden_layers": 6})
     ar_lora = steps.Options(lora_rank=8, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     ar_ckpt = steps.Options(lora_rank=8, lora_targets=ar_lora.lora_targets, checkpointing=True)
+    ar_bf16 = steps.Options(weights="bfloat16", autocast=True, lora_rank=8, lora_targets=ar_lora.lora_targets)
     return [
         Case("tiny-sd UNet LoRA, transformer depth 3, 16x16 latents, batch 4", unet,
              lambda c, b: steps.denoiser_step(c, sd_shape, lora, train=True, batch=b), 4,
@@ -86,6 +87,9 @@ def cases(root: Path = Path(".")) -> list[Case]:
         Case("tiny-llamagen LoRA, 6 layers, batch 8, gradient checkpointing", ar,
              lambda c, b: steps.student_step(c, student.image_size, 0, ar_ckpt, batch=b), 8,
              {"step": "student", "size": student.image_size, "prompt": 0, **ar_ckpt.key()}),
+        Case("tiny-llamagen LoRA, 6 layers, batch 8, bf16 weights and autocast", ar,
+             lambda c, b: steps.student_step(c, student.image_size, 0, ar_bf16, batch=b), 8,
+             {"step": "student", "size": student.image_size, "prompt": 0, **ar_bf16.key()}),
         Case("tiny-sd3 MMDiT LoRA, 5 blocks, 32x32 latents, batch 4", mmdit,
              lambda c, b: steps.denoiser_step(c, sd3_shape, lora, train=True, batch=b), 4,
              {"step": "teacher", "shape": sd3_shape.__dict__, **lora.key()}),
