@@ -200,28 +200,37 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
     return est
 
 
+def generation_dtype(spec) -> str:
+    """The dtype the teacher generates in: `synthesis.dtype` where the spec has it ("auto" is bfloat16 on
+    the GPUs plan knows, all of which have it), else float32, as the synthesis stage loads it today."""
+    choice = getattr(spec, "dtype", "float32")
+    return "bfloat16" if choice == "auto" else choice
+
+
 def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, images: int | None = None,
               stage: str = "synthesis", steps_per_image: int | None = None, guidance: bool = True) -> StageEstimate:
-    """Generating proxies (`spec` a SynthesisSpec) with the whole pipeline in float32, as the stage loads it."""
-    options = steps.Options(weights="float32")
+    """Generating proxies (`spec` a SynthesisSpec) with the whole pipeline in its generation dtype."""
+    dtype = generation_dtype(spec)
+    options = steps.Options(weights=dtype)
     shape = _shape(teacher, resolution)
     denoiser = teacher.denoiser
     forward = scaled_trace(denoiser, {"step": "sample", "shape": shape.__dict__, **options.key()},
                            lambda part: steps.denoiser_step(part, shape, options, train=False))
     decode = {"peak": 0, "flops": 0}
     if "vae" in teacher.parts:
-        decode = scaled_trace(teacher.parts["vae"], {"step": "decode", "latent": shape.latent},
-                              lambda part: steps.vae_decode_step(part, shape.latent, "float32"))
+        decode = scaled_trace(teacher.parts["vae"], {"step": "decode", "latent": shape.latent, "dtype": dtype},
+                              lambda part: steps.vae_decode_step(part, shape.latent, dtype))
     frozen = sum(count(part)["frozen"] for part in teacher.parts.values())
     cfg = 2 if guidance and teacher.family != "flux" else 1  # FLUX.1-dev's guidance is an input, not a batch
     batch = spec.batch_size
     images = images if images is not None else spec.num_images
     denoise_steps = steps_per_image or spec.num_inference_steps
     est = StageEstimate(stage, f"{teacher.family} sampling, {resolution} px, batch {batch}"
-                        f"{' x2 (CFG)' if cfg == 2 else ''}, {denoise_steps} steps, {images} images, fp32",
-                        weights=frozen * 4, activations=max(batch * cfg * forward["peak"], batch * decode["peak"]))
+                        f"{' x2 (CFG)' if cfg == 2 else ''}, {denoise_steps} steps, {images} images, {dtype}",
+                        weights=frozen * _BYTES[dtype],
+                        activations=max(batch * cfg * forward["peak"], batch * decode["peak"]))
     est.flops = images * (denoise_steps * cfg * forward["flops"] + decode["flops"])
-    est.seconds = _time(est.flops, gpu, False)
+    est.seconds = _time(est.flops, gpu, dtype != "float32")
     return est
 
 

@@ -77,8 +77,11 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             found = options.suggest("student", spec.student, lambda s: estimate.student_training(s, student, gpu),
                                     options.STUDENT_SWITCHES, gpu)
         elif stage.stage in ("synthesis", "evaluate (teacher)"):
+            # synthesis.dtype where the spec has it (not on every branch yet) and it is float32
+            switches = {"dtype": "bfloat16"} if estimate.generation_dtype(spec.synthesis) == "float32" and hasattr(
+                spec.synthesis, "dtype") else {}
             found = options.suggest("synthesis", spec.synthesis, lambda s: estimate.synthesis(
-                s, teacher, spec.teacher.resolution, gpu), {}, gpu)
+                s, teacher, spec.teacher.resolution, gpu), switches, gpu)
         if found is not None:
             text, best = found
             stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
