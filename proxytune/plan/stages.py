@@ -87,7 +87,7 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
         elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
             stage.suggestion = (f"no setting of the spec's memory options fits (the weights alone: "
-                                f"{stage.weights / estimate.GIB:.1f} GiB); quantised frozen bases, offload, bf16 "
-                                "sampling and sharding are not available yet (issue 27)")
+                                f"{stage.weights / estimate.GIB:.1f} GiB); quantised frozen bases, offload and sharding "
+                                "are not available yet (issue 27)")
         else:
             stage.suggestion = "the spec has no option that changes this stage's memory"
