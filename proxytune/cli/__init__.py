@@ -7,13 +7,14 @@ stay fast (nothing here imports mlflow, torch or DVC).
     convert      original checkpoints -> student folders
     toyworld     the toy world's references, pretraining, export and check
     environment  data (reference datasets), doctor (installed versions)
+    plan         plan (peak GPU memory and time of each stage, before running)
 """
 
 from __future__ import annotations
 
 import click
 
-from proxytune.cli import convert, environment, pipeline, registry, toyworld
+from proxytune.cli import convert, environment, pipeline, plan, registry, toyworld
 
 
 def _print_versions(ctx: click.Context, _param, value: bool) -> None:
@@ -35,5 +36,5 @@ def main() -> None:
 
 for _command in (pipeline.validate, pipeline.schema, pipeline.compile_cmd, pipeline.apply_cmd, pipeline.stage,
                  pipeline.report_cmd, registry.registry_group, registry.audit_cmd, registry.lineage_cmd,
-                 registry.compare_cmd, convert.convert, toyworld.toyworld, environment.data, environment.doctor):
+                 registry.compare_cmd, convert.convert, toyworld.toyworld, environment.data, environment.doctor, plan.plan_cmd):
     main.add_command(_command)

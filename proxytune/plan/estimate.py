@@ -1,0 +1,324 @@
+"""Peak accelerator memory and time of each stage of a spec, without weights or a GPU.
+
+How the numbers are made:
+- **Weights, gradients, optimiser state**: exact parameter counts of each component built from its
+  config on the meta device (the LoRA's from peft injected into that meta model with the spec's rank
+  and targets), times the bytes of the dtype the stage holds them in: frozen weights in the stage's
+  dtype, LoRA parameters and their gradients in float32, AdamW's two states in float32 (8-bit AdamW:
+  2 bytes a parameter).
+- **Activations**: one step (forward and backward for training) traced on fake tensors
+  (`trace.trace_step`) at batch 1 on a shallow copy of the model: every repeated block kind
+  (`models.depth_knobs`: a UNet level's transformer depth, FLUX's double and single blocks, a
+  decoder's layers) at 1 block (SD3: 2), then once more with that kind one block deeper. Peak bytes,
+  bytes still alive after the step and FLOPs are linear in each depth (each block adds the
+  activations it saves for backward, the backward peak is where all of them are alive), so the full
+  model's figure is shallow + sum over kinds of (full - shallow) x (one deeper - shallow). They are
+  also linear in the batch, so a batch of B is B x the batch-1 figure. A batch-1 trace of a shallow
+  SDXL UNet at 1024 px takes seconds instead of the ~20 minutes of the full model, and traces are
+  cached under PROXYTUNE_HOME/plan. Gradient checkpointing is traced as it runs (the recomputation
+  happens inside the traced backward). Checked against the CPU allocator on deeper-than-traced models
+  at batch 4-8 (`proxytune.plan.measure`, tests/test_plan.py at 15 %): -0.9 % (UNet), -1.3 %
+  (LlamaGen), -4.9 % (LlamaGen, checkpointing), -1.0 % (LlamaGen, bf16), +1.3 % (MMDiT); a scaled trace is within 2 % of the
+  full-depth one. What it does not see (CUDA kernels' own workspaces and attention backends, the
+  caching allocator's fragmentation, the optimiser step's temporaries) is what `gpus.RESERVED_GIB`
+  leaves free.
+- **Time**: the traced FLOPs (matmuls, convolutions, attention) times the steps or images, at the
+  GPU's bf16 or fp32 peak times `gpus.EFFICIENCY`; autoregressive sampling also by reading every
+  weight once per token at the GPU's bandwidth, whichever is slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from proxytune.plan import models, steps
+from proxytune.plan.gpus import EFFICIENCY, RESERVED_GIB, Gpu
+from proxytune.plan.trace import trace_step
+
+GIB = 2**30
+TRACE_VERSION = 2  # 2: FLOPs counted in LiveBytes (checkpointed steps were too big)
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class StageEstimate:
+    """One stage's expected peak memory (bytes, by kind) and time on one GPU."""
+
+    stage: str
+    what: str
+    weights: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    fits: bool | None = None
+    suggestion: str | None = None
+
+    @property
+    def peak(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def check(self, gpu: Gpu) -> bool:
+        self.fits = self.peak <= (gpu.memory_gib - RESERVED_GIB) * GIB
+        return self.fits
+
+
+# -- traces, cached -------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    home = Path(os.environ.get("PROXYTUNE_HOME", Path.home() / ".cache" / "proxytune")).expanduser()
+    return home / "plan" / "traces"
+
+
+def _cached(key: dict, make) -> dict:
+    digest = hashlib.sha256(json.dumps({**key, "v": TRACE_VERSION, "torch": torch.__version__},
+                                       sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = _cache_dir() / f"{digest}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    result = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two plans at once each write their own
+        tmp.write_text(json.dumps(result))
+        tmp.replace(path)
+    except OSError:  # a read-only home only costs the next run the same seconds
+        pass
+    return result
+
+
+def scaled_trace(component: models.Component, step_key: dict, make_step) -> dict:
+    """Peak, end bytes and FLOPs of the full-depth component at batch 1, from shallow traces.
+
+    Args:
+        component: the model at full depth.
+        step_key: everything besides the config that changes the trace (for the cache key).
+        make_step: component -> (build, step) for `trace.trace_step`.
+    """
+    knobs = models.depth_knobs(component)
+    shallow = {path: low for path, low, _ in knobs}
+
+    def run(values: dict) -> dict:
+        part = models.with_knobs(component, values)
+
+        def make() -> dict:
+            build, step = make_step(part)
+            found = trace_step(build, step)
+            return {"peak": found.peak_bytes, "end": found.end_bytes, "flops": found.flops}
+
+        return _cached({"kind": part.kind, "config": part.config, **step_key}, make)
+
+    base = run(shallow)
+    total = dict(base)
+    for path, low, full in knobs:
+        deeper = run({**shallow, path: low + 1})
+        for name in total:
+            total[name] += (full - low) * (deeper[name] - base[name])
+    return total
+
+
+def count(component: models.Component, options: steps.Options | None = None) -> dict[str, int]:
+    """Exact frozen and trainable parameter counts (LoRA from peft when options name a rank), cached
+    like the traces: building a 7B model on the meta device still takes seconds."""
+
+    def make() -> dict[str, int]:
+        with torch.device("meta"):
+            module = models.build(component)
+            module.requires_grad_(options is not None and not options.lora_rank)
+            if options is not None and options.lora_rank:
+                from peft import LoraConfig, inject_adapter_in_model
+
+                targets = options.lora_targets if isinstance(options.lora_targets, str) else list(options.lora_targets)
+                inject_adapter_in_model(LoraConfig(r=options.lora_rank, lora_alpha=options.lora_rank,
+                                                   target_modules=targets), module)
+        return models.count_parameters(module)
+
+    lora = {} if options is None else {"rank": options.lora_rank, "targets": options.lora_targets}
+    return _cached({"count": component.kind, "config": component.config, "lora": lora}, make)
+
+
+def params(count: float) -> str:
+    """A parameter count for people: 2.57B, 11.6M, 40.0k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}" if unit == "B" else f"{count / size:.1f}{unit}"
+    return str(int(count))
+
+
+def _time(flops: float, gpu: Gpu, half: bool) -> float:
+    return flops / (gpu.tflops(half) * 1e12 * EFFICIENCY)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def _latent(teacher: models.TeacherModel, resolution: int) -> int:
+    vae = teacher.parts.get("vae")
+    factor = 2 ** (len(vae.config.get("block_out_channels", [0] * 4)) - 1) if vae else 8
+    return resolution // factor
+
+
+def _shape(teacher: models.TeacherModel, resolution: int) -> steps.DenoiserShape:
+    return steps.DenoiserShape(teacher.family, _latent(teacher, resolution), t5_tokens=teacher.t5_tokens)
+
+
+def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstimate:
+    """The DreamBooth LoRA step of `spec.teacher` (a TeacherSpec)."""
+    half = spec.mixed_precision != "no"
+    weights = "bfloat16" if half else "float32"
+    options = steps.Options(weights=weights, autocast=half, checkpointing=spec.gradient_checkpointing,
+                            lora_rank=spec.lora.rank, lora_targets=tuple(spec.lora.target_modules))
+    denoiser = teacher.denoiser
+    counts = count(denoiser, options)
+    frozen = sum(count(part)["frozen"] for name, part in teacher.parts.items() if part is not denoiser and name != "vae")
+    vae = count(teacher.parts["vae"])["frozen"] if "vae" in teacher.parts else 0
+    shape = _shape(teacher, spec.resolution)
+    trace = scaled_trace(denoiser, {"step": "teacher", "shape": shape.__dict__, **options.key()},
+                         lambda part: steps.denoiser_step(part, shape, options, train=True))
+    batch = spec.batch_size * (2 if spec.prior_preservation.enabled else 1)
+    trainable = counts["trainable"]
+    est = StageEstimate(
+        "teacher", f"{teacher.family} {'UNet' if denoiser.kind == 'unet' else 'transformer'} LoRA r{spec.lora.rank}, {spec.resolution} px, batch {batch}"
+        f"{', bf16' if half else ', fp32'}{', checkpointing' if spec.gradient_checkpointing else ''}"
+        f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}",
+        weights=(counts["frozen"] + frozen) * _BYTES[weights] + vae * 4 + trainable * 4,
+        gradients=trainable * 4, optimizer=trainable * (2 if spec.use_8bit_adam else 8),
+        activations=batch * max(0, trace["peak"] - trace["end"]))
+    est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
+    est.seconds = _time(est.flops, gpu, half)
+    est.notes.append(f"{params(counts['frozen'] + frozen + vae)} frozen parameters on the GPU "
+                     f"(denoiser {params(counts['frozen'])}), {params(trainable)} trained")
+    if spec.train_text_encoder:
+        est.notes.append("the text encoder's LoRA is not counted")
+    return est
+
+
+def generation_dtype(spec) -> str:
+    """The dtype the teacher generates in: `synthesis.dtype` where the spec has it ("auto" is bfloat16 on
+    the GPUs plan knows, all of which have it), else float32, as the synthesis stage loads it today."""
+    choice = getattr(spec, "dtype", "float32")
+    return "bfloat16" if choice == "auto" else choice
+
+
+def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, images: int | None = None,
+              stage: str = "synthesis", steps_per_image: int | None = None, guidance: bool = True) -> StageEstimate:
+    """Generating proxies (`spec` a SynthesisSpec) with the whole pipeline in its generation dtype."""
+    dtype = generation_dtype(spec)
+    options = steps.Options(weights=dtype)
+    shape = _shape(teacher, resolution)
+    denoiser = teacher.denoiser
+    forward = scaled_trace(denoiser, {"step": "sample", "shape": shape.__dict__, **options.key()},
+                           lambda part: steps.denoiser_step(part, shape, options, train=False))
+    decode = {"peak": 0, "flops": 0}
+    if "vae" in teacher.parts:
+        decode = scaled_trace(teacher.parts["vae"], {"step": "decode", "latent": shape.latent, "dtype": dtype},
+                              lambda part: steps.vae_decode_step(part, shape.latent, dtype))
+    frozen = sum(count(part)["frozen"] for part in teacher.parts.values())
+    cfg = 2 if guidance and teacher.family != "flux" else 1  # FLUX.1-dev's guidance is an input, not a batch
+    batch = spec.batch_size
+    images = images if images is not None else spec.num_images
+    denoise_steps = steps_per_image or spec.num_inference_steps
+    est = StageEstimate(stage, f"{teacher.family} sampling, {resolution} px, batch {batch}"
+                        f"{' x2 (CFG)' if cfg == 2 else ''}, {denoise_steps} steps, {images} images, {dtype}",
+                        weights=frozen * _BYTES[dtype],
+                        activations=max(batch * cfg * forward["peak"], batch * decode["peak"]))
+    est.flops = images * (denoise_steps * cfg * forward["flops"] + decode["flops"])
+    est.seconds = _time(est.flops, gpu, dtype != "float32")
+    return est
+
+
+def _student_parts(student: models.StudentModel) -> int:
+    return sum(count(part)["frozen"] for name, part in student.parts.items() if name != "model")
+
+
+def _lora_targets(student: models.StudentModel, groups: list[str]) -> tuple[str, ...] | str:
+    from proxytune.backends.student_api import LORA_GROUPS
+
+    if student.backend == "janus":
+        from proxytune.backends.janus import GROUP_PREFIX
+
+        names = "|".join(rf"{GROUP_PREFIX[g]}\.({'|'.join(LORA_GROUPS[g])})" for g in groups)
+        return r".*language_model\.layers\.\d+\.(" + names + ")"
+    return tuple(name for g in groups for name in LORA_GROUPS[g])
+
+
+def student_training(spec, student: models.StudentModel, gpu: Gpu) -> StageEstimate:
+    """The student step of `spec.student` (a StudentSpec): LoRA, or every weight for recipe direct-full."""
+    half = spec.mixed_precision != "no"
+    full = spec.recipe == "direct-full"
+    dtype = student.dtype if student.dtype in _BYTES else "float32"
+    options = steps.Options(weights=dtype, autocast=half, checkpointing=spec.gradient_checkpointing,
+                            lora_rank=0 if full else spec.lora.rank,
+                            lora_targets=() if full else _lora_targets(student, list(spec.lora.groups)))
+    model = student.parts["model"]
+    counts = count(model, options)
+    trainable = counts["trainable"]
+    per_trained = _BYTES[dtype] if full else 4
+    trace = scaled_trace(model, {"step": "student", "size": student.image_size, "prompt": student.prompt_tokens,
+                                 **options.key()},
+                         lambda part: steps.student_step(part, student.image_size, student.prompt_tokens, options))
+    seq, codes = steps.student_sequence(model, student.image_size, student.prompt_tokens)
+    batch = spec.batch_size
+    est = StageEstimate(
+        "student", f"{student.backend} {'full fine-tune' if full else f'LoRA r{spec.lora.rank}'}, {seq} tokens, "
+        f"batch {batch}, {dtype} weights{', bf16 autocast' if half else ''}"
+        f"{', checkpointing' if spec.gradient_checkpointing else ''}",
+        weights=counts["frozen"] * _BYTES[dtype] + trainable * per_trained + _student_parts(student) * 4,
+        gradients=trainable * per_trained, optimizer=trainable * 2 * per_trained,
+        activations=batch * max(0, trace["peak"] - trace["end"]))
+    est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
+    est.seconds = _time(est.flops, gpu, half or dtype != "float32")
+    est.notes.append(f"{params(counts['frozen'] + trainable)} parameters in the model, {params(trainable)} trained"
+                     + (f"; {params(_student_parts(student))} in its text encoder and VQ (float32, on the GPU)"
+                        if len(student.parts) > 1 else ""))
+    return est
+
+
+def codes(student: models.StudentModel, images: int, gpu: Gpu, batch: int = 16) -> StageEstimate:
+    """Encoding the proxies to codes with the student's image tokenizer (the whole student is loaded)."""
+    dtype = student.dtype if student.dtype in _BYTES else "float32"
+    model = student.parts["model"]
+    encoder = student.parts.get("vq") or models.Component(
+        {"chameleon": "chameleon-vq", "janus": "janus-vq"}.get(model.kind, ""), model.config)
+    weights = count(model)["frozen"] * _BYTES[dtype] + _student_parts(student) * 4
+    est = StageEstimate("codes", f"{student.backend} image tokenizer, {student.image_size} px, batch {batch}", weights=weights)
+    if encoder.kind:
+        vq_dtype = "float32" if "vq" in student.parts else dtype
+        trace = scaled_trace(encoder, {"step": "encode", "size": student.image_size, "dtype": vq_dtype},
+                             lambda part: steps.encoder_step(part, student.image_size, vq_dtype))
+        est.activations = batch * trace["peak"]
+        est.flops = images * trace["flops"]
+        est.seconds = _time(est.flops, gpu, vq_dtype != "float32")
+    return est
+
+
+def student_sampling(spec, student: models.StudentModel, gpu: Gpu, images: int, batch: int) -> StageEstimate:
+    """Evaluation images from the student: KV-cached sampling with the conditional and unconditional
+    prompt in one batch (classifier-free guidance)."""
+    dtype = student.dtype if student.dtype in _BYTES else "float32"
+    model = student.parts["model"]
+    counts = count(model)
+    cfg = model.config.get("text_config", model.config)
+    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    heads, kv_heads = cfg.get("num_attention_heads", 1), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads", 1)
+    vocab = cfg.get("vocab_size", cfg.get("codebook_size", 16384))
+    seq, codes_per_image = steps.student_sequence(model, student.image_size, student.prompt_tokens)
+    rows = 2 * batch
+    kv = 2 * layers * rows * seq * hidden * kv_heads // heads * _BYTES[dtype]
+    logits = rows * vocab * 4 * 2
+    weights = counts["frozen"] * _BYTES[dtype] + _student_parts(student) * 4
+    est = StageEstimate("evaluate", f"{student.backend} sampling, batch {batch} x2 (CFG), {seq} tokens, {images} images",
+                        weights=weights, activations=kv + logits)
+    params = counts["frozen"]
+    est.flops = images * 2 * 2 * params * seq
+    per_token = counts["frozen"] * _BYTES[dtype] / (gpu.bandwidth_gbs * 1e9 * EFFICIENCY)
+    est.seconds = max(_time(est.flops, gpu, dtype != "float32"), -(-images // batch) * codes_per_image * per_token)
+    est.notes.append("activations: the KV cache of the whole batch and its logits")
+    return est

@@ -1,0 +1,66 @@
+"""Which of the spec's existing options would bring a stage under the GPU's memory.
+
+Fewest changes first; among those, the fastest plan (at equal time, one that keeps the batch). Batch sizes are halved down to 1 (the
+report says to raise gradient_accumulation_steps so the optimiser sees the same batch).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from proxytune.plan import estimate
+from proxytune.plan.gpus import Gpu
+
+# spec fields that save memory and the value that does, per training stage
+TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
+STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+
+
+def _batches(batch: int) -> list[int]:
+    out = [batch]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _describe(section: str, changes: dict, old_batch: int) -> str:
+    parts = [f"{section}.{key}: {str(value).lower() if isinstance(value, bool) else value}"
+             for key, value in changes.items() if key != "batch_size"]
+    if "batch_size" in changes:
+        keep = (f" (gradient_accumulation_steps x{old_batch // changes['batch_size']} keeps the batch)"
+                if section != "synthesis" else "")
+        parts.append(f"{section}.batch_size: {changes['batch_size']}{keep}")
+    return ", ".join(parts)
+
+
+def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> tuple[str, estimate.StageEstimate] | None:
+    """The fewest changes to `spec` (a TeacherSpec, StudentSpec or SynthesisSpec) under which
+    `estimator(spec)` fits `gpu`, with that estimate; None if none does.
+
+    Args:
+        section: the spec key, for the message ("teacher").
+        estimator: spec -> StageEstimate.
+        switches: field -> the value that saves memory.
+    """
+    free = {key: value for key, value in switches.items() if getattr(spec, key) != value}
+    candidates = []
+    for size in range(len(free) + 1):
+        for keys in itertools.combinations(free, size):
+            for batch in _batches(spec.batch_size):
+                changes = {key: free[key] for key in keys}
+                if batch != spec.batch_size:
+                    changes["batch_size"] = batch
+                if changes:
+                    candidates.append(changes)
+    candidates.sort(key=len)  # stable: smaller batches later within the same count of changes
+    for changes_count, group in itertools.groupby(candidates, key=len):
+        found = []
+        for changes in group:
+            candidate = estimator(spec.model_copy(update=changes))
+            if candidate.check(gpu):
+                found.append((candidate.seconds, "batch_size" in changes, _describe(section, changes, spec.batch_size),
+                              candidate))
+        if found:  # the fastest; at equal time, a smaller batch last (it uses the GPU less well than the model says)
+            *_, text, best = min(found, key=lambda item: item[:2])
+            return text, best
+    return None

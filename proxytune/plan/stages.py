@@ -1,0 +1,93 @@
+"""The plan of a whole spec: an estimate for every stage that holds a model on the accelerator, each
+checked against the GPU, with the fewest option changes that fit where it does not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from proxytune.plan import estimate, models, options
+from proxytune.plan.gpus import Gpu
+
+DREAMBENCH_PROMPTS = 25
+
+
+@dataclass
+class Plan:
+    spec: str
+    gpu: Gpu
+    gpus: int
+    subjects: int
+    stages: list[estimate.StageEstimate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _prompts(evaluation) -> int:
+    count = len(evaluation.prompts) if isinstance(evaluation.prompts, list) else DREAMBENCH_PROMPTS
+    return min(count, evaluation.num_prompts or count)
+
+
+def plan_spec(spec, source: str, root: Path, gpu: Gpu, gpus: int = 1) -> Plan:
+    """Estimate every stage of `spec` (an ExperimentSpec read from `source`) on `gpus` x `gpu`.
+
+    Sampling stages (synthesis, evaluation) split their images over the GPUs; training stages run
+    their `processes` as the spec says, each process holding the whole model.
+    """
+    plan = Plan(source, gpu, gpus, max(1, len(spec.subjects)))
+    student = models.describe_student(spec.student.model, root)
+    proxies = spec.student.num_proxy_images or spec.synthesis.num_images
+    proxy = spec.student.recipe == "proxy"
+    if proxy:
+        teacher = models.describe_teacher(spec.teacher.model, root)
+        res = spec.teacher.resolution
+        plan.stages.append(estimate.teacher_training(spec.teacher, teacher, gpu))
+        plan.stages.append(estimate.synthesis(spec.synthesis, teacher, res, gpu))
+    images = proxies if proxy else spec.student.augment_copies
+    plan.stages.append(estimate.codes(student, images, gpu))
+    plan.stages.append(estimate.student_training(spec.student, student, gpu))
+    eval_images = _prompts(spec.evaluation) * spec.evaluation.images_per_prompt
+    if proxy:
+        plan.stages.append(estimate.synthesis(spec.synthesis, teacher, res, gpu, images=eval_images,
+                                              stage="evaluate (teacher)"))
+    plan.stages.append(estimate.student_sampling(spec.student, student, gpu, eval_images,
+                                                 spec.evaluation.images_per_prompt))
+    plan.stages[-1].stage = "evaluate (student)"
+    for stage in plan.stages:
+        if stage.stage in ("synthesis", "evaluate (teacher)", "evaluate (student)"):
+            stage.seconds /= gpus
+        stage.check(gpu)
+    _suggest(plan, spec, teacher if proxy else None, student)
+    if spec.styles:
+        plan.notes.append("style experiments (styles:) are not planned yet")
+    if spec.student.recipe == "direct-full" and spec.student.processes > 1:
+        plan.notes.append("direct-full with several processes: DDP keeps a whole copy per GPU (no sharding yet)")
+    return plan
+
+
+def _suggest(plan: Plan, spec, teacher, student) -> None:
+    gpu = plan.gpu
+    for stage in plan.stages:
+        if stage.fits:
+            continue
+        found = None
+        if stage.stage == "teacher":
+            found = options.suggest("teacher", spec.teacher, lambda s: estimate.teacher_training(s, teacher, gpu),
+                                    options.TEACHER_SWITCHES, gpu)
+        elif stage.stage == "student":
+            found = options.suggest("student", spec.student, lambda s: estimate.student_training(s, student, gpu),
+                                    options.STUDENT_SWITCHES, gpu)
+        elif stage.stage in ("synthesis", "evaluate (teacher)"):
+            # synthesis.dtype where the spec has it (not on every branch yet) and it is float32
+            switches = {"dtype": "bfloat16"} if estimate.generation_dtype(spec.synthesis) == "float32" and hasattr(
+                spec.synthesis, "dtype") else {}
+            found = options.suggest("synthesis", spec.synthesis, lambda s: estimate.synthesis(
+                s, teacher, spec.teacher.resolution, gpu), switches, gpu)
+        if found is not None:
+            text, best = found
+            stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
+        elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
+            stage.suggestion = (f"no setting of the spec's memory options fits (the weights alone: "
+                                f"{stage.weights / estimate.GIB:.1f} GiB); quantised frozen bases, offload and sharding "
+                                "are not available yet (issue 27)")
+        else:
+            stage.suggestion = "the spec has no option that changes this stage's memory"
