@@ -138,7 +138,7 @@ def main() -> None:
     C.table(["variant", "median s", "min-max s"],
             [["baseline (mlflow imported when the run opens)", f"{base:.2f}", C.spread(start["baseline"])],
              ["preload (imported while the model loads)", f"{pre:.2f}", C.spread(start["preload"])]])
-    C.say(f"  RESULT: preload / baseline = {pre / base:.2f}x ({base - pre:+.2f} s saved per stage start)")
+    C.say(f"  RESULT: preload / baseline = {pre / base:.2f}x (preload changes a stage start by {pre - base:+.2f} s)")
 
 
 if __name__ == "__main__":
