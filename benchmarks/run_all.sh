@@ -10,7 +10,7 @@ if [ -z "${PROXYTUNE_HOME:-}" ]; then
   trap 'rm -rf "$PROXYTUNE_HOME"' EXIT
 fi
 failed=()
-for name in teacher_step synthesis_throughput student_step sampling_kv_cache; do
+for name in teacher_step synthesis_throughput student_step sampling_kv_cache evaluation_scoring stage_run_start; do
   echo "=================== $name"
   python "benchmarks/$name.py" "$@" || failed+=("$name")
 done

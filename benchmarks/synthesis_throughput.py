@@ -1,15 +1,22 @@
-"""Synthesis throughput: batched generation (8 images per pipeline call) vs one call per image.
+"""Synthesis throughput: batched generation (8 images per pipeline call) vs one call per image, and
+the stage's batched call against a plain batched diffusers call.
 
 Both use the same pipeline, loaded as the synthesis stage loads it: tiny-sd with a teacher LoRA
 fused in (`diffusion.load_pipeline_with_lora`; the LoRA here is freshly initialised and saved by
 `diffusion.save_lora`, which costs the same per step as a trained one).
 optimised: `diffusion.generate(pipe, [prompt] * 8, seeds, ...)`, as the stage calls it per block.
+           It runs under the stage's global settings (`runtime.seed_everything`: deterministic
+           algorithms, without the NaN fill of new tensors).
 baseline:  a loop of `pipe(prompt, generator=torch.Generator().manual_seed(seed), ...)`, one image
            per call.
+plain:     one plain diffusers call per block, `pipe([prompt] * 8, generator=[one per image], ...)`,
+           without deterministic mode: the peer a user would write.
+nan-fill:  the stage's call with deterministic mode's NaN fill of every new tensor turned back on
+           (what `seed_everything` did before; issue 27 item 4).
 Settings as specs/dog.yaml: 64 px, 10 denoising steps, guidance 7.5 (so every call runs the UNet on
 the conditional and unconditional halves).
 
-Target (issue): images/s batched / per-image >= 1.3.
+Targets (issue): images/s batched / per-image >= 1.3; time stage / plain <= 0.9 (issue 27).
 
     python benchmarks/synthesis_throughput.py      # ~1 minute on 2 cores
 """
@@ -24,6 +31,7 @@ import _common as C
 
 SCRIPT = os.path.abspath(__file__)  # the cwd moves into a temp folder later
 TARGET = 1.3
+TARGET_PLAIN = 0.9  # time per block, stage / plain diffusers call
 PROMPT = "a S* dog"
 
 
@@ -78,7 +86,47 @@ def per_image(pipe, config: dict):
     return run
 
 
-VARIANTS = {"per-image": per_image, "batched": batched}
+def plain(pipe, config: dict):
+    import torch
+
+    def run(seeds):
+        images = []
+        for start in range(0, len(seeds), config["batch_size"]):
+            block = seeds[start : start + config["batch_size"]]
+            out = pipe([PROMPT] * len(block), num_inference_steps=config["steps"], guidance_scale=config["guidance"],
+                       height=config["size"], width=config["size"],
+                       generator=[torch.Generator("cpu").manual_seed(s) for s in block], output_type="pil")
+            images += out.images
+        return images
+
+    return run
+
+
+def under(run, deterministic: bool, nan_fill: bool = False):
+    """`run` with torch's global determinism flags set for its call (they are per process)."""
+    import torch
+
+    def wrapped(seeds):
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = nan_fill
+        return run(seeds)
+
+    return wrapped
+
+
+def stage_batched(pipe, config: dict):
+    from proxytune.stages.runtime import seed_everything
+
+    seed_everything(0)  # the stage's global settings; `under` re-applies them before every call
+    return under(batched(pipe, config), deterministic=True)
+
+
+VARIANTS = {
+    "per-image": lambda pipe, config: under(per_image(pipe, config), deterministic=False),
+    "batched": stage_batched,
+    "plain": lambda pipe, config: under(plain(pipe, config), deterministic=False),
+    "nan-fill": lambda pipe, config: under(batched(pipe, config), deterministic=True, nan_fill=True),
+}
 
 
 def main() -> None:
@@ -124,6 +172,7 @@ def main() -> None:
     memory = {} if args.no_memory else C.run_probes(SCRIPT, list(VARIANTS), config)
 
     t_single, t_batch = C.median(samples.times["per-image"]), C.median(samples.times["batched"])
+    t_plain, t_fill = C.median(samples.times["plain"]), C.median(samples.times["nan-fill"])
     speedup = t_single / t_batch
     C.say("")
     C.table(
@@ -131,6 +180,8 @@ def main() -> None:
         [
             ["per-image (one pipeline call each)", f"{t_single:.3f}", C.spread(samples.times["per-image"]), f"{args.images / t_single:.2f}"],
             [f"batched (diffusion.generate, batch {args.batch_size})", f"{t_batch:.3f}", C.spread(samples.times["batched"]), f"{args.images / t_batch:.2f}"],
+            [f"plain diffusers call, batch {args.batch_size}", f"{t_plain:.3f}", C.spread(samples.times["plain"]), f"{args.images / t_plain:.2f}"],
+            ["batched with the NaN fill on (before)", f"{t_fill:.3f}", C.spread(samples.times["nan-fill"]), f"{args.images / t_fill:.2f}"],
         ],
     )
     if memory:
@@ -138,7 +189,10 @@ def main() -> None:
         C.table(C.MEMORY_HEADER, C.memory_rows(memory, list(VARIANTS)))
     C.say(f"\n  same seeds, batched vs per-image: largest pixel difference {diff} (of 255; float rounding only if small)")
     C.say("  " + samples.note())
+    C.say(f"  NaN fill: {t_fill / t_batch - 1:+.1%} time per round over the stage's call without it")
     C.say(f"  RESULT: images/s batched/per-image = {speedup:.2f}x (target >= {TARGET:g}x): {C.verdict(speedup >= TARGET)}")
+    C.say(f"  RESULT: time stage/plain diffusers call = {t_batch / t_plain:.3f}x (target <= {TARGET_PLAIN:g}x): "
+          f"{C.verdict(t_batch / t_plain <= TARGET_PLAIN)}")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     straight.checkpoint_dir = straight.checkpoint_dir.with_name("straight")
     straight.train()
     assert straight.codes.shape == (4, 256)
+    group = straight.optimizer.optimizer.param_groups[0]  # accelerate's wrapper around torch's AdamW
+    assert group["fused"] and group["betas"] == (0.9, 0.95) and group["weight_decay"] == straight.spec.weight_decay
 
     first = recipe(params)
     first.spec.steps = 6

@@ -105,7 +105,7 @@ class StudentTrainer:
         # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
         # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
         self.model, self.optimizer = training.prepare_training(
-            self.accelerator, {"student": model}, torch.optim.AdamW(
+            self.accelerator, {"student": model}, training.adamw(
                 self.trainable, lr=spec.learning_rate, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
             weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)

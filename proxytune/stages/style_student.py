@@ -97,7 +97,7 @@ class StyleStudentTrainer:
         # fp16 GradScaler, checkpoints that hold only the LoRA and resampler weights
         self.model, self.optimizer = training.prepare_training(
             self.accelerator, {"student": self.bundle.model, "resampler": self.style.resampler},
-            torch.optim.AdamW(groups, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
+            training.adamw(groups, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
             weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = torch.ones(self.bundle.seq_len, device=self.device)
         self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "style student", SERIES,

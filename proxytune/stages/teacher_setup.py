@@ -14,6 +14,7 @@ from proxytune.errors import ProxytuneError
 from proxytune.files import write_png_atomic
 from proxytune.images import open_rgb
 from proxytune.spec import TeacherSpec
+from proxytune.stages import training
 from proxytune.stages.runtime import config_key
 from proxytune.stages.sampling import unfinished_blocks
 
@@ -45,18 +46,15 @@ def class_images(pipe, spec: TeacherSpec, class_prompt: str) -> list:
 
 
 def optimizer(groups: list[dict], spec: TeacherSpec) -> torch.optim.Optimizer:
-    """AdamW over the LoRA parameter groups: bitsandbytes' 8-bit one with `use_8bit_adam`, else torch's."""
+    """AdamW over the LoRA parameter groups: bitsandbytes' 8-bit one with `use_8bit_adam`, else torch's
+    (fused, `training.adamw`)."""
     if spec.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise ProxytuneError("teacher.use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=spec.weight_decay)
-    # Fused AdamW: one kernel updates every LoRA tensor (CPU and CUDA), where the default on CPU is a
-    # Python loop of about a dozen small ops per tensor. Same update up to float rounding.
-    params = [p for group in groups for p in group["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(groups, weight_decay=spec.weight_decay, fused=fused or None)
+    return training.adamw(groups, weight_decay=spec.weight_decay)
 
 
 def to_tensor(image) -> torch.Tensor:
