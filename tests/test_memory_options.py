@@ -81,3 +81,59 @@ def test_chunked_cross_entropy_without_autograd_needs_no_checkpoint():
         chunked = bundle.sequence_loss(*args)
     for key in whole:
         torch.testing.assert_close(chunked[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+# -- a quantised frozen base for the teacher (teacher.quantize) -------------------------------------------------
+
+
+def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloads_unquantised(project, tmp_path):
+    pytest.importorskip("torchao")  # the `quantize` extra (in dev)
+    from proxytune.backends import diffusion
+    from proxytune.stages.teacher import TeacherTrainer
+    from conftest import make_params, tiny_spec
+
+    plain = diffusion.denoiser(diffusion.load_pipeline("tiny-flux"))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher={"model": "tiny-flux", "steps": 1, "quantize": "int8"})))
+    recipe.setup()
+    denoiser = recipe.denoiser
+    base = [m.base_layer for m in denoiser.modules() if hasattr(m, "base_layer")]  # the LoRA-wrapped layers
+    assert base and all(m.weight.qdata.dtype == torch.int8 for m in base)  # torchao's Int8Tensor underneath
+    linears = [m for m in denoiser.modules() if isinstance(m, torch.nn.Linear) and not hasattr(m, "base_layer")
+               and "lora_" not in type(m).__name__ and m not in base and m.weight.requires_grad is False]
+    assert all(hasattr(m.weight, "qdata") for m in linears)  # every frozen Linear, not only the LoRA targets
+    # the transformer is nearly all Linear: its weights fall to about a quarter (int8 + one fp32 scale a row)
+    lora_bytes = sum(p.numel() * 4 for p in recipe.trainable)
+    assert diffusion.weight_bytes(denoiser) - lora_bytes < 0.35 * diffusion.weight_bytes(plain)
+    assert all(p.dtype == torch.float32 for p in recipe.trainable)
+    before = [p.detach().clone() for p in recipe.trainable]
+    logs = recipe.train_step()
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["grad_norm"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, recipe.trainable))
+    # the saved LoRA loads into the unquantised base for synthesis, with the trained values
+    path = diffusion.save_lora(recipe.pipe, tmp_path / "lora")
+    pipe = diffusion.load_pipeline_with_lora("tiny-flux", path.parent, fuse=False)
+    trained = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    loaded = {n.replace(".subject.", ".default."): p for n, p in diffusion.denoiser(pipe).named_parameters() if "lora_" in n}
+    assert trained and loaded.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key])
+    assert not any(hasattr(m.weight, "qdata") for m in diffusion.denoiser(pipe).modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
+    import builtins
+
+    from proxytune.backends import diffusion
+    from proxytune.errors import ProxytuneError
+
+    real_import = builtins.__import__
+
+    def no_torchao(name, *args, **kwargs):
+        if name == "torchao" or name.startswith("torchao."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    with pytest.raises(ProxytuneError, match=r"^teacher.quantize: int8 needs torchao, which is not installed "
+                                             r"\(pip install 'proxytune\[quantize\]'\)$"):
+        diffusion.load_pipeline("tiny-sd", quantize="int8")
