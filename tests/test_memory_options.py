@@ -137,3 +137,93 @@ def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
     with pytest.raises(ProxytuneError, match=r"^teacher.quantize: int8 needs torchao, which is not installed "
                                              r"\(pip install 'proxytune\[quantize\]'\)$"):
         diffusion.load_pipeline("tiny-sd", quantize="int8")
+
+
+# -- gradient checkpointing (student.gradient_checkpointing, teacher.gradient_checkpointing) ----------------
+
+
+def _student_loss(bundle, batch: int = 2) -> torch.Tensor:
+    """The student stage's objective on one fixed batch (student._micro_batch_loss without the data)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    cond = bundle.encode_prompts([f"a S* dog {i}" for i in range(batch)])
+    codes = torch.randint(0, bundle.codebook_size, (batch, bundle.seq_len), generator=gen)
+    drop = torch.tensor([False, True])
+    if hasattr(bundle, "sequence_loss"):
+        terms = bundle.sequence_loss(cond, codes, drop, torch.ones(bundle.seq_len))
+        return terms["ce"] + bundle.z_loss_weight * terms["z_loss"]
+    logits = bundle.image_logits(cond, codes, drop)
+    return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+
+def _checkpointed_layers(model) -> list[torch.nn.Module]:
+    """The language model's decoder layers that transformers will checkpoint (not the vision towers')."""
+    return [m for m in model.modules() if "DecoderLayer" in type(m).__name__ and m.gradient_checkpointing is True]
+
+
+@pytest.mark.parametrize("model", ["tiny-llamagen", "tiny-lumina-mgpt", "tiny-janus"])
+def test_student_gradient_checkpointing_recomputes_the_layers_with_the_same_loss_and_gradients(model):
+    from proxytune.stages.student_setup import enable_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        bundle = students.load_student(model)
+        trainable = add_lora(bundle)
+        if checkpointing:
+            enable_gradient_checkpointing(bundle.model)
+        bundle.model.train()  # as the stage trains (transformers checkpoints only in training mode)
+        layers = _checkpointed_layers(bundle.model) if checkpointing else []
+        calls = []
+        for layer in layers:  # transformers checkpoints the layer's forward, not its hooks: count a child's calls
+            next(layer.children()).register_forward_pre_hook(lambda *_: calls.append(1))
+        loss = _student_loss(bundle)
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable], forwards, len(calls), len(layers)))
+    (plain_loss, plain_grads, *_), (loss, grads, forwards, total, layers) = results
+    # checkpointing is really on: every decoder layer runs again in the backward
+    assert layers >= 2 and forwards == layers and total == 2 * layers
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for ours, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])  # tiny-sd: test_teacher_features
+def test_teacher_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients(model):
+    """The teacher stage's `denoiser.enable_gradient_checkpointing()` on every family: the LoRA step's loss
+    and gradients are unchanged, and the backward runs the denoiser's Linear layers again (recompute)."""
+    from proxytune.backends import diffusion
+
+    size, gen = 64, torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([100.0, 700.0])
+    results, noisy = [], None
+    for checkpointing in (False, True):
+        pipe = diffusion.load_pipeline(model)
+        denoiser = diffusion.denoiser(pipe)
+        text = diffusion.encode_prompts(pipe, ["a sks dog", "a dog"])
+        if noisy is None:
+            flux = diffusion.family_of(pipe).name == "flux"  # FLUX's transformer takes packed 2x2 latents
+            channels = denoiser.config.in_channels // (4 if flux else 1)
+            noisy = torch.randn(2, channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor, generator=gen)
+        torch.manual_seed(0)
+        trainable = diffusion.add_lora(denoiser, rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        if checkpointing:
+            denoiser.enable_gradient_checkpointing()  # what the teacher stage calls
+        denoiser.train()
+        calls = []
+        for layer in denoiser.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        loss = diffusion.predict(pipe, noisy, timesteps, text, size=size).pow(2).mean()
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable], forwards, len(calls)))
+    (plain_loss, plain_grads, plain_forwards, plain_total), (loss, grads, forwards, total) = results
+    assert plain_total == plain_forwards and forwards == plain_forwards  # the backward of a plain run calls nothing
+    assert total > 1.5 * forwards  # checkpointed: most Linear layers run again in the backward
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for ours, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
