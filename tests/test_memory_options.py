@@ -227,3 +227,45 @@ def test_teacher_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and
     assert any(g.abs().max() > 0 for g in plain_grads)
     for ours, theirs in zip(grads, plain_grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+# -- synthesis memory options (synthesis.vae_tiling, synthesis.cpu_offload) -------------------------------------
+
+
+def test_vae_tiling_decodes_in_tiles_to_nearly_the_same_images(dreambench):
+    """What `vae_tiling` changes is the VAE's decode. The toy world's toy-sd has a trained VAE (a random one's
+    GroupNorm statistics and mid-block attention differ wildly between a tile and the whole), tiled at its
+    config's sample_size of 64 px (8 latents, 25 % overlap): a real image's 128 px latents decode in tiles to
+    nearly the untiled image, closer to it than the VAE's own reconstruction error."""
+    import numpy as np
+    from PIL import Image
+
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline("toy-sd")
+    image = Image.open(sorted((dreambench / "dog").iterdir())[0]).convert("RGB").resize((128, 128))
+    pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean  # untiled: the same latents for both decodes
+        decoded, calls = [], []
+        pipe.vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+        for tiling in (False, True):
+            assert diffusion.place_for_generation(pipe, torch.device("cpu"), vae_tiling=tiling) is None
+            decoded.append(pipe.vae.decode(latents).sample.clamp(-1, 1))
+    # once untiled, then 3 x 3 tiles (8-latent tiles every 6 latents): the latents really were split
+    assert len(calls) == 1 + 9
+    plain, tiled = decoded
+    assert plain.shape == tiled.shape == (1, 3, 128, 128)
+    difference = (plain - tiled).abs()
+    assert difference.max() > 0 and difference.mean() < (plain - pixels).abs().mean()
+    assert np.corrcoef(plain.flatten(), tiled.flatten())[0, 1] > 0.85
+
+
+def test_cpu_offload_on_cpu_is_skipped_with_a_note():
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline("tiny-sd")
+    note = diffusion.place_for_generation(pipe, torch.device("cpu"), cpu_offload=True)
+    assert note == "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
+    assert not hasattr(pipe, "_all_hooks") or not pipe._all_hooks  # no offload hooks installed
+    assert diffusion.generate(pipe, ["a dog"], [0], steps=1, guidance=1.0, size=64)[0].size == (64, 64)

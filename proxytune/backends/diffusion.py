@@ -233,6 +233,29 @@ def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = 
     return pipe
 
 
+def place_for_generation(pipe, device: torch.device, *, cpu_offload: bool = False, vae_tiling: bool = False) -> str | None:
+    """Put a generation pipeline on `device` with the synthesis memory options; returns a note to print, or None.
+
+    cpu_offload: diffusers' `enable_model_cpu_offload`: each model (text encoders, denoiser, VAE) moves to
+    the GPU only while it runs, so the peak is the largest model plus activations, not their sum; the
+    images are the same. It needs CUDA: on CPU, where everything already lives in host memory, it is
+    skipped and the note says so.
+    vae_tiling: the VAE decodes (and encodes) overlapping tiles of its config's `sample_size` pixels,
+    blended at the seams, so its activation memory stays that of one tile whatever the resolution;
+    images differ slightly at the seams. Nothing changes for an image no larger than a tile.
+    """
+    note = None
+    if cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)  # hooks move each model to the GPU and back
+    else:
+        if cpu_offload:
+            note = "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
+        pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return note
+
+
 # -- the pieces of a training step, per family ----------------------------------------------------
 def max_sequence_length(pipe) -> int:
     """T5 prompt length: the family default, capped by the T5 tokenizer's own limit."""
