@@ -121,22 +121,16 @@ def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloa
 
 
 def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
-    import builtins
+    import sys
 
     from proxytune.backends import diffusion
     from proxytune.errors import ProxytuneError
 
-    real_import = builtins.__import__
-
-    def no_torchao(name, *args, **kwargs):
-        if name == "torchao" or name.startswith("torchao."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torchao)
+    for name in ("torchao", "torchao.quantization"):  # None in sys.modules: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ProxytuneError, match=r"^teacher.quantize: int8 needs torchao, which is not installed "
                                              r"\(pip install 'proxytune\[quantize\]'\)$"):
-        diffusion.load_pipeline("tiny-sd", quantize="int8")
+        diffusion.load_pipeline("tiny-sd", quantize="int8")  # refused before any weight loads
 
 
 # -- gradient checkpointing (student.gradient_checkpointing, teacher.gradient_checkpointing) ----------------
