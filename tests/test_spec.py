@@ -64,6 +64,9 @@ BAD_SPECS = [
     (with_(student__variants={"b": {"learning_rate": float("inf")}}), "student.variants.b.learning_rate: must be a finite"),
     (with_(teacher__resolution=60), "teacher.resolution: 60 is not a multiple of 8, which tiny-sd needs"),
     (with_(teacher__model="tiny-flux", teacher__resolution=100), "teacher.resolution: 100 is not a multiple of 8"),
+    # memory options (issue 27)
+    (with_(teacher__quantize="nf4"), "teacher.quantize: Input should be 'none' or 'int8'"),
+    (with_(teacher__quantize="int8", teacher__processes=2), "teacher.processes: with quantize: int8, must be 1"),
 ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -107,12 +108,62 @@ def _failing_component(err: BaseException) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+QUANTIZE_CHOICES = ("none", "int8")  # teacher.quantize
+
+
+def quantization_config(quantize: str):
+    """diffusers' quantisation config for the frozen denoiser (`teacher.quantize`), or None for "none".
+
+    int8: torchao's int8 weight-only quantisation (`Int8WeightOnlyConfig`) of every nn.Linear, applied
+    while the weights load; activations and convolutions stay in the load dtype. peft puts its LoRA
+    beside such a layer (`TorchaoLoraLinear`), in float32, and trains it through the quantised weights.
+    torchao runs it on CPU and CUDA alike.
+
+    Raises:
+        ProxytuneError: an unknown choice, or torchao is not installed.
+    """
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE_CHOICES:
+        raise ProxytuneError(f"teacher.quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    import logging
+
+    quiet = logging.getLogger("torchao")
+    level, quiet.level = quiet.level, logging.ERROR  # its GPU kernels' load failures on a CPU-only install
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig
+    except ImportError:
+        raise ProxytuneError("teacher.quantize: int8 needs torchao, which is not installed "
+                             "(pip install 'proxytune[quantize]')") from None
+    finally:
+        quiet.setLevel(level)
+    from diffusers import TorchAoConfig
+
+    return TorchAoConfig(Int8WeightOnlyConfig())
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters and buffers hold, counting a quantised tensor (a torchao tensor
+    subclass: int8 data and its scales) by its inner tensors, not by its nominal float dtype."""
+
+    def size(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+
+    return sum(size(t) for t in (*model.parameters(), *model.buffers()))
+
+
+def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype,
+                 quantized: dict[str, Any] | None = None) -> dict[str, torch.nn.Module]:
     """Each diffusers / transformers model the pipeline names, loaded on its own so that its loading report
     is seen: both libraries initialise a weight missing from the files at random and only log it, which
-    would train and sample a silently different teacher."""
+    would train and sample a silently different teacher. `quantized`: component name -> the
+    quantization_config it loads with."""
     import importlib
 
+    quantized = quantized or {}
     models = {}
     for name, entry in _model_index(path, revision).items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] not in ("diffusers", "transformers"):
@@ -121,8 +172,9 @@ def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype) 
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
             continue  # tokenizers, schedulers and image processors: the pipeline loads those
         try:
+            extra = {"quantization_config": quantized[name]} if name in quantized else {}
             model, info = cls.from_pretrained(path, subfolder=name, revision=revision, dtype=dtype,
-                                              output_loading_info=True)
+                                              output_loading_info=True, **extra)
         except Exception as err:
             raise ProxytuneError(f"teacher model {ref!r} ({name}/): cannot load: {_one_line(err)}") from None
         missing = sorted(info.get("missing_keys") or ())
@@ -135,11 +187,13 @@ def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype) 
     return models
 
 
-def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
-    """The base text-to-image pipeline in `dtype`, every model frozen.
+def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32, quantize: str = "none"):
+    """The base text-to-image pipeline in `dtype`, every model frozen; `quantize` (see `quantization_config`)
+    quantises the denoiser's weights while they load (the teacher's QLoRA-style training; synthesis loads
+    the unquantised base and fuses the LoRA into it).
 
     Raises:
-        ProxytuneError: no readable model_index.json, an unsupported pipeline class, or any failure while
+        ProxytuneError: `quantize` cannot run (see `quantization_config`); no readable model_index.json, an unsupported pipeline class, or any failure while
             diffusers / transformers load the files (a missing or truncated weight file, a weight missing
             from the files, a shape mismatch, an unreadable tokenizer), as one line naming the checkpoint and
             the component.
@@ -148,7 +202,8 @@ def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype =
 
     path = resolve(ref)
     family = detect_family(path, revision)
-    models = _load_models(ref, path, revision, dtype)
+    config = quantization_config(quantize)
+    models = _load_models(ref, path, revision, dtype, {family.denoiser: config} if config else None)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
     except ProxytuneError:
@@ -182,6 +237,29 @@ def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = 
     else:
         pipe.set_adapters(["subject"], adapter_weights=[scale])
     return pipe
+
+
+def place_for_generation(pipe, device: torch.device, *, cpu_offload: bool = False, vae_tiling: bool = False) -> str | None:
+    """Put a generation pipeline on `device` with the synthesis memory options; returns a note to print, or None.
+
+    cpu_offload: diffusers' `enable_model_cpu_offload`: each model (text encoders, denoiser, VAE) moves to
+    the GPU only while it runs, so the peak is the largest model plus activations, not their sum; the
+    images are the same. It needs CUDA: on CPU, where everything already lives in host memory, it is
+    skipped and the note says so.
+    vae_tiling: the VAE decodes (and encodes) overlapping tiles of its config's `sample_size` pixels,
+    blended at the seams, so its activation memory stays that of one tile whatever the resolution;
+    images differ slightly at the seams. Nothing changes for an image no larger than a tile.
+    """
+    note = None
+    if cpu_offload and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)  # hooks move each model to the GPU and back
+    else:
+        if cpu_offload:
+            note = "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
+        pipe.to(device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    return note
 
 
 # -- the pieces of a training step, per family ----------------------------------------------------

@@ -18,7 +18,8 @@ transformers' Chameleon forward sets the logits of every image token to the dtyp
 model must not emit them), so `image_logits` takes the language model's hidden states and applies
 `lm_head` restricted to the image-token rows, in code order: logits (B, L, K) over codes (sampling,
 prior distillation). Training uses `sequence_loss`, the original fine-tuning objective: cross-entropy
-over the whole vocabulary on every token of the image turn, plus a z-loss of weight 1e-5.
+over the whole vocabulary on every token of the image turn, plus a z-loss of weight 1e-5, computed a
+chunk of positions at a time (`vocabulary_terms`) so the batch's full-vocabulary logits never exist whole.
 
 transformers has no Chameleon VQ decoder: a student folder carries Chameleon's whole VQGAN as a
 diffusers `VQModel` in `vq_decoder/` (named in proxytune_student.json), converted from the original
@@ -59,6 +60,36 @@ from proxytune.errors import ProxytuneError
 
 PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
 Z_LOSS_WEIGHT = 1e-5  # the original fine-tuning's --z_loss_weight (exps/7B.sh)
+# Positions (of the flattened batch) whose float32 logits over the whole vocabulary exist at once in
+# `sequence_loss`: 1024 x 65,536 x 4 bytes = 256 MiB for Lumina-mGPT 7B, against 5 GiB for all 2.5k
+# positions of a batch of 8 (and as much again for their gradient).
+LOSS_CHUNK = 1024
+
+
+def vocabulary_terms(head, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy over the whole vocabulary and squared logsumexp (the z-loss term).
+
+    hidden (B, A, H), labels (B, A) -> (ce, z), each (B, A) float32. The logits (B, A, V) are never
+    whole: `chunk` positions at a time go through `head` (lm_head, with its LoRA if any), are reduced to
+    their two numbers per position and dropped. Under autograd each chunk runs in torch.utils.checkpoint,
+    so the backward recomputes that chunk's logits instead of keeping them (one extra lm_head matmul per
+    chunk, about 1/num_layers of a step's compute); a lone chunk runs plainly. Same values and gradients
+    as the whole-logits loss, up to float rounding.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def terms(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h).float()  # (n, V), unmasked: this is a full-vocabulary objective
+        return F.cross_entropy(logits, y, reduction="none"), torch.logsumexp(logits, dim=-1).pow(2)
+
+    flat_h, flat_y = hidden.flatten(0, 1), labels.flatten()
+    if flat_y.numel() <= chunk:
+        ce, z = terms(flat_h, flat_y)
+    else:
+        parts = [checkpoint(terms, h, y, use_reentrant=False) if torch.is_grad_enabled() else terms(h, y)
+                 for h, y in zip(flat_h.split(chunk), flat_y.split(chunk))]
+        ce, z = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return ce.view_as(labels), z.view_as(labels)
 
 
 @dataclass
@@ -73,6 +104,7 @@ class LuminaStudent:
     prompt_len: int
     backend = "lumina-mgpt"
     z_loss_weight = Z_LOSS_WEIGHT
+    loss_chunk = LOSS_CHUNK  # positions whose full-vocabulary logits exist at once (`vocabulary_terms`)
 
     def __post_init__(self):
         vocab = self._chameleon.config.vocabulary_map
@@ -226,9 +258,7 @@ class LuminaStudent:
         inputs = torch.cat([ids, labels[:, :-1]], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(labels[:, :-1])], dim=1)
         hidden = self._run(inputs, full_mask, embed=embed)[:, ids.shape[1] - 1 :]  # (B, A, H): state t predicts labels[:, t]
-        logits = self._lm_head(hidden).float()  # (B, A, V), unmasked: this is a full-vocabulary objective
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-        z = torch.logsumexp(logits, dim=-1).pow(2)
+        ce, z = vocabulary_terms(self._lm_head, hidden, labels, self.loss_chunk)  # (B, A) each
         weights = torch.ones_like(ce)
         weights[:, 3 + self._code_positions()] = code_weights.to(device, ce.dtype)
         labelled = torch.ones_like(labels, dtype=torch.bool)

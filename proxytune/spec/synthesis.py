@@ -59,6 +59,20 @@ class SynthesisSpec(Strict):
         "evaluation's teacher samples). auto: bfloat16 on a CUDA GPU that has it, else float32 (so CPU runs stay "
         "float32). float16 matches SD3-medium's release; on CPU it is slow. Training uses teacher.mixed_precision.",
     )
+    cpu_offload: bool = Field(
+        default=False,
+        description="Model CPU offload while the tuned teacher generates (synthesis, curation, the evaluation's "
+        "teacher samples): each model (text encoders, denoiser, VAE) sits on the GPU only while it runs, so the "
+        "peak is the largest model, not all of them (FLUX: the 9.5 GiB T5-XXL leaves while the transformer runs), "
+        "for some time per batch moving weights. Same images. CUDA only: on CPU it is skipped with a note.",
+    )
+    vae_tiling: bool = Field(
+        default=False,
+        description="Decode latents in overlapping tiles (diffusers' VAE tiling: tiles of the VAE config's "
+        "sample_size pixels, 512 for SD1.5, 1024 for SDXL/SD3/FLUX, blended at the seams): the VAE's memory stays "
+        "that of one tile at any resolution. Images change slightly at the seams; no effect at or below the tile "
+        "size. Same stages as cpu_offload.",
+    )
     filter: FilterSpec = Field(default_factory=FilterSpec, description="Optional quality filter on the proxies.")
 
     @field_validator("prompt")

@@ -70,7 +70,10 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path) -> N
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, teacher_dir / "adapter",
                                              revision=params.teacher.revision, scale=synthesis.lora_scale,
                                              dtype=generation_dtype(synthesis.dtype))
-    pipe.to(device())
+    note = diffusion.place_for_generation(pipe, device(), cpu_offload=synthesis.cpu_offload,
+                                          vae_tiling=synthesis.vae_tiling)
+    if note:
+        tqdm.write(note)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=sum(len(block) for block in todo), desc="curation", unit="img")
     for count, block in enumerate(todo, 1):

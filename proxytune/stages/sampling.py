@@ -113,7 +113,10 @@ class TeacherSampler:
                     params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
                     dtype=dtype,
                 )
-            self._pipe.to(device())
+            note = diffusion.place_for_generation(self._pipe, device(), cpu_offload=params.synthesis.cpu_offload,
+                                                  vae_tiling=params.synthesis.vae_tiling)
+            if note:
+                tqdm.write(note)
             self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
 

@@ -68,7 +68,10 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
         params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=synthesis.lora_scale,
         dtype=generation_dtype(synthesis.dtype),
     )
-    pipe.to(device())
+    note = diffusion.place_for_generation(pipe, device(), cpu_offload=synthesis.cpu_offload,
+                                          vae_tiling=synthesis.vae_tiling)
+    if note and rank == 0:
+        tqdm.write(note)
     pipe.set_progress_bar_config(disable=True)
     label = f"synthesis [{rank + 1}/{world}]" if world > 1 else "synthesis"
     bar = tqdm(total=sum(len(block) for block in todo), desc=label, unit="img")

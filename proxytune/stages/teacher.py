@@ -48,7 +48,8 @@ class TeacherTrainer:
         seed_everything(self.params.seed)
         # Each process draws its own data and noise; rank 0 draws what a single process would.
         self.generator = torch.Generator().manual_seed(self.params.seed + 7919 * self.rank)
-        self.pipe = diffusion.load_pipeline(spec.model, revision=spec.revision, dtype=self.weight_dtype)
+        self.pipe = diffusion.load_pipeline(spec.model, revision=spec.revision, dtype=self.weight_dtype,
+                                            quantize=spec.quantize)
         self.pipe.set_progress_bar_config(disable=True)
         self.family = diffusion.family_of(self.pipe)
         self.denoiser = diffusion.denoiser(self.pipe)
@@ -255,7 +256,7 @@ class TeacherTrainer:
     def memory_estimate(self) -> str:
         """A rough bill before training: weights, trainable LoRA, optimiser state (AdamW: 2 fp32 moments)."""
         models = [getattr(self.pipe, name) for name in (self.family.denoiser, "vae", *self.family.text_encoders)]
-        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+        weights = sum(diffusion.weight_bytes(m) for m in models)  # quantised weights by their int8 bytes
         trainable = sum(p.numel() for p in self.trainable)
         state = trainable * (2 if self.spec.use_8bit_adam else 8)
         return (f"memory estimate: weights {weights / 2**20:.1f} MiB, LoRA {trainable * 4 / 2**20:.2f} MiB "

@@ -1,0 +1,265 @@
+"""Memory options (issue 27 item 3), proved by behaviour on the tiny models: the same losses and
+gradients as without them, and less memory where that is the point (the CPU allocator's peak, read
+from PyTorch's profiler)."""
+
+import pytest
+import torch
+
+from proxytune.backends import students
+from conftest import add_lora
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the CPU allocator's live bytes while `fn` runs, above what was live before.
+
+    PyTorch's profiler records every allocation and free on CPU: each op's own (self) allocations minus
+    frees, and frees outside any op as "[memory]" events. Their running sum in time order is the live
+    memory after each op; allocations freed inside one op (its temporaries) are not seen, so this is a
+    slight under-estimate of the true peak, the same for both sides of a comparison."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+# -- chunked cross-entropy (Lumina-mGPT's full-vocabulary objective) ----------------------------------------
+
+
+def _lumina_step(bundle, trainable, batch: int, chunk: int):
+    """One loss + backward of `sequence_loss` with `chunk` positions of logits at a time."""
+    gen = torch.Generator().manual_seed(0)
+    cond = bundle.encode_prompts([f"a S* dog number {i}" for i in range(batch)])
+    codes = torch.randint(0, bundle.codebook_size, (batch, bundle.seq_len), generator=gen)
+    drop = torch.arange(batch) % 3 == 1  # some rows unconditional (their first label is not counted)
+    weights = torch.linspace(0.5, 1.5, bundle.seq_len)
+    bundle.loss_chunk = chunk
+    for p in trainable:
+        p.grad = None
+    terms = bundle.sequence_loss(cond, codes, drop, weights)
+    (terms["ce"] + bundle.z_loss_weight * terms["z_loss"]).backward()
+    return {k: v.detach() for k, v in terms.items()}, [p.grad.clone() for p in trainable]
+
+
+def test_chunked_cross_entropy_gives_the_same_loss_and_gradients_with_a_lower_peak():
+    bundle = students.load_student("tiny-lumina-mgpt")
+    trainable = add_lora(bundle)
+    bundle.model.train()
+    batch, whole = 8, 10**9  # a chunk larger than all positions: the whole logits at once, as before
+    labels = 3 + bundle.grid * (bundle.grid + 1) + 2  # image turn: break, 2 sizes, codes and row ends, eoss, eot
+    vocab = bundle._lm_head.weight.shape[0]
+    plain_terms, plain_grads = _lumina_step(bundle, trainable, batch, whole)
+    chunk_terms, chunk_grads = _lumina_step(bundle, trainable, batch, 64)  # 10 chunks, the last one short
+    for key in ("ce", "z_loss"):
+        torch.testing.assert_close(chunk_terms[key], plain_terms[key], rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for ours, theirs in zip(chunk_grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+    # peak: the whole run keeps (B, A, V) float32 logits and their log-softmax for the backward; chunked, only
+    # 64 positions' logits exist at once (recomputed in the backward)
+    logits_bytes = batch * labels * vocab * 4
+    plain_peak = cpu_peak_bytes(lambda: _lumina_step(bundle, trainable, batch, whole))
+    chunk_peak = cpu_peak_bytes(lambda: _lumina_step(bundle, trainable, batch, 64))
+    assert plain_peak - chunk_peak > logits_bytes, (plain_peak, chunk_peak, logits_bytes)
+    assert chunk_peak < 0.5 * plain_peak
+
+
+def test_chunked_cross_entropy_without_autograd_needs_no_checkpoint():
+    """Under no_grad (evaluation) the chunks run plainly and give the same terms."""
+    bundle = students.load_student("tiny-lumina-mgpt")
+    cond = bundle.encode_prompts(["a S* dog"] * 2)
+    codes = torch.randint(0, bundle.codebook_size, (2, bundle.seq_len), generator=torch.Generator().manual_seed(1))
+    args = (cond, codes, torch.zeros(2, dtype=torch.bool), torch.ones(bundle.seq_len))
+    with torch.no_grad():
+        bundle.loss_chunk = 10**9
+        whole = bundle.sequence_loss(*args)
+        bundle.loss_chunk = 7
+        chunked = bundle.sequence_loss(*args)
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key], rtol=1e-5, atol=1e-6)
+
+
+# -- a quantised frozen base for the teacher (teacher.quantize) -------------------------------------------------
+
+
+def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloads_unquantised(project, tmp_path):
+    pytest.importorskip("torchao")  # the `quantize` extra (in dev)
+    from proxytune.backends import diffusion
+    from proxytune.stages.teacher import TeacherTrainer
+    from conftest import make_params, tiny_spec
+
+    plain = diffusion.denoiser(diffusion.load_pipeline("tiny-flux"))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher={"model": "tiny-flux", "steps": 1, "quantize": "int8"})))
+    recipe.setup()
+    denoiser = recipe.denoiser
+    base = [m.base_layer for m in denoiser.modules() if hasattr(m, "base_layer")]  # the LoRA-wrapped layers
+    assert base and all(m.weight.qdata.dtype == torch.int8 for m in base)  # torchao's Int8Tensor underneath
+    linears = [m for m in denoiser.modules() if isinstance(m, torch.nn.Linear) and not hasattr(m, "base_layer")
+               and "lora_" not in type(m).__name__ and m not in base and m.weight.requires_grad is False]
+    assert all(hasattr(m.weight, "qdata") for m in linears)  # every frozen Linear, not only the LoRA targets
+    # the transformer is nearly all Linear: its weights fall to about a quarter (int8 + one fp32 scale a row)
+    lora_bytes = sum(p.numel() * 4 for p in recipe.trainable)
+    assert diffusion.weight_bytes(denoiser) - lora_bytes < 0.35 * diffusion.weight_bytes(plain)
+    assert all(p.dtype == torch.float32 for p in recipe.trainable)
+    before = [p.detach().clone() for p in recipe.trainable]
+    logs = recipe.train_step()
+    assert torch.isfinite(torch.tensor(logs["loss"])) and logs["grad_norm"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, recipe.trainable))
+    # the saved LoRA loads into the unquantised base for synthesis, with the trained values
+    path = diffusion.save_lora(recipe.pipe, tmp_path / "lora")
+    pipe = diffusion.load_pipeline_with_lora("tiny-flux", path.parent, fuse=False)
+    trained = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    loaded = {n.replace(".subject.", ".default."): p for n, p in diffusion.denoiser(pipe).named_parameters() if "lora_" in n}
+    assert trained and loaded.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key])
+    assert not any(hasattr(m.weight, "qdata") for m in diffusion.denoiser(pipe).modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from proxytune.backends import diffusion
+    from proxytune.errors import ProxytuneError
+
+    for name in ("torchao", "torchao.quantization"):  # None in sys.modules: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ProxytuneError, match=r"^teacher.quantize: int8 needs torchao, which is not installed "
+                                             r"\(pip install 'proxytune\[quantize\]'\)$"):
+        diffusion.load_pipeline("tiny-sd", quantize="int8")  # refused before any weight loads
+
+
+# -- gradient checkpointing (student.gradient_checkpointing, teacher.gradient_checkpointing) ----------------
+
+
+def _student_loss(bundle, batch: int = 2) -> torch.Tensor:
+    """The student stage's objective on one fixed batch (student._micro_batch_loss without the data)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    cond = bundle.encode_prompts([f"a S* dog {i}" for i in range(batch)])
+    codes = torch.randint(0, bundle.codebook_size, (batch, bundle.seq_len), generator=gen)
+    drop = torch.tensor([False, True])
+    if hasattr(bundle, "sequence_loss"):
+        terms = bundle.sequence_loss(cond, codes, drop, torch.ones(bundle.seq_len))
+        return terms["ce"] + bundle.z_loss_weight * terms["z_loss"]
+    logits = bundle.image_logits(cond, codes, drop)
+    return F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+
+
+def _checkpointed_layers(model) -> list[torch.nn.Module]:
+    """The language model's decoder layers that transformers will checkpoint (not the vision towers')."""
+    return [m for m in model.modules() if "DecoderLayer" in type(m).__name__ and m.gradient_checkpointing is True]
+
+
+@pytest.mark.parametrize("model", ["tiny-llamagen", "tiny-lumina-mgpt", "tiny-janus"])
+def test_student_gradient_checkpointing_recomputes_the_layers_with_the_same_loss_and_gradients(model):
+    from proxytune.stages.student_setup import enable_gradient_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        bundle = students.load_student(model)
+        trainable = add_lora(bundle)
+        if checkpointing:
+            enable_gradient_checkpointing(bundle.model)
+        bundle.model.train()  # as the stage trains (transformers checkpoints only in training mode)
+        layers = _checkpointed_layers(bundle.model) if checkpointing else []
+        calls = []
+        for layer in layers:  # transformers checkpoints the layer's forward, not its hooks: count a child's calls
+            next(layer.children()).register_forward_pre_hook(lambda *_: calls.append(1))
+        loss = _student_loss(bundle)
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable], forwards, len(calls), len(layers)))
+    (plain_loss, plain_grads, *_), (loss, grads, forwards, total, layers) = results
+    # checkpointing is really on: every decoder layer runs again in the backward
+    assert layers >= 2 and forwards == layers and total == 2 * layers
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for ours, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])  # tiny-sd: test_teacher_features
+def test_teacher_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients(model):
+    """The teacher stage's `denoiser.enable_gradient_checkpointing()` on every family: the LoRA step's loss
+    and gradients are unchanged, and the backward runs the denoiser's Linear layers again (recompute)."""
+    from proxytune.backends import diffusion
+
+    size, gen = 64, torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([100.0, 700.0])
+    results, noisy = [], None
+    for checkpointing in (False, True):
+        pipe = diffusion.load_pipeline(model)
+        denoiser = diffusion.denoiser(pipe)
+        text = diffusion.encode_prompts(pipe, ["a sks dog", "a dog"])
+        if noisy is None:
+            flux = diffusion.family_of(pipe).name == "flux"  # FLUX's transformer takes packed 2x2 latents
+            channels = denoiser.config.in_channels // (4 if flux else 1)
+            noisy = torch.randn(2, channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor, generator=gen)
+        torch.manual_seed(0)
+        trainable = diffusion.add_lora(denoiser, rank=4, alpha=4.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        if checkpointing:
+            denoiser.enable_gradient_checkpointing()  # what the teacher stage calls
+        denoiser.train()
+        calls = []
+        for layer in denoiser.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        loss = diffusion.predict(pipe, noisy, timesteps, text, size=size).pow(2).mean()
+        forwards = len(calls)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable], forwards, len(calls)))
+    (plain_loss, plain_grads, plain_forwards, plain_total), (loss, grads, forwards, total) = results
+    assert plain_total == plain_forwards and forwards == plain_forwards  # the backward of a plain run calls nothing
+    assert total > 1.5 * forwards  # checkpointed: most Linear layers run again in the backward
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-7)
+    assert any(g.abs().max() > 0 for g in plain_grads)
+    for ours, theirs in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+# -- synthesis memory options (synthesis.vae_tiling, synthesis.cpu_offload) -------------------------------------
+
+
+def test_vae_tiling_decodes_in_tiles_to_nearly_the_same_images(dreambench):
+    """What `vae_tiling` changes is the VAE's decode. The toy world's toy-sd has a trained VAE (a random one's
+    GroupNorm statistics and mid-block attention differ wildly between a tile and the whole), tiled at its
+    config's sample_size of 64 px (8 latents, 25 % overlap): a real image's 128 px latents decode in tiles to
+    nearly the untiled image, closer to it than the VAE's own reconstruction error."""
+    import numpy as np
+    from PIL import Image
+
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline("toy-sd")
+    image = Image.open(sorted((dreambench / "dog").iterdir())[0]).convert("RGB").resize((128, 128))
+    pixels = torch.tensor(np.asarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean  # untiled: the same latents for both decodes
+        decoded, calls = [], []
+        pipe.vae.decoder.register_forward_pre_hook(lambda *_: calls.append(1))
+        for tiling in (False, True):
+            assert diffusion.place_for_generation(pipe, torch.device("cpu"), vae_tiling=tiling) is None
+            decoded.append(pipe.vae.decode(latents).sample.clamp(-1, 1))
+    # once untiled, then 3 x 3 tiles (8-latent tiles every 6 latents): the latents really were split
+    assert len(calls) == 1 + 9
+    plain, tiled = decoded
+    assert plain.shape == tiled.shape == (1, 3, 128, 128)
+    difference = (plain - tiled).abs()
+    assert difference.max() > 0 and difference.mean() < (plain - pixels).abs().mean()
+    assert np.corrcoef(plain.flatten(), tiled.flatten())[0, 1] > 0.85
+
+
+def test_cpu_offload_on_cpu_is_skipped_with_a_note():
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline("tiny-sd")
+    note = diffusion.place_for_generation(pipe, torch.device("cpu"), cpu_offload=True)
+    assert note == "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
+    assert not hasattr(pipe, "_all_hooks") or not pipe._all_hooks  # no offload hooks installed
+    assert diffusion.generate(pipe, ["a dog"], [0], steps=1, guidance=1.0, size=64)[0].size == (64, 64)
