@@ -42,7 +42,7 @@ from proxytune.plan.gpus import EFFICIENCY, RESERVED_GIB, Gpu
 from proxytune.plan.trace import trace_step
 
 GIB = 2**30
-TRACE_VERSION = 2  # 2: FLOPs counted in LiveBytes (checkpointed steps were too big)
+TRACE_VERSION = 3  # 2: FLOPs counted in LiveBytes (checkpointed steps were too big); 3: Lumina-mGPT's chunked loss
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

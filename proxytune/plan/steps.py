@@ -148,7 +148,8 @@ def student_sequence(component: Component, image_size: int, prompt_tokens: int) 
 
 
 def student_step(component: Component, image_size: int, prompt_tokens: int, options: Options, batch: int = 1):
-    """One student training step: teacher-forced cross-entropy on the image codes, logits in float32."""
+    """One student training step: teacher-forced cross-entropy on the image codes, logits in float32
+    (Lumina-mGPT: its full-vocabulary loss over the image turn, chunked as `lumina.vocabulary_terms` runs it)."""
     seq, codes = student_sequence(component, image_size, prompt_tokens)
 
     def make():
@@ -166,9 +167,14 @@ def student_step(component: Component, image_size: int, prompt_tokens: int, opti
                 logits = model(torch.randn(batch, cfg.get("cond_len", 120), cfg.get("text_dim", 2048), dtype=dtype),
                                torch.randint(0, cfg.get("codebook_size", 16384), (batch, codes)),
                                torch.zeros(batch, dtype=torch.bool))
-            elif component.kind == "chameleon":
+            elif component.kind == "chameleon":  # Lumina-mGPT's loss: the image turn's labels, in chunks of positions
+                from proxytune.backends.lumina import LOSS_CHUNK, vocabulary_terms
+
                 hidden = model.model(input_ids=torch.randint(0, 1000, (batch, seq))).last_hidden_state
-                logits = model.lm_head(hidden)
+                turn = seq - prompt_tokens
+                ce, z = vocabulary_terms(model.lm_head, hidden[:, -turn:], torch.randint(0, 1000, (batch, turn)), LOSS_CHUNK)
+                (ce.mean() + 1e-5 * z.mean()).backward()
+                return
             else:  # janus: prompt embeddings, then the image codes through the generation aligner and head
                 inner = model.model
                 text = inner.language_model.get_input_embeddings()(torch.randint(0, 1000, (batch, seq - codes)))
