@@ -126,17 +126,11 @@ def quantization_config(quantize: str):
         return None
     if quantize not in QUANTIZE_CHOICES:
         raise ProxytuneError(f"teacher.quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
-    import logging
-
-    quiet = logging.getLogger("torchao")
-    level, quiet.level = quiet.level, logging.ERROR  # its GPU kernels' load failures on a CPU-only install
     try:
-        from torchao.quantization import Int8WeightOnlyConfig
+        from torchao.quantization import Int8WeightOnlyConfig  # its import-time noise: proxytune/__init__.py
     except ImportError:
         raise ProxytuneError("teacher.quantize: int8 needs torchao, which is not installed "
                              "(pip install 'proxytune[quantize]')") from None
-    finally:
-        quiet.setLevel(level)
     from diffusers import TorchAoConfig
 
     return TorchAoConfig(Int8WeightOnlyConfig())

@@ -86,8 +86,8 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             text, best = found
             stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
         elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
-            stage.suggestion = (f"no setting of the spec's memory options fits (the weights alone: "
-                                f"{stage.weights / estimate.GIB:.1f} GiB); quantised frozen bases, offload and sharding "
-                                "are not available yet (issue 27)")
+            stage.suggestion = (f"none of the options plan weighs fits (the weights alone: "
+                                f"{stage.weights / estimate.GIB:.1f} GiB); plan does not yet model teacher.quantize, "
+                                "synthesis.cpu_offload or sharding (docs/memory.md)")
         else:
             stage.suggestion = "the spec has no option that changes this stage's memory"
