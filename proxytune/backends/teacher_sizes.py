@@ -31,8 +31,9 @@ def multiple_from_configs(model_index: dict, vae: dict, transformer: dict | None
     return None
 
 
-def _config_file(ref: str, name: str, root: Path, revision: str | None) -> dict | None:
-    """A config file of a local pipeline folder or, when already in the hub cache, of a hub id; None if neither."""
+def config_file(ref: str, name: str, root: Path, revision: str | None = None) -> dict | None:
+    """A config file of a local model folder (relative to `root`) or, when already in the hub cache, of a hub
+    id; None if neither has it or it is not JSON. Reads no weights and downloads nothing."""
     local = root / Path(ref).expanduser()
     if local.is_dir():
         path = local / name
@@ -62,8 +63,8 @@ def resolution_multiple(ref: str, root: Path, revision: str | None = None) -> in
     loading (a hub id not yet downloaded, a folder without configs: the model check reports those)."""
     if ref in BUILTIN_MULTIPLES:
         return BUILTIN_MULTIPLES[ref]
-    model_index = _config_file(ref, "model_index.json", root, revision)
-    vae = _config_file(ref, "vae/config.json", root, revision)
+    model_index = config_file(ref, "model_index.json", root, revision)
+    vae = config_file(ref, "vae/config.json", root, revision)
     if model_index is None or vae is None:
         return None
-    return multiple_from_configs(model_index, vae, _config_file(ref, "transformer/config.json", root, revision))
+    return multiple_from_configs(model_index, vae, config_file(ref, "transformer/config.json", root, revision))

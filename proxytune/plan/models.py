@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxytune.backends.teacher_sizes import config_file
 from proxytune.errors import ProxytuneError
 from proxytune.plan import releases
 
@@ -137,29 +138,6 @@ def count_parameters(module) -> dict[str, int]:
 
 
 # -- reading configs ------------------------------------------------------------------------------
-def _read_config(ref: str, name: str, root: Path) -> dict | None:
-    """A config file of a local folder or, when already downloaded, of a hub id in the HF cache."""
-    local = (root / Path(ref).expanduser()) if not Path(ref).is_absolute() else Path(ref)
-    if local.is_dir():
-        path = local / name
-    elif ref.startswith((".", "/", "~")):
-        return None
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(ref, name)
-        except Exception:  # an unusable repo id: the same "cannot size" error below
-            return None
-        if not isinstance(found, str):
-            return None
-        path = Path(found)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _clean(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
 
@@ -184,7 +162,7 @@ def describe_teacher(ref: str, root: Path) -> TeacherModel:
     from proxytune.backends.diffusion import TINY_TEACHERS
 
     folder = _tiny_folder(ref, TINY_TEACHERS) or ref
-    index = _read_config(folder, "model_index.json", root)
+    index = config_file(folder, "model_index.json", root)
     if index is None or index.get("_class_name") not in _PIPELINE_FAMILY:
         raise ProxytuneError(
             f"teacher.model: cannot size {ref!r} without downloading it: not a built-in release "
@@ -196,13 +174,13 @@ def describe_teacher(ref: str, root: Path) -> TeacherModel:
         kind = _DENOISER_KIND.get(spec[1]) or _ENCODER_KIND.get(spec[1]) or ("vae" if spec[1] == "AutoencoderKL" else None)
         if kind is None:
             continue
-        config = _read_config(folder, f"{part}/config.json", root)
+        config = config_file(folder, f"{part}/config.json", root)
         if config is None:
             raise ProxytuneError(f"teacher.model: {ref!r}: {part}/config.json is missing")
         parts[part] = Component(kind, _clean(config))
     family = _PIPELINE_FAMILY[index["_class_name"]]
     t5_tokens = releases.T5_TOKENS.get(family, 0)
-    tokenizer = _read_config(folder, ("tokenizer_3" if family == "sd3" else "tokenizer_2") + "/tokenizer_config.json", root)
+    tokenizer = config_file(folder, ("tokenizer_3" if family == "sd3" else "tokenizer_2") + "/tokenizer_config.json", root)
     if t5_tokens and tokenizer and isinstance(tokenizer.get("model_max_length"), int):
         t5_tokens = min(t5_tokens, tokenizer["model_max_length"])  # as diffusion.max_sequence_length does
     return TeacherModel(ref, family, parts, t5_tokens)
@@ -221,13 +199,13 @@ def describe_student(ref: str, root: Path) -> StudentModel:
     from proxytune.backends.students import TINY_STUDENTS
 
     folder = _tiny_folder(ref, TINY_STUDENTS) or ref
-    meta = _read_config(folder, "proxytune_student.json", root) or {}
-    config = _read_config(folder, "config.json", root)
+    meta = config_file(folder, "proxytune_student.json", root) or {}
+    config = config_file(folder, "config.json", root)
     backend = meta.get("backend")
     if backend == "llamagen" or (config is None and meta):
-        model = _read_config(folder, "transformer/config.json", root)
-        text = _read_config(folder, "text_encoder/config.json", root)
-        vq = _read_config(folder, "vqvae/config.json", root)
+        model = config_file(folder, "transformer/config.json", root)
+        text = config_file(folder, "text_encoder/config.json", root)
+        vq = config_file(folder, "vqvae/config.json", root)
         if model is None:
             raise ProxytuneError(f"student.model: {ref!r}: transformer/config.json is missing")
         parts = {"model": Component("llamagen", _clean(model))}
