@@ -9,6 +9,12 @@ class SpecError(ProxytuneError):
     """A spec file failed to parse or validate; the message names the file and the key path."""
 
 
+def first_line(err: BaseException) -> str:
+    """`err` as one line for a message: its type and the first line of its text ("OSError: ...")."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
 def disk_full_message(err: BaseException, fallback: str | None = None) -> str | None:
     """One line for a full disk anywhere in `err`'s chain of causes, else None.
 

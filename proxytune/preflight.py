@@ -27,7 +27,7 @@ from pathlib import Path
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.model_configs import (ModelProblem, check_chameleon_config, check_dtype, check_encoder_config,
                                      check_pipeline_index, student_backend)
-from proxytune.errors import SpecError
+from proxytune.errors import SpecError, first_line
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
@@ -128,8 +128,7 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
 
 
 def _unexpected(err: Exception) -> str:
-    first = str(err).splitlines()[0] if str(err) else ""
-    return f"its config files hold a field proxytune cannot read ({err.__class__.__name__}: {first})"
+    return f"its config files hold a field proxytune cannot read ({first_line(err)})"
 
 
 # -- local folders ---------------------------------------------------------------------------------

@@ -1,13 +1,29 @@
-"""Reading original (non-diffusers, non-transformers) checkpoint files without running pickled code."""
+"""Reading checkpoints: original (non-diffusers, non-transformers) files without running pickled code, and
+transformers loads whose report proxytune turns into its own one-line errors."""
 
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from proxytune.errors import ProxytuneError
+
+@contextmanager
+def transformers_errors_only():
+    """Silence transformers' warnings for the duration: its load report, whose findings (missing or
+    mismatched keys) the caller checks and raises as one line."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
 
 # Top-level entries a training checkpoint may keep its weights under (LlamaGen's also hold
 # "optimizer", "steps" and an argparse "args"; Lightning's "state_dict"); otherwise the file is the

@@ -36,10 +36,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import tiny_cache
+from proxytune.backends import checkpoints, tiny_cache
 from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, sample_next, unwrapped
 from proxytune.backends.student_meta import STUDENT_META
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 
 IMAGE_START = "<begin_of_image>"
 PAD = "<｜▁pad▁｜>"  # the original's pad_tag (janus/models/processing_vlm.py), fullwidth bars
@@ -237,12 +237,6 @@ def materialize_tiny() -> Path:
     return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
 
 
-def _first_line(err: Exception) -> str:
-    """The error's type and first non-empty line (a traceback-free summary for the one-line message)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def _mismatched_tensor(path: str) -> str | None:
     """The first tensor whose file shape differs from what config.json builds, or that one side lacks.
 
@@ -279,19 +273,14 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
         ProxytuneError: any load failure, in one line naming the checkpoint and what failed.
     """
     from transformers import AutoTokenizer, JanusForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # transformers' load report: what matters in it is raised below, in one line
     try:
-        # in the dtype config.json declares (bf16 for the releases)
-        model, info = JanusForConditionalGeneration.from_pretrained(path, dtype="auto", output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with checkpoints.transformers_errors_only():  # what matters in its load report is raised below
+            # in the dtype config.json declares (bf16 for the releases)
+            model, info = JanusForConditionalGeneration.from_pretrained(path, dtype="auto", output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # of any type: a missing or corrupt file, a tensor of the wrong size, a bad config
-        detail = _mismatched_tensor(path) or _first_line(err)
+        detail = _mismatched_tensor(path) or first_line(err)
         raise ProxytuneError(f"student model {ref!r}: cannot load the Janus checkpoint in {path}: {detail}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     if missing:  # transformers would train and sample from freshly initialised tensors
         raise ProxytuneError(f"student model {ref!r}: the Janus checkpoint in {path} lacks tensor {missing[0]!r} "

@@ -36,7 +36,7 @@ import json
 import re
 from pathlib import Path
 
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 from proxytune.files import staged_dir
 
 # janus/models/siglip_vit.py SigLIP_MODEL_CONFIG: what the weights cannot tell (heads; the rest is checked)
@@ -314,22 +314,20 @@ def convert_release(src: str, out_dir: str | Path) -> dict:
     import torch
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+    from proxytune.backends import checkpoints
+
     out = Path(out_dir)
     if out.exists():
         raise ProxytuneError(f"{out}: already exists; choose a new folder")
     folder = resolve_source(src)
     ref = f"Janus checkpoint {src!r}"
     config = read_release_config(folder, src)
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that multi_modality is not a type it knows
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # AutoTokenizer reads config.json and warns that multi_modality is not a type it knows
+        with checkpoints.transformers_errors_only():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
-        raise ProxytuneError(f"{ref}: cannot load its tokenizer ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise ProxytuneError(f"{ref}: cannot load its tokenizer ({first_line(err)})") from None
     if tokenizer.pad_token is None and PAD in tokenizer.get_vocab():
         tokenizer.pad_token = PAD
     weights = read_release_weights(folder, src)

@@ -44,7 +44,7 @@ from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, 
 from proxytune.backends.student_api import LORA_GROUPS, sample_next
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 
 ORIGINAL_DROPOUT = 0.1  # LlamaGen's train_t2i.py: --dropout-p (residual, FFN) and --token-dropout-p
 # Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
@@ -293,12 +293,7 @@ def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
         return cls.from_pretrained(path, subfolder=subfolder) if subfolder else cls.from_pretrained(path)
     except Exception as err:  # missing file, no hub, a bad config or shapes: any failure is one line
         where = f"{subfolder}/" if subfolder else path
-        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({_first_line(err)})") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+        raise ProxytuneError(f"student model {ref!r}: cannot load {where} ({first_line(err)})") from None
 
 
 def _load_transformer(path: str, ref: str):
@@ -307,7 +302,7 @@ def _load_transformer(path: str, ref: str):
     try:
         return AutoModel.from_pretrained(path, subfolder="transformer")
     except Exception as err:  # missing files, a model_type that is no LlamaGen student, bad shapes
-        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({_first_line(err)})") from None
+        raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({first_line(err)})") from None
 
 
 def _read_meta(path: str) -> dict:
@@ -362,7 +357,7 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     try:
         meta = _read_meta(path)
     except Exception as err:  # unreadable or not JSON
-        raise ProxytuneError(f"student model {ref!r}: cannot read {STUDENT_META} ({_first_line(err)})") from None
+        raise ProxytuneError(f"student model {ref!r}: cannot read {STUDENT_META} ({first_line(err)})") from None
     model = _load_transformer(path, ref)
     vq = _from_pretrained(VQModel, *_part(path, meta, "vqvae"), ref)
     text_encoder = _from_pretrained(T5EncoderModel, *_part(path, meta, "text_encoder"), ref)

@@ -42,7 +42,7 @@ import torch
 from proxytune.backends import checkpoints
 from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig, head_dim
 from proxytune.backends.student_meta import STUDENT_META
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 from proxytune.files import staged_dir
 
 # Per-layer renames that are plain copies; wqkv is split and permuted separately.
@@ -266,9 +266,8 @@ def load_original_checkpoint(
     except ProxytuneError as err:
         raise ProxytuneError(f"{str(path)!r}: {err}") from None
     except Exception as err:  # any other failure is still one line naming the file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ProxytuneError(f"LlamaGen checkpoint {str(path)!r}: cannot build the model from it "
-                             f"({type(err).__name__}: {first})") from None
+                             f"({first_line(err)})") from None
     return model.eval()
 
 

@@ -50,7 +50,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import lumina_layout, lumina_weights, tiny_cache, vqgan
+from proxytune.backends import checkpoints, lumina_layout, lumina_weights, tiny_cache, vqgan
 from proxytune.backends.lumina_layout import (END_OF_TURN, IMAGE_END, IMAGE_START, ROW_END, SIZE_UNIT, image_token_name,
                                             size_token)
 from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
@@ -344,7 +344,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
             raise ProxytuneError(f"student model {ref!r}: {weights}/config.json: {problem}")
         # mismatched sizes are loaded by hand below (the released q/k norms); every other one is refused there.
         # transformers' load report would list them and the VQ encoder as re-initialised: both are handled.
-        with lumina_weights.transformers_errors_only():
+        with checkpoints.transformers_errors_only():
             model, info = ChameleonForConditionalGeneration.from_pretrained(weights, output_loading_info=True,
                                                                             ignore_mismatched_sizes=True)
         lumina_weights.expand_qk_norms(model, info["mismatched_keys"],

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from proxytune.backends import checkpoints
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 from proxytune.files import staged_dir
 
 NORM_GROUPS = 32  # both originals hard-code GroupNorm(32)
@@ -260,8 +260,7 @@ def convert_file(path: str | Path, out_dir: str | Path, *, layout: str, image_si
     except ProxytuneError:
         raise
     except Exception as err:  # e.g. shapes that disagree with each other: still one line naming the file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ProxytuneError(f"{label}: cannot build the tokenizer from it ({type(err).__name__}: {first})") from None
+        raise ProxytuneError(f"{label}: cannot build the tokenizer from it ({first_line(err)})") from None
     with staged_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "proxytune_source.json").write_text(json.dumps({"converted_from": str(path), "layout": layout}) + "\n")
