@@ -87,7 +87,9 @@ def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, params.out("teacher") / "adapter",
                                              revision=params.teacher.revision, scale=s.lora_scale,
                                              dtype=generation_dtype(s.dtype))
-    pipe.to(device())
+    note = diffusion.place_for_generation(pipe, device(), cpu_offload=s.cpu_offload, vae_tiling=s.vae_tiling)
+    if note:
+        tqdm.write(note)
     pipe.set_progress_bar_config(disable=True)
     out = []
     for p, prompt in enumerate(tqdm(prompts, desc="style evaluate: teacher", unit="prompt")):
