@@ -150,18 +150,28 @@ def _attn(x, w, key):
     return x + _conv(out, w, f"{key}.proj_out", padding=0)
 
 
+def _levels(w, part: str) -> int:
+    return 1 + max(int(k.split(".")[2]) for k in w if k.startswith(f"{part}.conv_blocks."))
+
+
+def _level_blocks(h, w, prefix: str):
+    """One level's res blocks, each followed by its attention block where the level has one (vq_model.py)."""
+    for r in range(1 + max(int(k.split(".")[4]) for k in w if k.startswith(f"{prefix}.res."))):
+        h = _res(h, w, f"{prefix}.res.{r}")
+        if f"{prefix}.attn.{r}.q.weight" in w:
+            h = _attn(h, w, f"{prefix}.attn.{r}")
+    return h
+
+
 def _original_codes(w, pixels):
     """vq_model.py: Encoder (conv_blocks, asymmetric-pad downsampling, mid 0/1/2), quant_conv, then the
     VectorQuantizer with codebook_l2_norm: nearest l2-normalised entry to the l2-normalised latent."""
     p = "gen_vision_model."
     w = {k[len(p):]: v for k, v in w.items() if k.startswith(p)}
     h = _conv(pixels, w, "encoder.conv_in")
-    levels = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("encoder.conv_blocks."))
+    levels = _levels(w, "encoder")
     for level in range(levels):
-        for r in range(1 + max(int(k.split(".")[4]) for k in w if k.startswith(f"encoder.conv_blocks.{level}.res."))):
-            h = _res(h, w, f"encoder.conv_blocks.{level}.res.{r}")
-            if f"encoder.conv_blocks.{level}.attn.{r}.q.weight" in w:
-                h = _attn(h, w, f"encoder.conv_blocks.{level}.attn.{r}")
+        h = _level_blocks(h, w, f"encoder.conv_blocks.{level}")
         if level != levels - 1:
             h = _conv(F.pad(h, (0, 1, 0, 1)), w, f"encoder.conv_blocks.{level}.downsample.conv", stride=2, padding=0)
     h = _res(_attn(_res(h, w, "encoder.mid.0"), w, "encoder.mid.1"), w, "encoder.mid.2")
@@ -182,12 +192,9 @@ def _original_decode(w, codes):
     z = F.normalize(w["quantize.embedding.weight"], dim=-1)[codes].view(len(codes), grid, grid, -1).permute(0, 3, 1, 2)
     h = _conv(_conv(z, w, "post_quant_conv", padding=0), w, "decoder.conv_in")
     h = _res(_attn(_res(h, w, "decoder.mid.0"), w, "decoder.mid.1"), w, "decoder.mid.2")
-    levels = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("decoder.conv_blocks."))
+    levels = _levels(w, "decoder")
     for level in range(levels):
-        for r in range(1 + max(int(k.split(".")[4]) for k in w if k.startswith(f"decoder.conv_blocks.{level}.res."))):
-            h = _res(h, w, f"decoder.conv_blocks.{level}.res.{r}")
-            if f"decoder.conv_blocks.{level}.attn.{r}.q.weight" in w:
-                h = _attn(h, w, f"decoder.conv_blocks.{level}.attn.{r}")
+        h = _level_blocks(h, w, f"decoder.conv_blocks.{level}")
         if level != levels - 1:
             h = _conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), w, f"decoder.conv_blocks.{level}.upsample.conv")
     h = _conv(F.silu(_gn(h, w, "decoder.norm_out")), w, "decoder.conv_out")
