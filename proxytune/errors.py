@@ -48,3 +48,22 @@ def disk_full_message(err: BaseException, fallback: str | None = None) -> str | 
     except OSError:
         free = "free space unknown"
     return f"{where}: no space left on device ({free}); free some space and re-run the same command to resume"
+
+
+def access_message(err: BaseException) -> str | None:
+    """One line for a folder or file this process may not write (permission denied, a read-only file
+    system) anywhere in `err`'s chain of causes, else None. The line names the path and the fix."""
+    import errno
+    import os
+
+    reasons = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+               errno.EROFS: "read-only file system"}
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in reasons:
+            where = os.fsdecode(err.filename) if err.filename is not None else os.getcwd()
+            return (f"{where}: cannot write here ({reasons[err.errno]}); make it writable, or work in a folder "
+                    "you can write to, and re-run the same command")
+        err = err.__cause__ or err.__context__
+    return None

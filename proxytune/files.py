@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -98,6 +99,35 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_new_folder(path: str | Path) -> None:
+    """Before a command that writes a new folder reads anything: `path` must not exist yet, and its
+    parent must be an existing folder this process can write in (a probe file is made and removed).
+
+    Raises:
+        ProxytuneError: one line naming the path and the fix.
+    """
+    from proxytune.errors import ProxytuneError
+
+    path = Path(path)
+    if path.is_file():
+        raise ProxytuneError(f"{path}: a file already has this name; choose a new folder")
+    if path.exists():
+        state = "is empty" if path.is_dir() and not any(path.iterdir()) else "is not empty"
+        raise ProxytuneError(f"{path}: already exists and {state}; choose a new folder (it is written whole or not at all)")
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise ProxytuneError(f"{path}: its parent folder {parent} {what}; create the folder first or choose another one")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise  # a full disk: the CLI's own line says so
+        raise ProxytuneError(f"{path}: cannot write in {parent} ({err.strerror or err}); choose a folder you can write") from None
 
 
 @contextlib.contextmanager

@@ -146,6 +146,27 @@ def write_compiled(resolved: list[compiler.ResolvedSpec], root: Path) -> dict:
     return dvc
 
 
+def check_writable(root: Path) -> None:
+    """Before compile or apply writes anything: the project folder must take a new file.
+
+    Raises:
+        ProxytuneError: it does not (read-only, not ours); one line naming it and the fix.
+    """
+    import errno
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".proxytune-probe-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise  # a full disk: the CLI's own line says so
+        raise ProxytuneError(f"{root}: the project folder is not writable ({err.strerror or err}); apply and compile "
+                             "write dvc.yaml, runs/, .proxytune/ and registry/ there: make it writable or copy the "
+                             "project to a folder you can write") from None
+
+
 def _dvc() -> list[str]:
     """The command that runs DVC: the `dvc` package of the interpreter running proxytune, not an executable
     found on PATH (a virtualenv used without activation, or pipx, has neither `dvc` nor `proxytune` on PATH)."""

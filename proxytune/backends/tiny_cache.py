@@ -7,6 +7,7 @@ Tiny architectures are random-initialised from a config with a fixed seed and sa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,6 +27,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROXYTUNE_HOME", Path.home() / ".cache" / "proxytune")).expanduser()
 
 
+def check_cache_root() -> Path:
+    """The tiny-model cache folder, created when missing, once a probe file could be written in it.
+
+    Raises:
+        ProxytuneError: PROXYTUNE_HOME (or ~/.cache/proxytune) is a file, lies under a file, or is not
+            writable; one line naming it and the fix.
+    """
+    root = cache_root()
+    name = "PROXYTUNE_HOME" if "PROXYTUNE_HOME" in os.environ else "the tiny-model cache (PROXYTUNE_HOME unset)"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise  # a full disk: the CLI's own line says so
+        problem = "a file, not a folder" if root.is_file() else err.strerror or type(err).__name__
+        raise ProxytuneError(f"{name} {root}: {problem}; built-in tiny and toy models are cached there: set "
+                             "PROXYTUNE_HOME to a folder you can write") from None
+    return root
+
+
 def materialize(key: str, build: Callable[[Path], None], *, random_init: bool = True) -> Path:
     """Build a tiny model folder once (into a temp dir, then an atomic rename) and return its path.
 
@@ -39,6 +63,7 @@ def materialize(key: str, build: Callable[[Path], None], *, random_init: bool = 
     target = cache_root() / "tiny" / key
     if (target / ".complete").exists():
         return target
+    check_cache_root()
     target.parent.mkdir(parents=True, exist_ok=True)
     locks = cache_root() / "locks"
     locks.mkdir(exist_ok=True)

@@ -49,6 +49,7 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 
     root = Path.cwd()
     resolved = project.resolve_specs(specs, root)
+    project.check_writable(root)
     with project.project_lock(root, _waiting):
         project.write_compiled(resolved, root)
     for item in resolved:
