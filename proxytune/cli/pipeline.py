@@ -90,7 +90,7 @@ def apply_cmd(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, 
 
 @click.command(hidden=True)
 @click.argument("step", type=click.Choice(layout.STEPS + layout.STYLE_STEPS))
-@click.option("--params", "params_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--params", "params_path", required=True, type=click.Path())
 @user_errors
 def stage(step: str, params_path: str) -> None:
     """Run one stage (DVC calls this; see dvc.yaml)."""

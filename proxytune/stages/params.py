@@ -138,12 +138,6 @@ def check_in_project(params: StageParams, root: Path) -> None:
     problem = _experiment_problem(experiment)
     if problem:
         raise SpecError(f"{path}: experiment: {problem}; re-run `proxytune compile`")
-    folder_name = layout.JOINT if params.joint_subjects else params.subject.name
-    folder = layout.subject_dir(experiment, folder_name)
-    if not _same_place(root, path, f"{folder}/{layout.PARAMS_FILE}"):
-        raise SpecError(f"{path}: not {folder}/{layout.PARAMS_FILE} of the project in {root} (experiment "
-                        f"{experiment!r}, subject.name {params.subject.name!r}): run `proxytune stage` from the root of "
-                        f"the project that holds the file (where its dvc.yaml is), or re-run `proxytune compile` here")
     base = layout.base_experiment(experiment)
     expected = {
         "student_dir": f"{layout.RUNS_DIR}/{base}/{layout.JOINT}/student",
@@ -158,3 +152,9 @@ def check_in_project(params: StageParams, root: Path) -> None:
         if not (SAFE_NAME.match(name) and _same_place(root, member, layout.subject_dir(experiment, name))):
             raise SpecError(f"{path}: members[{index}]: {member!r} is not a subject folder of experiment {experiment!r} "
                             f"(runs/{experiment}/SUBJECT); re-run `proxytune compile`")
+    folder_name = layout.JOINT if params.joint_subjects else params.subject.name
+    folder = layout.subject_dir(experiment, folder_name)
+    if not _same_place(root, path, f"{folder}/{layout.PARAMS_FILE}"):
+        raise SpecError(f"{path}: not {folder}/{layout.PARAMS_FILE} of the project in {root} (experiment "
+                        f"{experiment!r}, subject.name {params.subject.name!r}): run `proxytune stage` from the root of "
+                        f"the project that holds the file (where its dvc.yaml is), or re-run `proxytune compile` here")
