@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -403,3 +402,26 @@ def test_two_applies_at_once_the_second_waits_and_the_project_stays_consistent(p
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
     assert sorted(stages["teacher"]["foreach"]) == ["t.dog"]
     assert not [p for p in project.rglob("*.tmp")]
+
+
+def test_every_params_file_compile_writes_passes_the_stages_check(project, dreambench):
+    """Variants (upstream_dir), a joint student (members, student_dir) and a style: all accepted as written."""
+    from proxytune.stages.params import load_params
+
+    copy_images(dreambench / "dog", project / "specs" / "refs", count=3)
+    joint = tiny_spec("b", student={"multi_subject": True})
+    joint["subjects"] = [{"name": "dog", "class": "dog", "images": "dreambench:dog", "token": "S1*"},
+                         {"name": "cat", "class": "cat", "images": "dreambench:cat", "token": "S2*"}]
+    specs = {"a": tiny_spec("a", student={"variants": {"v": {"steps": 10}}}), "b": joint,
+             "s": {"name": "s", "student": {"model": "tiny-lumina-mgpt"},
+                   "styles": [{"name": "glass", "images": "refs", "prompts": ["a cat"], "raw": {"toyworld": 4}}]}}
+    for name, spec in specs.items():
+        (project / "specs" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    result = CliRunner().invoke(main, ["compile", *(f"specs/{name}.yaml" for name in specs)])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.relative_to(project).as_posix() for p in (project / "runs").rglob("params.yaml"))
+    assert files == ["runs/a--v/dog/params.yaml", "runs/a/dog/params.yaml", "runs/b/_joint/params.yaml",
+                     "runs/b/cat/params.yaml", "runs/b/dog/params.yaml", "runs/s/glass/params.yaml"]
+    loaded = {path: load_params(path) for path in files}
+    assert loaded["runs/a--v/dog/params.yaml"].out("teacher").as_posix() == "runs/a/dog/teacher"
+    assert loaded["runs/b/_joint/params.yaml"].joint_subjects == ["runs/b/dog", "runs/b/cat"]
