@@ -357,6 +357,15 @@ def test_other_commands_in_a_read_only_folder(project):
     assert list(out.iterdir()) == []
 
 
+
+@pytest.mark.parametrize("command", ["validate", "compile", "apply", "report", "plan"])
+def test_a_spec_that_is_a_folder_is_one_line(project, command):
+    before = snapshot(project)
+    result = CliRunner().invoke(main, [command, "specs"])
+    refused(result, "error: specs: cannot read spec (a folder, not a file)")
+    assert snapshot(project) == before
+
+
 # -- must accept -------------------------------------------------------------------------------------------
 def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "PYTHONPATH": str(REPO), **env}

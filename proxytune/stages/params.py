@@ -130,6 +130,7 @@ def check_in_project(params: StageParams, root: Path) -> None:
     runs/EXPERIMENT/_joint/params.yaml), and student_dir, upstream_dir and members must be what compile
     writes. Otherwise a params file from elsewhere would write another project's outputs and this
     folder's registry, or a crafted name would escape runs/. The references may be anywhere (read only).
+    Paths are compared with symlinks resolved: a runs/ folder the user linked to another disk is followed.
 
     Raises:
         SpecError: one line naming the params file and the key, before any work.
