@@ -101,9 +101,30 @@ def write_json_atomic(path: str | Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: over a disk quota
+
+
+def write_problem(folder: str | Path, *, create: bool = False) -> str | None:
+    """Why a new file cannot be written in `folder` (its OSError's text), else None; found by making and
+    removing a probe file there (after creating the folder when `create`). A full disk is raised as is:
+    the CLI's own line names it and says that a re-run resumes."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".proxytune-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise
+        return "a file, not a folder" if folder.is_file() else err.strerror or type(err).__name__
+    return None
+
+
 def check_new_folder(path: str | Path) -> None:
     """Before a command that writes a new folder reads anything: `path` must not exist yet, and its
-    parent must be an existing folder this process can write in (a probe file is made and removed).
+    parent must be an existing folder this process can write in.
 
     Raises:
         ProxytuneError: one line naming the path and the fix.
@@ -120,14 +141,9 @@ def check_new_folder(path: str | Path) -> None:
     if not parent.is_dir():
         what = "is a file" if parent.exists() else "does not exist"
         raise ProxytuneError(f"{path}: its parent folder {parent} {what}; create the folder first or choose another one")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise  # a full disk: the CLI's own line says so
-        raise ProxytuneError(f"{path}: cannot write in {parent} ({err.strerror or err}); choose a folder you can write") from None
+    problem = write_problem(parent)
+    if problem:
+        raise ProxytuneError(f"{path}: cannot write in {parent} ({problem}); choose a folder you can write")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import yaml
 from proxytune import compile as compiler
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError, SpecError
-from proxytune.files import process_alive, sha256_file, write_text_atomic
+from proxytune.files import process_alive, sha256_file, write_problem, write_text_atomic
 from proxytune.images import list_images, open_rgb
 from proxytune.spec import load_spec, resolve_images
 
@@ -152,19 +152,11 @@ def check_writable(root: Path) -> None:
     Raises:
         ProxytuneError: it does not (read-only, not ours); one line naming it and the fix.
     """
-    import errno
-    import tempfile
-
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".proxytune-probe-", dir=root)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise  # a full disk: the CLI's own line says so
-        raise ProxytuneError(f"{root}: the project folder is not writable ({err.strerror or err}); apply and compile "
-                             "write dvc.yaml, runs/, .proxytune/ and registry/ there: make it writable or copy the "
-                             "project to a folder you can write") from None
+    problem = write_problem(root)
+    if problem:
+        raise ProxytuneError(f"{root}: the project folder is not writable ({problem}); apply and compile write "
+                             "dvc.yaml, runs/, .proxytune/ and registry/ there: make it writable or copy the project "
+                             "to a folder you can write")
 
 
 def _dvc() -> list[str]:

@@ -7,7 +7,6 @@ Tiny architectures are random-initialised from a config with a fixed seed and sa
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -34,19 +33,14 @@ def check_cache_root() -> Path:
         ProxytuneError: PROXYTUNE_HOME (or ~/.cache/proxytune) is a file, lies under a file, or is not
             writable; one line naming it and the fix.
     """
+    from proxytune.files import write_problem
+
     root = cache_root()
     name = "PROXYTUNE_HOME" if "PROXYTUNE_HOME" in os.environ else "the tiny-model cache (PROXYTUNE_HOME unset)"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=root)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise  # a full disk: the CLI's own line says so
-        problem = "a file, not a folder" if root.is_file() else err.strerror or type(err).__name__
+    problem = write_problem(root, create=True)
+    if problem:
         raise ProxytuneError(f"{name} {root}: {problem}; built-in tiny and toy models are cached there: set "
-                             "PROXYTUNE_HOME to a folder you can write") from None
+                             "PROXYTUNE_HOME to a folder you can write")
     return root
 
 
