@@ -229,7 +229,7 @@ CONVERTER_CASES = {
     "input-is-empty": (lambda r, w: vqgan(r["root"] / "empty.pt", w / "out"),
                        "error: llamagen VQGAN checkpoint '{root}/empty.pt': ", "an empty file (0 bytes)"),
     "input-not-a-checkpoint": (lambda r, w: llamagen(r, r["root"] / "notes.pt", w / "out"),
-                               "error: LlamaGen checkpoint '{root}/notes.pt': ", "cannot read it as weights only"),
+                               "error: LlamaGen checkpoint '{root}/notes.pt': ", "not a PyTorch checkpoint (neither a zip"),
     "input-missing": (lambda r, w: vqgan(r["root"] / "nowhere.pt", w / "out"),
                       "error: llamagen VQGAN checkpoint '{root}/nowhere.pt': ", "no such file"),
     "janus-input-is-a-file": (lambda r, w: ["convert", "janus", str(r["root"] / "empty.pt"), str(w / "out")],

@@ -52,6 +52,12 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         raise ProxytuneError(f"{label} {str(path)!r}: no such file")
     if path.stat().st_size == 0:
         raise ProxytuneError(f"{label} {str(path)!r}: an empty file (0 bytes), not a checkpoint; download it again")
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive; older files are a pickle
+            raise ProxytuneError(f"{label} {str(path)!r}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                                 "check that the download is complete and is the right file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
