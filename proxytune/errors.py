@@ -51,19 +51,19 @@ def disk_full_message(err: BaseException, fallback: str | None = None) -> str | 
 
 
 def access_message(err: BaseException) -> str | None:
-    """One line for a folder or file this process may not write (permission denied, a read-only file
+    """One line for a file or folder this process may not use (permission denied, a read-only file
     system) anywhere in `err`'s chain of causes, else None. The line names the path and the fix."""
     import errno
     import os
 
-    reasons = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.EROFS: "read-only file system"}
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in reasons:
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             where = os.fsdecode(err.filename) if err.filename is not None else os.getcwd()
-            return (f"{where}: cannot write here ({reasons[err.errno]}); make it writable, or work in a folder "
-                    "you can write to, and re-run the same command")
+            if err.errno == errno.EROFS:
+                return f"{where}: on a read-only file system; work in a writable folder and re-run the same command"
+            return (f"{where}: permission denied; give this user access to it (or work in a folder you own) and "
+                    "re-run the same command")
         err = err.__cause__ or err.__context__
     return None

@@ -353,7 +353,7 @@ def test_other_commands_in_a_read_only_folder(project):
     out.mkdir()
     with read_only(out):
         result = CliRunner().invoke(main, ["toyworld", "subjects", "--out", str(out / "toys")])
-    refused(result, f"error: {out}/toys: cannot write here (permission denied)", "re-run the same command")
+    refused(result, f"error: {out}/toys: permission denied; give this user access to it", "re-run the same command")
     assert list(out.iterdir()) == []
 
 
@@ -434,3 +434,13 @@ def test_every_params_file_compile_writes_passes_the_stages_check(project, dream
     loaded = {path: load_params(path) for path in files}
     assert loaded["runs/a--v/dog/params.yaml"].out("teacher").as_posix() == "runs/a/dog/teacher"
     assert loaded["runs/b/_joint/params.yaml"].joint_subjects == ["runs/b/dog", "runs/b/cat"]
+
+
+def test_a_read_only_lock_folder_in_a_writable_project(project):
+    (project / "specs" / "t.yaml").write_text(yaml.safe_dump(tiny_spec()))
+    (project / ".proxytune").mkdir()
+    before = snapshot(project)
+    with read_only(project / ".proxytune"):
+        result = CliRunner().invoke(main, ["compile", "specs/t.yaml"])
+    refused(result, f"error: {project / '.proxytune'}", "permission denied; give this user access to it")
+    assert snapshot(project) == before
