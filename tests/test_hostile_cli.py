@@ -272,7 +272,7 @@ def test_a_full_disk_or_ctrl_c_while_converting_leaves_nothing_and_a_rerun_conve
             raise KeyboardInterrupt
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    out = tmp_path / "vq"
+    out = tmp_path / "vq é 🐶 out"  # and a name with unicode and spaces is fine
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     result = CliRunner().invoke(main, vqgan(release["vq_ds16_t2i.pt"], out))
     if failure == "ctrl-c":
