@@ -38,8 +38,10 @@ def apply(paths: tuple[str, ...], subjects: tuple[str, ...], *, dry_run: bool, e
     unknown = sorted(set(subjects) - known)
     if unknown:
         raise ProxytuneError(f"--subject: no subject named {', '.join(unknown)} in {', '.join(paths)}")
+    project.check_writable(root)
     if not dry_run:
         check_servers(paths, resolved)
+        check_cache(resolved)
     check_models(paths, resolved, root)
     with project.project_lock(root, on_wait):
         if not dry_run:
@@ -124,6 +126,22 @@ def check_servers(paths: tuple[str, ...], resolved) -> None:
         except ProxytuneError as err:
             raise ProxytuneError(f"{path}: {key}: {err}") from None
         checked.add(uri)
+
+
+def check_cache(resolved) -> None:
+    """When a spec names a built-in tiny or toy model, its stages cache it under PROXYTUNE_HOME: check
+    that folder here, once, rather than in every stage after DVC has started."""
+    from proxytune.backends.tiny_cache import check_cache_root
+
+    def names_builtin(value) -> bool:
+        if isinstance(value, dict):
+            return any(names_builtin(v) for v in value.values())
+        if isinstance(value, list):
+            return any(names_builtin(v) for v in value)
+        return isinstance(value, str) and value.startswith(("tiny-", "toy-"))
+
+    if any(names_builtin(item.spec.model_dump(mode="json")) for item in resolved):
+        check_cache_root()
 
 
 def check_models(paths: tuple[str, ...], resolved, root: Path) -> None:

@@ -48,3 +48,22 @@ def disk_full_message(err: BaseException, fallback: str | None = None) -> str | 
     except OSError:
         free = "free space unknown"
     return f"{where}: no space left on device ({free}); free some space and re-run the same command to resume"
+
+
+def access_message(err: BaseException) -> str | None:
+    """One line for a file or folder this process may not use (permission denied, a read-only file
+    system) anywhere in `err`'s chain of causes, else None. The line names the path and the fix."""
+    import errno
+    import os
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            where = os.fsdecode(err.filename) if err.filename is not None else os.getcwd()
+            if err.errno == errno.EROFS:
+                return f"{where}: on a read-only file system; work in a writable folder and re-run the same command"
+            return (f"{where}: permission denied; give this user access to it (or work in a folder you own) and "
+                    "re-run the same command")
+        err = err.__cause__ or err.__context__
+    return None

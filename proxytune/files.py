@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -98,6 +99,51 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # EDQUOT: over a disk quota
+
+
+def write_problem(folder: str | Path, *, create: bool = False) -> str | None:
+    """Why a new file cannot be written in `folder` (its OSError's text), else None; found by making and
+    removing a probe file there (after creating the folder when `create`). A full disk is raised as is:
+    the CLI's own line names it and says that a re-run resumes."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".proxytune-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise
+        return "a file, not a folder" if folder.is_file() else err.strerror or type(err).__name__
+    return None
+
+
+def check_new_folder(path: str | Path) -> None:
+    """Before a command that writes a new folder reads anything: `path` must not exist yet, and its
+    parent must be an existing folder this process can write in.
+
+    Raises:
+        ProxytuneError: one line naming the path and the fix.
+    """
+    from proxytune.errors import ProxytuneError
+
+    path = Path(path)
+    if path.is_file():
+        raise ProxytuneError(f"{path}: a file already has this name; choose a new folder")
+    if path.exists():
+        state = "is empty" if path.is_dir() and not any(path.iterdir()) else "is not empty"
+        raise ProxytuneError(f"{path}: already exists and {state}; choose a new folder (it is written whole or not at all)")
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        what = "is a file" if parent.exists() else "does not exist"
+        raise ProxytuneError(f"{path}: its parent folder {parent} {what}; create the folder first or choose another one")
+    problem = write_problem(parent)
+    if problem:
+        raise ProxytuneError(f"{path}: cannot write in {parent} ({problem}); choose a folder you can write")
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import yaml
 from proxytune import compile as compiler
 from proxytune.backends.student_meta import STUDENT_META
 from proxytune.errors import ProxytuneError, SpecError
-from proxytune.files import process_alive, sha256_file, write_text_atomic
+from proxytune.files import process_alive, sha256_file, write_problem, write_text_atomic
 from proxytune.images import list_images, open_rgb
 from proxytune.spec import load_spec, resolve_images
 
@@ -144,6 +144,19 @@ def write_compiled(resolved: list[compiler.ResolvedSpec], root: Path) -> dict:
     if not dvc_path.exists() or dvc_path.read_text() != text:
         write_text_atomic(dvc_path, text)
     return dvc
+
+
+def check_writable(root: Path) -> None:
+    """Before compile or apply writes anything: the project folder must take a new file.
+
+    Raises:
+        ProxytuneError: it does not (read-only, not ours); one line naming it and the fix.
+    """
+    problem = write_problem(root)
+    if problem:
+        raise ProxytuneError(f"{root}: the project folder is not writable ({problem}); apply and compile write "
+                             "dvc.yaml, runs/, .proxytune/ and registry/ there: make it writable or copy the project "
+                             "to a folder you can write")
 
 
 def _dvc() -> list[str]:

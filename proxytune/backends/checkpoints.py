@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 
 @contextmanager
 def transformers_errors_only():
@@ -46,8 +46,18 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
         ProxytuneError: the file is missing, unreadable, needs arbitrary code to unpickle, or holds no dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ProxytuneError(f"{label} {str(path)!r}: a folder, not a checkpoint file")
     if not path.is_file():
         raise ProxytuneError(f"{label} {str(path)!r}: no such file")
+    if path.stat().st_size == 0:
+        raise ProxytuneError(f"{label} {str(path)!r}: an empty file (0 bytes), not a checkpoint; download it again")
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive; older files are a pickle
+            raise ProxytuneError(f"{label} {str(path)!r}: not a PyTorch checkpoint (neither a zip archive nor a pickle); "
+                                 "check that the download is complete and is the right file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -57,9 +67,8 @@ def read_state_dict(path: str | Path, *, label: str) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # refused by weights_only, corrupt archive, bad safetensors header
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ProxytuneError(
-            f"{label} {str(path)!r}: cannot read it as weights only ({first_line}); if you trust the file, "
+            f"{label} {str(path)!r}: cannot read it as weights only ({first_line(err)}); if you trust the file, "
             "re-save its state dict with safetensors and pass that"
         ) from None
     if not isinstance(ckpt, dict):

@@ -60,7 +60,9 @@ def resolve_source(src: str) -> Path:
     path = Path(src).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or src.startswith((".", "/", "~")):
+    if path.exists():
+        raise ProxytuneError(f"Janus checkpoint {src!r}: a file, not the release's folder (config.json and its weights)")
+    if src.startswith((".", "/", "~")):
         raise ProxytuneError(f"Janus checkpoint {src!r}: no such folder")
     from huggingface_hub import snapshot_download
 

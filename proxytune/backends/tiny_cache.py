@@ -26,6 +26,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROXYTUNE_HOME", Path.home() / ".cache" / "proxytune")).expanduser()
 
 
+def check_cache_root() -> Path:
+    """The tiny-model cache folder, created when missing, once a probe file could be written in it.
+
+    Raises:
+        ProxytuneError: PROXYTUNE_HOME (or ~/.cache/proxytune) is a file, lies under a file, or is not
+            writable; one line naming it and the fix.
+    """
+    from proxytune.files import write_problem
+
+    root = cache_root()
+    name = "PROXYTUNE_HOME" if "PROXYTUNE_HOME" in os.environ else "the tiny-model cache (PROXYTUNE_HOME unset)"
+    problem = write_problem(root, create=True)
+    if problem:
+        raise ProxytuneError(f"{name} {root}: {problem}; built-in tiny and toy models are cached there: set "
+                             "PROXYTUNE_HOME to a folder you can write")
+    return root
+
+
 def materialize(key: str, build: Callable[[Path], None], *, random_init: bool = True) -> Path:
     """Build a tiny model folder once (into a temp dir, then an atomic rename) and return its path.
 
@@ -39,6 +57,7 @@ def materialize(key: str, build: Callable[[Path], None], *, random_init: bool = 
     target = cache_root() / "tiny" / key
     if (target / ".complete").exists():
         return target
+    check_cache_root()
     target.parent.mkdir(parents=True, exist_ok=True)
     locks = cache_root() / "locks"
     locks.mkdir(exist_ok=True)

@@ -208,12 +208,32 @@ def convert_state_dict(
         elif kind == "codebook" and layout.l2_codebook:
             tensor = F.normalize(tensor, dim=-1)  # cosine lookup == Euclidean lookup over unit vectors
         out[dst] = tensor
+    _check_shapes(config, out, pairs, state, label)
     taken = {src for _, src, _ in pairs}
     left = sorted(k for k in set(state) - taken if not k.startswith(layout.ignored))
     if left:
         shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         raise ProxytuneError(f"{label}: unexpected keys for the {layout.name} layout: {shown}")
     return config, out
+
+
+def _check_shapes(config: dict, converted: dict, pairs, original: dict, label: str) -> None:
+    """Every converted tensor must have the shape the architecture (read from the other tensors) gives it.
+
+    Raises:
+        ProxytuneError: the first original key whose tensor does not fit, with both shapes.
+    """
+    from diffusers import VQModel
+
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        expected = VQModel(**config).state_dict()
+    for dst, src, kind in pairs:
+        want = expected.get(dst)
+        if want is None or tuple(converted[dst].shape) == tuple(want.shape):
+            continue
+        shape = tuple(want.shape) + ((1, 1) if kind == "conv1x1" else ())
+        raise ProxytuneError(f"{label}: {src!r} has shape {tuple(original[src].shape)}, but the other tensors give "
+                             f"{shape}; not a consistent VQGAN checkpoint")
 
 
 def to_original_state_dict(model, layout: Layout | str) -> dict[str, torch.Tensor]:

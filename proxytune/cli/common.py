@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from proxytune.errors import ProxytuneError, disk_full_message
+from proxytune.errors import ProxytuneError, access_message, disk_full_message
 
 
 def user_errors(func):
-    """Print ProxytuneError, and a full disk anywhere, as one line on stderr and exit 2; no traceback."""
+    """Print ProxytuneError, a full disk and a folder this process may not write (anywhere: proxytune's
+    own files, DVC's, a library's cache), as one line on stderr and exit 2; no traceback."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -25,7 +26,7 @@ def user_errors(func):
             click.echo("interrupted: re-run the same command to resume", err=True)
             sys.exit(130)
         except Exception as err:
-            message = disk_full_message(err)
+            message = disk_full_message(err) or access_message(err)
             if message is None:
                 raise
             click.echo(f"error: {message}", err=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from proxytune.cli.common import user_errors
+from proxytune.errors import ProxytuneError
+from proxytune.files import check_new_folder
 
 
 @click.group()
@@ -16,8 +18,8 @@ def convert() -> None:
 
 
 @convert.command(name="llamagen")
-@click.argument("gpt_checkpoint", type=click.Path(dir_okay=False))
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("gpt_checkpoint", type=click.Path())
+@click.argument("out_dir", type=click.Path())
 @click.option("--vq", "vq", required=True, type=click.Path(),
               help="The VQ tokenizer: the original vq_ds16_t2i.pt (converted here) or a diffusers VQModel folder.")
 @click.option("--text-encoder", default="google/flan-t5-xl", show_default=True,
@@ -39,6 +41,7 @@ def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: s
 
     from proxytune.backends import llamagen_convert, vqgan
 
+    check_new_folder(out_dir)
     image_size, note = llamagen_convert.resolve_image_size(gpt_checkpoint, image_size)
     if note:
         click.echo(f"note: {note}", err=True)
@@ -52,8 +55,8 @@ def convert_llamagen(gpt_checkpoint: str, out_dir: str, vq: str, text_encoder: s
 
 
 @convert.command(name="vqgan")
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("checkpoint", type=click.Path())
+@click.argument("out_dir", type=click.Path())
 @click.option("--layout", type=click.Choice(["llamagen", "taming"]), required=True,
               help="llamagen: vq_ds16_t2i.pt and other LlamaGen VQ checkpoints; taming: Chameleon's vqgan.ckpt "
                    "(Lumina-mGPT's tokenizer) and other taming-transformers VQGANs.")
@@ -64,14 +67,15 @@ def convert_vqgan(checkpoint: str, out_dir: str, layout: str, image_size: int) -
     """An original VQGAN image tokenizer -> a diffusers VQModel folder (encoder, codebook, decoder)."""
     from proxytune.backends import vqgan
 
+    check_new_folder(out_dir)
     folder = vqgan.convert_file(checkpoint, out_dir, layout=layout, image_size=image_size)
     click.echo(f"wrote {folder} (diffusers VQModel, {layout} layout)")
 
 
 @convert.command(name="lumina-mgpt")
 @click.argument("model")
-@click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--vqgan", "vqgan_checkpoint", required=True, type=click.Path(dir_okay=False),
+@click.argument("out_dir", type=click.Path())
+@click.option("--vqgan", "vqgan_checkpoint", required=True, type=click.Path(),
               help="Chameleon's tokenizer checkpoint (vqgan.ckpt, or a .safetensors with its keys).")
 @click.option("--image-size", type=click.IntRange(min=16), default=512, show_default=True,
               help="Pixels per side the checkpoint generates (a multiple of 32: Lumina-mGPT's size tokens count 32 px steps).")
@@ -83,6 +87,7 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
     The folder holds the converted VQGAN and names MODEL; the Chameleon weights are not copied."""
     from proxytune.backends import lumina_convert
 
+    check_new_folder(out_dir)
     meta = lumina_convert.convert_to_student_folder(model, out_dir, vqgan_checkpoint, image_size=image_size,
                                                     tokenizer=tokenizer)
     out, source = Path(out_dir), meta["model"]
@@ -91,7 +96,7 @@ def convert_lumina(model: str, out_dir: str, vqgan_checkpoint: str, image_size: 
 
 @convert.command(name="janus")
 @click.argument("src")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path())
 @user_errors
 def convert_janus(src: str, out_dir: str) -> None:
     """deepseek-ai/Janus-Pro-1B or -7B as released (model_type multi_modality), a folder or a hub id in the
@@ -100,14 +105,15 @@ def convert_janus(src: str, out_dir: str) -> None:
     The weights keep the release's dtype (bf16); the folder is written whole or not at all."""
     from proxytune.backends import janus_convert
 
+    check_new_folder(out_dir)
     meta = janus_convert.convert_release(src, out_dir)
     click.echo(f"wrote {out_dir} (backend janus, {meta['image_size']} px, {meta['dtype']}, {meta['tensors']} tensors); "
                "use it as student.model")
 
 
 @convert.command(name="stylear")
-@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("model_dir", type=click.Path())
+@click.argument("out_dir", type=click.Path())
 @click.option("--base-model", default="Alpha-VLLM/Lumina-mGPT-7B-768", show_default=True,
               help="The Lumina-mGPT (Chameleon) model the LoRA belongs to, recorded in the adapter config.")
 @click.option("--dim-head", type=click.IntRange(min=1), default=64, show_default=True,
@@ -120,6 +126,10 @@ def convert_stylear(model_dir: str, out_dir: str, base_model: str, dim_head: int
     The folder loads with proxytune.backends.style_student.StyleStudent.load (a style student's layout)."""
     from proxytune.backends import stylear_convert
 
+    check_new_folder(out_dir)
+    if not Path(model_dir).is_dir():
+        what = "a file, not" if Path(model_dir).exists() else "no such folder; give"
+        raise ProxytuneError(f"{model_dir}: {what} StyleAR's released folder (model.safetensors + image_proj.pth)")
     meta = stylear_convert.convert_released(model_dir, out_dir, base_model=base_model, dim_head=dim_head)
     click.echo(f"wrote {out_dir} (StyleAR: LoRA rank {meta['lora_rank']} on {meta['lora_modules']} modules of "
                f"{base_model}, resampler of {meta['num_style_tokens']} style tokens"

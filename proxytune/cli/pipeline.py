@@ -14,7 +14,7 @@ from proxytune.cli.common import user_errors
 
 
 @click.command()
-@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("specs", nargs=-1, required=True, type=click.Path())
 @user_errors
 def validate(specs: tuple[str, ...]) -> None:
     """Check spec files (schema, reference folders and images); write nothing."""
@@ -41,7 +41,7 @@ def _waiting() -> None:
 
 
 @click.command(name="compile")
-@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("specs", nargs=-1, required=True, type=click.Path())
 @user_errors
 def compile_cmd(specs: tuple[str, ...]) -> None:
     """Write dvc.yaml (and runs/EXPERIMENT/SUBJECT/params.yaml) for the specs."""
@@ -49,6 +49,7 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 
     root = Path.cwd()
     resolved = project.resolve_specs(specs, root)
+    project.check_writable(root)
     with project.project_lock(root, _waiting):
         project.write_compiled(resolved, root)
     for item in resolved:
@@ -66,7 +67,7 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 
 
 @click.command(name="apply")
-@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("specs", nargs=-1, required=True, type=click.Path())
 @click.option("--subject", "subjects", multiple=True, help="Only these subjects (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Compile and list the stages that would run; run nothing.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -89,7 +90,7 @@ def apply_cmd(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, 
 
 @click.command(hidden=True)
 @click.argument("step", type=click.Choice(layout.STEPS + layout.STYLE_STEPS))
-@click.option("--params", "params_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--params", "params_path", required=True, type=click.Path())
 @user_errors
 def stage(step: str, params_path: str) -> None:
     """Run one stage (DVC calls this; see dvc.yaml)."""
@@ -101,7 +102,7 @@ def stage(step: str, params_path: str) -> None:
 
 
 @click.command(name="report")
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path())
 @user_errors
 def report_cmd(spec: str) -> None:
     """Write runs/EXPERIMENT/report.html (self-contained) and report.md; log both to MLflow."""

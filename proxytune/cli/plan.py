@@ -11,7 +11,7 @@ from proxytune.cli.common import user_errors
 
 
 @click.command("plan")
-@click.argument("spec_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("spec_file", type=click.Path(path_type=Path))
 @click.option("--gpu", "gpu_name", default=None, help="GPU to plan for: RTX4090, L4, A100-40GB, A100-80GB, H100-80GB, H200 (default A100-80GB).")
 @click.option("--memory", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Plan for a card of this many GiB instead (throughput of --gpu, else an A100's).")
