@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxytune import layout
-from proxytune.errors import ProxytuneError
+from proxytune.errors import ProxytuneError, first_line
 
 OVERRIDE = "--no-fit-check"
 
@@ -88,8 +88,8 @@ class Check:
         more = (f"; {others} more stage{'s' * (others != 1)} to run {'do' if others != 1 else 'does'} not fit either"
                 if others else "")
         return (f"{row.spec_path}: {stage}{part} needs about {size(row.estimate.peak)} of GPU memory at its peak, more "
-                f"than the {size(self.usable_gib() * 2**30)} usable on {card_name(self.gpu)} ({RESERVED_GIB} GiB kept for "
-                f"the CUDA context); {fix}{more} (`proxytune plan {row.spec_path} --memory {self.gpu.memory_gib:g}` "
+                f"than the {size(self.usable_gib() * 2**30)} usable on {card_name(self.gpu)} ({self.gpu.memory_gib:.1f} GiB "
+                f"less {RESERVED_GIB} for the CUDA context); {fix}{more} (`proxytune plan {row.spec_path} --memory {self.gpu.memory_gib:g}` "
                 f"shows every stage; {OVERRIDE} runs anyway)")
 
     def enforce(self, stages: list[str], request: Request, echo) -> None:
@@ -118,7 +118,7 @@ def size(nbytes: float) -> str:
 
 def card_name(gpu) -> str:
     """'the NVIDIA H200', or 'a 23.5 GiB card' for one named only by --memory."""
-    return f"a {gpu.name} card" if gpu.name.endswith(" GiB") else f"the {gpu.name} ({gpu.memory_gib:.1f} GiB)"
+    return f"a {gpu.name} card" if gpu.name.endswith(" GiB") else f"the {gpu.name}"
 
 
 def find_card(request: Request, executor: str, echo):
@@ -177,8 +177,7 @@ def prepare(paths: tuple[str, ...], resolved: list, root: Path, gpu, gpus: int, 
     Returns:
         The resolved specs with the mode's changes (and a `memory` record for their params files), and the
         check of every planned DVC stage.
-    Raises:
-        ProxytuneError: a model plan cannot size (the message names the spec and key).
+    A spec plan cannot estimate (a model it cannot size) is left as it is, unchecked, with a warning line.
     """
     from proxytune.plan import auto
     from proxytune.plan.stages import plan_spec
@@ -189,14 +188,20 @@ def prepare(paths: tuple[str, ...], resolved: list, root: Path, gpu, gpus: int, 
     check = Check(gpu)
     out = []
     for path, item in zip(paths, resolved):
-        adapted = auto.adapt(item.spec, path, root, gpu, gpus)
-        if adapted.changes or adapted.spec.memory == "auto":
+        try:
+            adapted = auto.adapt(item.spec, path, root, gpu, gpus)
+            spec = adapted.spec
+            students = {spec.name: adapted.plan}
+            for variant in spec.student.variants:  # a variant's own student and evaluation; the rest is shared
+                students[layout.variant_experiment(spec.name, variant)] = plan_spec(
+                    spec.model_copy(update={"student": spec.student.variant(variant)}), path, root, gpu, gpus)
+        except Exception as err:  # a model plan cannot size, or a bug in the estimate, must not stop a run
+            why = str(err) if isinstance(err, ProxytuneError) else first_line(err)
+            echo(f"warning: {path}: fit check skipped (memory: {item.spec.memory} not applied): plan failed: {why}")
+            out.append(item)
+            continue
+        if adapted.changes or spec.memory == "auto":
             echo(adapted.line())
-        spec = adapted.spec
-        students = {spec.name: adapted.plan}
-        for variant in spec.student.variants:  # a variant's own student and evaluation; the rest is shared
-            students[layout.variant_experiment(spec.name, variant)] = plan_spec(
-                spec.model_copy(update={"student": spec.student.variant(variant)}), path, root, gpu, gpus)
         check.rows.update(_rows(path, spec, adapted.plan, students))
         out.append(dataclasses.replace(item, spec=spec, memory=adapted.record()))
     return out, check

@@ -94,6 +94,20 @@ def test_cpu_apply_finds_no_card_without_importing_torch(tmp_path):
     assert out.stdout.split() == ["None", "False", "False"]
 
 
+def test_detect_asks_torch_in_a_child_process(tmp_path, monkeypatch):
+    import torch
+
+    driver = tmp_path / "version"  # stands in for /proc/driver/nvidia/version: the probe runs
+    driver.write_text("")
+    monkeypatch.setattr(card, "DRIVER_FILES", (str(driver),))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    found = [card.Card(torch.cuda.get_device_properties(i).name, torch.cuda.get_device_properties(i).total_memory)
+             for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    assert card.detect() == found
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # every device hidden: the stages will run on CPU
+    assert card.detect() == []
+
+
 def test_refuses_a_stage_that_cannot_fit_before_writing_anything(project, monkeypatch, usable):
     path = _write(project, memory="manual")
     total = int(_card_gib(usable) * GIB)
@@ -191,3 +205,15 @@ def test_memory_auto_on_cpu_changes_nothing_and_says_so(project, monkeypatch):
     assert f"memory: auto ({path}): no CUDA GPU here, so the spec's own settings are used" in result.output
     params = _params(project)
     assert "memory" not in params and params["student"]["batch_size"] == 16
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such block kind\nsecond line")
+
+    from proxytune.plan import auto
+
+    monkeypatch.setattr(card, "detect", lambda: [card.Card("NVIDIA L4", 2 * GIB)])
+    monkeypatch.setattr(auto, "adapt", broken)  # the estimate failing must not stop a GPU run
+    result = _apply(path, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {path}: fit check skipped (memory: auto not applied): plan failed: RuntimeError: no such block "
+            "kind\n") in result.output
