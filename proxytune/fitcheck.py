@@ -88,7 +88,7 @@ class Check:
         more = (f"; {others} more stage{'s' * (others != 1)} to run {'do' if others != 1 else 'does'} not fit either"
                 if others else "")
         return (f"{row.spec_path}: {stage}{part} needs about {size(row.estimate.peak)} of GPU memory at its peak, more "
-                f"than the {size(self.usable_gib() * 2**30)} usable on {card_name(self.gpu)} ({self.gpu.memory_gib:.1f} GiB "
+                f"than the {size(self.usable_gib() * 2**30)} usable on {card_name(self.gpu)} ({self.gpu.memory_gib:.2f} GiB "
                 f"less {RESERVED_GIB} for the CUDA context); {fix}{more} (`proxytune plan {row.spec_path} --memory {self.gpu.memory_gib:g}` "
                 f"shows every stage; {OVERRIDE} runs anyway)")
 

@@ -91,8 +91,8 @@ def apply_cmd(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, 
 
     On a CUDA GPU, apply first plans every stage for the card it finds (the estimate of `proxytune plan`),
     applies the spec's `memory:` mode, and refuses, before anything is written, a stage that is to run and
-    cannot fit (stages DVC finds up to date are not checked). On CPU nothing is checked unless --gpu or
-    --memory names a card.
+    cannot fit (stages DVC finds up to date are not checked). On CPU, and with --executor ray, nothing is
+    checked unless --gpu or --memory names a card.
     """
     from proxytune import apply
     from proxytune.fitcheck import Request
