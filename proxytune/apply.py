@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from proxytune import compile as compiler
-from proxytune import layout, project
+from proxytune import fitcheck, layout, project
 from proxytune.errors import ProxytuneError
 from proxytune.tracking import runs, store
 
@@ -20,12 +20,15 @@ Echo = Callable[[str], None]
 
 
 def apply(paths: tuple[str, ...], subjects: tuple[str, ...], *, dry_run: bool, executor: str, address: str | None,
-          root: Path, echo: Echo, on_wait: Callable[[], None]) -> None:
+          root: Path, echo: Echo, on_wait: Callable[[], None], fit: fitcheck.Request | None = None) -> None:
     """Run the stale stages of the spec files `paths` (only `subjects`' when given) in project `root`.
 
+    On a GPU (or for the card `fit` names) every stage is planned first and one that is to run and cannot
+    fit is refused before anything is written (proxytune.fitcheck).
+
     Raises:
-        ProxytuneError: a bad argument or spec, an unreachable server or model, or a stage that failed
-            (finished stages are kept: re-running resumes).
+        ProxytuneError: a bad argument or spec, an unreachable server or model, a stage that cannot fit the
+            GPU, or a stage that failed (finished stages are kept: re-running resumes).
     """
     if address is not None and executor != "ray":
         raise ProxytuneError("--address: only with --executor ray")
@@ -43,13 +46,25 @@ def apply(paths: tuple[str, ...], subjects: tuple[str, ...], *, dry_run: bool, e
         check_servers(paths, resolved)
         check_cache(resolved)
     check_models(paths, resolved, root)
+    fit = fit or fitcheck.Request()
+    resolved, check = _plan_for_card(paths, resolved, root, fit, executor, echo)
+    targets = compiler.targets(resolved, set(subjects) or None)
+    if check is not None and not (root / "dvc.lock").exists():  # nothing ran here yet: every planned stage will
+        check.enforce(check.planned(set(subjects)), fit, echo)
+        check = None
     with project.project_lock(root, on_wait):
         if not dry_run:
             close_interrupted(root, echo)
+        before = _compiled_files(resolved, root) if check is not None else {}
         project.write_compiled(resolved, root)
         project.ensure_dvc(root)
-        targets = compiler.targets(resolved, set(subjects) or None)
         stale = project.stale_stages(root, targets)
+        if check is not None:
+            try:
+                check.enforce(stale, fit, echo)
+            except ProxytuneError:
+                _restore(before, root)  # a refused apply leaves dvc.yaml and the params files as they were
+                raise
         if not stale:
             echo("up to date: no stage to run")
             return
@@ -61,6 +76,47 @@ def apply(paths: tuple[str, ...], subjects: tuple[str, ...], *, dry_run: bool, e
     if code != 0:
         raise ProxytuneError(failure or f"dvc repro failed (exit {code}); fix the error above and re-run apply: finished stages are kept")
     echo("done")
+
+
+def _plan_for_card(paths: tuple[str, ...], resolved: list, root: Path, fit: fitcheck.Request, executor: str,
+                   echo: Echo) -> tuple[list, fitcheck.Check | None]:
+    """The specs after their memory modes on the card the stages will run on, and the plan's check; the specs
+    unchanged and None when there is no card (CPU) to check."""
+    card = fitcheck.find_card(fit, executor, echo)
+    if card is not None:
+        return fitcheck.prepare(paths, resolved, root, *card, echo)
+    for path, item in zip(paths, resolved):
+        if item.spec.memory == "auto":
+            echo(f"memory: auto ({path}): no CUDA GPU here, so the spec's own settings are used "
+                 "(name the card with --gpu or --memory)")
+    return resolved, None
+
+
+def _compiled_files(resolved: list, root: Path) -> dict[Path, bytes | None]:
+    """The bytes (None: absent) of every file write_compiled is about to write for `resolved`."""
+    import yaml
+
+    dvc_path = root / "dvc.yaml"
+    existing = yaml.safe_load(dvc_path.read_text()) if dvc_path.exists() else None
+    _, params_files = compiler.compile_specs(resolved, existing)
+    paths = [dvc_path, *(root / rel for rel in params_files)]
+    return {path: path.read_bytes() if path.exists() else None for path in paths}
+
+
+def _restore(before: dict[Path, bytes | None], root: Path) -> None:
+    """Put back the files `_compiled_files` saw: rewrite the old bytes, remove new files and their new folders."""
+    from proxytune.files import write_bytes_atomic
+
+    for path, data in before.items():
+        if data is not None:
+            if not path.exists() or path.read_bytes() != data:
+                write_bytes_atomic(path, data)
+            continue
+        path.unlink(missing_ok=True)
+        folder = path.parent
+        while folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+            folder = folder.parent
 
 
 def _run_stages(root: Path, targets: list[str], stale: list[str], paths: tuple[str, ...], resolved, executor: str,

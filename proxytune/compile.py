@@ -44,6 +44,7 @@ class ResolvedSpec:
     spec_digest: str  # sha256 of the spec file's bytes
     references: dict[str, str]  # subject or style name -> reference folder (relative when inside the project)
     styles: dict[str, dict] | None = None  # style name -> {"raw": raw-data folder or None, "prompts": [...]}
+    memory: dict | None = None  # what apply's memory mode chose for the card it planned (fitcheck), if it planned
 
 
 def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
@@ -52,7 +53,7 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
     subject = next(s for s in spec.subjects if s.name == subject_name)
     dump = spec.model_dump(mode="json", by_alias=True)
     dump["student"].pop("variants")  # each variant has its own params file: editing one re-runs only it
-    return {
+    params = {
         "experiment": spec.name,
         "seed": spec.seed,
         "subject": subject.model_dump(mode="json", by_alias=True, exclude={"images"}),
@@ -71,6 +72,9 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
             "images": subject.images,
         },
     }
+    if resolved.memory is not None:  # not a DVC param: the chosen values themselves are in their sections
+        params["memory"] = resolved.memory
+    return params
 
 
 def style_params_for(resolved: ResolvedSpec, style_name: str) -> dict:
@@ -103,6 +107,7 @@ def style_params_for(resolved: ResolvedSpec, style_name: str) -> dict:
             "images": resolved.references[style_name] if style.toy_style else style.images,
             "raw": inputs["raw"],
         },
+        **({"memory": resolved.memory} if resolved.memory is not None else {}),
     }
 
 

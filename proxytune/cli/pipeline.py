@@ -76,16 +76,30 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
 @click.option("--address", default=None,
               help="With --executor ray: the Ray cluster (its head's HOST:PORT, or auto); default $RAY_ADDRESS, "
                    "else a new Ray instance on this machine.")
+@click.option("--no-fit-check", "no_fit_check", is_flag=True,
+              help="Run stages the plan says do not fit the GPU anyway (one warning line instead of the refusal).")
+@click.option("--gpu", "gpu_name", default=None,
+              help="Check the fit (and choose memory: auto's options) for this card of plan's table instead of the one "
+                   "found (RTX4090, L4, A100-40GB, A100-80GB, H100-80GB, H200): a Ray cluster's, or a CPU dry run's.")
+@click.option("--memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="As --gpu, for a card of this many GiB.")
 @user_errors
-def apply_cmd(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, executor: str, address: str | None) -> None:
+def apply_cmd(specs: tuple[str, ...], subjects: tuple[str, ...], dry_run: bool, executor: str, address: str | None,
+              no_fit_check: bool, gpu_name: str | None, memory: float | None) -> None:
     """Validate, compile and run the specs' stages with `dvc repro` (resumes after a crash).
 
     One apply runs at a time per project: a second one waits for the first (project lock).
+
+    On a CUDA GPU, apply first plans every stage for the card it finds (the estimate of `proxytune plan`),
+    applies the spec's `memory:` mode, and refuses, before anything is written, a stage that is to run and
+    cannot fit (stages DVC finds up to date are not checked). On CPU, and with --executor ray, nothing is
+    checked unless --gpu or --memory names a card.
     """
     from proxytune import apply
+    from proxytune.fitcheck import Request
 
     apply.apply(specs, subjects, dry_run=dry_run, executor=executor, address=address, root=Path.cwd(), echo=click.echo,
-                on_wait=_waiting)
+                on_wait=_waiting, fit=Request(gpu=gpu_name, memory=memory, enforce=not no_fit_check))
 
 
 @click.command(hidden=True)

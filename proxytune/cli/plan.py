@@ -19,10 +19,13 @@ from proxytune.cli.common import user_errors
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (bytes, seconds, fits per stage).")
 @user_errors
 def plan_cmd(spec_file: Path, gpu_name: str | None, memory: float | None, gpus: int, as_json: bool) -> None:
-    """Expected peak memory (weights, gradients, optimiser, activations) and time of every stage of SPEC_FILE."""
-    from proxytune.plan import report
+    """Expected peak memory (weights, gradients, optimiser, activations) and time of every stage of SPEC_FILE.
+
+    The stages are planned as `apply` would run them on that card: after the spec's `memory:` mode
+    (checkpointing by default; auto; manual), whose changes the last line names.
+    """
+    from proxytune.plan import auto, report
     from proxytune.plan.gpus import custom_gpu, find_gpu
-    from proxytune.plan.stages import plan_spec
     from proxytune.spec import load_spec
 
     from diffusers.utils import logging as diffusers_logging
@@ -32,8 +35,10 @@ def plan_cmd(spec_file: Path, gpu_name: str | None, memory: float | None, gpus: 
     if memory is not None:
         gpu = custom_gpu(memory, find_gpu(gpu_name) if gpu_name else None)
     spec = load_spec(spec_file)
-    plan = plan_spec(spec, str(spec_file), spec_file.parent.resolve(), gpu, gpus)
+    adapted = auto.adapt(spec, str(spec_file), spec_file.parent.resolve(), gpu, gpus)  # the spec's memory: mode
+    plan = adapted.plan
     if as_json:
-        click.echo(json.dumps(report.as_json(plan), indent=2))
+        click.echo(json.dumps({**report.as_json(plan), "memory": adapted.record()}, indent=2))
     else:
-        click.echo("\n".join(report.lines(plan)))
+        shown = adapted.changes or spec.memory == "auto"
+        click.echo("\n".join(report.lines(plan) + ([adapted.line()] if shown else [])))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from proxytune.spec.common import PlainName, Seed, Strict
@@ -35,6 +37,15 @@ class ExperimentSpec(Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking and registry.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec,
                                      description="CPUs and GPUs per kind of stage on a Ray cluster (apply --executor ray).")
+    memory: Literal["checkpointing", "auto", "manual"] = Field(
+        default="checkpointing",
+        description="What `apply` may change so that each stage fits the GPU it runs on (plan's estimate for the card "
+        "apply finds, or the one --gpu/--memory names; on CPU nothing changes). checkpointing: turn on "
+        "gradient_checkpointing for a teacher or student that does not fit, where the spec leaves it unset (the same "
+        "numbers, more time). auto: also the fewest other options plan weighs (precision, 8-bit AdamW, batch_size "
+        "with gradient_accumulation_steps raised to keep the images per step, synthesis dtype), as `proxytune plan` "
+        "suggests. manual: the spec's own values. What was chosen is printed and recorded in the params files.",
+    )
 
     @model_validator(mode="after")
     def _unique_subjects(self) -> "ExperimentSpec":

@@ -39,6 +39,7 @@ class StageParams(Strict):
     upstream_dir: str | None = None  # a student variant: the main experiment's subject folder
     style: StyleSpec | None = None  # a style's params: the style (curation prompts resolved to a list)
     style_student: StyleStudentSpec | None = None
+    memory: dict | None = None  # what apply's memory mode chose on its card (proxytune.plan.auto); a record only
     path: Path = Field(default=Path("."), exclude=True)
 
     @property
