@@ -126,6 +126,8 @@ def _probe(db: Path) -> None:
         con.close()
     if problem != "ok":
         raise sqlite3.DatabaseError(f"database disk image is malformed: {problem}")
+    if not tables and db.with_name("artifacts").is_dir() and any(db.with_name("artifacts").iterdir()):
+        raise sqlite3.DatabaseError(f"no tables, while {db.with_name('artifacts')} beside it holds logged runs")
     if tables and not MLFLOW_TABLES <= tables:
         raise sqlite3.DatabaseError(f"an SQLite database without MLflow's tables ({', '.join(sorted(MLFLOW_TABLES - tables))})")
     if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):

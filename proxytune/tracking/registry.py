@@ -4,6 +4,7 @@ promotion gate's result."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -128,8 +129,9 @@ def download_adapter(uri: str, version, dest: Path) -> None:
     except Exception as err:
         from proxytune.errors import disk_full_message
 
-        if disk_full_message(err) is not None:
-            raise  # the CLI names the full disk
+        # MLflow gathers a failed download's errors into the text of one exception: a full disk shows as Errno 28
+        if disk_full_message(err) is not None or f"[Errno {errno.ENOSPC}]" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest.parent)) from None  # the CLI's one line
         raise ProxytuneError(
             f"{version.name}@{version.version}: cannot download {source} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         ) from None

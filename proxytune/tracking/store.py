@@ -30,13 +30,21 @@ def registry_dir(root: Path) -> Path:
     return (root / "registry").resolve()
 
 
-def resolve_uri(spec_uri: str | None, root: Path) -> str:
-    """Spec value, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under root/registry."""
+def resolve_uri(spec_uri: str | None, root: Path, create: bool = True) -> str:
+    """Spec value, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under root/registry.
+
+    Raises:
+        ProxytuneError: `create` is False and root has no embedded store (a registry command run
+            outside the project must not leave an empty registry behind).
+    """
     if spec_uri:
         return spec_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     folder = registry_dir(root)
+    if not create and not (folder / "mlflow.db").exists():
+        raise ProxytuneError(f"{folder / 'mlflow.db'}: no registry here; run this in the project folder "
+                             "(where `proxytune apply` ran), or give --uri")
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
