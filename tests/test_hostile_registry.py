@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from proxytune.cli import main
+from proxytune.tracking import guard
 
 TEACHER, STUDENT = "t.dog.teacher@1", "t.dog.student@1"
 
@@ -84,6 +86,9 @@ def proj(registered, tmp_path, monkeypatch) -> Path:
     shutil.copytree(registered, copy, symlinks=True)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("PROXYTUNE_REGISTRY_WAIT", "1")
+    for key in guard.HTTP_DEFAULTS:  # a server case sets them for the process: restore them afterwards
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.chdir(copy)
     return copy
 
@@ -202,7 +207,7 @@ def test_a_locked_store_waits_a_bounded_time_then_says_so(proj, capfd):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 2, result.stderr
     assert lines[0].startswith(f"waiting for {db(proj)}: another process holds its lock") and "after 1.5 s" in lines[0]
-    assert lines[1].startswith(f"error: {db(proj)}: still locked by another process after 2 s")
+    assert re.match(rf"error: {re.escape(str(db(proj)))}: still locked by another process after \d+ s; ", lines[1])
     assert "PROXYTUNE_REGISTRY_WAIT=SECONDS" in lines[1] and "Traceback" not in capfd.readouterr().err
     assert "champion" not in invoke("registry", "list").output  # free again, and nothing was promoted
 
@@ -230,6 +235,49 @@ def test_reading_a_read_only_registry_works(proj, args, expected):
     assert snapshot(proj) == before
 
 
+def test_a_stage_run_on_a_read_only_registry_is_one_error(proj):
+    from proxytune.errors import ProxytuneError
+    from proxytune.tracking import runs
+
+    uri = read_only_uri(proj)
+    before = snapshot(proj)
+    with pytest.raises(ProxytuneError, match=r"mlflow.db: the registry is read-only here and this command writes to it"):
+        with runs.StageRun("t", "dog", "teacher", uri, proj, {}):
+            pass
+    assert snapshot(proj) == before
+
+
+def failure(*texts: str) -> Exception:
+    """An exception whose chain of causes carries `texts`, outermost first (as MLflow wraps SQLAlchemy)."""
+    err = None
+    for text in reversed(texts):
+        try:
+            raise RuntimeError(text) from err
+        except RuntimeError as raised:
+            err = raised
+    return err
+
+
+@pytest.mark.parametrize("uri,texts,expected", [
+    ("sqlite:////p/registry/mlflow.db", ["SQLAlchemy error", "(sqlite3.OperationalError) database is locked"],
+     "/p/registry/mlflow.db: locked by another process for longer than MLflow waits"),
+    ("sqlite:////p/registry/mlflow.db", ["(sqlite3.OperationalError) unable to open database file"],
+     "/p/registry/mlflow.db: cannot open it ((sqlite3.OperationalError) unable to open database file)"),
+    ("sqlite:///file:/p/registry/mlflow.db?mode=ro&uri=true", ["attempt to write a readonly database"],
+     "/p/registry/mlflow.db: the registry is read-only here"),
+    ("sqlite:////p/registry/mlflow.db", ["Detected out-of-date database schema (found version x)"],
+     "/p/registry/mlflow.db: not a valid MLflow store (Detected out-of-date database schema"),
+    ("http://127.0.0.1:9", ["API request to http://127.0.0.1:9/api/2.0/x failed with exception "
+                            "HTTPConnectionPool(host='127.0.0.1', port=9): Max retries exceeded"],
+     "MLflow server http://127.0.0.1:9 does not answer (API request to"),
+    ("sqlite:////p/registry/mlflow.db", ["(sqlite3.OperationalError) database or disk is full"], None),
+    ("sqlite:////p/registry/mlflow.db", ["RESOURCE_DOES_NOT_EXIST: model version not found"], None),
+], ids=["locked-after-mlflows-wait", "cannot-open", "read-only", "old-schema", "server", "disk-full", "other"])
+def test_store_failures_after_the_check_are_translated_once(uri, texts, expected):
+    line = guard.translate(failure(*texts), uri)
+    assert (line is None) if expected is None else str(line).startswith(expected), line
+
+
 # -- a dead tracking server: an answer within seconds ------------------------------------------------
 @pytest.mark.parametrize("args", [["registry", "list"], ["registry", "show", TEACHER], ["audit"],
                                   ["registry", "pull", TEACHER, "-o", "../out"],
@@ -243,10 +291,9 @@ def test_a_dead_server_is_one_line_within_seconds(proj, capfd, args):
 
 
 def test_mlflow_http_retries_are_bounded_but_a_users_setting_wins(monkeypatch):
-    from proxytune.tracking import guard
-
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
-    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
     with pytest.raises(Exception, match="cannot reach"):
         guard.prepare("http://127.0.0.1:9/")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"

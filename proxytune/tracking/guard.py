@@ -160,9 +160,11 @@ def translate(err: BaseException, uri: str) -> ProxytuneError | None:
         if "database is locked" in text:
             return ProxytuneError(f"{db}: locked by another process for longer than MLflow waits; let it finish "
                                   "(or stop it) and re-run")
-        if "readonly database" in text or "unable to open database" in text:
+        if "readonly database" in text:
             return ProxytuneError(f"{db}: the registry is read-only here and this command writes to it; run it "
                                   "where the registry is writable (reading commands such as `registry list` work)")
+        if "unable to open database" in text:
+            return ProxytuneError(f"{db}: cannot open it ({first[:200]}); check that its folder exists and is writable")
         for sign in ("file is not a database", "malformed", "no such table", "out-of-date database schema"):
             if sign in text:
                 return invalid_store(db, next((t for t in text.splitlines() if sign in t), sign).strip()[:200])

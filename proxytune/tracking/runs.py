@@ -11,6 +11,7 @@ from pathlib import Path
 
 from proxytune import faults
 from proxytune.files import digest_files, folder_digests
+from proxytune.tracking import guard
 from proxytune.tracking.registry import FILES_TAG, registered_name, same_adapter_version
 from proxytune.tracking.store import (TAG, artifact_uri, connect, experiment_id, git_commit, load_mlflow, owner_tags,
                                       version_tags)
@@ -61,12 +62,13 @@ class StageRun:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         tags |= version_tags() | owner_tags()
-        self._run = mlflow.start_run(
-            experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
-            run_name=f"{self.stage}:{self.subject}",
-            parent_run_id=parent,
-            tags=tags,
-        )
+        with guard.translated(self.uri):  # a store that fails here is one line, not MLflow's traceback
+            self._run = mlflow.start_run(
+                experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
+                run_name=f"{self.stage}:{self.subject}",
+                parent_run_id=parent,
+                tags=tags,
+            )
         self.run_id = self._run.info.run_id
         # A moved or copied project: its store still names the old folder; log where the store is now.
         self.artifact_uri = artifact_uri(self.uri, self._run.info.artifact_uri, self.run_id)
