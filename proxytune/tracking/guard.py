@@ -89,7 +89,10 @@ def check_database(db: Path) -> None:
         return
     if not db.is_file():
         raise invalid_store(db, "not a file")
-    wait = float(os.environ.get(LOCK_WAIT_ENV) or LOCK_WAIT_S)
+    try:
+        wait = float(os.environ.get(LOCK_WAIT_ENV) or LOCK_WAIT_S)
+    except ValueError:
+        raise ProxytuneError(f"{LOCK_WAIT_ENV}={os.environ[LOCK_WAIT_ENV]!r}: not a number of seconds, e.g. 60") from None
     start, said = time.monotonic(), False
     while True:
         try:
@@ -118,7 +121,9 @@ def locked(db: Path, waited: float) -> ProxytuneError:
 def _probe(db: Path) -> None:
     """Read the schema and check the pages (read-only), then take and release the write lock where
     this process may write. Raises sqlite3 errors as they come."""
-    con = sqlite3.connect(f"file:{urllib.parse.quote(str(db))}?mode=ro", uri=True, timeout=0)
+    writable = os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)
+    # read-write where allowed: a crashed writer's journal is rolled back as any later writer would
+    con = sqlite3.connect(f"file:{urllib.parse.quote(str(db))}?mode={'rw' if writable else 'ro'}", uri=True, timeout=0)
     try:
         tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         problem = con.execute("PRAGMA quick_check(1)").fetchone()[0]
@@ -130,7 +135,7 @@ def _probe(db: Path) -> None:
         raise sqlite3.DatabaseError(f"no tables, while {db.with_name('artifacts')} beside it holds logged runs")
     if tables and not MLFLOW_TABLES <= tables:
         raise sqlite3.DatabaseError(f"an SQLite database without MLflow's tables ({', '.join(sorted(MLFLOW_TABLES - tables))})")
-    if not os.access(db, os.W_OK) or not os.access(db.parent, os.W_OK):
+    if not writable:
         return
     con = sqlite3.connect(str(db), timeout=0, isolation_level=None)
     try:
