@@ -346,6 +346,17 @@ def test_a_pull_onto_a_non_empty_folder_or_a_file_is_refused(proj, tmp_path):
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "a file"
 
 
+@pytest.mark.parametrize("target", [".", "", ".."], ids=["dot", "empty", "parent"])
+def test_a_pull_onto_the_current_folder_is_refused(proj, tmp_path, monkeypatch, target):
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    uri = f"sqlite:///{db(proj)}"
+    one_line(invoke("registry", "pull", TEACHER, "-o", target, "--uri", uri), 2,
+             f"-o {target or '.'}: the current folder or one above it")
+    assert here.is_dir() and list(here.iterdir()) == []
+
+
 def test_a_pull_into_a_folder_whose_parents_are_missing_creates_them(proj, tmp_path):
     target = tmp_path / "a" / "b" / "adapter"
     result = invoke("registry", "pull", TEACHER, "-o", str(target))

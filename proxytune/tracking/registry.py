@@ -84,16 +84,18 @@ def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
     client = connect(uri)
     version = get_version(client, ref)
     key = f"{version.name}@{version.version}"
-    store = _store_folder(uri, version)
-    if store is not None and out_dir.resolve().is_relative_to(store):
+    store, target = _store_folder(uri, version), out_dir.resolve()
+    if store is not None and target.is_relative_to(store):
         raise ProxytuneError(f"-o {out_dir}: inside the registry's own store {store}; pulling there would change "
                              "what the registry holds: choose a folder outside it")
+    if Path.cwd().resolve().is_relative_to(target):  # the folder is replaced in one rename: not the one we stand in
+        raise ProxytuneError(f"-o {out_dir}: the current folder or one above it; pull into a new folder, e.g. -o pulled")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ProxytuneError(f"-o {out_dir}: already exists and is not an empty folder; choose a new folder")
     recorded = recorded_files(uri, version)
     if recorded is None:
         raise ProxytuneError(f"{key}: no sha256 recorded for its files; refusing to pull what cannot be verified")
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(target) as tmp:
         download_adapter(uri, version, tmp)
         problems = verify_files(tmp, recorded)
         if problems:
