@@ -426,6 +426,17 @@ def test_a_registry_command_outside_a_project_leaves_no_registry(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("uri,words", [
+    ("foo://x", "tracking URI 'foo://x': a scheme MLflow does not support; give sqlite:///PATH/mlflow.db"),
+    ("./x", "tracking URI './x': a folder (MLflow's retired file store)"),
+    ("sqlite:///nope/x.db", "no MLflow store there (tracking URI sqlite:///nope/x.db); check the path"),
+], ids=["unknown-scheme", "a-folder", "no-such-sqlite"])
+def test_a_tracking_uri_that_names_no_store_is_one_line(tmp_path, monkeypatch, uri, words):
+    monkeypatch.chdir(tmp_path)
+    one_line(invoke("registry", "list", "--uri", uri), 2, words)
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- a moved or copied project ------------------------------------------------------------------------
 def test_a_moved_project_pulls_and_audits_and_forgets_its_old_place(proj, tmp_path, monkeypatch):
     moved = tmp_path / "elsewhere" / "renamed"

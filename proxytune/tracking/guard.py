@@ -158,6 +158,11 @@ def translate(err: BaseException, uri: str) -> ProxytuneError | None:
         err = err.__cause__ or err.__context__
     text = "\n".join(texts)
     first = next((t.strip().splitlines()[0] for t in texts if t.strip()), "")
+    for sign, what in (("unsupported URI", "a scheme MLflow does not support"),
+                       ("filesystem tracking backend", "a folder (MLflow's retired file store)")):
+        if sign in text:
+            return ProxytuneError(f"tracking URI {uri!r}: {what}; give sqlite:///PATH/mlflow.db, "
+                                  "http(s)://SERVER or a database URL (postgresql://, mysql://)")
     db = sqlite_path(uri)
     if db is not None:
         if "disk is full" in text:

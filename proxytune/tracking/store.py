@@ -37,10 +37,12 @@ def resolve_uri(spec_uri: str | None, root: Path, create: bool = True) -> str:
         ProxytuneError: `create` is False and root has no embedded store (a registry command run
             outside the project must not leave an empty registry behind).
     """
-    if spec_uri:
-        return spec_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        db = guard.sqlite_path(uri)
+        if not create and db is not None and not db.exists():
+            raise ProxytuneError(f"{db}: no MLflow store there (tracking URI {uri}); check the path")
+        return uri
     folder = registry_dir(root)
     if not create and not (folder / "mlflow.db").exists():
         raise ProxytuneError(f"{folder / 'mlflow.db'}: no registry here; run this in the project folder "
@@ -61,9 +63,11 @@ def connect(uri: str):
     """
     guard.prepare(uri)
     mlflow = load_mlflow()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return guard.Client(mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), uri)
+    with guard.translated(uri):  # an unsupported URI fails here
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return guard.Client(client, uri)
 
 
 def artifact_uri(uri: str, stored: str, run_id: str | None) -> str:
