@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,6 +222,22 @@ def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreamben
         a, b = ours[rel], theirs[rel]
         assert sha256_file(a) == sha256_file(b), rel  # byte-identical, codes.safetensors and the manifest included
     assert "t/dog/codes/codes.safetensors" in compared and "t/dog/student/adapter/adapter_model.safetensors" in compared
+
+
+def test_a_moved_project_pulls_and_audits_where_it_is_now(applied, tmp_path):
+    """The embedded store records absolute artifact locations; a moved project reads them where it is now."""
+    project, _ = applied
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+    try:
+        outputs = [cli(moved, "registry", "pull", "t.dog.student@1", "-o", str(tmp_path / "out")).stdout,
+                   cli(moved, "audit").stdout, cli(moved, "registry", "show", "t.dog.teacher@1").stdout]
+    finally:
+        shutil.move(moved, project)
+    assert "audit: ok" in outputs[1] and f"source:  {(moved / 'registry' / 'artifacts').as_uri()}/" in outputs[2]
+    assert all(str(project) not in text for text in outputs)
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == (
+        subject_dir(project) / "student" / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 def test_editing_student_section_reruns_only_student_and_evaluate(applied):

@@ -39,7 +39,7 @@ uri_option = click.option("--uri", help="Tracking URI (default: $MLFLOW_TRACKING
 
 
 def tracking_uri(uri: str | None) -> str:
-    """--uri, else $MLFLOW_TRACKING_URI, else the embedded store of the current folder."""
+    """--uri, else $MLFLOW_TRACKING_URI, else the embedded store of the current folder (which must exist)."""
     from proxytune.tracking import store
 
-    return store.resolve_uri(uri, Path.cwd())
+    return store.resolve_uri(uri, Path.cwd(), create=False)

@@ -35,7 +35,7 @@ def registry_list(uri: str | None) -> None:
 
 @registry_group.command(name="pull")
 @click.argument("ref")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the adapter to.")
+@click.option("-o", "--output", required=True, help="A new or empty folder to write the adapter to.")
 @uri_option
 @user_errors
 def registry_pull(ref: str, output: str, uri: str | None) -> None:

@@ -5,7 +5,9 @@ metric curves and artifacts. Adapters become registered model versions named
 EXPERIMENT.SUBJECT.ROLE, the proxy set a dataset input carrying its content digest, and run tags
 carry the links that `proxytune lineage` walks.
 
-    store       tracking URIs, connecting, experiments, git/version/owner tags, ghost runs, server probe
+    store       tracking URIs, connecting, experiments, git/version/owner tags, ghost runs, server probe,
+                where a moved project's artifacts are now
+    guard       the store's failures as one line: corrupt, locked or read-only SQLite, a dead server
     runs        parent runs of an apply, a stage's child run (StageRun) and its logging, the report run
     registry    registered versions: names, references, list/show/pull/promote, file verification, gate
     audit       re-hash every version and resolve every lineage link

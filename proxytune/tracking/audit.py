@@ -44,13 +44,13 @@ def audit(uri: str) -> dict:
         run = find_run(client, version.run_id)
         if run is None:
             problems.append(f"{key}: run {version.run_id} not found")
-        recorded = recorded_files(version)
+        recorded = recorded_files(uri, version)
         if recorded is None:
             problems.append(f"{key}: no sha256 recorded for its files")
         else:
             with tempfile.TemporaryDirectory(prefix="proxytune-audit-") as tmp:
                 try:
-                    download_adapter(version, Path(tmp))
+                    download_adapter(uri, version, Path(tmp))
                     problems += [f"{key}: {p}" for p in verify_files(Path(tmp), recorded)]
                     files_checked += len(recorded)
                 except ProxytuneError as err:

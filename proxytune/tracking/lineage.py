@@ -36,7 +36,7 @@ def lineage(uri: str, ref: str) -> dict:
         chain["references"] = {
             "folder": run_tag(teacher_run, "references_dir"),
             "digest": run_tag(teacher_run, "references_digest"),
-            "files": load_json_artifact(teacher_run.info.run_id, "references.json") or {},
+            "files": load_json_artifact(uri, teacher_run.info.run_id, "references.json") or {},
         }
         chain["teacher"] = {
             "version": f"{teacher_version.name}@{teacher_version.version}",
@@ -108,6 +108,8 @@ def evaluation_run(uri: str, ref: str):
     if RUN_ID.match(ref):
         try:
             run = client.get_run(ref)
+        except ProxytuneError:
+            raise
         except Exception:
             raise ProxytuneError(f"{ref}: no such run") from None
         if evaluation_kind(run) is None:
@@ -149,8 +151,8 @@ def compare(uri: str, a: str, b: str) -> dict:
             f"(run {runs[b].info.run_id}): tag {TAG}stage {EVALUATION_STAGES[kinds[a]]} vs {EVALUATION_STAGES[kinds[b]]}; "
             f"compare two evaluations of one kind")
     keys = sorted(set(runs[a].data.metrics) | set(runs[b].data.metrics))
-    per_prompt = {label: load_json_artifact(run.info.run_id, "eval/per_prompt.json") for label, run in runs.items()}
-    prompts = {label: load_json_artifact(run.info.run_id, "eval/prompts.json") for label, run in runs.items()}
+    per_prompt = {label: load_json_artifact(uri, run.info.run_id, "eval/per_prompt.json") for label, run in runs.items()}
+    prompts = {label: load_json_artifact(uri, run.info.run_id, "eval/prompts.json") for label, run in runs.items()}
     paired = prompts[a] is not None and prompts[a] == prompts[b]
     intervals = {}
     for key in keys:

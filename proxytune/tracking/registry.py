@@ -4,16 +4,22 @@ promotion gate's result."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from proxytune.errors import ProxytuneError
 from proxytune.files import folder_files, sha256_file
-from proxytune.tracking.store import TAG, connect, load_json_artifact, load_mlflow
+from proxytune.tracking import guard
+from proxytune.tracking.store import TAG, artifact_uri, connect, load_json_artifact, load_mlflow
 
 FILES_TAG = "adapter_files"  # version tag (after TAG): JSON {relative file: sha256} of the adapter
+# An alias must not read as a version: NAME@7 resolves version 7 (parse_ref), and MLflow reserves v7 and latest.
+VERSION_LIKE = re.compile(r"^(v?\d+|latest)$", re.IGNORECASE)
+ALIAS = re.compile(r"^[\w-]{1,255}$")  # MLflow's own rule: letters, digits, _ and -
 
 
 def registered_name(experiment: str, subject: str, role: str) -> str:
@@ -67,19 +73,30 @@ def list_versions(uri: str) -> list[dict]:
 
 
 def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
-    """Download a registered adapter into out_dir (atomically) and return (path, 'name@version')."""
+    """Download a registered adapter into out_dir (atomically) and return (path, 'name@version').
+
+    Raises:
+        ProxytuneError: `out_dir` is inside the registry's own folder or artifact store, or is not an
+            empty folder; the version is unknown, unverifiable, or its files do not match their sha256.
+    """
     from proxytune.files import staged_dir
 
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ProxytuneError(f"-o {out_dir}: already exists and is not an empty folder")
     client = connect(uri)
     version = get_version(client, ref)
     key = f"{version.name}@{version.version}"
-    recorded = recorded_files(version)
+    store, target = _store_folder(uri, version), out_dir.resolve()
+    if store is not None and target.is_relative_to(store):
+        raise ProxytuneError(f"-o {out_dir}: inside the registry's own store {store}; pulling there would change "
+                             "what the registry holds: choose a folder outside it")
+    if Path.cwd().resolve().is_relative_to(target):  # the folder is replaced in one rename: not the one we stand in
+        raise ProxytuneError(f"-o {out_dir}: the current folder or one above it; pull into a new folder, e.g. -o pulled")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ProxytuneError(f"-o {out_dir}: already exists and is not an empty folder; choose a new folder")
+    recorded = recorded_files(uri, version)
     if recorded is None:
         raise ProxytuneError(f"{key}: no sha256 recorded for its files; refusing to pull what cannot be verified")
-    with staged_dir(out_dir) as tmp:
-        download_adapter(version, tmp)
+    with staged_dir(target) as tmp:
+        download_adapter(uri, version, tmp)
         problems = verify_files(tmp, recorded)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -87,21 +104,45 @@ def pull(uri: str, ref: str, out_dir: Path) -> tuple[Path, str]:
     return out_dir, key
 
 
-def download_adapter(version, dest: Path) -> None:
+def _store_folder(uri: str, version) -> Path | None:
+    """The local folder a pull must not write into: the embedded store's registry folder, else the
+    local artifact root the version lives under; None for a store with no local files."""
+    db = guard.sqlite_path(uri)
+    if db is not None and db.parent.name == "registry":
+        return db.parent.resolve()
+    source = artifact_uri(uri, version.source, version.run_id)
+    if source.startswith("file:") and version.run_id and f"/{version.run_id}/artifacts" in source:
+        from urllib.request import url2pathname
+
+        root = source.partition(f"/{version.run_id}/artifacts")[0]
+        return Path(url2pathname(root.removeprefix("file://"))).resolve()
+    return None
+
+
+def download_adapter(uri: str, version, dest: Path) -> None:
     """Download a version's adapter folder; its files land at the top of `dest`."""
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    source = artifact_uri(uri, version.source, version.run_id)
     try:
-        local = Path(load_mlflow().artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dest / ".download")))
+        with guard.translated(uri):
+            local = Path(load_mlflow().artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest / ".download")))
+    except ProxytuneError:
+        raise
     except Exception as err:
+        from proxytune.errors import disk_full_message
+
+        # MLflow gathers a failed download's errors into the text of one exception: a full disk shows as Errno 28
+        if disk_full_message(err) is not None or f"[Errno {errno.ENOSPC}]" in str(err):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest.parent)) from None  # the CLI's one line
         raise ProxytuneError(
-            f"{version.name}@{version.version}: cannot download {version.source} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            f"{version.name}@{version.version}: cannot download {source} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         ) from None
     for child in local.iterdir():
         os.replace(child, dest / child.name)
     shutil.rmtree(dest / ".download")
 
 
-def recorded_files(version) -> dict[str, str] | None:
+def recorded_files(uri: str, version) -> dict[str, str] | None:
     """{relative file: sha256} recorded at registration: the version tag, else the run's adapter_files.json."""
     raw = version.tags.get(TAG + FILES_TAG)
     if raw:
@@ -110,7 +151,7 @@ def recorded_files(version) -> dict[str, str] | None:
         except ValueError:
             files = None
     else:
-        files = load_json_artifact(version.run_id, "adapter_files.json") if version.run_id else None
+        files = load_json_artifact(uri, version.run_id, "adapter_files.json") if version.run_id else None
     if not isinstance(files, dict) or not files:
         return None
     return {str(k): str(v) for k, v in files.items()}
@@ -159,19 +200,41 @@ def show(uri: str, ref: str) -> dict:
         "version": str(version.version),
         "aliases": _aliases_of(client, version),
         "run_id": version.run_id,
-        "source": version.source,
+        "source": artifact_uri(uri, version.source, version.run_id),
         "status": str(version.status),
         "tags": {k: v for k, v in sorted(version.tags.items()) if k != TAG + FILES_TAG},
-        "files": recorded_files(version) or {},
+        "files": recorded_files(uri, version) or {},
     }
 
 
+def check_alias(alias: str) -> None:
+    """Refuse an alias that reads as a version ('7', 'v7', 'latest') or that MLflow would refuse.
+
+    Raises:
+        ProxytuneError: the line names the alias and the rule.
+    """
+    if VERSION_LIKE.match(alias):
+        raise ProxytuneError(f"alias {alias!r}: reads as a version (NAME@{alias} would mean "
+                             f"{'the latest version' if alias.lower() == 'latest' else 'version ' + alias.lstrip('vV')}); "
+                             "choose a name that starts with a letter, e.g. champion or release-7")
+    if not ALIAS.match(alias):
+        raise ProxytuneError(f"alias {alias!r}: only letters, digits, _ and - (at most 255), e.g. champion")
+
+
 def promote(uri: str, ref: str, alias: str) -> str:
-    """Point `alias` (e.g. champion) at the version `ref` names; return 'name@version'."""
+    """Point `alias` (e.g. champion) at the version `ref` names; return 'name@version'.
+
+    Raises:
+        ProxytuneError: the alias reads as a version or breaks MLflow's rule; the version is unknown;
+            the store refuses the write (read-only, locked: one line from `guard`).
+    """
+    check_alias(alias)
     client = connect(uri)
     version = get_version(client, ref)
     try:
         client.set_registered_model_alias(version.name, alias, version.version)
+    except ProxytuneError:
+        raise
     except Exception as err:
         raise ProxytuneError(f"alias {alias!r}: {str(err).splitlines()[0]}") from None
     return f"{version.name}@{version.version}"

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from proxytune import faults
 from proxytune.files import digest_files, folder_digests
+from proxytune.tracking import guard
 from proxytune.tracking.registry import FILES_TAG, registered_name, same_adapter_version
-from proxytune.tracking.store import TAG, connect, experiment_id, git_commit, load_mlflow, owner_tags, version_tags
+from proxytune.tracking.store import (TAG, artifact_uri, connect, experiment_id, git_commit, load_mlflow, owner_tags,
+                                      version_tags)
 
 PARENT_RUNS_ENV = "PROXYTUNE_PARENT_RUNS"  # JSON {experiment: parent run id}, set by `apply`
 
@@ -60,13 +62,17 @@ class StageRun:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         tags |= version_tags() | owner_tags()
-        self._run = mlflow.start_run(
-            experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
-            run_name=f"{self.stage}:{self.subject}",
-            parent_run_id=parent,
-            tags=tags,
-        )
+        with guard.translated(self.uri):  # a store that fails here is one line, not MLflow's traceback
+            self._run = mlflow.start_run(
+                experiment_id=experiment_id(self.mlflow_experiment or self.experiment, self.uri, self.root),
+                run_name=f"{self.stage}:{self.subject}",
+                parent_run_id=parent,
+                tags=tags,
+            )
         self.run_id = self._run.info.run_id
+        # A moved or copied project: its store still names the old folder; log where the store is now.
+        self.artifact_uri = artifact_uri(self.uri, self._run.info.artifact_uri, self.run_id)
+        self._moved = self.artifact_uri != self._run.info.artifact_uri
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -82,11 +88,22 @@ class StageRun:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         load_mlflow().log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def _moved_repository(self):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.artifact_uri)
+
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        load_mlflow().log_artifacts(str(folder), artifact_path)
+        if self._moved:
+            self._moved_repository().log_artifacts(str(folder), artifact_path)
+        else:
+            load_mlflow().log_artifacts(str(folder), artifact_path)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        load_mlflow().log_artifact(str(path), artifact_path)
+        if self._moved:
+            self._moved_repository().log_artifact(str(path), artifact_path)
+        else:
+            load_mlflow().log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         load_mlflow().set_tags({TAG + k: str(v) for k, v in tags.items()})
@@ -145,7 +162,7 @@ class StageRun:
         else:
             self.log_artifacts(folder, "adapter")
             created = client.create_model_version(
-                name, source=f"{self._run.info.artifact_uri}/adapter", run_id=self.run_id, tags=version_tags
+                name, source=f"{self.artifact_uri}/adapter", run_id=self.run_id, tags=version_tags
             )
             version = str(created.version)
         client.set_registered_model_alias(name, "candidate", version)
@@ -165,7 +182,15 @@ class StageRun:
             client.log_batch(self.run_id, metrics=points[start : start + 1000])
 
     def log_dict(self, data: dict, artifact_file: str) -> None:
-        load_mlflow().log_dict(data, artifact_file)
+        if not self._moved:
+            load_mlflow().log_dict(data, artifact_file)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="proxytune-artifact-") as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_text(json.dumps(data, indent=2))
+            self.log_artifact(path, str(Path(artifact_file).parent) if Path(artifact_file).parent != Path(".") else None)
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -187,9 +212,15 @@ def log_report(uri: str, experiment: str, root: Path, files: list[Path], tags: d
     if commit:
         run_tags["mlflow.source.git.commit"] = commit
     run = client.create_run(experiment_id(experiment, uri, root), run_name="report", tags=run_tags)
+    where = artifact_uri(uri, run.info.artifact_uri, run.info.run_id)
     try:
         for path in files:
-            client.log_artifact(run.info.run_id, str(path))
+            if where != run.info.artifact_uri:  # a moved or copied project (see StageRun)
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                get_artifact_repository(where).log_artifact(str(path))
+            else:
+                client.log_artifact(run.info.run_id, str(path))
     except BaseException:
         client.set_terminated(run.info.run_id, status="FAILED")
         raise

@@ -1,5 +1,6 @@
 """Where runs are stored: tracking URIs, the MLflow client, experiments, the tags every run carries
-(git commit, versions, owning process), closing runs whose process died, and the server probe."""
+(git commit, versions, owning process), closing runs whose process died, the server probe, and where
+an artifact of the embedded store is now that its project may have been moved or copied."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 from proxytune.errors import ProxytuneError
+from proxytune.tracking import guard
 
 TAG = "proxytune."  # prefix of every tag we write
 
@@ -28,13 +30,23 @@ def registry_dir(root: Path) -> Path:
     return (root / "registry").resolve()
 
 
-def resolve_uri(spec_uri: str | None, root: Path) -> str:
-    """Spec value, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under root/registry."""
-    if spec_uri:
-        return spec_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+def resolve_uri(spec_uri: str | None, root: Path, create: bool = True) -> str:
+    """Spec value, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under root/registry.
+
+    Raises:
+        ProxytuneError: `create` is False and root has no embedded store (a registry command run
+            outside the project must not leave an empty registry behind).
+    """
+    uri = spec_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        db = guard.sqlite_path(uri)
+        if not create and db is not None and not db.exists():
+            raise ProxytuneError(f"{db}: no MLflow store there (tracking URI {uri}); check the path")
+        return uri
     folder = registry_dir(root)
+    if not create and not (folder / "mlflow.db").exists():
+        raise ProxytuneError(f"{folder / 'mlflow.db'}: no registry here; run this in the project folder "
+                             "(where `proxytune apply` ran), or give --uri")
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
@@ -44,11 +56,35 @@ def _is_embedded(uri: str) -> bool:
 
 
 def connect(uri: str):
-    """Point mlflow at `uri` and return a client."""
+    """Point mlflow at `uri` and return a client whose failures are one line (`guard`).
+
+    Raises:
+        ProxytuneError: the store is unusable (`guard.prepare`: corrupt, locked too long, no server).
+    """
+    guard.prepare(uri)
     mlflow = load_mlflow()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with guard.translated(uri):  # an unsupported URI fails here
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return guard.Client(client, uri)
+
+
+def artifact_uri(uri: str, stored: str, run_id: str | None) -> str:
+    """Where an artifact that run `run_id` logged to `stored` is now.
+
+    The embedded store (`PROJECT/registry/mlflow.db`) records absolute file URIs under
+    `PROJECT/registry/artifacts`; once the project is moved or copied they name the old place, so
+    they are read against the registry folder the store is in now. Every other store keeps its URIs.
+    """
+    db = guard.sqlite_path(uri)
+    if db is None or db.parent.name != "registry" or not run_id or not stored.startswith("file:"):
+        return stored
+    marker = f"/{run_id}/artifacts"
+    head, found, tail = stored.partition(marker)
+    if not found or not head.endswith("/registry/artifacts"):
+        return stored
+    return (db.parent.resolve() / "artifacts").as_uri() + marker + tail
 
 
 def experiment_id(name: str, uri: str, root: Path) -> str:
@@ -169,16 +205,23 @@ def run_tag(run, key: str) -> str | None:
 
 
 def find_run(client, run_id: str | None):
+    """The run, or None when there is no such run (a store that fails is still an error)."""
     try:
         return client.get_run(run_id) if run_id else None
+    except ProxytuneError:
+        raise
     except Exception:
         return None
 
 
-def load_json_artifact(run_id: str, path: str) -> object | None:
+def load_json_artifact(uri: str, run_id: str, path: str) -> object | None:
+    """A JSON artifact of a run (found where `artifact_uri` says), or None when it is missing or not JSON."""
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a small JSON: no progress bar
+    run = find_run(connect(uri), run_id)
+    if run is None:
+        return None
     try:
-        return load_mlflow().artifacts.load_dict(f"runs:/{run_id}/{path}")
+        return load_mlflow().artifacts.load_dict(f"{artifact_uri(uri, run.info.artifact_uri, run_id)}/{path}")
     except Exception:
         return None
 
