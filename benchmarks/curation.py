@@ -7,6 +7,13 @@ by DINO with the diversity term, and (as a check) the first `--keep` in generati
 run in-process in a project folder (`--project`, kept: a re-run reuses its teachers and proxy pools).
 
     python benchmarks/curation.py --project /tmp/curation --subjects dotty-ball spotted-can --generated 64 --keep 32
+
+`--style outline` instead checks the style scores that rank a style's curated pairs (no training): the same 100
+toy pictures rendered plain and in the style, scored against the style's references with toy-clip / toy-dino;
+curation compares images drawn for one prompt, so the paired figure (styled beats plain for the same picture)
+is the one that matters.
+
+    python benchmarks/curation.py --style outline
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import prepare_env  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 TEACHER = {"model": "toy-sd", "resolution": 64, "lora": {"rank": 8, "alpha": 8}, "steps": 300, "batch_size": 4,
            "learning_rate": 1.0e-3, "checkpoint_every": 100}  # specs/toy.yaml's
@@ -97,15 +106,42 @@ def analyse(params, keep: int) -> dict:
     return {"rows": rows, "auc": auc}
 
 
+def style_ranking(style: str, n: int = 100, seed: int = 11) -> None:
+    """How often each style score ranks a picture's styled render above its plain one (and the AUC over all)."""
+    from PIL import Image
+
+    from proxytune.backends import encoders, style_metrics
+    from proxytune.toyworld import styles
+
+    clip, dino = encoders.load_clip("toy-clip"), encoders.load_dino("toy-dino")
+    refs = style_metrics.reference_embeds(clip, dino, [Image.fromarray(a) for a in styles.reference_images(style)])
+    scores = {}
+    for label, which in (("styled", style), ("plain", None)):
+        images = [Image.fromarray(a) for a in styles.styled_world(n, seed, which)[0]]  # same pictures, same seed
+        scores[label] = {"style_gram": (style_metrics.gram_embeds(dino, images) @ refs["gram"].T).mean(dim=1).numpy(),
+                         "style_clip": (clip.image_embeds(images) @ refs["clip"].T).mean(dim=1).numpy()}
+    print(f"| score | styled > plain, same picture ({n}) | AUC styled vs plain | median styled / plain |")
+    print("|---|---|---|---|")
+    for metric in ("style_clip", "style_gram"):
+        a, b = scores["styled"][metric], scores["plain"][metric]
+        print(f"| {metric} | {(a > b).mean():.0%} | {(a[:, None] > b[None, :]).mean():.2f} | "
+              f"{float(np.median(a)):.3f} / {float(np.median(b)):.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--project", type=Path, required=True)
+    parser.add_argument("--project", type=Path)
+    parser.add_argument("--style", help="check the style scores on this toy style instead (outline, pastel, grain)")
     parser.add_argument("--subjects", nargs="+", default=["dotty-ball", "spotted-can"])
     parser.add_argument("--generated", type=int, default=64)
     parser.add_argument("--keep", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     prepare_env()
+    if args.style:
+        return style_ranking(args.style)
+    if args.project is None:
+        parser.error("--project is required (or --style)")
     args.project.mkdir(parents=True, exist_ok=True)
     os.chdir(args.project)
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -253,7 +253,7 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     dropped = manifest["dropped_images"]
     assert all(e["kept"] for e in manifest["images"]) and len(dropped) == 2 and not any(e["kept"] for e in dropped)
     for kept, other in zip(manifest["images"], dropped):
-        assert kept["prompt"] == other["prompt"] and kept["style_gram"] >= other["style_gram"]
+        assert kept["prompt"] == other["prompt"] and kept["style_clip"] >= other["style_clip"]  # the default ranking
     assert manifest["fidelity"]["generated"]["count"] == 4 and manifest["fidelity"]["kept"]["count"] == 2
     # sampling fields the spec leaves unset take StyleAR's values (cfg 4.0, temperature 1), not Lumina-mGPT's;
     # a LlamaGen style student takes LlamaGen's (cfg 7.5)
