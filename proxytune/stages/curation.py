@@ -151,25 +151,10 @@ def score_pairs(params: StageParams, entries: list[dict], scratch: Path) -> tupl
     chosen = set(order)
     kept = [{**entries[i], "kept": True} for i in order]
     dropped = [{**entries[i], "kept": False} for i in range(len(entries)) if i not in chosen]
-    fidelity = {
-        "metric": spec.metric, "threshold": spec.threshold, "min_share": spec.min_share, "keep": spec.keep,
-        "diversity": spec.diversity, "encoders": {"clip": evaluation.clip_model, "dino": evaluation.dino_model},
-        "judge": DETECTOR_JUDGE if judge is not None else None,
-        "generated": proxy_scores.summary(ranking, spec.threshold, judge),
-        "kept": proxy_scores.summary(ranking[order], spec.threshold, None if judge is None else judge[order]),
-        "scores": [round(float(v), 6) for v in ranking], "kept_index": order,
-    }
-    generated, chosen_summary = fidelity["generated"], fidelity["kept"]
-    line = (f"curation: {spec.metric} above {spec.threshold:g}: {generated['share_above']:.0%} of {generated['count']} "
-            f"generated, {chosen_summary['share_above']:.0%} of {chosen_summary['count']} kept")
-    if judge is not None:
-        line += f"; the detector finds the style in {generated['judge_share']:.0%} / {chosen_summary['judge_share']:.0%}"
-    tqdm.write(line)
-    if spec.min_share is not None:
-        failure = proxy_scores.gate_line("style.fidelity", spec.metric, spec.threshold, chosen_summary["share_above"],
-                                         spec.min_share)
-        if failure:
-            raise ProxytuneError(f"{params.source.spec_file}: {failure}")
+    fidelity = proxy_scores.fidelity_record(spec, ranking, order, judge, {"clip": evaluation.clip_model,
+                                                                        "dino": evaluation.dino_model}, DETECTOR_JUDGE)
+    proxy_scores.announce_and_gate(fidelity, stage="curation", where="style.fidelity", spec_file=params.source.spec_file,
+                                   judge_words="the detector finds the style")
     return kept, dropped, fidelity
 
 

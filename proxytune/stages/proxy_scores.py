@@ -105,10 +105,46 @@ def write_extremes(folder: Path, files: list[Path], scores: np.ndarray, kept: se
     return out
 
 
-def gate_line(where: str, metric: str, threshold: float, share: float, min_share: float) -> str | None:
-    """The one-line failure of the share gate, or None when it passes."""
-    if share >= min_share:
-        return None
-    return (f"{where}.min_share: {share:.0%} of the kept images score above {where}.threshold {threshold:g} on "
-            f"{metric}, below the required {min_share:.0%}; generate more and curate ({where}.keep), improve the "
-            f"teacher, or lower min_share / threshold")
+def fidelity_record(spec, ranking: np.ndarray, order: list[int], judge: np.ndarray | None, encoders: dict[str, str],
+                    judge_text: str) -> dict:
+    """A manifest's `fidelity` (outputs.Fidelity, without the thumbnails) for a scored set.
+
+    Args:
+        spec: the fidelity section that ran (synthesis.fidelity or styles[i].fidelity).
+        ranking: (N,) every generated image's ranking score, generation order.
+        order: generation indices of the kept images, in manifest order.
+        judge: (N,) the toy judge's 0/1 per image, or None.
+        encoders: role -> model reference.
+        judge_text: what the judge's 1 means.
+    """
+    return {
+        "metric": spec.metric, "threshold": spec.threshold, "min_share": spec.min_share, "keep": spec.keep,
+        "diversity": spec.diversity, "encoders": encoders, "judge": judge_text if judge is not None else None,
+        "generated": summary(ranking, spec.threshold, judge),
+        "kept": summary(ranking[order], spec.threshold, None if judge is None else judge[order]),
+        "scores": [round(float(v), 6) for v in ranking], "kept_index": list(order),
+    }
+
+
+def announce_and_gate(fidelity: dict, *, stage: str, where: str, spec_file: str, judge_words: str) -> None:
+    """Print the set's shares in one line; raise when the kept share is under `min_share`.
+
+    Raises:
+        ProxytuneError: "SPEC: WHERE.min_share: ..." (one line naming the key and the ways out).
+    """
+    from tqdm.auto import tqdm
+
+    from proxytune.errors import ProxytuneError
+
+    generated, kept = fidelity["generated"], fidelity["kept"]
+    line = (f"{stage}: {fidelity['metric']} above {fidelity['threshold']:g}: {generated['share_above']:.0%} of "
+            f"{generated['count']} generated, {kept['share_above']:.0%} of {kept['count']} kept")
+    if generated.get("judge_share") is not None:
+        line += f"; {judge_words} in {generated['judge_share']:.0%} / {kept['judge_share']:.0%}"
+    tqdm.write(line)
+    min_share = fidelity["min_share"]
+    if min_share is not None and kept["share_above"] < min_share:
+        raise ProxytuneError(
+            f"{spec_file}: {where}.min_share: {kept['share_above']:.0%} of the kept images score above {where}.threshold "
+            f"{fidelity['threshold']:g} on {fidelity['metric']}, below the required {min_share:.0%}; generate more and "
+            f"curate ({where}.keep), improve the teacher, or lower min_share / threshold")

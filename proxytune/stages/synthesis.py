@@ -221,38 +221,6 @@ def score_and_curate(params: StageParams, entries: list[dict],
     return kept, dropped, ranking, judge
 
 
-def fidelity_record(params: StageParams, kept: list[dict], ranking: np.ndarray, judge: np.ndarray | None) -> dict:
-    """manifest.json's `fidelity` (without the thumbnails): settings, summaries, every score.
-
-    Raises:
-        ProxytuneError: `fidelity.min_share` is set and fewer kept proxies score above the threshold.
-    """
-    spec, seed = params.synthesis.fidelity, params.synthesis.seed
-    index = [e["seed"] - seed for e in kept]  # generation index of each kept proxy, in manifest order
-    fidelity = {
-        "metric": spec.metric, "threshold": spec.threshold, "min_share": spec.min_share, "keep": spec.keep,
-        "diversity": spec.diversity,
-        "encoders": {"dino": params.evaluation.dino_model, "clip_i": params.evaluation.clip_model},
-        "judge": ORACLE_JUDGE if judge is not None else None,
-        "generated": proxy_scores.summary(ranking, spec.threshold, judge),
-        "kept": proxy_scores.summary(ranking[index], spec.threshold, None if judge is None else judge[index]),
-        "scores": [round(float(v), 6) for v in ranking],
-        "kept_index": index,
-    }
-    generated, chosen = fidelity["generated"], fidelity["kept"]
-    line = (f"synthesis: {spec.metric} above {spec.threshold:g}: {generated['share_above']:.0%} of {generated['count']} "
-            f"generated, {chosen['share_above']:.0%} of {chosen['count']} kept")
-    if judge is not None:
-        line += f"; the oracle reads the subject in {generated['judge_share']:.0%} / {chosen['judge_share']:.0%}"
-    tqdm.write(line)
-    if spec.min_share is not None:
-        failure = proxy_scores.gate_line("synthesis.fidelity", spec.metric, spec.threshold, chosen["share_above"],
-                                         spec.min_share)
-        if failure:
-            raise ProxytuneError(f"{params.source.spec_file}: {failure}")
-    return fidelity
-
-
 def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts: list[str]) -> None:
     synthesis = params.synthesis
     entries = []
@@ -269,7 +237,12 @@ def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts
         dropped += [{**e, "kept": False} if "kept" in e else e for e in filtered]
         tqdm.write(f"synthesis: quality filter dropped {len(filtered)} of {synthesis.num_images} images")
     if synthesis.fidelity.enabled:
-        fidelity = fidelity_record(params, entries, ranking, judge)  # the gate fails here, before any output
+        evaluation, index = params.evaluation, [e["seed"] - synthesis.seed for e in entries]  # generation indices
+        fidelity = proxy_scores.fidelity_record(synthesis.fidelity, ranking, index, judge,
+                                                {"dino": evaluation.dino_model, "clip_i": evaluation.clip_model},
+                                                ORACLE_JUDGE)
+        proxy_scores.announce_and_gate(fidelity, stage="synthesis", where="synthesis.fidelity",  # fails before any output
+                                       spec_file=params.source.spec_file, judge_words="the oracle reads the subject")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
     teacher_version = teacher.registered
