@@ -339,6 +339,7 @@ class Fidelity(Output):
     least: list[Extreme]
     scores: list[float] | None = None  # every generated image's ranking score, in generation order (the histogram)
     kept_index: list[int] | None = None  # generation indices of the kept images, in manifest order
+    judged: list[float] | None = None  # toy world: the judge's 0/1 per generated image, generation order
 
 
 class ProxyManifest(Output):

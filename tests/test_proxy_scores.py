@@ -85,7 +85,8 @@ def test_every_proxy_scored_and_the_most_faithful_kept_first(scored):
     share = float((expected["dino"] > 0.5).mean())
     assert fidelity["generated"]["share_above"] == pytest.approx(share)
     assert fidelity["kept"]["share_above"] == pytest.approx(float((expected["dino"][best_first] > 0.5).mean()))
-    assert fidelity["generated"]["judge_share"] == pytest.approx(np.mean([recorded[i]["oracle"] for i in range(8)]))
+    assert fidelity["judged"] == [recorded[i]["oracle"] for i in range(8)]  # the oracle, generation order
+    assert fidelity["generated"]["judge_share"] == pytest.approx(np.mean(fidelity["judged"]))
     assert [entry["source"] for entry in fidelity["most"]][:4] == [f"images/{i:05d}.png" for i in best_first]
     assert all((params.out("proxy") / entry["file"]).is_file() for entry in fidelity["most"] + fidelity["least"])
     metrics = json.loads((params.subject_dir / layout.PROXY_METRICS_FILE).read_text())

@@ -109,6 +109,10 @@ def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
     names = [f"kept (n={kept.sum()})", f"not kept (n={(~kept).sum()})"]
     ax.hist([v for v in series if v.size], bins=edges, stacked=True, color=["C0", "C7"][: sum(v.size > 0 for v in series)],
             label=[n for n, v in zip(names, series) if v.size])
+    judged = np.asarray(fidelity.get("judged") or [], dtype=float)
+    if judged.size == scores.size and (judged == 1).any():  # toy world: where the independent judge says yes
+        ax.hist(scores[judged == 1], bins=edges, histtype="step", linewidth=1.6, color="C2",
+                label=f"judge: yes (n={int((judged == 1).sum())})")
     threshold = fidelity.get("threshold")
     if isinstance(threshold, (int, float)):
         ax.axvline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")

@@ -123,6 +123,7 @@ def fidelity_record(spec, ranking: np.ndarray, order: list[int], judge: np.ndarr
         "generated": summary(ranking, spec.threshold, judge),
         "kept": summary(ranking[order], spec.threshold, None if judge is None else judge[order]),
         "scores": [round(float(v), 6) for v in ranking], "kept_index": list(order),
+        **({"judged": [float(v) for v in judge]} if judge is not None else {}),
     }
 
 
