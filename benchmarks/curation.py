@@ -91,6 +91,8 @@ def analyse(params, keep: int) -> dict:
         "top N by CLIP-I": proxy_scores.pick(scores["clip_i"], embeds["clip_i"], keep),
         f"DINO + diversity {DIVERSITY}": proxy_scores.pick(scores["dino"], embeds["dino"], keep, DIVERSITY),
         "bottom N by DINO": sorted(range(len(every)), key=lambda i: (scores["dino"][i], i))[:keep],
+        "top N/2 by DINO": proxy_scores.pick(scores["dino"], embeds["dino"], keep // 2),
+        "top N/4 by DINO": proxy_scores.pick(scores["dino"], embeds["dino"], keep // 4),
     }
     rows = {}
     for name, index in picks.items():
