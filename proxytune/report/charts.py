@@ -102,7 +102,7 @@ def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
         return None
     kept = np.zeros(scores.size, dtype=bool)
     kept[[i for i in fidelity.get("kept_index") or [] if isinstance(i, int) and 0 <= i < scores.size]] = True
-    edges = np.histogram_bin_edges(scores, bins=min(30, max(5, scores.size // 8)))
+    edges = np.histogram_bin_edges(scores, bins=min(30, max(5, scores.size // 4)))
     fig = Figure(figsize=(4.8, 2.6), layout="constrained")
     ax = fig.add_subplot()
     series = [scores[kept], scores[~kept]]
@@ -112,7 +112,7 @@ def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
     judged = np.asarray(fidelity.get("judged") or [], dtype=float)
     if judged.size == scores.size and (judged == 1).any():  # toy world: where the independent judge says yes
         ax.hist(scores[judged == 1], bins=edges, histtype="step", linewidth=1.6, color="C2",
-                label=f"judge: yes (n={int((judged == 1).sum())})")
+                label=f"toy judge says yes (n={int((judged == 1).sum())})")
     threshold = fidelity.get("threshold")
     if isinstance(threshold, (int, float)):
         ax.axvline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")
