@@ -152,3 +152,20 @@ def test_the_report_shows_the_histogram_and_the_most_and_least_faithful(scored, 
     assert fidelity.count("not kept") >= 4  # the least faithful were not kept
     assert "8 proxies generated, 4 kept" in summary
     assert (params.out("proxy") / layout.MANIFEST_FILE).read_bytes() == manifest
+
+
+def test_the_toy_judges_seam_reads_subjects_and_styles():
+    from proxytune import toy_judges
+    from proxytune.toyworld import styles
+    from proxytune.toyworld.subjects import SUBJECTS, reference_images
+
+    own = [Image.fromarray(a) for a in reference_images(SUBJECTS["stripy-box"])]
+    other = [Image.fromarray(a) for a in reference_images(SUBJECTS["dotty-ball"])]
+    prompts = ["a sks box"] * len(own)
+    assert toy_judges.shows_subject(own, prompts, "sks", "stripy-box").tolist() == [1.0] * len(own)
+    assert toy_judges.shows_subject(other, prompts, "sks", "stripy-box").tolist() == [0.0] * len(other)
+    styled = [Image.fromarray(a) for a in styles.reference_images("outline")]
+    assert toy_judges.shows_style(styled, "outline").tolist() == [1.0] * len(styled)
+    plain = [Image.fromarray(a) for a in styles.styled_world(8, 3, None)[0]]  # the same detector, 0/1 as floats
+    assert toy_judges.shows_style(plain, "outline").tolist() == styles.detects(plain, "outline").astype(float).tolist()
+    assert toy_judges.shows_style(plain, "outline").mean() <= 0.25
