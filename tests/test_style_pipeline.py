@@ -304,7 +304,7 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     written = report.write_report(tmp_path / "spec.yaml", tmp_path)
     html = written.html.read_text()
     assert "Style glass" in html and "curated (teacher)" in html
-    assert "4 stylised images generated, 2 kept" in html and 'alt="histogram: style_gram' in html
+    assert "4 stylised images generated, 2 kept" in html and 'alt="histogram: style_clip' in html
 
 
 # -- registry: style evaluations are not subject evaluations ------------------------------------------
