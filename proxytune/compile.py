@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune.layout import (CURVES_FILE, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE, PROXY_METRICS_FILE, RUNS_DIR,
-                              STEPS, STYLE_STEPS, base_experiment, item_key, joint_stage_name, stage_name, subject_dir, variant_experiment)
+from proxytune.layout import (CURVES_FILE, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE, RUNS_DIR, STEPS, STYLE_STEPS,
+                              base_experiment, item_key, joint_stage_name, stage_name, subject_dir, variant_experiment)
+from proxytune.layout import PROXY_METRICS_FILE  # synthesis' and curation's fidelity (issue 29)
 from proxytune.spec import ExperimentSpec
 from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
