@@ -13,6 +13,7 @@ from pathlib import Path
 
 from proxytune.layout import (CURVES_FILE, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE, RUNS_DIR, STEPS, STYLE_STEPS,
                               base_experiment, item_key, joint_stage_name, stage_name, subject_dir, variant_experiment)
+from proxytune.layout import PROXY_METRICS_FILE  # synthesis' and curation's fidelity (issue 29)
 from proxytune.spec import ExperimentSpec
 from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
@@ -21,14 +22,16 @@ PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
 # stages because synthesis and evaluation load the base pipeline again.
 _TEACHER_BASE = ["teacher.model", "teacher.revision", "teacher.resolution"]
+_SCORING = ["evaluation.clip_model", "evaluation.dino_model"]  # synthesis and curation score with the evaluation's encoders
 STAGE_PARAMS = {
     "teacher": ["seed", "subject", "teacher"],
-    "synthesis": ["seed", "subject", "synthesis", *_TEACHER_BASE],
+    "synthesis": ["seed", "subject", "synthesis", *_TEACHER_BASE, *_SCORING],
     "codes": ["student.model"],  # proxies are re-encoded only for another student model
     "student": ["seed", "subject", "student"],
     "evaluate": ["seed", "subject", "evaluation", "synthesis", *_TEACHER_BASE, "student.model", "student.sampling"],
     # a style's stages (its teacher is the teacher stage above, on the style's references)
-    "curation": ["seed", "subject", "style.prompts", "style.images_per_prompt", "style.raw", "synthesis", *_TEACHER_BASE],
+    "curation": ["seed", "subject", "style.prompts", "style.images_per_prompt", "style.raw", "style.fidelity", "synthesis",
+                 *_TEACHER_BASE, *_SCORING],
     "style_student": ["seed", "student", "style_student", "style.raw.ratio"],
     "style_evaluate": ["seed", "subject", "style.content", "evaluation", "synthesis", *_TEACHER_BASE, "student.model",
                        "student.sampling", "style_student"],
@@ -145,6 +148,8 @@ def _template(step: str) -> dict:
     }
     if step in ("evaluate", "style_evaluate"):
         stage["metrics"] = [{f"{item_dir}/{METRICS_FILE}": {"cache": False}}]
+    if step in ("synthesis", "curation"):
+        stage["metrics"] = [{f"{item_dir}/{PROXY_METRICS_FILE}": {"cache": False}}]
     return stage
 
 

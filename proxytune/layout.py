@@ -33,6 +33,7 @@ OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "stude
 RECORD_FILE = "record.json"  # every output folder: what the stage made (run id, version, digests)
 MANIFEST_FILE = "manifest.json"  # proxy/ and curated/: one entry per image
 METRICS_FILE = "metrics.json"  # eval/ (full, with intervals) and the subject folder (flat, for DVC)
+PROXY_METRICS_FILE = "proxy_metrics.json"  # the subject (style) folder: synthesis' (curation's) fidelity, for DVC
 GATE_FILE = "gate.json"  # eval/: the promotion gate's verdict
 PROMPTS_FILE = "prompts.json"  # eval/: the evaluation prompts, in order
 PROMPT_SCORES_FILE = "per_prompt.json"  # eval/: model -> per prompt, each metric's mean over its images

@@ -272,13 +272,23 @@ class ProxyImage(Output):
     seed: int
     sha256: str
     similarity: float | None = None  # with synthesis.filter: mean cosine to the references
+    # with synthesis.fidelity (issue 29): mean cosine to the references, the oracle's 0/1 (toy subjects), kept
+    dino: float | None = None
+    clip_i: float | None = None
+    oracle: float | None = None
+    kept: bool | None = None
 
 
 class DroppedImage(Output):
-    file: str
+    file: str  # the file it had in the pool (not in the proxy folder)
     seed: int
     sha256: str
-    similarity: float
+    similarity: float | None = None  # dropped by synthesis.filter
+    prompt: str | None = None
+    dino: float | None = None  # not kept by synthesis.fidelity.keep
+    clip_i: float | None = None
+    oracle: float | None = None
+    kept: bool | None = None
 
 
 class ProxyFilter(Output):
@@ -291,8 +301,52 @@ class ProxyFilter(Output):
     drop_fraction: float | None
 
 
+class FidelitySummary(Output):
+    """Scores of a set of images on the ranking metric (stages/proxy_scores.summary)."""
+
+    count: int
+    mean: float
+    q10: float
+    q50: float
+    q90: float
+    share_above: float  # share scoring above the threshold
+    judge_share: float | None = None  # toy world only: the oracle's (subject) or the detector's (style) share of 1s
+
+
+class Extreme(Output):
+    """One thumbnail of the report's most / least faithful grid."""
+
+    file: str  # fidelity/most-NN.png, relative to the output folder
+    source: str  # the image it shows (images/NNNNN.png)
+    score: float
+    kept: bool
+    judge: float | None = None
+
+
+class Fidelity(Output):
+    """How a generated set was scored and curated (manifest.json's `fidelity`, and the report's source)."""
+
+    metric: str  # the ranking score (dino, clip_i; style_gram, style_clip)
+    threshold: float
+    min_share: float | None = None
+    keep: int | None = None  # synthesis: kept of generated; curation: kept per prompt
+    diversity: float
+    encoders: dict[str, str]  # role -> model reference
+    judge: str | None = None  # toy world: what judge_share / per-image judge values mean
+    generated: FidelitySummary
+    kept: FidelitySummary
+    most: list[Extreme]
+    least: list[Extreme]
+    scores: list[float] | None = None  # every generated image's ranking score, in generation order (the histogram)
+    kept_index: list[int] | None = None  # generation indices of the kept images, in manifest order
+    judged: list[float] | None = None  # toy world: the judge's 0/1 per generated image, generation order
+
+
 class ProxyManifest(Output):
-    """proxy/manifest.json. Only `images` is required: the tests hand-make proxy sets with nothing else."""
+    """proxy/manifest.json. Only `images` is required: the tests hand-make proxy sets with nothing else.
+
+    `images` are the proxies the codes stage encodes and the student trains on, in this order (most faithful
+    first when synthesis.fidelity.keep curates); `dropped_images` the ones filtered or not kept."""
 
     images: list[ProxyImage]
     prompt_template: str | None = None
@@ -305,6 +359,18 @@ class ProxyManifest(Output):
     digest: str | None = None
     prompts_digest: str | None = None
     dropped_images: list[DroppedImage] | None = None
+    fidelity: Fidelity | None = None  # None when synthesis.fidelity is off
+
+
+class FidelityMetrics(Output):
+    """proxy_metrics.json beside proxy/ (and curated/): the DVC metrics of synthesis (curation)."""
+
+    images: int  # kept (what the student trains on)
+    generated: int
+    metric: str | None = None
+    threshold: float | None = None
+    generated_scores: FidelitySummary | None = None
+    kept_scores: FidelitySummary | None = None
 
 
 class CuratedImage(Output):
@@ -313,6 +379,11 @@ class CuratedImage(Output):
     teacher_prompt: str  # what the style teacher drew
     seed: int
     sha256: str
+    # with style.fidelity (issue 29): style similarity to the references, the toy detector's 0/1, kept
+    style_clip: float | None = None
+    style_gram: float | None = None
+    detected: float | None = None
+    kept: bool | None = None
 
 
 class RawImage(Output):
@@ -343,6 +414,8 @@ class CuratedManifest(Output):
     prompts_digest: str
     images: list[CuratedImage]
     raw: RawPairs
+    dropped_images: list[CuratedImage] | None = None  # stylised images style.fidelity.keep did not keep
+    fidelity: Fidelity | None = None
 
 
 # -- the codes stage's safetensors metadata ---------------------------------------------------------

@@ -224,6 +224,7 @@ def check_stage_outputs(folder: Path, scratch: Path) -> None:
     manifest = (outputs.CuratedManifest, layout.OUT_DIRS["curation"]) if style else (outputs.ProxyManifest, "proxy")
     files[folder / manifest[1] / layout.MANIFEST_FILE] = manifest[0]
     files[folder / layout.METRICS_FILE] = outputs.FlatMetrics
+    files[folder / layout.PROXY_METRICS_FILE] = outputs.FidelityMetrics  # synthesis' (curation's) DVC metrics
     evaluation = folder / layout.OUT_DIRS["evaluate"]
     files.update({evaluation / layout.METRICS_FILE: outputs.EvaluationMetrics,
                   evaluation / layout.PROMPTS_FILE: outputs.Prompts,

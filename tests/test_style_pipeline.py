@@ -221,7 +221,8 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     spec = {
         "name": "sty", "seed": 0,
         "styles": [{"name": "glass", "images": "refs", "content": "a white lighthouse on a rock",
-                    "prompts": ["a red boat", "a green tree"], "raw": {"toyworld": 6, "ratio": 3.0}}],
+                    "prompts": ["a red boat", "a green tree"], "raw": {"toyworld": 6, "ratio": 3.0},
+                    "images_per_prompt": 2, "fidelity": {"keep": 1}}],  # issue 29: the better of two per prompt
         "teacher": {"model": "tiny-sd", "resolution": 64, "steps": 2, "batch_size": 1, "checkpoint_every": 1},
         "synthesis": {"num_inference_steps": 2, "batch_size": 2},
         "student": {"model": model, "steps": 3, "batch_size": 2, "learning_rate": 1e-3,
@@ -248,6 +249,12 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     from proxytune.files import sha256_file
 
     assert all(sha256_file(folder / "curated" / e["file"]) == e["sha256"] for e in manifest["images"] + manifest["raw"]["images"])
+    # issue 29: every stylised image scored against the style references, the better of each prompt's two kept
+    dropped = manifest["dropped_images"]
+    assert all(e["kept"] for e in manifest["images"]) and len(dropped) == 2 and not any(e["kept"] for e in dropped)
+    for kept, other in zip(manifest["images"], dropped):
+        assert kept["prompt"] == other["prompt"] and kept["style_clip"] >= other["style_clip"]  # the default ranking
+    assert manifest["fidelity"]["generated"]["count"] == 4 and manifest["fidelity"]["kept"]["count"] == 2
     # sampling fields the spec leaves unset take StyleAR's values (cfg 4.0, temperature 1), not Lumina-mGPT's;
     # a LlamaGen style student takes LlamaGen's (cfg 7.5)
     sampling = {"cfg_scale": 4.0 if model == "tiny-lumina-mgpt" else 7.5, "top_k": 20, "temperature": 1.0}
@@ -297,6 +304,7 @@ def test_tiny_style_pipeline_end_to_end_with_registry_lineage(tmp_path, monkeypa
     written = report.write_report(tmp_path / "spec.yaml", tmp_path)
     html = written.html.read_text()
     assert "Style glass" in html and "curated (teacher)" in html
+    assert "4 stylised images generated, 2 kept" in html and 'alt="histogram: style_clip' in html
 
 
 # -- registry: style evaluations are not subject evaluations ------------------------------------------

@@ -36,7 +36,8 @@ def plan_spec(spec, source: str, root: Path, gpu: Gpu, gpus: int = 1) -> Plan:
     """
     plan = Plan(source, gpu, gpus, max(1, len(spec.subjects)))
     student = models.describe_student(spec.student.model, root)
-    proxies = spec.student.num_proxy_images or spec.synthesis.num_images
+    kept = spec.synthesis.fidelity.keep or spec.synthesis.num_images  # what curation keeps of the generated
+    proxies = min(spec.student.num_proxy_images or kept, kept)
     proxy = spec.student.recipe == "proxy"
     if proxy:
         teacher = models.describe_teacher(spec.teacher.model, root)

@@ -90,3 +90,39 @@ def variance_figures(variance: dict, models: list[str]) -> tuple[str, str | None
     hist = distance_histogram(variance, models)
     return (data_uri(variance_chart(variance, models), "image/png"),
             data_uri(hist, "image/png") if hist else None)
+
+
+def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
+    """PNG histogram of every generated image's ranking score, kept and not kept stacked, the threshold marked."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    scores = np.asarray([v for v in fidelity.get("scores") or [] if isinstance(v, (int, float))], dtype=float)
+    if not scores.size:
+        return None
+    kept = np.zeros(scores.size, dtype=bool)
+    kept[[i for i in fidelity.get("kept_index") or [] if isinstance(i, int) and 0 <= i < scores.size]] = True
+    edges = np.histogram_bin_edges(scores, bins=min(30, max(5, scores.size // 4)))
+    fig = Figure(figsize=(4.8, 2.6), layout="constrained")
+    ax = fig.add_subplot()
+    series = [scores[kept], scores[~kept]]
+    names = [f"kept (n={kept.sum()})", f"not kept (n={(~kept).sum()})"]
+    ax.hist([v for v in series if v.size], bins=edges, stacked=True, color=["C0", "C7"][: sum(v.size > 0 for v in series)],
+            label=[n for n, v in zip(names, series) if v.size])
+    judged = np.asarray(fidelity.get("judged") or [], dtype=float)
+    if judged.size == scores.size and (judged == 1).any():  # toy world: where the independent judge says yes
+        ax.hist(scores[judged == 1], bins=edges, histtype="step", linewidth=1.6, color="C2",
+                label=f"toy judge says yes (n={int((judged == 1).sum())})")
+    threshold = fidelity.get("threshold")
+    if isinstance(threshold, (int, float)):
+        ax.axvline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")
+    ax.set_xlabel(f"{fidelity.get('metric', '?')}: mean cosine to the references")
+    ax.set_ylabel(label)
+    ax.legend(fontsize="small", framealpha=0.85)
+    return _figure_png(fig)
+
+
+def fidelity_figure(fidelity: dict, label: str = "images") -> str | None:
+    """`fidelity_histogram` as a PNG data: URI (None without scores)."""
+    png = fidelity_histogram(fidelity, label)
+    return data_uri(png, "image/png") if png else None

@@ -15,6 +15,22 @@ ORACLE_NOTE = ("Subject acc.: fraction of images in which the oracle finds every
 BASE_NOTE = "base-teacher / base-student: the untuned models, on the same prompts and seeds."
 
 
+def fidelity_line(fidelity: dict, what: str = "proxies", judge: str = "the oracle reads the subject") -> str:
+    """One sentence on a scored set: how many were generated and kept, the share above the threshold, the judge's."""
+    generated, kept = as_mapping(fidelity.get("generated")), as_mapping(fidelity.get("kept"))
+
+    def share(entry: dict, key: str) -> str:
+        return f"{entry[key]:.0%}" if is_number(entry.get(key)) else "—"
+
+    line = (f"{generated.get('count', '?')} {what} generated, {kept.get('count', '?')} kept; "
+            f"{fidelity.get('metric', '?')} above {fidelity.get('threshold', '?')}: {share(generated, 'share_above')} of "
+            f"the generated, {share(kept, 'share_above')} of the kept (mean {fmt(generated.get('mean'))} / "
+            f"{fmt(kept.get('mean'))})")
+    if is_number(generated.get("judge_share")):
+        line += f"; {judge} in {share(generated, 'judge_share')} of the generated, {share(kept, 'judge_share')} of the kept"
+    return line + "."
+
+
 def as_mapping(value) -> dict:
     return value if isinstance(value, dict) else {}
 

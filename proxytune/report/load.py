@@ -18,7 +18,7 @@ from proxytune import layout
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_bytes
 from proxytune.images import IMAGE_SUFFIXES
-from proxytune.outputs import load_evaluation, load_style_records, load_subject_records
+from proxytune.outputs import CuratedManifest, ProxyManifest, load_evaluation, load_style_records, load_subject_records
 from proxytune.report.content import as_mapping
 from proxytune.report.results import Report, StyleResult, SubjectResult
 
@@ -47,6 +47,14 @@ def _generated_images(folder: Path) -> dict[str, dict[int, list[Path]]]:
                     found.setdefault(model_dir.name, {}).setdefault(prompt, []).append((k, path))
     return {model: {p: [path for _, path in sorted(files)] for p, files in prompts.items()}
             for model, prompts in found.items()}
+
+
+def _fidelity(folder: Path, model) -> dict | None:
+    """The `fidelity` of a proxy or curated set's manifest.json (checked by its model), or None."""
+    path = folder / layout.MANIFEST_FILE
+    if model.read_optional(path) is None:
+        return None
+    return as_mapping(_read_json(path).get("fidelity")) or None
 
 
 def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: str | None = None) -> SubjectResult:
@@ -116,6 +124,8 @@ def load_subject(root: Path, experiment: str, name: str, spec_path: str, label: 
         encoders=encoders,
         records=records,
         images=_generated_images(eval_dir / "images"),
+        fidelity=_fidelity(upstream / layout.OUT_DIRS["synthesis"], ProxyManifest),
+        proxy_folder=upstream / layout.OUT_DIRS["synthesis"],
     )
 
 
@@ -160,7 +170,8 @@ def load_style(root: Path, experiment: str, name: str) -> StyleResult:
     return StyleResult(name=name, folder=folder, reference_files=reference_files,
                        metrics=_style_json(eval_dir / layout.METRICS_FILE), prompts=_style_json(eval_dir / layout.PROMPTS_FILE),
                        encoders=_style_json(eval_dir / layout.ENCODERS_FILE, required=False) or {}, records=records,
-                       images=images)
+                       images=images, fidelity=_fidelity(folder / layout.OUT_DIRS["curation"], CuratedManifest),
+                       curated_folder=folder / layout.OUT_DIRS["curation"])
 
 
 def load_report(spec_path: str | Path, root: Path) -> Report:

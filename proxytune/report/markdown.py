@@ -7,7 +7,7 @@ import html
 import re
 
 from proxytune.report.content import (HTML_NAME, RANDOM_INIT_BANNER, TOY_WORLD_LABEL, as_mapping, best_models,
-                                      fmt, fmt_ci, interval_note, is_number, lineage_rows,
+                                      fidelity_line, fmt, fmt_ci, interval_note, is_number, lineage_rows,
                                       lineage_warnings, notes, prompt_row, style_lineage_rows)
 from proxytune.report.results import STYLE_LABELS, Report, StyleResult, SubjectResult
 
@@ -52,6 +52,9 @@ def _subject(report: Report, subject: SubjectResult) -> list[str]:
     lines += md_table(["model"] + [label for _, label in subject.columns],
                       [[md(m)] + [cell(m, metric) for metric, _ in subject.columns] for m in subject.models])
     lines += [" ".join([interval_note(meta), *notes(subject)]), ""]
+    lines += ["### Proxy fidelity", "",
+              md(fidelity_line(subject.fidelity, "proxies", "the oracle reads the whole subject")) if subject.fidelity
+              else "Not scored.", ""]
     lines += ["### Promotion gate", ""]
     gate = subject.gate
     if gate:
@@ -91,6 +94,8 @@ def _style(style: StyleResult) -> list[str]:
     lines += md_table(["model"] + [STYLE_LABELS[m] for m in style.columns],
                       [[md(model)] + [fmt_ci(values.get(m)) for m in style.columns]
                        for model, values in style.metrics["models"].items()])
+    if style.fidelity:
+        lines += ["", "Curated pairs: " + md(fidelity_line(style.fidelity, "stylised images", "the style detector finds the style"))]
     lines += ["", "Lineage:", ""]
     lines += md_table(["step", "what", "digest", "MLflow run"], [[md(x) for x in row] for row in style_lineage_rows(style)])
     return lines

@@ -50,6 +50,7 @@ def environment() -> Environment:
     env.globals.update(
         anchor=anchor, grid_rows=grid_rows, reference_thumbnails=reference_thumbnails,
         thumbnail_uri=charts.thumbnail_uri, variance_figures=charts.variance_figures,
+        fidelity_figure=charts.fidelity_figure, fidelity_line=content.fidelity_line,
         fmt=content.fmt, fmt_ci=content.fmt_ci, best_models=content.best_models, prompt_row=content.prompt_row,
         notes=content.notes, interval_note=content.interval_note, lineage_rows=content.lineage_rows,
         lineage_warnings=content.lineage_warnings, style_lineage_rows=content.style_lineage_rows,

@@ -37,6 +37,8 @@ class SubjectResult:
     encoders: dict
     records: dict[str, dict | None]  # teacher, proxy, student, eval
     images: dict[str, dict[int, list[Path]]]  # model -> prompt index -> files in k order
+    fidelity: dict | None = None  # proxy/manifest.json's `fidelity` (issue 29); None when not scored
+    proxy_folder: Path | None = None  # the proxy set's folder (the fidelity thumbnails are relative to it)
 
     @property
     def models(self) -> list[str]:
@@ -82,6 +84,8 @@ class StyleResult:
     encoders: dict
     records: dict[str, dict | None]  # teacher, curated, student, eval
     images: dict[str, dict[int, list[Path]]]  # model folder -> prompt index -> files
+    fidelity: dict | None = None  # curated/manifest.json's `fidelity` (issue 29); None when not scored
+    curated_folder: Path | None = None
 
     @property
     def random_init(self) -> bool:

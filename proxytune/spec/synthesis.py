@@ -36,6 +36,37 @@ class FilterSpec(Strict):
         return self
 
 
+class FidelitySpec(Strict):
+    """Every proxy scored against the subject's references, and curation by that score (issue 29)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Score every generated proxy: mean cosine to the references with the evaluation's DINO and CLIP "
+        "(evaluation.dino_model, evaluation.clip_model) and, for a toy subject, the oracle's reading (0/1: the whole "
+        "subject shown). Recorded per proxy in proxy/manifest.json, summarised in proxy_metrics.json and the report.",
+    )
+    metric: Literal["dino", "clip_i"] = Field(
+        default="dino", description="The score that ranks proxies (curation), draws the report's histogram and meets "
+        "`threshold`.")
+    threshold: float = Field(
+        default=0.5, ge=-1, le=1,
+        description="A proxy scoring above this on `metric` counts as faithful (the share is reported and gated). "
+        "Encoder-specific: read the report's histogram of a first run before setting it.")
+    min_share: Probability | None = Field(
+        default=None,
+        description="Gate: fail the synthesis stage when fewer than this share of the kept proxies score above "
+        "`threshold` (null: no gate).")
+    keep: PositiveInt | None = Field(
+        default=None,
+        description="Curation: keep the N most faithful of the num_images generated, most faithful first (what the "
+        "codes stage and student.num_proxy_images read); null keeps every proxy in generation order.")
+    diversity: float = Field(
+        default=0.0, ge=0, lt=1,
+        description="Curation's diversity weight w: each next pick maximises (1 - w) * score - w * (its largest "
+        "cosine to a proxy already kept, same embedding), so near-duplicates do not crowd out poses and scenes. "
+        "0 = by score alone.")
+
+
 class SynthesisSpec(Strict):
     num_images: PositiveInt = Field(default=1000, description="Proxy images to generate (the paper uses ~1000).")
     prompt: str = Field(
@@ -73,7 +104,24 @@ class SynthesisSpec(Strict):
         "that of one tile at any resolution. Images change slightly at the seams; no effect at or below the tile "
         "size. Same stages as cpu_offload.",
     )
-    filter: FilterSpec = Field(default_factory=FilterSpec, description="Optional quality filter on the proxies.")
+    filter: FilterSpec = Field(default_factory=FilterSpec,
+                               description="Optional quality filter on the proxies (older; fidelity.keep curates by "
+                               "the same kind of score and records every score).")
+    fidelity: FidelitySpec = Field(default_factory=FidelitySpec,
+                                   description="Every proxy scored against the references; curation and a gate on it.")
+
+    @model_validator(mode="after")
+    def _curation_fits(self):
+        keep = self.fidelity.keep
+        if keep is not None and keep > self.num_images:
+            raise ValueError(f"fidelity.keep ({keep}) is more than num_images ({self.num_images}): generate at least "
+                             "as many proxies as you keep")
+        if keep is not None and self.filter.enabled:
+            raise ValueError("set one of filter (enabled) and fidelity.keep: both drop proxies; fidelity.keep "
+                             "replaces the filter (keep = num_images minus the filter's drop)")
+        if (keep is not None or self.fidelity.min_share is not None) and not self.fidelity.enabled:
+            raise ValueError("fidelity.keep and fidelity.min_share need the scores: set fidelity.enabled: true")
+        return self
 
     @field_validator("prompt")
     @classmethod

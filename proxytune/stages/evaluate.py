@@ -41,7 +41,7 @@ from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
 from proxytune.tracking import registry
-from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
+from proxytune.toy_judges import oracle_reader, oracle_scores  # the toy world's oracle, through its one seam
 from proxytune.toyworld.builtins import is_toy
 
 BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
@@ -89,41 +89,6 @@ def per_image_scores(images: list[list], prompts: list[str], token: str, clip, d
         "clip_t": encoders.per_image_clip_t(gen_clip, clip.text_embeds(texts)).numpy(),
         "dino": encoders.per_image_pairwise_cosine(dino.image_embeds(flat), ref_dino).numpy(),
     }
-
-
-def oracle_scores(read, images: list[list], prompts: list[str], token: str, subject) -> dict:
-    """(N,) arrays of the oracle's subject and prompt accuracy per generated image, prompt-major order.
-
-    Args:
-        read: images -> attribute readings ({"cls": "box", "colour": ...} per image), e.g. `oracle_reader()`.
-        images: per prompt, its generated images.
-        prompts: the prompts, identifier included.
-        token: the identifier, removed before the prompt is parsed.
-        subject: the toy subject (`proxytune.toyworld.subjects.Subject`).
-    Returns:
-        {"subject_acc": 1.0 where the image shows all of distinctive(subject, prompt) else 0.0,
-         "prompt_acc": fraction of the prompt's attributes shown (NaN where the prompt names none),
-         "subject_prompt_acc": 1.0 where the image shows the subject and every attribute the prompt asks
-         for, else 0.0 (what personalisation is for: a model that copies its references scores on
-         subject_acc but not here)}.
-    """
-    from proxytune.toyworld import oracle as oracle_lib
-    from proxytune.toyworld.subjects import distinctive
-    from proxytune.toyworld.world import parse_prompt
-
-    seen = iter(read([image for group in images for image in group]))
-    subject_acc, prompt_acc, both = [], [], []
-    for prompt, group in zip(prompts, images):
-        text = dreambench_prompts.strip_identifier(prompt, token)
-        look, asked = distinctive(subject, text), parse_prompt(text)
-        for _ in group:
-            reading = next(seen)
-            subject_acc.append(float(oracle_lib.shows_subject(reading, look)))
-            accuracy = oracle_lib.prompt_accuracy(reading, asked)
-            prompt_acc.append(np.nan if accuracy is None else accuracy)
-            both.append(float(subject_acc[-1] == 1.0 and accuracy in (None, 1.0)))
-    return {"subject_acc": np.asarray(subject_acc), "prompt_acc": np.asarray(prompt_acc),
-            "subject_prompt_acc": np.asarray(both)}
 
 
 def summarize(scores: dict, resamples: int, seed: int, images_per_prompt: int = 1) -> dict:

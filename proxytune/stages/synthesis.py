@@ -2,19 +2,38 @@
 
 Image i always gets seed `synthesis.seed + i`, whatever the batch size, and batches are fixed
 blocks of indices, so a re-run or a resumed run yields byte-identical files (another batch size
-gives the same images up to float rounding). Images are generated into a scratch folder that
-survives a crash (finished, readable images are kept); the output folder `proxy/` appears at the
-end with images/, manifest.json (file, prompt, seed, sha256 for each image, the set's digest and the
-teacher version), preview.png and record.json.
+gives the same images up to float rounding). Images are generated into a pool folder (.work/synthesis/KEY,
+KEY = everything generation depends on) that survives a crash (finished, readable images are kept) and the
+stage: changing only `synthesis.fidelity` or `synthesis.filter` re-scores and re-curates the pool, never
+re-generates it (delete .work/ to reclaim the space of proxies not kept).
+
+Fidelity (issue 29, `synthesis.fidelity`, on by default): once the teacher has left the GPU, every generated
+proxy is scored against the references with the evaluation's encoders (DINO and CLIP-I: mean cosine to every
+reference, as DreamBench's per-image scores) and, for a toy subject, the oracle's reading (1 when it reads the
+whole subject, through proxytune.toy_judges). Embeddings are cached in the pool. `fidelity.keep` keeps the N
+best by `fidelity.metric` (greedy maximal marginal relevance with `fidelity.diversity`); `fidelity.min_share`
+fails the stage, in one line, when too few kept proxies score above `fidelity.threshold`.
+
+The contract with the codes and student stages: manifest.json's `images` are the kept proxies in the order
+the codes stage encodes them and `student.num_proxy_images` takes the first of (most faithful first when
+`fidelity.keep` curates, else generation order); every entry carries {"file", "prompt", "seed", "sha256",
+"dino", "clip_i", "oracle" (toy subjects only, else absent), "kept": true}; `dropped_images` holds the proxies
+not kept with the same keys ("kept": false, their files stay in the pool only). manifest.json's `fidelity` has
+the settings, summaries of all generated and of the kept proxies (mean, q10/q50/q90, share above the
+threshold, the oracle's share), every generated proxy's score and the most/least faithful thumbnails
+(fidelity/most-NN.png, least-NN.png). The same summaries go to MLflow and to proxy_metrics.json (DVC metrics,
+beside proxy/).
+
+Output folder `proxy/`: images/, manifest.json, fidelity/, preview.png and record.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -23,10 +42,13 @@ from proxytune.backends import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb
-from proxytune.outputs import ProxyManifest, SynthesisRecord, TeacherRecord, read_record, write_record
+from proxytune.outputs import FidelityMetrics, ProxyManifest, SynthesisRecord, TeacherRecord, read_record, write_record
+from proxytune.stages import proxy_scores
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, device, generation_dtype, seed_everything, stage_run
 from proxytune.stages.sampling import unfinished_blocks
+
+ORACLE_JUDGE = "the toy oracle reads every distinctive attribute of the subject (1) or not (0)"
 
 
 def proxy_prompts(params: StageParams) -> list[str]:
@@ -132,7 +154,7 @@ def run(params_path: str | Path) -> None:
     teacher_dir = params.out("teacher")
     teacher = read_record(teacher_dir, TeacherRecord)
     prompts = proxy_prompts(params)
-    key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter"}), params.teacher.model,
+    key = config_key(params.seed, synthesis.model_dump(exclude={"processes", "filter", "fidelity"}), params.teacher.model,
                      params.teacher.revision, params.teacher.resolution, teacher.adapter_digest, prompts)
     scratch = params.work("synthesis") / key
     scratch.mkdir(parents=True, exist_ok=True)
@@ -151,6 +173,54 @@ def run(params_path: str | Path) -> None:
     assemble(params, teacher, scratch, prompts)
 
 
+@torch.no_grad()
+def score_and_curate(params: StageParams, entries: list[dict],
+                     scratch: Path) -> tuple[list[dict], list[dict], np.ndarray, np.ndarray | None]:
+    """Score every generated proxy and keep `fidelity.keep` of them (see the module docstring).
+
+    Returns:
+        (kept entries in manifest order, the others, every proxy's ranking score, the oracle's 0/1 per proxy
+        or None), the scores in generation order. Entries gain "dino", "clip_i", "oracle" (toy) and "kept".
+    """
+    from proxytune import toy_judges
+    from proxytune.backends import encoders
+    from proxytune.images import list_images
+
+    spec, evaluation = params.synthesis.fidelity, params.evaluation
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the teacher pipeline is gone; the encoders are small
+    files = [scratch / Path(e["file"]).name for e in entries]
+    reference_files = list_images(params.references_dir)
+    refs_digest = digest_files([(p.name, sha256_file(p)) for p in reference_files])
+    cache = scratch / f"embeds-{config_key(evaluation.dino_model, evaluation.clip_model, refs_digest)}.safetensors"
+
+    def embed() -> dict[str, torch.Tensor]:
+        tqdm.write(f"synthesis: scoring {len(files)} proxies against {len(reference_files)} references")
+        dino = encoders.load_dino(evaluation.dino_model, device=str(device()))
+        clip = encoders.load_clip(evaluation.clip_model, device=str(device()))
+        references = [open_rgb(p) for p in reference_files]
+        return {"dino": proxy_scores.embed_files(dino, files), "clip_i": proxy_scores.embed_files(clip, files),
+                "ref_dino": dino.image_embeds(references), "ref_clip_i": clip.image_embeds(references)}
+
+    tensors = proxy_scores.cached_embeddings(cache, ("dino", "clip_i", "ref_dino", "ref_clip_i"), embed)
+    scores = {m: proxy_scores.mean_cosine(tensors[m], tensors[f"ref_{m}"]) for m in ("dino", "clip_i")}
+    judge = None
+    if params.subject.toy_subject is not None:
+        judge = toy_judges.shows_subject([open_rgb(f) for f in files], [e["prompt"] for e in entries],
+                                         params.subject.token, params.subject.toy_subject)
+    for i, entry in enumerate(entries):
+        entry.update(dino=round(float(scores["dino"][i]), 6), clip_i=round(float(scores["clip_i"][i]), 6))
+        if judge is not None:
+            entry["oracle"] = float(judge[i])
+    ranking = scores[spec.metric]
+    order = (proxy_scores.pick(ranking, tensors[spec.metric], spec.keep, spec.diversity) if spec.keep is not None
+             else list(range(len(entries))))
+    chosen = set(order)
+    kept = [{**entries[i], "kept": True} for i in order]
+    dropped = [{**entries[i], "kept": False} for i in range(len(entries)) if i not in chosen]
+    return kept, dropped, ranking, judge
+
+
 def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts: list[str]) -> None:
     synthesis = params.synthesis
     entries = []
@@ -159,9 +229,20 @@ def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts
         entries.append({"file": f"images/{name}", "prompt": prompt_of(prompts, i), "seed": synthesis.seed + i,
                          "sha256": sha256_file(scratch / name)})
     dropped: list[dict] = []
+    fidelity = None
+    if synthesis.fidelity.enabled:
+        entries, dropped, ranking, judge = score_and_curate(params, entries, scratch)
     if synthesis.filter.enabled:
-        entries, dropped = quality_filter(params, entries, scratch)
-        tqdm.write(f"synthesis: quality filter dropped {len(dropped)} of {synthesis.num_images} images")
+        entries, filtered = quality_filter(params, entries, scratch)
+        dropped += [{**e, "kept": False} if "kept" in e else e for e in filtered]
+        tqdm.write(f"synthesis: quality filter dropped {len(filtered)} of {synthesis.num_images} images")
+    if synthesis.fidelity.enabled:
+        evaluation, index = params.evaluation, [e["seed"] - synthesis.seed for e in entries]  # generation indices
+        fidelity = proxy_scores.fidelity_record(synthesis.fidelity, ranking, index, judge,
+                                                {"dino": evaluation.dino_model, "clip_i": evaluation.clip_model},
+                                                ORACLE_JUDGE)
+        proxy_scores.announce_and_gate(fidelity, stage="synthesis", where="synthesis.fidelity",  # fails before any output
+                                       spec_file=params.source.spec_file, judge_words="the oracle reads the subject")
     digest = manifest_digest(entries)
     prompts_digest = sha256_bytes("\n".join(sorted({e["prompt"] for e in entries})).encode())
     teacher_version = teacher.registered
@@ -172,6 +253,11 @@ def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts
         for entry in entries:
             src, dst = scratch / Path(entry["file"]).name, tmp / entry["file"]
             link_or_copy(src, dst)
+        if fidelity:
+            every = sorted(entries + dropped, key=lambda e: e["seed"])
+            fidelity.update(proxy_scores.write_extremes(
+                tmp, [scratch / Path(e["file"]).name for e in every], np.asarray(fidelity["scores"]),
+                set(fidelity["kept_index"]), judge, [e["file"] for e in every]))
         ProxyManifest(
             prompt_template=synthesis.prompt,
             templates=synthesis.templates,
@@ -183,12 +269,21 @@ def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts
             digest=digest,
             prompts_digest=prompts_digest,
             images=entries,
-            dropped_images=[{k: e[k] for k in ("file", "seed", "sha256", "similarity")} for e in dropped],
+            dropped_images=[e if fidelity else {k: e[k] for k in ("file", "seed", "sha256", "similarity")}
+                            for e in dropped],
+            **({"fidelity": fidelity} if fidelity else {}),
         ).write(tmp / layout.MANIFEST_FILE)
         preview = [open_rgb(tmp / e["file"]) for e in entries[:8]]
         write_png_atomic(tmp / "preview.png", grid([preview], cell=min(params.teacher.resolution, 256)))
         run.log_params({"synthesis": synthesis.model_dump(mode="json"), "prompts": prompts})
         run.log_metrics({"proxy_images": len(entries), "proxy_dropped": len(dropped)})
+        metrics = FidelityMetrics(images=len(entries), generated=synthesis.num_images)
+        if fidelity:
+            metrics = FidelityMetrics(images=len(entries), generated=synthesis.num_images, metric=fidelity["metric"],
+                                      threshold=fidelity["threshold"], generated_scores=fidelity["generated"],
+                                      kept_scores=fidelity["kept"])
+            run.log_metrics({f"fidelity.{part}.{name}": value for part in ("generated", "kept")
+                             for name, value in fidelity[part].items()})
         run.log_artifacts(tmp, "proxy")
         run.log_dataset(out_dir, name=f"{params.experiment}.{params.subject.name}.proxy", digest=digest, context="synthesized")
         write_record(
@@ -203,8 +298,8 @@ def assemble(params: StageParams, teacher: TeacherRecord, scratch: Path, prompts
                 teacher_version=teacher_version,
             ),
         )
+        metrics.write(params.subject_dir / layout.PROXY_METRICS_FILE)
     tqdm.write(f"synthesis: {len(entries)} proxy images, digest {digest[:12]}")
-    shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
