@@ -88,10 +88,12 @@ def test_suggest_takes_the_fewest_changes_then_the_fastest():
         return est
 
     spec = TeacherSpec(batch_size=4)
-    text, best = options.suggest("teacher", spec, fake, options.TEACHER_SWITCHES, _gpu(16.5))  # 15 usable
-    assert text == "teacher.mixed_precision: bf16" and best.peak == 13 * estimate.GIB
-    text, _ = options.suggest("teacher", spec, fake, options.TEACHER_SWITCHES, _gpu(9.5))  # 8 usable
-    assert "mixed_precision: bf16" in text and "batch_size: 1" in text
+    found = options.suggest("teacher", spec, fake, options.TEACHER_SWITCHES, _gpu(16.5))  # 15 usable
+    assert found.text == "teacher.mixed_precision: bf16" and found.estimate.peak == 13 * estimate.GIB
+    assert found.section == "teacher" and found.changes == {"mixed_precision": "bf16"}
+    found = options.suggest("teacher", spec, fake, options.TEACHER_SWITCHES, _gpu(9.5))  # 8 usable
+    assert "mixed_precision: bf16" in found.text and "batch_size: 1" in found.text
+    assert found.changes["batch_size"] == 1 and found.changes["mixed_precision"] == "bf16"
     assert options.suggest("teacher", spec, fake, options.TEACHER_SWITCHES, _gpu(4.0)) is None
 
 

@@ -7,6 +7,7 @@ report says to raise gradient_accumulation_steps so the optimiser sees the same 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 from proxytune.plan import estimate
 from proxytune.plan.gpus import Gpu
@@ -14,6 +15,16 @@ from proxytune.plan.gpus import Gpu
 # spec fields that save memory and the value that does, per training stage
 TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
 STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A setting under which a stage fits: what to change, said for people, and its estimate."""
+
+    section: str  # the spec section the changes belong to ("teacher", "student", "synthesis")
+    changes: dict  # spec field within `section` -> its new value (batch_size included)
+    text: str  # the changes as the report prints them
+    estimate: estimate.StageEstimate  # the stage under those changes
 
 
 def _batches(batch: int) -> list[int]:
@@ -33,7 +44,7 @@ def _describe(section: str, changes: dict, old_batch: int) -> str:
     return ", ".join(parts)
 
 
-def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> tuple[str, estimate.StageEstimate] | None:
+def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggestion | None:
     """The fewest changes to `spec` (a TeacherSpec, StudentSpec or SynthesisSpec) under which
     `estimator(spec)` fits `gpu`, with that estimate; None if none does.
 
@@ -58,9 +69,8 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> tuple[st
         for changes in group:
             candidate = estimator(spec.model_copy(update=changes))
             if candidate.check(gpu):
-                found.append((candidate.seconds, "batch_size" in changes, _describe(section, changes, spec.batch_size),
-                              candidate))
+                found.append((candidate.seconds, "batch_size" in changes,
+                              Suggestion(section, changes, _describe(section, changes, spec.batch_size), candidate)))
         if found:  # the fastest; at equal time, a smaller batch last (it uses the GPU less well than the model says)
-            *_, text, best = min(found, key=lambda item: item[:2])
-            return text, best
+            return min(found, key=lambda item: item[:2])[2]
     return None

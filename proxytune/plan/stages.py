@@ -83,8 +83,7 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             found = options.suggest("synthesis", spec.synthesis, lambda s: estimate.synthesis(
                 s, teacher, spec.teacher.resolution, gpu), switches, gpu)
         if found is not None:
-            text, best = found
-            stage.suggestion = f"{text} -> {best.peak / estimate.GIB:.1f} GiB"
+            stage.suggestion = f"{found.text} -> {found.estimate.peak / estimate.GIB:.1f} GiB"
         elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
             stage.suggestion = (f"none of the options plan weighs fits (the weights alone: "
                                 f"{stage.weights / estimate.GIB:.1f} GiB); plan does not yet model teacher.quantize, "
