@@ -263,3 +263,72 @@ def test_cpu_offload_on_cpu_is_skipped_with_a_note():
     assert note == "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
     assert not hasattr(pipe, "_all_hooks") or not pipe._all_hooks  # no offload hooks installed
     assert diffusion.generate(pipe, ["a dog"], [0], steps=1, guidance=1.0, size=64)[0].size == (64, 64)
+
+
+# -- 8-bit AdamW for the student (torchao) ---------------------------------------------------------------
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every optimiser state tensor, a torchao 8-bit state by its int8 codes and scales."""
+    from proxytune.backends.diffusion import weight_bytes
+
+    holder = torch.nn.Module()
+    for i, state in enumerate(optimizer.state.values()):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                holder.register_buffer(f"s{i}_{name}", value)
+    return weight_bytes(holder)
+
+
+def test_student_8bit_adam_overfits_with_a_quarter_of_the_state_and_resumes_bit_for_bit(project):
+    pytest.importorskip("torchao")
+    from conftest import make_params, tiny_spec
+    from test_student import fake_proxy_set, recipe
+
+    # rank 64: every LoRA tensor of the tiny model has >= 4096 values, the least torchao quantises
+    student = {"steps": 8, "checkpoint_every": 4, "batch_size": 2, "lora": {"rank": 64, "alpha": 64}}
+    plain_params = make_params(project, tiny_spec(student={**student, "steps": 1}))
+    params = make_params(project, tiny_spec(student={**student, "use_8bit_adam": True}))
+    fake_proxy_set(params)
+
+    straight = recipe(params)
+    straight.checkpoint_dir = straight.checkpoint_dir.with_name("straight")
+    straight.train()
+    assert type(straight.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert straight.progress.losses[-1] < 0.9 * straight.progress.losses[0]  # it learns the proxy codes (6.68 -> 5.41)
+    plain = recipe(plain_params)
+    plain.train()
+    eight, full = _optimizer_state_bytes(straight.optimizer), _optimizer_state_bytes(plain.optimizer)
+    assert type(plain.optimizer.optimizer) is torch.optim.AdamW
+    # two moments: 1 byte a value + a float32 scale per block of 256 + its 256-entry float32 code table, for
+    # tensors torchao quantises (>= 4096 values, whole blocks), else float32 (here the LoRA of the 32-wide
+    # condition projection)
+    sizes = [p.numel() for p in straight.trainable]
+    assert eight == sum(2 * (n + n // 256 * 4 + 1024) if n >= 4096 and n % 256 == 0 else 8 * n for n in sizes)
+    assert full == 8 * sum(sizes) and eight < 0.31 * full, (eight, full)  # 0.305
+
+    first = recipe(params)
+    first.spec.steps = 4
+    first.train()
+    first.spec.steps = 8
+    first.save_checkpoint()
+    resumed = recipe(params)
+    assert resumed.progress.step == 4
+    resumed.train()
+    assert resumed.progress.losses == straight.progress.losses
+    from peft.utils import get_peft_model_state_dict
+
+    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_student_8bit_adam_without_torchao_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from proxytune.errors import ProxytuneError
+    from proxytune.spec.student import StudentSettings
+    from proxytune.stages.student_setup import optimizer
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
+    with pytest.raises(ProxytuneError, match=r"^student.use_8bit_adam: needs torchao"):
+        optimizer([torch.nn.Parameter(torch.zeros(2))], StudentSettings(use_8bit_adam=True))
