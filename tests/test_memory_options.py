@@ -332,3 +332,45 @@ def test_student_8bit_adam_without_torchao_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
     with pytest.raises(ProxytuneError, match=r"^student.use_8bit_adam: needs torchao"):
         optimizer([torch.nn.Parameter(torch.zeros(2))], StudentSettings(use_8bit_adam=True))
+
+
+# -- text encoders off the GPU once their outputs are cached ---------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_teacher_generates_the_same_images_from_cached_text_after_freeing_its_text_encoders(model):
+    """What the teacher stage does after caching its prompts: the sample grid's text is encoded once, the
+    text encoders are dropped, and generation from the cached tensors gives the same pixels (up to the
+    rounding of encoding one prompt rather than a batch of copies: SDXL's pooled CLIP output differs by
+    2e-7, one image by 1 level of 255)."""
+    import numpy as np
+
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline(model)
+    kwargs = {"steps": 2, "guidance": 3.0, "size": 64}
+    before = diffusion.generate(pipe, ["a sks dog"] * 2, [0, 1], **kwargs)
+    text = diffusion.generation_text(pipe, "a sks dog", guidance=3.0)
+    diffusion.free_text_encoders(pipe)
+    assert all(getattr(pipe, name) is None for name in diffusion.family_of(pipe).text_encoders)
+    after = diffusion.generate(pipe, ["a sks dog"] * 2, [0, 1], text=text, **kwargs)
+    for a, b in zip(before, after):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(after[0]), np.asarray(after[1]))  # two seeds, two images
+
+
+def test_student_moves_llamagen_t5_off_the_accelerator_and_still_encodes():
+    """LlamaGen's T5 is needed only to encode prompts: after caching, the student stage moves it to host
+    memory (`student_setup.text_encoder_to_host`); the sample grid's prompts are then encoded there
+    (`generate` moves the features to the model's device)."""
+    from types import SimpleNamespace
+
+    from proxytune.stages.student_setup import text_encoder_to_host
+
+    bundle = students.load_student("tiny-llamagen")
+    before = bundle.encode_prompts(["a S* dog"])
+    assert text_encoder_to_host(bundle, torch.device("cuda")) is True  # the stage's device on a GPU machine
+    assert next(bundle.text_encoder.parameters()).device.type == "cpu"
+    assert text_encoder_to_host(bundle, torch.device("cpu")) is False  # already in host memory
+    assert text_encoder_to_host(SimpleNamespace(model=None), torch.device("cuda")) is False  # no separate encoder
+    assert torch.equal(bundle.encode_prompts(["a S* dog"]), before)

@@ -385,10 +385,49 @@ def save_lora(pipe, folder: Path, metadata: dict | None = None, *, text_encoder:
     return folder / LORA_WEIGHT_NAME
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int):
-    """One batched pipeline call; image i draws from its own generator seeded with seeds[i]."""
+def generation_text(pipe, prompt: str, *, guidance: float) -> dict[str, torch.Tensor]:
+    """The text arguments of a pipeline call for `prompt` (with classifier-free guidance also the negative
+    prompt's, as the pipeline would make them), encoded now so that `generate(..., text=...)` can run after
+    `free_text_encoders`."""
+    family, device = family_of(pipe), pipe._execution_device
+    if family.name == "flux":  # guidance is an input of the transformer, not a second batch
+        embeds, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length(pipe))
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    denoiser_config = getattr(pipe, family.denoiser).config
+    guided = guidance > 1 and getattr(denoiser_config, "time_cond_proj_dim", None) is None  # as the pipelines decide
+    if family.name == "sd":
+        embeds, negative = pipe.encode_prompt([prompt], device, 1, guided)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    extra = {"max_sequence_length": max_sequence_length(pipe), "prompt_3": None} if family.name == "sd3" else {}
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=[prompt], prompt_2=None, device=device, do_classifier_free_guidance=guided, **extra)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def free_text_encoders(pipe) -> None:
+    """Drop the pipeline's text encoders (a FLUX teacher's T5-XXL is 9.5 GB in bf16) once every prompt it
+    needs is encoded; the pipeline then generates only from `generation_text`'s tensors."""
+    for name in family_of(pipe).text_encoders:
+        setattr(pipe, name, None)  # diffusers' pipelines take None for a text encoder given embeddings
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
+             text: dict[str, torch.Tensor] | None = None):
+    """One batched pipeline call; image i draws from its own generator seeded with seeds[i].
+
+    `text`: `generation_text` of the one prompt every image shares, used instead of encoding `prompts`.
+    """
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     extra = {"max_sequence_length": max_sequence_length(pipe)} if family_of(pipe).flow_matching else {}
+    if text is not None:
+        if len(set(prompts)) != 1:
+            raise ValueError("generate: cached text is one prompt's; these are several")
+        extra.update({k: v.expand(len(seeds), *v.shape[1:]) for k, v in text.items() if v is not None})
+        prompts = None
     out = pipe(
         prompts,
         num_inference_steps=steps,

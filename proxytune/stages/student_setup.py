@@ -91,6 +91,19 @@ def optimizer(trainable: list, spec) -> torch.optim.Optimizer:
     return training.adamw(trainable, lr=spec.learning_rate, **settings)
 
 
+def text_encoder_to_host(bundle, device: torch.device) -> bool:
+    """Move a student's separate text encoder (LlamaGen's FLAN-T5-XL, 4.6 GB in float32) to host memory
+    once the stage has cached its prompt features: training reads only the cache, and the sample grid's
+    few prompts are encoded on the CPU (the backend moves the features to the model). True if moved."""
+    encoder = getattr(bundle, "text_encoder", None)
+    if encoder is None or device.type == "cpu":
+        return False
+    encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
+
+
 def enable_gradient_checkpointing(model) -> None:
     base = unwrapped(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
