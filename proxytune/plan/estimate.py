@@ -244,6 +244,7 @@ def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, 
               stage: str = "synthesis", steps_per_image: int | None = None, guidance: bool = True) -> StageEstimate:
     """Generating proxies (`spec` a SynthesisSpec) in its generation dtype.
 
+    `quantize: int8` weighs the denoiser as `frozen_bytes` does (its unfused LoRA, a few MB, is not counted).
     Without `cpu_offload` every model of the pipeline stays on the GPU; with it (diffusers' model CPU
     offload) only the running one is, so the peak is the largest of (a model + its activations), and every
     batch copies each model to the GPU and back at `gpus.PCIE_GBS`. `vae_tiling` decodes tiles of
@@ -264,14 +265,17 @@ def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, 
         if latent < shape.latent:  # the tiles' FLOPs cover the image (overlaps aside); the image is kept whole
             decode = {"peak": decode["peak"], "flops": decode["flops"] * (shape.latent / latent) ** 2}
             decoded = 3 * resolution**2 * _BYTES[dtype]
-    sizes = {name: count(part)["frozen"] * _BYTES[dtype] for name, part in teacher.parts.items()}
+    quantize = getattr(spec, "quantize", "none")  # the denoiser's base weights
+    sizes = {name: frozen_bytes(count(part), dtype, quantize if part is denoiser else "none")
+             for name, part in teacher.parts.items()}
     cfg = 2 if guidance and teacher.family != "flux" else 1  # FLUX.1-dev's guidance is an input, not a batch
     batch = spec.batch_size
     images = images if images is not None else spec.num_images
     denoise_steps = steps_per_image or spec.num_inference_steps
     denoising, decoding = batch * cfg * forward["peak"], batch * (decode["peak"] + decoded)
     what = (f"{teacher.family} sampling, {resolution} px, batch {batch}{' x2 (CFG)' if cfg == 2 else ''}, "
-            f"{denoise_steps} steps, {images} images, {dtype}{', CPU offload' if offload else ''}"
+            f"{denoise_steps} steps, {images} images, {dtype}{', int8 denoiser' if quantize == 'int8' else ''}"
+            f"{', CPU offload' if offload else ''}"
             f"{', VAE tiling' if tiling else ''}")
     if offload:  # one model at a time: the peak is the largest model with what it computes
         name_of_denoiser = "unet" if "unet" in teacher.parts else "transformer"

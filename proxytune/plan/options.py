@@ -17,9 +17,9 @@ from proxytune.plan.gpus import Gpu
 TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
                     "quantize": "int8"}
 STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
-SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True}
+SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True, "quantize": "int8"}
 # changes that alter what the model computes, not only how: proposed only when nothing else as small fits
-NUMERICS = {("teacher", "quantize")}
+NUMERICS = {("teacher", "quantize"), ("synthesis", "quantize")}
 
 
 @dataclass(frozen=True)

@@ -105,5 +105,4 @@ def _beyond(stage: str) -> str:
         return "a 4-bit (NF4) base or sharding (FSDP) would be needed; proxytune has neither yet"
     if stage == "student":
         return "sharding (FSDP) would be needed; proxytune has none yet"
-    return ("a quantised (int8 / FP8) or group-offloaded denoiser for generation would be needed; "
-            "proxytune generates with the unquantised base")
+    return "a 4-bit (NF4) or FP8 denoiser, or group offloading, would be needed; proxytune has none yet"
