@@ -31,6 +31,8 @@ def lines(plan: Plan) -> list[str]:
         if not s.fits and s.suggestion:
             out.append(f"    to fit: {s.suggestion}")
     out.extend(plan.notes)
+    if any(s.setup > s.weights + s.gradients + s.optimizer + s.activations for s in plan.stages):
+        out.append("(a peak above its columns' sum is the stage's start, before its text encoders leave the GPU)")
     out.append(f"(GiB; time at {EFFICIENCY:.0%} of the GPU's peak FLOPs, bf16 where the stage computes in it; "
                f"{RESERVED_GIB} GiB kept for the CUDA context and fragmentation)")
     return out
