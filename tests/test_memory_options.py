@@ -122,9 +122,11 @@ def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloa
     assert not any(hasattr(m.weight, "qdata") for m in diffusion.denoiser(pipe).modules() if isinstance(m, torch.nn.Linear))
     # synthesis.quantize: the same LoRA, unfused, beside the int8 base; images near the unquantised ones
     int8 = diffusion.load_pipeline_with_lora("tiny-flux", path.parent, quantize="int8")
-    on_int8 = {n.replace(".subject.", ".default."): p for n, p in diffusion.denoiser(int8).named_parameters() if "lora_" in n}
+    on_int8 = {n.replace(".subject.", ".default."): p
+               for n, p in diffusion.denoiser(int8).named_parameters() if "lora_" in n}
     assert on_int8.keys() == trained.keys() and all(torch.equal(on_int8[k], loaded[k]) for k in trained)
-    assert all(hasattr(m.base_layer.weight, "qdata") for m in diffusion.denoiser(int8).modules() if hasattr(m, "base_layer"))
+    wrapped = [m for m in diffusion.denoiser(int8).modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(hasattr(m.base_layer.weight, "qdata") for m in wrapped)
     kwargs = {"steps": 2, "guidance": 3.5, "size": 64}
     fused = diffusion.load_pipeline_with_lora("tiny-flux", path.parent)
     a, b = (np.asarray(diffusion.generate(p, ["a sks dog"], [0], **kwargs)[0], dtype=float) for p in (fused, int8))

@@ -157,8 +157,8 @@ def test_plan_command_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_int8_denoiser_bytes_are_what_torchao_loads():
-    """plan's int8 bill of a denoiser (1 byte a Linear weight + a scale and zero point a row, the rest as loaded) against the
-    bytes of the tiny-flux transformer that `teacher.quantize: int8` really loads."""
+    """plan's int8 bill of a denoiser (1 byte a Linear weight + a scale and zero point a row, the rest as
+    loaded) against the bytes of the tiny-flux transformer that `teacher.quantize: int8` really loads."""
     pytest.importorskip("torchao")
     from proxytune.backends import diffusion
 
