@@ -88,6 +88,8 @@ def test_chunked_cross_entropy_without_autograd_needs_no_checkpoint():
 
 def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloads_unquantised(project, tmp_path):
     pytest.importorskip("torchao")  # the `quantize` extra (in dev)
+    import numpy as np
+
     from proxytune.backends import diffusion
     from proxytune.stages.teacher import TeacherTrainer
     from conftest import make_params, tiny_spec
@@ -118,6 +120,17 @@ def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloa
     for key in trained:
         torch.testing.assert_close(loaded[key], trained[key])
     assert not any(hasattr(m.weight, "qdata") for m in diffusion.denoiser(pipe).modules() if isinstance(m, torch.nn.Linear))
+    # synthesis.quantize: the same LoRA, unfused, beside the int8 base; images near the unquantised ones
+    int8 = diffusion.load_pipeline_with_lora("tiny-flux", path.parent, quantize="int8")
+    on_int8 = {n.replace(".subject.", ".default."): p
+               for n, p in diffusion.denoiser(int8).named_parameters() if "lora_" in n}
+    assert on_int8.keys() == trained.keys() and all(torch.equal(on_int8[k], loaded[k]) for k in trained)
+    wrapped = [m for m in diffusion.denoiser(int8).modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(hasattr(m.base_layer.weight, "qdata") for m in wrapped)
+    kwargs = {"steps": 2, "guidance": 3.5, "size": 64}
+    fused = diffusion.load_pipeline_with_lora("tiny-flux", path.parent)
+    a, b = (np.asarray(diffusion.generate(p, ["a sks dog"], [0], **kwargs)[0], dtype=float) for p in (fused, int8))
+    assert np.abs(a - b).mean() < 2.0, np.abs(a - b).mean()  # int8 rounding: within 2 levels of 255 on average
 
 
 def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
@@ -263,3 +276,114 @@ def test_cpu_offload_on_cpu_is_skipped_with_a_note():
     assert note == "synthesis.cpu_offload: skipped on CPU (it moves models between the GPU and host memory)"
     assert not hasattr(pipe, "_all_hooks") or not pipe._all_hooks  # no offload hooks installed
     assert diffusion.generate(pipe, ["a dog"], [0], steps=1, guidance=1.0, size=64)[0].size == (64, 64)
+
+
+# -- 8-bit AdamW for the student (torchao) ---------------------------------------------------------------
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of every optimiser state tensor, a torchao 8-bit state by its int8 codes and scales."""
+    from proxytune.backends.diffusion import weight_bytes
+
+    holder = torch.nn.Module()
+    for i, state in enumerate(optimizer.state.values()):
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                holder.register_buffer(f"s{i}_{name}", value)
+    return weight_bytes(holder)
+
+
+def test_student_8bit_adam_overfits_with_a_quarter_of_the_state_and_resumes_bit_for_bit(project):
+    pytest.importorskip("torchao")
+    from conftest import make_params, tiny_spec
+    from test_student import fake_proxy_set, recipe
+
+    # rank 64: every LoRA tensor of the tiny model has >= 4096 values, the least torchao quantises
+    student = {"steps": 8, "checkpoint_every": 4, "batch_size": 2, "lora": {"rank": 64, "alpha": 64}}
+    plain_params = make_params(project, tiny_spec(student={**student, "steps": 1}))
+    params = make_params(project, tiny_spec(student={**student, "use_8bit_adam": True}))
+    fake_proxy_set(params)
+
+    straight = recipe(params)
+    straight.checkpoint_dir = straight.checkpoint_dir.with_name("straight")
+    straight.train()
+    assert type(straight.optimizer.optimizer).__name__ == "AdamW8bit"
+    assert straight.progress.losses[-1] < 0.9 * straight.progress.losses[0]  # it learns the proxy codes (6.68 -> 5.41)
+    plain = recipe(plain_params)
+    plain.train()
+    eight, full = _optimizer_state_bytes(straight.optimizer), _optimizer_state_bytes(plain.optimizer)
+    assert type(plain.optimizer.optimizer) is torch.optim.AdamW
+    # two moments: 1 byte a value + a float32 scale per block of 256 + its 256-entry float32 code table, for
+    # tensors torchao quantises (>= 4096 values, whole blocks), else float32 (here the LoRA of the 32-wide
+    # condition projection)
+    sizes = [p.numel() for p in straight.trainable]
+    assert eight == sum(2 * (n + n // 256 * 4 + 1024) if n >= 4096 and n % 256 == 0 else 8 * n for n in sizes)
+    assert full == 8 * sum(sizes) and eight < 0.31 * full, (eight, full)  # 0.305
+
+    first = recipe(params)
+    first.spec.steps = 4
+    first.train()
+    first.spec.steps = 8
+    first.save_checkpoint()
+    resumed = recipe(params)
+    assert resumed.progress.step == 4
+    resumed.train()
+    assert resumed.progress.losses == straight.progress.losses
+    from peft.utils import get_peft_model_state_dict
+
+    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_student_8bit_adam_without_torchao_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from proxytune.errors import ProxytuneError
+    from proxytune.spec.student import StudentSettings
+    from proxytune.stages.student_setup import optimizer
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
+    with pytest.raises(ProxytuneError, match=r"^student.use_8bit_adam: needs torchao"):
+        optimizer([torch.nn.Parameter(torch.zeros(2))], StudentSettings(use_8bit_adam=True))
+
+
+# -- text encoders off the GPU once their outputs are cached ---------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_teacher_generates_the_same_images_from_cached_text_after_freeing_its_text_encoders(model):
+    """What the teacher stage does after caching its prompts: the sample grid's text is encoded once, the
+    text encoders are dropped, and generation from the cached tensors gives the same pixels (up to the
+    rounding of encoding one prompt rather than a batch of copies: SDXL's pooled CLIP output differs by
+    2e-7, one image by 1 level of 255)."""
+    import numpy as np
+
+    from proxytune.backends import diffusion
+
+    pipe = diffusion.load_pipeline(model)
+    kwargs = {"steps": 2, "guidance": 3.0, "size": 64}
+    before = diffusion.generate(pipe, ["a sks dog"] * 2, [0, 1], **kwargs)
+    text = diffusion.generation_text(pipe, "a sks dog", guidance=3.0)
+    diffusion.free_text_encoders(pipe)
+    assert all(getattr(pipe, name) is None for name in diffusion.family_of(pipe).text_encoders)
+    after = diffusion.generate(pipe, ["a sks dog"] * 2, [0, 1], text=text, **kwargs)
+    for a, b in zip(before, after):
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    assert not np.array_equal(np.asarray(after[0]), np.asarray(after[1]))  # two seeds, two images
+
+
+def test_student_moves_llamagen_t5_off_the_accelerator_and_still_encodes():
+    """LlamaGen's T5 is needed only to encode prompts: after caching, the student stage moves it to host
+    memory (`student_setup.text_encoder_to_host`); the sample grid's prompts are then encoded there
+    (`generate` moves the features to the model's device)."""
+    from types import SimpleNamespace
+
+    from proxytune.stages.student_setup import text_encoder_to_host
+
+    bundle = students.load_student("tiny-llamagen")
+    before = bundle.encode_prompts(["a S* dog"])
+    assert text_encoder_to_host(bundle, torch.device("cuda")) is True  # the stage's device on a GPU machine
+    assert next(bundle.text_encoder.parameters()).device.type == "cpu"
+    assert text_encoder_to_host(bundle, torch.device("cpu")) is False  # already in host memory
+    assert text_encoder_to_host(SimpleNamespace(model=None), torch.device("cuda")) is False  # no separate encoder
+    assert torch.equal(bundle.encode_prompts(["a S* dog"]), before)

@@ -116,8 +116,8 @@ def test_plan_command_json(tmp_path):
     assert [s["stage"] for s in data["stages"]] == ["teacher", "synthesis", "codes", "student", "evaluate (teacher)",
                                                     "evaluate (student)"]
     for stage in data["stages"]:
-        assert stage["peak_bytes"] == sum(stage[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes",
-                                                            "activations_bytes"))
+        assert stage["peak_bytes"] == max(stage["setup_bytes"], sum(
+            stage[k] for k in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")))
         assert stage["fits"] is True and stage["seconds"] > 0
     teacher = data["stages"][0]
     assert teacher["gradients_bytes"] > 0 and teacher["optimizer_bytes"] == 2 * teacher["gradients_bytes"]
@@ -151,3 +151,68 @@ def test_plan_command_refuses_bad_input_in_one_line(tmp_path):
     spec.write_text(SPEC.replace("model: tiny-llamagen", "model: nobody/not-downloaded"))
     result = runner.invoke(main, ["plan", str(spec)])
     assert result.exit_code == 2 and "student.model: cannot size 'nobody/not-downloaded'" in result.output
+
+
+# -- the memory options plan weighs ----------------------------------------------------------------
+
+
+def test_int8_denoiser_bytes_are_what_torchao_loads():
+    """plan's int8 bill of a denoiser (1 byte a Linear weight + a scale and zero point a row, the rest as
+    loaded) against the bytes of the tiny-flux transformer that `teacher.quantize: int8` really loads."""
+    pytest.importorskip("torchao")
+    from proxytune.backends import diffusion
+
+    teacher = models.describe_teacher("tiny-flux", __import__("pathlib").Path("."))
+    counts = estimate.count(teacher.denoiser)
+    predicted = estimate.frozen_bytes(counts, "float32", "int8")
+    loaded = diffusion.weight_bytes(diffusion.load_pipeline("tiny-flux", quantize="int8").transformer)
+    assert predicted == loaded  # torchao's int8 data, a float32 scale and an int8 zero point per row
+    assert predicted < 0.4 * estimate.frozen_bytes(counts, "float32")  # 0.29 of float32 (docs/memory.md)
+
+
+def test_plan_weighs_quantize_text_encoders_offload_tiling_and_8bit_adam():
+    from pathlib import Path
+
+    from proxytune.plan.gpus import PCIE_GBS
+    from proxytune.spec.student import StudentSettings
+    from proxytune.spec.synthesis import SynthesisSpec
+    from proxytune.spec.teacher import TeacherSpec
+
+    gpu = _gpu(80)
+    teacher = models.describe_teacher("tiny-flux", Path("."))
+    plain = estimate.teacher_training(TeacherSpec(resolution=64), teacher, gpu)
+    int8 = estimate.teacher_training(TeacherSpec(resolution=64, quantize="int8"), teacher, gpu)
+    counts = estimate.count(teacher.denoiser)
+    assert plain.weights - int8.weights == (estimate.frozen_bytes(counts, "float32")
+                                            - estimate.frozen_bytes(counts, "float32", "int8")) > 0
+    # the text encoders are on the GPU while the prompts are encoded, not while training; one that trains stays
+    encoders = sum(estimate.count(p)["frozen"] for n, p in teacher.parts.items() if n not in ("transformer", "vae"))
+    assert plain.setup - (plain.weights - plain.gradients) == 4 * encoders > 0  # LoRA: 4 bytes a weight and a grad
+    assert "text encoders" in " ".join(plain.notes)
+    sd = models.describe_teacher("tiny-sd", Path("."))
+    kept = estimate.teacher_training(TeacherSpec(model="tiny-sd", resolution=64, train_text_encoder=True), sd, gpu)
+    freed = estimate.teacher_training(TeacherSpec(model="tiny-sd", resolution=64), sd, gpu)
+    assert kept.weights - freed.weights == 4 * estimate.count(sd.parts["text_encoder"])["frozen"]
+
+    # CPU offload: the peak is the largest (model + what it computes); each batch copies every model in and out
+    spec = SynthesisSpec(num_images=8, batch_size=2, num_inference_steps=4, dtype="float32")
+    whole = estimate.synthesis(spec, teacher, 64, gpu)
+    offload = estimate.synthesis(spec.model_copy(update={"cpu_offload": True}), teacher, 64, gpu)
+    sizes = [estimate.count(p)["frozen"] * 4 for p in teacher.parts.values()]
+    assert whole.weights == sum(sizes) and offload.weights == max(sizes) and offload.peak < whole.peak
+    assert offload.seconds - whole.seconds == pytest.approx(4 * 2 * sum(sizes) / (PCIE_GBS * 1e9))
+    # VAE tiling: a latent larger than the VAE's tile (tiny-flux: 32 px) decodes in tiles
+    big = SynthesisSpec(num_images=2, batch_size=2, num_inference_steps=1, dtype="float32")
+    untiled = estimate.synthesis(big, teacher, 256, gpu)
+    tiled = estimate.synthesis(big.model_copy(update={"vae_tiling": True}), teacher, 256, gpu)
+    assert tiled.activations < untiled.activations
+
+    # 8-bit AdamW for the student: 2 bytes a trained parameter instead of 8
+    student = models.describe_student("tiny-llamagen", Path("."))
+    adam = estimate.student_training(StudentSettings(model="tiny-llamagen"), student, gpu)
+    eight = estimate.student_training(StudentSettings(model="tiny-llamagen", use_8bit_adam=True), student, gpu)
+    assert adam.optimizer == 4 * eight.optimizer == 4 * 2 * (adam.gradients // 4) > 0
+    # LlamaGen's T5 leaves the GPU after its features are cached: counted at the setup only
+    t5 = estimate.count(student.parts["text_encoder"])["frozen"] * 4
+    assert adam.setup - (adam.weights - adam.gradients) == t5 > 0
+    assert "leaves the GPU" in " ".join(adam.notes)

@@ -111,8 +111,9 @@ def _failing_component(err: BaseException) -> str | None:
 QUANTIZE_CHOICES = ("none", "int8")  # teacher.quantize
 
 
-def quantization_config(quantize: str):
-    """diffusers' quantisation config for the frozen denoiser (`teacher.quantize`), or None for "none".
+def quantization_config(quantize: str, field: str = "teacher.quantize"):
+    """diffusers' quantisation config for the frozen denoiser (`field`: the spec field that asks, in
+    messages), or None for "none".
 
     int8: torchao's int8 weight-only quantisation (`Int8WeightOnlyConfig`) of every nn.Linear, applied
     while the weights load; activations and convolutions stay in the load dtype. peft puts its LoRA
@@ -125,11 +126,11 @@ def quantization_config(quantize: str):
     if quantize == "none":
         return None
     if quantize not in QUANTIZE_CHOICES:
-        raise ProxytuneError(f"teacher.quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        raise ProxytuneError(f"{field}: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     try:
         from torchao.quantization import Int8WeightOnlyConfig  # its import-time noise: proxytune/__init__.py
     except ImportError:
-        raise ProxytuneError("teacher.quantize: int8 needs torchao, which is not installed "
+        raise ProxytuneError(f"{field}: int8 needs torchao, which is not installed "
                              "(pip install 'proxytune[quantize]')") from None
     from diffusers import TorchAoConfig
 
@@ -181,7 +182,8 @@ def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype,
     return models
 
 
-def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32, quantize: str = "none"):
+def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32, quantize: str = "none",
+                  quantize_field: str = "teacher.quantize"):
     """The base text-to-image pipeline in `dtype`, every model frozen; `quantize` (see `quantization_config`)
     quantises the denoiser's weights while they load (the teacher's QLoRA-style training; synthesis loads
     the unquantised base and fuses the LoRA into it).
@@ -196,7 +198,7 @@ def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype =
 
     path = resolve(ref)
     family = detect_family(path, revision)
-    config = quantization_config(quantize)
+    config = quantization_config(quantize, quantize_field)
     models = _load_models(ref, path, revision, dtype, {family.denoiser: config} if config else None)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
@@ -212,14 +214,18 @@ def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype =
 
 
 def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = None, scale: float = 1.0,
-                            fuse: bool = True, dtype: torch.dtype = torch.float32):
+                            fuse: bool = True, dtype: torch.dtype = torch.float32, quantize: str = "none"):
     """Base pipeline in `dtype` + a saved teacher LoRA, fused for generation (no LoRA overhead per step).
+
+    `quantize` (`synthesis.quantize`, see `quantization_config`) loads the base denoiser quantised; its LoRA
+    then stays unfused beside the int8 weights (peft's torchao LoRA layer), as the teacher trained it.
 
     Raises:
         ProxytuneError: the base pipeline does not load (see `load_pipeline`), or the adapter file does not
             load into it.
     """
-    pipe = load_pipeline(ref, revision=revision, dtype=dtype)
+    pipe = load_pipeline(ref, revision=revision, dtype=dtype, quantize=quantize, quantize_field="synthesis.quantize")
+    fuse = fuse and quantize == "none"
     try:
         pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHT_NAME, adapter_name="subject")
     except Exception as err:
@@ -385,10 +391,49 @@ def save_lora(pipe, folder: Path, metadata: dict | None = None, *, text_encoder:
     return folder / LORA_WEIGHT_NAME
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int):
-    """One batched pipeline call; image i draws from its own generator seeded with seeds[i]."""
+def generation_text(pipe, prompt: str, *, guidance: float) -> dict[str, torch.Tensor]:
+    """The text arguments of a pipeline call for `prompt` (with classifier-free guidance also the negative
+    prompt's, as the pipeline would make them), encoded now so that `generate(..., text=...)` can run after
+    `free_text_encoders`."""
+    family, device = family_of(pipe), pipe._execution_device
+    if family.name == "flux":  # guidance is an input of the transformer, not a second batch
+        embeds, pooled, _ = pipe.encode_prompt(prompt=[prompt], prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length(pipe))
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    denoiser_config = getattr(pipe, family.denoiser).config
+    guided = guidance > 1 and getattr(denoiser_config, "time_cond_proj_dim", None) is None  # as the pipelines decide
+    if family.name == "sd":
+        embeds, negative = pipe.encode_prompt([prompt], device, 1, guided)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+    extra = {"max_sequence_length": max_sequence_length(pipe), "prompt_3": None} if family.name == "sd3" else {}
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=[prompt], prompt_2=None, device=device, do_classifier_free_guidance=guided, **extra)
+    return {"prompt_embeds": embeds, "negative_prompt_embeds": negative, "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": negative_pooled}
+
+
+def free_text_encoders(pipe) -> None:
+    """Drop the pipeline's text encoders (a FLUX teacher's T5-XXL is 9.5 GB in bf16) once every prompt it
+    needs is encoded; the pipeline then generates only from `generation_text`'s tensors."""
+    for name in family_of(pipe).text_encoders:
+        setattr(pipe, name, None)  # diffusers' pipelines take None for a text encoder given embeddings
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float, size: int,
+             text: dict[str, torch.Tensor] | None = None):
+    """One batched pipeline call; image i draws from its own generator seeded with seeds[i].
+
+    `text`: `generation_text` of the one prompt every image shares, used instead of encoding `prompts`.
+    """
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     extra = {"max_sequence_length": max_sequence_length(pipe)} if family_of(pipe).flow_matching else {}
+    if text is not None:
+        if len(set(prompts)) != 1:
+            raise ValueError("generate: cached text is one prompt's; these are several")
+        extra.update({k: v.expand(len(seeds), *v.shape[1:]) for k, v in text.items() if v is not None})
+        prompts = None
     out = pipe(
         prompts,
         num_inference_steps=steps,

@@ -38,11 +38,13 @@ from pathlib import Path
 import torch
 
 from proxytune.plan import models, steps
-from proxytune.plan.gpus import EFFICIENCY, RESERVED_GIB, Gpu
+from proxytune.plan.gpus import EFFICIENCY, PCIE_GBS, RESERVED_GIB, Gpu
 from proxytune.plan.trace import trace_step
 
 GIB = 2**30
-TRACE_VERSION = 3  # 2: FLOPs counted in LiveBytes (checkpointed steps were too big); 3: Lumina-mGPT's chunked loss
+# 2: FLOPs counted in LiveBytes (checkpointed steps were too big); 3: Lumina-mGPT's chunked loss;
+# 4: counts of frozen Linear weights (teacher.quantize)
+TRACE_VERSION = 4
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -61,10 +63,11 @@ class StageEstimate:
     notes: list[str] = field(default_factory=list)
     fits: bool | None = None
     suggestion: str | None = None
+    setup: int = 0  # bytes on the GPU before the step starts, where more is loaded then (text encoders)
 
     @property
     def peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return max(self.setup, self.weights + self.gradients + self.optimizer + self.activations)
 
     def check(self, gpu: Gpu) -> bool:
         self.fits = self.peak <= (gpu.memory_gib - RESERVED_GIB) * GIB
@@ -158,6 +161,17 @@ def _time(flops: float, gpu: Gpu, half: bool) -> float:
     return flops / (gpu.tflops(half) * 1e12 * EFFICIENCY)
 
 
+def frozen_bytes(counts: dict[str, int], dtype: str, quantize: str = "none") -> int:
+    """Bytes of a component's frozen weights in `dtype`; with `quantize: int8` (torchao's int8 weight-only,
+    as `teacher.quantize` loads the denoiser) each frozen nn.Linear weight is 1 byte a value plus, per row,
+    a scale in `dtype` and an int8 zero point (torchao's Int8Tensor: qdata, scale, zero_point), and
+    everything else (convolutions, norms, biases, embeddings) stays in `dtype`."""
+    if quantize != "int8":
+        return counts["frozen"] * _BYTES[dtype]
+    rows = counts["linear_rows"] * (_BYTES[dtype] + 1)
+    return counts["linear"] + rows + (counts["frozen"] - counts["linear"]) * _BYTES[dtype]
+
+
 # -- stages ---------------------------------------------------------------------------------------
 def _latent(teacher: models.TeacherModel, resolution: int) -> int:
     vae = teacher.parts.get("vae")
@@ -177,8 +191,12 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
                             lora_rank=spec.lora.rank, lora_targets=tuple(spec.lora.target_modules))
     denoiser = teacher.denoiser
     counts = count(denoiser, options)
+    quantize = getattr(spec, "quantize", "none")
+    denoiser_bytes = frozen_bytes(counts, weights, quantize)
     frozen = sum(count(part)["frozen"] for name, part in teacher.parts.items() if part is not denoiser and name != "vae")
     vae = count(teacher.parts["vae"])["frozen"] if "vae" in teacher.parts else 0
+    # the text encoders leave the GPU once the prompts are encoded, unless one of them trains
+    kept = frozen if spec.train_text_encoder else 0
     shape = _shape(teacher, spec.resolution)
     trace = scaled_trace(denoiser, {"step": "teacher", "shape": shape.__dict__, **options.key()},
                          lambda part: steps.denoiser_step(part, shape, options, train=True))
@@ -187,14 +205,21 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
     est = StageEstimate(
         "teacher", f"{teacher.family} {'UNet' if denoiser.kind == 'unet' else 'transformer'} LoRA r{spec.lora.rank}, {spec.resolution} px, batch {batch}"
         f"{', bf16' if half else ', fp32'}{', checkpointing' if spec.gradient_checkpointing else ''}"
-        f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}",
-        weights=(counts["frozen"] + frozen) * _BYTES[weights] + vae * 4 + trainable * 4,
+        f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}{', int8 denoiser' if quantize == 'int8' else ''}",
+        weights=denoiser_bytes + kept * _BYTES[weights] + vae * 4 + trainable * 4,
         gradients=trainable * 4, optimizer=trainable * (2 if spec.use_8bit_adam else 8),
-        activations=batch * max(0, trace["peak"] - trace["end"]))
+        activations=batch * max(0, trace["peak"] - trace["end"]),
+        setup=denoiser_bytes + frozen * _BYTES[weights] + vae * 4)
     est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
     est.seconds = _time(est.flops, gpu, half)
-    est.notes.append(f"{params(counts['frozen'] + frozen + vae)} frozen parameters on the GPU "
+    est.notes.append(f"{params(counts['frozen'] + kept + vae)} frozen parameters on the GPU while training "
                      f"(denoiser {params(counts['frozen'])}), {params(trainable)} trained")
+    if quantize == "int8":
+        est.notes.append(f"int8 denoiser: its {params(counts['linear'])} Linear weights at 1 byte "
+                         f"({denoiser_bytes / GIB:.1f} GiB, against {counts['frozen'] * _BYTES[weights] / GIB:.1f})")
+    if frozen and not spec.train_text_encoder:
+        est.notes.append(f"text encoders ({params(frozen)}, {frozen * _BYTES[weights] / GIB:.1f} GiB) on the GPU only "
+                         f"while the prompts are encoded: {est.setup / GIB:.1f} GiB then")
     if spec.train_text_encoder:
         est.notes.append("the text encoder's LoRA is not counted")
     return est
@@ -207,35 +232,72 @@ def generation_dtype(spec) -> str:
     return "bfloat16" if choice == "auto" else choice
 
 
+def vae_tile(vae: models.Component, latent: int) -> int:
+    """Latent pixels a side the VAE decodes at once with `synthesis.vae_tiling`: diffusers' tile is the
+    config's `sample_size` pixels, and only a larger latent is cut into tiles."""
+    factor = 2 ** (len(vae.config.get("block_out_channels", [0] * 4)) - 1)
+    size = vae.config.get("sample_size", 512)
+    return min(latent, (size[0] if isinstance(size, list) else size) // factor)
+
+
 def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, images: int | None = None,
               stage: str = "synthesis", steps_per_image: int | None = None, guidance: bool = True) -> StageEstimate:
-    """Generating proxies (`spec` a SynthesisSpec) with the whole pipeline in its generation dtype."""
+    """Generating proxies (`spec` a SynthesisSpec) in its generation dtype.
+
+    `quantize: int8` weighs the denoiser as `frozen_bytes` does (its unfused LoRA, a few MB, is not counted).
+    Without `cpu_offload` every model of the pipeline stays on the GPU; with it (diffusers' model CPU
+    offload) only the running one is, so the peak is the largest of (a model + its activations), and every
+    batch copies each model to the GPU and back at `gpus.PCIE_GBS`. `vae_tiling` decodes tiles of
+    `vae_tile` latent pixels (the output image is still whole)."""
     dtype = generation_dtype(spec)
+    offload, tiling = getattr(spec, "cpu_offload", False), getattr(spec, "vae_tiling", False)
     options = steps.Options(weights=dtype)
     shape = _shape(teacher, resolution)
     denoiser = teacher.denoiser
     forward = scaled_trace(denoiser, {"step": "sample", "shape": shape.__dict__, **options.key()},
                            lambda part: steps.denoiser_step(part, shape, options, train=False))
-    decode = {"peak": 0, "flops": 0}
+    decode, decoded = {"peak": 0, "flops": 0}, 0
     if "vae" in teacher.parts:
-        decode = scaled_trace(teacher.parts["vae"], {"step": "decode", "latent": shape.latent, "dtype": dtype},
-                              lambda part: steps.vae_decode_step(part, shape.latent, dtype))
-    frozen = sum(count(part)["frozen"] for part in teacher.parts.values())
+        vae = teacher.parts["vae"]
+        latent = vae_tile(vae, shape.latent) if tiling else shape.latent
+        decode = scaled_trace(vae, {"step": "decode", "latent": latent, "dtype": dtype},
+                              lambda part: steps.vae_decode_step(part, latent, dtype))
+        if latent < shape.latent:  # the tiles' FLOPs cover the image (overlaps aside); the image is kept whole
+            decode = {"peak": decode["peak"], "flops": decode["flops"] * (shape.latent / latent) ** 2}
+            decoded = 3 * resolution**2 * _BYTES[dtype]
+    quantize = getattr(spec, "quantize", "none")  # the denoiser's base weights
+    sizes = {name: frozen_bytes(count(part), dtype, quantize if part is denoiser else "none")
+             for name, part in teacher.parts.items()}
     cfg = 2 if guidance and teacher.family != "flux" else 1  # FLUX.1-dev's guidance is an input, not a batch
     batch = spec.batch_size
     images = images if images is not None else spec.num_images
     denoise_steps = steps_per_image or spec.num_inference_steps
-    est = StageEstimate(stage, f"{teacher.family} sampling, {resolution} px, batch {batch}"
-                        f"{' x2 (CFG)' if cfg == 2 else ''}, {denoise_steps} steps, {images} images, {dtype}",
-                        weights=frozen * _BYTES[dtype],
-                        activations=max(batch * cfg * forward["peak"], batch * decode["peak"]))
+    denoising, decoding = batch * cfg * forward["peak"], batch * (decode["peak"] + decoded)
+    what = (f"{teacher.family} sampling, {resolution} px, batch {batch}{' x2 (CFG)' if cfg == 2 else ''}, "
+            f"{denoise_steps} steps, {images} images, {dtype}{', int8 denoiser' if quantize == 'int8' else ''}"
+            f"{', CPU offload' if offload else ''}"
+            f"{', VAE tiling' if tiling else ''}")
+    if offload:  # one model at a time: the peak is the largest model with what it computes
+        name_of_denoiser = "unet" if "unet" in teacher.parts else "transformer"
+        running = {name: (size, denoising if name == name_of_denoiser else decoding if name == "vae" else 0)
+                   for name, size in sizes.items()}
+        name, (weights, activations) = max(running.items(), key=lambda item: sum(item[1]))
+        est = StageEstimate(stage, what, weights=weights, activations=activations)
+        est.notes.append(f"CPU offload: one model on the GPU at a time, the peak while the {name} runs; "
+                         f"{sum(sizes.values()) / GIB:.1f} GiB of models copied in and out per batch")
+    else:
+        est = StageEstimate(stage, what, weights=sum(sizes.values()), activations=max(denoising, decoding))
     est.flops = images * (denoise_steps * cfg * forward["flops"] + decode["flops"])
     est.seconds = _time(est.flops, gpu, dtype != "float32")
+    if offload:
+        est.seconds += -(-images // batch) * 2 * sum(sizes.values()) / (PCIE_GBS * 1e9)
     return est
 
 
-def _student_parts(student: models.StudentModel) -> int:
-    return sum(count(part)["frozen"] for name, part in student.parts.items() if name != "model")
+def _student_parts(student: models.StudentModel, text: bool = True) -> int:
+    """Parameters of the student's separate parts (VQ, and the text encoder unless `text` is False)."""
+    return sum(count(part)["frozen"] for name, part in student.parts.items()
+               if name != "model" and (text or name != "text_encoder"))
 
 
 def _lora_targets(student: models.StudentModel, groups: list[str]) -> tuple[str, ...] | str:
@@ -270,14 +332,22 @@ def student_training(spec, student: models.StudentModel, gpu: Gpu) -> StageEstim
         "student", f"{student.backend} {'full fine-tune' if full else f'LoRA r{spec.lora.rank}'}, {seq} tokens, "
         f"batch {batch}, {dtype} weights{', bf16 autocast' if half else ''}"
         f"{', checkpointing' if spec.gradient_checkpointing else ''}",
-        weights=counts["frozen"] * _BYTES[dtype] + trainable * per_trained + _student_parts(student) * 4,
-        gradients=trainable * per_trained, optimizer=trainable * 2 * per_trained,
-        activations=batch * max(0, trace["peak"] - trace["end"]))
+        weights=counts["frozen"] * _BYTES[dtype] + trainable * per_trained + _student_parts(student, text=False) * 4,
+        gradients=trainable * per_trained,
+        optimizer=trainable * (2 if getattr(spec, "use_8bit_adam", False) else 2 * per_trained),
+        activations=batch * max(0, trace["peak"] - trace["end"]),
+        setup=counts["frozen"] * _BYTES[dtype] + _student_parts(student) * 4)
     est.flops = trace["flops"] * batch * spec.steps * spec.gradient_accumulation_steps
     est.seconds = _time(est.flops, gpu, half or dtype != "float32")
+    if getattr(spec, "use_8bit_adam", False):
+        est.what += ", 8-bit AdamW"
     est.notes.append(f"{params(counts['frozen'] + trainable)} parameters in the model, {params(trainable)} trained"
-                     + (f"; {params(_student_parts(student))} in its text encoder and VQ (float32, on the GPU)"
-                        if len(student.parts) > 1 else ""))
+                     + (f"; {params(_student_parts(student, text=False))} in its VQ (float32, on the GPU)"
+                        if "vq" in student.parts else ""))
+    if "text_encoder" in student.parts:
+        text = count(student.parts["text_encoder"])["frozen"]
+        est.notes.append(f"its text encoder ({params(text)}, float32) leaves the GPU once the prompts are encoded: "
+                         f"{est.setup / GIB:.1f} GiB until then")
     return est
 
 

@@ -15,6 +15,9 @@ from proxytune.errors import ProxytuneError
 EFFICIENCY = 0.4
 # Kept free on every card: the CUDA context, cuBLAS/cuDNN workspaces and allocator fragmentation.
 RESERVED_GIB = 1.5
+# Host <-> GPU copy rate (GB/s) for `synthesis.cpu_offload`: PCIe 4.0 x16's 32 GB/s less protocol overhead,
+# with pinned pages; pageable memory (what a plain `.to(device)` copies from) often reaches half of it.
+PCIE_GBS = 25.0
 
 
 @dataclass(frozen=True)

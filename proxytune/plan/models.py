@@ -130,10 +130,18 @@ def with_knobs(component: Component, values: dict[tuple, int]) -> Component:
 
 
 def count_parameters(module) -> dict[str, int]:
-    """{"frozen": n, "trainable": n} for a (meta) module."""
-    counts = {"frozen": 0, "trainable": 0}
+    """{"frozen": n, "trainable": n, "linear": n, "linear_rows": n} for a (meta) module: "linear" is the
+    frozen nn.Linear weights among the frozen (what `teacher.quantize: int8` stores as int8), "linear_rows"
+    their output rows (one scale each)."""
+    import torch
+
+    counts = {"frozen": 0, "trainable": 0, "linear": 0, "linear_rows": 0}
     for param in module.parameters():
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
+            counts["linear"] += layer.weight.numel()
+            counts["linear_rows"] += layer.weight.shape[0]
     return counts
 
 

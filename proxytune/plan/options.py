@@ -1,7 +1,8 @@
 """Which of the spec's existing options would bring a stage under the GPU's memory.
 
-Fewest changes first; among those, the fastest plan (at equal time, one that keeps the batch). Batch sizes are halved down to 1 (the
-report says to raise gradient_accumulation_steps so the optimiser sees the same batch).
+Fewest changes first; among those, one that keeps the model's numerics (no quantised base) if any fits,
+then the fastest plan, then one that keeps the batch. Batch sizes are halved down to 1 (the report says to
+raise gradient_accumulation_steps so the optimiser sees the same batch).
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ from proxytune.plan import estimate
 from proxytune.plan.gpus import Gpu
 
 # spec fields that save memory and the value that does, per training stage
-TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
-STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True}
+TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
+                    "quantize": "int8"}
+STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
+SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True, "quantize": "int8"}
+# changes that alter what the model computes, not only how: proposed only when nothing else as small fits
+NUMERICS = {("teacher", "quantize"), ("synthesis", "quantize")}
 
 
 @dataclass(frozen=True)
 class Suggestion:
-    """The fewest changes to one spec section that make a stage fit, and the stage's estimate with them."""
+    """A setting under which a stage fits: what to change, said for people, and its estimate."""
 
-    section: str  # the spec key: "teacher", "student" or "synthesis"
-    changes: dict  # field of that section -> its new value (batch_size included)
-    text: str  # for people: "teacher.mixed_precision: bf16"
-    estimate: estimate.StageEstimate
+    section: str  # the spec section the changes belong to ("teacher", "student", "synthesis")
+    changes: dict  # spec field within `section` -> its new value (batch_size included)
+    text: str  # the changes as the report prints them
+    estimate: estimate.StageEstimate  # the stage under those changes
 
 
 def _batches(batch: int) -> list[int]:
@@ -53,7 +58,7 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
         estimator: spec -> StageEstimate.
         switches: field -> the value that saves memory.
     """
-    free = {key: value for key, value in switches.items() if getattr(spec, key) != value}
+    free = {key: value for key, value in switches.items() if hasattr(spec, key) and getattr(spec, key) != value}
     candidates = []
     for size in range(len(free) + 1):
         for keys in itertools.combinations(free, size):
@@ -69,8 +74,9 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
         for changes in group:
             candidate = estimator(spec.model_copy(update=changes))
             if candidate.check(gpu):
-                found.append((candidate.seconds, "batch_size" in changes, len(found),
+                numerics = any((section, key) in NUMERICS for key in changes)
+                found.append((numerics, candidate.seconds, "batch_size" in changes,
                               Suggestion(section, changes, _describe(section, changes, spec.batch_size), candidate)))
         if found:  # the fastest; at equal time, a smaller batch last (it uses the GPU less well than the model says)
-            return min(found, key=lambda item: item[:3])[-1]
+            return min(found, key=lambda item: item[:3])[3]
     return None

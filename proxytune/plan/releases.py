@@ -17,7 +17,8 @@ _T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num
            "feed_forward_proj": "gated-gelu"}
 _VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-_VAE16 = {**_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+# sample_size: the releases' VAE tile (`synthesis.vae_tiling`); SD1.5's is 512 px
+_VAE16 = {**_VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False, "sample_size": 1024}
 
 # family, {component: (kind, config)}; the denoiser is "unet" or "transformer"
 TEACHERS = {
@@ -25,7 +26,7 @@ TEACHERS = {
         "unet": ("unet", {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
                           "attention_head_dim": 8, "layers_per_block": 2}),
         "text_encoder": ("clip", _CLIP_L),
-        "vae": ("vae", _VAE),
+        "vae": ("vae", {**_VAE, "sample_size": 512}),
     }),
     "stable-diffusion-xl-base-1.0": ("sdxl", {
         "unet": ("unet", {
@@ -37,7 +38,7 @@ TEACHERS = {
             "projection_class_embeddings_input_dim": 2816, "layers_per_block": 2}),
         "text_encoder": ("clip", _CLIP_L),
         "text_encoder_2": ("clip-projection", _CLIP_BIGG),
-        "vae": ("vae", _VAE),
+        "vae": ("vae", {**_VAE, "sample_size": 1024}),
     }),
     "stable-diffusion-3-medium-diffusers": ("sd3", {
         "transformer": ("sd3", {"attention_head_dim": 64, "caption_projection_dim": 1536, "in_channels": 16,

@@ -31,6 +31,8 @@ def lines(plan: Plan) -> list[str]:
         if not s.fits and s.suggestion:
             out.append(f"    to fit: {s.suggestion}")
     out.extend(plan.notes)
+    if any(s.setup > s.weights + s.gradients + s.optimizer + s.activations for s in plan.stages):
+        out.append("(a peak above its columns' sum is the stage's start, before its text encoders leave the GPU)")
     out.append(f"(GiB; time at {EFFICIENCY:.0%} of the GPU's peak FLOPs, bf16 where the stage computes in it; "
                f"{RESERVED_GIB} GiB kept for the CUDA context and fragmentation)")
     return out
@@ -43,7 +45,8 @@ def as_json(plan: Plan) -> dict:
         "usable_gib": plan.gpu.memory_gib - RESERVED_GIB, "efficiency": EFFICIENCY, "subjects": plan.subjects,
         "fits": all(s.fits for s in plan.stages),
         "stages": [{"stage": s.stage, "setting": s.what, "weights_bytes": s.weights, "gradients_bytes": s.gradients,
-                    "optimizer_bytes": s.optimizer, "activations_bytes": s.activations, "peak_bytes": s.peak,
+                    "optimizer_bytes": s.optimizer, "activations_bytes": s.activations, "setup_bytes": s.setup,
+                    "peak_bytes": s.peak,
                     "peak_gib": round(s.peak / GIB, 3), "flops": s.flops, "seconds": s.seconds, "fits": s.fits,
                     "to_fit": s.suggestion, "notes": s.notes} for s in plan.stages],
         "notes": plan.notes,

@@ -47,7 +47,7 @@ def plan_spec(spec, source: str, root: Path, gpu: Gpu, gpus: int = 1) -> Plan:
     images = proxies if proxy else spec.student.augment_copies
     plan.stages.append(estimate.codes(student, images, gpu))
     plan.stages.append(estimate.student_training(spec.student, student, gpu))
-    eval_images = _prompts(spec.evaluation) * spec.evaluation.images_per_prompt
+    eval_images = _eval_images(spec)
     if proxy:
         plan.stages.append(estimate.synthesis(spec.synthesis, teacher, res, gpu, images=eval_images,
                                               stage="evaluate (teacher)"))
@@ -73,23 +73,39 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             continue
         found = None
         if stage.stage == "teacher":
+            switches = dict(options.TEACHER_SWITCHES)
+            if spec.teacher.processes > 1:  # a quantised base trains in one process (spec.teacher's check)
+                switches.pop("quantize")
             found = options.suggest("teacher", spec.teacher, lambda s: estimate.teacher_training(s, teacher, gpu),
-                                    options.TEACHER_SWITCHES, gpu)
+                                    switches, gpu)
         elif stage.stage == "student":
             found = options.suggest("student", spec.student, lambda s: estimate.student_training(s, student, gpu),
                                     options.STUDENT_SWITCHES, gpu)
         elif stage.stage in ("synthesis", "evaluate (teacher)"):
-            # synthesis.dtype where the spec has it (not on every branch yet) and it is float32
-            switches = {"dtype": "bfloat16"} if estimate.generation_dtype(spec.synthesis) == "float32" and hasattr(
-                spec.synthesis, "dtype") else {}
+            switches = dict(options.SYNTHESIS_SWITCHES)
+            if estimate.generation_dtype(spec.synthesis) != "float32":  # "auto" is bf16 on a GPU already
+                switches.pop("dtype")
+            images = None if stage.stage == "synthesis" else _eval_images(spec)
             found = options.suggest("synthesis", spec.synthesis, lambda s: estimate.synthesis(
-                s, teacher, spec.teacher.resolution, gpu), switches, gpu)
+                s, teacher, spec.teacher.resolution, gpu, images=images, stage=stage.stage), switches, gpu)
         if found is not None:
             plan.suggestions[stage.stage] = found
             stage.suggestion = f"{found.text} -> {found.estimate.peak / estimate.GIB:.1f} GiB"
         elif stage.stage in ("teacher", "synthesis", "evaluate (teacher)", "student"):
-            stage.suggestion = (f"none of the options plan weighs fits (the weights alone: "
-                                f"{stage.weights / estimate.GIB:.1f} GiB); plan does not yet model teacher.quantize, "
-                                "synthesis.cpu_offload or sharding (docs/memory.md)")
+            stage.suggestion = (f"none of the spec's options fits (the weights alone: "
+                                f"{stage.weights / estimate.GIB:.1f} GiB); {_beyond(stage.stage)}")
         else:
             stage.suggestion = "the spec has no option that changes this stage's memory"
+
+
+def _eval_images(spec) -> int:
+    return _prompts(spec.evaluation) * spec.evaluation.images_per_prompt
+
+
+def _beyond(stage: str) -> str:
+    """What proxytune does not offer yet that would (docs/memory.md)."""
+    if stage == "teacher":
+        return "a 4-bit (NF4) base or sharding (FSDP) would be needed; proxytune has neither yet"
+    if stage == "student":
+        return "sharding (FSDP) would be needed; proxytune has none yet"
+    return "a 4-bit (NF4) or FP8 denoiser, or group offloading, would be needed; proxytune has none yet"

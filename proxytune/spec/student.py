@@ -113,6 +113,12 @@ class StudentSettings(Strict):
     regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32); fp16 scales the loss (GradScaler, saved in checkpoints).")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    use_8bit_adam: bool = Field(
+        default=False,
+        description="8-bit AdamW (torchao's AdamW8bit: both moments in blocks of 256 int8 values with a scale each, "
+        "about 2 bytes a trained parameter instead of 8; tensors under 4096 values keep float32 moments). CPU and "
+        "CUDA; needs `pip install 'proxytune[quantize]'`; its update step is compiled with torch.compile on first use.",
+    )
     processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
 
     @model_validator(mode="after")

@@ -93,7 +93,8 @@ class TeacherSpec(Strict):
         description="Quantise the frozen denoiser's weights while training its LoRA (QLoRA style). int8: torchao's "
         "int8 weight-only quantisation of every Linear layer (about 1/4 of their float32 bytes, 1/2 of bf16; "
         "convolutions stay as loaded), CPU and CUDA; needs `pip install 'proxytune[quantize]'`. The LoRA stays "
-        "float32 and is saved as usual: synthesis loads the unquantised base (in synthesis.dtype) and fuses it. "
+        "float32 and is saved as usual: synthesis loads the unquantised base (in synthesis.dtype) and fuses it, "
+        "unless synthesis.quantize asks for the int8 base there too. "
         "Prior-preservation class images and validation samples come from the quantised base. One process only.",
     )
     use_8bit_adam: bool = Field(default=False, description="bitsandbytes AdamW8bit (needs `pip install bitsandbytes`, CUDA).")

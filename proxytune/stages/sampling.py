@@ -96,7 +96,9 @@ class TeacherSampler:
         self.cache = SampleCache(TEACHER_SAMPLES, (digest_dir(self.adapter) if tuned else base, t.model, t.revision,
                                                    t.resolution, s.lora_scale if tuned else None,
                                                    s.num_inference_steps, s.guidance_scale,
-                                                   str(generation_dtype(s.dtype))))
+                                                   str(generation_dtype(s.dtype)),
+                                                   # an int8 base samples other images; the default keeps old keys
+                                                   *([s.quantize] if s.quantize != "none" else [])))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
         self.random_init = tiny_cache.is_random_init(self.path)
@@ -107,11 +109,13 @@ class TeacherSampler:
             params = self.params
             dtype = generation_dtype(params.synthesis.dtype)
             if self.adapter is None:
-                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision, dtype=dtype)
+                self._pipe = diffusion.load_pipeline(params.teacher.model, revision=params.teacher.revision, dtype=dtype,
+                                                     quantize=params.synthesis.quantize,
+                                                     quantize_field="synthesis.quantize")
             else:
                 self._pipe = diffusion.load_pipeline_with_lora(
                     params.teacher.model, self.adapter, revision=params.teacher.revision, scale=params.synthesis.lora_scale,
-                    dtype=dtype,
+                    dtype=dtype, quantize=params.synthesis.quantize,
                 )
             note = diffusion.place_for_generation(self._pipe, device(), cpu_offload=params.synthesis.cpu_offload,
                                                   vae_tiling=params.synthesis.vae_tiling)

@@ -36,7 +36,8 @@ from proxytune.stages.codes_file import load_codes
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
 from proxytune.stages.student_setup import (augmented_references, enable_gradient_checkpointing, joint_record,
-                                            position_weights, training_dropout)
+                                            optimizer, position_weights, text_encoder_to_host,
+                                            training_dropout)
 
 SERIES = ("loss", "ce", "distill", "z_loss", "grad_norm")
 FULL_WEIGHTS = "full/model.safetensors"
@@ -81,6 +82,7 @@ class StudentTrainer:
             self.params.seed, spec.model_dump(exclude={"processes"}), self._data_key()
         )
         self._cache_inputs()
+        text_encoder_to_host(self.bundle, self.device)  # its features are cached; sample grids encode on the CPU
         torch.manual_seed(seed)  # LoRA init draws from the global RNG: the same in every process
         model = self.bundle.model
         if self.full_finetune:
@@ -105,8 +107,7 @@ class StudentTrainer:
         # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
         # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
         self.model, self.optimizer = training.prepare_training(
-            self.accelerator, {"student": model}, training.adamw(
-                self.trainable, lr=spec.learning_rate, betas=tuple(spec.betas), weight_decay=spec.weight_decay),
+            self.accelerator, {"student": model}, optimizer(self.trainable, spec),
             weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's

@@ -69,6 +69,41 @@ def training_dropout(bundle, given: float | None) -> float:
     return 0.0
 
 
+def optimizer(trainable: list, spec) -> torch.optim.Optimizer:
+    """AdamW over the trained parameters (`spec` the StudentSpec): torchao's 8-bit one with
+    `use_8bit_adam`, else torch's (fused, `training.adamw`).
+
+    Raises:
+        ProxytuneError: `use_8bit_adam` without torchao installed.
+    """
+    settings = {"betas": tuple(spec.betas), "weight_decay": spec.weight_decay}
+    if spec.use_8bit_adam:
+        try:
+            from torchao.optim import AdamW8bit  # its import-time noise: proxytune/__init__.py
+        except ImportError:
+            from proxytune.errors import ProxytuneError
+
+            raise ProxytuneError("student.use_8bit_adam: needs torchao, which is not installed "
+                                 "(pip install 'proxytune[quantize]')") from None
+        return AdamW8bit(trainable, lr=spec.learning_rate, **settings)
+    from proxytune.stages import training
+
+    return training.adamw(trainable, lr=spec.learning_rate, **settings)
+
+
+def text_encoder_to_host(bundle, device: torch.device) -> bool:
+    """Move a student's separate text encoder (LlamaGen's FLAN-T5-XL, 4.6 GB in float32) to host memory
+    once the stage has cached its prompt features: training reads only the cache, and the sample grid's
+    few prompts are encoded on the CPU (the backend moves the features to the model). True if moved."""
+    encoder = getattr(bundle, "text_encoder", None)
+    if encoder is None or device.type == "cpu":
+        return False
+    encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return True
+
+
 def enable_gradient_checkpointing(model) -> None:
     base = unwrapped(model)
     if not getattr(base, "supports_gradient_checkpointing", False):

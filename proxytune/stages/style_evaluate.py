@@ -86,7 +86,7 @@ def teacher_images(params: StageParams, prompts: list[str]) -> list[list]:
     s = params.synthesis
     pipe = diffusion.load_pipeline_with_lora(params.teacher.model, params.out("teacher") / "adapter",
                                              revision=params.teacher.revision, scale=s.lora_scale,
-                                             dtype=generation_dtype(s.dtype))
+                                             dtype=generation_dtype(s.dtype), quantize=s.quantize)
     note = diffusion.place_for_generation(pipe, device(), cpu_offload=s.cpu_offload, vae_tiling=s.vae_tiling)
     if note:
         tqdm.write(note)

@@ -88,7 +88,7 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
     seed_everything(params.seed)
     pipe = diffusion.load_pipeline_with_lora(
         params.teacher.model, teacher_dir / "adapter", revision=params.teacher.revision, scale=synthesis.lora_scale,
-        dtype=generation_dtype(synthesis.dtype),
+        dtype=generation_dtype(synthesis.dtype), quantize=synthesis.quantize,
     )
     note = diffusion.place_for_generation(pipe, device(), cpu_offload=synthesis.cpu_offload,
                                           vae_tiling=synthesis.vae_tiling)
