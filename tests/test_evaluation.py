@@ -198,3 +198,33 @@ def test_teacher_samples_are_cached_by_adapter_and_settings(project, monkeypatch
     diffusion.save_lora(pipe, params.out("teacher") / "adapter")
     other = evaluate.TeacherSampler(params)(prompts, seeds)
     assert len(loads) == 2 and not np.array_equal(np.asarray(other[0]), np.asarray(first[0]))
+
+
+def test_student_samples_evaluation_student_batch_size_images_at_a_time(tmp_path):
+    """`evaluation.student_batch_size` splits a prompt's images into batches, each its own cache entry, and
+    the images come back in seed order; a re-run reads them all from the cache."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from proxytune.stages.sampling import SampleCache, StudentSampler
+
+    calls = []
+
+    class Bundle:
+        def generate(self, prompts, seeds, **_):
+            calls.append(list(seeds))
+            return seeds
+
+        def decode_codes(self, seeds):
+            return [Image.new("RGB", (4, 4), (s % 256, 0, 0)) for s in seeds]
+
+    sampler = object.__new__(StudentSampler)
+    sampler.params = SimpleNamespace(evaluation=SimpleNamespace(student_batch_size=2))
+    sampler.sampling, sampler._bundle = {}, Bundle()
+    sampler.cache = SampleCache(tmp_path, ("setting",))
+    images = sampler(["p"] * 5, [10, 11, 12, 13, 14])
+    assert calls == [[10, 11], [12, 13], [14]]
+    assert [im.getpixel((0, 0))[0] for im in images] == [10, 11, 12, 13, 14]
+    assert [im.getpixel((0, 0))[0] for im in sampler(["p"] * 5, [10, 11, 12, 13, 14])] == [10, 11, 12, 13, 14]
+    assert len(calls) == 3  # the second call generated nothing

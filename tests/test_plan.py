@@ -4,6 +4,7 @@ option search and the command."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from proxytune.cli import main
 from proxytune.plan import estimate, measure, models, options, steps
 from proxytune.plan.gpus import Gpu
+from proxytune.plan.stages import plan_spec
 from proxytune.plan.trace import trace_step
 
 
@@ -216,3 +218,17 @@ def test_plan_weighs_quantize_text_encoders_offload_tiling_and_8bit_adam():
     t5 = estimate.count(student.parts["text_encoder"])["frozen"] * 4
     assert adam.setup - (adam.weights - adam.gradients) == t5 > 0
     assert "leaves the GPU" in " ".join(adam.notes)
+
+
+def test_student_evaluation_batch_is_planned_and_proposed():
+    """A 7B student's evaluation over the card is brought under by `evaluation.student_batch_size`."""
+    from proxytune.spec import load_spec
+
+    path = Path(__file__).resolve().parents[1] / "specs" / "profiles" / "sdxl-lumina-24gb.yaml"
+    spec = load_spec(path)
+    whole = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"student_batch_size": None})})
+    plan = plan_spec(whole, str(path), path.parent, _gpu(24.0))
+    row = next(s for s in plan.stages if s.stage == "evaluate (student)")
+    assert not row.fits and plan.suggestions["evaluate (student)"].changes == {"student_batch_size": 2}
+    halved = next(s for s in plan_spec(spec, str(path), path.parent, _gpu(24.0)).stages if s.stage == "evaluate (student)")
+    assert halved.fits and halved.peak < row.peak

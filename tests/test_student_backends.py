@@ -121,3 +121,16 @@ def test_evaluation_samples_the_student_with_its_backends_defaults(project):
     sampler = evaluate.StudentSampler(params)
     assert sampler.sampling == {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0}
     assert sampler(["a sks dog"], [0])[0].size == (64, 64)
+
+
+@pytest.mark.parametrize("name", ["tiny-janus", "tiny-lumina-mgpt", "tiny-llamagen"])
+def test_tokenizers_to_moves_only_what_encoding_uses(name):
+    """The codes stage puts only the image tokenizer (and LlamaGen's T5) on the accelerator: the generator
+    stays where it was loaded ("meta" stands in for the GPU: every moved weight shows there)."""
+    bundle = students.load_student(name)
+    bundle.tokenizers_to("meta")
+    on_meta = {n for n, p in bundle.model.named_parameters() if p.is_meta}
+    generator = [n for n, p in bundle.model.named_parameters() if "vq" not in n.lower()]
+    assert generator and not on_meta & set(generator), sorted(on_meta & set(generator))[:3]
+    vq = getattr(bundle, "vq", None) or getattr(bundle.model.model, "vqmodel", None)
+    assert vq is not None and all(p.is_meta for p in vq.parameters())

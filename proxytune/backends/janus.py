@@ -99,13 +99,18 @@ class JanusStudent:
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return images_to_pixels(images, self.image_size)
 
+    def tokenizers_to(self, device: str) -> None:
+        """The VQ to `device` (prompts are tokenized on the CPU; encode_images follows the VQ)."""
+        self._janus.vqmodel.to(device)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, L) codes: cosine-nearest codebook entries, as the original."""
         vq = self._janus.vqmodel
         # pixels in the VQ's own dtype (a bf16 release's convolutions refuse float32 input); the nearest-code
         # search in float32, so near-ties do not depend on the weights' precision
-        z = vq.quant_conv(vq.encoder(pixels.to(self._device, vq.quant_conv.weight.dtype)))  # (B, D, g, g)
+        weight = vq.quant_conv.weight
+        z = vq.quant_conv(vq.encoder(pixels.to(weight.device, weight.dtype)))  # (B, D, g, g)
         z = F.normalize(z.float().permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, L, D)
         codebook = F.normalize(vq.quantize.embedding.weight.float(), dim=-1)  # (K, D)
         return (z @ codebook.T).argmax(-1)

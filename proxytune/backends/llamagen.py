@@ -104,6 +104,11 @@ class ARStudentBundle:
                                  "(dvc repro --force --single-item codes@EXPERIMENT.SUBJECT)")
         return self.model(cond, codes, drop_cond=drop_cond)
 
+    def tokenizers_to(self, device: str) -> None:
+        """The VQ and the T5 to `device` (encode_images and caption_features follow their own devices)."""
+        self.vq.to(device)
+        self.text_encoder.to(device)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels in [-1, 1] -> (B, L) code indices, raster order."""

@@ -148,10 +148,15 @@ class LuminaStudent:
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         return images_to_pixels(images, self.image_size)
 
+    def tokenizers_to(self, device: str) -> None:
+        """The Chameleon VQ to `device` (prompts are tokenized on the CPU; encode_images follows the VQ)."""
+        self._chameleon.vqmodel.to(device)
+
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vq = self._chameleon.vqmodel
-        out = vq.encode(pixels.to(self._device, next(vq.parameters()).dtype), return_dict=True)
+        weight = next(vq.parameters())
+        out = vq.encode(pixels.to(weight.device, weight.dtype), return_dict=True)
         return out.image_tokens.view(pixels.shape[0], -1)
 
     @torch.no_grad()

@@ -352,12 +352,16 @@ def student_training(spec, student: models.StudentModel, gpu: Gpu) -> StageEstim
 
 
 def codes(student: models.StudentModel, images: int, gpu: Gpu, batch: int = 16) -> StageEstimate:
-    """Encoding the proxies to codes with the student's image tokenizer (the whole student is loaded)."""
+    """Encoding the proxies to codes with the student's image tokenizer: only it and the text encoder
+    are on the accelerator (the generator stays on the CPU: `tokenizers_to`)."""
     dtype = student.dtype if student.dtype in _BYTES else "float32"
     model = student.parts["model"]
     encoder = student.parts.get("vq") or models.Component(
         {"chameleon": "chameleon-vq", "janus": "janus-vq"}.get(model.kind, ""), model.config)
-    weights = count(model)["frozen"] * _BYTES[dtype] + _student_parts(student) * 4
+    if "vq" in student.parts:  # separate parts (LlamaGen: VQ and T5), loaded in float32
+        weights = _student_parts(student) * 4
+    else:  # the VQ inside the model, in the model's dtype
+        weights = count(encoder)["frozen"] * _BYTES[dtype] if encoder.kind else 0
     est = StageEstimate("codes", f"{student.backend} image tokenizer, {student.image_size} px, batch {batch}", weights=weights)
     if encoder.kind:
         vq_dtype = "float32" if "vq" in student.parts else dtype

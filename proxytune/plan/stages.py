@@ -51,8 +51,7 @@ def plan_spec(spec, source: str, root: Path, gpu: Gpu, gpus: int = 1) -> Plan:
     if proxy:
         plan.stages.append(estimate.synthesis(spec.synthesis, teacher, res, gpu, images=eval_images,
                                               stage="evaluate (teacher)"))
-    plan.stages.append(estimate.student_sampling(spec.student, student, gpu, eval_images,
-                                                 spec.evaluation.images_per_prompt))
+    plan.stages.append(estimate.student_sampling(spec.student, student, gpu, eval_images, _student_batch(spec.evaluation)))
     plan.stages[-1].stage = "evaluate (student)"
     for stage in plan.stages:
         if stage.stage in ("synthesis", "evaluate (teacher)", "evaluate (student)"):
@@ -88,6 +87,8 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
             images = None if stage.stage == "synthesis" else _eval_images(spec)
             found = options.suggest("synthesis", spec.synthesis, lambda s: estimate.synthesis(
                 s, teacher, spec.teacher.resolution, gpu, images=images, stage=stage.stage), switches, gpu)
+        elif stage.stage == "evaluate (student)":
+            found = _smaller_sampling_batch(spec, student, gpu)
         if found is not None:
             plan.suggestions[stage.stage] = found
             stage.suggestion = f"{found.text} -> {found.estimate.peak / estimate.GIB:.1f} GiB"
@@ -96,6 +97,23 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
                                 f"{stage.weights / estimate.GIB:.1f} GiB); {_beyond(stage.stage)}")
         else:
             stage.suggestion = "the spec has no option that changes this stage's memory"
+
+
+def _student_batch(evaluation) -> int:
+    """Images the student samples at once (sampling.StudentSampler)."""
+    return min(evaluation.student_batch_size or evaluation.images_per_prompt, evaluation.images_per_prompt)
+
+
+def _smaller_sampling_batch(spec, student, gpu: Gpu) -> options.Suggestion | None:
+    """The largest `evaluation.student_batch_size` under which the student's evaluation fits."""
+    batch = _student_batch(spec.evaluation)
+    while batch > 1:
+        batch //= 2
+        candidate = estimate.student_sampling(spec.student, student, gpu, _eval_images(spec), batch)
+        if candidate.check(gpu):
+            return options.Suggestion("evaluation", {"student_batch_size": batch},
+                                      f"evaluation.student_batch_size: {batch}", candidate)
+    return None
 
 
 def _eval_images(spec) -> int:

@@ -51,6 +51,12 @@ class EvaluationSpec(Strict):
     )
     num_prompts: PositiveInt | None = Field(default=None, description="Use only the first N prompts (quick runs).")
     images_per_prompt: PositiveInt = Field(default=4, description="Images per prompt per model (DreamBench: 4).")
+    student_batch_size: PositiveInt | None = Field(
+        default=None,
+        description="Images the student samples at once (each with CFG's two rows and its KV cache); null = a prompt's "
+        "images_per_prompt at once. Lower it where `proxytune plan` shows the student's evaluation over the card "
+        "(a 7B student on 24 GB).",
+    )
     seed: Seed = Field(default=0, description="Image k of prompt p gets seed seed + 1000*p + k for every model.")
     clip_model: ClipModel = Field(default="openai/clip-vit-base-patch32", description="CLIP for CLIP-I and CLIP-T.")
     dino_model: DinoModel = Field(default="facebook/dino-vits16", description="DINO ViT-S/16 for DINO.")

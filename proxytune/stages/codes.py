@@ -31,14 +31,16 @@ def encode_proxies(params: StageParams) -> tuple[dict[str, torch.Tensor], dict[s
     proxy = read_record(proxy_dir, SynthesisRecord)
     entries = ProxyManifest.read(proxy_dir / layout.MANIFEST_FILE).images
     seed_everything(params.seed)
-    bundle = students.load_student(params.student.model, device=str(device()))
+    # only the image tokenizer and text encoder go to the accelerator: the generator is not used here
+    bundle = students.load_student(params.student.model, device="cpu")
+    bundle.tokenizers_to(str(device()))
     check_identifier(bundle, params)
     prompts = [e.prompt for e in entries]
     distinct = sorted(set(prompts))
     codes = []
     for start in tqdm(range(0, len(entries), 16), desc="codes: tokenize proxies", unit="batch"):
         images = [center_crop_resize(open_rgb(proxy_dir / e.file), bundle.image_size) for e in entries[start : start + 16]]
-        codes.append(bundle.encode_images(bundle.images_to_pixels(images).to(device())).cpu())
+        codes.append(bundle.encode_images(bundle.images_to_pixels(images)).cpu())
     tensors = {
         "codes": torch.cat(codes).contiguous(),  # (N, L)
         "conds": bundle.encode_prompts(distinct).cpu().contiguous(),  # (P, ...)

@@ -183,4 +183,10 @@ class StudentSampler:
         return self._bundle
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> list:
-        return self.cache(prompts, seeds, lambda p, k: self.bundle.decode_codes(self.bundle.generate(p, k, **self.sampling)))
+        """The images of `prompts`, `evaluation.student_batch_size` at a time (each batch its own cache entry)."""
+        size = self.params.evaluation.student_batch_size or len(prompts)
+        images = []
+        for start in range(0, len(prompts), size):
+            images += self.cache(prompts[start : start + size], seeds[start : start + size],
+                                 lambda p, k: self.bundle.decode_codes(self.bundle.generate(p, k, **self.sampling)))
+        return images
