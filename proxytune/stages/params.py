@@ -10,6 +10,7 @@ from pydantic import Field, ValidationError
 from proxytune.errors import SpecError
 from proxytune.spec import EvaluationSpec, StudentSpec, SubjectSpec, SynthesisSpec, TeacherSpec, TrackingSpec
 from proxytune.spec.common import Strict
+from proxytune.spec.evaluation import Metric
 from proxytune.spec.style import STYLE_INSTANCE_PROMPT, StyleSpec, StyleStudentSpec
 
 
@@ -19,6 +20,14 @@ class SourceInfo(Strict):
     references: str
     images: str
     raw: str | None = None  # a style's raw-data folder
+
+
+class GrowParams(Strict):
+    """Where a stage sits in a growing proxy count (compile writes it; the spec is student.proxy_count)."""
+
+    index: int | None  # the step's position in proxy_count.grow; None: the subject's own, chosen student
+    metric: Metric  # the held-out score
+    state: str | None  # the proxy_count.json it reads: the previous step's (None: the first step) or the last one's
 
 
 class StageParams(Strict):
@@ -37,6 +46,7 @@ class StageParams(Strict):
     upstream_dir: str | None = None  # a student variant: the main experiment's subject folder
     style: StyleSpec | None = None  # a style's params: the style (curation prompts resolved to a list)
     style_student: StyleStudentSpec | None = None
+    grow: GrowParams | None = None  # a step of a growing proxy count, or its selection
     path: Path = Field(default=Path("."), exclude=True)
 
     @property
