@@ -42,11 +42,12 @@ def next_state(state: CountState, score: StepScore) -> CountState:
     if len(steps) >= 2 and score.mean <= steps[-2].ci95[1]:
         before = steps[-2]
         update |= {"chosen": before.used,
-                   "stopped": f"plateau: {score.used} proxies score {score.mean:.4f}, inside or below the 95% interval "
-                              f"of {before.used} ([{before.ci95[0]:.4f}, {before.ci95[1]:.4f}])"}
+                   "stopped": f"plateau: {state.metric} of the {score.used}-proxy student, {score.mean:.4f}, is inside or "
+                              f"below the {before.used}-proxy student's 95% interval [{before.ci95[0]:.4f}, "
+                              f"{before.ci95[1]:.4f}]"}
     elif score.used >= state.available:
         update |= {"chosen": score.used,
-                   "stopped": f"ran out: step {score.count} used all {state.available} proxies of the set"}
+                   "stopped": f"ran out: the {score.count}-proxy step trained on all {state.available} proxies of the set"}
     return state.model_copy(update=update)
 
 
