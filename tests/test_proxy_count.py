@@ -56,6 +56,33 @@ def test_variants_train_a_fixed_count():
     assert not hasattr(parsed.student.variant("lr"), "proxy_count")
 
 
+def compiled(grow: list[int]) -> tuple[dict, dict]:
+    from proxytune.compile import ResolvedSpec, compile_specs
+
+    spec = ExperimentSpec.model_validate(spec_with(grow=grow))
+    return compile_specs([ResolvedSpec(spec=spec, spec_path="specs/t.yaml", spec_digest="d", references={"dog": "refs/dog"})])
+
+
+def test_compile_chains_the_steps_and_the_subjects_student_is_the_choice():
+    dvc, files = compiled([16, 32])
+    stages = dvc["stages"]
+    assert "student" not in stages  # the subject's student is grow_select's
+    steps = stages["grow_student"]["foreach"]
+    assert steps["t--grow-16.dog"]["state"] == "runs/t/dog/codes"  # the first step reads no state
+    assert steps["t--grow-32.dog"]["state"] == "runs/t--grow-16/dog/eval/proxy_count.json"
+    assert stages["grow_select"]["foreach"]["t.dog"]["state"] == "runs/t--grow-32/dog/eval/proxy_count.json"
+    assert stages["grow_evaluate"]["do"]["deps"][-1] == "${item.dir}/student"
+    step = files["runs/t--grow-32/dog/params.yaml"]
+    assert step["student"]["num_proxy_images"] == 32 and "proxy_count" not in step["student"]
+    assert step["evaluation"]["num_prompts"] == 8 and step["evaluation"]["base_models"] is False
+    assert step["grow"] == {"index": 1, "metric": "dino", "state": "runs/t--grow-16/dog/eval/proxy_count.json"}
+    assert files["runs/t/dog/params.yaml"]["grow"]["index"] is None
+    # appending a step leaves the earlier steps' params as they were: DVC re-runs none of them
+    longer, more = compiled([16, 32, 64])
+    assert more["runs/t--grow-32/dog/params.yaml"] == step
+    assert longer["stages"]["grow_student"]["foreach"]["t--grow-32.dog"] == steps["t--grow-32.dog"]
+
+
 # -- the stop rule ------------------------------------------------------------------------------
 def grown(available: int, *scores: tuple[int, float, float, float]) -> CountState:
     """The state after scoring steps (count, mean, low, high) one by one."""

@@ -18,6 +18,7 @@ direct-full, full/model.safetensors; samples.png; record.json.
 from __future__ import annotations
 
 import argparse
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -411,7 +412,8 @@ def run(params_path: str | Path) -> None:
     if params.grow is not None and params.grow.index is not None:  # a step of a growing proxy count
         state = proxy_count.state_before(params)
         if state.stopped is not None:
-            proxy_count.hand_on(state, params.out("student"))
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under accelerate launch: one process writes
+                proxy_count.hand_on(state, params.out("student"))
             tqdm.write(f"student: skipped, the proxy count was chosen before this step ({state.stopped})")
             return
     elif params.grow is not None:  # the subject's own student: the growth's choice
