@@ -83,6 +83,25 @@ def test_compile_chains_the_steps_and_the_subjects_student_is_the_choice():
     assert longer["stages"]["grow_student"]["foreach"]["t--grow-32.dog"] == steps["t--grow-32.dog"]
 
 
+def test_a_step_after_the_stop_trains_and_scores_nothing_and_hands_the_state_on(tmp_path, monkeypatch):
+    from proxytune.stages import evaluate, student
+
+    _, files = compiled([16, 32])
+    params = tmp_path / "runs/t--grow-32/dog/params.yaml"
+    params.parent.mkdir(parents=True)
+    params.write_text(yaml.safe_dump(files["runs/t--grow-32/dog/params.yaml"]))
+    stopped = grown(8, (16, 0.5, 0.4, 0.6), (32, 0.55, 0.5, 0.6))  # e.g. a third step of an earlier growth
+    (tmp_path / "runs/t--grow-16/dog/eval").mkdir(parents=True)
+    stopped.write(tmp_path / "runs/t--grow-16/dog/eval/proxy_count.json")
+    monkeypatch.chdir(tmp_path)
+    student.run(params)  # no model is loaded: the state goes on as it was
+    evaluate.run(params)
+    for folder in ("student", "eval"):
+        out = params.parent / folder
+        assert sorted(p.name for p in out.iterdir()) == ["proxy_count.json"]
+        assert CountState.read(out / "proxy_count.json") == stopped
+
+
 # -- the stop rule ------------------------------------------------------------------------------
 def grown(available: int, *scores: tuple[int, float, float, float]) -> CountState:
     """The state after scoring steps (count, mean, low, high) one by one."""
