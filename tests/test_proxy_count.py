@@ -169,6 +169,8 @@ def test_killed_growth_resumes_and_keeps_the_finished_step(project, dreambench):
     result = cli(root, dreambench, "apply", "specs/t.yaml")
     ran = next(line for line in result.stdout.splitlines() if line.startswith("stages to run: "))
     assert "grow_student@t--grow-2.dog" not in ran and "evaluate@t.dog" in ran
+    # the subject's own student resumed the chosen step's final checkpoint: nothing trained twice
+    assert "student: resuming from step 4 (runs/t--grow-" in result.stdout + result.stderr
 
 
 def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(project, dreambench):
