@@ -15,6 +15,10 @@ distinctive attribute of the subject that the prompt does not change, else 0) an
 With `evaluation.base_models` (default: on for toy subjects) the untuned teacher and student are
 sampled on the same prompts and seeds and scored as "base-teacher" and "base-student".
 
+A step of a growing proxy count (`grow_evaluate`, stages/proxy_count.py) is this evaluation on its held-out
+images; it also writes eval/proxy_count.json, the growth after the step (or hands it on untouched, scoring
+nothing, once the growth has stopped).
+
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json (with
 intervals), prompts.json, per_prompt.json, variance.json, gate.json, encoders.json, table.md,
 grid.png, images/MODEL/pPP_kK.png, record.json.

@@ -3,7 +3,10 @@
 Recipes (`student.recipe`): `proxy` (the method) trains a LoRA on the teacher's proxy set only and
 never sees the real references; the paper's baselines train on the references instead: `direct-lora`,
 `direct-full` (every weight of the transformer) and `augment` (a fixed, seeded set of flipped /
-rotated / cropped copies). `num_proxy_images` takes the first N proxies for size sweeps.
+rotated / cropped copies). `num_proxy_images` takes the first N proxies for size sweeps. With
+`proxy_count` (a growing proxy count, stages/proxy_count.py) this stage also runs each step's student
+(`grow_student`: nothing to train once the growth has stopped) and the subject's own student
+(`grow_select`: the chosen step's count, resumed from that step's final checkpoint).
 
 Images are tokenized by the student's own image tokenizer once (codes cached by dataset index) and
 captions encoded once per distinct prompt; each step then costs one transformer forward/backward.
