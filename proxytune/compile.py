@@ -149,6 +149,7 @@ def variant_params(resolved: ResolvedSpec, subject_name: str, variant: str) -> d
     params["student"] = spec.student.variant(variant).model_dump(mode="json", by_alias=True)
     params["upstream_dir"] = subject_dir(spec.name, subject_name)
     params["tracking"]["experiment"] = spec.tracking.experiment or spec.name  # one MLflow experiment per spec
+    params.pop("grow", None)  # a variant trains on a fixed count
     return params
 
 

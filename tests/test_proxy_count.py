@@ -56,17 +56,20 @@ def test_variants_train_a_fixed_count():
     assert not hasattr(parsed.student.variant("lr"), "proxy_count")
 
 
-def compiled(grow: list[int]) -> tuple[dict, dict]:
+def compiled(grow: list[int], **student) -> tuple[dict, dict]:
     from proxytune.compile import ResolvedSpec, compile_specs
 
-    spec = ExperimentSpec.model_validate(spec_with(grow=grow))
+    spec = spec_with(grow=grow)
+    spec["student"].update(student)
+    spec = ExperimentSpec.model_validate(spec)
     return compile_specs([ResolvedSpec(spec=spec, spec_path="specs/t.yaml", spec_digest="d", references={"dog": "refs/dog"})])
 
 
 def test_compile_chains_the_steps_and_the_subjects_student_is_the_choice():
-    dvc, files = compiled([16, 32])
+    dvc, files = compiled([16, 32], variants={"fixed": {"num_proxy_images": 16}})
+    assert "grow" not in files["runs/t--fixed/dog/params.yaml"]  # a variant trains on its fixed count
     stages = dvc["stages"]
-    assert "student" not in stages  # the subject's student is grow_select's
+    assert list(stages["student"]["foreach"]) == ["t--fixed.dog"]  # the subject's own student is grow_select's
     steps = stages["grow_student"]["foreach"]
     assert steps["t--grow-16.dog"]["state"] == "runs/t/dog/codes"  # the first step reads no state
     assert steps["t--grow-32.dog"]["state"] == "runs/t--grow-16/dog/eval/proxy_count.json"
