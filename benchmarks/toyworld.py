@@ -20,6 +20,15 @@ over subjects of the per-subject means. Verdicts are printed as measured, whiche
     python benchmarks/toyworld.py --project /tmp/toy-bench        # applies, then summarises
     python benchmarks/toyworld.py --project /tmp/toy-bench --executor ray   # two stages at a time
     python benchmarks/toyworld.py --project . --no-apply --json out.json
+
+Proxy count and curation (issue 29 item 5): `--proxies N` generates N proxies per subject instead of the spec's
+(the paper: 1000), `--curate` over-generates (`--over-generate` times N) and keeps the N most faithful
+(`curation_keys`: the spec keys of the curation), each run as an experiment of its own (toy-bench-p1000,
+toy-bench-curated, ...). `--matrix` reads every such experiment in the project and prints the student's
+subject and subject+prompt accuracy per (proxy count, curation) row with intervals, and what curation changed.
+
+    python benchmarks/toyworld.py --project /tmp/toy-bench --proxies 1000 --curate   # one row of the four
+    python benchmarks/toyworld.py --project /tmp/toy-bench --no-apply --matrix       # the four-row table
 """
 
 from __future__ import annotations
@@ -38,13 +47,18 @@ FIDELITY = ("subject_acc", "dino", "clip_i")
 BASELINES = ("direct-lora", "direct-full", "augment")
 
 
+GROW_STEP = "--grow-"  # a growing proxy count's step (held-out evaluation: not comparable with the others)
+
+
 def collect(project: Path, experiment: str) -> dict:
     """{subject: {model: {metric: {"mean", "ci95"}}}} and variances, from every evaluation output."""
     runs = project / "runs"
     table: dict[str, dict[str, dict]] = {}
     variance: dict[str, dict[str, float]] = {}
     for folder in sorted(runs.glob(f"{experiment}*")):
-        if not folder.is_dir():
+        if not folder.is_dir() or not (folder.name == experiment or folder.name.startswith(f"{experiment}--")):
+            continue  # another experiment whose name starts the same (toy-bench-p1000 for toy-bench)
+        if GROW_STEP in folder.name:
             continue
         variant = folder.name[len(experiment) + 2 :] if folder.name != experiment else None
         for metrics_path in sorted(folder.glob("*/eval/metrics.json")):
@@ -164,6 +178,81 @@ def render(data: dict, found: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- proxy count and curation (issue 29 item 5) ----------------------------------------------------------
+def curation_keys(proxies: int, over_generate: int) -> dict:
+    """The synthesis keys of curation: generate `over_generate` x `proxies` and keep the `proxies` most faithful
+    (synthesis.fidelity.keep, issue 29 item 2; the proxies are ranked by synthesis.fidelity.metric)."""
+    return {"num_images": proxies * over_generate, "fidelity": {"keep": proxies}}
+
+
+def experiment_name(base: str, proxies: int, curated: bool, default_proxies: int) -> str:
+    """toy-bench, toy-bench-p1000, toy-bench-curated, toy-bench-p1000-curated."""
+    return base + (f"-p{proxies}" if proxies != default_proxies else "") + ("-curated" if curated else "")
+
+
+def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int) -> dict:
+    """The benchmark spec with `proxies` per subject, curated or not, as an experiment of its own."""
+    out = json.loads(json.dumps(spec))
+    default = spec["synthesis"]["num_images"]
+    out["name"] = experiment_name(spec["name"], proxies, curated, default)
+    out["synthesis"]["num_images"] = proxies
+    if curated:
+        out["synthesis"].update(curation_keys(proxies, over_generate))
+    return out
+
+
+ROWS_METRICS = ("subject_acc", "subject_prompt_acc")
+
+
+def matrix(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
+    """One row per (proxy count, curation) whose experiment has outputs: the student's mean over subjects."""
+    rows = []
+    for proxies in counts:
+        for curated in (False, True):
+            name = experiment_name(base, proxies, curated, default_proxies)
+            table = collect(project, name)["metrics"]
+            row = {"proxies": proxies, "curated": curated, "experiment": name, "subjects": len(table)}
+            row.update({metric: mean_row(table, "student", metric) for metric in ROWS_METRICS})
+            rows.append(row)
+    return rows
+
+
+def curation_verdicts(rows: list[dict]) -> list[dict]:
+    """Per proxy count and metric: what curation changed (curated - plain means) and whether it is clear of
+    the noise (the intervals over subjects do not overlap)."""
+    out = []
+    by_key = {(r["proxies"], r["curated"]): r for r in rows}
+    for proxies in sorted({r["proxies"] for r in rows}):
+        plain, curated = by_key.get((proxies, False)), by_key.get((proxies, True))
+        for metric in ROWS_METRICS:
+            a, b = (plain or {}).get(metric), (curated or {}).get(metric)
+            if a is None or b is None:
+                out.append({"proxies": proxies, "metric": metric, "verdict": "not measured", "change": None})
+                continue
+            change = b["mean"] - a["mean"]
+            clear = b["ci95"][0] > a["ci95"][1] or b["ci95"][1] < a["ci95"][0]
+            verdict = ("helps" if change > 0 else "hurts") if clear else "no clear change (intervals overlap)"
+            out.append({"proxies": proxies, "metric": metric, "verdict": verdict, "change": change})
+    return out
+
+
+def render_matrix(rows: list[dict], verdicts: list[dict]) -> str:
+    def cell(v: dict | None) -> str:
+        return "-" if v is None else f"{v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+
+    lines = ["| proxies | curation | experiment | subjects | student subject acc. | student subject+prompt acc. |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['proxies']} | {'curated' if r['curated'] else 'none'} | {r['experiment']} | {r['subjects']} | "
+                     + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |")
+    lines += ["", "| proxies | metric | curation | change |", "|---|---|---|---|"]
+    for v in verdicts:
+        change = "-" if v["change"] is None else f"{v['change']:+.3f}"
+        lines.append(f"| {v['proxies']} | {v['metric']} | **{v['verdict']}** | {change} |")
+    lines += ["", "Means over subjects [95% bootstrap interval over subjects]; 'clear' means the two intervals do not overlap."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, required=True, help="Project folder (created if missing).")
@@ -173,15 +262,36 @@ def main() -> int:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="apply's executor: ray runs two 1-thread stages at once on 2 cores (the README's run).")
     parser.add_argument("--json", type=Path, help="Also write the numbers and verdicts here.")
+    parser.add_argument("--proxies", type=int, help="Proxies per subject (default: the spec's synthesis.num_images; "
+                                                      "the paper: 1000); another count runs as experiment NAME-pN.")
+    parser.add_argument("--curate", action="store_true", help="Curate: generate --over-generate x --proxies, keep the "
+                                                              "most faithful (experiment NAME[-pN]-curated).")
+    parser.add_argument("--over-generate", type=int, default=2, help="With --curate: proxies generated per proxy kept.")
+    parser.add_argument("--matrix", action="store_true", help="Print the (proxy count x curation) table of every such "
+                                                              "experiment in --project (128 and 1000 proxies).")
     args = parser.parse_args()
     args.project.mkdir(parents=True, exist_ok=True)
     spec = args.spec.resolve()
+    import yaml
+
+    base = yaml.safe_load(spec.read_text())
+    default_proxies = base["synthesis"]["num_images"]
+    if args.matrix:
+        rows = matrix(args.project, base["name"], default_proxies, tuple(sorted({default_proxies, 1000})))
+        found = curation_verdicts(rows)
+        print(render_matrix(rows, found))
+        if args.json:
+            args.json.write_text(json.dumps({"rows": rows, "verdicts": found}, indent=2) + "\n")
+        return 0
+    if args.proxies is not None or args.curate:
+        derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate)
+        spec = args.project / "specs" / f"{derived['name']}.yaml"
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(yaml.safe_dump(derived, sort_keys=False))
     if not args.no_apply:
         cmd = [sys.executable, "-m", "proxytune.cli", "apply", str(spec), *[a for s in args.subject for a in ("--subject", s)],
                "--executor", args.executor]
         subprocess.run(cmd, cwd=args.project, check=True)
-    import yaml
-
     experiment = yaml.safe_load(spec.read_text())["name"]
     data = collect(args.project, experiment)
     if not data["metrics"]:

@@ -131,9 +131,11 @@ def _run_stages(root: Path, targets: list[str], stale: list[str], paths: tuple[s
             tags = {"spec_file": item.spec_path, "spec_digest": item.spec_digest, "stages": ",".join(stale)}
             parents[item.spec.name] = runs.start_parent_run(experiment, uris[item.spec.name], root, tags)
         env_parents = dict(parents)
-        for item in resolved:  # a student variant's stages are children of its spec's run
+        for item in resolved:  # a student variant's (and a proxy-count step's) stages are children of its spec's run
             for variant in item.spec.student.variants:
                 env_parents[layout.variant_experiment(item.spec.name, variant)] = parents[item.spec.name]
+            for count in item.spec.student.proxy_count.grow if item.spec.student.proxy_count else []:
+                env_parents[layout.grow_experiment(item.spec.name, count)] = parents[item.spec.name]
         stage_env = {runs.PARENT_RUNS_ENV: json.dumps(env_parents)}
         if executor == "ray":
             code, failure = run_on_ray(root, targets, stale, paths, resolved, address, stage_env, echo)

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune.layout import (CURVES_FILE, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE, RUNS_DIR, STEPS, STYLE_STEPS,
-                              base_experiment, item_key, joint_stage_name, stage_name, subject_dir, variant_experiment)
+from proxytune.layout import (COUNT_FILE, CURVES_FILE, GROW_GROUPS, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE,
+                              RUNS_DIR, STEPS, STYLE_STEPS, base_experiment, grow_experiment, item_key, joint_stage_name,
+                              stage_name, subject_dir, variant_experiment)
 from proxytune.layout import PROXY_METRICS_FILE  # synthesis' and curation's fidelity (issue 29)
 from proxytune.spec import ExperimentSpec
+from proxytune.spec.common import MAX_SEED
 from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
 PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
@@ -36,6 +38,7 @@ STAGE_PARAMS = {
     "style_evaluate": ["seed", "subject", "style.content", "evaluation", "synthesis", *_TEACHER_BASE, "student.model",
                        "student.sampling", "style_student"],
 }
+HELD_OUT_SEED_OFFSET = 500_000  # a growing proxy count's held-out images never reuse the evaluation's seeds
 
 
 @dataclass(frozen=True)
@@ -74,9 +77,40 @@ def params_for(resolved: ResolvedSpec, subject_name: str) -> dict:
             "references": resolved.references[subject_name],
             "images": subject.images,
         },
+        **({"grow": _grow_section(spec, subject, None)} if spec.student.proxy_count else {}),
     }
     if resolved.memory is not None:  # not a DVC param: the chosen values themselves are in their sections
         params["memory"] = resolved.memory
+    return params
+
+
+def _grow_section(spec: ExperimentSpec, subject, index: int | None) -> dict:
+    """A growth stage's `grow` section: step `index` (None: the chosen student) and the state file it reads."""
+    counts = spec.student.proxy_count.grow
+    metric = spec.student.proxy_count.metric or ("subject_acc" if subject.toy_subject is not None else "dino")
+    before = len(counts) - 1 if index is None else index - 1  # the step whose state it reads
+    state = (f"{subject_dir(grow_experiment(spec.name, counts[before]), subject.name)}/{OUT_DIRS['evaluate']}/{COUNT_FILE}"
+             if before >= 0 else None)
+    return {"index": index, "metric": metric, "state": state}
+
+
+def grow_params(resolved: ResolvedSpec, subject_name: str, index: int) -> dict:
+    """Step `index` of a growing proxy count: the subject's params with the student on the first N proxies
+    (no growth of its own, no variants) and the held-out evaluation: the first `proxy_count.prompts` of the
+    evaluation's prompts on seeds the evaluation never uses, the student and tuned teacher only."""
+    spec = resolved.spec
+    count = spec.student.proxy_count
+    params = params_for(resolved, subject_name)
+    subject = next(s for s in spec.subjects if s.name == subject_name)
+    params["experiment"] = grow_experiment(spec.name, count.grow[index])
+    params["student"] = {**spec.student.model_dump(mode="json", by_alias=True, exclude={"variants", "proxy_count"}),
+                         "num_proxy_images": count.grow[index]}
+    params["evaluation"] = {**params["evaluation"], "num_prompts": count.prompts, "images_per_prompt": count.images_per_prompt,
+                            "seed": (spec.evaluation.seed + HELD_OUT_SEED_OFFSET) % (MAX_SEED + 1), "base_models": False,
+                            "variance_samples": 0, "gate": [], "grid_prompts": min(count.prompts, 4)}
+    params["upstream_dir"] = subject_dir(spec.name, subject_name)
+    params["tracking"]["experiment"] = spec.tracking.experiment or spec.name
+    params["grow"] = _grow_section(spec, subject, index)
     return params
 
 
@@ -123,6 +157,7 @@ def variant_params(resolved: ResolvedSpec, subject_name: str, variant: str) -> d
     params["student"] = spec.student.variant(variant).model_dump(mode="json", by_alias=True)
     params["upstream_dir"] = subject_dir(spec.name, subject_name)
     params["tracking"]["experiment"] = spec.tracking.experiment or spec.name  # one MLflow experiment per spec
+    params.pop("grow", None)  # a variant trains on a fixed count
     return params
 
 
@@ -168,6 +203,7 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
     own: dict[str, dict] = {}  # foreach items of every step: EXP.SUBJECT
     variants: dict[str, dict] = {}  # student and evaluate only: EXP--V.SUBJECT
     joint: set[str] = set()  # items whose student is a multi-subject stage of its own
+    grown: dict[str, dict[str, dict]] = {group: {} for group in GROW_GROUPS}  # growing proxy counts' items
     styles: dict[str, dict] = {}  # teacher and the style steps: EXP.STYLE
     for spec in resolved:
         for subject in spec.spec.subjects:
@@ -179,6 +215,9 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             params_files[f"{directory}/params.yaml"] = params
             if spec.spec.student.multi_subject:
                 joint.add(key)
+            if spec.spec.student.proxy_count:
+                joint.add(key)  # its student is the growth's choice (grow_select), not a `student` item
+                _grow_items(spec, subject, own[key], grown, params_files)
             for variant in spec.spec.student.variants:  # they share everything up to the codes
                 name = variant_experiment(spec.spec.name, variant)
                 folder = subject_dir(name, subject.name)
@@ -211,6 +250,14 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
         else:
             stages.pop(step, None)
+    for group, template in _GROW_TEMPLATES.items():
+        items = {key: value for key, value in stages.get(group, {}).get("foreach", {}).items()
+                 if base_experiment(key.split(".", 1)[0]) not in compiled}
+        items.update(grown[group])
+        if items:
+            stages[group] = {"foreach": dict(sorted(items.items())), "do": template}
+        else:
+            stages.pop(group, None)
     for name in [n for n in stages if n.startswith("student-joint.") and n.split(".", 1)[1] in compiled]:
         del stages[name]  # recompiled below when the spec still asks for it
     for spec in resolved:
@@ -218,7 +265,7 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             name, path, stage = _joint_student(spec)
             stages[name] = stage
             params_files[path] = _joint_params(spec)
-    ordered = {step: stages[step] for step in (*STEPS, *STYLE_STEPS) if step in stages}
+    ordered = {step: stages[step] for step in (*STEPS, *GROW_GROUPS, *STYLE_STEPS) if step in stages}
     ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
     compiled_dvc = {"stages": ordered}
     plots = [p for p in (existing or {}).get("plots", []) if not _plot_of(p, compiled)]
@@ -226,6 +273,36 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
     if plots:
         compiled_dvc["plots"] = plots
     return compiled_dvc, params_files
+
+
+def _grow_template(group: str) -> dict:
+    """A growth stage: a step's student (its deps chain it to the previous step's state), a step's held-out
+    evaluation, or the chosen student (after the last step)."""
+    item_dir, up = "${item.dir}", "${item.up}"
+    step = GROW_GROUPS[group]
+    deps = ([f"{up}/proxy", f"{up}/codes", "${item.state}"] if step == "student"
+            else ["${item.refs}", f"{up}/teacher", f"{item_dir}/student"])
+    return {"cmd": f"proxytune stage {step} --params {item_dir}/params.yaml", "deps": deps,
+            "params": [{f"{item_dir}/params.yaml": [*STAGE_PARAMS[step], "grow"]}], "outs": [f"{item_dir}/{OUT_DIRS[step]}"]}
+
+
+_GROW_TEMPLATES = {group: _grow_template(group) for group in GROW_GROUPS}
+
+
+def _grow_items(resolved: ResolvedSpec, subject, main: dict, grown: dict[str, dict], params_files: dict[str, dict]) -> None:
+    """Add one subject's growth to `grown` (group -> items) and its steps' params files."""
+    spec = resolved.spec
+    for index, count in enumerate(spec.student.proxy_count.grow):
+        name = grow_experiment(spec.name, count)
+        folder = subject_dir(name, subject.name)
+        params = grow_params(resolved, subject.name, index)
+        params_files[f"{folder}/params.yaml"] = params
+        item = {"dir": folder, "refs": main["refs"], "up": main["dir"],
+                "state": params["grow"]["state"] or f"{main['dir']}/codes"}  # the first step reads no state
+        grown["grow_student"][item_key(name, subject.name)] = item
+        grown["grow_evaluate"][item_key(name, subject.name)] = {k: v for k, v in item.items() if k != "state"}
+    chosen = params_for(resolved, subject.name)["grow"]["state"]
+    grown["grow_select"][item_key(spec.name, subject.name)] = {"dir": main["dir"], "up": main["dir"], "state": chosen}
 
 
 def _plot_of(plot, experiments: set[str]) -> bool:

@@ -99,7 +99,8 @@ class Outcome:
 # A style's stages ask for the resources of the subject stage that does the same work (spec/resources.py):
 # curation generates images with the tuned teacher as synthesis does, the style student trains an AR
 # student, the style evaluation generates and scores. The style's teacher is a `teacher` stage.
-STYLE_RESOURCES = {"curation": "synthesis", "style_student": "student", "style_evaluate": "evaluate"}
+STYLE_RESOURCES = {"curation": "synthesis", "style_student": "student", "style_evaluate": "evaluate",
+                   **layout.GROW_GROUPS}  # a growing proxy count's stages: a student or an evaluation
 
 
 def stage_kind(name: str) -> tuple[str, str | None]:

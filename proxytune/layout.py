@@ -24,6 +24,13 @@ JOINT_PREFIX = "student-joint."
 STEPS = ("teacher", "synthesis", "codes", "student", "evaluate")  # a subject's stages, in order
 STYLE_STEPS = ("curation", "style_student", "style_evaluate")  # a style: teacher -> these (spec/style.py)
 
+# A growing proxy count (student.proxy_count): step N of experiment E runs as experiment "E--grow-N" with a
+# student and a held-out evaluation in dvc.yaml groups of their own (their deps chain the steps), and the
+# subject's own student is chosen by the grow_select group. Group -> the stage module it runs.
+GROW_GROUPS = {"grow_student": "student", "grow_evaluate": "evaluate", "grow_select": "student"}
+GROW_VARIANT = "grow-"  # + the step's proxy count
+COUNT_FILE = "proxy_count.json"  # student/ and eval/ of a step, student/ of the chosen student: the growth so far
+
 # Step -> its output folder inside the subject's folder. The folders are named for what they hold
 # (the proxy set, the evaluation), the steps for what they do.
 OUT_DIRS = {"teacher": "teacher", "synthesis": "proxy", "codes": "codes", "student": "student", "evaluate": "eval",
@@ -61,6 +68,18 @@ def variant_experiment(experiment: str, variant: str) -> str:
     return f"{experiment}{VARIANT_SEP}{variant}"
 
 
+def grow_experiment(experiment: str, count: int) -> str:
+    """The experiment a step of a growing proxy count runs as: E--grow-N."""
+    return variant_experiment(experiment, f"{GROW_VARIANT}{count}")
+
+
+def grow_group(stage: str, index: int | None) -> str:
+    """The dvc.yaml group of a growth stage: a step's (index) student or evaluation, or the selection (None)."""
+    if index is None:
+        return "grow_select"
+    return f"grow_{stage}"
+
+
 def base_experiment(experiment: str) -> str:
     """The spec's experiment of a (possibly variant) experiment name."""
     return experiment.split(VARIANT_SEP, 1)[0]
@@ -88,6 +107,6 @@ def parse_stage_name(name: str) -> tuple[str, str, str] | None:
         return "student", name[len(JOINT_PREFIX):], JOINT
     step, at, item = name.partition("@")
     experiment, dot, subject = item.partition(".")
-    if not (at and dot and step in (*STEPS, *STYLE_STEPS) and experiment and subject):
+    if not (at and dot and step in (*STEPS, *STYLE_STEPS, *GROW_GROUPS) and experiment and subject):
         return None
     return step, experiment, subject

@@ -584,6 +584,29 @@ class StyleEncoders(Output):
     toy_style: ToyStyleInfo | None = None
 
 
+class StepScore(Output):
+    """One scored step of a growing proxy count."""
+
+    count: int  # the step's N
+    used: int  # proxies it trained on: N, or the whole set when the set is smaller
+    mean: float  # held-out mean of the metric
+    ci95: list[float]  # its 95% interval, resampling held-out prompts
+
+
+class CountState(Output):
+    """proxy_count.json: a growing proxy count after a step (or before the first), and where and why it stopped
+    (stages/proxy_count.py has the rule)."""
+
+    metric: str
+    available: int  # proxies the student can train on (the codes stage's count)
+    steps: list[StepScore] = []
+    stopped: str | None = None  # why the growth stopped; None while it grows
+    chosen: int | None = None  # the proxy count chosen once stopped
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump(mode="json"))  # every field, defaults too
+
+
 class FlatMetrics(Output):
     """The subject folder's metrics.json for DVC: model -> metric -> mean at the top level, and flags."""
 

@@ -69,3 +69,32 @@ def test_claims_fail_when_direct_lora_learns_the_subject(bench, tmp_path):
     # direct LoRA as good as the student, teacher better, variance higher: every claim fails
     assert verdicts(bench, project_with(tmp_path, 0.3, 0.3, 0.5, (200.0, 300.0))) == {
         "a": "fails", "b": "fails", "c": "fails", "d": "fails", "e": "fails"}
+
+
+def test_proxy_count_and_curation_rows_and_verdicts(bench, tmp_path):
+    # four experiments (128 / 1000 proxies, plain / curated); a growing count's step and a look-alike name stay out
+    values = {"toy-bench": 0.10, "toy-bench-curated": 0.40, "toy-bench-p1000": 0.15, "toy-bench-p1000-curated": 0.17}
+    for experiment, value in values.items():
+        for subject, shift in (("stripy-box", 0.0), ("dotty-ball", 0.03)):
+            write_run(tmp_path, experiment, subject, metrics(student=value + shift))
+    write_run(tmp_path, "toy-bench--grow-16", "stripy-box", metrics(student=0.9))
+    assert set(bench.collect(tmp_path, "toy-bench")["metrics"]["stripy-box"]) == {"student"}
+    assert bench.collect(tmp_path, "toy-bench")["metrics"]["stripy-box"]["student"]["subject_acc"]["mean"] == 0.10
+    rows = bench.matrix(tmp_path, "toy-bench", 128)
+    assert [(r["proxies"], r["curated"], r["experiment"]) for r in rows] == [
+        (128, False, "toy-bench"), (128, True, "toy-bench-curated"),
+        (1000, False, "toy-bench-p1000"), (1000, True, "toy-bench-p1000-curated")]
+    assert rows[1]["subject_acc"]["mean"] == pytest.approx(0.415) and rows[1]["subjects"] == 2
+    verdicts = {(v["proxies"], v["metric"]): v["verdict"] for v in bench.curation_verdicts(rows)}
+    assert verdicts[(128, "subject_acc")] == "helps"  # [0.40, 0.43] is clear of [0.10, 0.13]
+    assert verdicts[(1000, "subject_acc")] == "no clear change (intervals overlap)"  # [0.15, 0.18] against [0.17, 0.20]
+    text = bench.render_matrix(rows, bench.curation_verdicts(rows))
+    assert "| 1000 | curated | toy-bench-p1000-curated | 2 | 0.185 [" in text
+
+
+def test_derived_specs_map_onto_the_synthesis_keys(bench):
+    spec = {"name": "toy-bench", "synthesis": {"num_images": 128, "batch_size": 32}}
+    curated = bench.derived_spec(spec, 1000, True, 2)
+    assert curated["name"] == "toy-bench-p1000-curated"
+    assert curated["synthesis"] == {"num_images": 2000, "batch_size": 32, "fidelity": {"keep": 1000}}
+    assert bench.derived_spec(spec, 128, False, 2) == spec and spec["synthesis"]["num_images"] == 128

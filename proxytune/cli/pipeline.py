@@ -54,12 +54,18 @@ def compile_cmd(specs: tuple[str, ...]) -> None:
         project.write_compiled(resolved, root)
     for item in resolved:
         for subject in item.spec.subjects:
+            student = "grow_select" if item.spec.student.proxy_count else "student"  # a growing proxy count's choice
             names = [layout.joint_stage_name(item.spec.name) if step == "student" and item.spec.student.multi_subject
-                     else layout.stage_name(step, item.spec.name, subject.name) for step in layout.STEPS]
+                     else layout.stage_name(student if step == "student" else step, item.spec.name, subject.name)
+                     for step in layout.STEPS]
             click.echo(" → ".join(names))
             for variant in item.spec.student.variants:
                 name = layout.variant_experiment(item.spec.name, variant)
                 click.echo(f"  {names[2]} → " + " → ".join(layout.stage_name(s, name, subject.name) for s in ("student", "evaluate")))
+            for count in item.spec.student.proxy_count.grow if item.spec.student.proxy_count else []:
+                name = layout.grow_experiment(item.spec.name, count)
+                click.echo(f"  {names[2]} → " + " → ".join(layout.stage_name(g, name, subject.name)
+                                                          for g in ("grow_student", "grow_evaluate")) + f" → {names[3]}")
         for style in item.spec.styles:
             click.echo(" → ".join(layout.stage_name(step, item.spec.name, style.name)
                                   for step in ("teacher", *layout.STYLE_STEPS)))

@@ -98,9 +98,18 @@ class ExperimentSpec(Strict):
                 if subject.class_noun not in CLASSES:
                     raise ValueError(f"evaluation.prompts: 'toyworld' prompts are for the toy world's classes "
                                      f"({', '.join(CLASSES)}); subjects[{i}] is a {subject.class_noun!r}")
+        count = self.student.proxy_count
+        if count is not None and count.metric in ORACLE_METRICS and plain_subjects(self):
+            raise ValueError(f"student.proxy_count.metric: {count.metric} is the toy world oracle's, measured only for "
+                             f"toy subjects (images: toyworld:NAME); {plain_subjects(self)[0]} is not one (use dino or clip_i)")
         oracle = [i for i, rule in enumerate(self.evaluation.gate) if rule.metric in ORACLE_METRICS]
-        plain = [s.name for s in self.subjects if s.toy_subject is None]
+        plain = plain_subjects(self)
         if oracle and plain:
             raise ValueError(f"evaluation.gate[{oracle[0]}].metric: {self.evaluation.gate[oracle[0]].metric} is the toy "
                              f"world oracle's, measured only for toy subjects (images: toyworld:NAME); {plain[0]} is not one")
         return self
+
+
+def plain_subjects(spec: ExperimentSpec) -> list[str]:
+    """Names of the subjects that are not toy world subjects (the oracle cannot score them)."""
+    return [s.name for s in spec.subjects if s.toy_subject is None]

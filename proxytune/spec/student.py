@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
 
+from proxytune.spec.evaluation import Metric
 from proxytune.spec.common import (
     TINY_STUDENTS,
     Seed,
@@ -151,7 +152,43 @@ def _merge(base: dict, changes: dict) -> dict:
     return merged
 
 
+class ProxyCountSpec(Strict):
+    """Choose the proxy count by measurement: train on the first N proxies for each N of `grow`, score each
+    student on a held-out measure of the subject, stop when the score stops improving (docs/proxy-count.md)."""
+
+    grow: list[PositiveInt] = Field(
+        min_length=2,
+        description="Proxy counts to try, strictly increasing, e.g. [128, 256, 512, 1000]; step i trains on the "
+        "first N proxies of the manifest (with curation: the most faithful first).",
+    )
+    stop_when: Literal["plateau"] = Field(
+        default="plateau",
+        description="plateau: stop at the first step whose held-out mean lies inside or below the previous step's "
+        "95% interval (the previous N is chosen), or when the proxy set runs out (a step needs more proxies than the "
+        "set holds: that step trains on all of them and is the last).",
+    )
+    metric: Metric | None = Field(
+        default=None,
+        description="Held-out score: null = subject_acc (the toy world oracle's) for toy subjects, dino otherwise.",
+    )
+    prompts: Annotated[int, Field(ge=2, strict=True)] = Field(
+        default=8, description="Held-out prompts: the first N of the evaluation's prompt set (at least 2: the "
+        "interval resamples prompts).")
+    images_per_prompt: PositiveInt = Field(default=4, description="Held-out images per prompt and step.")
+
+    @model_validator(mode="after")
+    def _increasing(self):
+        if any(b <= a for a, b in zip(self.grow, self.grow[1:])):
+            raise ValueError(f"grow: the counts must be strictly increasing (got {self.grow}), e.g. [128, 256, 512, 1000]")
+        return self
+
+
 class StudentSpec(StudentSettings):
+    proxy_count: ProxyCountSpec | None = Field(
+        default=None,
+        description="Grow the proxy set in steps and keep the count where the held-out subject score stops "
+        "improving (e.g. {grow: [128, 256, 512, 1000]}); null = train on num_proxy_images (all by default).",
+    )
     variants: dict[PlainName, StudentVariantSpec] = Field(
         default_factory=dict,
         description="More students of the same subjects, sharing this experiment's teacher, proxies and codes: "
@@ -162,7 +199,25 @@ class StudentSpec(StudentSettings):
     def variant(self, name: str) -> StudentSettings:
         """The merged student section of one variant."""
         changes = self.variants[name].model_dump(mode="json", exclude_unset=True)
-        return StudentSettings.model_validate(_merge(self.model_dump(mode="json", exclude={"variants"}), changes))
+        base = self.model_dump(mode="json", exclude={"variants", "proxy_count"})  # a variant trains on a fixed count
+        return StudentSettings.model_validate(_merge(base, changes))
+
+    @model_validator(mode="after")
+    def _proxy_count_alone(self):
+        if self.proxy_count is None:
+            return self
+        if self.recipe != "proxy":
+            raise ValueError(f"proxy_count: grows the proxy set, so it needs recipe: proxy (got {self.recipe!r})")
+        if self.num_proxy_images is not None:
+            raise ValueError("proxy_count: the count is chosen by measurement; remove num_proxy_images")
+        if self.multi_subject:
+            raise ValueError("proxy_count: not with multi_subject (each subject's count is chosen on its own)")
+        from proxytune.layout import GROW_VARIANT
+
+        taken = [name for name in self.variants if name.startswith(GROW_VARIANT)]
+        if taken:
+            raise ValueError(f"variants.{taken[0]}: names starting with {GROW_VARIANT!r} are the proxy_count steps'; rename it")
+        return self
 
     @model_validator(mode="after")
     def _variants_are_valid_students(self):

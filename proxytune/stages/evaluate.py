@@ -15,6 +15,10 @@ distinctive attribute of the subject that the prompt does not change, else 0) an
 With `evaluation.base_models` (default: on for toy subjects) the untuned teacher and student are
 sampled on the same prompts and seeds and scored as "base-teacher" and "base-student".
 
+A step of a growing proxy count (`grow_evaluate`, stages/proxy_count.py) is this evaluation on its held-out
+images; it also writes eval/proxy_count.json, the growth after the step (or hands it on untouched, scoring
+nothing, once the growth has stopped).
+
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json (with
 intervals), prompts.json, per_prompt.json, variance.json, gate.json, encoders.json, table.md,
 grid.png, images/MODEL/pPP_kK.png, record.json.
@@ -37,6 +41,7 @@ from proxytune.images import grid, list_images, open_rgb
 from proxytune.outputs import (Bootstrap, EvaluateRecord, EvaluationMetrics, FlatMetrics, Gate, PerPrompt, Prompts,
                                StudentRecord, SubjectEncoders, TeacherRecord, Variance, read_record, write_record)
 from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS as LABELS, ORACLE_METRICS  # oracle: toy subjects
+from proxytune.stages import proxy_count
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
@@ -235,6 +240,13 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: b
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     evaluation = params.evaluation
+    growth = None  # a step of a growing proxy count: the growth its student handed on
+    if params.grow is not None and params.grow.index is not None:
+        growth = proxy_count.read_state(params.student_out())
+        if growth.stopped is not None:
+            proxy_count.hand_on(growth, params.out("eval"))
+            tqdm.write(f"evaluate: skipped, the proxy count was chosen before this step ({growth.stopped})")
+            return
     seed_everything(params.seed)
     teacher_record = read_record(params.out("teacher"), TeacherRecord)
     student_record = read_record(params.student_out(), StudentRecord)
@@ -327,6 +339,10 @@ def run(params_path: str | Path) -> None:
             Variance(**variance).write(tmp / layout.VARIANCE_FILE)
         if gate:
             gate.write(tmp / layout.GATE_FILE)
+        if growth is not None:
+            growth = proxy_count.after_step(growth, params, metrics["student"])
+            growth.write(tmp / layout.COUNT_FILE)
+            run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
         write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
         rows = []
         for p in range(min(evaluation.grid_prompts, len(prompts))):
@@ -348,6 +364,8 @@ def run(params_path: str | Path) -> None:
                            **({"gate_passed": gate.passed} if gate else {}))
         flat.write(params.subject_dir / layout.METRICS_FILE)
     tqdm.write(table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
+    if growth is not None:
+        tqdm.write(f"proxy count: {growth.stopped or 'growing'}")
     if gate:
         tqdm.write("gate: " + ("passed: alias 'champion' set" if gate.passed else "failed: no alias") + "\n  " + "\n  ".join(gate.details))
 

@@ -12,6 +12,7 @@ from proxytune import layout
 from proxytune.errors import SpecError
 from proxytune.spec import EvaluationSpec, StudentSpec, SubjectSpec, SynthesisSpec, TeacherSpec, TrackingSpec
 from proxytune.spec.common import SAFE_NAME, Strict
+from proxytune.spec.evaluation import Metric
 from proxytune.spec.style import STYLE_INSTANCE_PROMPT, StyleSpec, StyleStudentSpec
 
 
@@ -21,6 +22,14 @@ class SourceInfo(Strict):
     references: str
     images: str
     raw: str | None = None  # a style's raw-data folder
+
+
+class GrowParams(Strict):
+    """Where a stage sits in a growing proxy count (compile writes it; the spec is student.proxy_count)."""
+
+    index: int | None  # the step's position in proxy_count.grow; None: the subject's own, chosen student
+    metric: Metric  # the held-out score
+    state: str | None  # the proxy_count.json it reads: the previous step's (None: the first step) or the last one's
 
 
 class StageParams(Strict):
@@ -40,6 +49,7 @@ class StageParams(Strict):
     style: StyleSpec | None = None  # a style's params: the style (curation prompts resolved to a list)
     style_student: StyleStudentSpec | None = None
     memory: dict | None = None  # what apply's memory mode chose on its card (proxytune.plan.auto); a record only
+    grow: GrowParams | None = None  # a step of a growing proxy count, or its selection
     path: Path = Field(default=Path("."), exclude=True)
 
     @property
@@ -149,6 +159,13 @@ def check_in_project(params: StageParams, root: Path) -> None:
         got = getattr(params, key)
         if got is not None and not _same_place(root, got, want):
             raise SpecError(f"{path}: {key}: {got!r} is not {want} (the folder compile names); re-run `proxytune compile`")
+    state = params.grow.state if params.grow is not None else None
+    if state is not None:
+        runs = os.path.realpath(root / layout.RUNS_DIR)
+        inside = os.path.relpath(os.path.realpath(root / state), runs).split(os.sep)
+        if inside[0] in ("..", ".") or len(inside) < 2 or layout.base_experiment(inside[0]) != base:
+            raise SpecError(f"{path}: grow.state: {state!r} is not a step of experiment {base!r} under "
+                            f"{layout.RUNS_DIR}/; re-run `proxytune compile`")
     for index, member in enumerate(params.joint_subjects or []):
         name = Path(member).name
         if not (SAFE_NAME.match(name) and _same_place(root, member, layout.subject_dir(experiment, name))):

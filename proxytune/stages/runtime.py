@@ -76,7 +76,8 @@ def stage_run(params: StageParams, stage: str, tags: dict[str, str] | None = Non
     tags = {
         "spec_file": params.source.spec_file,
         "spec_digest": params.source.spec_digest,
-        "dvc_stage": layout.joint_stage_name(params.experiment) if joint else layout.stage_name(stage, params.experiment, subject),
+        "dvc_stage": layout.joint_stage_name(params.experiment) if joint else layout.stage_name(
+            stage if params.grow is None else layout.grow_group(stage, params.grow.index), params.experiment, subject),
         "project_root": str(root),
         **(tags or {}),
     }

@@ -3,7 +3,10 @@
 Recipes (`student.recipe`): `proxy` (the method) trains a LoRA on the teacher's proxy set only and
 never sees the real references; the paper's baselines train on the references instead: `direct-lora`,
 `direct-full` (every weight of the transformer) and `augment` (a fixed, seeded set of flipped /
-rotated / cropped copies). `num_proxy_images` takes the first N proxies for size sweeps.
+rotated / cropped copies). `num_proxy_images` takes the first N proxies for size sweeps. With
+`proxy_count` (a growing proxy count, stages/proxy_count.py) this stage also runs each step's student
+(`grow_student`: nothing to train once the growth has stopped) and the subject's own student
+(`grow_select`: the chosen step's count, resumed from that step's final checkpoint).
 
 Images are tokenized by the student's own image tokenizer once (codes cached by dataset index) and
 captions encoded once per distinct prompt; each step then costs one transformer forward/backward.
@@ -18,6 +21,7 @@ direct-full, full/model.safetensors; samples.png; record.json.
 from __future__ import annotations
 
 import argparse
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,8 +34,9 @@ from proxytune.backends import students
 from proxytune.backends.student_api import sampling_settings
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
-from proxytune.outputs import StudentRecord, SynthesisRecord, read_record, write_record
-from proxytune.stages import training
+from proxytune.outputs import CountState, StudentRecord, SynthesisRecord, read_record, write_record
+from proxytune.spec import StudentSpec
+from proxytune.stages import proxy_count, training
 from proxytune.stages.codes_file import load_codes
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
@@ -47,9 +52,17 @@ class StudentTrainer:
     """The student's training loop (setup, train_step, train, save), on `self.spec`: the params' student
     section; `spec.recipe` names what it trains on (proxies, or the references for a baseline)."""
 
-    def __init__(self, params: StageParams):
+    def __init__(self, params: StageParams, count_state: CountState | None = None, chosen_dir: Path | None = None):
+        """`count_state`: a growing proxy count's state, written beside the student; `chosen_dir`: the subject's own
+        student of a growing proxy count trains as the chosen step did (its settings, its checkpoints)."""
         self.params = params
         self.spec = params.student
+        self.count_state = count_state
+        self.work = params.work("student")
+        if chosen_dir is not None:
+            fixed = self.spec.model_dump(mode="json", by_alias=True, exclude={"variants", "proxy_count"})
+            self.spec = StudentSpec.model_validate({**fixed, "num_proxy_images": count_state.chosen})
+            self.work = chosen_dir / ".work" / "student"  # its final checkpoint: nothing to train again
         self.device = device()
         self.proxy_dir = params.out("proxy")
         subject = params.subject
@@ -78,7 +91,7 @@ class StudentTrainer:
         if spec.recipe == "proxy":
             self.proxy = (joint_record(self.joint_params) if self.joint_params
                           else read_record(self.proxy_dir, SynthesisRecord).model_dump())
-        self.checkpoint_dir = self.params.work("student") / config_key(
+        self.checkpoint_dir = self.work / config_key(
             self.params.seed, spec.model_dump(exclude={"processes"}), self._data_key()
         )
         self._cache_inputs()
@@ -289,6 +302,8 @@ class StudentTrainer:
             bar.set_postfix(loss=f"{values['loss']:.4f}")
             if self.progress.step % spec.checkpoint_every == 0 and self.progress.step < spec.steps:
                 self.save_checkpoint()
+            elif self.progress.step == spec.steps and self.params.grow is not None:
+                self.save_checkpoint()  # a growth step's final state: the chosen student and a re-run resume it
             faults.kill_point("student", "step", self.progress.step)
         bar.close()
         self.bundle.model.eval()
@@ -364,6 +379,11 @@ class StudentTrainer:
                     if self.proxy is not None else {})},
             )
             training.write_curves(tmp, self.progress.series)  # after register: not part of the weights
+            if self.count_state is not None:
+                self.count_state.write(tmp / layout.COUNT_FILE)
+                if self.count_state.chosen is not None:
+                    run.log_params({"proxy_count.chosen": self.count_state.chosen, "proxy_count.stopped": self.count_state.stopped})
+                    run.log_metrics({"proxy_count.chosen": self.count_state.chosen})
             write_record(
                 tmp,
                 StudentRecord(
@@ -392,7 +412,18 @@ def processes(params_path: str | Path) -> int:
 
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    trainer = StudentTrainer(params)
+    state, chosen_dir = None, None
+    if params.grow is not None and params.grow.index is not None:  # a step of a growing proxy count
+        state = proxy_count.state_before(params)
+        if state.stopped is not None:
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # under accelerate launch: one process writes
+                proxy_count.hand_on(state, params.out("student"))
+            tqdm.write(f"student: skipped, the proxy count was chosen before this step ({state.stopped})")
+            return
+    elif params.grow is not None:  # the subject's own student: the growth's choice
+        state, chosen_dir = proxy_count.chosen_step(params)
+        tqdm.write(f"student: {state.chosen} proxies chosen by the growing proxy count ({state.stopped})")
+    trainer = StudentTrainer(params, state, chosen_dir)
     trainer.setup()
     trainer.train()
     if trainer.rank == 0:
