@@ -114,15 +114,12 @@ def score_pairs(params: StageParams, entries: list[dict], scratch: Path) -> tupl
     """
     from proxytune import toy_judges
     from proxytune.backends import encoders, style_metrics
-    from proxytune.images import list_images
 
     spec, evaluation, k = params.style.fidelity, params.evaluation, params.style.images_per_prompt
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the teacher pipeline is gone; the encoders are small
-    files = [scratch / Path(e["file"]).name for e in entries]
-    reference_files = list_images(params.references_dir)
-    refs_digest = digest_files([(p.name, sha256_file(p)) for p in reference_files])
-    cache = scratch / f"style-scores-{config_key(evaluation.dino_model, evaluation.clip_model, refs_digest)}.safetensors"
+    files, reference_files, cache = proxy_scores.scoring_inputs(scratch, entries, params.references_dir, evaluation,
+                                                                "style-scores")
 
     def score() -> dict[str, torch.Tensor]:
         tqdm.write(f"curation: scoring {len(files)} stylised images against {len(reference_files)} references")

@@ -20,6 +20,20 @@ EXTREMES = 8  # thumbnails of the most and of the least faithful images kept for
 THUMB = 96  # pixels
 
 
+def scoring_inputs(scratch: Path, entries: list[dict], references_dir: Path, evaluation, prefix: str
+                   ) -> tuple[list[Path], list[Path], Path]:
+    """(the images in `scratch`, the reference files, the embedding cache file): the cache is named by the
+    evaluation's encoders and the references' digest, so a change of either embeds again."""
+    from proxytune.files import digest_files, sha256_file
+    from proxytune.images import list_images
+    from proxytune.stages.runtime import config_key
+
+    files = [scratch / Path(e["file"]).name for e in entries]
+    reference_files = list_images(references_dir)
+    refs_digest = digest_files([(p.name, sha256_file(p)) for p in reference_files])
+    return files, reference_files, scratch / f"{prefix}-{config_key(evaluation.dino_model, evaluation.clip_model, refs_digest)}.safetensors"
+
+
 def cached_embeddings(cache: Path, names: tuple[str, ...], compute) -> dict[str, torch.Tensor]:
     """`compute()` (name -> (N, D) tensor) once: the tensors are kept in `cache` (safetensors) for a re-run,
     e.g. after the curation settings changed, or after a crash."""

@@ -184,15 +184,12 @@ def score_and_curate(params: StageParams, entries: list[dict],
     """
     from proxytune import toy_judges
     from proxytune.backends import encoders
-    from proxytune.images import list_images
 
     spec, evaluation = params.synthesis.fidelity, params.evaluation
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the teacher pipeline is gone; the encoders are small
-    files = [scratch / Path(e["file"]).name for e in entries]
-    reference_files = list_images(params.references_dir)
-    refs_digest = digest_files([(p.name, sha256_file(p)) for p in reference_files])
-    cache = scratch / f"embeds-{config_key(evaluation.dino_model, evaluation.clip_model, refs_digest)}.safetensors"
+    files, reference_files, cache = proxy_scores.scoring_inputs(scratch, entries, params.references_dir, evaluation,
+                                                                "embeds")
 
     def embed() -> dict[str, torch.Tensor]:
         tqdm.write(f"synthesis: scoring {len(files)} proxies against {len(reference_files)} references")
