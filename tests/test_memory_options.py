@@ -296,7 +296,7 @@ def _optimizer_state_bytes(optimizer) -> int:
 def test_student_8bit_adam_overfits_with_a_quarter_of_the_state_and_resumes_bit_for_bit(project):
     pytest.importorskip("torchao")
     from conftest import make_params, tiny_spec
-    from test_student import fake_proxy_set, recipe
+    from test_student import assert_resumes_bit_for_bit, fake_proxy_set, recipe
 
     # rank 64: every LoRA tensor of the tiny model has >= 4096 values, the least torchao quantises
     student = {"steps": 8, "checkpoint_every": 4, "batch_size": 2, "lora": {"rank": 64, "alpha": 64}}
@@ -320,19 +320,7 @@ def test_student_8bit_adam_overfits_with_a_quarter_of_the_state_and_resumes_bit_
     assert eight == sum(2 * (n + n // 256 * 4 + 1024) if n >= 4096 and n % 256 == 0 else 8 * n for n in sizes)
     assert full == 8 * sum(sizes) and eight < 0.31 * full, (eight, full)  # 0.305
 
-    first = recipe(params)
-    first.spec.steps = 4
-    first.train()
-    first.spec.steps = 8
-    first.save_checkpoint()
-    resumed = recipe(params)
-    assert resumed.progress.step == 4
-    resumed.train()
-    assert resumed.progress.losses == straight.progress.losses
-    from peft.utils import get_peft_model_state_dict
-
-    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_bit_for_bit(params, straight, half=4)
 
 
 def test_student_8bit_adam_without_torchao_is_a_one_line_error(monkeypatch):

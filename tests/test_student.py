@@ -38,6 +38,25 @@ def recipe(params):
     return r
 
 
+def assert_resumes_bit_for_bit(params, straight, half: int) -> None:
+    """A run stopped after `half` of `straight`'s steps, checkpointed and resumed ends with `straight`'s
+    losses and LoRA weights exactly (same computation, same order)."""
+    from peft.utils import get_peft_model_state_dict
+
+    total = straight.spec.steps  # read first: the recipes may share one spec object
+    first = recipe(params)
+    first.spec.steps = half
+    first.train()
+    first.spec.steps = total
+    first.save_checkpoint()
+    resumed = recipe(params)
+    assert resumed.progress.step == half
+    resumed.train()
+    assert resumed.progress.losses == straight.progress.losses
+    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     params = make_params(project, tiny_spec(student={"steps": 12, "checkpoint_every": 6, "batch_size": 2}))
     fake_proxy_set(params)
@@ -49,20 +68,7 @@ def test_student_trains_on_proxies_and_resumes_bit_for_bit(project):
     group = straight.optimizer.optimizer.param_groups[0]  # accelerate's wrapper around torch's AdamW
     assert group["fused"] and group["betas"] == (0.9, 0.95) and group["weight_decay"] == straight.spec.weight_decay
 
-    first = recipe(params)
-    first.spec.steps = 6
-    first.train()
-    first.spec.steps = 12
-    first.save_checkpoint()
-    resumed = recipe(params)
-    assert resumed.progress.step == 6
-    resumed.train()
-
-    assert resumed.progress.losses == straight.progress.losses
-    from peft.utils import get_peft_model_state_dict
-
-    a, b = (get_peft_model_state_dict(r.bundle.model, save_embedding_layers=False) for r in (straight, resumed))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_bit_for_bit(params, straight, half=6)
     assert straight.progress.losses[-1] < straight.progress.losses[0]
 
 
