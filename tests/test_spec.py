@@ -67,6 +67,11 @@ BAD_SPECS = [
     # memory options (issue 27)
     (with_(teacher__quantize="nf4"), "teacher.quantize: Input should be 'none' or 'int8'"),
     (with_(teacher__quantize="int8", teacher__processes=2), "teacher.processes: with quantize: int8, must be 1"),
+    (with_(evaluation__student_batch_size=0), "evaluation.student_batch_size: must be a positive integer"),
+    (with_(memory="sometimes"), "memory: Input should be 'checkpointing', 'auto' or 'manual'"),
+    # proxy fidelity (issue 29): curation and its gate read the scores
+    (with_(synthesis__fidelity={"enabled": False, "keep": 2}),
+     "synthesis.fidelity: keep and min_share need the scores: set enabled: true"),
 ]
 
 

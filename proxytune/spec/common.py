@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from proxytune.layout import VARIANT_SEP
 
@@ -83,3 +83,13 @@ def model_ref_checker(builtins: tuple[str, ...]):
         )
 
     return AfterValidator(check)
+
+
+class ScoredCuration(Strict):
+    """What every fidelity section shares: curation (`keep`) and its gate (`min_share`) read the scores."""
+
+    @model_validator(mode="after")
+    def _needs_scores(self):
+        if (self.keep is not None or self.min_share is not None) and not self.enabled:
+            raise ValueError("keep and min_share need the scores: set enabled: true")
+        return self

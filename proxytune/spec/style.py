@@ -16,8 +16,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from proxytune.spec.common import (TINY_CLIP, PositiveFloat, PositiveInt, Probability, SafeName, Seed, Strict,
-                                   model_ref_checker)
+from proxytune.spec.common import (TINY_CLIP, PositiveFloat, PositiveInt, Probability, SafeName, ScoredCuration, Seed,
+                                   Strict, model_ref_checker)
 from proxytune.spec.subject import toy_subject_name
 
 STYLE_INSTANCE_PROMPT = "a {class} in {token} style"  # what the style teacher learns on the references
@@ -88,7 +88,7 @@ class RawDataSpec(Strict):
         return self
 
 
-class StyleFidelitySpec(Strict):
+class StyleFidelitySpec(ScoredCuration):
     """Every stylised image of the curated set scored against the style references, and curation by it (issue 29)."""
 
     enabled: bool = Field(
@@ -153,8 +153,6 @@ class StyleSpec(Strict):
         if keep is not None and keep > self.images_per_prompt:
             raise ValueError(f"fidelity.keep ({keep}) is more than images_per_prompt ({self.images_per_prompt}): "
                              "curation keeps the best `keep` of each prompt's images")
-        if (keep is not None or self.fidelity.min_share is not None) and not self.fidelity.enabled:
-            raise ValueError("fidelity.keep and fidelity.min_share need the scores: set fidelity.enabled: true")
         return self
 
     @property

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from proxytune.spec.common import PositiveFloat, PositiveInt, Probability, Seed, Strict
+from proxytune.spec.common import PositiveFloat, PositiveInt, Probability, ScoredCuration, Seed, Strict
 
 
 def _check_template(value: str) -> str:
@@ -36,7 +36,7 @@ class FilterSpec(Strict):
         return self
 
 
-class FidelitySpec(Strict):
+class FidelitySpec(ScoredCuration):
     """Every proxy scored against the subject's references, and curation by that score (issue 29)."""
 
     enabled: bool = Field(
@@ -126,8 +126,6 @@ class SynthesisSpec(Strict):
         if keep is not None and self.filter.enabled:
             raise ValueError("set one of filter (enabled) and fidelity.keep: both drop proxies; fidelity.keep "
                              "replaces the filter (keep = num_images minus the filter's drop)")
-        if (keep is not None or self.fidelity.min_share is not None) and not self.fidelity.enabled:
-            raise ValueError("fidelity.keep and fidelity.min_share need the scores: set fidelity.enabled: true")
         return self
 
     @field_validator("prompt")
