@@ -1,0 +1,124 @@
+"""Built-in names: one table of built-in models and one of built-in worlds, which backends and plugins fill.
+
+A built-in model name (tiny-llamagen, toy-sd, ...) stands for a folder made on first use that then loads
+through the same `from_pretrained` calls as a released checkpoint. proxytune's own tiny random models are
+registered by the backends (`proxytune.backends.register_builtins`); a plugin, found through the
+`proxytune.plugins` entry-point group (pyproject.toml), registers its models and may register a world: a
+source of subjects, styles, prompts and judges that specs name as `WORLD:NAME` (the toy world is one such
+plugin, `toyworld`). Production code reaches a plugin only through these tables, never by importing it.
+
+Import-light on purpose (no torch): the spec checks names against these tables before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+Role = Literal["teacher", "student", "clip", "dino", "judge"]
+PLUGIN_GROUP = "proxytune.plugins"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One built-in model name.
+
+    Attributes:
+        name: what a spec writes (`tiny-sdxl`, `toy-llamagen`).
+        role: which spec field takes it.
+        build: makes (first call) or finds its folder; imports what it needs itself.
+        random_init: True for random weights (reports say so), False for trained ones (the toy world's).
+        provider: who registered it: "proxytune" or the plugin's entry-point name.
+        digest: the weights' digest, for the records that name the base model; None when it has none.
+    """
+
+    name: str
+    role: Role
+    build: Callable[[], Path]
+    random_init: bool = True
+    provider: str = "proxytune"
+    digest: Callable[[], str | None] | None = None
+
+
+class World(Protocol):
+    """A built-in world (`images: NAME:SUBJECT` in a spec): its subjects, styles, prompts and judges.
+
+    A world is a plugin's; proxytune's stages read it only through this interface, and its judges' scores
+    reach the evaluation as metrics registered in `proxytune.metrics`.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+
+    def subject_names(self) -> tuple[str, ...]: ...
+    def subject_class(self, subject: str) -> str: ...
+    def subject_references(self, subject: str) -> Path: ...
+    def style_names(self) -> tuple[str, ...]: ...
+    def style_references(self, style: str) -> Path: ...
+    def subject_prompts(self, token: str, class_noun: str) -> list[str]: ...
+    def style_prompts(self, count: int, seed: int, exclude: set[str]) -> list[str]: ...
+    def captions(self, count: int, seed: int) -> list[str]: ...
+    def raw_pairs(self, count: int, seed: int) -> list[tuple[Any, str]]: ...
+    def shows_subject(self, images: list, prompts: list[str], token: str, subject: str) -> Any: ...
+    def shows_style(self, images: list, style: str) -> Any: ...
+    def describe(self) -> dict: ...
+
+
+_MODELS: dict[str, BuiltinModel] = {}
+_WORLDS: dict[str, World] = {}
+_loaded = False
+
+
+def register_model(model: BuiltinModel) -> None:
+    """Add a built-in model name; a name taken by another provider is an error (two folders, one name)."""
+    known = _MODELS.get(model.name)
+    if known is not None and known.provider != model.provider:
+        raise ValueError(f"built-in model {model.name!r}: registered by {known.provider} and by {model.provider}")
+    _MODELS[model.name] = model
+
+
+def register_world(world: World) -> None:
+    _WORLDS[world.name] = world
+
+
+def _load() -> None:
+    """Fill the tables once: proxytune's own tiny models, then every installed plugin."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from proxytune.backends import register_builtins
+
+    register_builtins()
+    for entry in entry_points(group=PLUGIN_GROUP):
+        entry.load()()
+
+
+def model_names(role: Role) -> tuple[str, ...]:
+    _load()
+    return tuple(name for name, model in _MODELS.items() if model.role == role)
+
+
+def model(name: str) -> BuiltinModel | None:
+    """The built-in model `name`, or None when `name` is not one."""
+    _load()
+    return _MODELS.get(name)
+
+
+def builders(role: Role) -> dict[str, Callable[[], Path]]:
+    """name -> folder maker of every built-in of a role (`tiny_cache.resolve`'s table)."""
+    _load()
+    return {name: m.build for name, m in _MODELS.items() if m.role == role}
+
+
+def world(name: str) -> World | None:
+    """The built-in world `name` (the prefix of `images: NAME:...`), or None when none is installed."""
+    _load()
+    return _WORLDS.get(name)
+
+
+def world_names() -> tuple[str, ...]:
+    _load()
+    return tuple(_WORLDS)
