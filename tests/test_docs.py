@@ -240,3 +240,12 @@ def test_ci_runs_the_readmes_setup_and_test_commands():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert setup in ci and tests in ci, f".ci/run lacks the README's `{setup}` or `{tests}`"
     assert any(line.startswith("mkdocs build --strict") for line in ci), ".ci/run does not build the site"
+
+
+def test_readme_links_into_docs_exist():
+    """The README is outside the site (mkdocs checks the pages' links): its links into docs/ are checked here."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\((docs/[^)#\s]+)(?:#[^)\s]*)?\)", readme)
+    assert links, "the README links no page of the documentation site"
+    missing = sorted({link for link in links if not (ROOT / link).is_file()})
+    assert not missing, f"README.md links to missing pages: {missing}"
