@@ -249,3 +249,18 @@ def test_readme_links_into_docs_exist():
     assert links, "the README links no page of the documentation site"
     missing = sorted({link for link in links if not (ROOT / link).is_file()})
     assert not missing, f"README.md links to missing pages: {missing}"
+
+
+def test_every_command_is_documented():
+    """Each command of the CLI has its line on the Commands page (the toy world's on its own page)."""
+
+    def paths(command: click.Command, path: tuple[str, ...] = ()):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from paths(sub, path + (name,))
+        else:
+            yield path
+
+    shown = (ROOT / "docs" / "commands.md").read_text(encoding="utf-8") + (ROOT / "docs" / "toyworld.md").read_text(encoding="utf-8")
+    missing = [" ".join(p) for p in paths(main) if f"`proxytune {' '.join(p)}" not in shown]
+    assert not missing, f"commands without a line in docs/commands.md: {missing}"
