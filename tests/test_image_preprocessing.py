@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from proxytune.backends import encoders
-from proxytune.backends.student_api import images_to_pixels
+from proxytune.backends.students.api import images_to_pixels
 
 
 @pytest.fixture(scope="module")

@@ -247,7 +247,7 @@ def style_prompt_len(student, num_tokens: int) -> int:
     """Prompt-turn slots of a style student: the style template with its placeholders (and <s>, end of turn)
     plus the room the plain student's prompt_len leaves a prompt after its own template, so a prompt keeps
     as much text as it would without style."""
-    from proxytune.backends.lumina import PROMPT_TEMPLATE
+    from proxytune.backends.students.lumina.backend import PROMPT_TEMPLATE
 
     def length(text: str) -> int:
         return len(student.tokenizer.encode(text, add_special_tokens=False)) + 2

@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 
 from proxytune.backends import checkpoints
-from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig, head_dim
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students.llamagen.model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig, head_dim
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import StudentMeta
 from proxytune.errors import ProxytuneError, first_line
 from proxytune.files import staged_dir
 
@@ -345,7 +346,7 @@ def convert_to_student_folder(
     checkpoint, the code grid from image_size and the VQ's downsampling) and saved as
     `transformer/`; the VQ tokenizer is copied from `vq_folder`, a diffusers VQModel folder; the T5
     caption encoder is not copied but named (hub id, or a folder as an absolute path) in
-    proxytune_student.json, which `llamagen.load_student` follows.
+    proxytune_student.json, which `backend.load` follows.
 
     Args:
         gpt_checkpoint: t2i_XL_stage1_256.pt (image_size 256) or t2i_XL_stage2_512.pt (512).
@@ -378,5 +379,5 @@ def convert_to_student_folder(
         shutil.copytree(vq_folder, tmp / "vqvae")
         meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": text_encoder,
                 "tokenizer": text_encoder}
-        (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        student_meta.write(tmp, StudentMeta.parse(meta), indent=2)
     return out_dir
