@@ -65,7 +65,8 @@ def student_backend(meta: StudentMeta | None, config: dict | None, model: str, m
     try:
         name = students.detect_files(meta, config, model)
     except students.Unrecognised as err:
-        if err.file == "config" and config is not None and config.get("model_type") not in refused_model_types():
+        model_type = config.get("model_type") if config is not None else None
+        if err.file == "config" and not (isinstance(model_type, str) and model_type in refused_model_types()):
             check_dtype(config, config_label)  # a dtype problem is named before an unknown model type, as always
         raise ModelProblem(f"{meta_label if err.file == 'meta' else config_label}: {err}") from None
     if config is not None:

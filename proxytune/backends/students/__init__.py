@@ -159,11 +159,6 @@ def register(family: StudentFamily) -> None:
         register_model(BuiltinModel(name=name, role="student", build=tiny.folder))
 
 
-def unregister(name: str) -> None:
-    """Remove a family (tests that register a fake one put the table back)."""
-    _FAMILIES.pop(name, None)
-
-
 def families() -> dict[str, StudentFamily]:
     """name -> record, in registration order (the built-in three first)."""
     _load_built_in()
