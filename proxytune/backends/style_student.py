@@ -46,7 +46,7 @@ from proxytune.errors import ProxytuneError
 
 STYLE_META = "proxytune_style.json"
 BACKENDS = ("lumina-mgpt", "llamagen")  # students a style student is built on
-SAMPLING = {"lumina-mgpt": "stylear", "llamagen": "llamagen"}  # whose sampler defaults (student_api.SAMPLING_DEFAULTS)
+SAMPLING = {"lumina-mgpt": "stylear", "llamagen": "llamagen"}  # whose sampler defaults (students.api.sampler_defaults)
 
 
 @dataclass

@@ -19,9 +19,9 @@ row is never exactly zero). So `cond[index]` is a valid batch, and a cond made e
 text encoder, trained jointly) only has to zero its pad rows.
 
 A student folder (tiny, local or on the hub) holds transformer/ (an `ARStudent` or `LlamaGenStudent`
-of `llamagen_model`), vqvae/ (diffusers VQModel), text_encoder/ (T5 encoder), tokenizer/ and
+of `llamagen.model`), vqvae/ (diffusers VQModel), text_encoder/ (T5 encoder), tokenizer/ and
 proxytune_student.json ({"image_size": S}). Original LlamaGen checkpoints become such a folder
-through `llamagen_convert`.
+through `llamagen.convert`.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
 
 def _load_transformer(path: str, ref: str):
     """transformer/ as the class its config.json's model_type names: `ARStudent` ("proxytune_ar") or
-    `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen_model registers both with AutoModel."""
+    `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen.model registers both with AutoModel."""
     try:
         return AutoModel.from_pretrained(path, subfolder="transformer")
     except Exception as err:  # missing files, a model_type that is no LlamaGen student, bad shapes

@@ -8,7 +8,7 @@ differences from transformers' Llama that a port has to carry:
    ("rotate-half"). Splitting `wqkv` and permuting the q and k rows of every head from
    interleaved to rotate-half order gives the same attention scores (q.k is unchanged when q
    and k are permuted alike; v and the output projection are untouched).
-2. Its RoPE is 2D: `llamagen_model.LlamaGenStudent` carries it in its (cos, sin) tables, laid
+2. Its RoPE is 2D: `llamagen.model.LlamaGenStudent` carries it in its (cos, sin) tables, laid
    out for the permuted rows (see that module).
 
 Key map (original, under ckpt["model"] -> student):
@@ -197,7 +197,7 @@ def convert_state_dict(original: dict[str, torch.Tensor], config: ARStudentConfi
 
     Args:
         original: the checkpoint's state dict (ckpt["model"]), original key names.
-        config: the architecture it was trained with (`config_from_state_dict`, `llamagen_model.llamagen_t2i_xl()`).
+        config: the architecture it was trained with (`config_from_state_dict`, `llamagen.model.llamagen_t2i_xl()`).
     Raises:
         ProxytuneError: a key is missing or unexpected, or a shape disagrees with `config`.
         ValueError: the head width cannot carry the 2D RoPE.

@@ -29,12 +29,12 @@ code loads the tokenizer separately), so when transformers reports those weights
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
 Lumina-mGPT's released checkpoints (Alpha-VLLM/Lumina-mGPT-7B-512/768/1024) were saved by its own
-Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina_weights`
-repeats per head as the original does; the config's checks are in `lumina_layout`. The language
+Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina.weights`
+repeats per head as the original does; the config's checks are in `lumina.layout`. The language
 model runs in its declared dtype (bfloat16 for the releases), the VQ encoder in float32.
 
 The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
-lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina_tiny`.
+lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina.tiny`.
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     to this one; default: here, and the tokenizer beside the weights). The language model loads in the
     dtype its config declares (bfloat16 for the releases); the Chameleon VQ encoder runs in float32,
     as the original's image tokenizer does. Both the released layout (q/k norms of shape
-    (model_parallel_size, head_dim), `lumina_weights.expand_qk_norms`) and transformers' load.
+    (model_parallel_size, head_dim), `lumina.weights.expand_qk_norms`) and transformers' load.
 
     Raises:
         ProxytuneError: any failure to load the checkpoint, its tokenizer or the VQGAN folder, in one

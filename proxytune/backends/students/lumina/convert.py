@@ -2,7 +2,7 @@
 
 The folder holds Chameleon's VQGAN converted to a diffusers VQModel (`vq_decoder/`) and a
 proxytune_student.json that names the Chameleon-format model (hub id or folder: its weights are not
-copied), the image size and, optionally, the text tokenizer. `lumina.load` opens it.
+copied), the image size and, optionally, the text tokenizer. `lumina.backend.load` opens it.
 """
 
 from __future__ import annotations

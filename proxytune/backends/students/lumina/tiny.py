@@ -2,7 +2,7 @@
 
 A 2-layer Chameleon decoder whose vocabulary puts every special token Lumina-mGPT uses at its id in
 Chameleon's real vocabulary (`_tiny_vocabulary`), an x16 Chameleon VQ, and a VQ decoder folder made
-the way `proxytune convert lumina-mgpt` makes a real one. It loads through `lumina.load` like any
+the way `proxytune convert lumina-mgpt` makes a real one. It loads through `lumina.backend.load` like any
 checkpoint.
 """
 
