@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from proxytune.backends.students.meta import STUDENT_META, StudentMeta
 from proxytune.errors import ProxytuneError
@@ -77,20 +77,31 @@ class TinyStudent:
         return tiny_cache.materialize(self.key, self.build)
 
 
-class FolderChecks:
+class FolderChecks(Protocol):
     """What the pre-flight lends a family's `check_folder` (preflight.StudentFolderChecks implements it):
     file checks that raise the pre-flight's one-line problems, so the family's check stays torch-free and
-    needs no pre-flight import. See preflight.py for what each checks."""
+    needs no pre-flight import."""
 
-    def weights(self, folder: Path, what: str) -> None: ...
-    def tokenizer(self, folder: Path, what: str) -> None: ...
-    def part(self, folder: Path, meta: dict, name: str, kind: str) -> None: ...
+    def weights(self, folder: Path, what: str) -> None:
+        """`folder` holds config.json and a weights file (or a shard index)."""
+
+    def tokenizer(self, folder: Path, what: str) -> None:
+        """`folder` holds tokenizer files."""
+
+    def part(self, folder: Path, meta: Any, name: str, kind: str) -> None:
+        """Part `name` ("weights" or "tokenizer" `kind`): `folder`/name, or the folder / hub id meta names."""
+
     def problem(self, message: str) -> Exception:
         """The pre-flight's exception for `message` (one line, starting with the file)."""
+
     def config(self, config: dict, label: str, meta: StudentMeta | None) -> None:
         """A config.json of this family: a dtype proxytune runs, and the record's `check_config`."""
-    def cached_json(self, repo: str, name: str) -> tuple[dict | None, str]: ...
-    def read_json(self, path: Path) -> dict | None: ...
+
+    def cached_json(self, repo: str, name: str) -> tuple[dict | None, str]:
+        """A hub repository's JSON file when the local cache holds it (never downloaded), and its label."""
+
+    def read_json(self, path: Path) -> dict | None:
+        """A local JSON object file, None when absent."""
 
 
 @dataclass(frozen=True)
