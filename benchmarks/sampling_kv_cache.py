@@ -29,7 +29,7 @@ def load_bundle(config: dict):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
     from proxytune.spec.student import StudentLoraSpec
 
     bundle = llamagen.load_student(config["model"])

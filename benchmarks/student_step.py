@@ -100,7 +100,7 @@ class NaiveStudent:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from proxytune.backends import llamagen
+        from proxytune.backends.students.llamagen import backend as llamagen
         from proxytune.images import center_crop_resize, open_rgb
         from proxytune.stages.runtime import seed_everything
 

@@ -8,9 +8,7 @@ the file it read (`label`) and ends with the fix. The pipeline classes copied fr
 
 from __future__ import annotations
 
-from proxytune.backends.lumina_layout import config_problem
-from proxytune.backends.student_meta import (JANUS_CONVERT_FIX, JANUS_ORIGINAL_MODEL_TYPE, STUDENT_BACKENDS,
-                                             STUDENT_META, STUDENT_MODEL_TYPES)
+from proxytune.backends.students.meta import StudentMeta
 
 RUNNABLE_DTYPES = ("float32", "float16", "bfloat16")  # a config's torch_dtype (dtype in transformers 5) proxytune runs
 # backends.diffusion.FAMILIES' pipeline classes (tests check that the two agree; that module imports torch)
@@ -57,35 +55,39 @@ def check_pipeline_index(index: dict, label: str) -> None:
                            f"{', '.join(TEACHER_PIPELINES)}): name an SD 1.5, SDXL, SD3 or FLUX pipeline")
 
 
-def student_backend(meta: dict | None, config: dict | None, model: str, meta_label: str, config_label: str) -> str | None:
-    """The backend a student's proxytune_student.json / config.json name, as `students.detect_backend` reads them;
-    None when there is neither. Raises ModelProblem for a layout proxytune cannot load."""
-    backend = (meta or {}).get("backend")
-    if backend is not None and backend not in STUDENT_BACKENDS:
-        raise ModelProblem(f"{meta_label}: unknown backend {backend!r} (known: {', '.join(STUDENT_BACKENDS)})")
-    model_type = (config or {}).get("model_type")
-    if model_type == JANUS_ORIGINAL_MODEL_TYPE:  # whatever a proxytune_student.json beside it says
-        raise ModelProblem(f"{config_label}: {JANUS_CONVERT_FIX.format(src=model)}")
+def student_backend(meta: StudentMeta | None, config: dict | None, model: str, meta_label: str,
+                    config_label: str) -> str | None:
+    """The student family a proxytune_student.json / config.json name (`students.detect_files`, the one
+    detection the loader uses too), with what its record says a config.json must hold; None when there is
+    neither file. Raises ModelProblem for a layout proxytune cannot load."""
+    from proxytune.backends import students
+
+    try:
+        name = students.detect_files(meta, config, model)
+    except students.Unrecognised as err:
+        model_type = config.get("model_type") if config is not None else None
+        if err.file == "config" and not (isinstance(model_type, str) and model_type in refused_model_types()):
+            check_dtype(config, config_label)  # a dtype problem is named before an unknown model type, as always
+        raise ModelProblem(f"{meta_label if err.file == 'meta' else config_label}: {err}") from None
     if config is not None:
         check_dtype(config, config_label)
-    if backend is None and config is not None:
-        backend = STUDENT_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
-        if backend is None:
-            raise ModelProblem(f"{config_label}: model_type {model_type!r} is not an AR student proxytune trains "
-                               f"(janus, chameleon), and there is no {STUDENT_META} naming a backend")
-        if backend == "lumina-mgpt":
-            check_chameleon_config(config, config_label, (meta or {}).get("image_size"))
-            if meta is None:
-                raise ModelProblem(f"{config_label}: a Lumina-mGPT (Chameleon) checkpoint as released, without the VQ "
-                                   f"decoder proxytune needs: convert it once with `proxytune convert lumina-mgpt {model} "
-                                   "OUT --vqgan vqgan.ckpt --image-size N` and name OUT as student.model")
-    if backend is None and meta is not None:
-        backend = "llamagen"
-    return backend
+    if name is not None and config is not None and (meta is None or meta.backend is None):
+        record = students.family(name)
+        check_family_config(record, config, config_label, meta)
+        if meta is None and record.needs_meta:
+            raise ModelProblem(f"{config_label}: {record.needs_meta.format(src=model)}")
+    return name
 
 
-def check_chameleon_config(config: dict, label: str, image_size=None) -> None:
-    """The fields of a Lumina-mGPT / Chameleon config.json that `backends.lumina` needs (`lumina_layout`)."""
-    problem = config_problem(config, image_size)
+def refused_model_types() -> set[str]:
+    from proxytune.backends import students
+
+    return {model_type for record in students.families().values() for model_type in record.refused}
+
+
+def check_family_config(record, config: dict, label: str, meta: StudentMeta | None) -> None:
+    """What a student family's record says its config.json must hold for its loader (Lumina-mGPT's Chameleon
+    fields, `students.lumina.layout`); nothing for a family without such a check."""
+    problem = record.check_config(config, meta) if record.check_config is not None else None
     if problem:
         raise ModelProblem(f"{label}: {problem}")

@@ -104,7 +104,7 @@ class Output(_File, BaseModel):
 
 # -- shared pieces ----------------------------------------------------------------------------------
 class Sampling(Output):
-    """The sampler settings a student used (backends.student_api.sampling_settings)."""
+    """The sampler settings a student used (backends.students.api.sampling_settings)."""
 
     cfg_scale: float
     top_k: int | None

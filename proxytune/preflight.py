@@ -4,8 +4,8 @@ A stage finds out that its model is not what the spec says only once it loads it
 params files and the registry were written. This module looks at files only (no torch, no weights read)
 and refuses, as one line naming the spec file and key:
 - a local folder without the files its loader needs: a teacher's diffusers pipeline (model_index.json and
-  the component folders it lists), a student in one of the layouts `backends.students` detects (proxytune's
-  LlamaGen layout, Janus, Lumina-mGPT) with its parts, a CLIP or DINO encoder (config.json and weights);
+  the component folders it lists), a student of a family `backends.students` detects with the parts its
+  record's `check_folder` names, a CLIP or DINO encoder (config.json and weights);
 - a hub id that is neither in the local Hugging Face cache nor reachable on the hub (HF_HUB_OFFLINE set,
   no network, no such repository or file);
 - a name that is no built-in of its role. Built-in names (tiny-*, toy-*) always pass;
@@ -24,11 +24,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxytune.backends.student_meta import STUDENT_META
-from proxytune.model_configs import (ModelProblem, check_chameleon_config, check_dtype, check_encoder_config,
-                                     check_pipeline_index, student_backend)
+from proxytune.backends.students.meta import STUDENT_META, StudentMeta
+from proxytune.model_configs import (ModelProblem, check_dtype, check_encoder_config, check_pipeline_index,
+                                     check_family_config, student_backend)
 from proxytune.errors import SpecError, first_line
-from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_STUDENTS, TINY_TEACHERS, _HUB_ID
+from proxytune.spec.common import TINY_CLIP, TINY_DINO, TINY_TEACHERS, _HUB_ID
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -43,7 +43,16 @@ class ModelRef:
     revision: str | None = None
 
 
-BUILTINS = {"teacher": TINY_TEACHERS, "student": TINY_STUDENTS, "clip": TINY_CLIP, "dino": TINY_DINO}
+BUILTINS = {"teacher": TINY_TEACHERS, "clip": TINY_CLIP, "dino": TINY_DINO}
+
+
+def builtin_names(role: str) -> tuple[str, ...]:
+    """The built-in names of a role (students: every family's tiny ones and the plugins', `proxytune.builtins`)."""
+    if role == "student":
+        from proxytune import builtins
+
+        return builtins.model_names("student")
+    return BUILTINS[role]
 # Files whose presence says a hub repository holds a model of the role (any one of them will do).
 HUB_FILES = {"teacher": ("model_index.json",), "student": (STUDENT_META, "config.json"), "clip": ("config.json",),
              "dino": ("config.json",)}
@@ -88,7 +97,7 @@ def check_spec_models(spec, source: str, root: Path, seen: dict | None = None) -
 
 def check_model(ref: str, role: str, root: Path, revision: str | None = None) -> None:
     """Raises ModelProblem when `ref` cannot be the `role` model a stage will load."""
-    if ref in BUILTINS[role]:
+    if ref in builtin_names(role):
         return
     local = root / Path(ref).expanduser()  # an absolute path stays itself
     if local.is_dir():
@@ -121,9 +130,9 @@ def check_model(ref: str, role: str, root: Path, revision: str | None = None) ->
         except Exception as err:
             raise ModelProblem(f"hub id {ref!r} (local cache): {_unexpected(err)}") from None
         return
-    other = sorted(r for r, names in BUILTINS.items() if ref in names and r != role)
+    other = sorted(r for r in (*BUILTINS, "student") if ref in builtin_names(r) and r != role)
     named = f" ({ref!r} is a {other[0]} model)" if other else ""
-    raise ModelProblem(f"unknown {role} model {ref!r}{named}: use a built-in ({', '.join(BUILTINS[role])}), "
+    raise ModelProblem(f"unknown {role} model {ref!r}{named}: use a built-in ({', '.join(builtin_names(role))}), "
                        "a local folder or a hub id 'org/name'")
 
 
@@ -221,9 +230,46 @@ def _check_part(folder: Path, meta: dict, name: str, kind: str, root: Path) -> N
         _check_tokenizer_folder(target, what)
 
 
+def _read_meta(path: Path) -> StudentMeta | None:
+    data = _read_json(path)
+    return None if data is None else StudentMeta.parse(data)
+
+
+class StudentFolderChecks:
+    """The file checks a student family's `check_folder` uses (`students.FolderChecks`)."""
+
+    def __init__(self, root: Path, record):
+        self.root, self.record = root, record
+
+    def weights(self, folder: Path, what: str) -> None:
+        _check_weights_folder(folder, what)
+
+    def tokenizer(self, folder: Path, what: str) -> None:
+        _check_tokenizer_folder(folder, what)
+
+    def part(self, folder: Path, meta, name: str, kind: str) -> None:
+        _check_part(folder, meta, name, kind, self.root)
+
+    def problem(self, message: str) -> Exception:
+        return ModelProblem(message)
+
+    def config(self, config: dict, label: str, meta: StudentMeta | None) -> None:
+        check_dtype(config, label)
+        check_family_config(self.record, config, label, meta)
+
+    def cached_json(self, repo: str, name: str) -> tuple[dict | None, str]:
+        return _cached_json(repo, name, None)
+
+    def read_json(self, path: Path) -> dict | None:
+        return _read_json(path)
+
+
 def check_student_folder(folder: Path, root: Path) -> None:
-    """A student folder in a layout `backends.students.detect_backend` recognises, with the parts its loader reads."""
-    meta = _read_json(folder / STUDENT_META)
+    """A student folder of a family `backends.students.detect` recognises, with the parts its loader reads
+    (the family's `check_folder`)."""
+    from proxytune.backends import students
+
+    meta = _read_meta(folder / STUDENT_META)
     config = _read_json(folder / "config.json")
     if meta is None and config is None and (folder / "model_index.json").is_file():
         raise ModelProblem(f"{folder / 'model_index.json'}: a diffusers pipeline (a teacher), not an AR student: "
@@ -231,38 +277,9 @@ def check_student_folder(folder: Path, root: Path) -> None:
     backend = student_backend(meta, config, str(folder), str(folder / STUDENT_META), str(folder / "config.json"))
     if backend is None:
         raise ModelProblem(f"{folder} has neither {STUDENT_META} nor config.json: not a student model folder")
-    meta = meta or {}
-    if backend == "llamagen":
-        _check_weights_folder(folder / "transformer", "student transformer")
-        _check_part(folder, meta, "vqvae", "weights", root)
-        _check_part(folder, meta, "text_encoder", "weights", root)
-        _check_part(folder, meta, "tokenizer", "tokenizer", root)
-    elif backend == "janus":
-        _check_weights_folder(folder, "Janus checkpoint")
-        _check_tokenizer_folder(folder, "Janus checkpoint (its tokenizer)")
-    else:  # lumina-mgpt
-        decoder = meta.get("vq_decoder")
-        if not isinstance(decoder, str) or not decoder:
-            raise ModelProblem(f"{folder / STUDENT_META}: must name its vq_decoder folder (transformers has no "
-                               "Chameleon VQ decoder; `proxytune convert lumina-mgpt` writes one)")
-        _check_weights_folder(folder / decoder, "student vq_decoder")
-        for name, kind in (("model", "weights"), ("tokenizer", "tokenizer")):
-            meta_part = {name: meta.get(name, meta.get("model", "."))}
-            _check_part(folder, meta_part, name, kind, root)
-        _check_lumina_weights_config(folder, meta)
-
-
-def _check_lumina_weights_config(folder: Path, meta: dict) -> None:
-    """The Chameleon config.json of a converted Lumina-mGPT folder's weights: beside it, or cached for a hub id."""
-    source = meta.get("model", ".")
-    if (folder / source).is_dir():
-        where = folder / source / "config.json"
-        config, label = _read_json(where), str(where)
-    else:
-        config, label = _cached_json(source, "config.json", None)
-    if config is not None:
-        check_dtype(config, label)
-        check_chameleon_config(config, label, meta.get("image_size"))
+    record = students.family(backend)
+    if record.check_folder is not None:
+        record.check_folder(folder, meta or StudentMeta(), config, StudentFolderChecks(root, record))
 
 
 def check_clip_folder(folder: Path, root: Path) -> None:
@@ -305,7 +322,8 @@ def check_hub_teacher(repo: str, revision: str | None) -> None:
 
 
 def check_hub_student(repo: str, revision: str | None) -> None:
-    meta, meta_label = _cached_json(repo, STUDENT_META, revision)
+    meta_data, meta_label = _cached_json(repo, STUDENT_META, revision)
+    meta = None if meta_data is None else StudentMeta.parse(meta_data)
     config, config_label = _cached_json(repo, "config.json", revision)
     if meta is None and config is None:
         if _cached_json(repo, "model_index.json", revision)[0] is not None:

@@ -13,7 +13,8 @@ from typing import Callable, Iterator
 import yaml
 
 from proxytune import compile as compiler
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import STUDENT_META
 from proxytune.errors import ProxytuneError, SpecError
 from proxytune.files import process_alive, sha256_file, write_problem, write_text_atomic
 from proxytune.images import list_images, open_rgb
@@ -81,15 +82,13 @@ def check_resolution(spec, path: Path, root: Path) -> None:
 def _llamagen_student(ref: str, root: Path) -> bool:
     """Whether a student model is known, without loading it, to be a llamagen student (the built-in
     tiny or toy one, or a local folder whose proxytune_student.json says so); a hub id is checked when it loads."""
-    import json
-
     if ref in ("tiny-llamagen", "toy-llamagen"):
         return True
-    meta = (root / Path(ref).expanduser()) / STUDENT_META
     try:
-        return json.loads(meta.read_text()).get("backend", "llamagen") == "llamagen"
-    except (OSError, ValueError, AttributeError):
+        meta = student_meta.read_file((root / Path(ref).expanduser()) / STUDENT_META)
+    except (OSError, ValueError):
         return False
+    return meta is not None and meta.get("backend", "llamagen") == "llamagen"
 
 
 def check_identifiers(spec, path: Path, root: Path) -> None:

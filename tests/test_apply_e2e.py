@@ -116,7 +116,7 @@ def test_registry_pull_student_loads_with_peft(applied, tmp_path):
     cli(project, "registry", "pull", "t.dog.student@1", "-o", str(tmp_path / "student"))
     from peft import PeftModel
 
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
 
     def logits(adapter_dir):
         bundle = llamagen.load_student("tiny-llamagen")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from proxytune.backends import llamagen
+from proxytune import builtins
+from proxytune.backends.students.llamagen import backend as llamagen
 from proxytune.errors import ProxytuneError
 
 PROMPT = "a photo of sks dog"
@@ -54,7 +55,7 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
     folders = []
     for name in ("a", "b"):
         monkeypatch.setenv("PROXYTUNE_HOME", str(tmp_path / name))
-        folders.append(llamagen.TINY_STUDENTS["tiny-llamagen"]())
+        folders.append(builtins.model("tiny-llamagen").build())
     first, second = (file_hashes(f) for f in folders)
     assert folders[0] != folders[1]
     assert sum(name.endswith(".safetensors") for name in first) == 3  # transformer, vqvae, text_encoder
@@ -62,7 +63,7 @@ def test_tiny_build_is_deterministic(tmp_path, monkeypatch):
 
 
 def test_save_and_load_round_trip_exactly(bundle, tmp_path):
-    from proxytune.backends import llamagen_model
+    from proxytune.backends.students.llamagen import model as llamagen_model
 
     assert type(bundle.model) is llamagen_model.LlamaGenStudent  # the tiny student is the faithful 2D-RoPE port
     bundle.model.save_pretrained(tmp_path)
@@ -83,7 +84,7 @@ def test_auto_model_builds_the_class_a_saved_transformer_names(tmp_path):
     transformer/ loads through AutoModel as the class its model_type names (1D or 2D RoPE)."""
     from transformers import AutoModel
 
-    from proxytune.backends import llamagen_model as lm
+    from proxytune.backends.students.llamagen import model as lm
 
     sizes = dict(codebook_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                  cond_len=4, text_dim=8, grid_size=2)

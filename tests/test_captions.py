@@ -69,7 +69,7 @@ def test_the_llamagen_student_cleans_its_prompts():
     """The tiny llamagen student encodes "a S* dog" exactly as "a s dog" (and may be told not to clean)."""
     import torch
 
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
 
     bundle = llamagen.load_student("tiny-llamagen")
     assert bundle.config.clean_captions
@@ -130,7 +130,7 @@ def test_student_dropout_is_validated(project, value):
 
 
 def test_student_dropout_defaults_to_the_originals(project):
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
     from proxytune.stages.student_setup import training_dropout
 
     assert load_spec(spec_file(project)).student.dropout is None

@@ -1,6 +1,6 @@
 """Library image preprocessing against the arithmetic proxytune needs, on real DreamBench photos.
 
-- Student tokenizers (`student_api.images_to_pixels`): RGB, bicubic resize to S x S, x / 127.5 - 1.
+- Student tokenizers (`students.api.images_to_pixels`): RGB, bicubic resize to S x S, x / 127.5 - 1.
   diffusers' VaeImageProcessor gives the same pixels, so proxytune uses it.
 - DINO (`encoders.dino_preprocess`): DreamBench's torchvision Resize(256, bicubic) + CenterCrop(224)
   + ImageNet normalisation. transformers' BitImageProcessor gives the same pixels where the crop
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from proxytune.backends import encoders
-from proxytune.backends.student_api import images_to_pixels
+from proxytune.backends.students.api import images_to_pixels
 
 
 @pytest.fixture(scope="module")

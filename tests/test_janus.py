@@ -4,7 +4,9 @@ quantizer, LoRA on the language model only, training by behaviour, adapter round
 import torch
 import torch.nn.functional as F
 
-from proxytune.backends import janus, students
+from proxytune.backends import students
+
+from proxytune.backends.students.janus import backend as janus
 from conftest import add_lora
 
 

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_params, tiny_spec
-from proxytune.backends import janus_convert, students
-from proxytune.backends.student_meta import JANUS_CONVERT_FIX
+from proxytune.backends import students
+from proxytune.backends.students.janus import convert as janus_convert
+from proxytune.backends.students.janus import CONVERT_FIX as JANUS_CONVERT_FIX
 from proxytune.errors import ProxytuneError
 from releases import janus as release
 

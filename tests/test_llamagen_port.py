@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from proxytune.backends import llamagen_convert, llamagen_model
+from proxytune.backends.students.llamagen import convert as llamagen_convert
+
+from proxytune.backends.students.llamagen import model as llamagen_model
 from proxytune.errors import ProxytuneError
 
 TOL = 1e-4

@@ -4,7 +4,9 @@ a VQ decoder sharing the codebook, training by behaviour, adapter round trip, KV
 import pytest
 import torch
 
-from proxytune.backends import lumina, students
+from proxytune.backends import students
+
+from proxytune.backends.students.lumina import backend as lumina
 from proxytune.errors import ProxytuneError
 from conftest import add_lora
 

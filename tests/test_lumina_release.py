@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from proxytune.backends import lumina_weights, students, vqgan
+from proxytune.backends import students, vqgan
+
+from proxytune.backends.students.lumina import weights as lumina_weights
 from proxytune.errors import ProxytuneError
 from releases import lumina as release
 
@@ -191,7 +193,7 @@ def test_a_broken_checkpoint_is_refused_in_one_line_naming_it(released, tmp_path
 def test_convert_reads_the_config_and_refuses_an_unsupported_layout_before_writing(released, tmp_path, chameleon_tokenizer):
     from click.testing import CliRunner
 
-    from proxytune.backends import lumina_layout
+    from proxytune.backends.students.lumina import layout as lumina_layout
     from proxytune.cli import main
 
     config = json.loads((released[0] / "config.json").read_text())

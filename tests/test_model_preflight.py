@@ -178,9 +178,10 @@ def test_cached_hub_ids_and_complete_folders_pass(project, offline_hub):
                                        ("tiny-lumina-mgpt", "student"), ("tiny-clip", "clip"), ("tiny-dino", "dino")])
 def test_the_built_in_models_folders_pass_as_local_folders(tmp_path, name, role):
     """The checks are not stricter than the loaders: every built-in model's materialised folder passes."""
-    from proxytune.backends import diffusion, encoders, students
+    from proxytune import builtins
+    from proxytune.backends import diffusion, encoders
 
-    builders = {"teacher": diffusion.TINY_TEACHERS, "student": students.TINY_STUDENTS, "clip": encoders.TINY_CLIP,
+    builders = {"teacher": diffusion.TINY_TEACHERS, "student": builtins.builders("student"), "clip": encoders.TINY_CLIP,
                 "dino": encoders.TINY_DINO}
     folder = Path(builders[role][name]())
     preflight.check_model(str(folder), role, tmp_path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxytune import model_configs, preflight
-from proxytune.backends.student_meta import JANUS_CONVERT_FIX
+from proxytune.backends.students.janus import CONVERT_FIX as JANUS_CONVERT_FIX
 from test_model_preflight import cache_repo, fake_pipeline, fake_weights_folder, refused, write_spec
 
 # deepseek-ai/Janus-Pro-7B's config.json fields as the Janus repository's MultiModalityConfig reads them
@@ -288,7 +288,7 @@ def test_any_other_failure_of_a_check_is_one_line(project, monkeypatch):
     def broken(*args, **kwargs):
         raise KeyError("vq_config")
 
-    monkeypatch.setattr(preflight, "check_chameleon_config", broken)
+    monkeypatch.setattr(preflight, "check_family_config", broken)
     release = lumina_release_folder(project / "models" / "release", lumina_config())
     converted_lumina(project / "models" / "student", str(release))
     path = write_spec(project, student={"model": "./models/student"})

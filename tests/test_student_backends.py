@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from proxytune.backends import students
-from proxytune.backends.student_api import StudentBackend
+from proxytune.backends.students.api import StudentBackend
 from conftest import add_lora
 
 BACKENDS = {"tiny-janus": "janus", "tiny-lumina-mgpt": "lumina-mgpt"}
@@ -96,7 +96,7 @@ def test_the_student_stage_trains_it_with_selected_layers(project, name):
 def test_each_backend_samples_with_its_authors_settings_unless_the_spec_says_otherwise():
     """LlamaGen sample_t2i.py: CFG 7.5, top-k 1000, temperature 1; Lumina-mGPT's inference solver:
     CFG 3, image top-k 2000, temperature 1; Janus generation_inference.py: CFG 5, temperature 1, no top-k."""
-    from proxytune.backends.student_api import sampling_settings
+    from proxytune.backends.students.api import sampling_settings
     from proxytune.spec.student import SamplingSpec
 
     assert sampling_settings("llamagen", SamplingSpec()) == {"cfg_scale": 7.5, "top_k": 1000, "temperature": 1.0}

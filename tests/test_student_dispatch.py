@@ -28,7 +28,7 @@ def _folder(tmp_path, name, files):
     ],
 )
 def test_backend_comes_from_the_checkpoint_files(tmp_path, files, backend):
-    assert students.detect_backend(_folder(tmp_path, "ckpt", files), "ref") == backend
+    assert students.detect(_folder(tmp_path, "ckpt", files), "ref") == backend
 
 
 @pytest.mark.parametrize(

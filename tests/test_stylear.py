@@ -337,7 +337,9 @@ def test_guided_sampling_is_the_originals_cfg_on_a_converted_stylear_model(tmp_p
     from peft import PeftModel
     from PIL import Image
 
-    from proxytune.backends import encoders, lumina
+    from proxytune.backends import encoders
+
+    from proxytune.backends.students.lumina import backend as lumina
     from proxytune.backends.style_student import StyleStudent
 
     bundle = students.load_student("tiny-lumina-mgpt")
@@ -385,7 +387,7 @@ def test_guided_sampling_is_the_originals_cfg_on_a_converted_stylear_model(tmp_p
 def test_a_style_student_samples_with_styleARs_defaults_unless_the_spec_says_otherwise():
     """inference.py: create_logits_processor(cfg=4.0, image_top_k=2000), temperature 1.0 (not the base
     Lumina-mGPT solver's cfg 3.0); a spec's field wins."""
-    from proxytune.backends.student_api import sampling_settings
+    from proxytune.backends.students.api import sampling_settings
     from proxytune.spec.student import SamplingSpec
 
     assert sampling_settings("stylear", SamplingSpec()) == {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0}

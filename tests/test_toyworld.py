@@ -178,7 +178,7 @@ def test_sd_pretraining_trains_its_text_encoder_only_when_asked(tmp_path, monkey
 def test_vq_and_llamagen_pretraining_use_the_configured_codebook(tmp_path, monkeypatch):
     """vq_codes sizes the VQ's codebook and the student's code vocabulary alike: the finished
     toy-llamagen folder loads through the student loader and samples codes of that codebook only."""
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
 
     _small_fresh_renders(monkeypatch)
     cfg = _tiny_config(2)

@@ -20,10 +20,12 @@ def register_builtins() -> None:
 
     tiny = {
         "teacher": ("proxytune.backends.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
-        "student": ("proxytune.backends.students", "TINY_STUDENTS", ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")),
         "clip": ("proxytune.backends.encoders", "TINY_CLIP", ("tiny-clip",)),
         "dino": ("proxytune.backends.encoders", "TINY_DINO", ("tiny-dino",)),
     }
     for role, (module, table, names) in tiny.items():
         for name in names:
             register_model(BuiltinModel(name=name, role=role, build=_lazy(module, table, name)))
+    from proxytune.backends import students
+
+    students.families()  # each student family's record registers its tiny students

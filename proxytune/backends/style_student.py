@@ -46,7 +46,7 @@ from proxytune.errors import ProxytuneError
 
 STYLE_META = "proxytune_style.json"
 BACKENDS = ("lumina-mgpt", "llamagen")  # students a style student is built on
-SAMPLING = {"lumina-mgpt": "stylear", "llamagen": "llamagen"}  # whose sampler defaults (student_api.SAMPLING_DEFAULTS)
+SAMPLING = {"lumina-mgpt": "stylear", "llamagen": "llamagen"}  # whose sampler defaults (students.api.sampler_defaults)
 
 
 @dataclass
@@ -247,7 +247,7 @@ def style_prompt_len(student, num_tokens: int) -> int:
     """Prompt-turn slots of a style student: the style template with its placeholders (and <s>, end of turn)
     plus the room the plain student's prompt_len leaves a prompt after its own template, so a prompt keeps
     as much text as it would without style."""
-    from proxytune.backends.lumina import PROMPT_TEMPLATE
+    from proxytune.backends.students.lumina.backend import PROMPT_TEMPLATE
 
     def length(text: str) -> int:
         return len(student.tokenizer.encode(text, add_special_tokens=False)) + 2

@@ -301,10 +301,10 @@ def _student_parts(student: models.StudentModel, text: bool = True) -> int:
 
 
 def _lora_targets(student: models.StudentModel, groups: list[str]) -> tuple[str, ...] | str:
-    from proxytune.backends.student_api import LORA_GROUPS
+    from proxytune.backends.students.api import LORA_GROUPS
 
     if student.backend == "janus":
-        from proxytune.backends.janus import GROUP_PREFIX
+        from proxytune.backends.students.janus.backend import GROUP_PREFIX
 
         names = "|".join(rf"{GROUP_PREFIX[g]}\.({'|'.join(LORA_GROUPS[g])})" for g in groups)
         return r".*language_model\.layers\.\d+\.(" + names + ")"

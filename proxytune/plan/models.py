@@ -71,7 +71,7 @@ def build(component: Component):
     if kind == "t5":
         return transformers.T5EncoderModel(transformers.T5Config(**cfg))
     if kind == "llamagen":
-        from proxytune.backends.llamagen_model import LlamaGenStudent, LlamaGenStudentConfig
+        from proxytune.backends.students.llamagen.model import LlamaGenStudent, LlamaGenStudentConfig
 
         return LlamaGenStudent(LlamaGenStudentConfig(**cfg))
     if kind == "chameleon":
@@ -204,13 +204,14 @@ def describe_student(ref: str, root: Path) -> StudentModel:
         backend, size, dtype, parts = releases.STUDENTS[ref]
         return StudentModel(ref, backend, size, dtype, {k: Component(kind, dict(cfg)) for k, (kind, cfg) in parts.items()},
                             releases.PROMPT_TOKENS[backend])
-    from proxytune.backends.students import TINY_STUDENTS
+    from proxytune import builtins
+    from proxytune.backends.students.meta import STUDENT_META, StudentMeta
 
-    folder = _tiny_folder(ref, TINY_STUDENTS) or ref
-    meta = config_file(folder, "proxytune_student.json", root) or {}
+    folder = _tiny_folder(ref, builtins.builders("student")) or ref
+    meta = StudentMeta.parse(config_file(folder, STUDENT_META, root) or {})
     config = config_file(folder, "config.json", root)
     backend = meta.get("backend")
-    if backend == "llamagen" or (config is None and meta):
+    if backend == "llamagen" or (config is None and meta.to_dict()):
         model = config_file(folder, "transformer/config.json", root)
         text = config_file(folder, "text_encoder/config.json", root)
         vq = config_file(folder, "vqvae/config.json", root)

@@ -168,7 +168,7 @@ def student_step(component: Component, image_size: int, prompt_tokens: int, opti
                                torch.randint(0, cfg.get("codebook_size", 16384), (batch, codes)),
                                torch.zeros(batch, dtype=torch.bool))
             elif component.kind == "chameleon":  # Lumina-mGPT's loss: the image turn's labels, in chunks of positions
-                from proxytune.backends.lumina import LOSS_CHUNK, vocabulary_terms
+                from proxytune.backends.students.lumina.backend import LOSS_CHUNK, vocabulary_terms
 
                 hidden = model.model(input_ids=torch.randint(0, 1000, (batch, seq))).last_hidden_state
                 turn = seq - prompt_tokens

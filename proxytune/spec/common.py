@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Callable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from proxytune.layout import VARIANT_SEP
 
 # Built-in models, by role: tiny random architectures and the toy world's pretrained models. The
-# backends own the builders; tests check both lists agree.
+# backends own the builders; tests check both lists agree. Students: `proxytune.builtins` (the families' records).
 TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-sd")
-TINY_STUDENTS = ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt", "toy-llamagen")
 TINY_CLIP = ("tiny-clip", "toy-clip")
 TINY_DINO = ("tiny-dino", "toy-dino")
 
@@ -68,18 +67,21 @@ def _seed(value: int) -> int:
 Seed = Annotated[int, Field(strict=True), AfterValidator(_seed)]
 
 
-def model_ref_checker(builtins: tuple[str, ...]):
-    """Validator for a model field: a built-in tiny name, a local path or a hub id ("org/name")."""
+def model_ref_checker(builtins: tuple[str, ...] | Callable[[], tuple[str, ...]]):
+    """Validator for a model field: a built-in tiny name, a local path or a hub id ("org/name").
+
+    `builtins` is the names, or a function giving them when a value is checked (a table filled on first use)."""
 
     def check(value: str) -> str:
-        if value in builtins:
+        names = builtins() if callable(builtins) else builtins
+        if value in names:
             return value
         if value.startswith(("/", ".", "~")):
             return value  # a local path: existence is checked when the spec is resolved
         if _HUB_ID.match(value):
             return value
         raise ValueError(
-            f"unknown model {value!r}: use a built-in ({', '.join(builtins)}), a local path or a hub id 'org/name'"
+            f"unknown model {value!r}: use a built-in ({', '.join(names)}), a local path or a hub id 'org/name'"
         )
 
     return AfterValidator(check)

@@ -64,10 +64,10 @@ class ExperimentSpec(Strict):
 
     @model_validator(mode="after")
     def _style_student_backend(self) -> "ExperimentSpec":
-        from proxytune.spec.common import TINY_STUDENTS
+        from proxytune import builtins
 
         model = self.student.model
-        if self.styles and model in TINY_STUDENTS and "janus" in model:
+        if self.styles and model in builtins.model_names("student") and "janus" in model:
             raise ValueError(f"student.model: a style student needs the Lumina-mGPT or LlamaGen backend (e.g. "
                              f"tiny-lumina-mgpt, tiny-llamagen), not {model!r}")
         if self.styles and self.student.multi_subject:

@@ -7,8 +7,9 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from proxytune.spec.evaluation import Metric
+from proxytune.backends import students
+from proxytune.backends.students import STYLEAR_SAMPLING
 from proxytune.spec.common import (
-    TINY_STUDENTS,
     Seed,
     PositiveFloat,
     PlainName,
@@ -18,7 +19,19 @@ from proxytune.spec.common import (
     model_ref_checker,
 )
 
-StudentModel = Annotated[str, model_ref_checker(TINY_STUDENTS)]
+def _student_models() -> tuple[str, ...]:
+    from proxytune import builtins
+
+    return builtins.model_names("student")
+
+
+StudentModel = Annotated[str, model_ref_checker(_student_models)]
+
+
+def _defaults(field: str) -> str:
+    """Each family's default for a sampler field, from its record: "LlamaGen 7.5, ..."."""
+    values = [(record.label, getattr(record.sampling, field)) for record in students.families().values()]
+    return ", ".join(f"{label} {'none' if value is None else value}" for label, value in values)
 
 
 class StudentLoraSpec(Strict):
@@ -35,22 +48,22 @@ class StudentLoraSpec(Strict):
 
 
 class SamplingSpec(Strict):
-    """Sampler settings; a field left unset (null) takes the student backend's own default, the one its
-    authors ship (proxytune.backends.student_api.SAMPLING_DEFAULTS). The values used are recorded."""
+    """Sampler settings; a field left unset (null) takes the student family's own default, the one its
+    authors ship (its record's `SamplerDefaults`, proxytune.backends.students). The values used are recorded."""
 
     cfg_scale: Annotated[float, Field(ge=1.0)] | None = Field(
         default=None,
-        description="Classifier-free guidance scale. null = the backend's default: LlamaGen 7.5, Lumina-mGPT 3.0, Janus-Pro 5.0 "
-        "(a style student: StyleAR's 4.0).",
+        description=f"Classifier-free guidance scale. null = the backend's default: {_defaults('cfg_scale')} "
+        f"(a style student: StyleAR's {STYLEAR_SAMPLING.cfg_scale}).",
     )
     top_k: PositiveInt | None = Field(
         default=None,
         description="Sample among the k most likely codes (a k >= the codebook size keeps all). null = the backend's "
-        "default: LlamaGen 1000, Lumina-mGPT 2000, Janus-Pro none.",
+        f"default: {_defaults('top_k')}.",
     )
     temperature: Annotated[float, Field(ge=0)] | None = Field(
         default=None,
-        description="Sampling temperature; 0 = greedy. null = the backend's default (1.0 for all three).",
+        description=f"Sampling temperature; 0 = greedy. null = the backend's default: {_defaults('temperature')}.",
     )
 
 

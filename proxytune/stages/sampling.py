@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune.backends import diffusion, students, tiny_cache
-from proxytune.backends.student_api import sampling_settings
+from proxytune.backends.students.api import sampling_settings
 from proxytune.files import digest_dir, sha256_file, write_png_atomic
 from proxytune.images import is_readable, open_rgb
 from proxytune.outputs import StudentRecord, read_record
@@ -147,10 +147,10 @@ class StudentSampler:
             raise ValueError("StudentSampler: a given bundle is drawn as the base student (tuned=False)")
         self.params = params
         student = params.student
-        self.path = tiny_cache.resolve(student.model, students.TINY_STUDENTS, what="student model")
+        self.path = students.resolve(student.model)
         self.random_init = tiny_cache.is_random_init(self.path)
         if sampling is None:
-            sampling = sampling_settings(students.detect_backend(self.path, student.model), student.sampling)
+            sampling = sampling_settings(students.detect(self.path, student.model), student.sampling)
         self.sampling = sampling
         self.weights = self._weights_file(params) if tuned else None
         if self.weights is None:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune.backends import students
-from proxytune.backends.student_api import sampling_settings
+from proxytune.backends.students.api import sampling_settings
 from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.outputs import CountState, StudentRecord, SynthesisRecord, read_record, write_record

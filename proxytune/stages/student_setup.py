@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from proxytune.backends.student_api import unwrapped
+from proxytune.backends.students.api import unwrapped
 from proxytune.outputs import SynthesisRecord, read_record
 from proxytune.stages.params import StageParams
 
@@ -50,16 +50,17 @@ def joint_record(joint_params: list[StageParams]) -> dict:
 
 
 def training_dropout(bundle, given: float | None) -> float:
-    """Set the dropout the student trains with and return it: `student.dropout`, else the backend's
+    """Set the dropout the student trains with and return it: `student.dropout`, else its family's
     original (llamagen: LlamaGen's 0.1 token / residual / FFN dropout).
 
     Raises:
-        ProxytuneError: a non-zero dropout for a backend without the option.
+        ProxytuneError: a non-zero dropout for a family without the option.
     """
-    if bundle.backend == "llamagen":
-        from proxytune.backends import llamagen
+    from proxytune.backends import students
 
-        p = llamagen.ORIGINAL_DROPOUT if given is None else given
+    default = students.family(bundle.backend).dropout
+    if default is not None:
+        p = default if given is None else given
         unwrapped(bundle.model).set_dropout(p)
         return p
     if given:

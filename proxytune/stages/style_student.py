@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from proxytune import faults, layout
 from proxytune.backends import encoders, students
-from proxytune.backends.student_api import sampling_settings
+from proxytune.backends.students.api import sampling_settings
 from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic

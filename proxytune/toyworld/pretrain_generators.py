@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students.meta import STUDENT_META
 from proxytune.toyworld import oracle as oracle_lib
 from proxytune.toyworld.pretrain_loop import (Loop, PretrainConfig, WorldData, step_rng, step_generator,
                                               fresh_renders, oracle_accuracy)
@@ -214,7 +214,7 @@ def _llamagen_folder(out: Path, cfg: PretrainConfig, folder: Path) -> None:
 
     from transformers import T5Config, T5EncoderModel
 
-    from proxytune.backends import llamagen_model
+    from proxytune.backends.students.llamagen import model as llamagen_model
 
     bos, eos = bos_eos_ids()
     config = llamagen_model.LlamaGenStudentConfig(
@@ -232,7 +232,7 @@ def _llamagen_folder(out: Path, cfg: PretrainConfig, folder: Path) -> None:
 
 
 def train_llamagen(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
-    from proxytune.backends import llamagen
+    from proxytune.backends.students.llamagen import backend as llamagen
 
     folder = out / "llamagen"
     init = out / "work" / "llamagen-init"

@@ -130,7 +130,7 @@ def release_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def tiny_vocabulary(codes: int) -> dict[str, int]:
     """Chameleon's token names at their real ids up to <reserved08999> (image tokens from id 4)."""
-    from proxytune.backends.lumina_tiny import _tiny_vocabulary
+    from proxytune.backends.students.lumina.tiny import _tiny_vocabulary
 
     return _tiny_vocabulary(codes)
 

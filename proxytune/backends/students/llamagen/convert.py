@@ -8,7 +8,7 @@ differences from transformers' Llama that a port has to carry:
    ("rotate-half"). Splitting `wqkv` and permuting the q and k rows of every head from
    interleaved to rotate-half order gives the same attention scores (q.k is unchanged when q
    and k are permuted alike; v and the output projection are untouched).
-2. Its RoPE is 2D: `llamagen_model.LlamaGenStudent` carries it in its (cos, sin) tables, laid
+2. Its RoPE is 2D: `llamagen.model.LlamaGenStudent` carries it in its (cos, sin) tables, laid
    out for the permuted rows (see that module).
 
 Key map (original, under ckpt["model"] -> student):
@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 
 from proxytune.backends import checkpoints
-from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig, head_dim
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students.llamagen.model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig, head_dim
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import StudentMeta
 from proxytune.errors import ProxytuneError, first_line
 from proxytune.files import staged_dir
 
@@ -196,7 +197,7 @@ def convert_state_dict(original: dict[str, torch.Tensor], config: ARStudentConfi
 
     Args:
         original: the checkpoint's state dict (ckpt["model"]), original key names.
-        config: the architecture it was trained with (`config_from_state_dict`, `llamagen_model.llamagen_t2i_xl()`).
+        config: the architecture it was trained with (`config_from_state_dict`, `llamagen.model.llamagen_t2i_xl()`).
     Raises:
         ProxytuneError: a key is missing or unexpected, or a shape disagrees with `config`.
         ValueError: the head width cannot carry the 2D RoPE.
@@ -345,7 +346,7 @@ def convert_to_student_folder(
     checkpoint, the code grid from image_size and the VQ's downsampling) and saved as
     `transformer/`; the VQ tokenizer is copied from `vq_folder`, a diffusers VQModel folder; the T5
     caption encoder is not copied but named (hub id, or a folder as an absolute path) in
-    proxytune_student.json, which `llamagen.load_student` follows.
+    proxytune_student.json, which `backend.load` follows.
 
     Args:
         gpt_checkpoint: t2i_XL_stage1_256.pt (image_size 256) or t2i_XL_stage2_512.pt (512).
@@ -378,5 +379,5 @@ def convert_to_student_folder(
         shutil.copytree(vq_folder, tmp / "vqvae")
         meta = {"backend": "llamagen", "image_size": image_size, "text_encoder": text_encoder,
                 "tokenizer": text_encoder}
-        (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        student_meta.write(tmp, StudentMeta.parse(meta), indent=2)
     return out_dir

@@ -1,4 +1,4 @@
-"""Lumina-mGPT's token names and what its config.json must say for `lumina.load` to load it.
+"""Lumina-mGPT's token names and what its config.json must say for `lumina.backend.load` to load it.
 
 Import-light on purpose (no torch): the model pre-flight and `proxytune convert lumina-mgpt` read the
 config before any weights are touched, and `lumina` takes its token names from here. The released 7B

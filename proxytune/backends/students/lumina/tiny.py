@@ -2,20 +2,20 @@
 
 A 2-layer Chameleon decoder whose vocabulary puts every special token Lumina-mGPT uses at its id in
 Chameleon's real vocabulary (`_tiny_vocabulary`), an x16 Chameleon VQ, and a VQ decoder folder made
-the way `proxytune convert lumina-mgpt` makes a real one. It loads through `lumina.load` like any
+the way `proxytune convert lumina-mgpt` makes a real one. It loads through `lumina.backend.load` like any
 checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from proxytune.backends import tiny_cache, vqgan
-from proxytune.backends.lumina import IMAGE_END, IMAGE_START, image_token_name
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends import vqgan
+from proxytune.backends.students.lumina.backend import IMAGE_END, IMAGE_START, image_token_name
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import StudentMeta
 
 TINY_SIZE = 128
 TINY_PROMPT_LEN = 160  # characters: the template alone is about 70
@@ -39,7 +39,7 @@ def _tiny_vocabulary(codes: int) -> dict[str, int]:
     return vocab
 
 
-def _build_tiny(folder: Path) -> None:
+def build(folder: Path) -> None:
     """128 px images, an x16 Chameleon VQ (8 x 8 codes, 256 entries), 2-layer Chameleon decoder.
 
     The vocabulary is Chameleon's layout (`_tiny_vocabulary`) plus byte characters for text, so every
@@ -77,10 +77,5 @@ def _build_tiny(folder: Path) -> None:
     decoder = vqgan.build_vqmodel(*vqgan.convert_state_dict(taming, "taming", image_size=TINY_SIZE,
                                                             label="tiny Chameleon VQGAN"))
     decoder.save_pretrained(folder / "vq_decoder")
-    meta = {"backend": "lumina-mgpt", "image_size": TINY_SIZE, "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}
-    (folder / STUDENT_META).write_text(json.dumps(meta) + "\n")
-
-
-def materialize_tiny() -> Path:
-    return tiny_cache.materialize("tiny-lumina-mgpt-v3", _build_tiny)
-
+    student_meta.write(folder, StudentMeta.parse({"backend": "lumina-mgpt", "image_size": TINY_SIZE,
+                                                  "vq_decoder": "vq_decoder", "prompt_len": TINY_PROMPT_LEN}))

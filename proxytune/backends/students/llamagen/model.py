@@ -7,7 +7,7 @@ that are padding (all-zero feature rows) are masked as LlamaGen masks them (`att
 
 `LlamaGenStudent` is the same model with LlamaGen's 2D RoPE. LlamaGen rotates interleaved pairs
 (x[2i], x[2i+1]) of each head; transformers rotates (x[i], x[i + d/2]). After the converter
-(`llamagen_convert`) permutes the q and k rows, pair i of the original lives in dims (i, i + d/2),
+(`llamagen.convert`) permutes the q and k rows, pair i of the original lives in dims (i, i + d/2),
 so the 2D structure is carried by the (cos, sin) tables alone (`rope_2d_tables`): within each
 head the first d/4 pairs turn by the code's row in the image grid and the last d/4 by its column,
 one frequency ladder base^(-2k/(d/2)), k < d/4, shared by both axes; the caption slots get
@@ -188,7 +188,7 @@ class ARStudent(PreTrainedModel):
         sampler passes the same arguments with or without a cache and reads the last position.
 
         Args:
-            text_feats: (B, C, Dt) caption features, pad slots all-zero rows (see backends/llamagen.py);
+            text_feats: (B, C, Dt) caption features, pad slots all-zero rows (see students/llamagen/backend.py);
                 needed on every call, since the pad mask is read from them.
             codes: (B, T) code indices, T <= L.
             drop_cond: (B,) bool, True where the caption is replaced by the uncond embedding.

@@ -19,14 +19,13 @@ row is never exactly zero). So `cond[index]` is a valid batch, and a cond made e
 text encoder, trained jointly) only has to zero its pad rows.
 
 A student folder (tiny, local or on the hub) holds transformer/ (an `ARStudent` or `LlamaGenStudent`
-of `llamagen_model`), vqvae/ (diffusers VQModel), text_encoder/ (T5 encoder), tokenizer/ and
+of `llamagen.model`), vqvae/ (diffusers VQModel), text_encoder/ (T5 encoder), tokenizer/ and
 proxytune_student.json ({"image_size": S}). Original LlamaGen checkpoints become such a folder
-through `llamagen_convert`.
+through `llamagen.convert`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,13 @@ from transformers import AutoModel, DynamicCache
 
 from proxytune.backends import tiny_cache
 from proxytune.backends.captions import clean_caption
-from proxytune.backends.llamagen_model import ARStudentConfig, LlamaGenStudent, LlamaGenStudentConfig
-from proxytune.backends.student_api import LORA_GROUPS, sample_next
-from proxytune.backends.student_meta import STUDENT_META
-from proxytune.backends.tokenizer import EOS_ID, char_vocab_size, write_char_clip_tokenizer
+from proxytune.backends.students.llamagen.model import ARStudentConfig  # importing it registers the AutoModel classes
+from proxytune.backends.students.api import LORA_GROUPS, cfg_batch, guided, sample_next
+from proxytune.backends.students.llamagen import SAMPLING
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import STUDENT_META, StudentMeta
 from proxytune.errors import ProxytuneError, first_line
 
-ORIGINAL_DROPOUT = 0.1  # LlamaGen's train_t2i.py: --dropout-p (residual, FFN) and --token-dropout-p
 # Suffix matches on the Llama decoder's projections only: the caption MLP is fc1/fc2, the head lm_head.
 LORA_TARGET_MODULES = [name for group in LORA_GROUPS.values() for name in group]
 
@@ -87,7 +86,7 @@ class ARStudentBundle:
 
     def lora_target_modules(self, groups: list[str] | None = None) -> list[str]:
         """Llama projection suffixes of the named groups ("attention", "mlp"; None = both)."""
-        from proxytune.backends.student_api import lora_groups
+        from proxytune.backends.students.api import lora_groups
 
         return [name for group in lora_groups(groups) for name in LORA_GROUPS[group]]
 
@@ -182,9 +181,9 @@ class ARStudentBundle:
         prompts: list[str],
         seeds: list[int],
         *,
-        cfg_scale: float = 7.5,
-        top_k: int | None = 1000,
-        temperature: float = 1.0,
+        cfg_scale: float = SAMPLING.cfg_scale,
+        top_k: int | None = SAMPLING.top_k,
+        temperature: float = SAMPLING.temperature,
         use_cache: bool = True,
         text_feats: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -205,28 +204,21 @@ class ARStudentBundle:
         model = self.model
         B, L = len(prompts), self.config.seq_len
         text = self.encode_prompts(prompts) if text_feats is None else text_feats  # (B, C, Dt)
-        drop = torch.zeros(B, dtype=torch.bool)
-        guided = cfg_scale != 1.0
-        if guided:  # one batch [cond; uncond]
-            text = torch.cat([text, text])
-            drop = torch.cat([drop, torch.ones(B, dtype=torch.bool)])
+        text, drop = cfg_batch(text, cfg_scale)  # one batch [cond; uncond] when guided
         text = text.to(self.model_device)
         codes = torch.zeros(len(text), L, dtype=torch.long, device=text.device)  # codes[:, t] is a placeholder until drawn
         cache = DynamicCache() if use_cache else None
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         for t in tqdm(range(L), desc="student: sample", unit="code", leave=False, disable=None):
             logits = model(text, codes[:, : t + 1], drop_cond=drop, past_key_values=cache, use_cache=use_cache)
-            logits = logits[:, -1].float()  # (B or 2B, V)
-            if guided:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_scale * (cond - uncond)
+            logits = guided(logits[:, -1].float(), cfg_scale)  # (B or 2B, V) -> (B, V)
             nxt = sample_next(logits, generators, top_k=top_k, temperature=temperature)  # (B,)
-            codes[:, t] = torch.cat([nxt, nxt]) if guided else nxt
+            codes[:, t] = torch.cat([nxt, nxt]) if len(text) > B else nxt
         return codes[:B]
 
     def images_to_pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images (square, image_size; resized bicubic if not) -> (B, 3, S, S) in [-1, 1]."""
-        from proxytune.backends.student_api import images_to_pixels
+        from proxytune.backends.students.api import images_to_pixels
 
         return images_to_pixels(images, self.image_size)
 
@@ -236,62 +228,8 @@ class ARStudentBundle:
 
 
 # -----------------------------------------------------------------------------
-# tiny built-in and loading
+# loading
 
-TINY_COND_LEN = 32
-
-
-def _build_tiny_llamagen(folder: Path) -> None:
-    """64 px images, x4 VQ (16x16 = 256 codes, 512 entries), 2-layer Llama, 2-layer T5 encoder."""
-    from diffusers import VQModel
-    from transformers import T5Config, T5EncoderModel
-
-    student_config = LlamaGenStudentConfig(
-        codebook_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        cond_len=TINY_COND_LEN,
-        text_dim=32,
-        grid_size=16,
-        # LoRA leaves lm_head frozen, so its scale bounds the logits: at 0.02 they stay under ~1.3
-        # and fine-tuning cannot lower the loss much; 1/sqrt(hidden) leaves room.
-        initializer_range=0.125,
-    )
-    text_config = T5Config(
-        vocab_size=char_vocab_size(),
-        d_model=32,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        pad_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
-        decoder_start_token_id=EOS_ID,
-    )
-    with torch.random.fork_rng(devices=[]):  # a fixed seed without disturbing the caller's RNG
-        torch.manual_seed(0)
-        LlamaGenStudent(student_config).save_pretrained(folder / "transformer")
-        VQModel(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            latent_channels=8,
-            vq_embed_dim=8,
-            num_vq_embeddings=512,
-            norm_num_groups=16,
-            sample_size=64,
-        ).save_pretrained(folder / "vqvae")
-        T5EncoderModel(text_config).save_pretrained(folder / "text_encoder")
-    write_char_clip_tokenizer(folder / "tokenizer", model_max_length=TINY_COND_LEN)
-    (folder / STUDENT_META).write_text(json.dumps({"backend": "llamagen", "image_size": 64}) + "\n")
-
-
-TINY_STUDENTS = {"tiny-llamagen": lambda: tiny_cache.materialize("tiny-llamagen-v2", _build_tiny_llamagen)}
 
 def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
     try:
@@ -303,32 +241,18 @@ def _from_pretrained(cls, path: str, subfolder: str | None, ref: str):
 
 def _load_transformer(path: str, ref: str):
     """transformer/ as the class its config.json's model_type names: `ARStudent` ("proxytune_ar") or
-    `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen_model registers both with AutoModel."""
+    `LlamaGenStudent` ("proxytune_llamagen", 2D RoPE); llamagen.model registers both with AutoModel."""
     try:
         return AutoModel.from_pretrained(path, subfolder="transformer")
     except Exception as err:  # missing files, a model_type that is no LlamaGen student, bad shapes
         raise ProxytuneError(f"student model {ref!r}: cannot load transformer/ ({first_line(err)})") from None
 
 
-def _read_meta(path: str) -> dict:
-    """proxytune_student.json of a student folder or hub repo ({} when absent)."""
-    if Path(path).is_dir():
-        meta_path = Path(path) / STUDENT_META
-        return json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(path, STUDENT_META)).read_text())
-    except EntryNotFoundError:
-        return {}
-
-
-def _part(path: str, meta: dict, name: str) -> tuple[str, str | None]:
+def _part(path: str, meta: StudentMeta, name: str) -> tuple[str, str | None]:
     """Where a part lives: its subfolder, or the hub id / folder proxytune_student.json names for it
     (a converted LlamaGen folder refers to google/flan-t5-xl instead of copying it)."""
     if name in meta:
-        source = meta[name]
+        source = meta.get(name)
         local = Path(path) / source
         return (str(local), None) if Path(path).is_dir() and local.is_dir() else (source, None)
     return path, name
@@ -355,12 +279,22 @@ def load_student(ref: str, *, device: str = "cpu") -> ARStudentBundle:
     Raises:
         ProxytuneError: unknown name, unloadable part, or parts that do not fit together.
     """
+    from proxytune.backends import students
+
+    return load(students.resolve(ref), ref=ref, device=device)
+
+
+def load(path: str, *, ref: str, device: str = "cpu") -> ARStudentBundle:
+    """Load the llamagen student at `path` (a resolved folder or hub id; `ref` as the spec names it).
+
+    Raises:
+        ProxytuneError: an unloadable part, or parts that do not fit together.
+    """
     from diffusers import VQModel
     from transformers import AutoTokenizer, T5EncoderModel
 
-    path = tiny_cache.resolve(ref, TINY_STUDENTS, what="student model")
     try:
-        meta = _read_meta(path)
+        meta = student_meta.read(path) or StudentMeta()
     except Exception as err:  # unreadable or not JSON
         raise ProxytuneError(f"student model {ref!r}: cannot read {STUDENT_META} ({first_line(err)})") from None
     model = _load_transformer(path, ref)

@@ -1,7 +1,7 @@
 """The one interface every AR student backend offers (llamagen, janus, lumina-mgpt).
 
-Stages and benchmarks program against `StudentBackend` only; `load_student` picks the backend from
-the checkpoint's own files (proxytune_student.json's "backend", else config.json's model_type), never
+Stages and benchmarks program against `StudentBackend` only; `students.load_student` picks the family
+from the checkpoint's own files (proxytune_student.json's "backend", else config.json's model_type), never
 from its name.
 
 Conventions shared by every backend:
@@ -13,7 +13,7 @@ Conventions shared by every backend:
   (classifier-free guidance dropout in training, the uncond half in sampling);
 - `generate` samples with CFG, top-k (None: none), temperature and a KV cache; image i depends only
   on prompts[i] and seeds[i]. What a spec leaves unset comes from the backend's authors
-  (`SAMPLING_DEFAULTS`, resolved by `sampling_settings`).
+  (each family's `SamplerDefaults`, resolved by `sampling_settings`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
+
+from proxytune.backends.students import SamplerDefaults
 
 
 @runtime_checkable
@@ -74,26 +76,18 @@ class StudentBackend(Protocol):
 
 
 # -- pieces every backend shares ------------------------------------------------------------------
-# Each backend's sampler settings as its authors ship them; a spec field left unset (null) means these.
-SAMPLING_DEFAULTS = {
-    # LlamaGen autoregressive/sample/sample_t2i.py: --cfg-scale 7.5, --top-k 1000, --temperature 1.0
-    "llamagen": {"cfg_scale": 7.5, "top_k": 1000, "temperature": 1.0},
-    # Lumina-mGPT inference_solver.create_logits_processor(cfg=3.0, image_top_k=2000), temperature 1.0
-    # (its README example passes cfg=4.0; the solver's and the demo's defaults are 3.0)
-    "lumina-mgpt": {"cfg_scale": 3.0, "top_k": 2000, "temperature": 1.0},
-    # Janus generation_inference.py: cfg_weight 5, temperature 1, softmax over every code (no top-k)
-    "janus": {"cfg_scale": 5.0, "top_k": None, "temperature": 1.0},
-    # a StyleAR style student (on lumina-mgpt): StyleAR's inference.py passes
-    # create_logits_processor(cfg=4.0, image_top_k=2000) and temperature 1.0
-    "stylear": {"cfg_scale": 4.0, "top_k": 2000, "temperature": 1.0},
-}
+def sampler_defaults(backend: str) -> SamplerDefaults:
+    """The sampler defaults of a student family (its record's), or StyleAR's for "stylear"."""
+    from proxytune.backends import students
+
+    return students.STYLEAR_SAMPLING if backend == "stylear" else students.family(backend).sampling
 
 
 def sampling_settings(backend: str, spec: Any) -> dict[str, Any]:
-    """The sampler settings a student uses: each field the spec gives, else its backend's default.
+    """The sampler settings a student uses: each field the spec gives, else its family's default.
 
     Args:
-        backend: the student's backend name ("llamagen", "lumina-mgpt", "janus"), or "stylear" for a
+        backend: the student's family name ("llamagen", "lumina-mgpt", "janus"), or "stylear" for a
             style student (StyleAR's own defaults, not its base's).
         spec: a SamplingSpec (fields cfg_scale, top_k, temperature; None = not given).
     Returns:
@@ -101,7 +95,8 @@ def sampling_settings(backend: str, spec: Any) -> dict[str, Any]:
         records. top_k None means no top-k filtering.
     """
     given = spec.model_dump()
-    return {key: given[key] if given[key] is not None else default for key, default in SAMPLING_DEFAULTS[backend].items()}
+    defaults = sampler_defaults(backend).settings()
+    return {key: given[key] if given[key] is not None else default for key, default in defaults.items()}
 
 
 # Decoder projections by module group, for selective LoRA ("attention", "mlp").

@@ -2,16 +2,18 @@
 
 The folder holds Chameleon's VQGAN converted to a diffusers VQModel (`vq_decoder/`) and a
 proxytune_student.json that names the Chameleon-format model (hub id or folder: its weights are not
-copied), the image size and, optionally, the text tokenizer. `lumina.load` opens it.
+copied), the image size and, optionally, the text tokenizer. `lumina.backend.load` opens it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from proxytune.backends import lumina_layout, vqgan
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends import vqgan
+
+from proxytune.backends.students.lumina import layout as lumina_layout
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import StudentMeta
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir
 
@@ -46,5 +48,5 @@ def convert_to_student_folder(model: str, out_dir: str | Path, vqgan_checkpoint:
         meta["tokenizer"] = str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
     with staged_dir(out) as tmp:
         vqgan.convert_file(vqgan_checkpoint, tmp / "vq_decoder", layout="taming", image_size=image_size)
-        (tmp / STUDENT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        student_meta.write(tmp, StudentMeta.parse(meta), indent=2)
     return meta

@@ -29,17 +29,16 @@ code loads the tokenizer separately), so when transformers reports those weights
 filled from the converted VQGAN, and a checkpoint whose codebook differs from it is refused.
 
 Lumina-mGPT's released checkpoints (Alpha-VLLM/Lumina-mGPT-7B-512/768/1024) were saved by its own
-Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina_weights`
-repeats per head as the original does; the config's checks are in `lumina_layout`. The language
+Chameleon classes: their q/k norms hold one row per model-parallel shard, which `lumina.weights`
+repeats per head as the original does; the config's checks are in `lumina.layout`. The language
 model runs in its declared dtype (bfloat16 for the releases), the VQ encoder in float32.
 
 The special tokens are looked up by name in the checkpoint's vocabulary_map, so a checkpoint that
-lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina_tiny`.
+lacks one gets a clear error rather than a wrong layout. The built-in tiny model: `lumina.tiny`.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,18 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from proxytune.backends import checkpoints, lumina_layout, lumina_weights, tiny_cache, vqgan
-from proxytune.backends.lumina_layout import (END_OF_TURN, IMAGE_END, IMAGE_START, ROW_END, SIZE_UNIT, image_token_name,
+from proxytune.backends import checkpoints, tiny_cache, vqgan
+
+from proxytune.backends.students.lumina import layout as lumina_layout
+
+from proxytune.backends.students.lumina import weights as lumina_weights
+from proxytune.backends.students.lumina.layout import (END_OF_TURN, IMAGE_END, IMAGE_START, ROW_END, SIZE_UNIT, image_token_name,
                                             size_token)
-from proxytune.backends.student_api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
+from proxytune.backends.students.api import (LORA_GROUPS, cfg_batch, guided, images_to_pixels, lora_groups,
                                             sample_next, unwrapped)
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.lumina import SAMPLING
+from proxytune.backends.students.meta import STUDENT_META, StudentMeta
 from proxytune.errors import ProxytuneError
 
 PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
@@ -271,9 +276,9 @@ class LuminaStudent:
         return {"ce": (ce * weights)[labelled].sum() / labelled.sum(), "z_loss": z[labelled].mean()}
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 3.0, top_k: int | None = 2000,
-                 temperature: float = 1.0, use_cache: bool = True, cond: torch.Tensor | None = None,
-                 embed=None) -> torch.Tensor:
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = SAMPLING.cfg_scale,
+                 top_k: int | None = SAMPLING.top_k, temperature: float = SAMPLING.temperature, use_cache: bool = True,
+                 cond: torch.Tensor | None = None, embed=None) -> torch.Tensor:
         """The original inference solver's defaults: CFG 3, image top-k 2000 (None: no top-k), temperature 1.
 
         `cond` (B, 2, T), when given, is used instead of encoding `prompts` (another prompt template);
@@ -323,7 +328,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
     to this one; default: here, and the tokenizer beside the weights). The language model loads in the
     dtype its config declares (bfloat16 for the releases); the Chameleon VQ encoder runs in float32,
     as the original's image tokenizer does. Both the released layout (q/k norms of shape
-    (model_parallel_size, head_dim), `lumina_weights.expand_qk_norms`) and transformers' load.
+    (model_parallel_size, head_dim), `lumina.weights.expand_qk_norms`) and transformers' load.
 
     Raises:
         ProxytuneError: any failure to load the checkpoint, its tokenizer or the VQGAN folder, in one
@@ -334,7 +339,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
 
     meta_path = Path(path) / STUDENT_META
     try:
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = student_meta.read_file(meta_path) or StudentMeta()
     except (OSError, ValueError) as err:
         raise ProxytuneError(f"student model {ref!r}: {meta_path}: unreadable ({err})") from None
     if "vq_decoder" not in meta:
@@ -357,12 +362,12 @@ def load(path: str, *, ref: str, device: str = "cpu") -> LuminaStudent:
         what = "text tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(text)
         what = "VQGAN folder"
-        decoder = VQModel.from_pretrained(str(Path(path) / meta["vq_decoder"]))
+        decoder = VQModel.from_pretrained(str(Path(path) / meta.vq_decoder))
     except ProxytuneError:
         raise
     except Exception as err:  # any failure of any type (bad JSON, missing shard, truncated file): one line
         detail = (str(err).strip().splitlines() or [""])[0][:300]
-        source = {"checkpoint": weights, "text tokenizer": text, "VQGAN folder": str(Path(path) / meta["vq_decoder"])}[what]
+        source = {"checkpoint": weights, "text tokenizer": text, "VQGAN folder": str(Path(path) / meta.vq_decoder)}[what]
         raise ProxytuneError(f"student model {ref!r}: cannot load the Lumina-mGPT {what} {source} "
                              f"({type(err).__name__}: {detail})") from None
     lumina_weights.refuse_missing(info["missing_keys"], weights, ref)

@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from proxytune.backends import checkpoints, tiny_cache
-from proxytune.backends.student_api import cfg_batch, guided, images_to_pixels, lora_groups, sample_next, unwrapped
-from proxytune.backends.student_meta import STUDENT_META
+from proxytune.backends.students.api import cfg_batch, guided, images_to_pixels, lora_groups, sample_next, unwrapped
+from proxytune.backends.students.janus import SAMPLING
+from proxytune.backends.students import meta as student_meta
+from proxytune.backends.students.meta import STUDENT_META, StudentMeta
 from proxytune.errors import ProxytuneError, first_line
 
 IMAGE_START = "<begin_of_image>"
@@ -88,7 +90,7 @@ class JanusStudent:
 
     def lora_target_modules(self, groups: list[str] | None = None, layers: list[int] | None = None) -> str:
         """A regex over the language model's projections (peft fullmatch); `layers` picks decoder layers."""
-        from proxytune.backends.student_api import LORA_GROUPS
+        from proxytune.backends.students.api import LORA_GROUPS
 
         chosen = lora_groups(groups)
         index = "(" + "|".join(str(i) for i in layers) + ")" if layers else r"\d+"
@@ -168,8 +170,9 @@ class JanusStudent:
         return self._janus.generation_head(hidden[:, T - 1 :])
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = 5.0, top_k: int | None = None,
-                 temperature: float = 1.0, use_cache: bool = True) -> torch.Tensor:
+    def generate(self, prompts: list[str], seeds: list[int], *, cfg_scale: float = SAMPLING.cfg_scale,
+                 top_k: int | None = SAMPLING.top_k, temperature: float = SAMPLING.temperature,
+                 use_cache: bool = True) -> torch.Tensor:
         """The original's defaults (generation_inference.py): CFG 5, temperature 1, no top-k (None)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -199,47 +202,7 @@ class JanusStudent:
 
 
 # -----------------------------------------------------------------------------
-# tiny built-in and loading
-
-
-def _build_tiny(folder: Path) -> None:
-    """64 px images, an x8 VQ (8 x 8 = 64 codes, 256 entries), 2-layer Llama, a minimal vision tower.
-
-    The tokenizer is character-level with the real one's special names (BOS, EOS and pad of DeepSeek's
-    tokenizer, the image start/end tags) and its behaviour: BOS first, nothing appended."""
-    from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration, JanusVQVAEConfig, JanusVisionConfig, LlamaConfig
-
-    from proxytune.backends.tokenizer import write_char_bpe_tokenizer
-
-    bos, eos = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
-    names = [bos, eos, PAD, IMAGE_START, "<end_of_image>", "<|User|>", "<|Assistant|>"]
-    write_char_bpe_tokenizer(folder, {name: i for i, name in enumerate(names)}, special=names, bos=bos, eos=eos,
-                             pad=PAD, model_max_length=TINY_PROMPT_LEN)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    hidden = 64
-    config = JanusConfig(
-        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                                pad_token_id=tokenizer.pad_token_id, initializer_range=0.125),
-        # JanusConfig sets the VQ grid from the vision tower (image_size / patch_size = 8)
-        vision_config=JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=128,
-                                        patch_size=16, projection_dim=hidden, depth=1, num_image_tokens=64),
-        # A frozen head at the usual 0.02 init bounds the logits near uniform, and a LoRA could not
-        # move them; 1/sqrt(width) leaves room (as tiny-llamagen does).
-        vq_config=JanusVQVAEConfig(embed_dim=8, num_embeddings=256, latent_channels=32, base_channels=32,
-                                   channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, num_patches=8,
-                                   projection_dim=hidden, image_token_embed_dim=hidden, num_hidden_layers=2,
-                                   initializer_range=0.125),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_START),
-    )
-    torch.manual_seed(0)
-    JanusForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
-    (folder / STUDENT_META).write_text(json.dumps({"backend": "janus", "image_size": 64,
-                                                                "prompt_len": TINY_PROMPT_LEN}) + "\n")
-
-
-def materialize_tiny() -> Path:
-    return tiny_cache.materialize("tiny-janus-v2", _build_tiny)
+# loading
 
 
 def _mismatched_tensor(path: str) -> str | None:
@@ -292,8 +255,7 @@ def load(path: str, *, ref: str, device: str = "cpu") -> JanusStudent:
                              f"({len(missing)} missing)")
     if tokenizer.pad_token is None:  # prompts are left-padded (masked); the original's pad token, as its CFG rows
         tokenizer.pad_token = PAD
-    meta_path = Path(path) / STUDENT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = student_meta.read_file(Path(path) / STUDENT_META) or StudentMeta()
     vq = model.config.vq_config
     factor = 2 ** (len(vq.channel_multiplier) - 1)
     model.to(device).eval().requires_grad_(False)

@@ -1,8 +1,8 @@
-"""Lumina-mGPT's released weights into transformers' Chameleon (used by `lumina.load`).
+"""Lumina-mGPT's released weights into transformers' Chameleon (used by `lumina.backend.load`).
 
 The releases were saved by Lumina-mGPT's own Chameleon classes (lumina_mgpt/model/chameleon/), whose
 q/k LayerNorms hold (model_parallel_size, head_dim) parameters; transformers' hold one row per head.
-`lumina.load` lets transformers load everything else and skip those (ignore_mismatched_sizes), then
+`lumina.backend.load` lets transformers load everything else and skip those (ignore_mismatched_sizes), then
 `expand_qk_norms` reads them from the checkpoint and repeats them per head as the original does;
 any other mismatch, or a missing language-model weight, is refused in one line.
 """
