@@ -28,6 +28,7 @@ class ScoringInputs:
         references: reference embeddings by name ("clip", "dino", ...), computed once per evaluation.
         world: the built-in world the subject or style comes from, or None.
         item: the subject's or style's name in that world.
+        content: a style's content caption (`styles[i].content`), or None.
         cache: per-model scratch shared by scorers (e.g. the images' CLIP embeddings, computed once).
     """
 
@@ -38,6 +39,7 @@ class ScoringInputs:
     references: dict[str, Any] = field(default_factory=dict)
     world: Any = None
     item: str | None = None
+    content: str | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
 
