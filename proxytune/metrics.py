@@ -58,6 +58,8 @@ class Metric:
         plotted: DVC plots and the report's charts show it.
         gateable: gate rules may name it.
         provider: "proxytune" or the plugin's name.
+        describe: (world, item) -> what encoders.json records about the judge behind it ({key: entry}); None for
+            a metric whose encoders are already recorded.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Metric:
     plotted: bool = True
     gateable: bool = True
     provider: str = "proxytune"
+    describe: Callable[[Any, str | None], dict] | None = None
 
 
 _METRICS: dict[tuple[Scope, str], Metric] = {}

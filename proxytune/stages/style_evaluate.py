@@ -135,9 +135,10 @@ def sample(params: StageParams, prompts: list[str], references: list, weights: s
 
 
 def scored_metrics(world) -> tuple[registry.Metric, ...]:
-    """The registry's style metrics this evaluation can compute: CLIP and DINO always, a world's only for its style."""
-    available = {"clip", "dino", *(("world",) if world is not None else ())}
-    return tuple(m for m in registry.metrics("style") if set(m.needs) <= available)
+    """The registry's style metrics this evaluation computes: those of the encoders always (CLIP and DINO are
+    always loaded), a world's judges only for a style of that world (`needs` "world", provider = the world's name)."""
+    return tuple(m for m in registry.metrics("style")
+                 if "world" not in m.needs or (world is not None and world.name == m.provider))
 
 
 def score(generated: dict[str, list[list]], prompts: list[str], chosen, **inputs) -> dict[str, dict[str, np.ndarray]]:
@@ -192,14 +193,13 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
 
 
 def describe(params: StageParams, clip, dino, random_init: bool, sampling: dict, chosen, world, item) -> dict:
-    """encoders.json: the encoders, what each computed metric measures, and the world's judges for a world's style."""
+    """encoders.json: the encoders, what each computed metric measures, and the judges behind them."""
     described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": params.style_student.clip_model,
                  "metrics": {m.name: m.description for m in chosen}, "random_init": random_init,
                  "content": params.style.content, "noise_strength": params.style_student.noise_strength, "sampling": sampling}
-    if world is not None:
-        info = world.describe()
-        described["toy_style"] = {"style": item, **info["styles"][item], "oracle": info["oracle"]["path"],
-                                  "oracle_digest": info["oracle"]["digest"]}
+    for metric in chosen:  # a world's judges: what they are and which weights (the toy world's: "toy_style")
+        if metric.describe is not None:
+            described.update(metric.describe(world, item))
     return described
 
 

@@ -10,7 +10,7 @@ ROLES = {"toy-sd": "teacher", "toy-llamagen": "student", "toy-clip": "clip", "to
 
 
 class _StyleWorld:
-    """The style side of `proxytune.builtins.World`, what the style evaluation reads (slice "stylemetrics"); the
+    """The part of `proxytune.builtins.World` the style evaluation reads (slice "stylemetrics"), until the
     ToyWorld of slice "toyworld" replaces it."""
 
     name = "toyworld"
@@ -19,15 +19,6 @@ class _StyleWorld:
         from proxytune.toyworld.styles import eval_prompts
 
         return eval_prompts(count, seed, exclude=exclude)
-
-    def describe(self) -> dict:
-        from proxytune.toyworld import styles
-        from proxytune.toyworld.builtins import manifest, oracle_folder
-
-        return {"oracle": {"model": "toy-oracle", "path": str(oracle_folder()),
-                           "digest": manifest().get("toy-oracle", {}).get("digest")},
-                "styles": {name: {"detector": styles.DESCRIPTIONS[name], "content": styles.CONTENT_CAPTION}
-                           for name in styles.STYLES}}
 
 
 def register() -> None:

@@ -64,10 +64,19 @@ def _content_leak(inputs: ScoringInputs) -> np.ndarray:
     return _defined([leakage(r, p) for r, p in zip(_readings(inputs), _texts(inputs))])
 
 
+def _describe(world, style: str | None) -> dict:
+    """encoders.json's "toy_style": the style's detector, the references' content and the oracle's weights."""
+    from proxytune.toyworld import styles
+    from proxytune.toyworld.builtins import manifest, oracle_folder
+
+    return {"toy_style": {"style": style, "detector": styles.DESCRIPTIONS[style], "content": styles.CONTENT_CAPTION,
+                          "oracle": str(oracle_folder()), "oracle_digest": manifest().get("toy-oracle", {}).get("digest")}}
+
+
 TOY_STYLE_METRICS = (
     Metric("style_acc", "style acc. (detector)", "style",
            "1 when the toy world's style detector (proxytune.toyworld.styles, pixel statistics) finds the style",
-           _style_acc, needs=("world",), plotted=False, gateable=False, provider="toyworld"),
+           _style_acc, needs=("world",), plotted=False, gateable=False, provider="toyworld", describe=_describe),
     Metric("prompt_acc", "prompt acc. (oracle)", "style",
            "fraction of the prompt's attributes (parse_prompt) the toy oracle reads off the image",
            _prompt_acc, needs=("world",), plotted=False, gateable=False, provider="toyworld"),
