@@ -178,11 +178,12 @@ def summarise(scores: dict, prompts: list[str], params: StageParams) -> tuple[di
 
 
 def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
+    """table.md: per model, each measured metric's mean and interval (registry order), then what each one is."""
     columns = [m for m in registry.metrics("style") if any(m.name in v for v in metrics.values())]
     lines = ["| model | " + " | ".join(m.label for m in columns) + " |", "|---|" + "---|" * len(columns)]
     for model, values in metrics.items():
-        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values else "—"
-                 for m in (c.name for c in columns)]
+        cells = [f"{values[m.name]['mean']:.4f} [{values[m.name]['ci95'][0]:.4f}, {values[m.name]['ci95'][1]:.4f}]"
+                 if m.name in values else "—" for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts]. "
               + " ".join(f"{m.label}: {m.description}." for m in columns)]
