@@ -28,6 +28,7 @@ class ScoringInputs:
         references: reference embeddings by name ("clip", "dino", ...), computed once per evaluation.
         world: the built-in world the subject or style comes from, or None.
         item: the subject's or style's name in that world.
+        content: a style's content caption (`styles[i].content`), or None.
         cache: per-model scratch shared by scorers (e.g. the images' CLIP embeddings, computed once).
     """
 
@@ -38,6 +39,7 @@ class ScoringInputs:
     references: dict[str, Any] = field(default_factory=dict)
     world: Any = None
     item: str | None = None
+    content: str | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,6 +58,8 @@ class Metric:
         plotted: DVC plots and the report's charts show it.
         gateable: gate rules may name it.
         provider: "proxytune" or the plugin's name.
+        describe: (world, item) -> what encoders.json records about the judge behind it ({key: entry}); None for
+            a metric whose encoders are already recorded.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Metric:
     plotted: bool = True
     gateable: bool = True
     provider: str = "proxytune"
+    describe: Callable[[Any, str | None], dict] | None = None
 
 
 _METRICS: dict[tuple[Scope, str], Metric] = {}

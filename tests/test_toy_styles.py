@@ -71,7 +71,8 @@ def test_eval_prompts_ask_for_other_content_and_skip_curation_prompts():
 def test_content_leakage_separates_a_copying_model_from_a_non_copying_one():
     """The oracle reads every image: a 'copying' model returns the references (a red ball on the beach)
     whatever the prompt asks; a 'non-copying' one returns fresh renders of the prompt, in the style."""
-    from proxytune.stages.style_evaluate import oracle_reader, toy_style_scores
+    from proxytune.toyworld.oracle import shipped_reader as oracle_reader
+    from proxytune.toyworld.style_metrics import toy_style_scores
 
     read = oracle_reader()
     prompts = styles.eval_prompts(8, 5)

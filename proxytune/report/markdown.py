@@ -9,7 +9,7 @@ import re
 from proxytune.report.content import (HTML_NAME, RANDOM_INIT_BANNER, TOY_WORLD_LABEL, as_mapping, best_models,
                                       fidelity_line, fmt, fmt_ci, interval_note, is_number, lineage_rows,
                                       lineage_warnings, notes, prompt_row, style_lineage_rows)
-from proxytune.report.results import STYLE_LABELS, Report, StyleResult, SubjectResult
+from proxytune.report.results import Report, StyleResult, SubjectResult, style_labels
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
 
@@ -91,7 +91,8 @@ def _subject(report: Report, subject: SubjectResult) -> list[str]:
 
 def _style(style: StyleResult) -> list[str]:
     lines = ["", f"## Style {md(style.name)}", ""]
-    lines += md_table(["model"] + [STYLE_LABELS[m] for m in style.columns],
+    labels = style_labels()
+    lines += md_table(["model"] + [labels[m] for m in style.columns],
                       [[md(model)] + [fmt_ci(values.get(m)) for m in style.columns]
                        for model, values in style.metrics["models"].items()])
     if style.fidelity:

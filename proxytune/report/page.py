@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 
 from proxytune.report import charts, content
-from proxytune.report.results import ENCODER_COLUMNS, STYLE_LABELS, Report, SubjectResult
+from proxytune.report.results import ENCODER_COLUMNS, Report, SubjectResult, style_labels
 
 GRID_REFERENCES = 4  # reference photos shown at the start of every grid row
 
@@ -55,11 +55,12 @@ def environment() -> Environment:
         notes=content.notes, interval_note=content.interval_note, lineage_rows=content.lineage_rows,
         lineage_warnings=content.lineage_warnings, style_lineage_rows=content.style_lineage_rows,
         RANDOM_INIT_BANNER=content.RANDOM_INIT_BANNER, TOY_WORLD_LABEL=content.TOY_WORLD_LABEL,
-        ENCODER_COLUMNS=ENCODER_COLUMNS, STYLE_LABELS=STYLE_LABELS,
+        ENCODER_COLUMNS=ENCODER_COLUMNS,
     )
     return env
 
 
 def render_html(report: Report) -> str:
     """The whole page as one string: inline CSS, images as data: URIs, no external reference."""
-    return environment().get_template("page.html").render(report=report, title=f"proxytune report: {report.experiment}")
+    return environment().get_template("page.html").render(report=report, title=f"proxytune report: {report.experiment}",
+                                                          STYLE_LABELS=style_labels())

@@ -8,14 +8,17 @@ import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxytune import metrics as registry
 from proxytune.spec.evaluation import ENCODER_METRICS, METRIC_LABELS, ORACLE_METRICS
 
 MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
 ENCODER_COLUMNS = tuple((m, METRIC_LABELS[m]) for m in ENCODER_METRICS)  # (metric, label): every subject shows these
 ORACLE_COLUMNS = tuple((m, METRIC_LABELS[m]) for m in ORACLE_METRICS)  # toy world subjects only
-STYLE_LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
-                "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
-                "content_leak": "content leak (oracle)"}  # a style's metrics, in column order
+
+
+def style_labels() -> dict[str, str]:
+    """metric -> label of every registered style metric, in column order (read when a report is made)."""
+    return {m.name: m.label for m in registry.metrics("style")}
 
 
 @dataclass
@@ -94,7 +97,7 @@ class StyleResult:
     @property
     def columns(self) -> list[str]:
         shown = {m for values in self.metrics["models"].values() for m in values}
-        return [m for m in STYLE_LABELS if m in shown]
+        return [m for m in style_labels() if m in shown]
 
 
 @dataclass

@@ -9,17 +9,16 @@ the style of reference k mod R.
 Models: "teacher" (the style LoRA, prompt "P, in {token} style": what curation makes for an unseen prompt),
 "student" (prompt P + the reference image, style-enhanced tokens at `style_student.noise_strength`) and,
 for each of `style_student.eval_noise_strengths`, "student@noise=X" (the same seeds: the leakage/style trade).
-Scores (backends/style_metrics.py): style_clip, style_gram (Gram matrices of DINO patch tokens), clip_t,
-leakage (CLIP similarity to `styles[i].content`, when given) and content_dino; each mean with a 95%
-bootstrap interval resampling prompts.
+Each score is a mean with a 95% bootstrap interval resampling prompts.
 
-A toy world style (`styles[i].images: toyworld:NAME`, proxytune/toyworld/styles.py) adds three model-free
-scores per image, like the oracle scores of a toy subject: style_acc (the style detector finds the style: 1/0),
-prompt_acc (the fraction of the prompt's attributes the oracle reads off the image) and content_leak (of the
-references' content attributes, a red ball on the beach, that the prompt asks to be otherwise, the fraction
-the oracle reads off the image anyway); `evaluation.prompts: toyworld` then gives prompts naming a class,
-colour and scene other than the references' and none of the curation prompts, and "base-student" (the
-untuned student on the prompt alone, no style) is scored too: its style accuracy and leakage are the floors.
+Which scores: every style metric of the registry (`proxytune.metrics`, scope "style") whose needs this
+evaluation has: proxytune's (backends/style_metrics.py: style_clip, style_gram, clip_t, leakage, content_dino)
+always, a plugin's world metrics only for a style of that world (`styles[i].images: toyworld:NAME`: the toy
+world's style_acc, prompt_acc and content_leak, proxytune/toyworld/style_metrics.py). A metric that does not
+apply to every image (NaN: leakage without `styles[i].content`, an oracle score some prompt leaves undefined)
+is left out. For a world's style, `evaluation.prompts: toyworld` takes the world's style prompts (naming a
+class, colour and scene other than the references' and none of the curation prompts), and "base-student"
+(the untuned student on the prompt alone, no style) is scored too: its style accuracy and leakage are the floors.
 
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json, per_prompt.json,
 prompts.json, encoders.json, table.md, grid.png (per prompt: reference | teacher (curated) | student images),
@@ -35,9 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults, layout, stats
+from proxytune import builtins, faults, layout, stats
+from proxytune import metrics as registry
 from proxytune.backends import diffusion, encoders, students
-from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, reference_embeds, style_scores
+from proxytune.backends.style_metrics import reference_embeds
 from proxytune.backends.style_student import SAMPLING, StyleStudent
 from proxytune.backends.students.api import sampling_settings
 from proxytune.errors import ProxytuneError
@@ -49,32 +49,32 @@ from proxytune.spec.style import STYLE_CURATION_PROMPT, GeneratedPrompts, genera
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import device, generation_dtype, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, sample_prompts, seeds_for
-from proxytune.toyworld.oracle import shipped_reader as oracle_reader  # images -> attribute readings
 
 STYLE_PROMPTS = ("a cat", "a red bicycle", "a house by a lake", "a bowl of fruit", "a sailing boat", "a mountain at dawn",
                  "a portrait of a woman", "a city street at night", "an owl on a branch", "a teapot on a table")
-LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
-          "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
-          "content_leak": "content leak (oracle)"}
-TOY_METRICS = ("style_acc", "prompt_acc", "content_leak")
-TOY_DESCRIPTIONS = {
-    "style_acc": "1 when the toy world's style detector (proxytune.toyworld.styles, pixel statistics) finds the style",
-    "prompt_acc": "fraction of the prompt's attributes (parse_prompt) the toy oracle reads off the image",
-    "content_leak": "fraction of the references' content attributes (class, colour, scene of a red ball on the beach) "
-                    "that the prompt asks to be otherwise and the oracle reads off the image anyway; 0 = no copying",
-}
+WORLD_PROMPT_SEED = 12345  # `evaluation.prompts: toyworld`: the world's prompts are drawn with this seed
 
 
-def eval_prompts(params: StageParams) -> list[str]:
+def style_world(params: StageParams) -> tuple[builtins.World | None, str | None]:
+    """The built-in world the style comes from (`images: toyworld:NAME`) and the style's name there, or (None, None)."""
+    item = params.style.toy_style
+    if item is None:
+        return None, None
+    world = builtins.world("toyworld")
+    if world is None:
+        raise ProxytuneError(f"style {params.style.name}: images: toyworld:{item} needs the toy world plugin, which is not "
+                             "installed; reinstall proxytune (pip install -e .) or give a folder of reference images")
+    return world, item
+
+
+def eval_prompts(params: StageParams, world: builtins.World | None = None) -> list[str]:
     evaluation = params.evaluation
     if isinstance(evaluation.prompts, list):
         prompts = list(evaluation.prompts)
-    elif evaluation.prompts == "toyworld" and params.style.toy_style is not None:
-        from proxytune.toyworld.styles import eval_prompts as toy_style_prompts
-
-        return toy_style_prompts(evaluation.num_prompts or 10, 12345, exclude=set(params.style.prompts))
+    elif evaluation.prompts == "toyworld" and world is not None:
+        return world.style_prompts(evaluation.num_prompts or 10, WORLD_PROMPT_SEED, exclude=set(params.style.prompts))
     elif evaluation.prompts == "toyworld":
-        prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=12345))
+        prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=WORLD_PROMPT_SEED))
     else:
         prompts = list(STYLE_PROMPTS)
     return prompts[: evaluation.num_prompts] if evaluation.num_prompts else prompts
@@ -114,33 +114,51 @@ def student_images(style: StyleStudent, sampling: dict, params: StageParams, pro
     return out
 
 
-def toy_style_scores(read, images: list, prompts: list[str], style_name: str) -> dict[str, np.ndarray]:
-    """(N,) arrays of TOY_METRICS for images of a toy style, prompt-major (image i drawn for prompts[i]).
+def sample(params: StageParams, prompts: list[str], references: list, weights: str, world) -> tuple[dict, object, dict]:
+    """Every evaluated model's images (model -> per prompt, its images), the student bundle and its sampler settings."""
+    style_student = params.style_student
+    generated = {"teacher": teacher_images(params, prompts)}
+    bundle = students.load_student(params.student.model, device=str(device()))
+    sampling = sampling_settings(SAMPLING[bundle.backend], params.student.sampling)
+    if world is not None:  # the untuned student, before the style student's LoRA wraps the same model
+        # the prompt alone, no style tokens: the floor of style accuracy and leakage (cached like evaluate's)
+        base = StudentSampler(params, tuned=False, sampling=sampling, bundle=bundle)
+        generated["base-student"] = sample_prompts(base, params, prompts, "base-student", stage="style evaluate")
+    clip_style = encoders.load_clip(style_student.clip_model, device=str(device()))
+    style = StyleStudent.load(params.out("student") / weights, bundle, clip_style)
+    generated["student"] = student_images(style, sampling, params, prompts, references, style_student.noise_strength, "student")
+    for strength in style_student.eval_noise_strengths:
+        label = f"student@noise={strength:g}"
+        generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
+    faults.kill_point("style_evaluate", "generated")
+    return generated, bundle, sampling
+
+
+def scored_metrics(world) -> tuple[registry.Metric, ...]:
+    """The registry's style metrics this evaluation computes: those of the encoders always (CLIP and DINO are
+    always loaded), a world's judges only for a style of that world (`needs` "world", provider = the world's name)."""
+    return tuple(m for m in registry.metrics("style")
+                 if "world" not in m.needs or (world is not None and world.name == m.provider))
+
+
+def score(generated: dict[str, list[list]], prompts: list[str], chosen, **inputs) -> dict[str, dict[str, np.ndarray]]:
+    """model -> metric -> (N,) scores, prompt-major; a metric NaN for some image does not apply and is left out.
 
     Args:
-        read: images -> the oracle's attribute readings (`oracle_reader()`).
-        images: the generated images (PIL).
-        prompts: each image's prompt, without identifier.
-        style_name: one of proxytune.toyworld.styles.STYLES.
-
-    A metric that some prompt does not define (a prompt naming no class, or asking for the references' own
-    class, colour and scene) is left out.
+        generated: model -> per prompt, its images.
+        prompts: the evaluation prompts.
+        chosen: the metrics to compute (`scored_metrics`).
+        **inputs: the rest of `proxytune.metrics.ScoringInputs` (encoders, references, content, world, item).
     """
-    from proxytune.toyworld import oracle as oracle_lib
-    from proxytune.toyworld import styles as toy_styles
-    from proxytune.toyworld.world import parse_prompt
-
-    seen = read(images)
-    scores = {"style_acc": toy_styles.detects(images, style_name).astype(np.float64)}
-    per_image = {"prompt_acc": [oracle_lib.prompt_accuracy(r, parse_prompt(p)) for r, p in zip(seen, prompts)],
-                 "content_leak": [toy_styles.leakage(r, p) for r, p in zip(seen, prompts)]}
-    for name, values in per_image.items():
-        if all(v is not None for v in values):
-            scores[name] = np.asarray(values, dtype=np.float64)
+    scores = {}
+    for model, groups in generated.items():
+        scoring = registry.ScoringInputs(images=groups, prompts=prompts, **inputs)  # a fresh cache per model
+        values = {metric.name: np.asarray(metric.score(scoring)) for metric in chosen}
+        scores[model] = {name: v for name, v in values.items() if not np.isnan(v).any()}
     return scores
 
 
-def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
+def mean_and_interval(scores: dict, resamples: int, seed: int, k: int) -> dict:
     """Mean and 95% bootstrap interval per metric, resampling prompts with all their images."""
     summary = {}
     for metric, values in scores.items():
@@ -150,90 +168,80 @@ def summarize(scores: dict, resamples: int, seed: int, k: int) -> dict:
     return summary
 
 
+def summarise(scores: dict, prompts: list[str], params: StageParams) -> tuple[dict, dict]:
+    """Per model: each metric's mean and interval (metrics.json), and each prompt's means (per_prompt.json)."""
+    evaluation, k = params.evaluation, params.evaluation.images_per_prompt
+    metrics = {model: mean_and_interval(values, evaluation.bootstrap_resamples, evaluation.seed, k) for model, values in scores.items()}
+    breakdown = {model: [{"prompt": p, **{m: float(np.mean(v[i * k : (i + 1) * k])) for m, v in values.items()}}
+                         for i, p in enumerate(prompts)] for model, values in scores.items()}
+    return metrics, breakdown
+
+
 def table(metrics: dict, random_init: bool, n_prompts: int, k: int) -> str:
-    columns = [m for m in (*STYLE_METRICS, *TOY_METRICS) if any(m in v for v in metrics.values())]
-    lines = ["| model | " + " | ".join(LABELS[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
+    """table.md: per model, each measured metric's mean and interval (registry order), then what each one is."""
+    columns = [m for m in registry.metrics("style") if any(m.name in v for v in metrics.values())]
+    lines = ["| model | " + " | ".join(m.label for m in columns) + " |", "|---|" + "---|" * len(columns)]
     for model, values in metrics.items():
-        cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values else "—"
-                 for m in columns]
+        cells = [f"{values[m.name]['mean']:.4f} [{values[m.name]['ci95'][0]:.4f}, {values[m.name]['ci95'][1]:.4f}]"
+                 if m.name in values else "—" for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts]. "
-              + " ".join(f"{LABELS[m]}: {({**DESCRIPTIONS, **TOY_DESCRIPTIONS})[m]}." for m in columns)]
+              + " ".join(f"{m.label}: {m.description}." for m in columns)]
     if random_init:
         lines += ["", "**Random-initialised models or encoders were used: these numbers test the pipeline, they say "
                   "nothing about quality.**"]
     return "\n".join(lines) + "\n"
 
 
+def describe(params: StageParams, clip, dino, random_init: bool, sampling: dict, chosen, world, item) -> dict:
+    """encoders.json: the encoders, what each computed metric measures, and the judges behind them."""
+    described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": params.style_student.clip_model,
+                 "metrics": {m.name: m.description for m in chosen}, "random_init": random_init,
+                 "content": params.style.content, "noise_strength": params.style_student.noise_strength, "sampling": sampling}
+    for metric in chosen:  # a world's judges: what they are and which weights (the toy world's: "toy_style")
+        if metric.describe is not None:
+            described.update(metric.describe(world, item))
+    return described
+
+
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
     if params.style is None or params.style_student is None:
         raise ProxytuneError(f"{params_path}: the style_evaluate stage is for styles (no style section)")
-    evaluation, style_student = params.evaluation, params.style_student
+    evaluation = params.evaluation
     seed_everything(params.seed)
     teacher_record = read_record(params.out("teacher"), TeacherRecord)
     student_record = read_record(params.out("student"), StyleStudentRecord)
-    prompts = eval_prompts(params)
+    world, item = style_world(params)
+    prompts = eval_prompts(params, world)
     references = [open_rgb(p) for p in list_images(params.references_dir)]
-
-    toy = params.style.toy_style
-    generated = {"teacher": teacher_images(params, prompts)}
-    bundle = students.load_student(params.student.model, device=str(device()))
-    sampling = sampling_settings(SAMPLING[bundle.backend], params.student.sampling)
-    if toy is not None:  # the untuned student, before the style student's LoRA wraps the same model
-        # the prompt alone, no style tokens: the floor of style accuracy and leakage (cached like evaluate's)
-        base = StudentSampler(params, tuned=False, sampling=sampling, bundle=bundle)
-        generated["base-student"] = sample_prompts(base, params, prompts, "base-student", stage="style evaluate")
-    clip_style = encoders.load_clip(style_student.clip_model, device=str(device()))
-    style = StyleStudent.load(params.out("student") / student_record.weights, bundle, clip_style)
-    generated["student"] = student_images(style, sampling, params, prompts, references, style_student.noise_strength, "student")
-    for strength in style_student.eval_noise_strengths:
-        label = f"student@noise={strength:g}"
-        generated[label] = student_images(style, sampling, params, prompts, references, strength, label)
-    faults.kill_point("style_evaluate", "generated")
+    generated, bundle, sampling = sample(params, prompts, references, student_record.weights, world)
 
     clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
-    refs = reference_embeds(clip, dino, references)
-    k = evaluation.images_per_prompt
-    metrics, breakdown = {}, {}
-    read = oracle_reader() if toy is not None else None
-    for name, groups in generated.items():
-        flat = [image for group in groups for image in group]
-        texts = [p for p in prompts for _ in range(k)]
-        scores = style_scores(flat, texts, refs, clip, dino, params.style.content)
-        if toy is not None:
-            scores.update(toy_style_scores(read, flat, texts, toy))
-        metrics[name] = summarize(scores, evaluation.bootstrap_resamples, evaluation.seed, k)
-        breakdown[name] = [{"prompt": p, **{m: float(np.mean(v[i * k : (i + 1) * k])) for m, v in scores.items()}}
-                           for i, p in enumerate(prompts)]
-    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
+    chosen = scored_metrics(world)
+    scores = score(generated, prompts, chosen, encoders={"clip": clip, "dino": dino},
+                   references=reference_embeds(clip, dino, references), content=params.style.content, world=world, item=item)
+    metrics, breakdown = summarise(scores, prompts, params)
     random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], bundle.random_init,
                        diffusion_random(params)])
-    described = {"clip": clip.describe(), "dino": dino.describe(), "style_encoder": style_student.clip_model,
-                 "metrics": {m: DESCRIPTIONS[m] for m in STYLE_METRICS}, "random_init": random_init,
-                 "content": params.style.content, "noise_strength": style_student.noise_strength, "sampling": sampling}
-    if toy is not None:
-        from proxytune.toyworld import styles as toy_styles
-        from proxytune.toyworld.builtins import manifest, oracle_folder
+    described = describe(params, clip, dino, random_init, sampling, chosen, world, item)
+    tags = {"teacher_version": teacher_record.registered, "student_version": student_record.registered,
+            "random_init": str(random_init), "clip_model": evaluation.clip_model, "dino_model": evaluation.dino_model,
+            "style": params.style.name, "dvc_stage": layout.stage_name("style_evaluate", params.experiment, params.subject.name)}
+    record(params, generated, prompts, references, metrics, breakdown, described, tags)
+    tqdm.write(table(metrics, random_init, len(prompts), evaluation.images_per_prompt))
 
-        described["metrics"].update(TOY_DESCRIPTIONS)
-        described["toy_style"] = {"style": toy, "detector": toy_styles.DESCRIPTIONS[toy],
-                                  "content": toy_styles.CONTENT_CAPTION, "oracle": str(oracle_folder()),
-                                  "oracle_digest": manifest().get("toy-oracle", {}).get("digest")}
+
+def record(params: StageParams, generated: dict, prompts: list[str], references: list, metrics: dict, breakdown: dict,
+           described: dict, tags: dict) -> None:
+    """Write eval/ (staged, renamed into place at the end), log it to the stage's MLflow run, write metrics.json."""
+    evaluation, random_init, k = params.evaluation, described["random_init"], params.evaluation.images_per_prompt
+    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
     summary = EvaluationMetrics(models=metrics, random_init=random_init, prompts=len(prompts), images_per_prompt=k,
                                 bootstrap=Bootstrap(resamples=evaluation.bootstrap_resamples, seed=evaluation.seed, unit="prompt"),
                                 kind="style")
-    tags = {"teacher_version": teacher_record.registered,
-            "student_version": student_record.registered,
-            "random_init": str(random_init), "clip_model": evaluation.clip_model, "dino_model": evaluation.dino_model,
-            "style": params.style.name, "dvc_stage": layout.stage_name("style_evaluate", params.experiment, params.subject.name)}
     with stage_run(params, "style_evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
-        for name, groups in generated.items():
-            folder = tmp / "images" / name.replace("@", "_").replace("=", "")
-            folder.mkdir(parents=True)
-            for p, group in enumerate(groups):
-                for j, image in enumerate(group):
-                    image.save(folder / f"p{p:02d}_k{j}.png")
+        write_images(tmp / "images", generated)
         summary.write(tmp / layout.METRICS_FILE)
         Prompts(prompts).write(tmp / layout.PROMPTS_FILE)
         PerPrompt(breakdown).write(tmp / layout.PROMPT_SCORES_FILE)
@@ -244,13 +252,22 @@ def run(params_path: str | Path) -> None:
         for p in range(min(evaluation.grid_prompts, len(prompts))):  # reference | teacher (curated) | student
             rows.append([center_crop_resize(references[0], cell), *generated["teacher"][p], *generated["student"][p]])
         write_png_atomic(tmp / "grid.png", grid(rows, cell=cell))
-        run.log_params({"evaluation": evaluation.model_dump(mode="json"), "style_student": style_student.model_dump(mode="json"),
-                        "encoders": described})
+        run.log_params({"evaluation": evaluation.model_dump(mode="json"),
+                        "style_student": params.style_student.model_dump(mode="json"), "encoders": described})
         run.log_metrics({f"{mlflow_name(name)}.{m}": v for name, values in means.items() for m, v in values.items()})
         run.log_artifacts(tmp, "eval")
         write_record(tmp, StyleEvaluateRecord(stage="style_evaluate", run_id=run.run_id, **tags, metrics=means))
         FlatMetrics(**means, random_init=random_init).write(params.subject_dir / layout.METRICS_FILE)
-    tqdm.write(table(metrics, random_init, len(prompts), k))
+
+
+def write_images(folder: Path, generated: dict) -> None:
+    """images/MODEL/pPP_kK.png (a model label's '@' and '=' left out of its folder name)."""
+    for name, groups in generated.items():
+        model_folder = folder / name.replace("@", "_").replace("=", "")
+        model_folder.mkdir(parents=True)
+        for p, group in enumerate(groups):
+            for j, image in enumerate(group):
+                image.save(model_folder / f"p{p:02d}_k{j}.png")
 
 
 def mlflow_name(model: str) -> str:

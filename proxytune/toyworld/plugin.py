@@ -9,10 +9,27 @@ from __future__ import annotations
 ROLES = {"toy-sd": "teacher", "toy-llamagen": "student", "toy-clip": "clip", "toy-dino": "dino", "toy-oracle": "judge"}
 
 
+class _StyleWorld:
+    """The part of `proxytune.builtins.World` the style evaluation reads (slice "stylemetrics"), until the
+    ToyWorld of slice "toyworld" replaces it."""
+
+    name = "toyworld"
+
+    def style_prompts(self, count: int, seed: int, exclude: set[str]) -> list[str]:
+        from proxytune.toyworld.styles import eval_prompts
+
+        return eval_prompts(count, seed, exclude=exclude)
+
+
 def register() -> None:
-    from proxytune.builtins import BuiltinModel, register_model
+    from proxytune import metrics
+    from proxytune.builtins import BuiltinModel, register_model, register_world
     from proxytune.toyworld import builtins as toy
+    from proxytune.toyworld.style_metrics import TOY_STYLE_METRICS
 
     for name, role in ROLES.items():
         register_model(BuiltinModel(name=name, role=role, build=toy.builtin(name), random_init=False,
                                     provider="toyworld", digest=lambda name=name: toy.manifest().get(name, {}).get("digest")))
+    register_world(_StyleWorld())
+    for metric in TOY_STYLE_METRICS:
+        metrics.register(metric)
