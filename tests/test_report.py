@@ -108,7 +108,7 @@ def fake_stage_outputs(folder: Path, subject: str, photos: list[Path], *, models
 
 
 @pytest.fixture
-def evaluated(project, dreambench):
+def evaluated(project, photos):
     """A compiled project with two evaluated subjects: dog (3 models, variance, gate, random init)
     and plain (2 models, no variance, no gate, references inside the project)."""
     from proxytune.project import resolve_spec, write_compiled
@@ -118,17 +118,17 @@ def evaluated(project, dreambench):
         _png(plain / f"{i:02d}.png", Image.new("RGB", (96, 80), colour))
     spec = _spec(project)
     write_compiled([resolve_spec(spec, project)], project)
-    photos = sorted((dreambench / "dog").iterdir())
-    fake_stage_outputs(project / "runs/rep/dog", "dog", photos, models=["teacher", "student", "direct-lora"],
+    pictures = sorted((photos / "dog").iterdir())
+    fake_stage_outputs(project / "runs/rep/dog", "dog", pictures, models=["teacher", "student", "direct-lora"],
                        random_init=True, variance=True, gate=True)
-    fake_stage_outputs(project / "runs/rep/plain", "plain", photos, models=["teacher", "student"],
+    fake_stage_outputs(project / "runs/rep/plain", "plain", pictures, models=["teacher", "student"],
                        random_init=False, variance=False, gate=False)
     return spec
 
 
 def expected_images() -> int:
     """<img> tags on the page: per grid row the references (at most 4) and K images per model, + 2 charts."""
-    refs = {"dog": min(report.GRID_REFERENCES, 5), "plain": 3}  # DreamBench dog has 5 photos
+    refs = {"dog": min(report.GRID_REFERENCES, 5), "plain": 3}  # the stand-in dog has 5 photos, as DreamBench's
     models = {"dog": 3, "plain": 2}
     return sum(len(PROMPTS) * (refs[s] + models[s] * K) for s in refs) + 2
 
