@@ -212,16 +212,16 @@ def test_shared_and_upstream_folders_are_followed_for_records(evaluated, project
     shutil.move(project / "runs/rep/plain/student", project / "runs/rep/_joint/student")
     params_path.write_text(yaml.safe_dump({**params, "student_dir": "runs/rep/_joint/student"}))
     plain = next(s for s in report.load_report(evaluated, project).subjects if s.name == "plain")
-    assert plain.records["student"]["model"] == "rep.plain.student"
+    assert plain.records.student.model == "rep.plain.student"
     assert not [w for w in report.lineage_warnings(plain, "") if "no student record" in w]
 
     variant = project / "runs/rep--v/plain"
     shutil.copytree(project / "runs/rep/plain/eval", variant / "eval")
     shutil.copytree(project / "runs/rep/_joint/student", variant / "student")
-    (variant / "params.yaml").write_text(yaml.safe_dump({**params, "upstream_dir": "runs/rep/plain"}))
+    (variant / "params.yaml").write_text(yaml.safe_dump({**params, "experiment": "rep--v", "upstream_dir": "runs/rep/plain"}))
     loaded = report.load_subject(project, "rep--v", "plain", "specs/rep.yaml", "plain / v")
-    assert loaded.name == "plain / v" and loaded.records["teacher"]["model"] == "rep.plain.teacher"
-    assert loaded.records["proxy"]["digest"] == plain.records["proxy"]["digest"]
+    assert loaded.name == "plain / v" and loaded.records.teacher.model == "rep.plain.teacher"
+    assert loaded.records.proxy.digest == plain.records.proxy.digest
 
 
 def test_missing_eval_is_a_one_line_error(evaluated, project):
