@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# read once, before any fixture points the variable at the `photos` stand-in
+DREAMBENCH_ENV = os.environ.get("PROXYTUNE_DREAMBENCH")
 
 
 def dreambench_dir() -> Path:
     """The DreamBench copy tests that need DreamBench itself use: $PROXYTUNE_DREAMBENCH, else ./data/dreambench
     (what `proxytune data dreambench` writes)."""
-    env = os.environ.get("PROXYTUNE_DREAMBENCH")
-    return Path(env) if env else REPO / "data" / "dreambench"
+    return Path(DREAMBENCH_ENV) if DREAMBENCH_ENV else REPO / "data" / "dreambench"
 
 
 @pytest.fixture(scope="session")

@@ -35,11 +35,12 @@ def new_project(root: Path, photos: Path, spec: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def applied(tmp_path_factory, photos):
-    os.environ["PROXYTUNE_DREAMBENCH"] = str(photos)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    project = new_project(tmp_path_factory.mktemp("e2e"), photos, tiny_spec())
-    result = cli(project, "apply", "specs/t.yaml")
-    return project, result
+    with pytest.MonkeyPatch.context() as env:  # for this module's tests only
+        env.setenv("PROXYTUNE_DREAMBENCH", str(photos))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        project = new_project(tmp_path_factory.mktemp("e2e"), photos, tiny_spec())
+        result = cli(project, "apply", "specs/t.yaml")
+        yield project, result
 
 
 def subject_dir(project: Path) -> Path:
