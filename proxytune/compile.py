@@ -8,7 +8,7 @@ the sections it reads: editing `student:` re-runs only the student and evaluatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxytune.layout import (COUNT_FILE, CURVES_FILE, GROW_GROUPS, JOINT, METRICS_FILE, OUT_DIRS, PER_PROMPT_FILE,
@@ -188,6 +188,18 @@ def _template(step: str) -> dict:
     return stage
 
 
+@dataclass
+class _Items:
+    """The foreach items and params files of the specs being compiled, before they meet dvc.yaml."""
+
+    params_files: dict[str, dict] = field(default_factory=dict)
+    own: dict[str, dict] = field(default_factory=dict)  # foreach items of every step: EXP.SUBJECT
+    variants: dict[str, dict] = field(default_factory=dict)  # student and evaluate only: EXP--V.SUBJECT
+    joint: set[str] = field(default_factory=set)  # items whose student is a multi-subject stage of its own
+    grown: dict[str, dict[str, dict]] = field(default_factory=lambda: {group: {} for group in GROW_GROUPS})
+    styles: dict[str, dict] = field(default_factory=dict)  # teacher and the style steps: EXP.STYLE
+
+
 def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) -> tuple[dict, dict[str, dict]]:
     """Build the dvc.yaml content and the params files for `resolved`, keeping other experiments.
 
@@ -198,66 +210,97 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
         (dvc.yaml dict, {params file path: params dict}).
     """
     compiled = {spec.spec.name for spec in resolved}
+    items = _collect_items(resolved)
     stages = dict((existing or {}).get("stages", {}))
-    params_files: dict[str, dict] = {}
-    own: dict[str, dict] = {}  # foreach items of every step: EXP.SUBJECT
-    variants: dict[str, dict] = {}  # student and evaluate only: EXP--V.SUBJECT
-    joint: set[str] = set()  # items whose student is a multi-subject stage of its own
-    grown: dict[str, dict[str, dict]] = {group: {} for group in GROW_GROUPS}  # growing proxy counts' items
-    styles: dict[str, dict] = {}  # teacher and the style steps: EXP.STYLE
+    _merge_step_items(stages, items, compiled)
+    _merge_grow_items(stages, items.grown, compiled)
+    _merge_joint_students(stages, resolved, compiled, items.params_files)
+    ordered = {step: stages[step] for step in (*STEPS, *GROW_GROUPS, *STYLE_STEPS) if step in stages}
+    ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
+    compiled_dvc = {"stages": ordered}
+    plots = [p for p in (existing or {}).get("plots", []) if not _plot_of(p, compiled)]
+    plots += _plots(resolved, items.own, items.variants) + _style_plots(items.styles)
+    if plots:
+        compiled_dvc["plots"] = plots
+    return compiled_dvc, items.params_files
+
+
+def _collect_items(resolved: list[ResolvedSpec]) -> _Items:
+    """Every subject's, variant's, growth step's and style's foreach item, with its params file."""
+    items = _Items()
     for spec in resolved:
         for subject in spec.spec.subjects:
-            directory = subject_dir(spec.spec.name, subject.name)
-            params = params_for(spec, subject.name)
-            key = item_key(spec.spec.name, subject.name)
-            own[key] = {"dir": directory, "refs": spec.references[subject.name],
-                        "student": params["student_dir"] or f"{directory}/student", "up": directory}
-            params_files[f"{directory}/params.yaml"] = params
-            if spec.spec.student.multi_subject:
-                joint.add(key)
-            if spec.spec.student.proxy_count:
-                joint.add(key)  # its student is the growth's choice (grow_select), not a `student` item
-                _grow_items(spec, subject, own[key], grown, params_files)
-            for variant in spec.spec.student.variants:  # they share everything up to the codes
-                name = variant_experiment(spec.spec.name, variant)
-                folder = subject_dir(name, subject.name)
-                variants[item_key(name, subject.name)] = {
-                    "dir": folder, "refs": spec.references[subject.name], "student": f"{folder}/student", "up": directory}
-                params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
+            _subject_items(spec, subject, items)
         for style in spec.spec.styles:
             directory = subject_dir(spec.spec.name, style.name)
             refs = spec.references[style.name]
             # the curation stage reads a raw-data folder when there is one; otherwise its references stand in
             # (a dependency the teacher has anyway), so that every item has the same template
             raw = (spec.styles or {})[style.name]["raw"] or refs
-            styles[item_key(spec.spec.name, style.name)] = {"dir": directory, "refs": refs, "raw": raw,
-                                                            "student": f"{directory}/student", "up": directory}
-            params_files[f"{directory}/params.yaml"] = style_params_for(spec, style.name)
+            items.styles[item_key(spec.spec.name, style.name)] = {"dir": directory, "refs": refs, "raw": raw,
+                                                                  "student": f"{directory}/student", "up": directory}
+            items.params_files[f"{directory}/params.yaml"] = style_params_for(spec, style.name)
+    return items
+
+
+def _subject_items(spec: ResolvedSpec, subject, items: _Items) -> None:
+    """One subject's own item, its growth items and its variants' items (which share all up to the codes)."""
+    directory = subject_dir(spec.spec.name, subject.name)
+    params = params_for(spec, subject.name)
+    key = item_key(spec.spec.name, subject.name)
+    items.own[key] = {"dir": directory, "refs": spec.references[subject.name],
+                      "student": params["student_dir"] or f"{directory}/student", "up": directory}
+    items.params_files[f"{directory}/params.yaml"] = params
+    if spec.spec.student.multi_subject:
+        items.joint.add(key)
+    if spec.spec.student.proxy_count:
+        items.joint.add(key)  # its student is the growth's choice (grow_select), not a `student` item
+        _grow_items(spec, subject, items.own[key], items.grown, items.params_files)
+    for variant in spec.spec.student.variants:
+        name = variant_experiment(spec.spec.name, variant)
+        folder = subject_dir(name, subject.name)
+        items.variants[item_key(name, subject.name)] = {
+            "dir": folder, "refs": spec.references[subject.name], "student": f"{folder}/student", "up": directory}
+        items.params_files[f"{folder}/params.yaml"] = variant_params(spec, subject.name, variant)
+
+
+def _merge_step_items(stages: dict, items: _Items, compiled: set[str]) -> None:
+    """Replace the compiled experiments' items of every step's foreach stage; other experiments' stay."""
     for step in (*STEPS, *STYLE_STEPS):
-        items = dict(stages.get(step, {}).get("foreach", {}))
+        merged = dict(stages.get(step, {}).get("foreach", {}))
         # Drop this run's experiments first so removed subjects disappear from dvc.yaml.
-        items = {key: value for key, value in items.items() if base_experiment(key.split(".", 1)[0]) not in compiled}
-        for value in items.values():  # items written by an older proxytune lack these fields
+        merged = {key: value for key, value in merged.items() if base_experiment(key.split(".", 1)[0]) not in compiled}
+        for value in merged.values():  # items written by an older proxytune lack these fields
             value.setdefault("student", f"{value['dir']}/student")
             value.setdefault("up", value["dir"])
         if step in STEPS:
-            items.update({key: dict(value) for key, value in own.items() if not (step == "student" and key in joint)})
+            merged.update({key: dict(value) for key, value in items.own.items()
+                           if not (step == "student" and key in items.joint)})
         if step in ("student", "evaluate"):
-            items.update({key: dict(value) for key, value in variants.items()})
+            merged.update({key: dict(value) for key, value in items.variants.items()})
         if step in ("teacher", *STYLE_STEPS):
-            items.update({key: dict(value) for key, value in styles.items()})
-        if items:
-            stages[step] = {"foreach": dict(sorted(items.items())), "do": _template(step)}
+            merged.update({key: dict(value) for key, value in items.styles.items()})
+        if merged:
+            stages[step] = {"foreach": dict(sorted(merged.items())), "do": _template(step)}
         else:
             stages.pop(step, None)
+
+
+def _merge_grow_items(stages: dict, grown: dict[str, dict[str, dict]], compiled: set[str]) -> None:
+    """The same for the growing proxy counts' stage groups."""
     for group, template in _GROW_TEMPLATES.items():
-        items = {key: value for key, value in stages.get(group, {}).get("foreach", {}).items()
-                 if base_experiment(key.split(".", 1)[0]) not in compiled}
-        items.update(grown[group])
-        if items:
-            stages[group] = {"foreach": dict(sorted(items.items())), "do": template}
+        merged = {key: value for key, value in stages.get(group, {}).get("foreach", {}).items()
+                  if base_experiment(key.split(".", 1)[0]) not in compiled}
+        merged.update(grown[group])
+        if merged:
+            stages[group] = {"foreach": dict(sorted(merged.items())), "do": template}
         else:
             stages.pop(group, None)
+
+
+def _merge_joint_students(stages: dict, resolved: list[ResolvedSpec], compiled: set[str],
+                          params_files: dict[str, dict]) -> None:
+    """One multi-subject student stage per spec that asks for it; the compiled experiments' old ones go."""
     for name in [n for n in stages if n.startswith("student-joint.") and n.split(".", 1)[1] in compiled]:
         del stages[name]  # recompiled below when the spec still asks for it
     for spec in resolved:
@@ -265,14 +308,6 @@ def compile_specs(resolved: list[ResolvedSpec], existing: dict | None = None) ->
             name, path, stage = _joint_student(spec)
             stages[name] = stage
             params_files[path] = _joint_params(spec)
-    ordered = {step: stages[step] for step in (*STEPS, *GROW_GROUPS, *STYLE_STEPS) if step in stages}
-    ordered.update({k: v for k, v in stages.items() if k not in ordered})  # user's own stages stay
-    compiled_dvc = {"stages": ordered}
-    plots = [p for p in (existing or {}).get("plots", []) if not _plot_of(p, compiled)]
-    plots += _plots(resolved, own, variants) + _style_plots(styles)
-    if plots:
-        compiled_dvc["plots"] = plots
-    return compiled_dvc, params_files
 
 
 def _grow_template(group: str) -> dict:

@@ -337,76 +337,98 @@ def execute(root: Path, plan_: list[Stage], env: dict[str, str], on_event: Event
     ray = require_ray()
     nodes = alive_nodes(ray)
     check_fits(plan_, nodes)
-    has_gpus = any(node.get("GPU", 0) for node in nodes)
-    task = ray.remote(run_stage)
-    outcome = Outcome()
-    waiting = {stage.name: stage for stage in plan_}
-    finished: set[str] = set()
-    running: dict = {}  # object ref -> Stage
     for stage in plan_:
         (root / stage.log).unlink(missing_ok=True)
-
-    def fail(stage: Stage, why: str) -> None:
-        outcome.failed[stage.name] = why
-        on_event("failed", stage, why)
-        blocked = {stage.name}
-        for other in list(waiting.values()):  # plan order: upstream first, so one pass suffices
-            if any(name in blocked for name in other.upstream):
-                blocked.add(other.name)
-                outcome.skipped[other.name] = stage.name
-                del waiting[other.name]
-                on_event("skipped", other, stage.name)
-
+    run = _Scheduler(ray, root, env, on_event, max_retries, any(node.get("GPU", 0) for node in nodes),
+                     waiting={stage.name: stage for stage in plan_})
     try:
-        while waiting or running:
-            progressed = True
-            while progressed:  # a stage found up to date can make its own downstream ready
-                progressed = False
-                for stage in [s for s in waiting.values() if all(u in finished for u in s.upstream)]:
-                    del waiting[stage.name]
-                    if not stage.stale and not still_stale(root, stage.name):
-                        finished.add(stage.name)
-                        outcome.current.append(stage.name)
-                        on_event("current", stage, "")
-                        progressed = True
-                        continue
-                    gpus = stage.gpus if stage.gpus is not None else (1.0 if has_gpus else 0.0)
-                    ref = task.options(num_cpus=stage.cpus, num_gpus=gpus, max_retries=max_retries,
-                                       retry_exceptions=[StageKilled], name=stage.name).remote(str(root), stage, env)
-                    running[ref] = stage
-                    on_event("started", stage, "")
-            if not running:
-                if waiting:  # cannot happen with an acyclic plan; never spin
-                    raise ProxytuneError(f"internal: stages {', '.join(waiting)} wait for stages not in the plan")
+        while run.waiting or run.running:
+            run.submit_ready()
+            if not run.running:
+                if run.waiting:  # cannot happen with an acyclic plan; never spin
+                    raise ProxytuneError(f"internal: stages {', '.join(run.waiting)} wait for stages not in the plan")
                 break
-            done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+            done, _ = ray.wait(list(run.running), num_returns=1, timeout=poll_s)
             if not done:
-                on_event("waiting", next(iter(running.values())), "")
+                on_event("waiting", next(iter(run.running.values())), "")
                 continue
-            done, _ = ray.wait(list(running), num_returns=len(running), timeout=0)  # all that ended meanwhile
+            done, _ = ray.wait(list(run.running), num_returns=len(run.running), timeout=0)  # all that ended meanwhile
             for ref in done:
-                stage = running.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    outcome.attempts[stage.name] = max_retries + 1
-                    fail(stage, _reason(ray, err))
-                    continue
-                outcome.attempts[stage.name] = result["attempt"]
-                if result["rc"] != 0:
-                    fail(stage, f"exit {result['rc']}: {last_error(root / stage.log)} (log: {stage.log})")
-                    continue
-                try:
-                    commit(root, stage.name)  # one at a time, here in the driver
-                except ProxytuneError as err:
-                    fail(stage, str(err))
-                    continue
-                finished.add(stage.name)
-                outcome.ran.append(stage.name)
-                tries = f", after {result['attempt']} tries" if result["attempt"] > 1 else ""
-                on_event("ran", stage, f"{result['seconds']:.0f} s on {result['host']}{tries}")
+                run.finish(ref)
     except KeyboardInterrupt:
-        for ref in running:
+        for ref in run.running:
             ray.cancel(ref, force=True)
         raise
-    return outcome
+    return run.outcome
+
+
+@dataclass
+class _Scheduler:
+    """One execute's state: the stages still waiting, the tasks running, the stages finished."""
+
+    ray: object
+    root: Path
+    env: dict[str, str]
+    on_event: Event
+    max_retries: int
+    has_gpus: bool
+    waiting: dict[str, Stage]
+    running: dict = field(default_factory=dict)  # object ref -> Stage
+    finished: set[str] = field(default_factory=set)
+    outcome: Outcome = field(default_factory=Outcome)
+
+    def __post_init__(self) -> None:
+        self.task = self.ray.remote(run_stage)
+
+    def submit_ready(self) -> None:
+        """Submit every stage whose upstream is finished; one found up to date counts as finished at once."""
+        progressed = True
+        while progressed:  # a stage found up to date can make its own downstream ready
+            progressed = False
+            for stage in [s for s in self.waiting.values() if all(u in self.finished for u in s.upstream)]:
+                del self.waiting[stage.name]
+                if not stage.stale and not still_stale(self.root, stage.name):
+                    self.finished.add(stage.name)
+                    self.outcome.current.append(stage.name)
+                    self.on_event("current", stage, "")
+                    progressed = True
+                    continue
+                gpus = stage.gpus if stage.gpus is not None else (1.0 if self.has_gpus else 0.0)
+                ref = self.task.options(num_cpus=stage.cpus, num_gpus=gpus, max_retries=self.max_retries,
+                                   retry_exceptions=[StageKilled], name=stage.name).remote(str(self.root), stage, self.env)
+                self.running[ref] = stage
+                self.on_event("started", stage, "")
+
+    def finish(self, ref) -> None:
+        """Record one ended task: commit its stage, or fail it (and skip what is downstream)."""
+        stage = self.running.pop(ref)
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayError as err:
+            self.outcome.attempts[stage.name] = self.max_retries + 1
+            self.fail(stage, _reason(self.ray, err))
+            return
+        self.outcome.attempts[stage.name] = result["attempt"]
+        if result["rc"] != 0:
+            self.fail(stage, f"exit {result['rc']}: {last_error(self.root / stage.log)} (log: {stage.log})")
+            return
+        try:
+            commit(self.root, stage.name)  # one at a time, here in the driver
+        except ProxytuneError as err:
+            self.fail(stage, str(err))
+            return
+        self.finished.add(stage.name)
+        self.outcome.ran.append(stage.name)
+        tries = f", after {result['attempt']} tries" if result["attempt"] > 1 else ""
+        self.on_event("ran", stage, f"{result['seconds']:.0f} s on {result['host']}{tries}")
+
+    def fail(self, stage: Stage, why: str) -> None:
+        self.outcome.failed[stage.name] = why
+        self.on_event("failed", stage, why)
+        blocked = {stage.name}
+        for other in list(self.waiting.values()):  # plan order: upstream first, so one pass suffices
+            if any(name in blocked for name in other.upstream):
+                blocked.add(other.name)
+                self.outcome.skipped[other.name] = stage.name
+                del self.waiting[other.name]
+                self.on_event("skipped", other, stage.name)

@@ -5,19 +5,51 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# read once, before any fixture points the variable at the `photos` stand-in
+DREAMBENCH_ENV = os.environ.get("PROXYTUNE_DREAMBENCH")
 
 
 def dreambench_dir() -> Path:
-    """The local DreamBench copy tests use: $PROXYTUNE_DREAMBENCH, else ../shared/dreambench."""
-    env = os.environ.get("PROXYTUNE_DREAMBENCH")
-    return Path(env) if env else REPO.parent / "shared" / "dreambench"
+    """The DreamBench copy tests that need DreamBench itself use: $PROXYTUNE_DREAMBENCH, else ./data/dreambench
+    (what `proxytune data dreambench` writes)."""
+    return Path(DREAMBENCH_ENV) if DREAMBENCH_ENV else REPO / "data" / "dreambench"
 
 
 @pytest.fixture(scope="session")
 def dreambench() -> Path:
+    """DreamBench itself (its prompts, folder layout, licence files): skipped when no copy is found, except
+    under CI, where a missing copy fails (.ci/run points PROXYTUNE_DREAMBENCH at ../shared/dreambench)."""
     root = dreambench_dir()
     if not (root / "dog").is_dir():
-        pytest.fail(f"DreamBench copy not found at {root}: set PROXYTUNE_DREAMBENCH")
+        reason = f"DreamBench copy not found at {root}: run `proxytune data dreambench` or set PROXYTUNE_DREAMBENCH"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: .ci/run sets PROXYTUNE_DREAMBENCH)")
+        pytest.skip(reason)
+    return root
+
+
+# Photo subjects test specs name as `images: dreambench:NAME`, and the toy subject whose rendered references
+# stand in for each.
+STAND_INS = {"dog": "stripy-box", "cat": "dotty-ball"}
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory, tiny_model_cache) -> Path:
+    """A stand-in for DreamBench with its layout (NAME/NN.jpg, 5 photos each) for tests that only need a photo:
+    the toy world's rendered references, upscaled to 256 px, so the suite runs without a DreamBench copy.
+
+    Tests point PROXYTUNE_DREAMBENCH here (the `project` fixture does), so `images: dreambench:dog` resolves.
+    """
+    from PIL import Image
+
+    from proxytune.toyworld.subjects import reference_folder
+
+    root = tmp_path_factory.mktemp("photos")
+    for name, toy in STAND_INS.items():
+        (root / name).mkdir()
+        for k, path in enumerate(sorted(reference_folder(toy).iterdir())):
+            image = Image.open(path).convert("RGB").resize((256, 256), Image.BICUBIC)
+            image.save(root / name / f"{k:02d}.jpg", quality=95)
     return root
 
 
@@ -31,9 +63,9 @@ def tiny_model_cache(tmp_path_factory):
 
 
 @pytest.fixture
-def project(tmp_path, dreambench, monkeypatch):
-    """A fresh project folder (no git) with DreamBench pointed at the shared copy; cwd is inside it."""
-    monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(dreambench))
+def project(tmp_path, photos, monkeypatch):
+    """A fresh project folder (no git) with DreamBench pointed at the stand-in `photos`; cwd is inside it."""
+    monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(photos))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "specs").mkdir()

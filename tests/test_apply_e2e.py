@@ -26,7 +26,7 @@ def cli(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
-def new_project(root: Path, dreambench: Path, spec: dict) -> Path:
+def new_project(root: Path, photos: Path, spec: dict) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "specs").mkdir(exist_ok=True)
     (root / "specs" / "t.yaml").write_text(yaml.safe_dump(spec))
@@ -34,12 +34,13 @@ def new_project(root: Path, dreambench: Path, spec: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def applied(tmp_path_factory, dreambench):
-    os.environ["PROXYTUNE_DREAMBENCH"] = str(dreambench)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    project = new_project(tmp_path_factory.mktemp("e2e"), dreambench, tiny_spec())
-    result = cli(project, "apply", "specs/t.yaml")
-    return project, result
+def applied(tmp_path_factory, photos):
+    with pytest.MonkeyPatch.context() as env:  # for this module's tests only
+        env.setenv("PROXYTUNE_DREAMBENCH", str(photos))
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)
+        project = new_project(tmp_path_factory.mktemp("e2e"), photos, tiny_spec())
+        result = cli(project, "apply", "specs/t.yaml")
+        yield project, result
 
 
 def subject_dir(project: Path) -> Path:
@@ -131,10 +132,10 @@ def test_registry_pull_student_loads_with_peft(applied, tmp_path):
     assert torch.equal(out(pulled), out(original))
 
 
-def test_lineage_shows_the_chain_with_digests(applied, dreambench):
+def test_lineage_shows_the_chain_with_digests(applied, photos):
     project, _ = applied
     text = cli(project, "lineage", "t.dog.student@1").stdout
-    ref_sha = sha256_file(dreambench / "dog" / "00.jpg")
+    ref_sha = sha256_file(photos / "dog" / "00.jpg")
     manifest = json.loads((subject_dir(project) / "proxy" / "manifest.json").read_text())
     assert "00.jpg" in text and ref_sha[:16] in text
     assert "teacher t.dog.teacher@1" in text
@@ -211,9 +212,9 @@ def output_files(project: Path) -> dict[str, Path]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)}
 
 
-def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, dreambench):
+def test_same_spec_and_seed_give_identical_artifacts(applied, tmp_path, photos):
     project, _ = applied
-    other = new_project(tmp_path / "again", dreambench, tiny_spec())
+    other = new_project(tmp_path / "again", photos, tiny_spec())
     cli(other, "apply", "specs/t.yaml")
     ours, theirs = output_files(project), output_files(other)
     assert sorted(ours) == sorted(theirs)

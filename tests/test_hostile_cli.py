@@ -373,12 +373,12 @@ def cli(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_unicode_and_spaces_in_paths_under_lc_all_c(tmp_path, dreambench, monkeypatch):
+def test_unicode_and_spaces_in_paths_under_lc_all_c(tmp_path, photos, monkeypatch):
     from proxytune.stages.params import load_params
 
     project = tmp_path / "projet é 🐶 x"
     (project / "specs").mkdir(parents=True)
-    copy_images(dreambench / "dog", project / "références chien", count=3)
+    copy_images(photos / "dog", project / "références chien", count=3)
     spec = tiny_spec()
     spec["subjects"][0].update({"images": "../références chien", "class": "chien"})
     (project / "specs" / "t.yaml").write_text(yaml.safe_dump(spec, allow_unicode=True))
@@ -413,11 +413,11 @@ def test_two_applies_at_once_the_second_waits_and_the_project_stays_consistent(p
     assert not [p for p in project.rglob("*.tmp")]
 
 
-def test_every_params_file_compile_writes_passes_the_stages_check(project, dreambench):
+def test_every_params_file_compile_writes_passes_the_stages_check(project, photos):
     """Variants (upstream_dir), a joint student (members, student_dir) and a style: all accepted as written."""
     from proxytune.stages.params import load_params
 
-    copy_images(dreambench / "dog", project / "specs" / "refs", count=3)
+    copy_images(photos / "dog", project / "specs" / "refs", count=3)
     joint = tiny_spec("b", student={"multi_subject": True})
     joint["subjects"] = [{"name": "dog", "class": "dog", "images": "dreambench:dog", "token": "S1*"},
                          {"name": "cat", "class": "cat", "images": "dreambench:cat", "token": "S2*"}]

@@ -134,8 +134,8 @@ def test_an_oversized_spec_is_refused_unread(project, command):
 
 
 # -- the reference folder ------------------------------------------------------------------------------
-def refs_with(project: Path, dreambench: Path, name: str, content: bytes | None = None) -> Path:
-    refs = copy_images(dreambench / "dog", project / "refs", count=2)
+def refs_with(project: Path, photos: Path, name: str, content: bytes | None = None) -> Path:
+    refs = copy_images(photos / "dog", project / "refs", count=2)
     if content is not None:
         (refs / name).write_bytes(content)
     return refs
@@ -165,15 +165,15 @@ def noise(width: int = 120, height: int = 90) -> Image.Image:
     ("truncated.png", png_bytes(noise())[:5000]),
     ("header-only.png", png_bytes(noise())[:33]),
 ], ids=["zero-byte-jpg", "zero-byte-png", "truncated-jpg", "truncated-png", "png-header-only"])
-def test_broken_images_are_refused(project, dreambench, command, name, content):
-    refs_with(project, dreambench, name, content)
+def test_broken_images_are_refused(project, photos, command, name, content):
+    refs_with(project, photos, name, content)
     path = write_spec(project, spec_text("../refs"))
     refused(project, command, path, "subjects[0].images: ", f"{name}: not a readable image")
 
 
 @COMMANDS
-def test_symlink_loop_among_the_references(project, dreambench, command):
-    refs = refs_with(project, dreambench, "x")
+def test_symlink_loop_among_the_references(project, photos, command):
+    refs = refs_with(project, photos, "x")
     (refs / "loop.jpg").symlink_to(refs / "loop.jpg")
     path = write_spec(project, spec_text("../refs"))
     refused(project, command, path, "subjects[0].images: ", "loop.jpg: a broken symlink or a symlink loop, not an image")

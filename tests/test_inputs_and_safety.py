@@ -71,8 +71,8 @@ def test_unreachable_server_from_environment_names_tracking_uri(project, monkeyp
 
 
 @pytest.mark.parametrize("command", ["validate", "compile", "apply"])
-def test_non_image_file_with_image_extension(project, dreambench, command):
-    refs = copy_images(dreambench / "dog", project / "refs", count=2)
+def test_non_image_file_with_image_extension(project, photos, command):
+    refs = copy_images(photos / "dog", project / "refs", count=2)
     (refs / "notes.png").write_text("these are my notes, not a picture\n")
     path = write_spec(project, {**GOOD, "subjects": [{"name": "dog", "class": "dog", "images": "../refs"}]})
     line = one_line_error(CliRunner().invoke(main, [command, str(path)]), path)
@@ -81,8 +81,8 @@ def test_non_image_file_with_image_extension(project, dreambench, command):
 
 
 @pytest.mark.parametrize("command", ["validate", "compile", "apply"])
-def test_image_folder_that_is_a_file(project, dreambench, command):
-    (project / "photo.jpg").write_bytes((dreambench / "dog" / "00.jpg").read_bytes())
+def test_image_folder_that_is_a_file(project, photos, command):
+    (project / "photo.jpg").write_bytes((photos / "dog" / "00.jpg").read_bytes())
     path = write_spec(project, {**GOOD, "subjects": [{"name": "dog", "class": "dog", "images": "../photo.jpg"}]})
     line = one_line_error(CliRunner().invoke(main, [command, str(path)]), path)
     assert "subjects[0].images" in line and "is a file, not a folder" in line
@@ -245,7 +245,8 @@ def test_lineage_nodes_are_unknown_when_the_project_is_not_here(tmp_path):
 
 
 # -- many subjects ---------------------------------------------------------------------------------
-def test_dreambench9_compiles_to_36_stages_and_subject_selects_four(project):
+def test_dreambench9_compiles_to_36_stages_and_subject_selects_four(project, dreambench, monkeypatch):
+    monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(dreambench))  # nine DreamBench subjects: DreamBench itself
     spec = project / "specs" / "dreambench9.yaml"
     spec.write_text((REPO / "specs" / "dreambench9.yaml").read_text())
     result = CliRunner().invoke(main, ["compile", str(spec)])

@@ -51,13 +51,13 @@ def test_lora_lands_on_the_decoder_layers_only():
     assert adapted and all(".layers." in n and "vqmodel" not in n for n in adapted)
 
 
-def test_tiny_vqgan_folder_encodes_like_the_chameleon_encoder(dreambench):
+def test_tiny_vqgan_folder_encodes_like_the_chameleon_encoder(photos):
     """The tiny's VQ folder is built as real ones are (a taming VQGAN through vqgan.convert_state_dict):
     its diffusers encoder gives the codes transformers' Chameleon encoder gives."""
     from PIL import Image
 
     bundle = students.load_student("tiny-lumina-mgpt")
-    images = [Image.open(p) for p in sorted((dreambench / "dog").iterdir())[:2]]
+    images = [Image.open(p) for p in sorted((photos / "dog").iterdir())[:2]]
     pixels = bundle.images_to_pixels(images)
     with torch.no_grad():
         _, _, (_, _, indices) = bundle.decoder.quantize(bundle.decoder.encode(pixels).latents)

@@ -156,13 +156,13 @@ def read(project, path):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, dreambench):
+def project(tmp_path_factory, photos):
     spec = spec_with(grow=GROW, prompts=2, images_per_prompt=1)
     spec["synthesis"]["num_images"] = 2  # the first step takes the whole set: the growth stops there, the second is skipped
     root = new_project(tmp_path_factory.mktemp("proxy-count"), {"t": spec})
     # killed in the first held-out evaluation (after its images are generated): apply fails, the step's student is kept
-    crashed = cli(root, dreambench, "apply", "specs/t.yaml", check=False, PROXYTUNE_CRASH_AT="evaluate:generated")
-    resumed = cli(root, dreambench, "apply", "specs/t.yaml")
+    crashed = cli(root, photos, "apply", "specs/t.yaml", check=False, PROXYTUNE_CRASH_AT="evaluate:generated")
+    resumed = cli(root, photos, "apply", "specs/t.yaml")
     return root, crashed, resumed
 
 
@@ -175,7 +175,7 @@ def test_killed_growth_resumes_and_keeps_the_finished_step(project):
     assert "student: resuming from step 4 (runs/t--grow-2/dog/" in resumed.stdout + resumed.stderr
 
 
-def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(project, dreambench):
+def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(project, photos):
     root, _, _ = project
     state = CountState.read(root / "runs/t/dog/student/proxy_count.json")
     assert state.metric == "dino" and state.available == 2 and state.chosen == 2 and len(state.steps) == 1
@@ -189,7 +189,7 @@ def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(pr
     assert read(root, "runs/t/dog/eval/record.json")["student_version"] == f"t.dog.student@{own['version']}"
     params = yaml.safe_load((root / "runs/t--grow-2/dog/params.yaml").read_text())
     assert params["evaluation"]["seed"] == 500_000 and params["student"]["num_proxy_images"] == 2
-    assert "up to date: no stage to run" in cli(root, dreambench, "apply", "specs/t.yaml", "--dry-run").stdout
+    assert "up to date: no stage to run" in cli(root, photos, "apply", "specs/t.yaml", "--dry-run").stdout
 
 
 def test_a_crafted_grow_state_outside_the_growth_is_refused_before_any_work(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ def _params(project, **fidelity):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, dreambench):
+def scored(tmp_path_factory, photos):
     """A toy-subject project whose synthesis stage has run once (8 generated, the 4 best kept)."""
     project = tmp_path_factory.mktemp("scored")
     (project / "specs").mkdir()
@@ -130,7 +130,7 @@ def test_the_share_gate_fails_the_stage_in_one_line(scored):
     assert message.startswith("specs/t.yaml") or "t.yaml" in message.split(":")[0]
 
 
-def test_the_report_shows_the_histogram_and_the_most_and_least_faithful(scored, dreambench):
+def test_the_report_shows_the_histogram_and_the_most_and_least_faithful(scored, photos):
     from test_report import fake_stage_outputs
 
     from proxytune import report
@@ -138,9 +138,9 @@ def test_the_report_shows_the_histogram_and_the_most_and_least_faithful(scored, 
     project, params = scored
     _params(project)  # the spec as the fixture ran it
     synthesis.run(params.path)
-    photos = sorted((dreambench / "dog").iterdir())
+    pictures = sorted((photos / "dog").iterdir())
     manifest = (params.out("proxy") / layout.MANIFEST_FILE).read_bytes()
-    fake_stage_outputs(params.subject_dir, "stripy-box", photos, models=["teacher", "student"], random_init=False,
+    fake_stage_outputs(params.subject_dir, "stripy-box", pictures, models=["teacher", "student"], random_init=False,
                        variance=False, gate=False)  # an evaluation written by hand (it leaves proxy/ images alone)
     files = report.write_report(project / "specs" / "t.yaml", project)
     page, summary = files.html.read_text(), files.md.read_text()

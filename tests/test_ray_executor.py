@@ -58,10 +58,10 @@ def run_cli(project: Path, env: dict, *args: str) -> subprocess.CompletedProcess
                           start_new_session=True)
 
 
-def base_env(dreambench: Path, **extra: str) -> dict:
+def base_env(photos: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "PROXYTUNE_CRASH_AT", "PROXYTUNE_CRASH_GROUP", "RAY_ADDRESS")}
-    env.update({"PROXYTUNE_DREAMBENCH": str(dreambench), "PYTHONPATH": str(REPO), **extra})  # test this tree
+    env.update({"PROXYTUNE_DREAMBENCH": str(photos), "PYTHONPATH": str(REPO), **extra})  # test this tree
     return env
 
 
@@ -146,7 +146,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def serial(tmp_path_factory, dreambench):
+def serial(tmp_path_factory, photos):
     """The spec applied by the local executor (`dvc repro`) with `import ray` failing."""
     project = new_project(tmp_path_factory.mktemp("serial"), {"t": two_subjects()})
     blocker = project / "no-ray"
@@ -154,7 +154,7 @@ def serial(tmp_path_factory, dreambench):
     (blocker / "ray" / "__init__.py").write_text("raise ImportError('ray is blocked in this test')\n")
     start = time.monotonic()
     # One thread, as each Ray task below (cpus: 1): on CPU the thread count changes float rounding.
-    env = base_env(dreambench, PYTHONPATH=f"{blocker}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
+    env = base_env(photos, PYTHONPATH=f"{blocker}{os.pathsep}{REPO}", OMP_NUM_THREADS="1")
     result = run_cli(project, env, "apply", "specs/t.yaml")
     print(f"[time] serial apply: {time.monotonic() - start:.0f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -162,14 +162,14 @@ def serial(tmp_path_factory, dreambench):
 
 
 @pytest.fixture(scope="module")
-def on_ray(tmp_path_factory, dreambench, cluster):
+def on_ray(tmp_path_factory, photos, cluster):
     address, auth = cluster
     project = new_project(tmp_path_factory.mktemp("ray"), {"t": two_subjects(), "bad": failing_spec()})
-    env = base_env(dreambench, PROXYTUNE_CRASH_AT="teacher:step:2", PROXYTUNE_CRASH_GROUP="1", **auth)
+    env = base_env(photos, PROXYTUNE_CRASH_AT="teacher:step:2", PROXYTUNE_CRASH_GROUP="1", **auth)
     start = time.monotonic()
     result = run_cli(project, env, "apply", "specs/t.yaml", "specs/bad.yaml", "--executor", "ray", "--address", address)
     print(f"[time] ray apply: {time.monotonic() - start:.0f} s")
-    return project, result, base_env(dreambench, **auth), address
+    return project, result, base_env(photos, **auth), address
 
 
 # -- tests ---------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def fake_stage_outputs(folder: Path, subject: str, photos: list[Path], *, models
 
 
 @pytest.fixture
-def evaluated(project, dreambench):
+def evaluated(project, photos):
     """A compiled project with two evaluated subjects: dog (3 models, variance, gate, random init)
     and plain (2 models, no variance, no gate, references inside the project)."""
     from proxytune.project import resolve_spec, write_compiled
@@ -118,17 +118,17 @@ def evaluated(project, dreambench):
         _png(plain / f"{i:02d}.png", Image.new("RGB", (96, 80), colour))
     spec = _spec(project)
     write_compiled([resolve_spec(spec, project)], project)
-    photos = sorted((dreambench / "dog").iterdir())
-    fake_stage_outputs(project / "runs/rep/dog", "dog", photos, models=["teacher", "student", "direct-lora"],
+    pictures = sorted((photos / "dog").iterdir())
+    fake_stage_outputs(project / "runs/rep/dog", "dog", pictures, models=["teacher", "student", "direct-lora"],
                        random_init=True, variance=True, gate=True)
-    fake_stage_outputs(project / "runs/rep/plain", "plain", photos, models=["teacher", "student"],
+    fake_stage_outputs(project / "runs/rep/plain", "plain", pictures, models=["teacher", "student"],
                        random_init=False, variance=False, gate=False)
     return spec
 
 
 def expected_images() -> int:
     """<img> tags on the page: per grid row the references (at most 4) and K images per model, + 2 charts."""
-    refs = {"dog": min(report.GRID_REFERENCES, 5), "plain": 3}  # DreamBench dog has 5 photos
+    refs = {"dog": min(report.GRID_REFERENCES, 5), "plain": 3}  # the stand-in dog has 5 photos, as DreamBench's
     models = {"dog": 3, "plain": 2}
     return sum(len(PROMPTS) * (refs[s] + models[s] * K) for s in refs) + 2
 
@@ -212,16 +212,16 @@ def test_shared_and_upstream_folders_are_followed_for_records(evaluated, project
     shutil.move(project / "runs/rep/plain/student", project / "runs/rep/_joint/student")
     params_path.write_text(yaml.safe_dump({**params, "student_dir": "runs/rep/_joint/student"}))
     plain = next(s for s in report.load_report(evaluated, project).subjects if s.name == "plain")
-    assert plain.records["student"]["model"] == "rep.plain.student"
+    assert plain.records.student.model == "rep.plain.student"
     assert not [w for w in report.lineage_warnings(plain, "") if "no student record" in w]
 
     variant = project / "runs/rep--v/plain"
     shutil.copytree(project / "runs/rep/plain/eval", variant / "eval")
     shutil.copytree(project / "runs/rep/_joint/student", variant / "student")
-    (variant / "params.yaml").write_text(yaml.safe_dump({**params, "upstream_dir": "runs/rep/plain"}))
+    (variant / "params.yaml").write_text(yaml.safe_dump({**params, "experiment": "rep--v", "upstream_dir": "runs/rep/plain"}))
     loaded = report.load_subject(project, "rep--v", "plain", "specs/rep.yaml", "plain / v")
-    assert loaded.name == "plain / v" and loaded.records["teacher"]["model"] == "rep.plain.teacher"
-    assert loaded.records["proxy"]["digest"] == plain.records["proxy"]["digest"]
+    assert loaded.name == "plain / v" and loaded.records.teacher.model == "rep.plain.teacher"
+    assert loaded.records.proxy.digest == plain.records.proxy.digest
 
 
 def test_missing_eval_is_a_one_line_error(evaluated, project):

@@ -17,14 +17,14 @@ SIZES = {"tiny-janus": 64, "tiny-lumina-mgpt": 128}  # Lumina-mGPT's: an x16 VQ,
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_tiny_variant_is_a_student_backend_that_round_trips_images(name, dreambench):
+def test_tiny_variant_is_a_student_backend_that_round_trips_images(name, photos):
     from PIL import Image
 
     bundle = students.load_student(name)
     assert isinstance(bundle, StudentBackend) and bundle.backend == BACKENDS[name] and bundle.random_init
     size = SIZES[name]
     assert bundle.seq_len == 64 and bundle.codebook_size == 256 and bundle.image_size == size
-    image = Image.open(sorted((dreambench / "dog").iterdir())[0])
+    image = Image.open(sorted((photos / "dog").iterdir())[0])
     codes = bundle.encode_images(bundle.images_to_pixels([image]))
     assert codes.shape == (1, 64) and codes.dtype == torch.long
     assert bundle.decode_codes(codes)[0].size == (size, size)

@@ -18,9 +18,9 @@ def recipe_for(project, proxies: int = 0, **student):
     return r
 
 
-def test_direct_lora_trains_on_the_references_with_the_instance_prompt(project, dreambench):
+def test_direct_lora_trains_on_the_references_with_the_instance_prompt(project, photos):
     r = recipe_for(project, recipe="direct-lora", learning_rate=1e-2, steps=30)
-    assert r.proxy is None and len(r.codes) == len(list((dreambench / "dog").iterdir()))
+    assert r.proxy is None and len(r.codes) == len(list((photos / "dog").iterdir()))
     assert r.conds.shape[0] == 1  # one prompt: "a S* dog"
     r.train()
     assert np.mean(r.progress.losses[-5:]) < np.mean(r.progress.losses[:5])
@@ -31,10 +31,10 @@ def test_proxy_size_sweep_takes_the_first_n(project):
     assert len(r.codes) == 3
 
 
-def test_augmentation_is_seeded_geometric_and_sized(project, dreambench):
+def test_augmentation_is_seeded_geometric_and_sized(project, photos):
     from PIL import Image
 
-    base = [Image.open(p).convert("RGB").resize((96, 96)) for p in sorted((dreambench / "dog").iterdir())[:2]]
+    base = [Image.open(p).convert("RGB").resize((96, 96)) for p in sorted((photos / "dog").iterdir())[:2]]
     a = augmented_references(base, 6, 64, torch.Generator().manual_seed(0))
     b = augmented_references(base, 6, 64, torch.Generator().manual_seed(0))
     c = augmented_references(base, 6, 64, torch.Generator().manual_seed(1))

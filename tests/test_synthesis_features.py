@@ -65,7 +65,7 @@ def test_two_processes_give_the_same_set_as_one(project, tmp_path):
     assert [e["prompt"] for e in manifest["images"]] == [f"a {token} dog", f"a {token} dog on the beach"] * 2 + [f"a {token} dog"]
 
 
-def test_quality_filter_scores_against_references_and_drops_the_least_similar(project, dreambench):
+def test_quality_filter_scores_against_references_and_drops_the_least_similar(project, photos):
     params = with_teacher(project, filter={"enabled": True, "drop_fraction": 0.4})
     scratch = project / "scratch"
     scratch.mkdir()

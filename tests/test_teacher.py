@@ -34,8 +34,8 @@ def test_family_comes_from_model_index_not_the_name(tmp_path):
 
 
 @pytest.mark.parametrize("model", list(FAMILIES))
-def test_loss_falls_when_overfitting_one_reference(project, dreambench, model):
-    copy_images(dreambench / "dog", project / "one", count=1)
+def test_loss_falls_when_overfitting_one_reference(project, photos, model):
+    copy_images(photos / "dog", project / "one", count=1)
     # attention and feed-forward layers: the tiny SDXL/SD3 have few attention layers to adapt
     lora = {"rank": 16, "alpha": 16, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
                                                       "proj_in", "proj_out", "conv1", "conv2", "add_k_proj", "add_v_proj"]}

@@ -152,12 +152,12 @@ def test_full_size_release_on_meta_device(release_folders, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_training_step_and_synthesis_in_the_release_dtype(project, dreambench, release_folders, name):
+def test_training_step_and_synthesis_in_the_release_dtype(project, photos, release_folders, name):
     from proxytune.stages import synthesis
     from proxytune.stages.teacher import TeacherTrainer
 
     precision, dtype_name = PRECISION[name]
-    copy_images(dreambench / "dog", project / "one", count=1)
+    copy_images(photos / "dog", project / "one", count=1)
     spec = tiny_spec(teacher={"model": str(release_folders[name]), "resolution": 64, "steps": 1, "batch_size": 1,
                               "mixed_precision": precision, "learning_rate": 1e-2},
                      synthesis={"num_images": 1, "num_inference_steps": 1, "batch_size": 1, "dtype": dtype_name})

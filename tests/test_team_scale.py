@@ -50,10 +50,10 @@ def mini_spec(name: str = "t", **sections) -> dict:
     )
 
 
-def env_for(dreambench: Path, **extra: str) -> dict:
+def env_for(photos: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("MLFLOW_TRACKING_URI", "PROXYTUNE_CRASH_AT", "PROXYTUNE_CRASH_GROUP")}
-    env.update(PROXYTUNE_DREAMBENCH=str(dreambench), PYTHONPATH=str(REPO), **extra)  # test this tree
+    env.update(PROXYTUNE_DREAMBENCH=str(photos), PYTHONPATH=str(REPO), **extra)  # test this tree
     return env
 
 
@@ -62,9 +62,9 @@ def command(*args: str) -> list[str]:
     return [str(exe) if exe.exists() else "proxytune", *args]
 
 
-def cli(project: Path, dreambench: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
+def cli(project: Path, photos: Path, *args: str, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
     # A session of its own: a crash point that kills its process group (PROXYTUNE_CRASH_GROUP) kills only the apply.
-    result = subprocess.run(command(*args), cwd=project, env=env_for(dreambench, **extra), capture_output=True,
+    result = subprocess.run(command(*args), cwd=project, env=env_for(photos, **extra), capture_output=True,
                             text=True, timeout=900, start_new_session=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -100,7 +100,7 @@ def free_port() -> int:
 
 # -- fixtures --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def team(tmp_path_factory, dreambench):
+def team(tmp_path_factory, photos):
     """Apply against an MLflow server, pull from it; the server is always stopped afterwards."""
     base = tmp_path_factory.mktemp("team")
     server_dir = base / "server"
@@ -135,16 +135,16 @@ def team(tmp_path_factory, dreambench):
         subprocess.run([*git, "commit", "-qm", "specs"], cwd=project, check=True)
         out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
         start = time.monotonic()
-        out["apply"] = cli(project, dreambench, "apply", "specs/t.yaml")
+        out["apply"] = cli(project, photos, "apply", "specs/t.yaml")
         timed("team apply", start)
         out["project"] = project
-        out["show"] = json.loads(cli(project, dreambench, "registry", "show", "t.dog.student@candidate", "--uri", uri,
+        out["show"] = json.loads(cli(project, photos, "registry", "show", "t.dog.student@candidate", "--uri", uri,
                                      "--json").stdout)
         for role in ("teacher", "student"):
-            out[f"pull_{role}"] = cli(project, dreambench, "registry", "pull", f"t.dog.{role}@candidate",
+            out[f"pull_{role}"] = cli(project, photos, "registry", "pull", f"t.dog.{role}@candidate",
                                       "-o", str(base / "pulled" / role), "--uri", uri)
         out["pulled"] = base / "pulled"
-        out["audit"] = cli(project, dreambench, "audit", "--uri", uri, check=False)
+        out["audit"] = cli(project, photos, "audit", "--uri", uri, check=False)
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -160,13 +160,13 @@ def team(tmp_path_factory, dreambench):
 
 
 @pytest.fixture(scope="module")
-def crashed(tmp_path_factory, dreambench):
+def crashed(tmp_path_factory, photos):
     project = new_project(tmp_path_factory.mktemp("crashed"), {"t": mini_spec(), "u": mini_spec("u", seed=1)})
     out = {"project": project, "runs": {}}
     for point in CRASHES:
         start = time.monotonic()
         group = {"PROXYTUNE_CRASH_GROUP": "1"} if point == GROUP_CRASH else {}
-        result = cli(project, dreambench, "apply", "specs/t.yaml", check=False, PROXYTUNE_CRASH_AT=point, **group)
+        result = cli(project, photos, "apply", "specs/t.yaml", check=False, PROXYTUNE_CRASH_AT=point, **group)
         timed(f"apply crashing at {point}", start)
         out["runs"][point] = {
             "result": result,
@@ -177,7 +177,7 @@ def crashed(tmp_path_factory, dreambench):
         }
     # Last: finish t while another spec is applied in the same project at the same time.
     start = time.monotonic()
-    procs = {name: subprocess.Popen(command("apply", f"specs/{name}.yaml"), cwd=project, env=env_for(dreambench),
+    procs = {name: subprocess.Popen(command("apply", f"specs/{name}.yaml"), cwd=project, env=env_for(photos),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in ("t", "u")}
     out["final"] = {}
@@ -266,7 +266,7 @@ def test_killed_at_every_point_then_rerun_matches_an_uninterrupted_run(crashed, 
         ["apply:", "stage:teacher"]  # (audit has no ghost left to close or report: see the audit test)
 
 
-def test_two_applies_at_once_in_one_project_both_finish(crashed, dreambench):
+def test_two_applies_at_once_in_one_project_both_finish(crashed, photos):
     project = crashed["project"]
     final = crashed["final"]
     for name, result in final.items():
@@ -281,7 +281,7 @@ def test_two_applies_at_once_in_one_project_both_finish(crashed, dreambench):
         assert (project / "runs" / name / "dog" / "metrics.json").exists()
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     assert sorted(lock) == sorted(f"{s}@{n}.dog" for s in ("teacher", "synthesis", "codes", "student", "evaluate") for n in "tu")
-    status = cli(project, dreambench, "apply", "specs/t.yaml", "specs/u.yaml", "--dry-run")
+    status = cli(project, photos, "apply", "specs/t.yaml", "specs/u.yaml", "--dry-run")
     assert "up to date" in status.stdout
     client = client_for(uri)
     for name in ("t", "u"):
@@ -291,9 +291,9 @@ def test_two_applies_at_once_in_one_project_both_finish(crashed, dreambench):
 
 
 # -- registry ------------------------------------------------------------------------------------
-def test_registry_show_and_promote(crashed, dreambench):
+def test_registry_show_and_promote(crashed, photos):
     project = crashed["project"]
-    shown = cli(project, dreambench, "registry", "show", "t.dog.teacher@candidate").stdout
+    shown = cli(project, photos, "registry", "show", "t.dog.teacher@candidate").stdout
     weights = project / "runs" / "t" / "dog" / WEIGHTS["teacher"]
     assert shown.startswith("t.dog.teacher@1\n")
     assert f"pytorch_lora_weights.safetensors  {sha256_file(weights)}" in shown
@@ -301,30 +301,30 @@ def test_registry_show_and_promote(crashed, dreambench):
                 "proxytune.subject: dog", "proxytune.files_digest", "run:", "source:"):
         assert key in shown, key
     assert "proxytune.git_commit" not in shown  # this project is not a git repository
-    promoted = cli(project, dreambench, "registry", "promote", "t.dog.teacher@1", "champion")
+    promoted = cli(project, photos, "registry", "promote", "t.dog.teacher@1", "champion")
     assert "t.dog.teacher@champion → t.dog.teacher@1" in promoted.stdout
-    info = json.loads(cli(project, dreambench, "registry", "show", "t.dog.teacher@champion", "--json").stdout)
+    info = json.loads(cli(project, photos, "registry", "show", "t.dog.teacher@champion", "--json").stdout)
     assert info["aliases"] == ["candidate", "champion"]
-    bad = cli(project, dreambench, "registry", "promote", "t.dog.teacher@7", "champion", check=False)
+    bad = cli(project, photos, "registry", "promote", "t.dog.teacher@7", "champion", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: t.dog.teacher@7") and len(bad.stderr.splitlines()) == 1
 
 
-def test_pull_refuses_a_tampered_artifact_and_audit_names_it(crashed, dreambench, tmp_path):
+def test_pull_refuses_a_tampered_artifact_and_audit_names_it(crashed, photos, tmp_path):
     project = crashed["project"]
-    clean = cli(project, dreambench, "audit")
+    clean = cli(project, photos, "audit")
     assert clean.returncode == 0 and clean.stdout.startswith("audit: ok (4 versions"), clean.stdout
-    source = json.loads(cli(project, dreambench, "registry", "show", "t.dog.teacher@1", "--json").stdout)["source"]
+    source = json.loads(cli(project, photos, "registry", "show", "t.dog.teacher@1", "--json").stdout)["source"]
     stored = Path(source.removeprefix("file://")) / "pytorch_lora_weights.safetensors"
     original = stored.read_bytes()
     try:
         stored.write_bytes(original[: len(original) // 2])  # truncated
-        pulled = cli(project, dreambench, "registry", "pull", "t.dog.teacher@1", "-o", str(tmp_path / "x"), check=False)
+        pulled = cli(project, photos, "registry", "pull", "t.dog.teacher@1", "-o", str(tmp_path / "x"), check=False)
         assert pulled.returncode == 2, pulled.stdout + pulled.stderr
         assert len(pulled.stderr.strip().splitlines()) == 1
         assert "tampered or truncated" in pulled.stderr and "pytorch_lora_weights.safetensors" in pulled.stderr
         assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.staging-*"))
         stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit flipped
-        audit = cli(project, dreambench, "audit", check=False)
+        audit = cli(project, photos, "audit", check=False)
         assert audit.returncode == 1
         problems = [line for line in audit.stdout.splitlines() if line.startswith("problem:")]
         assert len(problems) == 1 and "t.dog.teacher@1: pytorch_lora_weights.safetensors: sha256" in problems[0]
@@ -334,25 +334,25 @@ def test_pull_refuses_a_tampered_artifact_and_audit_names_it(crashed, dreambench
     client = client_for(embedded(project))
     client.set_model_version_tag("u.dog.student", "1", "proxytune.teacher_version", "u.dog.teacher@9")
     try:
-        audit = cli(project, dreambench, "audit", check=False)
+        audit = cli(project, photos, "audit", check=False)
         assert audit.returncode == 1 and "u.dog.student@1: teacher version u.dog.teacher@9 is not in the registry" in audit.stdout
     finally:
         client.set_model_version_tag("u.dog.student", "1", "proxytune.teacher_version", "u.dog.teacher@1")
-    assert cli(project, dreambench, "audit").returncode == 0
-    cli(project, dreambench, "registry", "pull", "t.dog.teacher@1", "-o", str(tmp_path / "ok"))
+    assert cli(project, photos, "audit").returncode == 0
+    cli(project, photos, "registry", "pull", "t.dog.teacher@1", "-o", str(tmp_path / "ok"))
     assert [p.name for p in (tmp_path / "ok").iterdir()] == ["pytorch_lora_weights.safetensors"]
 
 
 # -- lineage ---------------------------------------------------------------------------------------
-def test_lineage_mermaid_and_stale_marks(crashed, dreambench):
+def test_lineage_mermaid_and_stale_marks(crashed, photos):
     project = crashed["project"]
-    drawing = cli(project, dreambench, "lineage", "t.dog.student@candidate", "--mermaid").stdout
+    drawing = cli(project, photos, "lineage", "t.dog.student@candidate", "--mermaid").stdout
     assert drawing.startswith("flowchart LR")
     for edge in ("references --> teacher", "teacher --> proxy", "proxy --> student", "student --> evaluation0"):
         assert edge in drawing
     assert "t.dog.teacher@1" in drawing and "t.dog.student@1" in drawing
     assert not [line for line in drawing.splitlines() if line.strip().startswith("class ")]  # nothing stale
-    chain = json.loads(cli(project, dreambench, "lineage", "t.dog.student@1", "--json").stdout)
+    chain = json.loads(cli(project, photos, "lineage", "t.dog.student@1", "--json").stdout)
     nodes = [chain[k] for k in ("references", "teacher", "proxy", "student")] + chain["evaluations"]
     assert [n["stale"] for n in nodes] == [False] * 5, [n.get("stale_reasons") for n in nodes]
     spec_path = project / "specs" / "t.yaml"
@@ -361,16 +361,16 @@ def test_lineage_mermaid_and_stale_marks(crashed, dreambench):
         spec = yaml.safe_load(original)
         spec["student"]["learning_rate"] = 5e-4
         spec_path.write_text(yaml.safe_dump(spec))  # edited, not compiled
-        chain = json.loads(cli(project, dreambench, "lineage", "t.dog.student@1", "--json").stdout)
+        chain = json.loads(cli(project, photos, "lineage", "t.dog.student@1", "--json").stdout)
         assert [chain[k]["stale"] for k in ("references", "teacher", "proxy", "student")] == [False, False, False, True]
         assert "student" in chain["student"]["stale_reasons"][0] and chain["evaluations"][0]["stale"] is True
-        cli(project, dreambench, "compile", "specs/t.yaml")  # compiled: now DVC sees the change
-        text = cli(project, dreambench, "lineage", "t.dog.student@1").stdout
+        cli(project, photos, "compile", "specs/t.yaml")  # compiled: now DVC sees the change
+        text = cli(project, photos, "lineage", "t.dog.student@1").stdout
         assert "teacher t.dog.teacher@1" in text and "[fresh]" in text
         student_line = next(line for line in text.splitlines() if "student t.dog.student@1" in line)
         assert "[STALE: deps runs/t/dog/params.yaml: student modified]" in student_line
-        drawing = cli(project, dreambench, "lineage", "t.dog.student@1", "--mermaid").stdout
+        drawing = cli(project, photos, "lineage", "t.dog.student@1", "--mermaid").stdout
         assert "class student,evaluation0 stale" in drawing
     finally:
         spec_path.write_text(original)
-        cli(project, dreambench, "compile", "specs/t.yaml")
+        cli(project, photos, "compile", "specs/t.yaml")

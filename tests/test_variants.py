@@ -13,11 +13,11 @@ VARIANTS = {"direct": {"recipe": "direct-lora"}, "n2": {"num_proxy_images": 2}}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, dreambench):
+def project(tmp_path_factory, photos):
     spec = mini_spec()
     spec["student"]["variants"] = VARIANTS
     root = new_project(tmp_path_factory.mktemp("variants"), {"t": spec})
-    cli(root, dreambench, "apply", "specs/t.yaml")
+    cli(root, photos, "apply", "specs/t.yaml")
     return root
 
 
@@ -58,21 +58,21 @@ def test_variant_runs_are_children_of_the_apply_and_registered(project):
     assert "t--direct.dog.teacher" not in names
 
 
-def test_report_lists_each_variant_and_audit_passes(project, dreambench):
-    cli(project, dreambench, "report", "specs/t.yaml")
+def test_report_lists_each_variant_and_audit_passes(project, photos):
+    cli(project, photos, "report", "specs/t.yaml")
     markdown = (project / "runs" / "t" / "report.md").read_text()
     assert "| dog / direct | student |" in markdown and "| dog / n2 | student |" in markdown
     assert "## Subject dog / direct" in markdown
-    audit = cli(project, dreambench, "audit")
+    audit = cli(project, photos, "audit")
     assert audit.returncode == 0, audit.stdout
 
 
-def test_editing_one_variant_reruns_only_its_stages(project, dreambench):
+def test_editing_one_variant_reruns_only_its_stages(project, photos):
     spec_path = project / "specs" / "t.yaml"
     spec = yaml.safe_load(spec_path.read_text())
     spec["student"]["variants"]["n2"]["steps"] = 3
     spec_path.write_text(yaml.safe_dump(spec))
-    result = cli(project, dreambench, "apply", "specs/t.yaml", "--dry-run")
+    result = cli(project, photos, "apply", "specs/t.yaml", "--dry-run")
     line = next(l for l in result.stdout.splitlines() if l.startswith("stages to run: "))
     # (its evaluation follows once the new student differs: DVC lists the stages whose own inputs changed)
     assert line.removeprefix("stages to run: ").split(", ") == ["student@t--n2.dog"]

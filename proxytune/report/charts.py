@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 
 from proxytune.images import center_crop_resize, open_rgb
-from proxytune.report.content import as_mapping
+from proxytune.outputs import Fidelity, Variance
 
 THUMB = 128  # pixels: generated and reference images are embedded at most this large
 
@@ -45,30 +45,35 @@ def _colours(models: list[str]) -> dict[str, str]:
     return {m: f"C{i % 10}" for i, m in enumerate(models)}
 
 
-def variance_chart(variance: dict, models: list[str]) -> bytes:
+def _series_order(variance: Variance, models: list[str]) -> list[str]:
+    """The report's model order, then any other model the variance file has."""
+    return [m for m in models if m in variance.models] + sorted(set(variance.models) - set(models))
+
+
+def variance_chart(variance: Variance, models: list[str]) -> bytes:
     """PNG bar chart of the total feature variance per model."""
     from matplotlib.figure import Figure
 
-    names = [m for m in models if m in variance["models"]] + sorted(set(variance["models"]) - set(models))
-    values = [float(as_mapping(variance["models"][m]).get("total_variance") or 0.0) for m in names]
+    names = _series_order(variance, models)
+    values = [variance.models[m].total_variance for m in names]
     colours = _colours(names)
     fig = Figure(figsize=(4.8, 3.2), layout="constrained")
     ax = fig.add_subplot()
     bars = ax.bar(names, values, color=[colours[m] for m in names])
     ax.bar_label(bars, labels=[f"{v:.4g}" for v in values], padding=2)
     ax.set_ylabel("total feature variance")
-    ax.set_title(f"feature variance ({variance.get('samples', '?')} samples)")
+    ax.set_title(f"feature variance ({variance.samples} samples)")
     ax.margins(y=0.15)
     return _figure_png(fig)
 
 
-def distance_histogram(variance: dict, models: list[str]) -> bytes | None:
+def distance_histogram(variance: Variance, models: list[str]) -> bytes | None:
     """PNG histogram of L2 distances to the centroid, one translucent series per model."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    names = [m for m in models if m in variance["models"]] + sorted(set(variance["models"]) - set(models))
-    series = {m: np.asarray(as_mapping(variance["models"][m]).get("distances") or [], dtype=float) for m in names}
+    names = _series_order(variance, models)
+    series = {m: np.asarray(variance.models[m].distances, dtype=float) for m in names}
     series = {m: v for m, v in series.items() if v.size}
     if not series:
         return None
@@ -85,23 +90,23 @@ def distance_histogram(variance: dict, models: list[str]) -> bytes | None:
     return _figure_png(fig)
 
 
-def variance_figures(variance: dict, models: list[str]) -> tuple[str, str | None]:
+def variance_figures(variance: Variance, models: list[str]) -> tuple[str, str | None]:
     """(bar chart, histogram or None) as PNG data: URIs."""
     hist = distance_histogram(variance, models)
     return (data_uri(variance_chart(variance, models), "image/png"),
             data_uri(hist, "image/png") if hist else None)
 
 
-def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
+def fidelity_histogram(fidelity: Fidelity, label: str) -> bytes | None:
     """PNG histogram of every generated image's ranking score, kept and not kept stacked, the threshold marked."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    scores = np.asarray([v for v in fidelity.get("scores") or [] if isinstance(v, (int, float))], dtype=float)
+    scores = np.asarray(fidelity.scores or [], dtype=float)
     if not scores.size:
         return None
     kept = np.zeros(scores.size, dtype=bool)
-    kept[[i for i in fidelity.get("kept_index") or [] if isinstance(i, int) and 0 <= i < scores.size]] = True
+    kept[[i for i in fidelity.kept_index or [] if 0 <= i < scores.size]] = True
     edges = np.histogram_bin_edges(scores, bins=min(30, max(5, scores.size // 4)))
     fig = Figure(figsize=(4.8, 2.6), layout="constrained")
     ax = fig.add_subplot()
@@ -109,20 +114,18 @@ def fidelity_histogram(fidelity: dict, label: str) -> bytes | None:
     names = [f"kept (n={kept.sum()})", f"not kept (n={(~kept).sum()})"]
     ax.hist([v for v in series if v.size], bins=edges, stacked=True, color=["C0", "C7"][: sum(v.size > 0 for v in series)],
             label=[n for n, v in zip(names, series) if v.size])
-    judged = np.asarray(fidelity.get("judged") or [], dtype=float)
+    judged = np.asarray(fidelity.judged or [], dtype=float)
     if judged.size == scores.size and (judged == 1).any():  # toy world: where the independent judge says yes
         ax.hist(scores[judged == 1], bins=edges, histtype="step", linewidth=1.6, color="C2",
                 label=f"toy judge says yes (n={int((judged == 1).sum())})")
-    threshold = fidelity.get("threshold")
-    if isinstance(threshold, (int, float)):
-        ax.axvline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")
-    ax.set_xlabel(f"{fidelity.get('metric', '?')}: mean cosine to the references")
+    ax.axvline(fidelity.threshold, color="C3", linestyle="--", label=f"threshold {fidelity.threshold:g}")
+    ax.set_xlabel(f"{fidelity.metric}: mean cosine to the references")
     ax.set_ylabel(label)
     ax.legend(fontsize="small", framealpha=0.85)
     return _figure_png(fig)
 
 
-def fidelity_figure(fidelity: dict, label: str = "images") -> str | None:
+def fidelity_figure(fidelity: Fidelity, label: str = "images") -> str | None:
     """`fidelity_histogram` as a PNG data: URI (None without scores)."""
     png = fidelity_histogram(fidelity, label)
     return data_uri(png, "image/png") if png else None

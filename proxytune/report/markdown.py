@@ -6,9 +6,9 @@ from __future__ import annotations
 import html
 import re
 
-from proxytune.report.content import (HTML_NAME, RANDOM_INIT_BANNER, TOY_WORLD_LABEL, as_mapping, best_models,
-                                      fidelity_line, fmt, fmt_ci, interval_note, is_number, lineage_rows,
-                                      lineage_warnings, notes, prompt_row, style_lineage_rows)
+from proxytune.report.content import (HTML_NAME, RANDOM_INIT_BANNER, TOY_WORLD_LABEL, best_models, fidelity_line, fmt,
+                                      fmt_ci, interval_note, lineage_rows, lineage_warnings, notes, prompt_row,
+                                      style_lineage_rows)
 from proxytune.report.results import Report, StyleResult, SubjectResult, style_labels
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
@@ -25,6 +25,11 @@ def _md_code(value: str) -> str:
     return f"`{value}`" if re.fullmatch(r"[0-9A-Za-z._@-]+", value) else md(value)
 
 
+def _or(value, missing):
+    """metrics.json's optional counts: `missing` where an older evaluation left them out."""
+    return missing if value is None else value
+
+
 def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -35,7 +40,7 @@ def _subject(report: Report, subject: SubjectResult) -> list[str]:
     best = best_models(subject)
     lines = [f"## Subject {md(subject.name)}", "",
              f"Identifier `{subject.token.replace('`', '')}`, class {md(subject.class_noun)}; "
-             f"{meta.get('prompts', len(subject.prompts))} prompts × {meta.get('images_per_prompt', '?')} images per model.", ""]
+             f"{_or(meta.prompts, len(subject.prompts))} prompts × {_or(meta.images_per_prompt, '?')} images per model.", ""]
     if subject.random_init:
         lines += [f"> **{RANDOM_INIT_BANNER}**", ""]
     elif subject.toy_world:
@@ -45,7 +50,7 @@ def _subject(report: Report, subject: SubjectResult) -> list[str]:
         lines.append("")
 
     def cell(model: str, metric: str) -> str:
-        text = fmt_ci(subject.metrics["models"][model].get(metric))
+        text = fmt_ci(meta.models[model].get(metric))
         return f"**{text}**" if best.get(metric) == model else text
 
     lines += ["### Metrics", ""]
@@ -58,22 +63,19 @@ def _subject(report: Report, subject: SubjectResult) -> list[str]:
     lines += ["### Promotion gate", ""]
     gate = subject.gate
     if gate:
-        verdict = "passed" if gate.get("passed") else "failed"
-        lines += [f"Rule `{str(gate.get('rule', '?')).replace('`', '')}`: **{verdict}** "
-                  f"({md(gate.get('student_version', '?'))})", ""]
-        lines += [f"- {md(line)}" for line in gate.get("details") or []] + [""]
+        verdict = "passed" if gate.passed else "failed"
+        lines += [f"Rule `{gate.rule.replace('`', '')}`: **{verdict}** ({md(gate.student_version)})", ""]
+        lines += [f"- {md(line)}" for line in gate.details] + [""]
     else:
         lines += ["No promotion gate configured.", ""]
     lines += ["### Feature distribution", ""]
     if subject.variance:
         v = subject.variance
-        lines += [f"{md(v.get('feature', '?'))}; {v.get('samples', '?')} samples per model of “{md(v.get('prompt', '?'))}”.", ""]
+        lines += [f"{md(v.feature)}; {v.samples} samples per model of “{md(v.prompt)}”.", ""]
         rows = []
-        for model, values in v["models"].items():
-            values = as_mapping(values)
-            distances = [d for d in values.get("distances") or [] if is_number(d)]
-            mean = sum(distances) / len(distances) if distances else None
-            rows.append([md(model), fmt(values.get("total_variance")), fmt(mean), str(len(distances))])
+        for model, entry in v.models.items():
+            mean = sum(entry.distances) / len(entry.distances) if entry.distances else None
+            rows.append([md(model), fmt(entry.total_variance), fmt(mean), str(len(entry.distances))])
         lines += md_table(["model", "total feature variance", "mean L2 distance to centroid", "samples"], rows)
     else:
         lines += ["Not computed.", ""]
@@ -94,7 +96,7 @@ def _style(style: StyleResult) -> list[str]:
     labels = style_labels()
     lines += md_table(["model"] + [labels[m] for m in style.columns],
                       [[md(model)] + [fmt_ci(values.get(m)) for m in style.columns]
-                       for model, values in style.metrics["models"].items()])
+                       for model, values in style.metrics.models.items()])
     if style.fidelity:
         lines += ["", "Curated pairs: " + md(fidelity_line(style.fidelity, "stylised images", "the style detector finds the style"))]
     lines += ["", "Lineage:", ""]
@@ -116,10 +118,10 @@ def render_markdown(report: Report) -> str:
     rows = []
     for subject in report.subjects:
         gate = subject.gate
-        verdict = "—" if not gate else ("passed" if gate.get("passed") else "failed")
+        verdict = "—" if not gate else ("passed" if gate.passed else "failed")
         for model in subject.models:
             rows.append([md(subject.name), md(model)]
-                        + [fmt_ci(subject.metrics["models"][model].get(m)) for m, _ in report.columns] + [verdict])
+                        + [fmt_ci(subject.metrics.models[model].get(m)) for m, _ in report.columns] + [verdict])
     lines += md_table(["subject", "model"] + [label for _, label in report.columns] + ["gate"], rows)
     for subject in report.subjects:
         lines += _subject(report, subject)

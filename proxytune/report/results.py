@@ -1,6 +1,7 @@
 """What the report shows, as read from the stage outputs: a SubjectResult per subject (or student variant),
-a StyleResult per style, and the Report that holds them. proxytune.report.load builds them; the HTML
-templates and the Markdown rendering only read them."""
+a StyleResult per style, and the Report that holds them. proxytune.report.load builds them from the typed
+models the stages wrote the files with (proxytune.outputs); the HTML templates and the Markdown rendering
+read those models' attributes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxytune import metrics as registry
+from proxytune.outputs import (EvaluationMetrics, Fidelity, Gate, PromptScores, StyleEncoders, StyleRecords,
+                               SubjectEncoders, SubjectRecords, Variance)
 from proxytune.spec.evaluation import ENCODER_METRICS, METRIC_LABELS, ORACLE_METRICS
 
 MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
@@ -32,23 +35,23 @@ class SubjectResult:
     references: str  # the reference folder as params.yaml names it
     reference_files: list[Path]  # empty when the folder is gone
     params_spec_digest: str | None  # digest of the spec the stages ran with
-    metrics: dict
+    metrics: EvaluationMetrics
     prompts: list[str]
-    per_prompt: dict[str, list[dict]]
-    variance: dict | None
-    gate: dict | None
-    encoders: dict
-    records: dict[str, dict | None]  # teacher, proxy, student, eval
+    per_prompt: dict[str, list[PromptScores]]  # model -> one row per prompt
+    variance: Variance | None
+    gate: Gate | None
+    encoders: SubjectEncoders | None  # None: an evaluation without encoders.json
+    records: SubjectRecords  # teacher, proxy, student, eval (each None where missing)
     images: dict[str, dict[int, list[Path]]]  # model -> prompt index -> files in k order
-    fidelity: dict | None = None  # proxy/manifest.json's `fidelity` (issue 29); None when not scored
+    fidelity: Fidelity | None = None  # proxy/manifest.json's `fidelity` (issue 29); None when not scored
     proxy_folder: Path | None = None  # the proxy set's folder (the fidelity thumbnails are relative to it)
 
     @property
     def models(self) -> list[str]:
         """Base and tuned teacher, then base and tuned student, then any other model (metrics.json's
         keys are sorted, so its order says nothing)."""
-        known = [m for m in MODEL_ORDER if m in self.metrics["models"]]
-        return known + [m for m in self.metrics["models"] if m not in MODEL_ORDER]
+        known = [m for m in MODEL_ORDER if m in self.metrics.models]
+        return known + [m for m in self.metrics.models if m not in MODEL_ORDER]
 
     @property
     def grid_models(self) -> list[str]:
@@ -57,22 +60,22 @@ class SubjectResult:
 
     @property
     def random_init(self) -> bool:
-        return bool(self.metrics.get("random_init") or self.encoders.get("random_init"))
+        return self.metrics.random_init or bool(self.encoders and self.encoders.random_init)
 
     @property
     def toy_world(self) -> bool:
         """Every model and encoder came from the toy world (and none is random): the label replaces the banner."""
-        return not self.random_init and bool(self.metrics.get("toy_world") or self.encoders.get("toy_world"))
+        return not self.random_init and (self.metrics.toy_world or bool(self.encoders and self.encoders.toy_world))
 
     @property
     def columns(self) -> list[tuple[str, str]]:
         """(metric, label) shown for this subject: CLIP-I, CLIP-T, DINO, then the oracle's where measured."""
-        measured = {m for values in self.metrics["models"].values() if isinstance(values, dict) for m in values}
+        measured = {m for values in self.metrics.models.values() for m in values}
         return [*ENCODER_COLUMNS, *(c for c in ORACLE_COLUMNS if c[0] in measured)]
 
     @property
     def eval_run_id(self) -> str | None:
-        return (self.records.get("eval") or {}).get("run_id")
+        return self.records.eval.run_id if self.records.eval else None
 
 
 @dataclass
@@ -82,21 +85,21 @@ class StyleResult:
     name: str
     folder: Path
     reference_files: list[Path]
-    metrics: dict
+    metrics: EvaluationMetrics
     prompts: list[str]
-    encoders: dict
-    records: dict[str, dict | None]  # teacher, curated, student, eval
+    encoders: StyleEncoders | None  # None: an evaluation without encoders.json
+    records: StyleRecords  # teacher, curated, student, eval (each None where missing)
     images: dict[str, dict[int, list[Path]]]  # model folder -> prompt index -> files
-    fidelity: dict | None = None  # curated/manifest.json's `fidelity` (issue 29); None when not scored
+    fidelity: Fidelity | None = None  # curated/manifest.json's `fidelity` (issue 29); None when not scored
     curated_folder: Path | None = None
 
     @property
     def random_init(self) -> bool:
-        return bool(self.metrics.get("random_init"))
+        return self.metrics.random_init
 
     @property
     def columns(self) -> list[str]:
-        shown = {m for values in self.metrics["models"].values() for m in values}
+        shown = {m for values in self.metrics.models.values() for m in values}
         return [m for m in style_labels() if m in shown]
 
 
