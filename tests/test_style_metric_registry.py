@@ -28,6 +28,7 @@ def fake_metric(monkeypatch):
 
 
 def test_a_registered_style_metric_is_scored_summarised_tabled_and_labelled(fake_metric):
+    from proxytune.outputs import EncoderInfo, EvaluationMetrics, Sampling, StyleEncoders, StyleRecords
     from proxytune.backends import encoders
     from proxytune.backends.style_metrics import reference_embeds
     from proxytune.report.markdown import _style
@@ -62,9 +63,13 @@ def test_a_registered_style_metric_is_scored_summarised_tabled_and_labelled(fake
     assert "redness (fake): mean red channel of the image." in table
 
     assert style_labels()["redness"] == "redness (fake)"
-    style = StyleResult(name="ink", folder=None, reference_files=[], metrics={"models": metrics, "prompts": 2},
-                        prompts=["a cat", "a dog"], encoders={"metrics": {"redness": "mean red channel"}},
-                        records={}, images={})
+    described = StyleEncoders(clip=EncoderInfo(model="tiny-clip", random_init=True),
+                              dino=EncoderInfo(model="tiny-dino", random_init=True), style_encoder="tiny-clip",
+                              metrics={"redness": "mean red channel"}, random_init=True, content=None,
+                              noise_strength=0.5, sampling=Sampling(cfg_scale=1.0, top_k=None, temperature=1.0))
+    style = StyleResult(name="ink", folder=None, reference_files=[],
+                        metrics=EvaluationMetrics(models=metrics, prompts=2, kind="style"), prompts=["a cat", "a dog"],
+                        encoders=described, records=StyleRecords(None, None, None, None), images={})
     assert style.columns == ["style_clip", "style_gram", "clip_t", "content_dino", "redness"]
     assert _style(style)[3] == "| model | style CLIP | style Gram | CLIP-T | content (DINO) | redness (fake) |"
     page = render_html(Report(experiment="e", mlflow_experiment="e", tracking_uri=None, spec_path="s.yaml",
