@@ -15,9 +15,12 @@ def _lazy(module: str, table: str, name: str):
 
 
 def register_builtins() -> None:
-    """Register proxytune's own tiny random models in `proxytune.builtins` (called once, by the table)."""
+    """Register proxytune's own tiny random models in `proxytune.builtins` and its subject metrics in
+    `proxytune.metrics` (called once, by the table)."""
+    from proxytune.backends.subject_scores import register_metrics
     from proxytune.builtins import BuiltinModel, register_model
 
+    register_metrics()
     tiny = {
         "teacher": ("proxytune.backends.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
         "student": ("proxytune.backends.students", "TINY_STUDENTS", ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")),
