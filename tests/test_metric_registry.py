@@ -91,3 +91,20 @@ def test_gate_rules_accept_the_registry_metrics_and_name_them_otherwise(project,
     spec["evaluation"]["gate"] = [{"metric": "judged"}]
     with pytest.raises(SpecError, match=r"evaluation.gate\[0\].metric: judged is measured only for .*; dog is not one"):
         parse_spec(spec, str(path))
+
+
+def test_world_prompts_come_from_the_installed_world(project, monkeypatch):
+    from proxytune import builtins
+    from proxytune.errors import ProxytuneError
+    from proxytune.toyworld.subjects import toy_prompts
+
+    spec = {"name": "toy", "subjects": [{"name": "stripy-box", "images": "toyworld:stripy-box"}],
+            "teacher": {"model": "toy-sd"}, "student": {"model": "toy-llamagen"},
+            "evaluation": {"prompts": "toyworld", "num_prompts": 3}}
+    params = make_params(project, spec)
+    assert evaluate.eval_prompts(params) == toy_prompts(params.subject.token, "box")[:3]
+    assert evaluate.wants_base_models(params)  # a world's subject: base models on by default
+    monkeypatch.delitem(builtins._WORLDS, "toyworld")  # the plugin uninstalled
+    with pytest.raises(ProxytuneError, match=r"toy.yaml: evaluation.prompts: no world 'toyworld' is installed"):
+        evaluate.eval_prompts(params)
+    assert not evaluate.wants_base_models(params)

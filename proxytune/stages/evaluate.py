@@ -40,6 +40,7 @@ from proxytune import builtins, faults, layout
 from proxytune import metrics as registry_of_metrics
 from proxytune import stats
 from proxytune.backends import dreambench_prompts, encoders
+from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.outputs import (Bootstrap, EvaluateRecord, EvaluationMetrics, FlatMetrics, Gate, PerPrompt, Prompts,
@@ -58,8 +59,12 @@ def eval_prompts(params: StageParams) -> list[str]:
     evaluation, subject = params.evaluation, params.subject
     if evaluation.prompts == "dreambench":
         prompts = dreambench_prompts.dreambench_prompts(subject.token, subject.class_noun)
-    elif evaluation.prompts in builtins.world_names():  # a world's prompts, e.g. "toyworld"
-        prompts = builtins.world(evaluation.prompts).subject_prompts(subject.token, subject.class_noun)
+    elif isinstance(evaluation.prompts, str):  # a world's prompts, e.g. "toyworld"
+        world = builtins.world(evaluation.prompts)
+        if world is None:
+            raise ProxytuneError(f"{params.source.spec_file}: evaluation.prompts: no world {evaluation.prompts!r} is "
+                                 f"installed (installed: {', '.join(builtins.world_names()) or 'none'}); use 'dreambench'")
+        prompts = world.subject_prompts(subject.token, subject.class_noun)
     else:
         prompts = [p.format(token=subject.token, **{"class": subject.class_noun}) for p in evaluation.prompts]
     return prompts[: evaluation.num_prompts] if evaluation.num_prompts else prompts
