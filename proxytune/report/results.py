@@ -13,15 +13,15 @@ from proxytune import metrics as registry
 MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
 # (metric, label) every subject shows: proxytune's own (CLIP-I, CLIP-T, DINO); the rest where measured
 ENCODER_COLUMNS = tuple((m.name, m.label) for m in registry.metrics("subject") if m.provider == "proxytune")
+STYLE_LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
+                "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
+                "content_leak": "content leak (oracle)"}  # a style's metrics, in column order
 
 
 def subject_columns(measured: set[str]) -> list[tuple[str, str]]:
     """(metric, label) in the registry's order: ENCODER_COLUMNS, then every other subject metric in `measured`."""
     return [(m.name, m.label) for m in registry.metrics("subject")
             if (m.name, m.label) in ENCODER_COLUMNS or m.name in measured]
-STYLE_LABELS = {"style_clip": "style CLIP", "style_gram": "style Gram", "clip_t": "CLIP-T", "leakage": "leakage (CLIP)",
-                "content_dino": "content (DINO)", "style_acc": "style acc. (detector)", "prompt_acc": "prompt acc. (oracle)",
-                "content_leak": "content leak (oracle)"}  # a style's metrics, in column order
 
 
 @dataclass
