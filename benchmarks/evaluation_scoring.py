@@ -1,7 +1,7 @@
 """Evaluation scoring: the evaluate stage's CLIP-I / CLIP-T / DINO scoring of N generated images vs
 the same scores from plain transformers calls written here.
 
-optimised: `evaluate.per_image_scores` (the stage's own function) with `encoders.load_clip` and
+optimised: `subject_scores.per_image_scores` (the scorers the evaluation registers) with `encoders.load_clip` and
            `encoders.load_dino`, under the stage's global settings (`runtime.seed_everything`).
 plain:     `CLIPModel.get_image_features` / `get_text_features` on the CLIP processor's and tokenizer's
            output, `ViTModel(...).last_hidden_state[:, 0]` on the DreamBench DINO preprocessing,
@@ -51,10 +51,10 @@ class StageScoring:
     def score(self) -> dict:
         import torch
 
-        from proxytune.stages import evaluate
+        from proxytune.backends import subject_scores
 
         torch.use_deterministic_algorithms(True, warn_only=True)  # as the stage runs (flags are per process)
-        return evaluate.per_image_scores(self.images, self.prompts, TOKEN, self.clip, self.dino, *self.refs)
+        return subject_scores.per_image_scores(self.images, self.prompts, TOKEN, self.clip, self.dino, *self.refs)
 
 
 class PlainScoring:
@@ -138,7 +138,7 @@ def main() -> None:
     C.say("")
     C.table(["variant", "median s / call", "min-max s", "images/s"], [
         ["plain transformers calls", f"{t_plain:.4f}", C.spread(samples.times["plain"]), f"{args.images / t_plain:.1f}"],
-        ["stage (evaluate.per_image_scores)", f"{t_stage:.4f}", C.spread(samples.times["stage"]), f"{args.images / t_stage:.1f}"],
+        ["stage (subject_scores.per_image_scores)", f"{t_stage:.4f}", C.spread(samples.times["stage"]), f"{args.images / t_stage:.1f}"],
     ])
     C.say(f"\n  largest score difference stage vs plain: {diff:.2e} ({'same scores' if diff < 1e-5 else 'DIFFERENT'})")
     C.say("  " + samples.note())

@@ -122,3 +122,18 @@ def world(name: str) -> World | None:
 def world_names() -> tuple[str, ...]:
     _load()
     return tuple(_WORLDS)
+
+
+def world_item(images: str) -> tuple[World | None, str | None]:
+    """(world, item) for a spec's `images: WORLD:NAME` of an installed world, else (None, None)."""
+    prefix, sep, item = images.partition(":")
+    found = world(prefix) if sep and item else None
+    return (found, item) if found is not None else (None, None)
+
+
+WORLD_MARKER = "proxytune_toy.json"  # in every folder of a world's trained model (the toy world writes it)
+
+
+def from_world(folder: str | Path) -> bool:
+    """True for a model folder a world made (trained in that world, so its numbers are the world's)."""
+    return (Path(folder) / WORLD_MARKER).exists()

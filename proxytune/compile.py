@@ -17,9 +17,13 @@ from proxytune.layout import (COUNT_FILE, CURVES_FILE, GROW_GROUPS, JOINT, METRI
 from proxytune.layout import PROXY_METRICS_FILE  # synthesis' and curation's fidelity (issue 29)
 from proxytune.spec import ExperimentSpec
 from proxytune.spec.common import MAX_SEED
-from proxytune.spec.evaluation import ORACLE_METRICS  # toy world subjects only
 
-PLOTTED_METRICS = ("clip_i", "clip_t", "dino")
+
+def plotted_metrics(images: str) -> tuple[str, ...]:
+    """The subject metrics DVC plots for a subject whose `images` is this (a world's item gets its world's too)."""
+    from proxytune import builtins, metrics
+
+    return tuple(m.name for m in metrics.applicable("subject", builtins.world_item(images)[0]) if m.plotted)
 
 # The params each stage reads (keys of the params file). Teacher pipeline fields appear in later
 # stages because synthesis and evaluation load the base pipeline again.
@@ -356,8 +360,8 @@ def _plots(resolved: list[ResolvedSpec], own: dict[str, dict], variants: dict[st
     """Top-level DVC plots: the teacher's and each student's training curves and the per-prompt metrics of
     every evaluation, so `dvc plots show` / `dvc plots diff` draw them. The files are inside the stages'
     output folders (written by the stages, see CURVES_FILE and PER_PROMPT_FILE)."""
-    toy = {item_key(variant_experiment(s.spec.name, v) if v else s.spec.name, subject.name): subject.toy_subject is not None
-           for s in resolved for subject in s.spec.subjects for v in ("", *s.spec.student.variants)}
+    plotted = {item_key(variant_experiment(s.spec.name, v) if v else s.spec.name, subject.name): plotted_metrics(subject.images)
+               for s in resolved for subject in s.spec.subjects for v in ("", *s.spec.student.variants)}
     curves, per_prompt = {}, []
     for key, item in sorted({**own, **variants}.items()):
         if key in own:
@@ -366,7 +370,7 @@ def _plots(resolved: list[ResolvedSpec], own: dict[str, dict], variants: dict[st
         curves.setdefault(student, f"student loss {key}" if item["student"].startswith(item["dir"]) else
                           f"student loss {item['student'].split('/')[1]} (all subjects)")
         path = f"{item['dir']}/{OUT_DIRS['evaluate']}/{PER_PROMPT_FILE}"
-        for metric in PLOTTED_METRICS + (ORACLE_METRICS if toy.get(key) else ()):
+        for metric in plotted.get(key) or plotted_metrics(""):
             per_prompt.append({f"{metric} per prompt {key}": {
                 "x": "prompt", "y": {path: [f"teacher_{metric}", f"student_{metric}"]}, "template": "scatter",
                 "x_label": "prompt (index into eval/prompts.json)", "y_label": metric}})

@@ -30,6 +30,7 @@ class ScoringInputs:
         item: the subject's or style's name in that world.
         content: a style's content caption (`styles[i].content`), or None.
         cache: per-model scratch shared by scorers (e.g. the images' CLIP embeddings, computed once).
+        session: scratch shared by every model's scoring in one evaluation (e.g. a judge loaded once).
     """
 
     images: list[list]
@@ -41,6 +42,12 @@ class ScoringInputs:
     item: str | None = None
     content: str | None = None
     cache: dict[str, Any] = field(default_factory=dict)
+    session: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flat(self) -> list:
+        """Every image, prompt-major (the order of a scorer's result)."""
+        return [image for group in self.images for image in group]
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,10 @@ class Metric:
         higher_is_better: the direction (False: lower is better, e.g. content leakage).
         plotted: DVC plots and the report's charts show it.
         gateable: gate rules may name it.
-        provider: "proxytune" or the plugin's name.
+        provider: "proxytune" or the plugin's name (for a metric needing "world": the world's name).
+        note: the sentence a results table prints under its columns (metrics sharing one give the same text,
+            printed once); "" for none.
+        applies_to: which subjects or styles it is measured for, as error messages name them.
         describe: (world, item) -> what encoders.json records about the judge behind it ({key: entry}); None for
             a metric whose encoders are already recorded.
     """
@@ -72,7 +82,13 @@ class Metric:
     plotted: bool = True
     gateable: bool = True
     provider: str = "proxytune"
+    note: str = ""
+    applies_to: str = "every subject"
     describe: Callable[[Any, str | None], dict] | None = None
+
+    def applies(self, world: Any) -> bool:
+        """True when its needs are met for an item of `world` (None: not a world's item)."""
+        return "world" not in self.needs or (world is not None and world.name == self.provider)
 
 
 _METRICS: dict[tuple[Scope, str], Metric] = {}
@@ -110,3 +126,13 @@ def get(scope: Scope, name: str) -> Metric:
     except KeyError:
         known = ", ".join(m.name for m in metrics(scope))
         raise KeyError(f"unknown {scope} metric {name!r} (known: {known})") from None
+
+
+def applicable(scope: Scope, world: Any = None) -> tuple[Metric, ...]:
+    """The metrics of a scope that run for an item of `world` (None: a subject or style of no world)."""
+    return tuple(m for m in metrics(scope) if m.applies(world))
+
+
+def gateable(scope: Scope) -> tuple[str, ...]:
+    """Names gate rules (and held-out scores) may read."""
+    return tuple(m.name for m in metrics(scope) if m.gateable)

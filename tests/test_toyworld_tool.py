@@ -19,7 +19,7 @@ from proxytune.cli import main
 from proxytune.errors import SpecError
 from proxytune.spec import parse_spec, resolve_images
 from proxytune.stages import evaluate, sampling
-from proxytune.toyworld import world
+from proxytune.toyworld import metrics as toy_metrics, world
 from proxytune.toyworld.subjects import SUBJECTS, reference_images, toy_prompts
 
 SUBJECT = SUBJECTS["stripy-box"]
@@ -114,7 +114,7 @@ def test_oracle_scores_are_right_for_known_images():
          # another object in the asked scene: neither the subject nor the class
          oracle.image(render_for(prompts[2], OTHER, 4), 4)],
     ]
-    scores = evaluate.oracle_scores(oracle, images, prompts, "sks", SUBJECT)
+    scores = toy_metrics.oracle_scores(oracle, images, prompts, "sks", SUBJECT)
     assert scores["subject_acc"].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert scores["prompt_acc"] == pytest.approx([1.0, 0.5, 1.0, 1 / 3, 2 / 3])  # the ball is red and wears the hat
     # subject and prompt together: only the images that obey the prompt with the subject in it (a copy of
@@ -125,8 +125,8 @@ def test_oracle_scores_are_right_for_known_images():
     prompts = toy_prompts("sks", "box")
     subject = [[oracle.image(render_for(p, SUBJECT.look, i), i)] for i, p in enumerate(prompts)]
     other = [[oracle.image(render_for(p, OTHER, 100 + i), 100 + i)] for i, p in enumerate(prompts)]
-    on = evaluate.summarize(evaluate.oracle_scores(oracle, subject, prompts, "sks", SUBJECT), 200, 0)
-    off = evaluate.summarize(evaluate.oracle_scores(oracle, other, prompts, "sks", SUBJECT), 200, 0)
+    on = evaluate.summarize(toy_metrics.oracle_scores(oracle, subject, prompts, "sks", SUBJECT), 200, 0)
+    off = evaluate.summarize(toy_metrics.oracle_scores(oracle, other, prompts, "sks", SUBJECT), 200, 0)
     assert on["subject_acc"] == {"mean": 1.0, "ci95": [1.0, 1.0]} and on["prompt_acc"]["mean"] == 1.0
     assert off["subject_acc"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
     assert 0 < off["prompt_acc"]["mean"] < 1  # scenes and accessories right, the class never
@@ -136,7 +136,7 @@ def test_identifier_is_not_read_as_an_attribute():
     """A token that is a world word ("red") is removed before the prompt is parsed."""
     oracle = StandInOracle()
     image = oracle.image(render_for("a box", SUBJECT.look, 0), 0)
-    scores = evaluate.oracle_scores(oracle, [[image]], ["a red box"], "red", SUBJECT)
+    scores = toy_metrics.oracle_scores(oracle, [[image]], ["a red box"], "red", SUBJECT)
     assert scores["prompt_acc"].tolist() == [1.0] and scores["subject_acc"].tolist() == [1.0]
 
 
@@ -154,9 +154,9 @@ def test_shipped_oracle_tells_the_subject_from_another_object():
     prompts = toy_prompts("sks", "box")
     subject = [[oracle.image(render_for(p, SUBJECT.look, i), i)] for i, p in enumerate(prompts)]
     other = [[oracle.image(render_for(p, OTHER, 100 + i), 100 + i)] for i, p in enumerate(prompts)]
-    read = evaluate.oracle_reader()
-    on = evaluate.oracle_scores(read, subject, prompts, "sks", SUBJECT)
-    off = evaluate.oracle_scores(read, other, prompts, "sks", SUBJECT)
+    read = toy_metrics.oracle_reader()
+    on = toy_metrics.oracle_scores(read, subject, prompts, "sks", SUBJECT)
+    off = toy_metrics.oracle_scores(read, other, prompts, "sks", SUBJECT)
     assert on["subject_acc"].mean() >= 0.9 and on["prompt_acc"].mean() >= 0.9
     assert off["subject_acc"].mean() <= 0.1
 
@@ -203,7 +203,7 @@ def test_evaluation_of_a_toy_subject_scores_base_and_tuned_models_and_the_report
     oracle = StandInOracle()
     monkeypatch.setattr(evaluate, "TeacherSampler", fake_sampler(oracle, project / "models" / "sd", teacher=True))
     monkeypatch.setattr(evaluate, "StudentSampler", fake_sampler(oracle, project / "models" / "ar", teacher=False))
-    monkeypatch.setattr(evaluate, "oracle_reader", lambda: oracle)
+    monkeypatch.setattr(toy_metrics, "oracle_reader", lambda: oracle)
     evaluate.run(params.path)
 
     out = params.out("eval")

@@ -15,13 +15,14 @@ def _lazy(module: str, table: str, name: str):
 
 
 def register_builtins() -> None:
-    """Register proxytune's own tiny random models in `proxytune.builtins` and its metrics in `proxytune.metrics`
-    (called once, by the table)."""
+    """Register proxytune's own tiny random models in `proxytune.builtins` and its metrics (subject and style
+    scopes) in `proxytune.metrics` (called once, by the table)."""
     from proxytune.backends import style_metrics
+    from proxytune.backends.subject_scores import register_metrics
     from proxytune.builtins import BuiltinModel, register_model
 
+    register_metrics()
     style_metrics.register()
-
     tiny = {
         "teacher": ("proxytune.backends.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
         "clip": ("proxytune.backends.encoders", "TINY_CLIP", ("tiny-clip",)),

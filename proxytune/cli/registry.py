@@ -169,6 +169,19 @@ def compare_cmd(a: str, b: str, uri: str | None) -> None:
         delta = f"{vb - va:+9.4f}" if va is not None and vb is not None else f"{'-':>9}"
         ci = result["intervals"].get(key)
         click.echo(f"{key:<{width}}  {fmt(va)}  {fmt(vb)}  {delta}  " + (f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "-"))
+    legend = _legend(result["kind"], result["metrics"])
+    if legend:
+        click.echo(f"metrics: {legend}")
     how = "paired by prompt (same prompts)" if result["paired"] else "each run's prompts resampled on their own"
     click.echo(f"intervals: 95% bootstrap resampling prompts, {how}; {result['kind']} evaluations")
     click.echo(f"runs: A {result['runs'][a]}  B {result['runs'][b]}")
+
+
+def _legend(kind: str, keys) -> str:
+    """The registry's label (and direction, where lower is better) of each metric among MODEL.METRIC `keys`."""
+    from proxytune import metrics
+
+    known = {m.name: m for m in metrics.metrics(kind)}
+    shown = dict.fromkeys(key.partition(".")[2] for key in keys)
+    return ", ".join(f"{name} {known[name].label}" + ("" if known[name].higher_is_better else " (lower is better)")
+                     for name in shown if name in known)

@@ -12,16 +12,21 @@ from pathlib import Path
 from proxytune import metrics as registry
 from proxytune.outputs import (EvaluationMetrics, Fidelity, Gate, PromptScores, StyleEncoders, StyleRecords,
                                SubjectEncoders, SubjectRecords, Variance)
-from proxytune.spec.evaluation import ENCODER_METRICS, METRIC_LABELS, ORACLE_METRICS
 
 MODEL_ORDER = ("base-teacher", "teacher", "base-student", "student")  # base-*: the untuned models (evaluation.base_models)
-ENCODER_COLUMNS = tuple((m, METRIC_LABELS[m]) for m in ENCODER_METRICS)  # (metric, label): every subject shows these
-ORACLE_COLUMNS = tuple((m, METRIC_LABELS[m]) for m in ORACLE_METRICS)  # toy world subjects only
+# (metric, label) every subject shows: proxytune's own (CLIP-I, CLIP-T, DINO); the rest where measured
+ENCODER_COLUMNS = tuple((m.name, m.label) for m in registry.metrics("subject") if m.provider == "proxytune")
 
 
 def style_labels() -> dict[str, str]:
     """metric -> label of every registered style metric, in column order (read when a report is made)."""
     return {m.name: m.label for m in registry.metrics("style")}
+
+
+def subject_columns(measured: set[str]) -> list[tuple[str, str]]:
+    """(metric, label) in the registry's order: ENCODER_COLUMNS, then every other subject metric in `measured`."""
+    return [(m.name, m.label) for m in registry.metrics("subject")
+            if (m.name, m.label) in ENCODER_COLUMNS or m.name in measured]
 
 
 @dataclass
@@ -69,9 +74,9 @@ class SubjectResult:
 
     @property
     def columns(self) -> list[tuple[str, str]]:
-        """(metric, label) shown for this subject: CLIP-I, CLIP-T, DINO, then the oracle's where measured."""
+        """(metric, label) shown for this subject: CLIP-I, CLIP-T, DINO, then any other where measured."""
         measured = {m for values in self.metrics.models.values() for m in values}
-        return [*ENCODER_COLUMNS, *(c for c in ORACLE_COLUMNS if c[0] in measured)]
+        return subject_columns(measured)
 
     @property
     def eval_run_id(self) -> str | None:
@@ -127,7 +132,7 @@ class Report:
     def columns(self) -> list[tuple[str, str]]:
         """The summary's columns: every metric some subject shows."""
         shown = {c for s in self.subjects for c in s.columns}
-        return [c for c in (*ENCODER_COLUMNS, *ORACLE_COLUMNS) if c in shown]
+        return [c for c in subject_columns({name for name, _ in shown}) if c in shown]
 
     def tags(self) -> dict[str, str]:
         """MLflow tags of the report run (tracking adds the proxytune. prefix)."""

@@ -1,25 +1,32 @@
-"""Evaluation: DreamBench prompts, CLIP-I / CLIP-T / DINO of teacher and student (and the toy world oracle's
-subject and prompt accuracy for toy subjects)."""
+"""Evaluation: DreamBench prompts, the subject metrics of `proxytune.metrics` (CLIP-I / CLIP-T / DINO, and a
+world's judges for its subjects) of teacher and student, and the promotion gate."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from proxytune.spec.common import TINY_CLIP, TINY_DINO, NonNegativeInt, PositiveInt, Seed, Strict, model_ref_checker
 
-Metric = Literal["clip_i", "clip_t", "dino", "subject_acc", "prompt_acc", "subject_prompt_acc"]
-ENCODER_METRICS = ("clip_i", "clip_t", "dino")  # every subject's
-ORACLE_METRICS = ("subject_acc", "prompt_acc", "subject_prompt_acc")  # the toy world oracle's: toy subjects only
-METRIC_LABELS = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO", "subject_acc": "subject acc.",
-                 "prompt_acc": "prompt acc.", "subject_prompt_acc": "subject+prompt acc."}  # table headers
+
+def _gateable(value: str) -> str:
+    from proxytune import metrics
+
+    known = metrics.gateable("subject")
+    if value not in known:
+        raise ValueError(f"unknown metric {value!r}: use one of {', '.join(known)}")
+    return value
+
+
+Metric = Annotated[str, AfterValidator(_gateable)]  # a subject metric gate rules and held-out scores may read
 
 
 class GateRule(Strict):
     """student.METRIC >= (teacher.METRIC or a number) + margin."""
 
-    metric: Metric = Field(description="Metric the rule reads.")
+    metric: Metric = Field(description="Metric the rule reads: a gateable subject metric of proxytune.metrics (clip_i, "
+                           "clip_t, dino; a world's for its subjects, e.g. the toy world's subject_acc).")
     vs: Literal["teacher"] | float = Field(
         default="teacher", description="'teacher' to compare with the teacher's score, or an absolute threshold."
     )

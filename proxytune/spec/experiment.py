@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from proxytune.spec.common import PlainName, Seed, Strict
-from proxytune.spec.evaluation import ORACLE_METRICS, EvaluationSpec
+from proxytune.spec.evaluation import EvaluationSpec
 from proxytune.spec.resources import ResourcesSpec
 from proxytune.spec.student import StudentSpec
 from proxytune.spec.style import StyleSpec, StyleStudentSpec
@@ -98,18 +98,22 @@ class ExperimentSpec(Strict):
                 if subject.class_noun not in CLASSES:
                     raise ValueError(f"evaluation.prompts: 'toyworld' prompts are for the toy world's classes "
                                      f"({', '.join(CLASSES)}); subjects[{i}] is a {subject.class_noun!r}")
-        count = self.student.proxy_count
-        if count is not None and count.metric in ORACLE_METRICS and plain_subjects(self):
-            raise ValueError(f"student.proxy_count.metric: {count.metric} is the toy world oracle's, measured only for "
-                             f"toy subjects (images: toyworld:NAME); {plain_subjects(self)[0]} is not one (use dino or clip_i)")
-        oracle = [i for i, rule in enumerate(self.evaluation.gate) if rule.metric in ORACLE_METRICS]
-        plain = plain_subjects(self)
-        if oracle and plain:
-            raise ValueError(f"evaluation.gate[{oracle[0]}].metric: {self.evaluation.gate[oracle[0]].metric} is the toy "
-                             f"world oracle's, measured only for toy subjects (images: toyworld:NAME); {plain[0]} is not one")
+        checks = [("student.proxy_count.metric", self.student.proxy_count and self.student.proxy_count.metric,
+                   " (use dino or clip_i)")]
+        checks += [(f"evaluation.gate[{i}].metric", rule.metric, "") for i, rule in enumerate(self.evaluation.gate)]
+        for key, name, fix in checks:
+            unmeasured = _unmeasured(self, name) if name else None
+            if unmeasured:
+                metric, subject = unmeasured
+                raise ValueError(f"{key}: {name} is measured only for {metric.applies_to}; {subject} is not one{fix}")
         return self
 
 
-def plain_subjects(spec: ExperimentSpec) -> list[str]:
-    """Names of the subjects that are not toy world subjects (the oracle cannot score them)."""
-    return [s.name for s in spec.subjects if s.toy_subject is None]
+def _unmeasured(spec: ExperimentSpec, name: str):
+    """(metric, the first subject it is not measured for) when a subject lacks the subject metric `name`
+    (a world's judge scores only that world's subjects), else None."""
+    from proxytune import builtins, metrics
+
+    metric = metrics.get("subject", name)
+    missing = [s.name for s in spec.subjects if not metric.applies(builtins.world_item(s.images)[0])]
+    return (metric, missing[0]) if missing else None

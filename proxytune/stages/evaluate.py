@@ -8,12 +8,14 @@ not independent draws, see `stats.cluster_bootstrap_ci`). The feature-distributi
 supplement (total variance of DINO features of M samples of the proxy prompt, and their L2
 distances to the samples' centroid) and the promotion gate run here too.
 
-For a toy world subject (images: toyworld:NAME) the world's oracle reads every image's attributes,
-which gives two exact, model-free scores per image: subject accuracy (1 when the image shows every
-distinctive attribute of the subject that the prompt does not change, else 0) and prompt accuracy
-(the fraction of the attributes the prompt asks for, identifier removed, that the image shows).
-With `evaluation.base_models` (default: on for toy subjects) the untuned teacher and student are
+The metrics are the subject metrics of `proxytune.metrics` whose needs are met: every subject gets proxytune's
+(CLIP-I, CLIP-T, DINO, proxytune.backends.subject_scores); a world's item (images: WORLD:NAME, e.g. the toy
+world's subjects) also gets that world's judges (the toy world's oracle: subject and prompt accuracy).
+With `evaluation.base_models` (default: on for a world's subject) the untuned teacher and student are
 sampled on the same prompts and seeds and scored as "base-teacher" and "base-student".
+
+The stage is four steps: `sample` (every model's images) -> `score` (per image, every metric) ->
+`summarise` (means, intervals, per-prompt rows, gate) -> `record` (files, MLflow, promotion).
 
 A step of a growing proxy count (`grow_evaluate`, stages/proxy_count.py) is this evaluation on its held-out
 images; it also writes eval/proxy_count.json, the growth after the step (or hands it on untouched, scoring
@@ -27,27 +29,27 @@ grid.png, images/MODEL/pPP_kK.png, record.json.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults, layout
+from proxytune import builtins, faults, layout
+from proxytune import metrics as registry_of_metrics
 from proxytune import stats
 from proxytune.backends import dreambench_prompts, encoders
+from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, sha256_file, staged_dir, write_bytes_atomic, write_text_atomic
 from proxytune.images import grid, list_images, open_rgb
 from proxytune.outputs import (Bootstrap, EvaluateRecord, EvaluationMetrics, FlatMetrics, Gate, PerPrompt, Prompts,
                                StudentRecord, SubjectEncoders, TeacherRecord, Variance, read_record, write_record)
-from proxytune.spec.evaluation import ENCODER_METRICS as METRICS, METRIC_LABELS as LABELS, ORACLE_METRICS  # oracle: toy subjects
 from proxytune.stages import proxy_count
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import config_key, seed_everything, stage_run
 from proxytune.stages.sampling import StudentSampler, TeacherSampler, sample_prompts
 from proxytune.tracking import registry
-from proxytune.toy_judges import oracle_reader, oracle_scores  # the toy world's oracle, through its one seam
-from proxytune.toyworld.builtins import is_toy
 
 BASE = {"teacher": "base-teacher", "student": "base-student"}  # the untuned models' names in every output
 VARIANCE_SEED_OFFSET = 100_000  # variance samples never reuse the DreamBench seeds
@@ -57,19 +59,21 @@ def eval_prompts(params: StageParams) -> list[str]:
     evaluation, subject = params.evaluation, params.subject
     if evaluation.prompts == "dreambench":
         prompts = dreambench_prompts.dreambench_prompts(subject.token, subject.class_noun)
-    elif evaluation.prompts == "toyworld":
-        from proxytune.toyworld.subjects import toy_prompts
-
-        prompts = toy_prompts(subject.token, subject.class_noun)
+    elif isinstance(evaluation.prompts, str):  # a world's prompts, e.g. "toyworld"
+        world = builtins.world(evaluation.prompts)
+        if world is None:
+            raise ProxytuneError(f"{params.source.spec_file}: evaluation.prompts: no world {evaluation.prompts!r} is "
+                                 f"installed (installed: {', '.join(builtins.world_names()) or 'none'}); use 'dreambench'")
+        prompts = world.subject_prompts(subject.token, subject.class_noun)
     else:
         prompts = [p.format(token=subject.token, **{"class": subject.class_noun}) for p in evaluation.prompts]
     return prompts[: evaluation.num_prompts] if evaluation.num_prompts else prompts
 
 
 def wants_base_models(params: StageParams) -> bool:
-    """evaluation.base_models, where null means: on for a toy world subject, off otherwise."""
+    """evaluation.base_models, where null means: on for a world's subject (e.g. the toy world's), off otherwise."""
     chosen = params.evaluation.base_models
-    return chosen if chosen is not None else params.subject.toy_subject is not None
+    return chosen if chosen is not None else builtins.world_item(params.subject.images)[0] is not None
 
 
 @torch.no_grad()
@@ -84,16 +88,20 @@ def sample_variance(sampler, params: StageParams, prompt: str, name: str, batch:
 
 
 # -- scoring ----------------------------------------------------------------------------------
-def per_image_scores(images: list[list], prompts: list[str], token: str, clip, dino, ref_clip, ref_dino) -> dict:
-    """(N,) arrays of CLIP-I, CLIP-T and DINO per generated image, prompt-major order."""
-    flat = [image for group in images for image in group]
-    texts = [dreambench_prompts.strip_identifier(p, token) for p, group in zip(prompts, images) for _ in group]
-    gen_clip = clip.image_embeds(flat)
-    return {
-        "clip_i": encoders.per_image_pairwise_cosine(gen_clip, ref_clip).numpy(),
-        "clip_t": encoders.per_image_clip_t(gen_clip, clip.text_embeds(texts)).numpy(),
-        "dino": encoders.per_image_pairwise_cosine(dino.image_embeds(flat), ref_dino).numpy(),
-    }
+def score_images(chosen: tuple, inputs: registry_of_metrics.ScoringInputs) -> dict[str, np.ndarray]:
+    """metric -> (N,) scores of one model's images, one entry per metric of `chosen`, in its order.
+
+    Raises:
+        ValueError: a scorer returned other than one value per image (names the metric and its provider).
+    """
+    count = sum(len(group) for group in inputs.images)
+    scores = {}
+    for metric in chosen:
+        values = np.asarray(metric.score(inputs), dtype=np.float64)
+        if values.shape != (count,):
+            raise ValueError(f"metric {metric.name} ({metric.provider}): {values.shape} scores for {count} images")
+        scores[metric.name] = values
+    return scores
 
 
 def summarize(scores: dict, resamples: int, seed: int, images_per_prompt: int = 1) -> dict:
@@ -183,17 +191,6 @@ def evaluate_gate(rules, means: dict[str, dict[str, float]],
     return passed, details
 
 
-def oracle_description(subject) -> dict:
-    """What encoders.json records about the oracle scores: the oracle's weights and the subject's look."""
-    from proxytune.toyworld.builtins import manifest, oracle_folder
-
-    return {"model": "toy-oracle", "path": str(oracle_folder()), "digest": manifest().get("toy-oracle", {}).get("digest"),
-            "subject": subject.name, "look": subject.description(),
-            "subject_acc": "1 when the oracle reads every attribute of distinctive(subject, prompt) off the image, else 0",
-            "prompt_acc": "fraction of parse_prompt(prompt without identifier) the oracle reads off the image",
-            "subject_prompt_acc": "1 when subject_acc is 1 and the oracle reads all of parse_prompt(...), else 0"}
-
-
 def reference_embeddings(params: StageParams, clip, dino, references: list, files: list[Path]):
     """CLIP and DINO embeddings of the references, computed once per encoder pair and cached."""
     from safetensors.torch import load_file, save
@@ -210,24 +207,20 @@ def reference_embeddings(params: StageParams, clip, dino, references: list, file
 
 TOY_WORLD_NOTE = ("Toy world: models pretrained on proxytune's procedural world (proxytune/toyworld); CLIP-I, CLIP-T "
                   "and DINO come from its toy encoders, subject and prompt accuracy from its oracle, which reads the "
-                  "attributes off each image.")
+                  "attributes off each image.")  # printed when every model and encoder is a world's (folder marker)
 
 
 def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: bool = False) -> str:
-    columns = [m for m in (*METRICS, *ORACLE_METRICS) if any(m in values for values in metrics.values())]
-    lines = ["| model | " + " | ".join(LABELS[m] for m in columns) + " |", "|---|" + "---|" * len(columns)]
+    shown = [m for m in registry_of_metrics.metrics("subject") if any(m.name in values for values in metrics.values())]
+    columns = [m.name for m in shown]
+    lines = ["| model | " + " | ".join(m.label for m in shown) + " |", "|---|" + "---|" * len(columns)]
     for model, values in metrics.items():
         cells = [f"{values[m]['mean']:.4f} [{values[m]['ci95'][0]:.4f}, {values[m]['ci95'][1]:.4f}]" if m in values
                  else "—" for m in columns]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    notes = list(dict.fromkeys(m.note for m in shown if m.note))  # a note shared by several metrics: once
     lines += ["", f"{n_prompts} prompts x {k} images per model; mean [95% bootstrap interval, resampling prompts "
-              "with all their images]. "
-              "CLIP-I and DINO: mean cosine over all generated x reference pairs; CLIP-T: raw cosine, identifier removed."]
-    if any(m in columns for m in ORACLE_METRICS):
-        lines[-1] += (" Subject acc.: fraction of images in which the oracle finds every distinctive attribute of the "
-                      "subject the prompt does not change; prompt acc.: per image, the fraction of the attributes the "
-                      "prompt asks for that the oracle finds, averaged; subject+prompt acc.: fraction of images "
-                      "showing the subject and everything the prompt asks.")
+              "with all their images]. " + " ".join(notes)]
     if any(name in metrics for name in BASE.values()):
         lines[-1] += " base-teacher / base-student: the untuned models, same prompts and seeds."
     if random_init:
@@ -237,9 +230,182 @@ def table(metrics: dict, random_init: bool, n_prompts: int, k: int, toy_world: b
     return "\n".join(lines) + "\n"
 
 
+# -- the four steps -----------------------------------------------------------------------------
+@dataclass
+class Samples:
+    """What `sample` hands on: every model's images for the evaluation's prompts, and where they came from."""
+
+    prompts: list[str]
+    proxy_prompt: str  # the variance samples' prompt
+    reference_files: list[Path]
+    references: list  # the subject's photos (PIL)
+    generated: dict[str, list[list]] = field(default_factory=dict)  # model -> per prompt, its images
+    variance_images: dict[str, list] = field(default_factory=dict)  # teacher/student -> proxy-prompt samples
+    random_models: list[bool] = field(default_factory=list)
+    model_paths: list[str] = field(default_factory=list)
+    student_sampling: dict | None = None
+
+
+@dataclass
+class Scores:
+    """What `score` hands on: per model and metric the (N,) per-image scores, and what scored them."""
+
+    per_image: dict[str, dict[str, np.ndarray]]
+    described: dict  # encoders.json's content, paths included (record.json keeps them)
+    variance: dict | None
+    random_init: bool
+    toy_world: bool
+
+
+@dataclass
+class Summary:
+    """What `summarise` hands on: means with intervals, per-prompt rows, the gate's verdict."""
+
+    metrics: dict[str, dict]
+    breakdown: dict[str, list[dict]]
+    means: dict[str, dict[str, float]]
+    gate: Gate | None
+    output: EvaluationMetrics
+
+
+def sample(params: StageParams) -> Samples:
+    """Every model's images (teacher and student, with their untuned bases when asked), same prompts and seeds."""
+    evaluation = params.evaluation
+    files = list_images(params.references_dir)
+    proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
+    samples = Samples(eval_prompts(params), proxy_prompt, files, [open_rgb(p) for p in files])
+    base = wants_base_models(params)
+    for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
+        for tuned in (False, True) if base else (True,):
+            sampler = make(params, tuned=tuned)
+            label = name if tuned else BASE[name]
+            samples.random_models.append(sampler.random_init)
+            samples.model_paths.append(sampler.path)
+            samples.student_sampling = getattr(sampler, "sampling", samples.student_sampling)
+            samples.generated[label] = sample_prompts(sampler, params, samples.prompts, label)
+            if evaluation.variance_samples and tuned:
+                samples.variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
+            del sampler
+    return samples
+
+
+def variance_analysis(params: StageParams, samples: Samples, dino) -> dict | None:
+    """The paper supplement's feature-distribution analysis of the proxy-prompt samples (None: turned off)."""
+    if not samples.variance_images:
+        return None
+    evaluation = params.evaluation
+    variance = {"feature": f"DINO CLS of last_hidden_state, unnormalised ({evaluation.dino_model})",
+                "samples": evaluation.variance_samples, "prompt": samples.proxy_prompt,
+                "centroid": "mean feature of the model's own samples", "models": {}}
+    for name, images in samples.variance_images.items():
+        features = dino.image_features(images).numpy()
+        variance["models"][name] = {"total_variance": stats.total_variance(features),
+                                    "distances": stats.centroid_distances(features).tolist()}
+    return variance
+
+
+def score(params: StageParams, samples: Samples) -> Scores:
+    """Every applicable metric of the registry on every model's images, per image."""
+    evaluation = params.evaluation
+    clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
+    ref_clip, ref_dino = reference_embeddings(params, clip, dino, samples.references, samples.reference_files)
+    world, item = builtins.world_item(params.subject.images)
+    chosen = registry_of_metrics.applicable("subject", world)
+    session: dict = {}  # shared by every model's scoring (a judge loaded once)
+    per_image = {}
+    for name, images in samples.generated.items():
+        inputs = registry_of_metrics.ScoringInputs(images=images, prompts=samples.prompts, token=params.subject.token,
+                                                   encoders={"clip": clip, "dino": dino},
+                                                   references={"clip": ref_clip, "dino": ref_dino}, world=world,
+                                                   item=item, session=session)
+        per_image[name] = score_images(chosen, inputs)
+    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *samples.random_models])
+    toy_world = not random_init and all(builtins.from_world(path) for path in [*samples.model_paths, clip.path, dino.path])
+    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init, "toy_world": toy_world}
+    for describe in dict.fromkeys(m.describe for m in chosen if m.describe is not None):  # a judge's metrics share one
+        described.update(describe(world, item))
+    return Scores(per_image, described, variance_analysis(params, samples, dino), random_init, toy_world)
+
+
+def summarise(params: StageParams, samples: Samples, scores: Scores, student_version: str) -> Summary:
+    """Means and prompt-bootstrap intervals per model and metric, per-prompt rows, and the gate's verdict."""
+    evaluation = params.evaluation
+    k, resamples, seed = evaluation.images_per_prompt, evaluation.bootstrap_resamples, evaluation.seed
+    metrics = {name: summarize(values, resamples, seed, k) for name, values in scores.per_image.items()}
+    breakdown = {name: per_prompt(values, samples.prompts, k) for name, values in scores.per_image.items()}
+    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
+    gate = None
+    if evaluation.gate:
+        intervals = [gate_difference_ci(rule, scores.per_image, k, resamples, seed) for rule in evaluation.gate]
+        passed, details = evaluate_gate(evaluation.gate, means, intervals)
+        gate = Gate(rule=" and ".join(r.describe() for r in evaluation.gate), passed=passed, details=details,
+                    difference_ci95=[list(interval) for interval in intervals], student_version=student_version)
+    output = EvaluationMetrics(models=metrics, random_init=scores.random_init, toy_world=scores.toy_world,
+                               prompts=len(samples.prompts), images_per_prompt=k,
+                               bootstrap=Bootstrap(resamples=resamples, seed=seed, unit="prompt"))
+    return Summary(metrics, breakdown, means, gate, output)
+
+
+def write_outputs(tmp: Path, params: StageParams, samples: Samples, scores: Scores, summary: Summary) -> None:
+    """The eval/ folder's files (images, metrics, prompts, per-prompt scores, encoders, variance, gate, table, grid)."""
+    evaluation = params.evaluation
+    for name, groups in samples.generated.items():
+        (tmp / "images" / name).mkdir(parents=True)
+        for p, group in enumerate(groups):
+            for k, image in enumerate(group):
+                image.save(tmp / "images" / name / f"p{p:02d}_k{k}.png")
+    summary.output.write(tmp / layout.METRICS_FILE)
+    Prompts(samples.prompts).write(tmp / layout.PROMPTS_FILE)
+    PerPrompt(summary.breakdown).write(tmp / layout.PROMPT_SCORES_FILE)
+    write_text_atomic(tmp / PER_PROMPT_CSV, per_prompt_csv(summary.breakdown))
+    # Weights paths differ by machine (model cache, HF cache): record.json has them, the output does not.
+    SubjectEncoders(**{name: ({k: v for k, v in entry.items() if k != "path"} if isinstance(entry, dict) else entry)
+                       for name, entry in scores.described.items()}).write(tmp / layout.ENCODERS_FILE)
+    if scores.variance:
+        Variance(**scores.variance).write(tmp / layout.VARIANCE_FILE)
+    if summary.gate:
+        summary.gate.write(tmp / layout.GATE_FILE)
+    write_text_atomic(tmp / "table.md", table(summary.metrics, scores.random_init, len(samples.prompts),
+                                              evaluation.images_per_prompt, scores.toy_world))
+    rows = []
+    for p in range(min(evaluation.grid_prompts, len(samples.prompts))):
+        rows += [samples.references[:4], *(groups[p] for groups in samples.generated.values())]
+    grid(rows, cell=128).save(tmp / "grid.png")
+
+
+def record(params: StageParams, samples: Samples, scores: Scores, summary: Summary, versions: tuple[str, str],
+           growth=None):
+    """Write eval/ (all at once), log it to MLflow, record the gate on the student version (its alias), and
+    write the subject's metrics.json for DVC. Returns the growth after this step (a growing proxy count's)."""
+    evaluation, gate, means = params.evaluation, summary.gate, summary.means
+    tags = {"teacher_version": versions[0], "student_version": versions[1], "random_init": str(scores.random_init),
+            "toy_world": str(scores.toy_world), "clip_model": evaluation.clip_model, "dino_model": evaluation.dino_model}
+    with stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
+        write_outputs(tmp, params, samples, scores, summary)
+        if growth is not None:
+            growth = proxy_count.after_step(growth, params, summary.metrics["student"])
+            growth.write(tmp / layout.COUNT_FILE)
+            run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
+        run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": scores.described,
+                        "student_sampling": samples.student_sampling})
+        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
+        if scores.variance:
+            run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in scores.variance["models"].items()})
+        if gate:
+            run.log_metrics({"gate_passed": float(gate.passed)})
+            registry.record_gate(run.uri, gate.student_version, gate.passed, gate.rule)
+        run.log_artifacts(tmp, "eval")
+        write_record(tmp, EvaluateRecord(stage="evaluate", run_id=run.run_id, **tags, metrics=means,
+                                         gate=gate.passed if gate else None, student_sampling=samples.student_sampling,
+                                         encoder_paths={name: entry["path"] for name, entry in scores.described.items()
+                                                        if isinstance(entry, dict) and "path" in entry}))
+        FlatMetrics(**means, random_init=scores.random_init, toy_world=scores.toy_world,
+                    **({"gate_passed": gate.passed} if gate else {})).write(params.subject_dir / layout.METRICS_FILE)
+    return growth
+
+
 def run(params_path: str | Path) -> None:
     params = load_params(params_path)
-    evaluation = params.evaluation
     growth = None  # a step of a growing proxy count: the growth its student handed on
     if params.grow is not None and params.grow.index is not None:
         growth = proxy_count.read_state(params.student_out())
@@ -248,126 +414,20 @@ def run(params_path: str | Path) -> None:
             tqdm.write(f"evaluate: skipped, the proxy count was chosen before this step ({growth.stopped})")
             return
     seed_everything(params.seed)
-    teacher_record = read_record(params.out("teacher"), TeacherRecord)
-    student_record = read_record(params.student_out(), StudentRecord)
-    prompts = eval_prompts(params)
-    proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
-    reference_files = list_images(params.references_dir)
-    references = [open_rgb(p) for p in reference_files]
-
-    generated, variance_images = {}, {}
-    random_models, model_paths, student_sampling = [], [], None
-    base = wants_base_models(params)
-    for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
-        for tuned in (False, True) if base else (True,):
-            sampler = make(params, tuned=tuned)
-            label = name if tuned else BASE[name]
-            random_models.append(sampler.random_init)
-            model_paths.append(sampler.path)
-            student_sampling = getattr(sampler, "sampling", student_sampling)
-            generated[label] = sample_prompts(sampler, params, prompts, label)
-            if evaluation.variance_samples and tuned:
-                variance_images[name] = sample_variance(sampler, params, proxy_prompt, name)
-            del sampler
+    versions = (read_record(params.out("teacher"), TeacherRecord).registered,
+                read_record(params.student_out(), StudentRecord).registered)
+    samples = sample(params)
     faults.kill_point("evaluate", "generated")
-
-    clip, dino = encoders.load_clip(evaluation.clip_model), encoders.load_dino(evaluation.dino_model)
-    ref_clip, ref_dino = reference_embeddings(params, clip, dino, references, reference_files)
-    toy = None
-    if params.subject.toy_subject is not None:
-        from proxytune.toyworld.subjects import SUBJECTS
-
-        toy = SUBJECTS[params.subject.toy_subject]
-        read = oracle_reader()
-    metrics, breakdown, all_scores = {}, {}, {}
-    for name, images in generated.items():
-        scores = per_image_scores(images, prompts, params.subject.token, clip, dino, ref_clip, ref_dino)
-        if toy is not None:
-            scores.update(oracle_scores(read, images, prompts, params.subject.token, toy))
-        all_scores[name] = scores
-        metrics[name] = summarize(scores, evaluation.bootstrap_resamples, evaluation.seed, evaluation.images_per_prompt)
-        breakdown[name] = per_prompt(scores, prompts, evaluation.images_per_prompt)
-    variance = None
-    if variance_images:
-        variance = {"feature": f"DINO CLS of last_hidden_state, unnormalised ({evaluation.dino_model})",
-                    "samples": evaluation.variance_samples, "prompt": proxy_prompt,
-                    "centroid": "mean feature of the model's own samples", "models": {}}
-        for name, images in variance_images.items():
-            features = dino.image_features(images).numpy()
-            variance["models"][name] = {"total_variance": stats.total_variance(features),
-                                        "distances": stats.centroid_distances(features).tolist()}
-    means = {name: {m: v["mean"] for m, v in values.items()} for name, values in metrics.items()}
-    gate = None
-    if evaluation.gate:
-        intervals = [gate_difference_ci(rule, all_scores, evaluation.images_per_prompt, evaluation.bootstrap_resamples, evaluation.seed)
-                     for rule in evaluation.gate]
-        passed, details = evaluate_gate(evaluation.gate, means, intervals)
-        gate = Gate(rule=" and ".join(r.describe() for r in evaluation.gate), passed=passed, details=details,
-                    difference_ci95=[list(interval) for interval in intervals], student_version=student_record.registered)
-    random_init = any([clip.describe()["random_init"], dino.describe()["random_init"], *random_models])
-    toy_world = not random_init and all(is_toy(path) for path in [*model_paths, clip.path, dino.path])
-    described = {"clip": clip.describe(), "dino": dino.describe(), "random_init": random_init, "toy_world": toy_world}
-    if toy is not None:
-        described["oracle"] = oracle_description(toy)
-    summary = EvaluationMetrics(models=metrics, random_init=random_init, toy_world=toy_world, prompts=len(prompts),
-                                images_per_prompt=evaluation.images_per_prompt,
-                                bootstrap=Bootstrap(resamples=evaluation.bootstrap_resamples, seed=evaluation.seed, unit="prompt"))
-
-    tags = {
-        "teacher_version": teacher_record.registered,
-        "student_version": student_record.registered,
-        "random_init": str(random_init),
-        "toy_world": str(toy_world),
-        "clip_model": evaluation.clip_model,
-        "dino_model": evaluation.dino_model,
-    }
-    out_dir = params.out("eval")
-    with stage_run(params, "evaluate", tags) as run, staged_dir(out_dir) as tmp:
-        for name, groups in generated.items():
-            (tmp / "images" / name).mkdir(parents=True)
-            for p, group in enumerate(groups):
-                for k, image in enumerate(group):
-                    image.save(tmp / "images" / name / f"p{p:02d}_k{k}.png")
-        summary.write(tmp / layout.METRICS_FILE)
-        Prompts(prompts).write(tmp / layout.PROMPTS_FILE)
-        PerPrompt(breakdown).write(tmp / layout.PROMPT_SCORES_FILE)
-        write_text_atomic(tmp / PER_PROMPT_CSV, per_prompt_csv(breakdown))
-        # Weights paths differ by machine (model cache, HF cache): record.json has them, the output does not.
-        SubjectEncoders(**{name: ({k: v for k, v in entry.items() if k != "path"} if isinstance(entry, dict) else entry)
-                           for name, entry in described.items()}).write(tmp / layout.ENCODERS_FILE)
-        if variance:
-            Variance(**variance).write(tmp / layout.VARIANCE_FILE)
-        if gate:
-            gate.write(tmp / layout.GATE_FILE)
-        if growth is not None:
-            growth = proxy_count.after_step(growth, params, metrics["student"])
-            growth.write(tmp / layout.COUNT_FILE)
-            run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
-        write_text_atomic(tmp / "table.md", table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
-        rows = []
-        for p in range(min(evaluation.grid_prompts, len(prompts))):
-            rows += [references[:4], *(groups[p] for groups in generated.values())]
-        grid(rows, cell=128).save(tmp / "grid.png")
-        run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": described, "student_sampling": student_sampling})
-        run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
-        if variance:
-            run.log_metrics({f"{name}.total_variance": v["total_variance"] for name, v in variance["models"].items()})
-        if gate:
-            run.log_metrics({"gate_passed": float(gate.passed)})
-            registry.record_gate(run.uri, gate.student_version, gate.passed, gate.rule)
-        run.log_artifacts(tmp, "eval")
-        write_record(tmp, EvaluateRecord(stage="evaluate", run_id=run.run_id, **tags, metrics=means,
-                                         gate=gate.passed if gate else None, student_sampling=student_sampling,
-                                         encoder_paths={name: entry["path"] for name, entry in described.items()
-                                                        if isinstance(entry, dict) and "path" in entry}))
-        flat = FlatMetrics(**means, random_init=random_init, toy_world=toy_world,
-                           **({"gate_passed": gate.passed} if gate else {}))
-        flat.write(params.subject_dir / layout.METRICS_FILE)
-    tqdm.write(table(metrics, random_init, len(prompts), evaluation.images_per_prompt, toy_world))
+    scores = score(params, samples)
+    summary = summarise(params, samples, scores, versions[1])
+    growth = record(params, samples, scores, summary, versions, growth)
+    tqdm.write(table(summary.metrics, scores.random_init, len(samples.prompts), params.evaluation.images_per_prompt,
+                     scores.toy_world))
     if growth is not None:
         tqdm.write(f"proxy count: {growth.stopped or 'growing'}")
-    if gate:
-        tqdm.write("gate: " + ("passed: alias 'champion' set" if gate.passed else "failed: no alias") + "\n  " + "\n  ".join(gate.details))
+    if summary.gate:
+        tqdm.write("gate: " + ("passed: alias 'champion' set" if summary.gate.passed else "failed: no alias") + "\n  "
+                   + "\n  ".join(summary.gate.details))
 
 
 if __name__ == "__main__":

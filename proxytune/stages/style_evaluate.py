@@ -137,8 +137,7 @@ def sample(params: StageParams, prompts: list[str], references: list, weights: s
 def scored_metrics(world) -> tuple[registry.Metric, ...]:
     """The registry's style metrics this evaluation computes: those of the encoders always (CLIP and DINO are
     always loaded), a world's judges only for a style of that world (`needs` "world", provider = the world's name)."""
-    return tuple(m for m in registry.metrics("style")
-                 if "world" not in m.needs or (world is not None and world.name == m.provider))
+    return registry.applicable("style", world)
 
 
 def score(generated: dict[str, list[list]], prompts: list[str], chosen, **inputs) -> dict[str, dict[str, np.ndarray]]:
