@@ -84,14 +84,13 @@ def is_toy(path: str | Path) -> bool:
 
 
 def builtin(name: str):
-    """A resolver for tiny_cache.resolve's builtins table."""
+    """The folder maker of a toy model, as plugin.py registers it in proxytune.builtins."""
     return lambda: materialize(name)
 
 
-TOY_TEACHERS = {"toy-sd": builtin("toy-sd")}
+# Transitional: backends/students.py adds it to its own table until the student registry reads
+# proxytune.builtins (issue 28, slice "students"); every other toy name resolves through that table alone.
 TOY_STUDENTS = {"toy-llamagen": builtin("toy-llamagen")}
-TOY_CLIP = {"toy-clip": builtin("toy-clip")}
-TOY_DINO = {"toy-dino": builtin("toy-dino")}
 
 
 def oracle_folder() -> Path:

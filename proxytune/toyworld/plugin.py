@@ -10,9 +10,11 @@ ROLES = {"toy-sd": "teacher", "toy-llamagen": "student", "toy-clip": "clip", "to
 
 
 def register() -> None:
-    from proxytune.builtins import BuiltinModel, register_model
+    from proxytune.builtins import BuiltinModel, register_model, register_world
     from proxytune.toyworld import builtins as toy
+    from proxytune.toyworld.toy_world import ToyWorld
 
     for name, role in ROLES.items():
         register_model(BuiltinModel(name=name, role=role, build=toy.builtin(name), random_init=False,
                                     provider="toyworld", digest=lambda name=name: toy.manifest().get(name, {}).get("digest")))
+    register_world(ToyWorld())
