@@ -178,7 +178,8 @@ def test_cached_hub_ids_and_complete_folders_pass(project, offline_hub):
                                        ("tiny-lumina-mgpt", "student"), ("tiny-clip", "clip"), ("tiny-dino", "dino")])
 def test_the_built_in_models_folders_pass_as_local_folders(tmp_path, name, role):
     """The checks are not stricter than the loaders: every built-in model's materialised folder passes."""
-    from proxytune.backends import diffusion, encoders, students
+    from proxytune.backends import encoders, students
+    from proxytune.backends.teachers import diffusion
 
     builders = {"teacher": diffusion.TINY_TEACHERS, "student": students.TINY_STUDENTS, "clip": encoders.TINY_CLIP,
                 "dino": encoders.TINY_DINO}

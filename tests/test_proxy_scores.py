@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import make_params, tiny_spec
 from proxytune import layout
-from proxytune.backends import diffusion, encoders
+from proxytune.backends import encoders
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file
 from proxytune.images import list_images, open_rgb

@@ -141,7 +141,8 @@ def test_shipped_specs_validate(dreambench, monkeypatch):
 def test_builtin_names_match_backends():
     """The spec's built-in names are the backends' tiny models plus the toy world's, as the backends resolve them."""
     from proxytune import builtins
-    from proxytune.backends import diffusion, encoders, students
+    from proxytune.backends import encoders, students
+    from proxytune.backends.teachers import diffusion
     from proxytune.spec import common
 
     assert set(common.TINY_TEACHERS) == set(builtins.builders("teacher")) == set(diffusion.TINY_TEACHERS) | {"toy-sd"}
@@ -168,7 +169,7 @@ def test_resolution_multiple_of_a_local_pipeline_is_read_from_its_configs(projec
 
 def test_builtin_resolution_multiples_match_the_built_pipelines():
     from proxytune import builtins
-    from proxytune.backends import diffusion, teacher_sizes
+    from proxytune.backends.teachers import diffusion, teacher_sizes
 
     for name in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
         folder = Path(diffusion.resolve(name))

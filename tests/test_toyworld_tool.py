@@ -299,7 +299,7 @@ def test_base_models_default_on_for_toy_subjects_only(project):
 def test_base_teacher_samples_are_cached_without_an_adapter(project, monkeypatch):
     """The untuned teacher has no adapter folder: its samples are cached under their own key and
     the pipeline is loaded without LoRA."""
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     spec = toy_spec()
     spec["teacher"].update({"model": "tiny-sd", "resolution": 64})

@@ -19,7 +19,7 @@ def register_builtins() -> None:
     from proxytune.builtins import BuiltinModel, register_model
 
     tiny = {
-        "teacher": ("proxytune.backends.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
+        "teacher": ("proxytune.backends.teachers.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
         "student": ("proxytune.backends.students", "TINY_STUDENTS", ("tiny-llamagen", "tiny-janus", "tiny-lumina-mgpt")),
         "clip": ("proxytune.backends.encoders", "TINY_CLIP", ("tiny-clip",)),
         "dino": ("proxytune.backends.encoders", "TINY_DINO", ("tiny-dino",)),

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxytune import builtins
-from proxytune.backends.teacher_sizes import config_file
+from proxytune.backends.teachers.teacher_sizes import config_file
 from proxytune.errors import ProxytuneError
 from proxytune.plan import releases
 

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune import builtins, faults, layout
-from proxytune.backends import diffusion
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb

@@ -36,10 +36,11 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune import faults, layout, stats
-from proxytune.backends import diffusion, encoders, students
+from proxytune.backends import encoders, students
 from proxytune.backends.style_metrics import DESCRIPTIONS, STYLE_METRICS, reference_embeds, style_scores
-from proxytune.backends.style_student import SAMPLING, StyleStudent
+from proxytune.backends.stylear.style_student import SAMPLING, StyleStudent
 from proxytune.backends.student_api import sampling_settings
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir, write_png_atomic, write_text_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb

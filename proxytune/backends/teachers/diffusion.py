@@ -21,7 +21,7 @@ import torch
 
 from proxytune import builtins
 from proxytune.backends import tiny_cache
-from proxytune.backends.diffusion_tiny import BUILDERS
+from proxytune.backends.teachers.diffusion_tiny import BUILDERS
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
