@@ -322,8 +322,8 @@ def resolve_style(style: StyleSpec, spec_path: str | Path, index: int) -> tuple[
     spec_path = Path(spec_path)
     key = f"styles[{index}]"
     if style.toy_style is not None:
-        world = installed_world(world_ref(style.images)[0])  # checked when the spec was read
-        references = world.style_references(style.toy_style)  # rendered into the model cache on first use
+        # the world was checked when the spec was read; its references are rendered into the model cache once
+        references = installed_world(style.world).style_references(style.toy_style)
     else:
         references = _folder(spec_path, style.images, f"{key}.images")
     try:
