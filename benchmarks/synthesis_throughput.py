@@ -39,7 +39,7 @@ def load_pipe(config: dict):
     """tiny-sd + a saved-and-reloaded teacher LoRA, fused, as synthesis.generate_missing loads it."""
     import torch
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
     from proxytune.spec.teacher import LoraSpec
 
     folder = C.temp_project("synthesis")
@@ -58,7 +58,7 @@ def load_pipe(config: dict):
 
 
 def batched(pipe, config: dict):
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     def run(seeds):
         images = []

@@ -60,7 +60,7 @@ class NaiveTeacher:
         import torch
         from diffusers.optimization import get_scheduler
 
-        from proxytune.backends import diffusion
+        from proxytune.backends.teachers import diffusion
         from proxytune.images import load_references
         from proxytune.stages.runtime import seed_everything
 
@@ -98,7 +98,7 @@ class NaiveTeacher:
         """VAE latents (one posterior sample, scaled) and text-encoder features, no gradients."""
         import torch
 
-        from proxytune.backends import diffusion
+        from proxytune.backends.teachers import diffusion
 
         pipe = self.pipe
         with torch.no_grad():
@@ -114,7 +114,7 @@ class NaiveTeacher:
         import torch.nn.functional as F
 
         batch, g = self.cfg.batch_size, self.generator
-        from proxytune.backends import diffusion
+        from proxytune.backends.teachers import diffusion
 
         latents, text = self.encode(self.batch_pixels())
         noise = torch.randn(latents.shape, generator=g)

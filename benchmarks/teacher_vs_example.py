@@ -173,7 +173,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     model = diffusion.resolve("tiny-sd")  # the built-in tiny-sd as a diffusers pipeline folder
     references = C.dreambench_subject("dog")

@@ -2,16 +2,16 @@
 
 A built-in model name (tiny-llamagen, toy-sd, ...) stands for a folder made on first use that then loads
 through the same `from_pretrained` calls as a released checkpoint. proxytune's own tiny random models are
-registered by the backends (`proxytune.backends.register_builtins`); a plugin, found through the
-`proxytune.plugins` entry-point group (pyproject.toml), registers its models and may register a world: a
-source of subjects, styles, prompts and judges that specs name as `WORLD:NAME` (the toy world is one such
-plugin, `toyworld`). Production code reaches a plugin only through these tables, never by importing it.
+registered by the backends (`proxytune.backends.register_builtins`), a plugin's by the plugin, both through
+the `proxytune.plugins` entry-point group (pyproject.toml). A plugin may also register a world: a source of
+subjects, styles, prompts and judges that specs name as `WORLD:NAME` (the toy world is such a plugin, `toyworld`). Production code reaches a plugin only through these tables, never by importing it.
 
 Import-light on purpose (no torch): the spec checks names against these tables before any model loads.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Protocol
 
 Role = Literal["teacher", "student", "clip", "dino", "judge"]
 PLUGIN_GROUP = "proxytune.plugins"
+OWN = "proxytune"  # the entry point of proxytune's own tiny models and metrics
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,16 @@ class World(Protocol):
     def style_references(self, style: str) -> Path: ...
     def subject_prompts(self, token: str, class_noun: str) -> list[str]: ...
     def style_prompts(self, count: int, seed: int, exclude: set[str]) -> list[str]: ...
-    def captions(self, count: int, seed: int) -> list[str]: ...
-    def raw_pairs(self, count: int, seed: int) -> list[tuple[Any, str]]: ...
-    def shows_subject(self, images: list, prompts: list[str], token: str, subject: str) -> Any: ...
-    def shows_style(self, images: list, style: str) -> Any: ...
-    def describe(self) -> dict: ...
+    def captions(self, count: int, seed: int) -> list[str]:
+        """Up to `count` distinct captions of the world's scenes, deterministic in `seed` (curation prompts)."""
+    def raw_pairs(self, count: int, seed: int) -> list[tuple[Any, str]]:
+        """`count` (HxWx3 uint8 image, caption) pairs, deterministic in `seed` (a style student's raw data)."""
+    def shows_subject(self, images: list, prompts: list[str], token: str, subject: str) -> Any:
+        """(N,) 1.0 where the world's judge finds `subject` in image i (drawn for prompts[i]), else 0.0."""
+    def shows_style(self, images: list, style: str) -> Any:
+        """(N,) 1.0 where the world's judge finds `style` in image i, else 0.0."""
+    def describe(self) -> dict:
+        """What records say about the world: at least "name", "note" (a line for result tables) and "judge"."""
 
 
 _MODELS: dict[str, BuiltinModel] = {}
@@ -84,15 +90,24 @@ def register_world(world: World) -> None:
 
 
 def _load() -> None:
-    """Fill the tables once: proxytune's own tiny models, then every installed plugin."""
+    """Fill the tables once from the `proxytune.plugins` entry points: proxytune's own (its tiny models and
+    metrics, `proxytune.backends.register_builtins`) first, then every installed plugin by name.
+
+    Raises:
+        ProxytuneError: proxytune's own entry point is missing (proxytune imported from a source tree that
+            was never installed).
+    """
     global _loaded
     if _loaded:
         return
     _loaded = True
-    from proxytune.backends import register_builtins
+    entries = sorted(entry_points(group=PLUGIN_GROUP), key=lambda entry: (entry.name != OWN, entry.name))
+    if not entries or entries[0].name != OWN:
+        from proxytune.errors import ProxytuneError
 
-    register_builtins()
-    for entry in entry_points(group=PLUGIN_GROUP):
+        raise ProxytuneError("proxytune's built-in models are registered by its install: run `pip install -e .` "
+                             "(README: Setup) in the repository, then retry")
+    for entry in entries:
         entry.load()()
 
 
@@ -124,11 +139,22 @@ def world_names() -> tuple[str, ...]:
     return tuple(_WORLDS)
 
 
+_WORLD_REF = re.compile(r"^([a-z][a-z0-9_-]*):([^/\\]+)$")  # WORLD:NAME; dreambench:NAME is a folder
+
+
+def world_ref(images: str) -> tuple[str, str] | None:
+    """(WORLD, NAME) of an `images: WORLD:NAME` reference to a built-in world (e.g. toyworld:NAME), else None."""
+    match = _WORLD_REF.match(images)
+    if match is None or match.group(1) == "dreambench":
+        return None
+    return match.group(1), match.group(2)
+
+
 def world_item(images: str) -> tuple[World | None, str | None]:
     """(world, item) for a spec's `images: WORLD:NAME` of an installed world, else (None, None)."""
-    prefix, sep, item = images.partition(":")
-    found = world(prefix) if sep and item else None
-    return (found, item) if found is not None else (None, None)
+    ref = world_ref(images)
+    found = world(ref[0]) if ref is not None else None
+    return (found, ref[1]) if found is not None else (None, None)
 
 
 WORLD_MARKER = "proxytune_toy.json"  # in every folder of a world's trained model (the toy world writes it)

@@ -3,7 +3,7 @@
 Torch-free and weight-free (`preflight` calls these on config.json / model_index.json / proxytune_student.json
 read from a folder or the local Hugging Face cache). Each check raises ModelProblem with a line that starts with
 the file it read (`label`) and ends with the fix. The pipeline classes copied from the torch-side
-`backends.diffusion` are checked against it by tests/test_preflight_configs.py.
+`backends.teachers.diffusion` are checked against it by tests/test_preflight_configs.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from proxytune.backends.students.meta import StudentMeta
 
 RUNNABLE_DTYPES = ("float32", "float16", "bfloat16")  # a config's torch_dtype (dtype in transformers 5) proxytune runs
-# backends.diffusion.FAMILIES' pipeline classes (tests check that the two agree; that module imports torch)
+# backends.teachers.diffusion.FAMILIES' pipeline classes (tests check that the two agree; that module imports torch)
 TEACHER_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 # backends.encoders loads CLIP with CLIPModel and DINO with ViTModel: the config.json model_type each reads
 ENCODER_MODEL_TYPES = {"clip": ("clip", "CLIPModel", "openai/clip-vit-base-patch32"),

@@ -68,7 +68,7 @@ def check_resolution(spec, path: Path, root: Path) -> None:
     Raises:
         SpecError: it is not; the message names the nearest usable sizes.
     """
-    from proxytune.backends.teacher_sizes import resolution_multiple
+    from proxytune.backends.teachers.teacher_sizes import resolution_multiple
 
     size, multiple = spec.teacher.resolution, resolution_multiple(spec.teacher.model, root, spec.teacher.revision)
     if multiple is None or size % multiple == 0:

@@ -103,7 +103,7 @@ def test_registry_pull_teacher_loads_with_diffusers(applied, tmp_path):
     listing = cli(project, "registry", "list").stdout
     assert "t.dog.teacher@1" in listing and "t.dog.student@1" in listing and "candidate" in listing
     cli(project, "registry", "pull", "t.dog.teacher@candidate", "-o", str(tmp_path / "teacher"))
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     pipe = diffusion.load_pipeline("tiny-sd")
     base = diffusion.generate(pipe, ["a S* dog"], [3], steps=3, guidance=7.5, size=64)[0]

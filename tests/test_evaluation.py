@@ -169,7 +169,7 @@ def test_teacher_samples_are_cached_by_adapter_and_settings(project, monkeypatch
     loading its pipeline; a damaged cache file or another adapter means generating again."""
     import numpy as np
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     params = make_params(project, tiny_spec(synthesis={"num_inference_steps": 2}))
     pipe = diffusion.load_pipeline("tiny-sd")

@@ -280,7 +280,7 @@ def test_stylears_full_size_lora_and_resampler_are_what_the_converter_expects():
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from proxytune.backends import style_tokens, stylear_convert
+    from proxytune.backends.stylear import style_tokens, stylear_convert
     from releases import stylear
 
     config = release.full_config("768")
@@ -302,7 +302,7 @@ def test_stylears_full_size_lora_and_resampler_are_what_the_converter_expects():
 def test_a_bf16_stylear_release_converts_and_its_lora_runs_on_the_bf16_release(released, tmp_path):
     from peft import PeftModel
 
-    from proxytune.backends import stylear_convert, style_tokens
+    from proxytune.backends.stylear import stylear_convert, style_tokens
     from releases import stylear
 
     bundle = students.load_student(str(released[2]))

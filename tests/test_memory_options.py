@@ -90,7 +90,7 @@ def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloa
     pytest.importorskip("torchao")  # the `quantize` extra (in dev)
     import numpy as np
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
     from proxytune.stages.teacher import TeacherTrainer
     from conftest import make_params, tiny_spec
 
@@ -136,7 +136,7 @@ def test_int8_teacher_trains_its_float32_lora_on_int8_weights_and_the_lora_reloa
 def test_int8_teacher_without_torchao_is_a_one_line_error(monkeypatch):
     import sys
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
     from proxytune.errors import ProxytuneError
 
     for name in ("torchao", "torchao.quantization"):  # None in sys.modules: `import` raises ImportError
@@ -201,7 +201,7 @@ def test_student_gradient_checkpointing_recomputes_the_layers_with_the_same_loss
 def test_teacher_gradient_checkpointing_recomputes_blocks_with_the_same_loss_and_gradients(model):
     """The teacher stage's `denoiser.enable_gradient_checkpointing()` on every family: the LoRA step's loss
     and gradients are unchanged, and the backward runs the denoiser's Linear layers again (recompute)."""
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     size, gen = 64, torch.Generator().manual_seed(0)
     timesteps = torch.tensor([100.0, 700.0])
@@ -248,7 +248,7 @@ def test_vae_tiling_decodes_in_tiles_to_nearly_the_same_images(dreambench):
     import numpy as np
     from PIL import Image
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     pipe = diffusion.load_pipeline("toy-sd")
     image = Image.open(sorted((dreambench / "dog").iterdir())[0]).convert("RGB").resize((128, 128))
@@ -270,7 +270,7 @@ def test_vae_tiling_decodes_in_tiles_to_nearly_the_same_images(dreambench):
 
 
 def test_cpu_offload_on_cpu_is_skipped_with_a_note():
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     pipe = diffusion.load_pipeline("tiny-sd")
     note = diffusion.place_for_generation(pipe, torch.device("cpu"), cpu_offload=True)
@@ -284,7 +284,7 @@ def test_cpu_offload_on_cpu_is_skipped_with_a_note():
 
 def _optimizer_state_bytes(optimizer) -> int:
     """Bytes of every optimiser state tensor, a torchao 8-bit state by its int8 codes and scales."""
-    from proxytune.backends.diffusion import weight_bytes
+    from proxytune.backends.teachers.diffusion import weight_bytes
 
     holder = torch.nn.Module()
     for i, state in enumerate(optimizer.state.values()):
@@ -347,7 +347,7 @@ def test_teacher_generates_the_same_images_from_cached_text_after_freeing_its_te
     2e-7, one image by 1 level of 255)."""
     import numpy as np
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     pipe = diffusion.load_pipeline(model)
     kwargs = {"steps": 2, "guidance": 3.0, "size": 64}

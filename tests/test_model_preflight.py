@@ -179,7 +179,8 @@ def test_cached_hub_ids_and_complete_folders_pass(project, offline_hub):
 def test_the_built_in_models_folders_pass_as_local_folders(tmp_path, name, role):
     """The checks are not stricter than the loaders: every built-in model's materialised folder passes."""
     from proxytune import builtins
-    from proxytune.backends import diffusion, encoders
+    from proxytune.backends import encoders
+    from proxytune.backends.teachers import diffusion
 
     builders = {"teacher": diffusion.TINY_TEACHERS, "student": builtins.builders("student"), "clip": encoders.TINY_CLIP,
                 "dino": encoders.TINY_DINO}

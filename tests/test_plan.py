@@ -162,7 +162,7 @@ def test_int8_denoiser_bytes_are_what_torchao_loads():
     """plan's int8 bill of a denoiser (1 byte a Linear weight + a scale and zero point a row, the rest as
     loaded) against the bytes of the tiny-flux transformer that `teacher.quantize: int8` really loads."""
     pytest.importorskip("torchao")
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     teacher = models.describe_teacher("tiny-flux", __import__("pathlib").Path("."))
     counts = estimate.count(teacher.denoiser)

@@ -261,7 +261,7 @@ def test_converted_lumina_releases_pass(project, offline_hub):
 
 # -- the pre-flight's copies of torch-side names agree with the loaders ------------------------------------
 def test_names_agree_with_the_loaders():
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     assert model_configs.TEACHER_PIPELINES == tuple(diffusion.FAMILIES)
 

@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import make_params, tiny_spec
 from proxytune import layout
-from proxytune.backends import diffusion, encoders
+from proxytune.backends import encoders
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file
 from proxytune.images import list_images, open_rgb
@@ -155,10 +156,11 @@ def test_the_report_shows_the_histogram_and_the_most_and_least_faithful(scored, 
 
 
 def test_the_toy_judges_seam_reads_subjects_and_styles():
-    from proxytune import toy_judges
+    from proxytune import builtins
     from proxytune.toyworld import styles
     from proxytune.toyworld.subjects import SUBJECTS, reference_images
 
+    toy_judges = builtins.world("toyworld")  # the stages' one seam to the toy world's judges
     own = [Image.fromarray(a) for a in reference_images(SUBJECTS["stripy-box"])]
     other = [Image.fromarray(a) for a in reference_images(SUBJECTS["dotty-ball"])]
     prompts = ["a sks box"] * len(own)

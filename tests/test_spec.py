@@ -138,15 +138,17 @@ def test_shipped_specs_validate():  # validation reads no reference folder: no D
 
 
 def test_builtin_names_match_backends():
+    """The spec's built-in names are the backends' tiny models plus the toy world's, as the backends resolve them."""
     from proxytune import builtins
-    from proxytune.backends import diffusion, encoders, students
+    from proxytune.backends import encoders, students
+    from proxytune.backends.teachers import diffusion
     from proxytune.spec import common
 
-    assert set(common.TINY_TEACHERS) == set(diffusion.TINY_TEACHERS)
+    assert set(common.TINY_TEACHERS) == set(builtins.builders("teacher")) == set(diffusion.TINY_TEACHERS) | {"toy-sd"}
     # students: the spec reads proxytune.builtins, which the families' records (and the toy world) fill
     assert set(builtins.model_names("student")) == {*students.tiny_names(), "toy-llamagen"}
-    assert set(common.TINY_CLIP) == set(encoders.TINY_CLIP)
-    assert set(common.TINY_DINO) == set(encoders.TINY_DINO)
+    assert set(common.TINY_CLIP) == set(builtins.builders("clip")) == set(encoders.TINY_CLIP) | {"toy-clip"}
+    assert set(common.TINY_DINO) == set(builtins.builders("dino")) == set(encoders.TINY_DINO) | {"toy-dino"}
 
 
 def test_resolution_multiple_of_a_local_pipeline_is_read_from_its_configs(project, tmp_path_factory):
@@ -166,14 +168,15 @@ def test_resolution_multiple_of_a_local_pipeline_is_read_from_its_configs(projec
 
 
 def test_builtin_resolution_multiples_match_the_built_pipelines():
-    from proxytune.backends import diffusion, teacher_sizes
+    from proxytune import builtins
+    from proxytune.backends.teachers import diffusion, teacher_sizes
 
     for name in ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"):
         folder = Path(diffusion.resolve(name))
         configs = [json.loads((folder / rel).read_text()) if (folder / rel).exists() else None
                    for rel in ("model_index.json", "vae/config.json", "transformer/config.json")]
         assert teacher_sizes.multiple_from_configs(*configs) == teacher_sizes.BUILTIN_MULTIPLES[name], name
-    assert set(teacher_sizes.BUILTIN_MULTIPLES) == set(diffusion.TINY_TEACHERS)
+    assert set(teacher_sizes.BUILTIN_MULTIPLES) == set(builtins.model_names("teacher"))
 
 
 def png_declaring(width: int, height: int) -> bytes:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from proxytune.backends import encoders, students
-from proxytune.backends.style_student import StyleStudent
+from proxytune.backends.stylear.style_student import StyleStudent
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCES = REPO / "specs" / "styles" / "stained-glass"
@@ -39,7 +39,7 @@ STYLE_B = striped([(20, 40, 200), (250, 250, 250)], horizontal=False)
 def style_student():
     """A fresh tiny style student: tiny Lumina-mGPT + tiny CLIP + a small random resampler, 2 style tokens,
     a prompt turn only as long as the template and a short prompt need (less compute per test)."""
-    from proxytune.backends import style_tokens as st
+    from proxytune.backends.stylear import style_tokens as st
 
     bundle = students.load_student("tiny-lumina-mgpt")
     clip = encoders.load_clip("tiny-clip")
@@ -400,7 +400,7 @@ def test_llamagen_style_tokens_take_the_caption_slots_before_the_caption(llamage
     # a long caption keeps C - 2 tokens, the style slots first
     assert int(tokens[1].sum()) == C - 2 and positions[1].tolist() == [0, 1]
     # written in, the style tokens count as caption tokens for the attention mask
-    from proxytune.backends import style_tokens as st
+    from proxytune.backends.stylear import style_tokens as st
 
     text = st.replace_placeholders(feats, positions, style.style_tokens(style.image_features([STYLE_A, STYLE_B])))
     assert int((text[0] != 0).any(dim=-1).sum()) == n + 2
@@ -414,7 +414,7 @@ def test_llamagen_same_prompt_two_style_images_two_outputs_and_the_null_caption_
     guided = style.generate(["a cat"] * 2, features[:2], [3, 3], cfg_scale=4.0, top_k=20, noise_strength=0.0)
     assert not torch.equal(guided[0], guided[1])
     # the unconditional branch (LlamaGen's null caption in every slot) is the same whatever the style
-    from proxytune.backends import style_tokens as st
+    from proxytune.backends.stylear import style_tokens as st
 
     feats, positions = style.encode_prompts(["a cat"] * 2)
     text = st.replace_placeholders(feats, positions, style.style_tokens(features[:2]))

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from proxytune.backends import students
-from proxytune.backends import style_tokens as st
-from proxytune.backends import stylear_convert
+from proxytune.backends.stylear import style_tokens as st
+from proxytune.backends.stylear import stylear_convert
 from proxytune.errors import ProxytuneError
 from releases import stylear as stylear_release
 
@@ -338,9 +338,8 @@ def test_guided_sampling_is_the_originals_cfg_on_a_converted_stylear_model(tmp_p
     from PIL import Image
 
     from proxytune.backends import encoders
-
     from proxytune.backends.students.lumina import backend as lumina
-    from proxytune.backends.style_student import StyleStudent
+    from proxytune.backends.stylear.style_student import StyleStudent
 
     bundle = students.load_student("tiny-lumina-mgpt")
     stylear_convert.write_peft_adapter(stylear_lora_state(bundle.model, r=4, seed=5), tmp_path / "adapter", base_model="tiny")
@@ -403,7 +402,7 @@ def test_a_saved_style_students_adapter_config_names_the_spec_model_and_sorted_t
     from peft import LoraConfig, get_peft_model
 
     from proxytune.backends import encoders
-    from proxytune.backends.style_student import StyleStudent
+    from proxytune.backends.stylear.style_student import StyleStudent
 
     bundle = students.load_student("tiny-lumina-mgpt")
     targets = bundle.lora_target_modules()

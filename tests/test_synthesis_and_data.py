@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_params, tiny_spec
-from proxytune.backends import diffusion
+from proxytune.backends.teachers import diffusion
 from proxytune.files import sha256_file
 from proxytune.stages import synthesis
 

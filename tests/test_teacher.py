@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import copy_images, make_params, tiny_spec
-from proxytune.backends import diffusion
+from proxytune.backends.teachers import diffusion
 from proxytune.stages.teacher import TeacherTrainer
 
 FAMILIES = {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3", "tiny-flux": "flux"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_params, tiny_spec
-from proxytune.backends import diffusion
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.stages.teacher import TeacherTrainer
 

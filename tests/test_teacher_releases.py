@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from conftest import copy_images, make_params, tiny_spec
 from proxytune import preflight
-from proxytune.backends import diffusion, teacher_sizes
+from proxytune.backends.teachers import diffusion, teacher_sizes
 from proxytune.errors import ProxytuneError
 from releases import diffusion as releases
 

@@ -82,6 +82,8 @@ def test_toyworld_images_resolve_to_the_subjects_renders_once_and_deterministica
 @pytest.mark.parametrize(("subject", "sections", "key", "words"), [
     ({"name": "x", "images": "toyworld:stripy-bx"}, {}, "subjects[0].images", "unknown toy subject 'stripy-bx'"),
     ({"name": "x", "class": "ball", "images": "toyworld:stripy-box"}, {}, "subjects[0].class", "it is a box"),
+    ({"name": "x", "class": "box", "images": "nosuch:thing"}, {}, "subjects[0].images",
+     "no built-in world 'nosuch' is installed (installed: toyworld)"),
     ({"name": "x", "class": "dog", "images": "dreambench:dog"}, {"evaluation": {"prompts": "toyworld"}},
      "evaluation.prompts", "toy world's classes"),
     ({"name": "x", "class": "dog", "images": "dreambench:dog"},
@@ -97,6 +99,45 @@ def test_toy_spec_errors_name_the_file_and_key(project, subject, sections, key, 
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines == [f"error: {err.value}"], result.output
     assert not (project / "runs").exists() and not (project / "dvc.yaml").exists()
+
+
+def test_without_the_toy_world_installed_a_toy_spec_says_so_in_one_line(project, monkeypatch):
+    """The spec reaches the toy world only through proxytune.builtins: with no world of that name, one line."""
+    from proxytune import builtins
+
+    builtins.world_names()  # the table is filled; then the plugin's world is taken away
+    monkeypatch.setattr(builtins, "_WORLDS", {})
+    path = project / "specs" / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec_with({"name": "x", "images": "toyworld:stripy-box"})))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {path}: subjects[0].images: no built-in world 'toyworld' is installed "
+                               "(installed: none)"), lines
+
+
+def test_the_toy_world_is_a_world_of_the_table():
+    """What the stages and the spec read (proxytune.builtins.World) is the toy world's own data."""
+    from proxytune import builtins
+    from proxytune.spec.style import GeneratedPrompts, generated_prompts
+    from proxytune.toyworld import styles
+    from proxytune.toyworld.builtins import manifest
+
+    toy = builtins.world("toyworld")
+    members = [n for n in vars(builtins.World) if not n.startswith("_")] + list(builtins.World.__annotations__)
+    assert len(members) > 10 and [n for n in members if not hasattr(toy, n)] == []
+    assert toy.name == "toyworld" and toy.classes == world.CLASSES
+    assert toy.subject_names() == tuple(SUBJECTS) and toy.subject_class("dotty-ball") == "ball"
+    assert toy.style_names() == styles.STYLES and toy.subject_prompts("sks", "box") == toy_prompts("sks", "box")
+    assert toy.style_prompts(5, 1, {"a blue box in the snow"}) == styles.eval_prompts(5, 1, {"a blue box in the snow"})
+    pixels, samples = world.sample_world(3, 5)
+    pairs = toy.raw_pairs(3, 5)
+    assert [c for _, c in pairs] == [s.caption for s in samples]
+    assert all(np.array_equal(array, expected) for (array, _), expected in zip(pairs, pixels))
+    captions = generated_prompts(GeneratedPrompts(generate=6, vocabulary="toyworld", seed=3))
+    assert captions == toy.captions(6, 3) and len(set(captions)) == 6 and toy.captions(6, 4) != captions
+    assert all(world.parse_prompt(c)["cls"] in world.CLASSES for c in captions)
+    assert toy.describe()["judge"]["digest"] == manifest()["toy-oracle"]["digest"]
 
 
 # -- oracle metrics ---------------------------------------------------------------------------
@@ -258,7 +299,7 @@ def test_base_models_default_on_for_toy_subjects_only(project):
 def test_base_teacher_samples_are_cached_without_an_adapter(project, monkeypatch):
     """The untuned teacher has no adapter folder: its samples are cached under their own key and
     the pipeline is loaded without LoRA."""
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     spec = toy_spec()
     spec["teacher"].update({"model": "tiny-sd", "resolution": 64})

@@ -24,7 +24,7 @@ def register_builtins() -> None:
     register_metrics()
     style_metrics.register()
     tiny = {
-        "teacher": ("proxytune.backends.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
+        "teacher": ("proxytune.backends.teachers.diffusion", "TINY_TEACHERS", ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")),
         "clip": ("proxytune.backends.encoders", "TINY_CLIP", ("tiny-clip",)),
         "dino": ("proxytune.backends.encoders", "TINY_DINO", ("tiny-dino",)),
     }

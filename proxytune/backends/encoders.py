@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from proxytune import builtins
 from proxytune.backends import tiny_cache
 from proxytune.backends.tokenizer import BOS_ID, EOS_ID, char_vocab_size, write_char_clip_tokenizer
-from proxytune.toyworld.builtins import TOY_CLIP, TOY_DINO
 from proxytune.errors import ProxytuneError
 
 DINO_RESIZE = 256
@@ -93,8 +93,8 @@ def _build_tiny_dino(folder: Path) -> None:
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder, safe_serialization=True)
 
 
-TINY_CLIP = {"tiny-clip": lambda: tiny_cache.materialize("tiny-clip-v1", _build_tiny_clip), **TOY_CLIP}
-TINY_DINO = {"tiny-dino": lambda: tiny_cache.materialize("tiny-dino-v1", _build_tiny_dino), **TOY_DINO}
+TINY_CLIP = {"tiny-clip": lambda: tiny_cache.materialize("tiny-clip-v1", _build_tiny_clip)}
+TINY_DINO = {"tiny-dino": lambda: tiny_cache.materialize("tiny-dino-v1", _build_tiny_dino)}
 
 
 # --- encoders --------------------------------------------------------------------------------
@@ -309,7 +309,7 @@ def load_clip(ref: str, *, device: str = "cpu") -> ClipEncoder:
     """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    path = tiny_cache.resolve(ref, TINY_CLIP, what="clip model")
+    path = tiny_cache.resolve(ref, builtins.builders("clip"), what="clip model")
     try:
         model = CLIPModel.from_pretrained(path)
         # PIL backend: bicubic as in the original CLIP preprocessing, and no torchvision needed
@@ -328,7 +328,7 @@ def load_dino(ref: str, *, device: str = "cpu") -> DinoEncoder:
     """
     from transformers import ViTModel
 
-    path = tiny_cache.resolve(ref, TINY_DINO, what="dino model")
+    path = tiny_cache.resolve(ref, builtins.builders("dino"), what="dino model")
     try:
         # DINO checkpoints hold no pooler; the default add_pooling_layer=True would bolt on a freshly
         # random one at every load. The metric never reads it, so leave it out.

@@ -73,8 +73,8 @@ def convert_stylear(model_dir: str, out_dir: str, base_model: str, dim_head: int
     """StyleAR's released MODEL_DIR (model.safetensors + image_proj.pth) -> a peft adapter, the style
     resampler (safetensors) and its inference settings, in OUT_DIR.
 
-    The folder loads with proxytune.backends.style_student.StyleStudent.load (a style student's layout)."""
-    from proxytune.backends import stylear_convert
+    The folder loads with proxytune.backends.stylear.style_student.StyleStudent.load (a style student's layout)."""
+    from proxytune.backends.stylear import stylear_convert
 
     check_new_folder(out_dir)
     if not Path(model_dir).is_dir():

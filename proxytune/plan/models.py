@@ -14,7 +14,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxytune.backends.teacher_sizes import config_file
+from proxytune import builtins
+from proxytune.backends.teachers.teacher_sizes import config_file
 from proxytune.errors import ProxytuneError
 from proxytune.plan import releases
 
@@ -167,9 +168,7 @@ def describe_teacher(ref: str, root: Path) -> TeacherModel:
         family, parts = releases.TEACHERS[name]
         return TeacherModel(ref, family, {k: Component(kind, dict(cfg)) for k, (kind, cfg) in parts.items()},
                             releases.T5_TOKENS.get(family, 0))
-    from proxytune.backends.diffusion import TINY_TEACHERS
-
-    folder = _tiny_folder(ref, TINY_TEACHERS) or ref
+    folder = _tiny_folder(ref, builtins.builders("teacher")) or ref
     index = config_file(folder, "model_index.json", root)
     if index is None or index.get("_class_name") not in _PIPELINE_FAMILY:
         raise ProxytuneError(

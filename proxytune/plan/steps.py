@@ -76,7 +76,7 @@ class DenoiserShape:
 
 
 def denoiser_inputs(component: Component, shape: DenoiserShape, batch: int, dtype: torch.dtype) -> dict:
-    """Keyword arguments of one denoiser call for `batch` images, as `backends.diffusion.predict` passes them."""
+    """Keyword arguments of one denoiser call for `batch` images, as `backends.teachers.diffusion.predict` passes them."""
     cfg, h, B = component.config, shape.latent, batch
     t = torch.full((B,), 500.0)
     if component.kind == "unet":

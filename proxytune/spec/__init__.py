@@ -102,17 +102,19 @@ def dreambench_root() -> Path:
 
 
 def resolve_images(subject: SubjectSpec, spec_path: str | Path, index: int) -> Path:
-    """The subject's reference folder as an absolute path (a toy world subject's is written into the
-    model cache once, see `proxytune.toyworld.subjects.reference_folder`).
+    """The subject's reference folder as an absolute path (a world subject's, `images: toyworld:NAME`, is
+    written into the model cache once by its world, see `proxytune.builtins.World.subject_references`).
 
     Raises:
-        SpecError: the folder does not exist.
+        SpecError: the folder does not exist, or the world or its subject does not.
     """
     if subject.toy_subject is not None:
-        from proxytune.toyworld.subjects import reference_folder
+        from proxytune.spec.subject import installed_world
 
-        try:
-            return reference_folder(subject.toy_subject)  # rendered into the model cache on first use
+        try:  # rendered into the model cache on first use
+            return installed_world(subject.world).subject_references(subject.toy_subject)
+        except ValueError as err:
+            raise SpecError(f"{spec_path}: subjects[{index}].images: {err}") from None
         except KeyError:
             raise SpecError(f"{spec_path}: subjects[{index}].images: unknown toy subject {subject.toy_subject!r}") from None
     if subject.images.startswith("dreambench:"):

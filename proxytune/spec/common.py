@@ -7,13 +7,14 @@ from typing import Annotated, Callable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from proxytune import builtins
 from proxytune.layout import VARIANT_SEP
 
-# Built-in models, by role: tiny random architectures and the toy world's pretrained models. The
-# backends own the builders; tests check both lists agree. Students: `proxytune.builtins` (the families' records).
-TINY_TEACHERS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-sd")
-TINY_CLIP = ("tiny-clip", "toy-clip")
-TINY_DINO = ("tiny-dino", "toy-dino")
+# Built-in models, by role: proxytune's tiny random architectures and the pretrained models of installed plugins
+# (the toy world's toy-*), as registered in the one table, proxytune.builtins.
+TINY_TEACHERS = builtins.model_names("teacher")
+TINY_CLIP = builtins.model_names("clip")
+TINY_DINO = builtins.model_names("dino")
 
 SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -91,13 +91,14 @@ class ExperimentSpec(Strict):
 
     @model_validator(mode="after")
     def _toy_world_evaluation(self) -> "ExperimentSpec":
-        from proxytune.toyworld.world import CLASSES
+        from proxytune.spec.subject import installed_world
 
         if self.evaluation.prompts == "toyworld":
+            classes = installed_world("toyworld").classes
             for i, subject in enumerate(self.subjects):
-                if subject.class_noun not in CLASSES:
+                if subject.class_noun not in classes:
                     raise ValueError(f"evaluation.prompts: 'toyworld' prompts are for the toy world's classes "
-                                     f"({', '.join(CLASSES)}); subjects[{i}] is a {subject.class_noun!r}")
+                                     f"({', '.join(classes)}); subjects[{i}] is a {subject.class_noun!r}")
         checks = [("student.proxy_count.metric", self.student.proxy_count and self.student.proxy_count.metric,
                    " (use dino or clip_i)")]
         checks += [(f"evaluation.gate[{i}].metric", rule.metric, "") for i, rule in enumerate(self.evaluation.gate)]

@@ -18,7 +18,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from proxytune.spec.common import (TINY_CLIP, PositiveFloat, PositiveInt, Probability, SafeName, ScoredCuration, Seed,
                                    Strict, model_ref_checker)
-from proxytune.spec.subject import toy_subject_name
+from proxytune.spec.subject import installed_world, toy_subject_name, world_ref
 
 STYLE_INSTANCE_PROMPT = "a {class} in {token} style"  # what the style teacher learns on the references
 STYLE_CURATION_PROMPT = "{prompt}, in {token} style"  # what the tuned teacher draws for each curation prompt
@@ -85,6 +85,8 @@ class RawDataSpec(Strict):
         if self.ratio > 0 and self.folder is None and self.toyworld is None:
             raise ValueError("raw data: set folder (images with captions) or toyworld (a number of renders), "
                              "or ratio: 0 to train on the curated set only")
+        if self.toyworld is not None:
+            installed_world("toyworld")
         return self
 
 
@@ -157,18 +159,23 @@ class StyleSpec(Strict):
 
     @property
     def toy_style(self) -> str | None:
-        """The toy world style's name when `images` is `toyworld:NAME`, else None."""
+        """The world style's name when `images` is `WORLD:NAME` (toyworld:NAME), else None."""
         return toy_subject_name(self.images)  # the same `toyworld:NAME` form as a toy subject's
+
+    @property
+    def world(self) -> str | None:
+        """The built-in world `images` names (`toyworld` for toyworld:NAME), else None."""
+        ref = world_ref(self.images)
+        return None if ref is None else ref[0]
 
     @field_validator("images")
     @classmethod
     def _known_toy_style(cls, value: str) -> str:
-        name = toy_subject_name(value)
-        if name is not None:
-            from proxytune.toyworld.styles import STYLES
-
-            if name not in STYLES:
-                raise ValueError(f"unknown toy world style {name!r}; one of {', '.join(STYLES)}")
+        ref = world_ref(value)
+        if ref is not None:
+            known = installed_world(ref[0], folder_hint=True).style_names()
+            if ref[1] not in known:
+                raise ValueError(f"unknown toy world style {ref[1]!r}; one of {', '.join(known)}")
         return value
 
     @field_validator("prompts")
@@ -243,16 +250,10 @@ def generated_prompts(spec: GeneratedPrompts) -> list[str]:
         if spec.generate > len(combos):
             raise ValueError(f"generate: at most {len(combos)} prompts from the objects vocabulary")
         return [combos[i] for i in rng.permutation(len(combos))[: spec.generate]]
-    from proxytune.toyworld.world import caption, sample_attributes
-
-    seen: list[str] = []
-    for _ in range(200 * spec.generate):
-        text = caption(sample_attributes(rng), rng)
-        if text not in seen:
-            seen.append(text)
-        if len(seen) == spec.generate:
-            return seen
-    raise ValueError(f"generate: the toy world composed only {len(seen)} distinct captions")
+    seen = installed_world(spec.vocabulary).captions(spec.generate, spec.seed)
+    if len(seen) < spec.generate:
+        raise ValueError(f"generate: the toy world composed only {len(seen)} distinct captions")
+    return seen
 
 
 def _folder(spec_path: Path, value: str, key: str) -> Path:
@@ -321,9 +322,8 @@ def resolve_style(style: StyleSpec, spec_path: str | Path, index: int) -> tuple[
     spec_path = Path(spec_path)
     key = f"styles[{index}]"
     if style.toy_style is not None:
-        from proxytune.toyworld.styles import reference_folder
-
-        references = reference_folder(style.toy_style)  # rendered into the model cache on first use
+        # the world was checked when the spec was read; its references are rendered into the model cache once
+        references = installed_world(style.world).style_references(style.toy_style)
     else:
         references = _folder(spec_path, style.images, f"{key}.images")
     try:

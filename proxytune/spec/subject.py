@@ -4,14 +4,34 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from proxytune.builtins import world_ref
 from proxytune.spec.common import SafeName, Strict
-
-TOYWORLD_PREFIX = "toyworld:"
 
 
 def toy_subject_name(images: str) -> str | None:
-    """NAME of an `images: toyworld:NAME` reference, else None."""
-    return images[len(TOYWORLD_PREFIX):] if images.startswith(TOYWORLD_PREFIX) else None
+    """NAME of an `images: WORLD:NAME` reference (toyworld:NAME), else None."""
+    ref = world_ref(images)
+    return None if ref is None else ref[1]
+
+
+def installed_world(prefix: str, *, folder_hint: bool = False):
+    """The built-in world `prefix` (a `proxytune.builtins.World`).
+
+    Args:
+        prefix: the world's name, e.g. `toyworld`.
+        folder_hint: for an `images` field, also say how to write a folder whose name looks like `WORLD:NAME`.
+    Raises:
+        ValueError: no installed plugin provides it; the message names the installed worlds and the fix.
+    """
+    from proxytune import builtins
+
+    world = builtins.world(prefix)
+    if world is None:
+        known = ", ".join(builtins.world_names()) or "none"
+        hint = f", or write ./{prefix}:NAME for a folder of that name" if folder_hint else ""
+        raise ValueError(f"no built-in world {prefix!r} is installed (installed: {known}): install the plugin that "
+                         f"provides it (the toy world comes with proxytune's own package){hint}")
+    return world
 
 
 class _WrongClass(str):
@@ -57,14 +77,16 @@ class SubjectSpec(Strict):
         """A toy subject's class defaults to the subject's own; another class is an error."""
         if not isinstance(data, dict) or not isinstance(data.get("images"), str):
             return data
-        name = toy_subject_name(data["images"])
-        from proxytune.toyworld.subjects import SUBJECTS
+        from proxytune import builtins
 
-        if name is None:
+        ref = world_ref(data["images"])
+        if ref is None:
             return data
-        if name not in SUBJECTS:  # the images field reports it; a missing class must not hide that
+        world = builtins.world(ref[0])
+        if world is None or ref[1] not in world.subject_names():
+            # the images field reports it; a missing class must not hide that
             return data if ("class" in data or "class_noun" in data) else {**data, "class": "?"}
-        expected = SUBJECTS[name].cls
+        expected = world.subject_class(ref[1])
         key = "class" if "class" in data or "class_noun" not in data else "class_noun"
         given = data.get(key)
         if given is None:
@@ -86,15 +108,20 @@ class SubjectSpec(Strict):
     @field_validator("images")
     @classmethod
     def _known_toy_subject(cls, value: str) -> str:
-        name = toy_subject_name(value)
-        if name is not None:
-            from proxytune.toyworld.subjects import SUBJECTS
-
-            if name not in SUBJECTS:
-                raise ValueError(f"unknown toy subject {name!r} (known: {', '.join(SUBJECTS)})")
+        ref = world_ref(value)
+        if ref is not None:
+            known = installed_world(ref[0], folder_hint=True).subject_names()
+            if ref[1] not in known:
+                raise ValueError(f"unknown toy subject {ref[1]!r} (known: {', '.join(known)})")
         return value
 
     @property
     def toy_subject(self) -> str | None:
-        """The toy world subject's name when `images` is `toyworld:NAME`, else None."""
+        """The world subject's name when `images` is `WORLD:NAME` (toyworld:NAME), else None."""
         return toy_subject_name(self.images)
+
+    @property
+    def world(self) -> str | None:
+        """The built-in world `images` names (`toyworld` for toyworld:NAME), else None."""
+        ref = world_ref(self.images)
+        return None if ref is None else ref[0]

@@ -21,7 +21,7 @@ base pipeline, `pipe.load_ip_adapter(...)` + `pipe.set_ip_adapter_scale(...)` an
 
 Fidelity (issue 29, `style.fidelity`, on by default): every stylised image is scored against the style
 references with the evaluation's encoders (backends/style_metrics.py: style_gram, the Gram matrices of DINO
-patch tokens, and style_clip) and, for a toy style, the style detector (0/1, through proxytune.toy_judges).
+patch tokens, and style_clip) and, for a toy style, the style detector (0/1, through its world in proxytune.builtins).
 Scores and CLIP embeddings are cached beside the images. `style.fidelity.keep` keeps the best N of each
 prompt's `images_per_prompt` images by `style.fidelity.metric` (greedy maximal marginal relevance on the CLIP
 embeddings with `style.fidelity.diversity`); `style.fidelity.min_share` fails the stage in one line when too
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults, layout
-from proxytune.backends import diffusion
+from proxytune import builtins, faults, layout
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb
@@ -112,7 +112,6 @@ def score_pairs(params: StageParams, entries: list[dict], scratch: Path) -> tupl
     Raises:
         ProxytuneError: `style.fidelity.min_share` is set and fewer kept images score above the threshold.
     """
-    from proxytune import toy_judges
     from proxytune.backends import encoders, style_metrics
 
     spec, evaluation, k = params.style.fidelity, params.evaluation, params.style.images_per_prompt
@@ -134,7 +133,7 @@ def score_pairs(params: StageParams, entries: list[dict], scratch: Path) -> tupl
     tensors = proxy_scores.cached_embeddings(cache, ("clip", "style_clip", "style_gram"), score)
     judge = None
     if params.style.toy_style is not None:
-        judge = toy_judges.shows_style([open_rgb(f) for f in files], params.style.toy_style)
+        judge = builtins.world(params.style.world).shows_style([open_rgb(f) for f in files], params.style.toy_style)
     for i, entry in enumerate(entries):
         entry.update(style_clip=round(float(tensors["style_clip"][i]), 6), style_gram=round(float(tensors["style_gram"][i]), 6))
         if judge is not None:
@@ -165,13 +164,10 @@ def raw_pairs(params: StageParams, folder: Path) -> tuple[list[dict], str]:
     if raw.toyworld is not None:
         from PIL import Image
 
-        from proxytune.toyworld.world import sample_world
-
-        pixels, samples = sample_world(raw.toyworld, raw.seed)
-        for i, (array, sample) in enumerate(zip(pixels, samples)):
+        for i, (array, caption) in enumerate(builtins.world("toyworld").raw_pairs(raw.toyworld, raw.seed)):
             name = f"raw/{i:05d}.png"
             write_png_atomic(folder.parent / name, Image.fromarray(array))
-            entries.append({"file": name, "prompt": sample.caption, "sha256": sha256_file(folder.parent / name)})
+            entries.append({"file": name, "prompt": caption, "sha256": sha256_file(folder.parent / name)})
         return entries, f"toyworld (seed {raw.seed})"
     source = Path(params.source.raw)
     pairs = captioned_images(source)[: raw.max_images]

@@ -45,12 +45,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def base_model_tags(ref: str) -> dict[str, str]:
-    """How a stage records its base model: the spec's reference and, for a toy world built-in (whose
-    weights ship with the package), the digest of those weights from the package manifest."""
-    from proxytune.toyworld.builtins import SOURCES, manifest
+    """How a stage records its base model: the spec's reference and, for a built-in with shipped weights
+    (the toy world's), the digest of those weights as its provider registered it (proxytune.builtins)."""
+    from proxytune import builtins
 
-    entry = manifest().get(ref) if ref in SOURCES else None
-    return {"base_model": ref, **({"base_model_digest": entry["digest"]} if entry else {})}
+    model = builtins.model(ref)
+    digest = model.digest() if model is not None and model.digest is not None else None
+    return {"base_model": ref, **({"base_model_digest": digest} if digest else {})}
 
 
 def config_key(*parts: object) -> str:

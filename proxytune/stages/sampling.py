@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from proxytune.backends import diffusion, students, tiny_cache
+from proxytune.backends import students, tiny_cache
 from proxytune.backends.students.api import sampling_settings
+from proxytune.backends.teachers import diffusion
 from proxytune.files import digest_dir, sha256_file, write_png_atomic
 from proxytune.images import is_readable, open_rgb
 from proxytune.outputs import StudentRecord, read_record

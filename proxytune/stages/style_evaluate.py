@@ -36,10 +36,11 @@ from tqdm.auto import tqdm
 
 from proxytune import builtins, faults, layout, stats
 from proxytune import metrics as registry
-from proxytune.backends import diffusion, encoders, students
+from proxytune.backends import encoders, students
 from proxytune.backends.style_metrics import reference_embeds
-from proxytune.backends.style_student import SAMPLING, StyleStudent
+from proxytune.backends.stylear.style_student import SAMPLING, StyleStudent
 from proxytune.backends.students.api import sampling_settings
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import staged_dir, write_png_atomic, write_text_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
@@ -56,15 +57,15 @@ WORLD_PROMPT_SEED = 12345  # `evaluation.prompts: toyworld`: the world's prompts
 
 
 def style_world(params: StageParams) -> tuple[builtins.World | None, str | None]:
-    """The built-in world the style comes from (`images: toyworld:NAME`) and the style's name there, or (None, None)."""
-    item = params.style.toy_style
-    if item is None:
+    """The built-in world the style comes from (`images: WORLD:NAME`) and the style's name there, or (None, None)."""
+    ref = builtins.world_ref(params.style.images)
+    if ref is None:
         return None, None
-    world = builtins.world("toyworld")
+    world = builtins.world(ref[0])
     if world is None:
-        raise ProxytuneError(f"style {params.style.name}: images: toyworld:{item} needs the toy world plugin, which is not "
-                             "installed; reinstall proxytune (pip install -e .) or give a folder of reference images")
-    return world, item
+        raise ProxytuneError(f"style {params.style.name}: images: {params.style.images} needs the {ref[0]} plugin, which is "
+                             "not installed; reinstall proxytune (pip install -e .) or give a folder of reference images")
+    return world, ref[1]
 
 
 def eval_prompts(params: StageParams, world: builtins.World | None = None) -> list[str]:

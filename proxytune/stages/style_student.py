@@ -1,6 +1,6 @@
 """Style student stage (StyleAR, issue 15): Lumina-mGPT (or LlamaGen) learns to draw any prompt in the style of an image.
 
-Model (backends/style_student.py): a frozen CLIP image encoder's penultimate hidden states go through a
+Model (backends/stylear/style_student.py): a frozen CLIP image encoder's penultimate hidden states go through a
 perceiver resampler (trained fully) to `style_student.num_style_tokens` style tokens, which replace the
 "S*" placeholders of StyleAR's prompt template (LlamaGen: the caption slots right before the caption); a
 LoRA (peft, the `student.lora` settings) adapts the Chameleon (Llama) model.
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from proxytune import faults, layout
 from proxytune.backends import encoders, students
 from proxytune.backends.students.api import sampling_settings
-from proxytune.backends.style_student import SAMPLING, StyleStudent
+from proxytune.backends.stylear.style_student import SAMPLING, StyleStudent
 from proxytune.errors import ProxytuneError
 from proxytune.files import sha256_file, staged_dir, write_bytes_atomic
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb

@@ -10,7 +10,7 @@ re-generates it (delete .work/ to reclaim the space of proxies not kept).
 Fidelity (issue 29, `synthesis.fidelity`, on by default): once the teacher has left the GPU, every generated
 proxy is scored against the references with the evaluation's encoders (DINO and CLIP-I: mean cosine to every
 reference, as DreamBench's per-image scores) and, for a toy subject, the oracle's reading (1 when it reads the
-whole subject, through proxytune.toy_judges). Embeddings are cached in the pool. `fidelity.keep` keeps the N
+whole subject, through its world in proxytune.builtins). Embeddings are cached in the pool. `fidelity.keep` keeps the N
 best by `fidelity.metric` (greedy maximal marginal relevance with `fidelity.diversity`); `fidelity.min_share`
 fails the stage, in one line, when too few kept proxies score above `fidelity.threshold`.
 
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from proxytune import faults, layout
-from proxytune.backends import diffusion
+from proxytune import builtins, faults, layout
+from proxytune.backends.teachers import diffusion
 from proxytune.errors import ProxytuneError
 from proxytune.files import digest_files, link_or_copy, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, open_rgb
@@ -182,7 +182,6 @@ def score_and_curate(params: StageParams, entries: list[dict],
         (kept entries in manifest order, the others, every proxy's ranking score, the oracle's 0/1 per proxy
         or None), the scores in generation order. Entries gain "dino", "clip_i", "oracle" (toy) and "kept".
     """
-    from proxytune import toy_judges
     from proxytune.backends import encoders
 
     spec, evaluation = params.synthesis.fidelity, params.evaluation
@@ -203,8 +202,9 @@ def score_and_curate(params: StageParams, entries: list[dict],
     scores = {m: proxy_scores.mean_cosine(tensors[m], tensors[f"ref_{m}"]) for m in ("dino", "clip_i")}
     judge = None
     if params.subject.toy_subject is not None:
-        judge = toy_judges.shows_subject([open_rgb(f) for f in files], [e["prompt"] for e in entries],
-                                         params.subject.token, params.subject.toy_subject)
+        world = builtins.world(params.subject.world)
+        judge = world.shows_subject([open_rgb(f) for f in files], [e["prompt"] for e in entries], params.subject.token,
+                                    params.subject.toy_subject)
     for i, entry in enumerate(entries):
         entry.update(dino=round(float(scores["dino"][i]), 6), clip_i=round(float(scores["clip_i"][i]), 6))
         if judge is not None:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from proxytune import faults
-from proxytune.backends import diffusion
+from proxytune.backends.teachers import diffusion
 from proxytune.files import digest_files, sha256_bytes, sha256_file, staged_dir, write_png_atomic
 from proxytune.images import grid, list_images, load_references
 from proxytune.outputs import TeacherRecord, write_record

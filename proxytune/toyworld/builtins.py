@@ -14,12 +14,13 @@ import json
 import shutil
 from pathlib import Path
 
+from proxytune.builtins import WORLD_MARKER
 from proxytune.backends import tiny_cache
 from proxytune.errors import ProxytuneError
 
 WEIGHTS = Path(__file__).parent / "weights"
 MANIFEST = "manifest.json"
-TOY_MARKER = "proxytune_toy.json"
+TOY_MARKER = WORLD_MARKER  # proxytune.builtins.from_world reads it
 TRAINING_RECORD = "training.json"
 
 # built-in name -> folder of the pretraining output it is exported from
@@ -79,19 +80,9 @@ def materialize(name: str) -> Path:
     return tiny_cache.materialize(key, build, random_init=False)
 
 
-def is_toy(path: str | Path) -> bool:
-    return (Path(path) / TOY_MARKER).exists()
-
-
 def builtin(name: str):
-    """A resolver for tiny_cache.resolve's builtins table."""
+    """The folder maker of a toy model, as plugin.py registers it in proxytune.builtins."""
     return lambda: materialize(name)
-
-
-TOY_TEACHERS = {"toy-sd": builtin("toy-sd")}
-TOY_STUDENTS = {"toy-llamagen": builtin("toy-llamagen")}
-TOY_CLIP = {"toy-clip": builtin("toy-clip")}
-TOY_DINO = {"toy-dino": builtin("toy-dino")}
 
 
 def oracle_folder() -> Path:

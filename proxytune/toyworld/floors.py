@@ -48,7 +48,7 @@ def oracle_accuracy(oracle: oracle_lib.Oracle, n: int = 1000, seed: int = CHECK_
 
 @torch.no_grad()
 def sd_images(prompts: list[str], seeds: list[int], *, batch: int = 25, model: str = "toy-sd"):
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     pipe = diffusion.load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)

@@ -9,45 +9,18 @@ from __future__ import annotations
 ROLES = {"toy-sd": "teacher", "toy-llamagen": "student", "toy-clip": "clip", "toy-dino": "dino", "toy-oracle": "judge"}
 
 
-class _StandInWorld:
-    """The parts of `proxytune.builtins.World` the evaluations read (subjects, classes, prompts), until the
-    full ToyWorld registers here instead."""
-
-    name = "toyworld"
-
-    @property
-    def classes(self) -> tuple[str, ...]:
-        from proxytune.toyworld.world import CLASSES
-
-        return CLASSES
-
-    def subject_names(self) -> tuple[str, ...]:
-        from proxytune.toyworld.subjects import SUBJECTS
-
-        return tuple(SUBJECTS)
-
-    def subject_prompts(self, token: str, class_noun: str) -> list[str]:
-        from proxytune.toyworld.subjects import toy_prompts
-
-        return toy_prompts(token, class_noun)
-
-    def style_prompts(self, count: int, seed: int, exclude: set[str]) -> list[str]:
-        from proxytune.toyworld.styles import eval_prompts
-
-        return eval_prompts(count, seed, exclude=exclude)
-
-
 def register() -> None:
     from proxytune import metrics
     from proxytune.builtins import BuiltinModel, register_model, register_world
     from proxytune.toyworld import builtins as toy
     from proxytune.toyworld.metrics import register_metrics
     from proxytune.toyworld.style_metrics import TOY_STYLE_METRICS
+    from proxytune.toyworld.toy_world import ToyWorld
 
     for name, role in ROLES.items():
         register_model(BuiltinModel(name=name, role=role, build=toy.builtin(name), random_init=False,
                                     provider="toyworld", digest=lambda name=name: toy.manifest().get(name, {}).get("digest")))
-    register_world(_StandInWorld())
+    register_world(ToyWorld())
     register_metrics()
     for metric in TOY_STYLE_METRICS:
         metrics.register(metric)

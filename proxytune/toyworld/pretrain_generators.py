@@ -109,7 +109,7 @@ def train_sd(out: Path, cfg: PretrainConfig, data: WorldData) -> None:
     about 50 % prompt accuracy (README, Toy world)."""
     from diffusers import DDPMScheduler
 
-    from proxytune.backends import diffusion
+    from proxytune.backends.teachers import diffusion
 
     folder = out / "sd"
     recipe = cfg.recipes["sd"]

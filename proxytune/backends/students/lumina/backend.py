@@ -216,7 +216,7 @@ class LuminaStudent:
 
     def _run(self, ids, mask, cache=None, embed=None):
         """Last hidden states of `ids`; `embed` (ids -> input embeddings), when given, makes the input
-        embeddings instead of the embedding table (the style tokens, backends/style_student.py)."""
+        embeddings instead of the embedding table (the style tokens, backends/stylear/style_student.py)."""
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         dtype = self._chameleon.embed_tokens.weight.dtype  # the checkpoint's (bfloat16 for the releases)
         inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids).to(dtype)}

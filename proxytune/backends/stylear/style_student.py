@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proxytune.backends import style_tokens as st
+from proxytune.backends.stylear import style_tokens as st
 from proxytune.errors import ProxytuneError
 
 STYLE_META = "proxytune_style.json"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from proxytune.backends.style_student import STYLE_META
-from proxytune.backends.style_tokens import (CFG_SCALE, CLIP_HIDDEN_LAYER, CLIP_VISION_MODEL, NOISE_STRENGTH, PLACEHOLDER,
+from proxytune.backends.stylear.style_student import STYLE_META
+from proxytune.backends.stylear.style_tokens import (CFG_SCALE, CLIP_HIDDEN_LAYER, CLIP_VISION_MODEL, NOISE_STRENGTH, PLACEHOLDER,
                                              STYLE_PROMPT_TEMPLATE, STYLEAR_RESAMPLER, ResamplerConfig, StyleResampler,
                                              save_resampler)
 from proxytune.errors import ProxytuneError

@@ -18,9 +18,9 @@ token <racm3:break> on, so it has neither text nor style tokens (its placeholder
 that short sequence, so the replacement is a no-op there). The Lumina backend's unconditional branch
 masks the whole prompt turn out, and the style tokens live inside that turn: the same thing.
 
-Training and sampling with these pieces: `proxytune.backends.style_student` (the stages: curation,
+Training and sampling with these pieces: `proxytune.backends.stylear.style_student` (the stages: curation,
 style_student, style_evaluate). Not here: the LlamaGen side, and the released weights' layouts
-(`proxytune.backends.stylear_convert`).
+(`proxytune.backends.stylear.stylear_convert`).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
+from proxytune import builtins
 from proxytune.backends import tiny_cache
-from proxytune.backends.diffusion_tiny import BUILDERS
-from proxytune.toyworld.builtins import TOY_TEACHERS
+from proxytune.backends.teachers.diffusion_tiny import BUILDERS
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
@@ -46,11 +46,11 @@ FAMILIES = {
 }
 SUPPORTED_PIPELINES = {cls: family.name for cls, family in FAMILIES.items()}
 TINY_TEACHERS = {name: (lambda key=key, build=build: tiny_cache.materialize(key, build)) for name, (key, build) in BUILDERS.items()}
-TINY_TEACHERS.update(TOY_TEACHERS)  # the toy world's pretrained toy-sd
 
 
 def resolve(ref: str) -> str:
-    return tiny_cache.resolve(ref, TINY_TEACHERS, what="teacher model")
+    """A teacher reference as `from_pretrained` takes it; built-in names (tiny-*, a plugin's) through proxytune.builtins."""
+    return tiny_cache.resolve(ref, builtins.builders("teacher"), what="teacher model")
 
 
 def _model_index(path_or_id: str, revision: str | None) -> dict:
