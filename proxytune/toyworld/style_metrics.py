@@ -26,10 +26,6 @@ def _shipped_reader():
     return shipped_reader()
 
 
-def _images(inputs: ScoringInputs) -> list:
-    return [image for group in inputs.images for image in group]
-
-
 def _texts(inputs: ScoringInputs) -> list[str]:
     return [prompt for prompt, group in zip(inputs.prompts, inputs.images) for _ in group]
 
@@ -37,14 +33,14 @@ def _texts(inputs: ScoringInputs) -> list[str]:
 def _readings(inputs: ScoringInputs) -> list[dict]:
     """The oracle's attribute readings of the images, read once per model (prompt_acc and content_leak share them)."""
     if "toy_readings" not in inputs.cache:
-        inputs.cache["toy_readings"] = _shipped_reader()(_images(inputs))
+        inputs.cache["toy_readings"] = _shipped_reader()(inputs.flat)
     return inputs.cache["toy_readings"]
 
 
 def _style_acc(inputs: ScoringInputs) -> np.ndarray:
     from proxytune.toyworld import styles
 
-    return styles.detects(_images(inputs), inputs.item).astype(np.float64)
+    return styles.detects(inputs.flat, inputs.item).astype(np.float64)
 
 
 def _defined(values: list) -> np.ndarray:
