@@ -41,10 +41,11 @@ def test_oracle_reads_every_attribute_of_fresh_renders(oracle):
 
 def test_toy_encoders_load_as_trained_not_random():
     from proxytune.backends import encoders, tiny_cache
+    from proxytune.builtins import from_world
 
     for encoder in (encoders.load_clip("toy-clip"), encoders.load_dino("toy-dino")):
         assert encoder.describe()["random_init"] is False
-        assert builtins.is_toy(encoder.path) and not tiny_cache.is_random_init(encoder.path)
+        assert from_world(encoder.path) and not tiny_cache.is_random_init(encoder.path)
 
 
 def test_toy_clip_matches_captions_to_fresh_renders():
