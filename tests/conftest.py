@@ -20,12 +20,19 @@ def dreambench() -> Path:
     """DreamBench itself (its prompts, folder layout, licence files): skipped when no copy is found, except
     under CI, where a missing copy fails (.ci/run points PROXYTUNE_DREAMBENCH at ../shared/dreambench)."""
     root = dreambench_dir()
-    if not (root / "dog").is_dir():
-        reason = f"DreamBench copy not found at {root}: run `proxytune data dreambench` or set PROXYTUNE_DREAMBENCH"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set: .ci/run sets PROXYTUNE_DREAMBENCH)")
-        pytest.skip(reason)
+    require_input((root / "dog").is_dir(),
+                  f"DreamBench copy not found at {root}: run `proxytune data dreambench` or set PROXYTUNE_DREAMBENCH")
     return root
+
+
+def require_input(present: bool, reason: str) -> None:
+    """Skip a test whose input from outside the repository (DreamBench, the releases' config files) is not on
+    this machine; under CI, where .ci/run provides them from ../shared, fail instead."""
+    if present:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set: .ci/run provides it from ../shared)")
+    pytest.skip(reason)
 
 
 # Photo subjects test specs name as `images: dreambench:NAME`, and the toy subject whose rendered references

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from safetensors import safe_open
 
-from conftest import copy_images, make_params, tiny_spec
+from conftest import copy_images, make_params, require_input, tiny_spec
 from proxytune import preflight
 from proxytune.backends.teachers import diffusion, teacher_sizes
 from proxytune.errors import ProxytuneError
@@ -29,6 +29,9 @@ MULTIPLE = {"sd15": 8, "sdxl": 8, "sd3": 16, "flux-dev": 16}
 
 @pytest.fixture(scope="session")
 def release_folders(tmp_path_factory):
+    configs = releases.real_configs()
+    require_input(configs.is_dir(), f"the releases' config files are not at {configs}: set PROXYTUNE_REAL_CONFIGS "
+                                    "(a copy of shared/real-configs)")
     root = tmp_path_factory.mktemp("teacher-releases")
     return {name: releases.build(name, root / name) for name in NAMES}
 
