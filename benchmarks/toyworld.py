@@ -190,9 +190,13 @@ def experiment_name(base: str, proxies: int, curated: bool, default_proxies: int
     return base + (f"-p{proxies}" if proxies != default_proxies else "") + ("-curated" if curated else "")
 
 
-def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int) -> dict:
-    """The benchmark spec with `proxies` per subject, curated or not, as an experiment of its own."""
+def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int, method_only: bool = False) -> dict:
+    """The benchmark spec with `proxies` per subject, curated or not, as an experiment of its own. `method_only`
+    drops the baselines (student variants) and the variance samples: the matrix reads the student alone."""
     out = json.loads(json.dumps(spec))
+    if method_only:
+        out["student"].pop("variants", None)
+        out["evaluation"]["variance_samples"] = 0
     default = spec["synthesis"]["num_images"]
     out["name"] = experiment_name(spec["name"], proxies, curated, default)
     out["synthesis"]["num_images"] = proxies
@@ -267,6 +271,8 @@ def main() -> int:
     parser.add_argument("--curate", action="store_true", help="Curate: generate --over-generate x --proxies, keep the "
                                                               "most faithful (experiment NAME[-pN]-curated).")
     parser.add_argument("--over-generate", type=int, default=2, help="With --curate: proxies generated per proxy kept.")
+    parser.add_argument("--method-only", action="store_true", help="Only the proxy-tuned student (no baselines, no "
+                                                                   "variance samples): what --matrix needs, at a fraction of the cost.")
     parser.add_argument("--matrix", action="store_true", help="Print the (proxy count x curation) table of every such "
                                                               "experiment in --project (128 and 1000 proxies).")
     args = parser.parse_args()
@@ -283,8 +289,8 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps({"rows": rows, "verdicts": found}, indent=2) + "\n")
         return 0
-    if args.proxies is not None or args.curate:
-        derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate)
+    if args.proxies is not None or args.curate or args.method_only:
+        derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only)
         spec = args.project / "specs" / f"{derived['name']}.yaml"
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(yaml.safe_dump(derived, sort_keys=False))

@@ -98,3 +98,15 @@ def test_derived_specs_map_onto_the_synthesis_keys(bench):
     assert curated["name"] == "toy-bench-p1000-curated"
     assert curated["synthesis"] == {"num_images": 2000, "batch_size": 32, "fidelity": {"keep": 1000}}
     assert bench.derived_spec(spec, 128, False, 2) == spec and spec["synthesis"]["num_images"] == 128
+
+
+def test_method_only_keeps_the_student_and_drops_the_baselines(bench):
+    import yaml
+
+    from proxytune.spec import parse_spec
+
+    spec = yaml.safe_load((bench.REPO / "specs" / "toy-bench.yaml").read_text())
+    lean = bench.derived_spec(spec, 128, True, 2, method_only=True)
+    assert "variants" not in lean["student"] and lean["evaluation"]["variance_samples"] == 0
+    assert lean["student"]["steps"] == spec["student"]["steps"] and "variants" in spec["student"]
+    parse_spec(lean, "toy-bench-curated.yaml")  # still a valid spec
