@@ -1,0 +1,110 @@
+"""fp8 and nf4 frozen bases (teacher.quantize, synthesis.quantize), proved as the int8 one is in
+test_memory_options: the frozen Linear weights really are float8 / 4-bit (their bytes), a training step
+changes the float32 LoRA, the saved LoRA loads with the same values into the unquantised pipeline and,
+unfused, beside the quantised base, whose image stays near the float pipeline's."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchao")  # the `quantize` extra (in dev)
+
+from proxytune.backends.teachers import diffusion, quantize  # noqa: E402
+from conftest import make_params, tiny_spec  # noqa: E402
+
+# measured on tiny-flux with a LoRA beside it, 3 seeds (mean absolute difference from the fused float32
+# pipeline's image, in levels of 255): int8 0.12, fp8 0.74-0.82, nf4 2.8-3.1; about twice that is allowed
+IMAGE_TOLERANCE = {"fp8": 2.0, "nf4": 6.0}
+
+
+def _linears(model) -> list[torch.nn.Linear]:
+    """The frozen Linear layers: the LoRA-wrapped layers' base layers and every other frozen Linear."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+
+
+def _expected_bytes(plain: torch.nn.Module, quantize_as: str) -> int:
+    """The bytes torchao's copy of `plain` (a float32 model) should take: each Linear weight as float8 with a
+    float32 scale a row, or as NF4 (`quantize.nf4_bytes`); everything else as loaded."""
+    total = quantize.weight_bytes(plain)
+    for layer in _linears(plain):
+        n = layer.weight.numel()
+        total -= 4 * n
+        total += n + 4 * layer.weight.shape[0] if quantize_as == "fp8" else quantize.nf4_bytes(n, 4)
+    return total
+
+
+@pytest.mark.parametrize("quantize_as", ["fp8", "nf4"])
+def test_quantized_teacher_trains_its_lora_which_reloads_unquantised_and_generates_close(project, tmp_path, quantize_as):
+    from proxytune.stages.teacher import TeacherTrainer
+
+    plain = diffusion.denoiser(diffusion.load_pipeline("tiny-flux"))
+    recipe = TeacherTrainer(make_params(project, tiny_spec(teacher={"model": "tiny-flux", "steps": 1,
+                                                                    "quantize": quantize_as})))
+    recipe.setup()
+    denoiser = recipe.denoiser
+    inner = {"fp8": ("qdata", torch.float8_e4m3fn), "nf4": ("quantized_data", torch.uint8)}[quantize_as]
+    frozen = _linears(denoiser)
+    assert len(frozen) == len(_linears(plain)) and any(hasattr(m, "base_layer") for m in denoiser.modules())
+    assert all(getattr(m.weight, inner[0]).dtype == inner[1] for m in frozen)  # every one (tiny-flux: whole blocks)
+    if quantize_as == "nf4":  # two 4-bit values a byte
+        assert all(m.weight.quantized_data.numel() * 2 == m.weight.numel() for m in frozen)
+    lora_bytes = sum(p.numel() * 4 for p in recipe.trainable)
+    held = quantize.weight_bytes(denoiser) - lora_bytes
+    assert held == _expected_bytes(plain, quantize_as)
+    assert held < {"fp8": 0.3, "nf4": 0.2}[quantize_as] * quantize.weight_bytes(plain)  # 0.29 and 0.17 here
+    assert all(p.dtype == torch.float32 for p in recipe.trainable)
+    before = [p.detach().clone() for p in recipe.trainable]
+    logs = recipe.train_step()
+    assert np.isfinite(logs["loss"]) and logs["grad_norm"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, recipe.trainable))
+
+    # the saved LoRA loads into the unquantised base with the trained values, and beside the quantised one
+    path = diffusion.save_lora(recipe.pipe, tmp_path / "lora")
+    trained = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    fused = diffusion.load_pipeline_with_lora("tiny-flux", path.parent)
+    assert not any(quantize.is_quantized(m.weight) for m in _linears(diffusion.denoiser(fused)))
+    on_base = diffusion.load_pipeline_with_lora("tiny-flux", path.parent, quantize=quantize_as)
+    loaded = {n.replace(".subject.", ".default."): p
+              for n, p in diffusion.denoiser(on_base).named_parameters() if "lora_" in n}
+    assert trained and loaded.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(loaded[key], trained[key], rtol=0, atol=0)
+    wrapped = [m for m in diffusion.denoiser(on_base).modules() if hasattr(m, "base_layer")]
+    assert wrapped and all(quantize.is_quantized(m.base_layer.weight) for m in wrapped)
+    kwargs = {"steps": 2, "guidance": 3.5, "size": 64}
+    a, b = (np.asarray(diffusion.generate(p, ["a sks dog"], [0], **kwargs)[0], dtype=float) for p in (fused, on_base))
+    difference = np.abs(a - b).mean()
+    assert 0 < difference < IMAGE_TOLERANCE[quantize_as], difference
+
+
+def test_nf4_keeps_a_weight_of_partial_blocks_and_groups_the_block_scales():
+    """A weight NF4 cannot hold (not whole 64-value blocks) stays float and is named; the blocks' absmax
+    scales are grouped by 256 where the block count allows, else by its largest divisor under 256."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(5, 3), torch.nn.Linear(320, 320))
+    model.requires_grad_(False)
+    plain = [m.weight.clone() for m in model]
+    assert quantize.to_nf4(model) == ["1"]
+    assert [quantize.is_quantized(m.weight) for m in model] == [True, False, True]
+    assert torch.equal(model[1].weight, plain[1])
+    assert (model[0].weight.scaler_block_size, model[2].weight.scaler_block_size) == (256, 200)  # 256 and 1600 blocks
+    # 4-bit: each value within half the widest gap between NF4's quantiles (0.152 of its block's absmax, 0.16 with
+    # the absmax's own int8 rounding) of the original
+    restored = model[2].weight.get_original_weight()
+    blocks = plain[2].reshape(-1, 64)
+    error = (restored.reshape(-1, 64) - blocks).abs().max(dim=1).values
+    assert (error <= 0.16 * blocks.abs().max(dim=1).values + 1e-6).all() and error.max() > 0
+    assert quantize.weight_bytes(model) == sum(quantize.nf4_bytes(w.numel(), 4) for w in (plain[0], plain[2])) \
+        + 4 * (plain[1].numel() + sum(m.bias.numel() for m in model))
+
+
+@pytest.mark.parametrize("quantize_as", ["fp8", "nf4"])
+def test_quantized_base_without_torchao_is_a_one_line_error(monkeypatch, quantize_as):
+    import sys
+
+    from proxytune.errors import ProxytuneError
+
+    for name in ("torchao", "torchao.quantization"):  # None in sys.modules: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ProxytuneError, match=rf"^synthesis.quantize: {quantize_as} needs torchao, which is not "
+                                             r"installed \(pip install 'proxytune\[quantize\]'\)$"):
+        diffusion.load_pipeline("tiny-sd", quantize=quantize_as, quantize_field="synthesis.quantize")
