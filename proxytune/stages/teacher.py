@@ -250,7 +250,7 @@ class TeacherTrainer:
         if self.world > 1:
             instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)  # unscales fp16 gradients first
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # a tensor under torchao's 8-bit AdamW
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
         if not self.optimizer.step_was_skipped:
             self.lr_scheduler.step()

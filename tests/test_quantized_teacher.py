@@ -1,7 +1,11 @@
-"""fp8 and nf4 frozen bases (teacher.quantize, synthesis.quantize), proved as the int8 one is in
+"""The teacher's quantised memory options on the tiny models.
+
+fp8 and nf4 frozen bases (teacher.quantize, synthesis.quantize), proved as the int8 one is in
 test_memory_options: the frozen Linear weights really are float8 / 4-bit (their bytes), a training step
 changes the float32 LoRA, the saved LoRA loads with the same values into the unquantised pipeline and,
-unfused, beside the quantised base, whose image stays near the float pipeline's."""
+unfused, beside the quantised base, whose image stays near the float pipeline's. The teacher's 8-bit AdamW
+(torchao's): it learns, its state is 8-bit, its warmup schedule reaches it, and a resumed run continues
+bit for bit."""
 
 import numpy as np
 import pytest
@@ -108,3 +112,52 @@ def test_quantized_base_without_torchao_is_a_one_line_error(monkeypatch, quantiz
     with pytest.raises(ProxytuneError, match=rf"^synthesis.quantize: {quantize_as} needs torchao, which is not "
                                              r"installed \(pip install 'proxytune\[quantize\]'\)$"):
         diffusion.load_pipeline("tiny-sd", quantize=quantize_as, quantize_field="synthesis.quantize")
+
+
+# -- the teacher's 8-bit AdamW (torchao's, as the student's) -------------------------------------------------
+
+
+def test_teacher_8bit_adam_learns_with_8bit_state_follows_its_warmup_and_resumes_bit_for_bit(project, photos):
+    from conftest import copy_images
+    from test_memory_options import _optimizer_state_bytes
+    from test_teacher import _fixed_batch_loss
+    from proxytune.stages.teacher import TeacherTrainer
+
+    copy_images(photos / "dog", project / "one", count=1)
+    # rank 128: every LoRA tensor of tiny-sd's attention has >= 4096 values, the least torchao quantises
+    lora = {"rank": 128, "alpha": 128, "target_modules": ["to_q", "to_v"]}
+    spec = tiny_spec(teacher={"model": "tiny-sd", "steps": 8, "checkpoint_every": 4, "batch_size": 1, "lora": lora,
+                              "learning_rate": 1e-2, "lr_warmup_steps": 2, "random_flip": False, "use_8bit_adam": True})
+    spec["subjects"][0]["images"] = "../one"
+    params = make_params(project, spec)
+
+    def trainer():
+        recipe = TeacherTrainer(params)
+        recipe.setup()
+        return recipe
+
+    straight = trainer()
+    straight.checkpoint_dir = straight.checkpoint_dir.with_name("straight")
+    before = _fixed_batch_loss(straight)
+    straight.train()
+    assert type(straight.optimizer.optimizer).__name__ == "AdamW8bit"
+    after = _fixed_batch_loss(straight)
+    assert after < 0.9 * before  # it overfits its one reference (1.157 -> 1.014)
+    # the warmup schedule reaches torchao's tensor learning rate: 0, half, then the full rate
+    np.testing.assert_allclose(straight.progress.series["lr"], [0.0, 5e-3] + [1e-2] * 6, rtol=1e-6)
+    # both moments 1 byte a value + a float32 scale per block of 256 + its 256-entry float32 code table
+    sizes = [p.numel() for p in straight.trainable]
+    assert all(n >= 4096 and n % 256 == 0 for n in sizes)
+    assert _optimizer_state_bytes(straight.optimizer) == sum(2 * (n + n // 256 * 4 + 1024) for n in sizes)
+
+    first = trainer()
+    first.spec.steps = 4  # "killed" right after the step-4 checkpoint
+    first.train()
+    first.spec.steps = 8
+    first.save_checkpoint()
+    resumed = trainer()
+    assert resumed.progress.step == 4
+    resumed.train()
+    assert resumed.progress.series == straight.progress.series
+    a, b = diffusion.lora_state_dict(straight.denoiser), diffusion.lora_state_dict(resumed.denoiser)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
