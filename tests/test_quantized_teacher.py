@@ -161,3 +161,56 @@ def test_teacher_8bit_adam_learns_with_8bit_state_follows_its_warmup_and_resumes
     assert resumed.progress.series == straight.progress.series
     a, b = diffusion.lora_state_dict(straight.denoiser), diffusion.lora_state_dict(resumed.denoiser)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- plan: the quantised bases' bytes, and nf4 proposed where int8 is not enough ------------------------------
+
+
+def test_plan_weighs_each_quantised_base_as_torchao_loads_it():
+    """plan's bill of a quantised denoiser (`estimate.frozen_bytes` from parameter counts on the meta device)
+    against the bytes torchao really holds for tiny-flux loaded in bf16, as a GPU run loads it."""
+    from pathlib import Path
+
+    from proxytune.plan import estimate, models
+
+    counts = estimate.count(models.describe_teacher("tiny-flux", Path(".")).denoiser)
+    assert counts["nf4_linear"] == counts["linear"] > 0  # tiny-flux: every Linear weight is whole 64-value blocks
+    bf16 = estimate.frozen_bytes(counts, "bfloat16")
+    for quantize_as in ("int8", "fp8", "nf4"):
+        loaded = diffusion.load_pipeline("tiny-flux", dtype=torch.bfloat16, quantize=quantize_as).transformer
+        assert estimate.frozen_bytes(counts, "bfloat16", quantize_as) == quantize.weight_bytes(loaded), quantize_as
+    assert estimate.frozen_bytes(counts, "bfloat16", "nf4") < 0.45 * bf16  # 0.40 here: per-row and per-weight extras
+    # at FLUX.1-dev's size the extras vanish: 11.9B Linear weights at 0.52 byte, 5.7 GiB against 22.2 in bf16
+    flux = estimate.count(models.describe_teacher("black-forest-labs/FLUX.1-dev", Path(".")).denoiser)
+    assert flux["nf4_linear"] == flux["linear"]
+    assert 0.25 < estimate.frozen_bytes(flux, "bfloat16", "nf4") / estimate.frozen_bytes(flux, "bfloat16") < 0.27
+
+
+def test_suggest_proposes_nf4_only_where_no_setting_with_int8_fits():
+    from proxytune.plan import estimate, options
+    from proxytune.plan.gpus import Gpu
+    from proxytune.spec.synthesis import SynthesisSpec
+
+    def fake(spec):  # the denoiser 16 GiB, int8 8, nf4 4; an image 2 GiB; CPU offload saves 4
+        gib = {"none": 16, "int8": 8, "nf4": 4}[spec.quantize] + 2 * spec.batch_size - 4 * spec.cpu_offload
+        est = estimate.StageEstimate("synthesis", "", weights=int(gib * estimate.GIB))
+        est.seconds = 1.0
+        return est
+
+    def gpu(gib):
+        return Gpu("test", gib + 1.5, 100.0, 10.0, 1000)  # `gib` usable
+
+    spec = SynthesisSpec(batch_size=4, dtype="bfloat16")
+    # int8 with a smaller batch fits (two changes) though nf4 alone would (one): int8 is proposed
+    found = options.suggest("synthesis", spec, fake, options.SYNTHESIS_SWITCHES, gpu(10))
+    assert found.changes == {"quantize": "int8", "batch_size": 1}
+    # nothing with int8 fits 5 GiB (int8 + offload + batch 1: 6): nf4 is, with the fewest other changes
+    found = options.suggest("synthesis", spec, fake, options.SYNTHESIS_SWITCHES, gpu(5))
+    assert found.changes == {"cpu_offload": True, "quantize": "nf4", "batch_size": 2}
+    assert found.text == "synthesis.cpu_offload: true, synthesis.quantize: nf4, synthesis.batch_size: 2"
+    # a spec already on int8 may move to nf4; one on nf4 is never sent back to int8
+    on_int8 = spec.model_copy(update={"quantize": "int8", "cpu_offload": True})
+    assert options.suggest("synthesis", on_int8, fake, options.SYNTHESIS_SWITCHES, gpu(5)).changes == {
+        "quantize": "nf4", "batch_size": 2}
+    on_nf4 = spec.model_copy(update={"quantize": "nf4"})
+    assert options.suggest("synthesis", on_nf4, fake, options.SYNTHESIS_SWITCHES, gpu(7)).changes == {"batch_size": 1}
