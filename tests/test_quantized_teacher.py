@@ -126,7 +126,7 @@ def test_teacher_8bit_adam_learns_with_8bit_state_follows_its_warmup_and_resumes
     copy_images(photos / "dog", project / "one", count=1)
     # rank 128: every LoRA tensor of tiny-sd's attention has >= 4096 values, the least torchao quantises
     lora = {"rank": 128, "alpha": 128, "target_modules": ["to_q", "to_v"]}
-    spec = tiny_spec(teacher={"model": "tiny-sd", "steps": 8, "checkpoint_every": 4, "batch_size": 1, "lora": lora,
+    spec = tiny_spec(teacher={"model": "tiny-sd", "steps": 6, "checkpoint_every": 3, "batch_size": 1, "lora": lora,
                               "learning_rate": 1e-2, "lr_warmup_steps": 2, "random_flip": False, "use_8bit_adam": True})
     spec["subjects"][0]["images"] = "../one"
     params = make_params(project, spec)
@@ -142,21 +142,21 @@ def test_teacher_8bit_adam_learns_with_8bit_state_follows_its_warmup_and_resumes
     straight.train()
     assert type(straight.optimizer.optimizer).__name__ == "AdamW8bit"
     after = _fixed_batch_loss(straight)
-    assert after < 0.9 * before  # it overfits its one reference (1.157 -> 1.014)
+    assert after < 0.9 * before  # it overfits its one reference (1.157 -> 1.038)
     # the warmup schedule reaches torchao's tensor learning rate: 0, half, then the full rate
-    np.testing.assert_allclose(straight.progress.series["lr"], [0.0, 5e-3] + [1e-2] * 6, rtol=1e-6)
+    np.testing.assert_allclose(straight.progress.series["lr"], [0.0, 5e-3] + [1e-2] * 4, rtol=1e-6)
     # both moments 1 byte a value + a float32 scale per block of 256 + its 256-entry float32 code table
     sizes = [p.numel() for p in straight.trainable]
     assert all(n >= 4096 and n % 256 == 0 for n in sizes)
     assert _optimizer_state_bytes(straight.optimizer) == sum(2 * (n + n // 256 * 4 + 1024) for n in sizes)
 
     first = trainer()
-    first.spec.steps = 4  # "killed" right after the step-4 checkpoint
+    first.spec.steps = 3  # "killed" right after the step-3 checkpoint
     first.train()
-    first.spec.steps = 8
+    first.spec.steps = 6
     first.save_checkpoint()
     resumed = trainer()
-    assert resumed.progress.step == 4
+    assert resumed.progress.step == 3
     resumed.train()
     assert resumed.progress.series == straight.progress.series
     a, b = diffusion.lora_state_dict(straight.denoiser), diffusion.lora_state_dict(resumed.denoiser)
