@@ -161,8 +161,9 @@ def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype =
     family = detect_family(path, revision)
     config = quantization.load_config(quantize, quantize_field)
     models = _load_models(ref, path, revision, dtype, {family.denoiser: config} if config else None)
-    if quantize == "nf4":
-        quantization.to_nf4(models[family.denoiser].requires_grad_(False))
+    if quantize == "nf4":  # computed on the GPU where there is one (FLUX.1-dev: CPU-minutes on the CPU)
+        work = torch.device("cuda") if torch.cuda.is_available() else None
+        quantization.to_nf4(models[family.denoiser].requires_grad_(False), work)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
     except ProxytuneError:
