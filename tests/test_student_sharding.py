@@ -1,0 +1,91 @@
+"""`student.sharding: fsdp`: a direct-full student sharded over 2 CPU processes (gloo, FSDP2) trains as one
+process does, checkpoints and saves whole weights, and resumes after a crash; the spec's bad combinations."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from conftest import copy_images, make_params, tiny_spec
+from proxytune.spec.student import StudentSettings
+from proxytune.stages.student import FULL_WEIGHTS, StudentTrainer
+
+# One reference photo, no caption dropout, no dropout: every process draws the same batch, so two sharded
+# processes must follow the one-process run step for step (the mean of equal gradients is that gradient).
+STUDENT = {"recipe": "direct-full", "steps": 3, "batch_size": 2, "checkpoint_every": 2, "learning_rate": 1e-3,
+           "cfg_dropout": 0.0, "dropout": 0.0}
+
+
+def _spec(project, photos, name: str, **student) -> dict:
+    copy_images(photos / "dog", project / "one-dog", count=1)
+    spec = tiny_spec(name, student={**tiny_spec()["student"], **STUDENT, **student})
+    spec["subjects"][0]["images"] = "../one-dog"
+    return spec
+
+
+def _launch(params, project, **extra) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PROXYTUNE_LAUNCHED", "PROXYTUNE_CRASH_AT")}
+    done = subprocess.run([sys.executable, "-m", "proxytune.cli", "stage", "student", "--params", str(params.path)],
+                          cwd=project, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_sharded_direct_full_matches_one_process_saves_whole_weights_and_resumes(project, photos):
+    from safetensors.torch import load_file
+
+    from proxytune.backends import students
+
+    one = StudentTrainer(make_params(project, _spec(project, photos, "one")))
+    one.setup()
+    one.train()
+    expected = {k: v.detach().clone() for k, v in one.bundle.model.state_dict().items()}
+
+    params = make_params(project, _spec(project, photos, "two", processes=2, sharding="fsdp"))
+    code, log = _launch(params, project, PROXYTUNE_CRASH_AT="student:step:2")
+    assert code != 0 and "simulated crash at student:step:2" in log, log[-3000:]
+    assert "launching 2 processes" in log
+    # the step-2 checkpoint holds the whole weights (gathered), not one process's shard
+    [checkpoint] = [p for p in params.work("student").glob("*/checkpoint-2")]
+    saved = load_file(checkpoint / "trained.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}
+
+    code, log = _launch(params, project)
+    assert code == 0, log[-3000:]
+    assert "student: resuming from step 2" in log and "gathered" in log
+
+    # the saved student: whole, loads into a fresh model, and equals the one-process run's
+    weights = load_file(params.out("student") / FULL_WEIGHTS)
+    assert weights.keys() == expected.keys()
+    changed = 0
+    for key, value in expected.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        changed += not torch.equal(value, students.load_student("tiny-llamagen").model.state_dict()[key]) if key.endswith("lm_head.weight") else 0
+    assert changed == 1  # training moved the weights (checked on the head)
+    fresh = students.load_student("tiny-llamagen")
+    fresh.model.load_state_dict(weights)
+    cond, codes, keep = one.conds[:1], one.codes[:1], torch.zeros(1, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.image_logits(cond, codes, keep), one.bundle.image_logits(cond, codes, keep),
+                                   rtol=1e-4, atol=1e-5)
+    # every step's loss, the two before the crash and the resumed one, is the one-process run's
+    with open(params.out("student") / "loss.csv") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert losses == pytest.approx(one.progress.losses, rel=1e-5)
+    assert len(set(losses)) == 3  # the loss moved each step
+
+
+@pytest.mark.parametrize("student,message", [
+    ({"sharding": "fsdp"}, "sharding\n  Value error, fsdp shards over student.processes, which is 1"),
+    ({"sharding": "fsdp", "processes": 2, "use_8bit_adam": True}, "fsdp with use_8bit_adam is not supported"),
+    ({"sharding": "fsdp", "processes": 2, "mixed_precision": "fp16"}, "use mixed_precision: bf16 or no"),
+])
+def test_bad_sharding_is_refused_naming_the_field(student, message):
+    with pytest.raises(ValidationError) as err:
+        StudentSettings(**student)
+    assert message in str(err.value)
+    assert StudentSettings(sharding="fsdp", processes=2).sharding == "fsdp"
