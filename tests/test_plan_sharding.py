@@ -1,26 +1,20 @@
 """plan with `student.sharding: fsdp`: a 7B direct-full student at its real size (meta configs), per GPU
-when sharded over N, and sharding offered where only it fits."""
+when sharded over N, and sharding offered where only it fits.
+
+Traces come from the session's cache (PROXYTUNE_HOME, a fresh folder per test session): the arithmetic of
+sharding is under test here, not the tracer (tests/test_plan.py traces afresh), and test_docs plans
+specs/direct-full-sharded.yaml on the same traces."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from proxytune.plan import estimate
 from proxytune.plan.gpus import custom_gpu, find_gpu
 from proxytune.plan.stages import plan_spec
 from proxytune.spec import load_spec
 
 LUMINA_7B = "Alpha-VLLM/Lumina-mGPT-7B-768"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def shared_traces(tmp_path_factory):
-    """One trace cache for this module (the 7B trace is made once), none from earlier runs."""
-    folder = tmp_path_factory.mktemp("traces")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(estimate, "_cache_dir", lambda: folder)
-        yield
 
 
 def _plan(tmp_path, gpu, gpus: int, **student):
@@ -55,11 +49,11 @@ def test_sharding_is_suggested_where_only_it_fits(tmp_path, photos, monkeypatch)
     monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(photos))
     card = custom_gpu(24.0)
     # batch 1, bf16 weights already: on one 24 GB card nothing the spec offers fits ...
-    plan, alone = _plan(tmp_path, card, 1, batch_size=1, mixed_precision="bf16", gradient_checkpointing=True)
+    plan, alone = _plan(tmp_path, card, 1, batch_size=1, mixed_precision="bf16")
     assert not alone.fits and "student" not in plan.suggestions
     assert "none yet" not in alone.suggestion and "student.sharding: fsdp" in alone.suggestion
     # ... on four, sharding over all of them does (8-bit AdamW is never proposed with it: the spec refuses both)
-    plan, four = _plan(tmp_path, card, 4, batch_size=1, mixed_precision="bf16", gradient_checkpointing=True)
+    plan, four = _plan(tmp_path, card, 4, batch_size=1, mixed_precision="bf16")
     suggestion = plan.suggestions["student"]
     assert suggestion.changes == {"sharding": "fsdp", "processes": 4}
     assert suggestion.estimate.fits and four.suggestion.startswith("student.sharding: fsdp, student.processes: 4")
