@@ -19,7 +19,7 @@ LUMINA_7B = "Alpha-VLLM/Lumina-mGPT-7B-768"
 
 def _plan(tmp_path, gpu, gpus: int, **student):
     spec = {"name": "full7b", "subjects": [{"name": "dog", "class": "dog", "images": "dreambench:dog"}],
-            "student": {"model": LUMINA_7B, "recipe": "direct-full", "steps": 100, **student},
+            "student": {"model": LUMINA_7B, "recipe": "direct-full", "steps": 100, "mixed_precision": "bf16", **student},
             "evaluation": {"prompts": "dreambench", "images_per_prompt": 4}, "memory": "manual"}
     path = tmp_path / "full7b.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -48,12 +48,12 @@ def test_a_7b_direct_full_fits_four_80gb_cards_only_sharded(tmp_path, photos, mo
 def test_sharding_is_suggested_where_only_it_fits(tmp_path, photos, monkeypatch):
     monkeypatch.setenv("PROXYTUNE_DREAMBENCH", str(photos))
     card = custom_gpu(24.0)
-    # batch 1, bf16 weights already: on one 24 GB card nothing the spec offers fits ...
-    plan, alone = _plan(tmp_path, card, 1, batch_size=1, mixed_precision="bf16")
+    # batch 1 and bf16 already: on one 24 GB card nothing the spec offers fits ...
+    plan, alone = _plan(tmp_path, card, 1, batch_size=1)
     assert not alone.fits and "student" not in plan.suggestions
     assert "none yet" not in alone.suggestion and "student.sharding: fsdp" in alone.suggestion
     # ... on four, sharding over all of them does (8-bit AdamW is never proposed with it: the spec refuses both)
-    plan, four = _plan(tmp_path, card, 4, batch_size=1, mixed_precision="bf16")
+    plan, four = _plan(tmp_path, card, 4, batch_size=1)
     suggestion = plan.suggestions["student"]
     assert suggestion.changes == {"sharding": "fsdp", "processes": 4}
     assert suggestion.estimate.fits and four.suggestion.startswith("student.sharding: fsdp, student.processes: 4")
