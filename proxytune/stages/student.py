@@ -112,14 +112,14 @@ class StudentTrainer:
                 lambda params: optimizer(params, spec),
                 weights=self._trained_state, load_weights=self._load_trained_state)
             sharded_state = (optimizer_state,)
+            self.trainable = [p for p in model.parameters() if p.requires_grad]  # the shards
         else:
             # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
             # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
-            trainable = [p for p in model.parameters() if p.requires_grad]
+            self.trainable = [p for p in model.parameters() if p.requires_grad]
             self.model, self.optimizer = training.prepare_training(
-                self.accelerator, {"student": model}, optimizer(trainable, spec),
+                self.accelerator, {"student": model}, optimizer(self.trainable, spec),
                 weights=self._trained_state, load_weights=self._load_trained_state)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]  # sharded: the shards
         self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
         # data generator (and a sharded run's whole optimiser state)
