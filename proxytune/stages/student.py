@@ -374,7 +374,12 @@ class StudentTrainer:
         if self.full_finetune:
             path = folder / FULL_WEIGHTS
             path.parent.mkdir()
-            state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.bundle.model.state_dict().items())}
+            state, seen = {}, set()
+            for key, value in sorted(self.bundle.model.state_dict().items()):
+                value = value.detach().cpu().contiguous()
+                # tied weights (tiny-janus's head and embeddings) are one tensor: safetensors wants each key its own
+                state[key] = value.clone() if value.data_ptr() in seen else value
+                seen.add(value.data_ptr())
             write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.spec.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"
