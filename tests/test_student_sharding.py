@@ -93,3 +93,23 @@ def test_bad_sharding_is_one_line_naming_the_field(project, student, message):
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"error: {path}: ") and message in result.output
     assert StudentSettings(sharding="fsdp", processes=2).sharding == "fsdp"
+
+
+def test_direct_full_with_tied_weights_saves_and_reloads(project, photos, tmp_path):
+    """tiny-janus ties its head to its embeddings (one tensor, two keys): the saved state gives each key a copy,
+    which safetensors writes (it refuses shared memory) and which loads back into the tied model."""
+    from safetensors.torch import load_file
+
+    from proxytune.backends import students
+
+    r = StudentTrainer(make_params(project, _spec(project, photos, "tied", model="tiny-janus", steps=1, dropout=None,
+                                                  sampling={})))
+    r.setup()
+    r.train()
+    weights = load_file(r._save_weights(tmp_path))
+    assert torch.equal(weights["lm_head.weight"], weights["model.language_model.embed_tokens.weight"])
+    fresh = students.load_student("tiny-janus")
+    assert not torch.equal(fresh.model.lm_head.weight, weights["lm_head.weight"])  # the step moved them
+    fresh.model.load_state_dict(weights)
+    assert fresh.model.lm_head.weight is fresh.model.get_input_embeddings().weight  # still tied
+    torch.testing.assert_close(fresh.model.lm_head.weight, r.bundle.model.lm_head.weight, rtol=0, atol=0)
