@@ -118,6 +118,11 @@ class FullOptimizerState:
 
         set_optimizer_state_dict(self.model, self.optimizer, state, options=self._options())
 
+    def release(self) -> None:
+        """Drop the model and optimiser (the accelerator keeps this object registered), so that their
+        shards can be freed once training is over."""
+        self.model = self.optimizer = None
+
 
 def prepare(acc, trained: dict[str, torch.nn.Module], layer_classes: Iterable[str],
             make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], *,

@@ -107,11 +107,11 @@ class StudentTrainer:
         sharded_state = ()
         if self.sharded:
             # FSDP2: each process keeps 1/N of the weights, gradients and AdamW state (stages/sharding.py)
-            self.model, self.optimizer, optimizer_state = sharding.prepare(
+            self.model, self.optimizer, self.sharded_state = sharding.prepare(
                 self.accelerator, {"student": model}, students.family(self.bundle.backend).decoder_layers,
                 lambda params: optimizer(params, spec),
                 weights=self._trained_state, load_weights=self._load_trained_state)
-            sharded_state = (optimizer_state,)
+            sharded_state = (self.sharded_state,)
             self.trainable = [p for p in model.parameters() if p.requires_grad]  # the shards
         else:
             # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
@@ -345,9 +345,12 @@ class StudentTrainer:
         """After sharded training: gather the trained weights whole to the main process, which loads them
         into a fresh, unsharded copy of the student (the sample grid and `save` run there alone); the other
         processes drop their shards. Every process calls it (the gathers are collective)."""
+        import gc
+
         whole = sharding.full_state(self._trained_state(), keep=self.rank == 0)
-        self.model = self.optimizer = self.trainable = None
-        self.bundle.model = None
+        self.sharded_state.release()  # its shards, the optimiser's state and the FSDP modules go before the copy loads
+        self.model = self.optimizer = self.trainable = self.bundle.model = None
+        gc.collect()  # FSDP's hooks hold the modules in reference cycles
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if self.rank == 0:
