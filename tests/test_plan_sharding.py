@@ -7,7 +7,6 @@ specs/direct-full-sharded.yaml on the same traces."""
 
 from __future__ import annotations
 
-import pytest
 import yaml
 
 from proxytune.plan.gpus import custom_gpu, find_gpu

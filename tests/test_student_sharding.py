@@ -3,7 +3,6 @@ process does, checkpoints and saves whole weights, and resumes after a crash; th
 
 import csv
 import os
-import re
 import subprocess
 import sys
 
