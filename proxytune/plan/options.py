@@ -20,6 +20,8 @@ STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "
 SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True, "quantize": "int8"}
 # changes that alter what the model computes, not only how: proposed only when nothing else as small fits
 NUMERICS = {("teacher", "quantize"), ("synthesis", "quantize")}
+# switches the spec refuses together (student.sharding: fsdp with use_8bit_adam)
+EXCLUSIVE = [{"sharding", "use_8bit_adam"}]
 
 
 @dataclass(frozen=True)
@@ -56,22 +58,28 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
     Args:
         section: the spec key, for the message ("teacher").
         estimator: spec -> StageEstimate.
-        switches: field -> the value that saves memory.
+        switches: field -> the value that saves memory, or -> {field: value, ...} for fields that change
+            together (sharding with its processes).
     """
-    free = {key: value for key, value in switches.items() if hasattr(spec, key) and getattr(spec, key) != value}
+    free = {key: value for key, value in switches.items() if hasattr(spec, key) and getattr(spec, key) != (
+        value[key] if isinstance(value, dict) else value)}
     candidates = []
     for size in range(len(free) + 1):
         for keys in itertools.combinations(free, size):
+            if any(pair <= set(keys) for pair in EXCLUSIVE):
+                continue
             for batch in _batches(spec.batch_size):
-                changes = {key: free[key] for key in keys}
+                changes = {}
+                for key in keys:
+                    changes.update(free[key] if isinstance(free[key], dict) else {key: free[key]})
                 if batch != spec.batch_size:
                     changes["batch_size"] = batch
                 if changes:
-                    candidates.append(changes)
-    candidates.sort(key=len)  # stable: smaller batches later within the same count of changes
-    for changes_count, group in itertools.groupby(candidates, key=len):
+                    candidates.append((size + (batch != spec.batch_size), changes))
+    candidates.sort(key=lambda item: item[0])  # stable: smaller batches later within the same count of changes
+    for _, group in itertools.groupby(candidates, key=lambda item: item[0]):
         found = []
-        for changes in group:
+        for _, changes in group:
             candidate = estimator(spec.model_copy(update=changes))
             if candidate.check(gpu):
                 numerics = any((section, key) in NUMERICS for key in changes)
