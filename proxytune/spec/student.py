@@ -127,6 +127,14 @@ class StudentSettings(Strict):
     regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32); fp16 scales the loss (GradScaler, saved in checkpoints).")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the training forward and loss (the transformer with its LoRA, dropout and "
+        "gradient checkpointing, and the cross-entropy), static shapes: one compile, paid once at the first step "
+        "(about 30-50 s for the tiny student on a 2-core CPU), then faster steps where the step is bound by "
+        "elementwise work and kernel launches (usually on a GPU, for long runs; not on the tiny CPU student, "
+        "docs/benchmarks.md). Sampling stays eager; saved adapters and checkpoints are the same as without it.",
+    )
     use_8bit_adam: bool = Field(
         default=False,
         description="8-bit AdamW (torchao's AdamW8bit: both moments in blocks of 256 int8 values with a scale each, "
