@@ -111,6 +111,13 @@ class SynthesisSpec(Strict):
         "that of one tile at any resolution. Images change slightly at the seams; no effect at or below the tile "
         "size. Same stages as cpu_offload.",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the teacher's denoiser (UNet or transformer) for generation, static shapes: "
+        "compiled once at the first batch (about 140 s for tiny-sd on a 2-core CPU), then faster denoising steps "
+        "(0.94x on that CPU, docs/benchmarks.md; usually more on a GPU). Pays for large proxy sets. Images may "
+        "differ from eager ones by float rounding (1/255 measured), so it is part of what names the proxy set.",
+    )
     filter: FilterSpec = Field(default_factory=FilterSpec,
                                description="Optional quality filter on the proxies (older; fidelity.keep curates by "
                                "the same kind of score and records every score).")
