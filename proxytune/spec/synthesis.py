@@ -114,8 +114,9 @@ class SynthesisSpec(Strict):
     compile: bool = Field(
         default=False,
         description="torch.compile the teacher's denoiser (UNet or transformer) for generation, static shapes: "
-        "compiled once at the first batch (about 140 s for tiny-sd on a 2-core CPU), then faster denoising steps "
-        "(0.94x on that CPU, docs/benchmarks.md; usually more on a GPU). Pays for large proxy sets. Images may "
+        "compiled once at the first batch (140-200 s for tiny-sd on a 2-core CPU; far less from inductor's disk "
+        "cache), then faster denoising (0.87-0.94x on that CPU, docs/benchmarks.md; usually more on a GPU). "
+        "Pays for large proxy sets; a smaller last batch compiles once more. Images may "
         "differ from eager ones by float rounding (1/255 measured), so it is part of what names the proxy set.",
     )
     filter: FilterSpec = Field(default_factory=FilterSpec,
