@@ -131,9 +131,10 @@ class StudentSettings(Strict):
         default=False,
         description="torch.compile the training forward and loss (the transformer with its LoRA, dropout and "
         "gradient checkpointing, and the cross-entropy), static shapes: one compile, paid once at the first step "
-        "(about 30-50 s for the tiny student on a 2-core CPU), then faster steps where the step is bound by "
-        "elementwise work and kernel launches (usually on a GPU, for long runs; not on the tiny CPU student, "
-        "docs/benchmarks.md). Sampling stays eager; saved adapters and checkpoints are the same as without it.",
+        "(about 50 s for the tiny student on a 2-core CPU; less from inductor's disk cache), then faster steps "
+        "(0.83x eager there, docs/benchmarks.md; not measured on a GPU). With dropout, inductor draws its own "
+        "masks. Sampling stays eager; adapters and checkpoints are the same as without it (a run may resume "
+        "with it flipped).",
     )
     use_8bit_adam: bool = Field(
         default=False,

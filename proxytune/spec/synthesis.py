@@ -115,7 +115,7 @@ class SynthesisSpec(Strict):
         default=False,
         description="torch.compile the teacher's denoiser (UNet or transformer) for generation, static shapes: "
         "compiled once at the first batch (140-200 s for tiny-sd on a 2-core CPU; far less from inductor's disk "
-        "cache), then faster denoising (0.87-0.94x on that CPU, docs/benchmarks.md; usually more on a GPU). "
+        "cache), then faster denoising (0.87-0.94x eager on that CPU, docs/benchmarks.md; not measured on a GPU). "
         "Pays for large proxy sets; a smaller last batch compiles once more. Images may "
         "differ from eager ones by float rounding (1/255 measured), so it is part of what names the proxy set.",
     )
