@@ -233,7 +233,7 @@ def main() -> None:
     p = C.parser(__doc__.splitlines()[0], warmup=3, repeats=7, inner=10)
     p.add_argument("--batch-size", type=int, default=8, help="proxy images per step (default 8, as specs/dog.yaml)")
     p.add_argument("--no-compile", action="store_true", help="leave out the student.compile variant (its compile "
-                   "takes about 30-50 s on 2 cores)")
+                   "took 50-100 s on 2 busy cores)")
     args = p.parse_args()
     C.prepare_env()
     if args.probe:

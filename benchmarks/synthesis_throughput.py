@@ -15,7 +15,7 @@ nan-fill:  the stage's call with deterministic mode's NaN fill of every new tens
            (what `seed_everything` did before; issue 27 item 4).
 compiled:  the stage's call on a second copy of the pipeline whose denoiser is compiled as
            `synthesis.compile: true` compiles it (`diffusion.denoiser(pipe).compile(dynamic=False)`);
-           its first block (the one-off compile, about 140 s on 2 cores) is timed apart.
+           its first block (the one-off compile, 140-200 s on 2 busy cores) is timed apart.
 Settings as specs/dog.yaml: 64 px, 10 denoising steps, guidance 7.5 (so every call runs the UNet on
 the conditional and unconditional halves).
 
@@ -140,7 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, as specs/dog.yaml)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--size", type=int, default=64, help="pixels (default 64, the tiny teacher's resolution)")
-    p.add_argument("--no-compile", action="store_true", help="leave out the synthesis.compile variant")
+    p.add_argument("--no-compile", action="store_true", help="leave out the synthesis.compile variant (its compile "
+                   "took 140-200 s on 2 busy cores)")
     args = p.parse_args()
     C.prepare_env()
     config = {"model": "tiny-sd", "batch_size": args.batch_size, "steps": args.steps, "guidance": args.guidance,
