@@ -84,14 +84,14 @@ def test_compiled_step_matches_eager_and_its_adapter_reloads_in_eager(project, g
     weights = compiled._save_weights(tmp_path)
     assert not any("_orig_mod" in key for key in load_file(weights))
     fresh = students.load_student(compiled.spec.model)
-    base = students.load_student(compiled.spec.model)
-    fresh.model = PeftModel.from_pretrained(fresh.model, str(weights.parent)).eval()
+    fresh.model.eval()
     compiled.bundle.model.eval()
     cond, codes = compiled.conds[compiled.prompt_index[:2]], compiled.codes[:2]
     keep = torch.zeros(2, dtype=torch.bool)
     with torch.no_grad():
+        untuned = fresh.image_logits(cond, codes, keep)
+        fresh.model = PeftModel.from_pretrained(fresh.model, str(weights.parent)).eval()
         trained = compiled.bundle.image_logits(cond, codes, keep)
         reloaded = fresh.image_logits(cond, codes, keep)
-        untuned = base.image_logits(cond, codes, keep)
     torch.testing.assert_close(reloaded, trained, rtol=0, atol=1e-6)
     assert (trained - untuned).abs().max() > 1e-4  # the comparison is not between two untuned models
