@@ -80,6 +80,7 @@ def test_sharded_direct_full_matches_one_process_saves_whole_weights_and_resumes
     ({"sharding": "fsdp"}, "student.sharding: fsdp shards over student.processes, which is 1; set processes: 2"),
     ({"sharding": "fsdp", "processes": 2, "use_8bit_adam": True}, "student.sharding: fsdp with use_8bit_adam is not"),
     ({"sharding": "fsdp", "processes": 2, "mixed_precision": "fp16"}, "student.sharding: fsdp with mixed_precision: fp16"),
+    ({"sharding": "fsdp", "processes": 2, "compile": True}, "student.sharding: fsdp with compile: true is not"),
 ])
 def test_bad_sharding_is_one_line_naming_the_field(project, student, message):
     from click.testing import CliRunner

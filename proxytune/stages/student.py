@@ -95,15 +95,15 @@ class StudentTrainer:
         if spec.recipe == "proxy":
             self.proxy = (joint_record(self.joint_params) if self.joint_params
                           else read_record(self.proxy_dir, SynthesisRecord).model_dump())
-        # processes may change between runs; sharding none is left out so older checkpoints keep their key
-        unkeyed = {"processes"} | ({"sharding"} if spec.sharding == "none" else set())
+        # processes and compile may change between runs; sharding none is left out so older checkpoints keep their key
+        unkeyed = {"processes", "compile"} | ({"sharding"} if spec.sharding == "none" else set())
         self.checkpoint_dir = self.work / config_key(self.params.seed, spec.model_dump(exclude=unkeyed), self._data_key())
         self._cache_inputs()
         text_encoder_to_host(self.bundle, self.device)  # its features are cached; sample grids encode on the CPU
         torch.manual_seed(seed)  # LoRA init draws from the global RNG: the same in every process
         model = self._trainable_model()
         if spec.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, inputs_require_grad=not spec.compile)
         sharded_state = ()
         if self.sharded:
             # FSDP2: each process keeps 1/N of the weights, gradients and AdamW state (stages/sharding.py)
@@ -121,6 +121,8 @@ class StudentTrainer:
                 self.accelerator, {"student": model}, optimizer(self.trainable, spec),
                 weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)
+        # the forward and loss of a step, compiled once for the batch's fixed shapes (sampling stays eager)
+        self.loss_terms = training.compiled(self._loss_terms) if spec.compile else self._loss_terms
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
         # data generator (and a sharded run's whole optimiser state)
         self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator,
@@ -285,23 +287,25 @@ class StudentTrainer:
         codes = self.codes[index].to(self.device)  # (B, L)
         cond = self.conds[self.prompt_index[index]].to(self.device)
         drop = (torch.rand(spec.batch_size, generator=self.generator) < spec.cfg_dropout).to(self.device)
-        # 2. next-token cross-entropy, each code position weighted (uniform by default): a backend with its
-        #    original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
-        #    it; otherwise the codes only, over the codebook
-        z_loss = torch.zeros((), device=self.device)
-        if hasattr(self.bundle, "sequence_loss"):
-            terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
-            ce, z_loss = terms["ce"], terms["z_loss"]
-        else:
-            logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
-            ce = (ce * self.weights).mean()
+        # 2. next-token cross-entropy (compiled with student.compile)
+        ce, z_loss = self.loss_terms(cond, codes, drop)
         # 3. optional prior distillation against the adapter-disabled base
         distill = torch.zeros((), device=self.device)
         if spec.regularisers.prior_distillation > 0:
             distill = self._distillation(spec.batch_size)
         loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + spec.regularisers.prior_distillation * distill
         return loss, ce, distill, z_loss
+
+    def _loss_terms(self, cond: torch.Tensor, codes: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ce, z_loss): next-token cross-entropy, each code position weighted (uniform by default). A backend
+        with its original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
+        it; otherwise the codes only, over the codebook, and z_loss is 0."""
+        if hasattr(self.bundle, "sequence_loss"):
+            terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
+            return terms["ce"], terms["z_loss"]
+        logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
+        return (ce * self.weights).mean(), torch.zeros((), device=codes.device)
 
     def train(self) -> None:
         spec = self.spec
