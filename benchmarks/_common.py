@@ -220,6 +220,24 @@ def time_interleaved(
     return samples
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes (e.g. a first call that compiles)."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def compile_summary(what: str, t_compiled: float, t_peer: float, t_eager: float, compile_s: float,
+                    target: float, unit: str = "calls") -> str:
+    """The RESULT line of a compiled variant: its time ratio to the peer, and its one-off compile cost
+    (`compile_s`: the first call less what a compiled call takes) with the number of `unit` (each timed as
+    `t_compiled` and `t_eager`) after which it pays back against the eager variant."""
+    ratio, saved = t_compiled / t_peer, t_eager - t_compiled
+    payback = f"pays back after {compile_s / saved:,.0f} {unit}" if saved > 0 else "never pays back (no faster than eager)"
+    return (f"  RESULT: {what} = {ratio:.3f}x (target <= {target:g}x): {verdict(ratio <= target)}; compiled/eager "
+            f"{t_compiled / t_eager:.3f}x; one-off compile {compile_s:.1f} s, {payback}")
+
+
 def _cores(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} cores"
 

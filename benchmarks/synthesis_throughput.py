@@ -13,6 +13,9 @@ plain:     one plain diffusers call per block, `pipe([prompt] * 8, generator=[on
            without deterministic mode: the peer a user would write.
 nan-fill:  the stage's call with deterministic mode's NaN fill of every new tensor turned back on
            (what `seed_everything` did before; issue 27 item 4).
+compiled:  the stage's call on a second copy of the pipeline whose denoiser is compiled as
+           `synthesis.compile: true` compiles it (`diffusion.denoiser(pipe).compile(dynamic=False)`);
+           its first block (the one-off compile, 140-200 s on 2 busy cores) is timed apart.
 Settings as specs/dog.yaml: 64 px, 10 denoising steps, guidance 7.5 (so every call runs the UNet on
 the conditional and unconditional halves).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import time
 
 import _common as C
 
@@ -136,6 +140,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, as specs/dog.yaml)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--size", type=int, default=64, help="pixels (default 64, the tiny teacher's resolution)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the synthesis.compile variant (its compile "
+                   "took 140-200 s on 2 busy cores)")
     args = p.parse_args()
     C.prepare_env()
     config = {"model": "tiny-sd", "batch_size": args.batch_size, "steps": args.steps, "guidance": args.guidance,
@@ -161,12 +167,26 @@ def main() -> None:
     seeds = list(range(args.images))
     runs = {name: VARIANTS[name](pipe, config) for name in VARIANTS}
     outputs = {name: runs[name](seeds[: args.batch_size]) for name in runs}  # also a warm-up
+    first_compiled = None
+    if not args.no_compile:
+        from proxytune.backends.teachers import diffusion
+
+        compiled_pipe = load_pipe(config)
+        diffusion.denoiser(compiled_pipe).compile(dynamic=False)  # as synthesis.generate_missing does
+        runs["compiled"] = stage_batched(compiled_pipe, config)
+        C.say("  compiling (synthesis.compile: the first block compiles the denoiser) ...")
+        start = time.perf_counter()
+        outputs["compiled"] = runs["compiled"](seeds[: args.batch_size])
+        first_compiled = time.perf_counter() - start
     import numpy as np
 
     diff = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
                for a, b in zip(outputs["per-image"], outputs["batched"]))
     samples = C.time_interleaved({name: (lambda run=run: run(seeds)) for name, run in runs.items()},
                                  warmup=args.warmup, repeats=args.repeats, inner=args.inner)
+    compiled_diff = None if first_compiled is None else max(
+        int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+        for a, b in zip(outputs["compiled"], outputs["batched"]))
     del pipe, runs, outputs
     gc.collect()
     memory = {} if args.no_memory else C.run_probes(SCRIPT, list(VARIANTS), config)
@@ -182,6 +202,9 @@ def main() -> None:
             [f"batched (diffusion.generate, batch {args.batch_size})", f"{t_batch:.3f}", C.spread(samples.times["batched"]), f"{args.images / t_batch:.2f}"],
             [f"plain diffusers call, batch {args.batch_size}", f"{t_plain:.3f}", C.spread(samples.times["plain"]), f"{args.images / t_plain:.2f}"],
             ["batched with the NaN fill on (before)", f"{t_fill:.3f}", C.spread(samples.times["nan-fill"]), f"{args.images / t_fill:.2f}"],
+            *([["compiled denoiser (synthesis.compile: true)", f"{C.median(samples.times['compiled']):.3f}",
+                C.spread(samples.times["compiled"]), f"{args.images / C.median(samples.times['compiled']):.2f}"]]
+              if first_compiled is not None else []),
         ],
     )
     if memory:
@@ -193,6 +216,12 @@ def main() -> None:
     C.say(f"  RESULT: images/s batched/per-image = {speedup:.2f}x (target >= {TARGET:g}x): {C.verdict(speedup >= TARGET)}")
     C.say(f"  RESULT: time stage/plain diffusers call = {t_batch / t_plain:.3f}x (target <= {TARGET_PLAIN:g}x): "
           f"{C.verdict(t_batch / t_plain <= TARGET_PLAIN)}")
+    if first_compiled is not None:
+        C.say(f"  compiled vs eager stage call, same seeds: largest pixel difference {compiled_diff} (of 255)")
+        t_compiled = C.median(samples.times["compiled"])
+        block = t_compiled * args.batch_size / args.images  # the first call ran one block of batch_size images
+        C.say(C.compile_summary("time compiled stage/plain diffusers call", t_compiled, t_plain, t_batch,
+                                max(first_compiled - block, 0.0), TARGET_PLAIN, unit=f"rounds of {args.images} images"))
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def test_plan_command_json(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["plan", str(spec), "--gpu", "rtx4090", "--json"])
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)  # --json promises clean stdout; progress bars go to stderr
     assert [s["stage"] for s in data["stages"]] == ["teacher", "synthesis", "codes", "student", "evaluate (teacher)",
                                                     "evaluate (student)"]
     for stage in data["stages"]:

@@ -149,6 +149,21 @@ def count(component: models.Component, options: steps.Options | None = None) -> 
     return _cached({"count": component.kind, "config": component.config, "lora": lora}, make)
 
 
+def shard_groups(component: models.Component, layer_classes: tuple[str, ...]) -> dict[str, int]:
+    """Parameters of what `student.sharding: fsdp` gathers whole: {"layer": the largest decoder layer
+    (classes `layer_classes`), "outside": everything outside the decoder layers (embeddings, head, norms:
+    the root's group)}, from the meta model, cached like `count`."""
+
+    def make() -> dict[str, int]:
+        with torch.device("meta"):
+            module = models.build(component)
+        layers = [m for m in module.modules() if type(m).__name__ in layer_classes]
+        sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        return {"layer": max(sizes, default=0), "outside": sum(p.numel() for p in module.parameters()) - sum(sizes)}
+
+    return _cached({"shard_groups": component.kind, "config": component.config, "layers": list(layer_classes)}, make)
+
+
 def params(count: float) -> str:
     """A parameter count for people: 2.57B, 11.6M, 40.0k."""
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -368,7 +383,34 @@ def student_training(spec, student: models.StudentModel, gpu: Gpu) -> StageEstim
         text = count(student.parts["text_encoder"])["frozen"]
         est.notes.append(f"its text encoder ({params(text)}, float32) leaves the GPU once the prompts are encoded: "
                          f"{est.setup / GIB:.1f} GiB until then")
+    if getattr(spec, "sharding", "none") == "fsdp":
+        _shard(est, spec.processes, student, counts, dtype, per_trained)
     return est
+
+
+def _shard(est: StageEstimate, shards: int, student: models.StudentModel, counts: dict, dtype: str,
+           per_trained: int) -> None:
+    """`student.sharding: fsdp` over `shards` processes (stages/sharding.py): each GPU holds 1/shards of
+    the model's weights, gradients and AdamW state; activations are each process's own batch, unchanged.
+    Gathered whole while they run (working memory, added to the weights and gradients): the parameters
+    outside the decoder layers for the whole step, and two decoder layers (the running one and the one
+    FSDP prefetches), with their gradients until they are reduce-scattered. The whole model is loaded onto
+    each GPU before it is sharded (the setup)."""
+    from proxytune.backends import students
+
+    groups = shard_groups(student.parts["model"], students.family(student.backend).decoder_layers)
+    total, trainable = counts["frozen"] + counts["trainable"], counts["trainable"]
+    separate = _student_parts(student, text=False) * 4  # the VQ: not sharded
+    gathered = groups["outside"] + 2 * groups["layer"]
+    trained_share = trainable / total if total else 0.0  # of a gathered parameter, the part with a gradient
+    est.weights = (est.weights - separate) // shards + gathered * _BYTES[dtype] + separate
+    est.gradients = est.gradients // shards + int((groups["outside"] + groups["layer"]) * trained_share * per_trained)
+    est.optimizer //= shards
+    est.setup = max(est.setup, counts["frozen"] * _BYTES[dtype] + trainable * per_trained + _student_parts(student) * 4)
+    est.what += f", sharded over {shards} GPUs (FSDP)"
+    est.notes.append(f"sharded: each GPU holds 1/{shards} of the weights, gradients and AdamW state, plus "
+                     f"{params(gathered)} parameters gathered whole while they run (outside the decoder layers, "
+                     f"and two layers); the whole model passes through each GPU once while it is loaded")
 
 
 def codes(student: models.StudentModel, images: int, gpu: Gpu, batch: int = 16) -> StageEstimate:

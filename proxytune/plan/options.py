@@ -24,6 +24,8 @@ SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": Tr
 LOSSIER = {"none": 0, "int8": 1, "fp8": 2, "nf4": 3}  # a quantised base: how far from the unquantised
 # changes that alter what the model computes, not only how: proposed only when nothing else as small fits
 NUMERICS = {("teacher", "quantize"), ("synthesis", "quantize")}
+# switches the spec refuses together (student.sharding: fsdp with use_8bit_adam)
+EXCLUSIVE = [{"sharding", "use_8bit_adam"}]
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,9 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
     Args:
         section: the spec key, for the message ("teacher").
         estimator: spec -> StageEstimate.
-        switches: field -> the value that saves memory, or a tuple of such values: the first search uses
-            each tuple's first value, and while none fits the next search its next.
+        switches: field -> the value that saves memory, -> {field: value, ...} for fields that change
+            together (sharding with its processes), or -> a tuple of values: the first search uses each
+            tuple's first value, and while none fits the next search its next.
     """
     rounds = max((len(value) for value in switches.values() if isinstance(value, tuple)), default=1)
     for n in range(rounds):
@@ -74,30 +77,35 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
 
 
 def _saves(spec, key: str, value) -> bool:
-    """Whether setting `key` to `value` is a change worth trying: another value, and for a quantised base a
-    lossier one than the spec's (its int8 may become nf4, never the reverse)."""
-    current = getattr(spec, key)
+    """Whether setting `key` to `value` (or to `value[key]`, for fields that change together) is a change
+    worth trying: another value, and for a quantised base a lossier one than the spec's (its int8 may
+    become nf4, never the reverse)."""
+    current, value = getattr(spec, key), value[key] if isinstance(value, dict) else value
     if key == "quantize":
         return LOSSIER[value] > LOSSIER[current]
     return current != value
 
 
 def _fewest_changes(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggestion | None:
-    """`suggest` with one value a field."""
+    """`suggest` with one value (or one group of fields) a switch."""
     free = {key: value for key, value in switches.items() if hasattr(spec, key) and _saves(spec, key, value)}
     candidates = []
     for size in range(len(free) + 1):
         for keys in itertools.combinations(free, size):
+            if any(pair <= set(keys) for pair in EXCLUSIVE):
+                continue
             for batch in _batches(spec.batch_size):
-                changes = {key: free[key] for key in keys}
+                changes = {}
+                for key in keys:
+                    changes.update(free[key] if isinstance(free[key], dict) else {key: free[key]})
                 if batch != spec.batch_size:
                     changes["batch_size"] = batch
                 if changes:
-                    candidates.append(changes)
-    candidates.sort(key=len)  # stable: smaller batches later within the same count of changes
-    for changes_count, group in itertools.groupby(candidates, key=len):
+                    candidates.append((size + (batch != spec.batch_size), changes))
+    candidates.sort(key=lambda item: item[0])  # stable: smaller batches later within the same count of changes
+    for _, group in itertools.groupby(candidates, key=lambda item: item[0]):
         found = []
-        for changes in group:
+        for _, changes in group:
             candidate = estimator(spec.model_copy(update=changes))
             if candidate.check(gpu):
                 numerics = any((section, key) in NUMERICS for key in changes)

@@ -60,8 +60,12 @@ def plan_spec(spec, source: str, root: Path, gpu: Gpu, gpus: int = 1) -> Plan:
     _suggest(plan, spec, teacher if proxy else None, student)
     if spec.styles:
         plan.notes.append("style experiments (styles:) are not planned yet")
-    if spec.student.recipe == "direct-full" and spec.student.processes > 1:
-        plan.notes.append("direct-full with several processes: DDP keeps a whole copy per GPU (no sharding yet)")
+    if spec.student.recipe == "direct-full" and spec.student.processes > 1 and spec.student.sharding == "none":
+        plan.notes.append("direct-full with several processes: DDP keeps a whole copy per GPU "
+                          "(student.sharding: fsdp splits it over them)")
+    if spec.student.processes > gpus:
+        plan.notes.append(f"student.processes is {spec.student.processes}: the student stage needs that many GPUs "
+                          f"(plan --gpus {spec.student.processes})")
     return plan
 
 
@@ -79,7 +83,7 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
                                     switches, gpu)
         elif stage.stage == "student":
             found = options.suggest("student", spec.student, lambda s: estimate.student_training(s, student, gpu),
-                                    options.STUDENT_SWITCHES, gpu)
+                                    _student_switches(spec.student, plan.gpus), gpu)
         elif stage.stage in ("synthesis", "evaluate (teacher)"):
             switches = dict(options.SYNTHESIS_SWITCHES)
             if estimate.generation_dtype(spec.synthesis) != "float32":  # "auto" is bf16 on a GPU already
@@ -97,6 +101,15 @@ def _suggest(plan: Plan, spec, teacher, student) -> None:
                                 f"{stage.weights / estimate.GIB:.1f} GiB); {_beyond(stage.stage)}")
         else:
             stage.suggestion = "the spec has no option that changes this stage's memory"
+
+
+def _student_switches(student, gpus: int) -> dict:
+    """The student's memory switches; with several GPUs also sharding over all of them (which needs as
+    many processes, and is not offered with 8-bit AdamW or fp16, the spec's check)."""
+    switches = dict(options.STUDENT_SWITCHES)
+    if gpus > 1 and not student.use_8bit_adam and student.mixed_precision != "fp16":
+        switches["sharding"] = {"sharding": "fsdp", "processes": gpus}
+    return switches
 
 
 def _student_batch(evaluation) -> int:
@@ -122,6 +135,8 @@ def _eval_images(spec) -> int:
 
 def _beyond(stage: str) -> str:
     """What proxytune does not offer yet that would (docs/memory.md)."""
-    if stage in ("teacher", "student"):  # the nf4 base is among the options weighed already
-        return "sharding (FSDP) would be needed; proxytune has none yet"
+    if stage == "teacher":  # the nf4 base is among the options weighed already
+        return "sharding the teacher (FSDP) would be needed; proxytune shards only the student"
+    if stage == "student":
+        return "more GPUs to shard over (student.sharding: fsdp, student.processes: N; plan --gpus N) would be needed"
     return "group offloading (part of the denoiser at a time on the GPU) would be needed; proxytune has none yet"

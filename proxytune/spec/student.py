@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from proxytune.spec.evaluation import Metric
 from proxytune.backends import students
@@ -127,6 +127,15 @@ class StudentSettings(Strict):
     regularisers: RegularisersSpec = Field(default_factory=RegularisersSpec, description="VAR-style regularisers.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Autocast dtype (LoRA params stay fp32); fp16 scales the loss (GradScaler, saved in checkpoints).")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the training forward and loss (the transformer with its LoRA, dropout and "
+        "gradient checkpointing, and the cross-entropy), static shapes: one compile, paid once at the first step "
+        "(about 50 s for the tiny student on a 2-core CPU; less from inductor's disk cache), then faster steps "
+        "(0.83x eager there, docs/benchmarks.md; not measured on a GPU). With dropout, inductor draws its own "
+        "masks. Sampling stays eager; adapters and checkpoints are the same as without it (a run may resume "
+        "with it flipped).",
+    )
     use_8bit_adam: bool = Field(
         default=False,
         description="8-bit AdamW (torchao's AdamW8bit: both moments in blocks of 256 int8 values with a scale each, "
@@ -134,6 +143,33 @@ class StudentSettings(Strict):
         "CUDA; needs `pip install 'proxytune[quantize]'`; its update step is compiled with torch.compile on first use.",
     )
     processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
+    sharding: Literal["none", "fsdp"] = Field(
+        default="none",
+        description="fsdp: shard the trained model's weights, gradients and AdamW state over the `processes` "
+        "(torch's FSDP2, one shard group per decoder layer), so each GPU holds 1/processes of them: a direct-full "
+        "baseline too big for one GPU. LoRA recipes shard the frozen base and the LoRA alike. Checkpoints and the "
+        "saved student hold the full weights (gathered to the first process). Needs processes >= 2; not with "
+        "use_8bit_adam, compile or fp16 (use bf16). none: every process holds the whole model (DDP).",
+    )
+
+    @field_validator("sharding")
+    @classmethod
+    def _sharding_needs_processes(cls, value: str, info: ValidationInfo) -> str:
+        if value == "none":
+            return value
+        if info.data.get("processes", 1) < 2:
+            raise ValueError("fsdp shards over student.processes, which is 1; set processes: 2 or more "
+                             "(one per GPU), or sharding: none")
+        if info.data.get("use_8bit_adam"):
+            raise ValueError("fsdp with use_8bit_adam is not supported (untested: torchao's 8-bit states on "
+                             "sharded tensors); set use_8bit_adam: false or sharding: none")
+        if info.data.get("mixed_precision") == "fp16":
+            raise ValueError("fsdp with mixed_precision: fp16 is not supported (its loss scaler does not see "
+                             "sharded gradients); use mixed_precision: bf16 or no")
+        if info.data.get("compile"):
+            raise ValueError("fsdp with compile: true is not supported (untested: torch.compile over FSDP2's "
+                             "gathered layers); set compile: false or sharding: none")
+        return value
 
     @model_validator(mode="after")
     def _distillation_needs_lora(self):

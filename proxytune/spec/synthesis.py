@@ -111,6 +111,14 @@ class SynthesisSpec(Strict):
         "that of one tile at any resolution. Images change slightly at the seams; no effect at or below the tile "
         "size. Same stages as cpu_offload.",
     )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the teacher's denoiser (UNet or transformer) for generation, static shapes: "
+        "compiled once at the first batch (140-200 s for tiny-sd on a 2-core CPU; far less from inductor's disk "
+        "cache), then faster denoising (0.87-0.94x eager on that CPU, docs/benchmarks.md; not measured on a GPU). "
+        "Pays for large proxy sets; a smaller last batch compiles once more. Images may "
+        "differ from eager ones by float rounding (1/255 measured), so it is part of what names the proxy set.",
+    )
     filter: FilterSpec = Field(default_factory=FilterSpec,
                                description="Optional quality filter on the proxies (older; fidelity.keep curates by "
                                "the same kind of score and records every score).")

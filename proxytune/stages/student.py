@@ -36,7 +36,7 @@ from proxytune.files import safetensors_bytes, sha256_file, staged_dir, write_by
 from proxytune.images import center_crop_resize, grid, list_images, open_rgb
 from proxytune.outputs import CountState, StudentRecord, SynthesisRecord, read_record, write_record
 from proxytune.spec import StudentSpec
-from proxytune.stages import proxy_count, training
+from proxytune.stages import proxy_count, sharding, training
 from proxytune.stages.codes_file import load_codes
 from proxytune.stages.params import StageParams, load_params
 from proxytune.stages.runtime import base_model_tags, config_key, device, seed_everything, stage_run
@@ -73,6 +73,10 @@ class StudentTrainer:
     def full_finetune(self) -> bool:
         return self.spec.recipe == "direct-full"
 
+    @property
+    def sharded(self) -> bool:
+        return self.spec.sharding == "fsdp"
+
     # -- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         spec = self.spec
@@ -91,41 +95,58 @@ class StudentTrainer:
         if spec.recipe == "proxy":
             self.proxy = (joint_record(self.joint_params) if self.joint_params
                           else read_record(self.proxy_dir, SynthesisRecord).model_dump())
-        self.checkpoint_dir = self.work / config_key(
-            self.params.seed, spec.model_dump(exclude={"processes"}), self._data_key()
-        )
+        # processes and compile may change between runs; sharding none is left out so older checkpoints keep their key
+        unkeyed = {"processes", "compile"} | ({"sharding"} if spec.sharding == "none" else set())
+        self.checkpoint_dir = self.work / config_key(self.params.seed, spec.model_dump(exclude=unkeyed), self._data_key())
         self._cache_inputs()
         text_encoder_to_host(self.bundle, self.device)  # its features are cached; sample grids encode on the CPU
         torch.manual_seed(seed)  # LoRA init draws from the global RNG: the same in every process
-        model = self.bundle.model
-        if self.full_finetune:
-            model.requires_grad_(True)
-        else:
-            from peft import LoraConfig, get_peft_model
-
-            targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups)), spec.lora.layers
-            if isinstance(targets, str) and layers:  # a regex target names the layer indices itself
-                targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups), layers=layers), None
-            lora = LoraConfig(
-                r=spec.lora.rank,
-                lora_alpha=spec.lora.alpha,
-                lora_dropout=spec.lora.dropout,
-                target_modules=targets,
-                layers_to_transform=layers,
-            )
-            self.bundle.model = model = get_peft_model(model, lora)
+        model = self._trainable_model()
         if spec.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
-        # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
-        self.model, self.optimizer = training.prepare_training(
-            self.accelerator, {"student": model}, optimizer(self.trainable, spec),
-            weights=self._trained_state, load_weights=self._load_trained_state)
+            enable_gradient_checkpointing(model, inputs_require_grad=not spec.compile)
+        sharded_state = ()
+        if self.sharded:
+            # FSDP2: each process keeps 1/N of the weights, gradients and AdamW state (stages/sharding.py)
+            self.model, self.optimizer, self.sharded_state = sharding.prepare(
+                self.accelerator, {"student": model}, students.family(self.bundle.backend).decoder_layers,
+                lambda params: optimizer(params, spec),
+                weights=self._trained_state, load_weights=self._load_trained_state)
+            sharded_state = (self.sharded_state,)
+            self.trainable = [p for p in model.parameters() if p.requires_grad]  # the shards
+        else:
+            # accelerate: the model in one module for DDP (the training forward runs through it), the optimiser
+            # that steps through the fp16 GradScaler, checkpoints that hold only the trained weights
+            self.trainable = [p for p in model.parameters() if p.requires_grad]
+            self.model, self.optimizer = training.prepare_training(
+                self.accelerator, {"student": model}, optimizer(self.trainable, spec),
+                weights=self._trained_state, load_weights=self._load_trained_state)
         self.weights = position_weights(self.bundle.seq_len, spec.regularisers.position_weighting).to(self.device)
+        # the forward and loss of a step, compiled once for the batch's fixed shapes (sampling stays eager)
+        self.loss_terms = training.compiled(self._loss_terms) if spec.compile else self._loss_terms
         # checkpointed beside weights, optimiser, loss scale and global RNGs: step and curves, every process's
-        # data generator
-        self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator)
+        # data generator (and a sharded run's whole optimiser state)
+        self.progress = training.resume_training(self.accelerator, self.checkpoint_dir, "student", SERIES, self.generator,
+                                                 *sharded_state)
+
+    def _trainable_model(self) -> torch.nn.Module:
+        """The bundle's model set up to train: every weight (direct-full), or wrapped in the spec's LoRA."""
+        spec, model = self.spec, self.bundle.model
+        if self.full_finetune:
+            return model.requires_grad_(True)
+        from peft import LoraConfig, get_peft_model
+
+        targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups)), spec.lora.layers
+        if isinstance(targets, str) and layers:  # a regex target names the layer indices itself
+            targets, layers = self.bundle.lora_target_modules(list(spec.lora.groups), layers=layers), None
+        lora = LoraConfig(
+            r=spec.lora.rank,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=targets,
+            layers_to_transform=layers,
+        )
+        self.bundle.model = get_peft_model(model, lora)
+        return self.bundle.model
 
     def _data_key(self) -> str:
         """What the training set depends on besides the model: the proxy digest, or the references."""
@@ -236,7 +257,10 @@ class StudentTrainer:
         sums = torch.zeros(4, device=self.device)  # ce, distill, z_loss, total loss summed over the micro-batches
         for i in range(accumulation):
             # DDP averages the gradients over processes in the last micro-batch's backward only
-            with acc.no_sync(self.model) if i + 1 < accumulation else nullcontext():
+            # (a sharded model has no no_sync: it reduce-scatters every micro-batch, so no process ever holds
+            # a whole gradient; accelerate's autocast is then applied here, as prepare does for DDP)
+            with acc.no_sync(self.model) if i + 1 < accumulation else nullcontext(), \
+                    acc.autocast() if self.sharded else nullcontext():
                 loss, ce, distill, z_loss = self.model(self._micro_batch_loss)
                 # 4. backward of this micro-batch's share of the mean; under fp16 accelerate multiplies the loss
                 #    by the GradScaler's scale first, so small gradients do not underflow to zero
@@ -246,7 +270,10 @@ class StudentTrainer:
         # 5. update: every process holds the mean gradient, so the weights stay equal
         if self.world > 1:
             ce, distill, z_loss, loss = acc.reduce(torch.stack([ce, distill, z_loss, loss]), "mean")
-        grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)  # unscales fp16 gradients first
+        if self.sharded:
+            grad_norm = sharding.clip_grad_norm(self.trainable, spec.max_grad_norm)
+        else:
+            grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)  # unscales fp16 gradients first
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "ce": ce.item(), "distill": distill.item(), "z_loss": z_loss.item(),
@@ -260,23 +287,25 @@ class StudentTrainer:
         codes = self.codes[index].to(self.device)  # (B, L)
         cond = self.conds[self.prompt_index[index]].to(self.device)
         drop = (torch.rand(spec.batch_size, generator=self.generator) < spec.cfg_dropout).to(self.device)
-        # 2. next-token cross-entropy, each code position weighted (uniform by default): a backend with its
-        #    original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
-        #    it; otherwise the codes only, over the codebook
-        z_loss = torch.zeros((), device=self.device)
-        if hasattr(self.bundle, "sequence_loss"):
-            terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
-            ce, z_loss = terms["ce"], terms["z_loss"]
-        else:
-            logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
-            ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
-            ce = (ce * self.weights).mean()
+        # 2. next-token cross-entropy (compiled with student.compile)
+        ce, z_loss = self.loss_terms(cond, codes, drop)
         # 3. optional prior distillation against the adapter-disabled base
         distill = torch.zeros((), device=self.device)
         if spec.regularisers.prior_distillation > 0:
             distill = self._distillation(spec.batch_size)
         loss = ce + getattr(self.bundle, "z_loss_weight", 0.0) * z_loss + spec.regularisers.prior_distillation * distill
         return loss, ce, distill, z_loss
+
+    def _loss_terms(self, cond: torch.Tensor, codes: torch.Tensor, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ce, z_loss): next-token cross-entropy, each code position weighted (uniform by default). A backend
+        with its original's own objective (Lumina-mGPT: every image-turn token, full vocabulary, z-loss) gives
+        it; otherwise the codes only, over the codebook, and z_loss is 0."""
+        if hasattr(self.bundle, "sequence_loss"):
+            terms = self.bundle.sequence_loss(cond, codes, drop, self.weights)
+            return terms["ce"], terms["z_loss"]
+        logits = self.bundle.image_logits(cond, codes, drop)  # (B, L, K)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction="none").view_as(codes)
+        return (ce * self.weights).mean(), torch.zeros((), device=codes.device)
 
     def train(self) -> None:
         spec = self.spec
@@ -306,12 +335,35 @@ class StudentTrainer:
                 self.save_checkpoint()  # a growth step's final state: the chosen student and a re-run resume it
             faults.kill_point("student", "step", self.progress.step)
         bar.close()
+        if self.sharded:
+            self._unshard()
+            return
         self.bundle.model.eval()
         if self.world > 1:  # the processes must end with the same weights; say so checkably
             from proxytune.files import sha256_bytes
 
             digest = sha256_bytes(b"".join(p.detach().cpu().numpy().tobytes() for p in self.trainable))
             tqdm.write(f"student: rank {self.rank} final weights sha256 {digest}")
+
+    def _unshard(self) -> None:
+        """After sharded training: gather the trained weights whole to the main process, which loads them
+        into a fresh, unsharded copy of the student (the sample grid and `save` run there alone); the other
+        processes drop their shards. Every process calls it (the gathers are collective)."""
+        import gc
+
+        whole = sharding.full_state(self._trained_state(), keep=self.rank == 0)
+        self.sharded_state.release()  # its shards, the optimiser's state and the FSDP modules go before the copy loads
+        self.model = self.optimizer = self.trainable = self.bundle.model = None
+        gc.collect()  # FSDP's hooks hold the modules in reference cycles
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.rank == 0:
+            self.bundle = students.load_student(self.spec.model, device=str(self.device))
+            text_encoder_to_host(self.bundle, self.device)
+            self._trainable_model()
+            self._load_trained_state(whole)
+            self.bundle.model.eval()
+            tqdm.write(f"student: gathered {len(whole)} trained tensors from {self.world} shards")
 
     @torch.no_grad()
     def sample_grid(self, count: int = 4):
@@ -329,7 +381,12 @@ class StudentTrainer:
         if self.full_finetune:
             path = folder / FULL_WEIGHTS
             path.parent.mkdir()
-            state = {k: v.detach().cpu().contiguous() for k, v in sorted(self.bundle.model.state_dict().items())}
+            state, seen = {}, set()
+            for key, value in sorted(self.bundle.model.state_dict().items()):
+                value = value.detach().cpu().contiguous()
+                # tied weights (tiny-janus's head and embeddings) are one tensor: safetensors wants each key its own
+                state[key] = value.clone() if value.data_ptr() in seen else value
+                seen.add(value.data_ptr())
             write_bytes_atomic(path, safetensors_bytes(state, {"base_model": self.spec.model, "backend": self.bundle.backend}))
             return path
         adapter = folder / "adapter"

@@ -105,12 +105,17 @@ def text_encoder_to_host(bundle, device: torch.device) -> bool:
     return True
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, *, inputs_require_grad: bool = True) -> None:
+    """Non-reentrant checkpointing of the decoder layers. `inputs_require_grad=False` leaves out transformers'
+    hook that marks the input embeddings as requiring grad: non-reentrant checkpointing reaches the LoRA
+    weights without it, and torch.compile cannot trace it (a graph break and a recompile every step)."""
     base = unwrapped(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         from proxytune.errors import ProxytuneError
 
         raise ProxytuneError(f"student.gradient_checkpointing: {type(base).__name__} does not support it")
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
+    if inputs_require_grad and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    elif not inputs_require_grad:
+        base.disable_input_require_grads()  # gradient_checkpointing_enable adds it for a peft model

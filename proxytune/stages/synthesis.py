@@ -94,6 +94,8 @@ def generate_missing(params: StageParams, teacher_dir: Path, scratch: Path, rank
                                           vae_tiling=synthesis.vae_tiling)
     if note and rank == 0:
         tqdm.write(note)
+    if synthesis.compile:  # in place: the pipeline calls the compiled denoiser; blocks keep one shape
+        diffusion.denoiser(pipe).compile(dynamic=False)
     pipe.set_progress_bar_config(disable=True)
     label = f"synthesis [{rank + 1}/{world}]" if world > 1 else "synthesis"
     bar = tqdm(total=sum(len(block) for block in todo), desc=label, unit="img")

@@ -80,6 +80,20 @@ def adamw(groups, **settings) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, fused=fused or None, **settings)
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests may swap in "aot_eager" (no code generation)
+
+
+def compiled(fn: Callable) -> Callable:
+    """`fn` (a trainer's forward and loss) through `torch.compile` with static shapes.
+
+    A trainer's micro-batches all have one shape (batch size, sequence length, caption slots), so
+    `dynamic=False` compiles once and never for a shape again. The modules are not wrapped (the function
+    is), so their state dicts, peft's adapter saving and eager sampling see the plain modules; a
+    checkpoint written with compile on resumes with it off and the other way round.
+    """
+    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+
 def prepare_training(acc, trained: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
                      weights: Callable[[], dict[str, torch.Tensor]],
                      load_weights: Callable[[dict[str, torch.Tensor]], None]):

@@ -126,6 +126,8 @@ class StudentFamily:
             load ({src}: the model as named); None when it can.
         dropout: the dropout the family trains with by default, settable with `student.dropout`; None: the
             model has no dropout option (a non-zero `student.dropout` is refused).
+        decoder_layers: class names of the model's repeated decoder layers; `student.sharding: fsdp` makes
+            each one a shard group of its own (gathered whole only while it runs).
     """
 
     name: str
@@ -140,6 +142,7 @@ class StudentFamily:
     check_config: Callable[[dict, StudentMeta | None], str | None] | None = None
     needs_meta: str | None = None
     dropout: float | None = None
+    decoder_layers: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, StudentFamily] = {}

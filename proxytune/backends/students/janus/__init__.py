@@ -49,4 +49,5 @@ FAMILY = StudentFamily(
     name="janus", label="Janus-Pro", load=_load, sampling=SAMPLING, model_types=("janus",),
     refused={ORIGINAL_MODEL_TYPE: CONVERT_FIX}, convert=_command,
     tiny={"tiny-janus": TinyStudent("tiny-janus-v2", _build_tiny)}, check_folder=check_folder,
+    decoder_layers=("LlamaDecoderLayer",),
 )

@@ -48,4 +48,5 @@ FAMILY = StudentFamily(
     name="llamagen", label="LlamaGen", load=_load, sampling=SAMPLING, convert=_command,
     tiny={"tiny-llamagen": TinyStudent("tiny-llamagen-v2", _build_tiny)}, check_folder=check_folder,
     dropout=ORIGINAL_DROPOUT,
+    decoder_layers=("LlamaDecoderLayer",),
 )

@@ -159,7 +159,9 @@ class ARStudent(PreTrainedModel):
         """
         C = self.config.cond_len
         token = (text_feats != 0).any(dim=-1)  # (B, C)
-        if bool(token.all()):  # one host sync per call; full captions keep SDPA's causal fast path
+        # one host sync per call; full captions keep SDPA's causal fast path. A compiled graph cannot branch on
+        # a tensor's value and always takes the mask (the same attention).
+        if not torch.compiler.is_compiling() and bool(token.all()):
             return None
         B, device = token.shape[0], token.device
         visible = torch.cat([token, token.new_ones(B, max(end - C, 0))], dim=1)[:, :end]  # (B, end)

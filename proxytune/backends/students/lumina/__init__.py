@@ -69,4 +69,5 @@ FAMILY = StudentFamily(
     name="lumina-mgpt", label="Lumina-mGPT", load=_load, sampling=SAMPLING, model_types=("chameleon",),
     convert=_command, tiny={"tiny-lumina-mgpt": TinyStudent("tiny-lumina-mgpt-v3", _build_tiny)},
     check_folder=check_folder, check_config=check_config, needs_meta=NEEDS_META,
+    decoder_layers=("ChameleonDecoderLayer", "ChameleonSwinDecoderLayer"),
 )
