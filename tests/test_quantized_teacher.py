@@ -55,7 +55,7 @@ def test_quantized_teacher_trains_its_lora_which_reloads_unquantised_and_generat
     lora_bytes = sum(p.numel() * 4 for p in recipe.trainable)
     held = quantize.weight_bytes(denoiser) - lora_bytes
     assert held == _expected_bytes(plain, quantize_as)
-    assert held < {"fp8": 0.3, "nf4": 0.2}[quantize_as] * quantize.weight_bytes(plain)  # 0.29 and 0.17 here
+    assert held < {"fp8": 0.3, "nf4": 0.2}[quantize_as] * quantize.weight_bytes(plain)  # 0.29 and 0.16 here
     assert all(p.dtype == torch.float32 for p in recipe.trainable)
     before = [p.detach().clone() for p in recipe.trainable]
     logs = recipe.train_step()
