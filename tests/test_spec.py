@@ -65,7 +65,7 @@ BAD_SPECS = [
     (with_(teacher__resolution=60), "teacher.resolution: 60 is not a multiple of 8, which tiny-sd needs"),
     (with_(teacher__model="tiny-flux", teacher__resolution=100), "teacher.resolution: 100 is not a multiple of 8"),
     # memory options (issue 27)
-    (with_(teacher__quantize="nf4"), "teacher.quantize: Input should be 'none' or 'int8'"),
+    (with_(teacher__quantize="int4"), "teacher.quantize: Input should be 'none', 'int8', 'fp8' or 'nf4'"),
     (with_(teacher__quantize="int8", teacher__processes=2), "teacher.processes: with quantize: int8, must be 1"),
     (with_(evaluation__student_batch_size=0), "evaluation.student_batch_size: must be a positive integer"),
     (with_(memory="sometimes"), "memory: Input should be 'checkpointing', 'auto' or 'manual'"),

@@ -96,14 +96,12 @@ def test_gradient_checkpointing_gives_the_same_losses(project):
     np.testing.assert_allclose(checkpointed.progress.series["loss"], plain.progress.series["loss"], rtol=1e-4)
 
 
-def test_8bit_adam_without_bitsandbytes_is_a_clear_error(project):
-    pytest.importorskip("proxytune")  # always there; documents the intent of the next line
-    try:
-        import bitsandbytes  # noqa: F401
-        pytest.skip("bitsandbytes is installed here")
-    except ImportError:
-        pass
-    with pytest.raises(ProxytuneError, match=r"^teacher.use_8bit_adam: bitsandbytes is not installed"):
+def test_8bit_adam_without_torchao_is_a_clear_error(project, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao.optim", None)  # import fails as if torchao were absent
+    with pytest.raises(ProxytuneError, match=r"^teacher.use_8bit_adam: needs torchao, which is not installed "
+                                             r"\(pip install 'proxytune\[quantize\]'\)$"):
         recipe_for(project, steps=1, use_8bit_adam=True)
 
 

@@ -43,8 +43,8 @@ from proxytune.plan.trace import trace_step
 
 GIB = 2**30
 # 2: FLOPs counted in LiveBytes (checkpointed steps were too big); 3: Lumina-mGPT's chunked loss;
-# 4: counts of frozen Linear weights (teacher.quantize)
-TRACE_VERSION = 4
+# 4: counts of frozen Linear weights (teacher.quantize); 5: and of their NF4 blocks
+TRACE_VERSION = 5
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -177,14 +177,24 @@ def _time(flops: float, gpu: Gpu, half: bool) -> float:
 
 
 def frozen_bytes(counts: dict[str, int], dtype: str, quantize: str = "none") -> int:
-    """Bytes of a component's frozen weights in `dtype`; with `quantize: int8` (torchao's int8 weight-only,
-    as `teacher.quantize` loads the denoiser) each frozen nn.Linear weight is 1 byte a value plus, per row,
-    a scale in `dtype` and an int8 zero point (torchao's Int8Tensor: qdata, scale, zero_point), and
-    everything else (convolutions, norms, biases, embeddings) stays in `dtype`."""
-    if quantize != "int8":
-        return counts["frozen"] * _BYTES[dtype]
-    rows = counts["linear_rows"] * (_BYTES[dtype] + 1)
-    return counts["linear"] + rows + (counts["frozen"] - counts["linear"]) * _BYTES[dtype]
+    """Bytes of a component's frozen weights in `dtype`, quantised as `teacher.quantize` loads the denoiser
+    (torchao's tensors, backends/teachers/quantize.py); what is not quantised (convolutions, norms, biases,
+    embeddings, and for nf4 a weight of partial blocks) stays in `dtype`.
+
+    int8: each frozen nn.Linear weight at 1 byte a value plus, per row, a float32 scale and an int8 zero
+    point (`Int8Tensor`). fp8: 1 byte a value plus a float32 scale a row (`Float8Tensor`). nf4: half a byte a
+    value, an int8 absmax a block of 64, and in `dtype` a scale a group of blocks, their mean and the
+    16-entry quantile table a weight (`NF4Tensor`; `quantize.nf4_bytes`).
+    """
+    size = _BYTES[dtype]
+    if quantize in ("int8", "fp8"):
+        rows = counts["linear_rows"] * (4 + (quantize == "int8"))
+        return counts["linear"] + rows + (counts["frozen"] - counts["linear"]) * size
+    if quantize == "nf4":
+        scales = (counts["nf4_groups"] + 17 * counts["nf4_tensors"]) * size  # group scales, mean, quantile table
+        nf4 = counts["nf4_linear"] // 2 + counts["nf4_blocks"] + scales
+        return nf4 + (counts["frozen"] - counts["nf4_linear"]) * size
+    return counts["frozen"] * size
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -220,7 +230,7 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
     est = StageEstimate(
         "teacher", f"{teacher.family} {'UNet' if denoiser.kind == 'unet' else 'transformer'} LoRA r{spec.lora.rank}, {spec.resolution} px, batch {batch}"
         f"{', bf16' if half else ', fp32'}{', checkpointing' if spec.gradient_checkpointing else ''}"
-        f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}{', int8 denoiser' if quantize == 'int8' else ''}",
+        f"{', 8-bit AdamW' if spec.use_8bit_adam else ''}{f', {quantize} denoiser' if quantize != 'none' else ''}",
         weights=denoiser_bytes + kept * _BYTES[weights] + vae * 4 + trainable * 4,
         gradients=trainable * 4, optimizer=trainable * (2 if spec.use_8bit_adam else 8),
         activations=batch * max(0, trace["peak"] - trace["end"]),
@@ -229,15 +239,25 @@ def teacher_training(spec, teacher: models.TeacherModel, gpu: Gpu) -> StageEstim
     est.seconds = _time(est.flops, gpu, half)
     est.notes.append(f"{params(counts['frozen'] + kept + vae)} frozen parameters on the GPU while training "
                      f"(denoiser {params(counts['frozen'])}), {params(trainable)} trained")
-    if quantize == "int8":
-        est.notes.append(f"int8 denoiser: its {params(counts['linear'])} Linear weights at 1 byte "
-                         f"({denoiser_bytes / GIB:.1f} GiB, against {counts['frozen'] * _BYTES[weights] / GIB:.1f})")
+    if quantize != "none":
+        est.notes.append(_quantized_note(counts, quantize, denoiser_bytes, weights))
     if frozen and not spec.train_text_encoder:
         est.notes.append(f"text encoders ({params(frozen)}, {frozen * _BYTES[weights] / GIB:.1f} GiB) on the GPU only "
                          f"while the prompts are encoded: {est.setup / GIB:.1f} GiB then")
     if spec.train_text_encoder:
         est.notes.append("the text encoder's LoRA is not counted")
     return est
+
+
+def _quantized_note(counts: dict[str, int], quantize: str, held: int, dtype: str) -> str:
+    """What a quantised denoiser holds, for the plan's notes."""
+    if quantize == "nf4":
+        what = f"its {params(counts['nf4_linear'])} Linear weights in whole 64-value blocks at 4 bits"
+        left = counts["linear"] - counts["nf4_linear"]
+        what += f" ({params(left)} in partial blocks stay {dtype})" if left else ""
+    else:
+        what = f"its {params(counts['linear'])} Linear weights at 1 byte"
+    return f"{quantize} denoiser: {what} ({held / GIB:.1f} GiB, against {counts['frozen'] * _BYTES[dtype] / GIB:.1f})"
 
 
 def generation_dtype(spec) -> str:
@@ -259,7 +279,7 @@ def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, 
               stage: str = "synthesis", steps_per_image: int | None = None, guidance: bool = True) -> StageEstimate:
     """Generating proxies (`spec` a SynthesisSpec) in its generation dtype.
 
-    `quantize: int8` weighs the denoiser as `frozen_bytes` does (its unfused LoRA, a few MB, is not counted).
+    `quantize` (int8, fp8, nf4) weighs the denoiser as `frozen_bytes` does (its unfused LoRA, a few MB, is not counted).
     Without `cpu_offload` every model of the pipeline stays on the GPU; with it (diffusers' model CPU
     offload) only the running one is, so the peak is the largest of (a model + its activations), and every
     batch copies each model to the GPU and back at `gpus.PCIE_GBS`. `vae_tiling` decodes tiles of
@@ -289,7 +309,7 @@ def synthesis(spec, teacher: models.TeacherModel, resolution: int, gpu: Gpu, *, 
     denoise_steps = steps_per_image or spec.num_inference_steps
     denoising, decoding = batch * cfg * forward["peak"], batch * (decode["peak"] + decoded)
     what = (f"{teacher.family} sampling, {resolution} px, batch {batch}{' x2 (CFG)' if cfg == 2 else ''}, "
-            f"{denoise_steps} steps, {images} images, {dtype}{', int8 denoiser' if quantize == 'int8' else ''}"
+            f"{denoise_steps} steps, {images} images, {dtype}{f', {quantize} denoiser' if quantize != 'none' else ''}"
             f"{', CPU offload' if offload else ''}"
             f"{', VAE tiling' if tiling else ''}")
     if offload:  # one model at a time: the peak is the largest model with what it computes

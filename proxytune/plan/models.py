@@ -131,18 +131,30 @@ def with_knobs(component: Component, values: dict[tuple, int]) -> Component:
 
 
 def count_parameters(module) -> dict[str, int]:
-    """{"frozen": n, "trainable": n, "linear": n, "linear_rows": n} for a (meta) module: "linear" is the
-    frozen nn.Linear weights among the frozen (what `teacher.quantize: int8` stores as int8), "linear_rows"
-    their output rows (one scale each)."""
+    """{"frozen", "trainable", "linear", "linear_rows", "nf4_linear", "nf4_blocks", "nf4_groups", "nf4_tensors"}
+    for a (meta) module: "linear" is the frozen nn.Linear weights among the frozen (what `teacher.quantize:
+    int8 / fp8` stores at 1 byte), "linear_rows" their output rows (one scale each); the nf4 counts are of
+    the frozen Linear weights NF4 can hold (whole 64-value blocks), their blocks, the groups of blocks that
+    share a scale (`quantize.nf4_scaler_group`) and the weights themselves."""
     import torch
 
-    counts = {"frozen": 0, "trainable": 0, "linear": 0, "linear_rows": 0}
+    from proxytune.backends.teachers.quantize import NF4_BLOCK, nf4_scaler_group
+
+    counts = dict.fromkeys(("frozen", "trainable", "linear", "linear_rows", "nf4_linear", "nf4_blocks", "nf4_groups",
+                            "nf4_tensors"), 0)
     for param in module.parameters():
         counts["trainable" if param.requires_grad else "frozen"] += param.numel()
     for layer in module.modules():
         if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
-            counts["linear"] += layer.weight.numel()
+            numel = layer.weight.numel()
+            counts["linear"] += numel
             counts["linear_rows"] += layer.weight.shape[0]
+            group = nf4_scaler_group(numel)
+            if group is not None:
+                counts["nf4_linear"] += numel
+                counts["nf4_blocks"] += numel // NF4_BLOCK
+                counts["nf4_groups"] += numel // NF4_BLOCK // group
+                counts["nf4_tensors"] += 1
     return counts
 
 

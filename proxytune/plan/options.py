@@ -2,7 +2,8 @@
 
 Fewest changes first; among those, one that keeps the model's numerics (no quantised base) if any fits,
 then the fastest plan, then one that keeps the batch. Batch sizes are halved down to 1 (the report says to
-raise gradient_accumulation_steps so the optimiser sees the same batch).
+raise gradient_accumulation_steps so the optimiser sees the same batch). A quantised base is int8 unless no
+setting with int8 fits; only then is the search repeated with nf4 in its place.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from dataclasses import dataclass
 from proxytune.plan import estimate
 from proxytune.plan.gpus import Gpu
 
-# spec fields that save memory and the value that does, per training stage
+# spec fields that save memory and the value that does, per training stage; a tuple: one value per search,
+# tried in order while none fits (int8 first, nf4 only where int8 is not enough; fp8 saves what int8 saves
+# with coarser rounding, so it is never proposed)
 TEACHER_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True,
-                    "quantize": "int8"}
+                    "quantize": ("int8", "nf4")}
 STUDENT_SWITCHES = {"mixed_precision": "bf16", "gradient_checkpointing": True, "use_8bit_adam": True}
-SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True, "quantize": "int8"}
+SYNTHESIS_SWITCHES = {"dtype": "bfloat16", "cpu_offload": True, "vae_tiling": True, "quantize": ("int8", "nf4")}
+LOSSIER = {"none": 0, "int8": 1, "fp8": 2, "nf4": 3}  # a quantised base: how far from the unquantised
 # changes that alter what the model computes, not only how: proposed only when nothing else as small fits
 NUMERICS = {("teacher", "quantize"), ("synthesis", "quantize")}
 # switches the spec refuses together (student.sharding: fsdp with use_8bit_adam)
@@ -58,11 +62,33 @@ def suggest(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggesti
     Args:
         section: the spec key, for the message ("teacher").
         estimator: spec -> StageEstimate.
-        switches: field -> the value that saves memory, or -> {field: value, ...} for fields that change
-            together (sharding with its processes).
+        switches: field -> the value that saves memory, -> {field: value, ...} for fields that change
+            together (sharding with its processes), or -> a tuple of values: the first search uses each
+            tuple's first value, and while none fits the next search its next.
     """
-    free = {key: value for key, value in switches.items() if hasattr(spec, key) and getattr(spec, key) != (
-        value[key] if isinstance(value, dict) else value)}
+    rounds = max((len(value) for value in switches.values() if isinstance(value, tuple)), default=1)
+    for n in range(rounds):
+        chosen = {key: value[min(n, len(value) - 1)] if isinstance(value, tuple) else value
+                  for key, value in switches.items()}
+        found = _fewest_changes(section, spec, estimator, chosen, gpu)
+        if found is not None:
+            return found
+    return None
+
+
+def _saves(spec, key: str, value) -> bool:
+    """Whether setting `key` to `value` (or to `value[key]`, for fields that change together) is a change
+    worth trying: another value, and for a quantised base a lossier one than the spec's (its int8 may
+    become nf4, never the reverse)."""
+    current, value = getattr(spec, key), value[key] if isinstance(value, dict) else value
+    if key == "quantize":
+        return LOSSIER[value] > LOSSIER[current]
+    return current != value
+
+
+def _fewest_changes(section: str, spec, estimator, switches: dict, gpu: Gpu) -> Suggestion | None:
+    """`suggest` with one value (or one group of fields) a switch."""
+    free = {key: value for key, value in switches.items() if hasattr(spec, key) and _saves(spec, key, value)}
     candidates = []
     for size in range(len(free) + 1):
         for keys in itertools.combinations(free, size):

@@ -135,8 +135,8 @@ def _eval_images(spec) -> int:
 
 def _beyond(stage: str) -> str:
     """What proxytune does not offer yet that would (docs/memory.md)."""
-    if stage == "teacher":
-        return "a 4-bit (NF4) base or sharding (FSDP) would be needed; proxytune has neither yet"
+    if stage == "teacher":  # the nf4 base is among the options weighed already
+        return "sharding the teacher (FSDP) would be needed; proxytune shards only the student"
     if stage == "student":
         return "more GPUs to shard over (student.sharding: fsdp, student.processes: N; plan --gpus N) would be needed"
-    return "a 4-bit (NF4) or FP8 denoiser, or group offloading, would be needed; proxytune has none yet"
+    return "group offloading (part of the denoiser at a time on the GPU) would be needed; proxytune has none yet"

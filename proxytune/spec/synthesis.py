@@ -97,12 +97,12 @@ class SynthesisSpec(Strict):
         "peak is the largest model, not all of them (FLUX: the 9.5 GiB T5-XXL leaves while the transformer runs), "
         "for some time per batch moving weights. Same images. CUDA only: on CPU it is skipped with a note.",
     )
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "fp8", "nf4"] = Field(
         default="none",
-        description="int8: the tuned teacher generates (same stages as cpu_offload) from an int8 weight-only base "
-        "denoiser (torchao, as teacher.quantize) with its LoRA beside it, unfused: about half the denoiser's bf16 "
-        "bytes (a FLUX.1-dev transformer: 11 GiB instead of 22), for int8 rounding of its Linear weights and some "
-        "speed. CPU and CUDA; needs `pip install 'proxytune[quantize]'`.",
+        description="The tuned teacher generates (same stages as cpu_offload) from a quantised base denoiser "
+        "(torchao, as teacher.quantize) with its LoRA beside it, unfused: int8 or fp8 about half the denoiser's bf16 "
+        "bytes (a FLUX.1-dev transformer: 11 GiB instead of 22), nf4 about a quarter (6 GiB), for the rounding of "
+        "its Linear weights (nf4 the most) and some speed. CPU and CUDA; needs `pip install 'proxytune[quantize]'`.",
     )
     vae_tiling: bool = Field(
         default=False,

@@ -88,16 +88,24 @@ class TeacherSpec(Strict):
         default="logit_normal", description="Flow-matching (SD3/FLUX) timestep density or loss weighting scheme."
     )
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
-    quantize: Literal["none", "int8"] = Field(
+    quantize: Literal["none", "int8", "fp8", "nf4"] = Field(
         default="none",
-        description="Quantise the frozen denoiser's weights while training its LoRA (QLoRA style). int8: torchao's "
-        "int8 weight-only quantisation of every Linear layer (about 1/4 of their float32 bytes, 1/2 of bf16; "
-        "convolutions stay as loaded), CPU and CUDA; needs `pip install 'proxytune[quantize]'`. The LoRA stays "
-        "float32 and is saved as usual: synthesis loads the unquantised base (in synthesis.dtype) and fuses it, "
-        "unless synthesis.quantize asks for the int8 base there too. "
+        description="Quantise the frozen denoiser's Linear weights while training its LoRA (QLoRA style; torchao, "
+        "CPU and CUDA; needs `pip install 'proxytune[quantize]'`). int8: int8 weight-only, a scale a row (about 1/4 "
+        "of their float32 bytes, 1/2 of bf16). fp8: float8_e4m3fn weight-only, a scale a row (the same bytes as int8, "
+        "coarser; no FP8 hardware needed). nf4: QLoRA's 4-bit NormalFloat in blocks of 64 (about 0.52 byte a weight, "
+        "a FLUX.1-dev transformer in 6 GiB; the lossiest). Convolutions, norms and embeddings stay as loaded. The "
+        "LoRA stays float32 and is saved as usual: synthesis loads the unquantised base (in synthesis.dtype) and "
+        "fuses it, unless synthesis.quantize asks for a quantised base there too. "
         "Prior-preservation class images and validation samples come from the quantised base. One process only.",
     )
-    use_8bit_adam: bool = Field(default=False, description="bitsandbytes AdamW8bit (needs `pip install bitsandbytes`, CUDA).")
+    use_8bit_adam: bool = Field(
+        default=False,
+        description="torchao's AdamW8bit, as student.use_8bit_adam: both moments as int8 in blocks of 256 with a "
+        "float32 scale each (~2 bytes a trained parameter instead of 8; tensors under 4096 values keep float32 "
+        "moments). CPU and CUDA; needs `pip install 'proxytune[quantize]'`; its update step is compiled with "
+        "torch.compile on first use.",
+    )
     processes: PositiveInt = Field(default=1, description="Data-parallel processes (accelerate launch); batch_size is per process.")
     validation_every: NonNegativeInt = Field(default=0, description="Sample a validation grid every N steps (0 = off).")
 

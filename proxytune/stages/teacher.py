@@ -250,7 +250,7 @@ class TeacherTrainer:
         if self.world > 1:
             instance, prior, loss = acc.reduce(torch.stack([instance, prior, loss]), "mean")
         grad_norm = acc.clip_grad_norm_(self.trainable, spec.max_grad_norm)  # unscales fp16 gradients first
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # a tensor under torchao's 8-bit AdamW
         self.optimizer.step()  # skipped (and the scale lowered) when fp16 gradients overflowed
         if not self.optimizer.step_was_skipped:
             self.lr_scheduler.step()
@@ -263,7 +263,7 @@ class TeacherTrainer:
         """A rough bill before training: weights, trainable LoRA, optimiser state (AdamW: 2 fp32 moments)."""
         models = [getattr(self.pipe, name) for name in (self.family.denoiser, "vae", *self.family.text_encoders)]
         models = [m for m in models if m is not None]  # text encoders freed after caching the prompts
-        weights = sum(diffusion.weight_bytes(m) for m in models)  # quantised weights by their int8 bytes
+        weights = sum(diffusion.weight_bytes(m) for m in models)  # quantised weights by their stored bytes
         trainable = sum(p.numel() for p in self.trainable)
         state = trainable * (2 if self.spec.use_8bit_adam else 8)
         return (f"memory estimate: weights {weights / 2**20:.1f} MiB, LoRA {trainable * 4 / 2**20:.2f} MiB "

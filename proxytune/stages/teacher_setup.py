@@ -46,14 +46,22 @@ def class_images(pipe, spec: TeacherSpec, class_prompt: str) -> list:
 
 
 def optimizer(groups: list[dict], spec: TeacherSpec) -> torch.optim.Optimizer:
-    """AdamW over the LoRA parameter groups: bitsandbytes' 8-bit one with `use_8bit_adam`, else torch's
-    (fused, `training.adamw`)."""
+    """AdamW over the LoRA parameter groups: torchao's 8-bit one with `use_8bit_adam` (as the student's,
+    CPU and CUDA), else torch's (fused, `training.adamw`).
+
+    torchao keeps each group's learning rate as a tensor and refuses a float in its place; torch's LR
+    schedulers fill such a tensor in place, so the teacher's warmup schedule runs on it unchanged.
+
+    Raises:
+        ProxytuneError: `use_8bit_adam` without torchao installed.
+    """
     if spec.use_8bit_adam:
         try:
-            import bitsandbytes as bnb
+            from torchao.optim import AdamW8bit  # its import-time noise: proxytune/__init__.py
         except ImportError:
-            raise ProxytuneError("teacher.use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
-        return bnb.optim.AdamW8bit(groups, weight_decay=spec.weight_decay)
+            raise ProxytuneError("teacher.use_8bit_adam: needs torchao, which is not installed "
+                                 "(pip install 'proxytune[quantize]')") from None
+        return AdamW8bit(groups, lr=groups[0]["lr"], weight_decay=spec.weight_decay)
     return training.adamw(groups, weight_decay=spec.weight_decay)
 
 

@@ -21,7 +21,9 @@ import torch
 
 from proxytune import builtins
 from proxytune.backends import tiny_cache
+from proxytune.backends.teachers import quantize as quantization
 from proxytune.backends.teachers.diffusion_tiny import BUILDERS
+from proxytune.backends.teachers.quantize import weight_bytes  # noqa: F401  (re-exported: stages and tests read it here)
 from proxytune.errors import ProxytuneError
 from proxytune.files import canonicalize_safetensors
 
@@ -108,48 +110,6 @@ def _failing_component(err: BaseException) -> str | None:
     return name if isinstance(name, str) else None
 
 
-QUANTIZE_CHOICES = ("none", "int8")  # teacher.quantize
-
-
-def quantization_config(quantize: str, field: str = "teacher.quantize"):
-    """diffusers' quantisation config for the frozen denoiser (`field`: the spec field that asks, in
-    messages), or None for "none".
-
-    int8: torchao's int8 weight-only quantisation (`Int8WeightOnlyConfig`) of every nn.Linear, applied
-    while the weights load; activations and convolutions stay in the load dtype. peft puts its LoRA
-    beside such a layer (`TorchaoLoraLinear`), in float32, and trains it through the quantised weights.
-    torchao runs it on CPU and CUDA alike.
-
-    Raises:
-        ProxytuneError: an unknown choice, or torchao is not installed.
-    """
-    if quantize == "none":
-        return None
-    if quantize not in QUANTIZE_CHOICES:
-        raise ProxytuneError(f"{field}: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig  # its import-time noise: proxytune/__init__.py
-    except ImportError:
-        raise ProxytuneError(f"{field}: int8 needs torchao, which is not installed "
-                             "(pip install 'proxytune[quantize]')") from None
-    from diffusers import TorchAoConfig
-
-    return TorchAoConfig(Int8WeightOnlyConfig())
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes the model's parameters and buffers hold, counting a quantised tensor (a torchao tensor
-    subclass: int8 data and its scales) by its inner tensors, not by its nominal float dtype."""
-
-    def size(t: torch.Tensor) -> int:
-        if hasattr(t, "__tensor_flatten__"):
-            names, _ = t.__tensor_flatten__()
-            return sum(size(getattr(t, name)) for name in names)
-        return t.numel() * t.element_size()
-
-    return sum(size(t) for t in (*model.parameters(), *model.buffers()))
-
-
 def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype,
                  quantized: dict[str, Any] | None = None) -> dict[str, torch.nn.Module]:
     """Each diffusers / transformers model the pipeline names, loaded on its own so that its loading report
@@ -184,12 +144,13 @@ def _load_models(ref: str, path: str, revision: str | None, dtype: torch.dtype,
 
 def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32, quantize: str = "none",
                   quantize_field: str = "teacher.quantize"):
-    """The base text-to-image pipeline in `dtype`, every model frozen; `quantize` (see `quantization_config`)
-    quantises the denoiser's weights while they load (the teacher's QLoRA-style training; synthesis loads
-    the unquantised base and fuses the LoRA into it).
+    """The base text-to-image pipeline in `dtype`, every model frozen; `quantize` (int8, fp8, nf4: see
+    `quantize.py`) quantises the denoiser's frozen Linear weights as they load (the teacher's QLoRA-style
+    training; synthesis loads the unquantised base and fuses the LoRA into it unless synthesis.quantize).
 
     Raises:
-        ProxytuneError: `quantize` cannot run (see `quantization_config`); no readable model_index.json, an unsupported pipeline class, or any failure while
+        ProxytuneError: `quantize` cannot run (see `quantize.require`); no readable model_index.json, an
+            unsupported pipeline class, or any failure while
             diffusers / transformers load the files (a missing or truncated weight file, a weight missing
             from the files, a shape mismatch, an unreadable tokenizer), as one line naming the checkpoint and
             the component.
@@ -198,8 +159,11 @@ def load_pipeline(ref: str, *, revision: str | None = None, dtype: torch.dtype =
 
     path = resolve(ref)
     family = detect_family(path, revision)
-    config = quantization_config(quantize, quantize_field)
+    config = quantization.load_config(quantize, quantize_field)
     models = _load_models(ref, path, revision, dtype, {family.denoiser: config} if config else None)
+    if quantize == "nf4":  # computed on the GPU where there is one (FLUX.1-dev: CPU-minutes on the CPU)
+        work = torch.device("cuda") if torch.cuda.is_available() else None
+        quantization.to_nf4(models[family.denoiser].requires_grad_(False), work)
     try:
         pipe = DiffusionPipeline.from_pretrained(path, revision=revision, dtype=dtype, **models)
     except ProxytuneError:
@@ -217,8 +181,8 @@ def load_pipeline_with_lora(ref: str, lora_dir: Path, *, revision: str | None = 
                             fuse: bool = True, dtype: torch.dtype = torch.float32, quantize: str = "none"):
     """Base pipeline in `dtype` + a saved teacher LoRA, fused for generation (no LoRA overhead per step).
 
-    `quantize` (`synthesis.quantize`, see `quantization_config`) loads the base denoiser quantised; its LoRA
-    then stays unfused beside the int8 weights (peft's torchao LoRA layer), as the teacher trained it.
+    `quantize` (`synthesis.quantize`, see `quantize.py`) loads the base denoiser quantised; its LoRA then
+    stays unfused beside the quantised weights, as the teacher trained it.
 
     Raises:
         ProxytuneError: the base pipeline does not load (see `load_pipeline`), or the adapter file does not
