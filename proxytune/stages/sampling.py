@@ -98,7 +98,7 @@ class TeacherSampler:
                                                    t.resolution, s.lora_scale if tuned else None,
                                                    s.num_inference_steps, s.guidance_scale,
                                                    str(generation_dtype(s.dtype)),
-                                                   # an int8 base samples other images; the default keeps old keys
+                                                   # a quantised base samples other images; the default keeps old keys
                                                    *([s.quantize] if s.quantize != "none" else [])))
         self._pipe = None
         self.path = diffusion.resolve(params.teacher.model)
