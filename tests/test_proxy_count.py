@@ -78,7 +78,8 @@ def test_compile_chains_the_steps_and_the_subjects_student_is_the_choice():
     step = files["runs/t--grow-32/dog/params.yaml"]
     assert step["student"]["num_proxy_images"] == 32 and "proxy_count" not in step["student"]
     assert step["evaluation"]["num_prompts"] == 8 and step["evaluation"]["base_models"] is False
-    assert step["grow"] == {"index": 1, "metric": "dino", "state": "runs/t--grow-16/dog/eval/proxy_count.json"}
+    assert step["grow"] == {"index": 1, "metric": "dino", "state": "runs/t--grow-16/dog/eval/proxy_count.json",
+                            "stop_when": "paired"}
     assert files["runs/t/dog/params.yaml"]["grow"]["index"] is None
     # appending a step leaves the earlier steps' params as they were: DVC re-runs none of them
     longer, more = compiled([16, 32, 64])

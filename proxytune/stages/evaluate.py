@@ -383,7 +383,8 @@ def record(params: StageParams, samples: Samples, scores: Scores, summary: Summa
     with stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
         write_outputs(tmp, params, samples, scores, summary)
         if growth is not None:
-            growth = proxy_count.after_step(growth, params, summary.metrics["student"])
+            growth = proxy_count.after_step(growth, params, summary.metrics["student"], scores.per_image["student"],
+                                            samples.prompts)
             growth.write(tmp / layout.COUNT_FILE)
             run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
         run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": scores.described,
