@@ -291,6 +291,9 @@ def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(pr
     state = CountState.read(root / "runs/t/dog/student/proxy_count.json")
     assert state.metric == "dino" and state.available == 2 and state.chosen == 2 and len(state.steps) == 1
     assert state.stopped == "ran out: the 2-proxy step trained on all 2 proxies of the set"
+    assert state.stop_when == "paired" and len(state.steps[0].scores) == 2  # 2 held-out prompts x 1 seed, per image
+    # a step's held-out evaluation samples and scores its student alone: the rule reads nothing else
+    assert sorted(p.name for p in (root / "runs/t--grow-2/dog/eval/images").iterdir()) == ["student"]
     for folder in ("student", "eval"):  # the step after the stop: the state handed on, nothing trained or scored
         assert sorted(p.name for p in (root / "runs/t--grow-4/dog" / folder).iterdir()) == ["proxy_count.json"]
     chosen = read(root, "runs/t--grow-2/dog/student/record.json")

@@ -190,7 +190,8 @@ class ProxyCountSpec(Strict):
     prompts: Annotated[int, Field(ge=2, strict=True)] = Field(
         default=8, description="Held-out prompts: the first N of the evaluation's prompt set (at least 2: the "
         "interval resamples prompts).")
-    images_per_prompt: PositiveInt = Field(default=4, description="Held-out images per prompt and step.")
+    images_per_prompt: PositiveInt = Field(default=8, description="Held-out images per prompt and step (the same "
+        "seeds at every step); more images see smaller gains, at more student sampling per step.")
 
     @model_validator(mode="after")
     def _increasing(self):
