@@ -179,7 +179,7 @@ class ProxyCountSpec(Strict):
         description="paired: every step is scored on the same held-out prompts and seeds; stop at the first step "
         "whose gain over the previous one (image by image, 95% interval resampling prompts) is not clear of 0 "
         "(lower end <= 0): the previous N is chosen. plateau: stop at the first step whose held-out mean lies inside "
-        "or below the previous step's 95% interval (unpaired: misses gains the paired rule sees). Either way the "
+        "or below the previous step's 95% interval (unpaired: can miss a gain that every prompt shares). Either way the "
         "growth also stops when the proxy set runs out (a step needs more proxies than the set holds: that step "
         "trains on all of them and is the last).",
     )

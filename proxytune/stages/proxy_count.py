@@ -11,7 +11,7 @@ i - 1 image by image. The rule (`next_state`, `proxy_count.stop_when`):
     clear gain): stop and choose N_{i-1}, the smaller count;
   - plateau: with m_i the held-out mean and [lo_i, hi_i] its own 95% interval, m_i <= hi_{i-1} (the mean
     lies inside or below the previous step's interval): stop and choose N_{i-1}. Unpaired: the prompts'
-    spread sits in both intervals, so it misses gains the paired rule sees;
+    spread sits in both intervals, so it can miss a gain that every prompt shares;
   - ran out: step i needed at least as many proxies as the set holds (with curation: the kept ones):
     it trained on all of them; stop and choose it (it improved, or the rule above would have fired);
   - otherwise grow. After the last step (`final_state`) the largest count is chosen.
@@ -47,6 +47,7 @@ def read_state(folder: Path) -> CountState:
 def paired_difference(before: StepScore, after: StepScore, resamples: int, seed: int) -> tuple[float, list[float]]:
     """Mean and 95% interval of `after` - `before` on the same held-out images: per image the difference of
     the two steps' scores, resampling prompts (each with all its images), so both steps are resampled alike.
+    Same images means same prompts, seed and images per prompt (image k of prompt p: seed + 1000 p + k).
 
     Raises:
         ValueError: the steps were not scored on the same prompts and seeds, or a step has no per-image scores.
@@ -162,5 +163,6 @@ def after_step(state: CountState, params, student_metrics: dict, per_image: dict
     try:
         return next_state(state, step, evaluation.bootstrap_resamples, evaluation.seed)
     except ValueError as err:
-        raise ProxytuneError(f"{params.source.spec_file}: student.proxy_count: {err}; re-run every step "
-                             f"(dvc repro --force the grow_evaluate stages) or use stop_when: plateau") from err
+        raise ProxytuneError(f"{params.source.spec_file}: student.proxy_count: {err}; re-run every grow_evaluate "
+                             f"stage of the growth, first step to last (`dvc repro --force --single-item "
+                             f"grow_evaluate@EXP--grow-N.SUBJECT`), or use stop_when: plateau") from err
