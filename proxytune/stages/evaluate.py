@@ -389,7 +389,10 @@ def record(params: StageParams, samples: Samples, scores: Scores, summary: Summa
             growth = proxy_count.after_step(growth, params, summary.metrics["student"], scores.per_image["student"],
                                             samples.prompts)
             growth.write(tmp / layout.COUNT_FILE)
-            run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
+            step, name = growth.steps[-1], f"held_out.{growth.metric}"
+            run.log_metrics({name: step.mean})
+            if step.difference is not None:  # the gain over the previous step, image by image
+                run.log_metrics({f"{name}.difference": step.difference})
         run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": scores.described,
                         "student_sampling": samples.student_sampling})
         run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})
