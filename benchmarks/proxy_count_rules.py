@@ -16,11 +16,20 @@ similar image) and drawn afresh otherwise.
 
     python benchmarks/proxy_count_rules.py                       # the default grid, 400 trials each
     python benchmarks/proxy_count_rules.py --trials 1000 --sizes 8x4 8x8 16x4
+
+`--replay` reads instead the held-out images of a toy growth's steps (their eval/ folders, in step
+order), scores them again with the toy world's oracle and runs both rules on them, so a growth that
+ran under one rule can be read by the other (and one recorded before per-image scores were kept):
+
+    python benchmarks/proxy_count_rules.py --replay runs/toy-count--grow-16/stripy-box/eval \
+        runs/toy-count--grow-32/stripy-box/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 
@@ -64,6 +73,38 @@ def grows(rule: str, before: StepScore, after: StepScore, resamples: int) -> boo
     return next_state(state, after, resamples, 0).stopped is None
 
 
+def replay(eval_dirs: list[str], resamples: int) -> None:
+    """Both rules on the recorded held-out images of a toy growth's steps (eval/ folders, in step order)."""
+    import yaml
+    from PIL import Image
+
+    from proxytune.toyworld.judges import oracle_reader, oracle_scores
+    from proxytune.toyworld.subjects import SUBJECTS
+
+    reader, steps = oracle_reader(), []
+    for folder in map(Path, eval_dirs):
+        params = yaml.safe_load((folder.parent / "params.yaml").read_text())
+        held_out, subject = params["evaluation"], params["subject"]
+        prompts = json.loads((folder / "prompts.json").read_text())
+        k = held_out["images_per_prompt"]
+        images = [[Image.open(folder / "images" / "student" / f"p{p:02d}_k{j}.png").convert("RGB") for j in range(k)]
+                  for p in range(len(prompts))]
+        values = np.asarray(oracle_scores(reader, images, prompts, subject["token"], SUBJECTS[subject["name"]])
+                            ["subject_acc"], dtype=np.float64)
+        low, high = stats.cluster_bootstrap_ci(values, stats.prompt_clusters(values.size, k), resamples, held_out["seed"])
+        count = params["student"]["num_proxy_images"]
+        steps.append(StepScore(count=count, used=count, mean=float(values.mean()), ci95=[low, high], prompts=prompts,
+                               seed=held_out["seed"], images_per_prompt=k, scores=values.tolist()))
+        print(f"{count} proxies: subject_acc {values.mean():.4f} [{low:.4f}, {high:.4f}]; read as the subject: "
+              f"{', '.join(f'p{i // k} k{i % k}' for i in np.flatnonzero(values == 1)) or 'none'}")
+    for rule in ("paired", "plateau"):
+        state = CountState(metric="subject_acc", available=10**6, stop_when=rule)
+        for step in steps:
+            if state.stopped is None:
+                state = next_state(state, step, resamples, step.seed)
+        print(f"{rule} rule -> {state.stopped or 'still growing'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=400)
@@ -74,7 +115,11 @@ def main() -> None:
     parser.add_argument("--spreads", type=float, nargs="+", default=[0.5, 1.5], help="sd of the prompts' logits")
     parser.add_argument("--couplings", type=float, nargs="+", default=[0.0, 0.5, 0.9])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replay", nargs="+", metavar="EVAL_DIR", help="a toy growth's steps' eval/ folders, in order")
     args = parser.parse_args()
+    if args.replay:
+        replay(args.replay, args.resamples)
+        return
     rng = np.random.default_rng(args.seed)
     print(f"share of {args.trials} trials that grow (base {args.base}; gain 0: false growth, else power)")
     print("| held-out | gain | prompt spread | seed coupling | plateau | paired |")
