@@ -95,7 +95,7 @@ def _grow_section(spec: ExperimentSpec, subject, index: int | None) -> dict:
     before = len(counts) - 1 if index is None else index - 1  # the step whose state it reads
     state = (f"{subject_dir(grow_experiment(spec.name, counts[before]), subject.name)}/{OUT_DIRS['evaluate']}/{COUNT_FILE}"
              if before >= 0 else None)
-    return {"index": index, "metric": metric, "state": state}
+    return {"index": index, "metric": metric, "state": state, "stop_when": spec.student.proxy_count.stop_when}
 
 
 def grow_params(resolved: ResolvedSpec, subject_name: str, index: int) -> dict:

@@ -591,6 +591,14 @@ class StepScore(Output):
     used: int  # proxies it trained on: N, or the whole set when the set is smaller
     mean: float  # held-out mean of the metric
     ci95: list[float]  # its 95% interval, resampling held-out prompts
+    # The held-out images it was scored on (a paired comparison needs the same ones at every step)
+    prompts: list[str] | None = None
+    seed: int | None = None  # image k of prompt p had seed `seed + 1000 p + k`
+    images_per_prompt: int | None = None
+    scores: list[float | None] | None = None  # per image, prompt-major; None: the metric does not apply
+    # This step minus the previous one, image by image, and its 95% interval resampling prompts (from step 2)
+    difference: float | None = None
+    difference_ci95: list[float] | None = None
 
 
 class CountState(Output):
@@ -599,6 +607,7 @@ class CountState(Output):
 
     metric: str
     available: int  # proxies the student can train on (the codes stage's count)
+    stop_when: Literal["plateau", "paired"] = "plateau"  # the rule (a state written before `paired` existed: plateau)
     steps: list[StepScore] = []
     stopped: str | None = None  # why the growth stopped; None while it grows
     chosen: int | None = None  # the proxy count chosen once stopped

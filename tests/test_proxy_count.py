@@ -5,6 +5,7 @@ resumes."""
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -78,7 +79,8 @@ def test_compile_chains_the_steps_and_the_subjects_student_is_the_choice():
     step = files["runs/t--grow-32/dog/params.yaml"]
     assert step["student"]["num_proxy_images"] == 32 and "proxy_count" not in step["student"]
     assert step["evaluation"]["num_prompts"] == 8 and step["evaluation"]["base_models"] is False
-    assert step["grow"] == {"index": 1, "metric": "dino", "state": "runs/t--grow-16/dog/eval/proxy_count.json"}
+    assert step["grow"] == {"index": 1, "metric": "dino", "state": "runs/t--grow-16/dog/eval/proxy_count.json",
+                            "stop_when": "paired"}
     assert files["runs/t/dog/params.yaml"]["grow"]["index"] is None
     # appending a step leaves the earlier steps' params as they were: DVC re-runs none of them
     longer, more = compiled([16, 32, 64])
@@ -144,7 +146,116 @@ def test_a_metric_the_evaluation_lacks_is_a_clear_error():
 
     params = SimpleNamespace(source=SimpleNamespace(spec_file="specs/x.yaml"), student=SimpleNamespace(num_proxy_images=4))
     with pytest.raises(ProxytuneError, match="specs/x.yaml: student.proxy_count.metric: .* no subject_acc"):
-        after_step(CountState(metric="subject_acc", available=8), params, {"dino": {"mean": 0.1, "ci95": [0, 0.2]}})
+        after_step(CountState(metric="subject_acc", available=8), params, {"dino": {"mean": 0.1, "ci95": [0, 0.2]}},
+                   {"dino": [0.1]}, ["a box"])
+
+
+# -- the paired rule, on synthetic per-image scores ---------------------------------------------------
+PROMPTS = [f"prompt {p}" for p in range(8)]
+K = 4  # images per prompt
+# The held-out prompts differ a lot (the plain prompt is easy, some scenes hard): per prompt, how many of
+# its 4 images the oracle reads as the subject at the first step.
+EASY_TO_HARD = [4, 4, 3, 3, 1, 1, 0, 0]
+
+
+def binary(hits_per_prompt: list[int]) -> list[float]:
+    """Prompt-major 0/1 scores: the first `hits` images of each prompt read as the subject."""
+    return [float(k < hits) for hits in hits_per_prompt for k in range(K)]
+
+
+def scored(count: int, scores: list[float], available: int = 1000, seed: int = 500_000) -> StepScore:
+    """A step's score as the held-out evaluation records it (its own interval over prompts included)."""
+    from proxytune import stats
+
+    values = np.asarray(scores)
+    low, high = stats.cluster_bootstrap_ci(values, stats.prompt_clusters(values.size, K), 1000, 0)
+    return StepScore(count=count, used=min(count, available), mean=float(values.mean()), ci95=[low, high],
+                     prompts=PROMPTS, seed=seed, images_per_prompt=K, scores=list(scores))
+
+
+def grown_on(rule: str, *steps: StepScore, available: int = 1000) -> CountState:
+    state = CountState(metric="subject_acc", available=available, stop_when=rule)
+    for step in steps:
+        state = next_state(state, step)
+    return state
+
+
+# A real gain: the second step reads the subject in one more image of six prompts (the same seeds, so the
+# images that were right stay right): +0.19 on average.
+GAIN = [scored(16, binary(EASY_TO_HARD)), scored(32, binary([4, 4, 4, 4, 2, 2, 1, 1]))]
+
+
+def test_paired_rule_sees_a_gain_that_the_plateau_rule_misses():
+    before, after = GAIN
+    assert before.ci95[0] <= after.mean <= before.ci95[1]  # inside the first step's wide interval: plateau stops
+    plateau = grown_on("plateau", *GAIN)
+    assert plateau.stopped.startswith("plateau") and plateau.chosen == 16
+    paired = grown_on("paired", *GAIN)
+    assert paired.stopped is None and paired.chosen is None  # the gain is clear: it grows
+    step = paired.steps[-1]
+    assert step.difference == pytest.approx(6 / 32) and step.difference_ci95[0] > 0
+    assert plateau.steps[-1].difference == step.difference  # both rules record the paired difference
+    assert final_state(paired).chosen == 32
+
+
+def test_paired_rule_stops_without_a_gain_and_records_why():
+    # as many images lost as gained, in other prompts: the same mean, no clear gain
+    same = scored(32, binary([4, 3, 3, 4, 1, 0, 1, 0]))
+    state = grown_on("paired", GAIN[0], same)
+    assert state.chosen == 16 and state.steps[-1].difference == pytest.approx(0.0)
+    low, high = state.steps[-1].difference_ci95
+    assert low <= 0 <= high
+    assert state.stopped == (f"paired: subject_acc of the 32-proxy student minus the 16-proxy student's, image by "
+                             f"image on the same 8 prompts x 4 seeds, is +0.0000 [95% over prompts {low:+.4f}, "
+                             f"{high:+.4f}]: no clear gain (the interval's lower end is <= 0)")
+    # proxy_count.json keeps the rule, every step's scores, the difference with its interval, and the reason
+    read = CountState.model_validate_json(state.model_dump_json())
+    assert read == state and read.stop_when == "paired" and read.steps[-1].difference_ci95 == [low, high]
+
+
+def test_paired_rule_stops_when_the_set_runs_out_after_a_clear_gain():
+    steps = [scored(16, GAIN[0].scores, available=24), scored(32, GAIN[1].scores, available=24)]
+    state = grown_on("paired", *steps, available=24)
+    assert state.chosen == 24 and state.steps[-1].used == 24
+    assert state.stopped == "ran out: the 32-proxy step trained on all 24 proxies of the set"
+
+
+def test_steps_scored_on_other_held_out_images_are_not_compared():
+    other_seeds = scored(32, binary([4, 4, 4, 4, 2, 2, 1, 1]), seed=7)
+    with pytest.raises(ValueError, match="16- and 32-proxy steps were scored on different held-out prompts or seeds"):
+        grown_on("paired", GAIN[0], other_seeds)
+    unpaired = GAIN[0].model_copy(update={"scores": None})  # a state written before the paired rule
+    with pytest.raises(ValueError, match="no per-image scores"):
+        grown_on("paired", unpaired, GAIN[1])
+
+
+def test_a_step_records_its_held_out_images_and_a_mismatch_names_the_spec():
+    from types import SimpleNamespace
+
+    from proxytune.stages.proxy_count import after_step
+
+    def params(seed):
+        return SimpleNamespace(source=SimpleNamespace(spec_file="specs/x.yaml"), student=SimpleNamespace(num_proxy_images=32),
+                               evaluation=SimpleNamespace(seed=seed, images_per_prompt=K, bootstrap_resamples=200))
+
+    values = np.asarray(GAIN[1].scores)
+    values[0] = np.nan  # an image the metric does not apply to
+    state = CountState(metric="subject_acc", available=1000, stop_when="paired", steps=[GAIN[0]])
+    after = after_step(state, params(500_000), {"subject_acc": {"mean": 0.6, "ci95": [0.4, 0.8]}},
+                       {"subject_acc": values}, PROMPTS)
+    step = after.steps[-1]
+    assert step.scores[0] is None and step.scores[1:] == GAIN[1].scores[1:] and step.prompts == PROMPTS
+    assert step.difference == pytest.approx(6 / 31)  # the image without a score is left out of the pair
+    with pytest.raises(ProxytuneError, match="specs/x.yaml: student.proxy_count: .* different held-out"):
+        after_step(state, params(7), {"subject_acc": {"mean": 0.6, "ci95": [0.4, 0.8]}}, {"subject_acc": values}, PROMPTS)
+
+
+def test_every_step_is_scored_on_the_same_held_out_prompts_and_seeds():
+    _, files = compiled([16, 32, 64])
+    held_out = [files[f"runs/t--grow-{n}/dog/params.yaml"]["evaluation"] for n in (16, 32, 64)]
+    assert held_out[0] == held_out[1] == held_out[2]
+    assert held_out[0]["seed"] == 500_000 and held_out[0]["num_prompts"] == 8
+    assert files["runs/t--grow-16/dog/params.yaml"]["grow"]["stop_when"] == "paired"  # the default
 
 
 # -- end to end on the tiny models ---------------------------------------------------------------
@@ -180,6 +291,9 @@ def test_growth_stops_for_a_stated_reason_and_the_chosen_student_is_evaluated(pr
     state = CountState.read(root / "runs/t/dog/student/proxy_count.json")
     assert state.metric == "dino" and state.available == 2 and state.chosen == 2 and len(state.steps) == 1
     assert state.stopped == "ran out: the 2-proxy step trained on all 2 proxies of the set"
+    assert state.stop_when == "paired" and len(state.steps[0].scores) == 2  # 2 held-out prompts x 1 seed, per image
+    # a step's held-out evaluation samples and scores its student alone: the rule reads nothing else
+    assert sorted(p.name for p in (root / "runs/t--grow-2/dog/eval/images").iterdir()) == ["student"]
     for folder in ("student", "eval"):  # the step after the stop: the state handed on, nothing trained or scored
         assert sorted(p.name for p in (root / "runs/t--grow-4/dog" / folder).iterdir()) == ["proxy_count.json"]
     chosen = read(root, "runs/t--grow-2/dog/student/record.json")

@@ -210,11 +210,14 @@ class ProxyCountSpec(Strict):
         description="Proxy counts to try, strictly increasing, e.g. [128, 256, 512, 1000]; step i trains on the "
         "first N proxies of the manifest (with curation: the most faithful first).",
     )
-    stop_when: Literal["plateau"] = Field(
-        default="plateau",
-        description="plateau: stop at the first step whose held-out mean lies inside or below the previous step's "
-        "95% interval (the previous N is chosen), or when the proxy set runs out (a step needs more proxies than the "
-        "set holds: that step trains on all of them and is the last).",
+    stop_when: Literal["paired", "plateau"] = Field(
+        default="paired",
+        description="paired: every step is scored on the same held-out prompts and seeds; stop at the first step "
+        "whose gain over the previous one (image by image, 95% interval resampling prompts) is not clear of 0 "
+        "(lower end <= 0): the previous N is chosen. plateau: stop at the first step whose held-out mean lies inside "
+        "or below the previous step's 95% interval (unpaired: can miss a gain that every prompt shares). Either way the "
+        "growth also stops when the proxy set runs out (a step needs more proxies than the set holds: that step "
+        "trains on all of them and is the last).",
     )
     metric: Metric | None = Field(
         default=None,
@@ -223,7 +226,8 @@ class ProxyCountSpec(Strict):
     prompts: Annotated[int, Field(ge=2, strict=True)] = Field(
         default=8, description="Held-out prompts: the first N of the evaluation's prompt set (at least 2: the "
         "interval resamples prompts).")
-    images_per_prompt: PositiveInt = Field(default=4, description="Held-out images per prompt and step.")
+    images_per_prompt: PositiveInt = Field(default=8, description="Held-out images per prompt and step (the same "
+        "seeds at every step); more images see smaller gains, at more student sampling per step.")
 
     @model_validator(mode="after")
     def _increasing(self):

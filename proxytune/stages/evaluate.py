@@ -17,9 +17,9 @@ sampled on the same prompts and seeds and scored as "base-teacher" and "base-stu
 The stage is four steps: `sample` (every model's images) -> `score` (per image, every metric) ->
 `summarise` (means, intervals, per-prompt rows, gate) -> `record` (files, MLflow, promotion).
 
-A step of a growing proxy count (`grow_evaluate`, stages/proxy_count.py) is this evaluation on its held-out
-images; it also writes eval/proxy_count.json, the growth after the step (or hands it on untouched, scoring
-nothing, once the growth has stopped).
+A step of a growing proxy count (`grow_evaluate`, stages/proxy_count.py) is this evaluation of the student
+alone (the stop rule reads nothing else) on its held-out images; it also writes eval/proxy_count.json, the
+growth after the step (or hands it on untouched, scoring nothing, once the growth has stopped).
 
 Writes `metrics.json` (DVC metrics) beside the output folder `eval/`: metrics.json (with
 intervals), prompts.json, per_prompt.json, variance.json, gate.json, encoders.json, table.md,
@@ -275,7 +275,10 @@ def sample(params: StageParams) -> Samples:
     proxy_prompt = params.synthesis.prompt.format(token=params.subject.token, **{"class": params.subject.class_noun})
     samples = Samples(eval_prompts(params), proxy_prompt, files, [open_rgb(p) for p in files])
     base = wants_base_models(params)
-    for name, make in (("teacher", TeacherSampler), ("student", StudentSampler)):
+    models = (("teacher", TeacherSampler), ("student", StudentSampler))
+    if params.grow is not None and params.grow.index is not None:  # a growth step: the rule reads its student alone
+        models = models[1:]
+    for name, make in models:
         for tuned in (False, True) if base else (True,):
             sampler = make(params, tuned=tuned)
             label = name if tuned else BASE[name]
@@ -383,9 +386,13 @@ def record(params: StageParams, samples: Samples, scores: Scores, summary: Summa
     with stage_run(params, "evaluate", tags) as run, staged_dir(params.out("eval")) as tmp:
         write_outputs(tmp, params, samples, scores, summary)
         if growth is not None:
-            growth = proxy_count.after_step(growth, params, summary.metrics["student"])
+            growth = proxy_count.after_step(growth, params, summary.metrics["student"], scores.per_image["student"],
+                                            samples.prompts)
             growth.write(tmp / layout.COUNT_FILE)
-            run.log_metrics({f"held_out.{growth.metric}": growth.steps[-1].mean})
+            step, name = growth.steps[-1], f"held_out.{growth.metric}"
+            run.log_metrics({name: step.mean})
+            if step.difference is not None:  # the gain over the previous step, image by image
+                run.log_metrics({f"{name}.difference": step.difference})
         run.log_params({"evaluation": evaluation.model_dump(mode="json"), "encoders": scores.described,
                         "student_sampling": samples.student_sampling})
         run.log_metrics({f"{name}.{m}": v for name, values in means.items() for m, v in values.items()})

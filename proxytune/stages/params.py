@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -30,6 +31,7 @@ class GrowParams(Strict):
     index: int | None  # the step's position in proxy_count.grow; None: the subject's own, chosen student
     metric: Metric  # the held-out score
     state: str | None  # the proxy_count.json it reads: the previous step's (None: the first step) or the last one's
+    stop_when: Literal["plateau", "paired"]  # the stop rule (student.proxy_count.stop_when)
 
 
 class StageParams(Strict):
