@@ -73,7 +73,13 @@ def eval_prompts(params: StageParams, world: builtins.World | None = None) -> li
     if isinstance(evaluation.prompts, list):
         prompts = list(evaluation.prompts)
     elif evaluation.prompts == "toyworld" and world is not None:
-        return world.style_prompts(evaluation.num_prompts or 10, WORLD_PROMPT_SEED, exclude=set(params.style.prompts))
+        count = evaluation.num_prompts or 10
+        try:
+            return world.style_prompts(count, WORLD_PROMPT_SEED, exclude=set(params.style.prompts))
+        except ValueError as err:  # the world composes a fixed number of held-out prompts
+            raise ProxytuneError(f"{params.source.spec_file}: evaluation.num_prompts: {count} is more than the world's "
+                                 f"held-out style prompts for style {params.style.name} ({err}); set a smaller "
+                                 "num_prompts") from None
     elif evaluation.prompts == "toyworld":
         prompts = generated_prompts(GeneratedPrompts(generate=10, vocabulary="toyworld", seed=WORLD_PROMPT_SEED))
     else:
