@@ -234,10 +234,64 @@ def curation_verdicts(rows: list[dict]) -> list[dict]:
                 out.append({"proxies": proxies, "metric": metric, "verdict": "not measured", "change": None})
                 continue
             change = b["mean"] - a["mean"]
+            if min(plain["subjects"], curated["subjects"]) < 2:  # a bootstrap over one subject has no width
+                out.append({"proxies": proxies, "metric": metric, "change": change,
+                            "verdict": "one subject: no interval over subjects (read the paired comparison)"})
+                continue
             clear = b["ci95"][0] > a["ci95"][1] or b["ci95"][1] < a["ci95"][0]
             verdict = ("helps" if change > 0 else "hurts") if clear else "no clear change (intervals overlap)"
             out.append({"proxies": proxies, "metric": metric, "verdict": verdict, "change": change})
     return out
+
+
+def paired_curation(project: Path, base: str, proxies: int, default_proxies: int, seed: int = 0,
+                    resamples: int = 2000) -> list[dict]:
+    """Per subject, and pooled, the student's curated minus plain score prompt by prompt. Both experiments
+    sample the same evaluation prompts with the same seeds from students trained on the same teacher's
+    proxies, so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled:
+    over every subject's prompts)."""
+    plain_name = experiment_name(base, proxies, False, default_proxies)
+    curated_name = experiment_name(base, proxies, True, default_proxies)
+    out, pooled = [], {metric: [] for metric in ROWS_METRICS}
+    rng = np.random.default_rng(seed)
+
+    def interval(diffs: list[float]) -> list[float]:
+        values = np.asarray(diffs)
+        means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+        return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+    for curated_path in sorted((project / "runs" / curated_name).glob("*/eval/per_prompt.json")):
+        subject = curated_path.parent.parent.name
+        plain_path = project / "runs" / plain_name / subject / "eval" / "per_prompt.json"
+        if not plain_path.exists():
+            continue
+        plain, curated = (json.loads(p.read_text())["student"] for p in (plain_path, curated_path))
+        if [r["prompt"] for r in plain] != [r["prompt"] for r in curated]:
+            raise SystemExit(f"{plain_path} and {curated_path} score other prompts: not paired")
+        row = {"proxies": proxies, "subject": subject, "prompts": len(plain)}
+        for metric in ROWS_METRICS:
+            diffs = [c[metric] - a[metric] for a, c in zip(plain, curated)]
+            pooled[metric] += diffs
+            row[metric] = {"change": float(np.mean(diffs)), "ci95": interval(diffs)}
+        out.append(row)
+    if len(out) > 1:
+        row = {"proxies": proxies, "subject": "all (pooled prompts)", "prompts": len(pooled[ROWS_METRICS[0]])}
+        row.update({m: {"change": float(np.mean(d)), "ci95": interval(d)} for m, d in pooled.items()})
+        out.append(row)
+    return out
+
+
+def render_paired(rows: list[dict]) -> str:
+    def cell(v: dict) -> str:
+        lo, hi = v["ci95"]
+        clear = " (clear)" if lo > 0 or hi < 0 else ""
+        return f"{v['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{clear}"
+
+    lines = ["| proxies | subject | prompts | curated - plain: subject acc. | subject+prompt acc. |", "|---|---|---|---|---|"]
+    lines += [f"| {r['proxies']} | {r['subject']} | {r['prompts']} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |"
+              for r in rows]
+    lines += ["", "Paired by prompt and seed; 95% bootstrap over prompts; 'clear' when the interval excludes 0."]
+    return "\n".join(lines) + "\n"
 
 
 def render_matrix(rows: list[dict], verdicts: list[dict]) -> str:
@@ -285,9 +339,12 @@ def main() -> int:
     if args.matrix:
         rows = matrix(args.project, base["name"], default_proxies, tuple(sorted({default_proxies, 1000})))
         found = curation_verdicts(rows)
+        paired = [r for n in sorted({default_proxies, 1000}) for r in paired_curation(args.project, base["name"], n, default_proxies)]
         print(render_matrix(rows, found))
+        if paired:
+            print(render_paired(paired))
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "verdicts": found}, indent=2) + "\n")
+            args.json.write_text(json.dumps({"rows": rows, "verdicts": found, "paired": paired}, indent=2) + "\n")
         return 0
     if args.proxies is not None or args.curate or args.method_only:
         derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only)

@@ -110,3 +110,34 @@ def test_method_only_keeps_the_student_and_drops_the_baselines(bench):
     assert "variants" not in lean["student"] and lean["evaluation"]["variance_samples"] == 0
     assert lean["student"]["steps"] == spec["student"]["steps"] and "variants" in spec["student"]
     parse_spec(lean, "toy-bench-curated.yaml")  # still a valid spec
+
+
+def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
+    def per_prompt(experiment: str, subject: str, hits: list[float]) -> None:
+        folder = tmp_path / "runs" / experiment / subject / "eval"
+        folder.mkdir(parents=True)
+        rows = [{"prompt": f"p{i}", "subject_acc": h, "subject_prompt_acc": h / 2} for i, h in enumerate(hits)]
+        (folder / "per_prompt.json").write_text(json.dumps({"student": rows, "teacher": rows}))
+
+    per_prompt("toy-bench", "dotty-ball", [0.0] * 20)
+    per_prompt("toy-bench-curated", "dotty-ball", [0.5] * 10 + [0.0] * 10)   # +0.25, every prompt >= plain
+    per_prompt("toy-bench", "spotted-can", [0.5, 0.0] * 10)
+    per_prompt("toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)           # same mean: no change
+    rows = {r["subject"]: r for r in bench.paired_curation(tmp_path, "toy-bench", 128, 128)}
+    assert rows["dotty-ball"]["subject_acc"]["change"] == pytest.approx(0.25)
+    assert rows["dotty-ball"]["subject_acc"]["ci95"][0] > 0          # clear of 0
+    assert rows["spotted-can"]["subject_acc"]["change"] == pytest.approx(0.0)
+    lo, hi = rows["spotted-can"]["subject_acc"]["ci95"]
+    assert lo < 0 < hi
+    assert rows["all (pooled prompts)"]["prompts"] == 40
+    assert rows["all (pooled prompts)"]["subject_acc"]["change"] == pytest.approx(0.125)
+    assert "(clear)" in bench.render_paired(list(rows.values()))
+    per_prompt("toy-bench-curated", "checked-cone", [0.0])                   # no plain run: left out
+    assert {r["subject"] for r in bench.paired_curation(tmp_path, "toy-bench", 128, 128)} == set(rows)
+
+
+def test_one_subject_gives_no_verdict_over_subjects(bench, tmp_path):
+    write_run(tmp_path, "toy-bench", "dotty-ball", metrics(student=0.08))
+    write_run(tmp_path, "toy-bench-curated", "dotty-ball", metrics(student=0.18))
+    found = bench.curation_verdicts(bench.matrix(tmp_path, "toy-bench", 128))
+    assert found[0]["verdict"].startswith("one subject") and found[0]["change"] == pytest.approx(0.10)
