@@ -138,3 +138,16 @@ def add_lora(bundle, rank: int = 16) -> list:
     torch.manual_seed(0)
     bundle.model = get_peft_model(bundle.model, LoraConfig(r=rank, lora_alpha=rank, target_modules=bundle.lora_target_modules()))
     return [p for p in bundle.model.parameters() if p.requires_grad]
+
+
+def record_step_gradients(recipe) -> list[list]:
+    """The gradient of every trainable tensor as each update computes it (before clipping), one list a step."""
+    steps, clip = [], recipe.accelerator.clip_grad_norm_
+
+    def spy(parameters, *args, **kwargs):
+        parameters = list(parameters)
+        steps.append([p.grad.detach().clone() for p in parameters])
+        return clip(parameters, *args, **kwargs)
+
+    recipe.accelerator.clip_grad_norm_ = spy
+    return steps

@@ -16,6 +16,7 @@ import torch
 
 from proxytune.backends import students
 from proxytune.stages import training
+from conftest import record_step_gradients
 from test_training_precision import student_for
 
 # Dropout is off: the compiled graph draws its dropout masks in another order than eager (the same
@@ -42,14 +43,7 @@ def graphs(monkeypatch) -> list:
 
 def _steps(recipe, count: int) -> list[tuple[dict, list[torch.Tensor]]]:
     """`count` training steps from fixed global seeds: each step's values and LoRA gradients (before clipping)."""
-    grads, clip = [], recipe.accelerator.clip_grad_norm_
-
-    def spy(parameters, *args, **kwargs):
-        parameters = list(parameters)
-        grads.append([p.grad.detach().clone() for p in parameters])
-        return clip(parameters, *args, **kwargs)
-
-    recipe.accelerator.clip_grad_norm_ = spy
+    grads = record_step_gradients(recipe)
     recipe.bundle.model.train()
     values = []
     for step in range(count):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_params, tiny_spec
+from conftest import make_params, record_step_gradients, tiny_spec
 from proxytune.errors import ProxytuneError
 from proxytune.stages.student import StudentTrainer
 from proxytune.stages.teacher import TeacherTrainer
@@ -33,19 +33,6 @@ def student_for(project, **student):
     recipe = StudentTrainer(params)
     recipe.setup()
     return recipe
-
-
-def _record_step_gradients(recipe) -> list[list[torch.Tensor]]:
-    """The gradient of every trainable tensor as each update computes it (before clipping), one list a step."""
-    steps, clip = [], recipe.accelerator.clip_grad_norm_
-
-    def spy(parameters, *args, **kwargs):
-        parameters = list(parameters)
-        steps.append([p.grad.detach().clone() for p in parameters])
-        return clip(parameters, *args, **kwargs)
-
-    recipe.accelerator.clip_grad_norm_ = spy
-    return steps
 
 
 def assert_same_update_gradient(accumulated: list[torch.Tensor], big: list[torch.Tensor]) -> None:
@@ -126,10 +113,10 @@ def test_student_accumulation_matches_the_larger_batch(project):
     same = {"num_proxy_images": 1, "cfg_dropout": 0.0, "dropout": 0.0, "steps": 3, "learning_rate": 1e-2}
     big = student_for(project, batch_size=4, **same)
     big.checkpoint_dir = big.checkpoint_dir.with_name("big")
-    big_grads = _record_step_gradients(big)
+    big_grads = record_step_gradients(big)
     big.train()
     accumulated = student_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
-    accumulated_grads = _record_step_gradients(accumulated)
+    accumulated_grads = record_step_gradients(accumulated)
     calls = []
     micro = accumulated._micro_batch_loss
     accumulated._micro_batch_loss = lambda: calls.append(1) or micro()
@@ -181,11 +168,11 @@ def test_teacher_accumulation_matches_the_larger_batch(project):
     big = teacher_for(project, batch_size=4, **same)
     big.checkpoint_dir = big.checkpoint_dir.with_name("big")
     fixed_draws(big)
-    big_grads = _record_step_gradients(big)
+    big_grads = record_step_gradients(big)
     big.train()
     accumulated = teacher_for(project, batch_size=2, gradient_accumulation_steps=2, **same)
     fixed_draws(accumulated)
-    accumulated_grads = _record_step_gradients(accumulated)
+    accumulated_grads = record_step_gradients(accumulated)
     accumulated.train()
 
     assert accumulated.progress.step == 3 and len(accumulated.progress.losses) == 3
