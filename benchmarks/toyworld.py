@@ -25,7 +25,8 @@ Proxy count and curation (issue 29 item 5): `--proxies N` generates N proxies pe
 (the paper: 1000), `--curate` over-generates (`--over-generate` times N) and keeps the N most faithful
 (`curation_keys`: the spec keys of the curation), each run as an experiment of its own (toy-bench-p1000,
 toy-bench-curated, ...). `--matrix` reads every such experiment in the project and prints the student's
-subject and subject+prompt accuracy per (proxy count, curation) row with intervals, and what curation changed.
+subject and subject+prompt accuracy per (proxy count, curation) row with intervals, the same per subject with the
+share of kept proxies the oracle accepts, and, paired by prompt and seed, what curation and what more proxies changed.
 
     python benchmarks/toyworld.py --project /tmp/toy-bench --proxies 1000 --curate   # one row of the four
     python benchmarks/toyworld.py --project /tmp/toy-bench --no-apply --matrix       # the four-row table
@@ -244,14 +245,22 @@ def curation_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
-def paired_curation(project: Path, base: str, proxies: int, default_proxies: int, seed: int = 0,
-                    resamples: int = 2000) -> list[dict]:
-    """Per subject, and pooled, the student's curated minus plain score prompt by prompt. Both experiments
-    sample the same evaluation prompts with the same seeds from students trained on the same teacher's
-    proxies, so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled:
-    over every subject's prompts)."""
-    plain_name = experiment_name(base, proxies, False, default_proxies)
-    curated_name = experiment_name(base, proxies, True, default_proxies)
+def comparisons(counts: tuple[int, ...]) -> list[tuple[str, tuple[int, bool], tuple[int, bool]]]:
+    """The paired comparisons of the matrix, (label, (proxies, curated) of A, of B) read as B - A: curation at
+    each proxy count, then more proxies with and without curation."""
+    out = [(f"curated - plain, {n}", (n, False), (n, True)) for n in counts]
+    for a, b in zip(counts, counts[1:]):
+        out += [(f"{b} - {a}, plain", (a, False), (b, False)), (f"{b} - {a}, curated", (a, True), (b, True))]
+    return out
+
+
+def paired(project: Path, base: str, label: str, a: tuple[int, bool], b: tuple[int, bool], default_proxies: int,
+           seed: int = 0, resamples: int = 2000) -> list[dict]:
+    """Per subject, and pooled, the student's score in experiment B minus A, prompt by prompt. Every experiment
+    samples the same evaluation prompts with the same seeds, from students of the same teacher (same spec seed),
+    so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled: over every
+    subject's prompts)."""
+    a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))
     out, pooled = [], {metric: [] for metric in ROWS_METRICS}
     rng = np.random.default_rng(seed)
 
@@ -260,22 +269,22 @@ def paired_curation(project: Path, base: str, proxies: int, default_proxies: int
         means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
         return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
-    for curated_path in sorted((project / "runs" / curated_name).glob("*/eval/per_prompt.json")):
-        subject = curated_path.parent.parent.name
-        plain_path = project / "runs" / plain_name / subject / "eval" / "per_prompt.json"
-        if not plain_path.exists():
+    for b_path in sorted((project / "runs" / b_name).glob("*/eval/per_prompt.json")):
+        subject = b_path.parent.parent.name
+        a_path = project / "runs" / a_name / subject / "eval" / "per_prompt.json"
+        if not a_path.exists():
             continue
-        plain, curated = (json.loads(p.read_text())["student"] for p in (plain_path, curated_path))
-        if [r["prompt"] for r in plain] != [r["prompt"] for r in curated]:
-            raise SystemExit(f"{plain_path} and {curated_path} score other prompts: not paired")
-        row = {"proxies": proxies, "subject": subject, "prompts": len(plain)}
+        before, after = (json.loads(p.read_text())["student"] for p in (a_path, b_path))
+        if [r["prompt"] for r in before] != [r["prompt"] for r in after]:
+            raise SystemExit(f"{a_path} and {b_path} score other prompts: not paired")
+        row = {"comparison": label, "subject": subject, "prompts": len(before)}
         for metric in ROWS_METRICS:
-            diffs = [c[metric] - a[metric] for a, c in zip(plain, curated)]
+            diffs = [y[metric] - x[metric] for x, y in zip(before, after)]
             pooled[metric] += diffs
             row[metric] = {"change": float(np.mean(diffs)), "ci95": interval(diffs)}
         out.append(row)
     if len(out) > 1:
-        row = {"proxies": proxies, "subject": "all (pooled prompts)", "prompts": len(pooled[ROWS_METRICS[0]])}
+        row = {"comparison": label, "subject": "all (pooled prompts)", "prompts": len(pooled[ROWS_METRICS[0]])}
         row.update({m: {"change": float(np.mean(d)), "ci95": interval(d)} for m, d in pooled.items()})
         out.append(row)
     return out
@@ -287,10 +296,41 @@ def render_paired(rows: list[dict]) -> str:
         clear = " (clear)" if lo > 0 or hi < 0 else ""
         return f"{v['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{clear}"
 
-    lines = ["| proxies | subject | prompts | curated - plain: subject acc. | subject+prompt acc. |", "|---|---|---|---|---|"]
-    lines += [f"| {r['proxies']} | {r['subject']} | {r['prompts']} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |"
+    lines = ["| comparison | subject | prompts | change: subject acc. | subject+prompt acc. |", "|---|---|---|---|---|"]
+    lines += [f"| {r['comparison']} | {r['subject']} | {r['prompts']} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |"
               for r in rows]
     lines += ["", "Paired by prompt and seed; 95% bootstrap over prompts; 'clear' when the interval excludes 0."]
+    return "\n".join(lines) + "\n"
+
+
+def per_subject(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
+    """Per subject and (proxy count, curation): the share of the kept proxies the oracle accepts (the synthesis
+    stage's proxy_metrics.json), the teacher's and the student's subject accuracy and the student's
+    subject+prompt accuracy, each with its evaluation's interval."""
+    rows = []
+    for proxies in counts:
+        for curated in (False, True):
+            name = experiment_name(base, proxies, curated, default_proxies)
+            for subject, models in sorted(collect(project, name)["metrics"].items()):
+                proxy_path = project / "runs" / name / subject / "proxy_metrics.json"
+                kept = json.loads(proxy_path.read_text()).get("kept_scores", {}) if proxy_path.exists() else {}
+                rows.append({"subject": subject, "proxies": proxies, "curated": curated,
+                             "faithful_kept": kept.get("judge_share"),
+                             "teacher_subject_acc": models.get("teacher", {}).get("subject_acc"),
+                             **{m: models.get("student", {}).get(m) for m in ROWS_METRICS}})
+    return rows
+
+
+def render_per_subject(rows: list[dict]) -> str:
+    def cell(v: dict | None) -> str:
+        return "-" if v is None else f"{v['mean']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
+
+    lines = ["| subject | proxies | curation | proxies the oracle accepts | teacher subject acc. | student subject acc. "
+             "| student subject+prompt acc. |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["subject"], r["proxies"], r["curated"])):
+        share = "-" if r["faithful_kept"] is None else f"{r['faithful_kept']:.0%}"
+        lines.append(f"| {r['subject']} | {r['proxies']} | {'curated' if r['curated'] else 'none'} | {share} | "
+                     f"{cell(r['teacher_subject_acc'])} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -339,12 +379,18 @@ def main() -> int:
     if args.matrix:
         rows = matrix(args.project, base["name"], default_proxies, tuple(sorted({default_proxies, 1000})))
         found = curation_verdicts(rows)
-        paired = [r for n in sorted({default_proxies, 1000}) for r in paired_curation(args.project, base["name"], n, default_proxies)]
+        counts = tuple(sorted({default_proxies, 1000}))
+        paired_rows = [r for label, a, b in comparisons(counts)
+                       for r in paired(args.project, base["name"], label, a, b, default_proxies)]
+        subjects = per_subject(args.project, base["name"], default_proxies, counts)
         print(render_matrix(rows, found))
-        if paired:
-            print(render_paired(paired))
+        if subjects:
+            print(render_per_subject(subjects))
+        if paired_rows:
+            print(render_paired(paired_rows))
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "verdicts": found, "paired": paired}, indent=2) + "\n")
+            args.json.write_text(json.dumps({"rows": rows, "verdicts": found, "per_subject": subjects,
+                                             "paired": paired_rows}, indent=2) + "\n")
         return 0
     if args.proxies is not None or args.curate or args.method_only:
         derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only)

@@ -112,18 +112,20 @@ def test_method_only_keeps_the_student_and_drops_the_baselines(bench):
     parse_spec(lean, "toy-bench-curated.yaml")  # still a valid spec
 
 
-def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
-    def per_prompt(experiment: str, subject: str, hits: list[float]) -> None:
-        folder = tmp_path / "runs" / experiment / subject / "eval"
-        folder.mkdir(parents=True)
-        rows = [{"prompt": f"p{i}", "subject_acc": h, "subject_prompt_acc": h / 2} for i, h in enumerate(hits)]
-        (folder / "per_prompt.json").write_text(json.dumps({"student": rows, "teacher": rows}))
+def per_prompt(project: Path, experiment: str, subject: str, hits: list[float]) -> None:
+    folder = project / "runs" / experiment / subject / "eval"
+    folder.mkdir(parents=True)
+    rows = [{"prompt": f"p{i}", "subject_acc": h, "subject_prompt_acc": h / 2} for i, h in enumerate(hits)]
+    (folder / "per_prompt.json").write_text(json.dumps({"student": rows, "teacher": rows}))
 
-    per_prompt("toy-bench", "dotty-ball", [0.0] * 20)
-    per_prompt("toy-bench-curated", "dotty-ball", [0.5] * 10 + [0.0] * 10)   # +0.25, every prompt >= plain
-    per_prompt("toy-bench", "spotted-can", [0.5, 0.0] * 10)
-    per_prompt("toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)           # same mean: no change
-    rows = {r["subject"]: r for r in bench.paired_curation(tmp_path, "toy-bench", 128, 128)}
+
+def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
+    per_prompt(tmp_path, "toy-bench", "dotty-ball", [0.0] * 20)
+    per_prompt(tmp_path, "toy-bench-curated", "dotty-ball", [0.5] * 10 + [0.0] * 10)   # +0.25, every prompt >= plain
+    per_prompt(tmp_path, "toy-bench", "spotted-can", [0.5, 0.0] * 10)
+    per_prompt(tmp_path, "toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)           # same mean: no change
+    compare = lambda: bench.paired(tmp_path, "toy-bench", "curated - plain, 128", (128, False), (128, True), 128)
+    rows = {r["subject"]: r for r in compare()}
     assert rows["dotty-ball"]["subject_acc"]["change"] == pytest.approx(0.25)
     assert rows["dotty-ball"]["subject_acc"]["ci95"][0] > 0          # clear of 0
     assert rows["spotted-can"]["subject_acc"]["change"] == pytest.approx(0.0)
@@ -131,9 +133,38 @@ def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
     assert lo < 0 < hi
     assert rows["all (pooled prompts)"]["prompts"] == 40
     assert rows["all (pooled prompts)"]["subject_acc"]["change"] == pytest.approx(0.125)
-    assert "(clear)" in bench.render_paired(list(rows.values()))
-    per_prompt("toy-bench-curated", "checked-cone", [0.0])                   # no plain run: left out
-    assert {r["subject"] for r in bench.paired_curation(tmp_path, "toy-bench", 128, 128)} == set(rows)
+    assert "| curated - plain, 128 | dotty-ball | 20 | +0.250 [" in bench.render_paired(list(rows.values()))
+    per_prompt(tmp_path, "toy-bench-curated", "checked-cone", [0.0])                   # no plain run: left out
+    assert {r["subject"] for r in compare()} == set(rows)
+    per_prompt(tmp_path, "toy-bench", "checked-cone", [0.0, 1.0])                      # other prompts: refused
+    with pytest.raises(SystemExit, match="not paired"):
+        compare()
+
+
+def test_paired_proxy_count_reads_later_minus_earlier(bench, tmp_path):
+    assert bench.comparisons((128, 1000)) == [
+        ("curated - plain, 128", (128, False), (128, True)), ("curated - plain, 1000", (1000, False), (1000, True)),
+        ("1000 - 128, plain", (128, False), (1000, False)), ("1000 - 128, curated", (128, True), (1000, True))]
+    per_prompt(tmp_path, "toy-bench", "dotty-ball", [0.5] * 20)
+    per_prompt(tmp_path, "toy-bench-p1000", "dotty-ball", [0.0] * 5 + [0.5] * 15)      # fewer hits with 1000
+    rows = bench.paired(tmp_path, "toy-bench", "1000 - 128, plain", (128, False), (1000, False), 128)
+    assert len(rows) == 1 and rows[0]["subject_acc"]["change"] == pytest.approx(-0.125)
+    assert rows[0]["subject_acc"]["ci95"][1] < 0
+
+
+def test_per_subject_rows_carry_the_oracle_share_of_the_kept_proxies(bench, tmp_path):
+    for experiment, share in (("toy-bench", 0.14), ("toy-bench-curated", 0.27)):
+        write_run(tmp_path, experiment, "dotty-ball", metrics(teacher=0.1, student=0.08 if share < 0.2 else 0.18))
+        (tmp_path / "runs" / experiment / "dotty-ball" / "proxy_metrics.json").write_text(
+            json.dumps({"kept_scores": {"judge_share": share}, "generated_scores": {"judge_share": 0.14}}))
+    write_run(tmp_path, "toy-bench-p1000", "dotty-ball", metrics(teacher=0.1, student=0.2))   # no proxy metrics
+    rows = bench.per_subject(tmp_path, "toy-bench", 128)
+    assert [(r["proxies"], r["curated"], r["faithful_kept"]) for r in rows] == [
+        (128, False, 0.14), (128, True, 0.27), (1000, False, None)]
+    assert rows[1]["subject_acc"]["mean"] == 0.18 and rows[1]["teacher_subject_acc"]["mean"] == 0.1
+    text = bench.render_per_subject(rows)
+    assert "| dotty-ball | 128 | curated | 27% | 0.10 [0.00, 0.20] | 0.18 [0.08, 0.28] |" in text
+    assert "| dotty-ball | 1000 | none | - |" in text
 
 
 def test_one_subject_gives_no_verdict_over_subjects(bench, tmp_path):
