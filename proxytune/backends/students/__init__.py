@@ -17,6 +17,7 @@ backend (and torch) when called.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -57,6 +58,30 @@ class SamplerDefaults:
 # A StyleAR style student (on lumina-mgpt) samples with StyleAR's own settings, not its base's: its
 # inference.py passes create_logits_processor(cfg=4.0, image_top_k=2000) and temperature 1.0.
 STYLEAR_SAMPLING = SamplerDefaults(cfg_scale=4.0, top_k=2000, temperature=1.0, source="StyleAR inference.py")
+
+
+def _resolve(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """The function `target` ("package.module:name") as a callable that imports its module on the first call:
+    a family's record names its backend's loader and tiny builder without importing torch."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return _resolve(target)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = target
+    return call
+
+
+def lazy_attribute(target: str) -> Callable[[], Any]:
+    """A callable that imports and returns `target` ("package.module:name"), e.g. a click command."""
+    def get() -> Any:
+        return _resolve(target)
+
+    get.__name__ = get.__qualname__ = target
+    return get
 
 
 @dataclass(frozen=True)

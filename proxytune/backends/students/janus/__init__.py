@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent
+from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent, lazy, lazy_attribute
 
 # Janus generation_inference.py: cfg_weight 5, temperature 1, softmax over every code (no top-k)
 SAMPLING = SamplerDefaults(cfg_scale=5.0, top_k=None, temperature=1.0, source="Janus generation_inference.py")
@@ -21,24 +21,6 @@ CONVERT_FIX = ("model_type 'multi_modality' is Janus-Pro as deepseek-ai releases
                "and name OUT as student.model")
 
 
-def _load(path: str, *, ref: str, device: str = "cpu"):
-    from proxytune.backends.students.janus import backend
-
-    return backend.load(path, ref=ref, device=device)
-
-
-def _build_tiny(folder: Path) -> None:
-    from proxytune.backends.students.janus import tiny
-
-    tiny.build(folder)
-
-
-def _command():
-    from proxytune.backends.students.janus import command
-
-    return command.convert_janus
-
-
 def check_folder(folder: Path, meta, config, checks) -> None:
     """A transformers checkpoint: config.json, weights and the tokenizer in the folder itself."""
     checks.weights(folder, "Janus checkpoint")
@@ -46,8 +28,8 @@ def check_folder(folder: Path, meta, config, checks) -> None:
 
 
 FAMILY = StudentFamily(
-    name="janus", label="Janus-Pro", load=_load, sampling=SAMPLING, model_types=("janus",),
-    refused={ORIGINAL_MODEL_TYPE: CONVERT_FIX}, convert=_command,
-    tiny={"tiny-janus": TinyStudent("tiny-janus-v2", _build_tiny)}, check_folder=check_folder,
+    name="janus", label="Janus-Pro", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING, model_types=("janus",),
+    refused={ORIGINAL_MODEL_TYPE: CONVERT_FIX}, convert=lazy_attribute(f"{__name__}.command:convert_janus"),
+    tiny={"tiny-janus": TinyStudent("tiny-janus-v2", lazy(f"{__name__}.tiny:build"))}, check_folder=check_folder,
     decoder_layers=("LlamaDecoderLayer",),
 )

@@ -10,29 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent
+from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent, lazy, lazy_attribute
 
 # LlamaGen autoregressive/sample/sample_t2i.py: --cfg-scale 7.5, --top-k 1000, --temperature 1.0
 SAMPLING = SamplerDefaults(cfg_scale=7.5, top_k=1000, temperature=1.0, source="LlamaGen sample_t2i.py")
 ORIGINAL_DROPOUT = 0.1  # LlamaGen's train_t2i.py: --dropout-p (residual, FFN) and --token-dropout-p
-
-
-def _load(path: str, *, ref: str, device: str = "cpu"):
-    from proxytune.backends.students.llamagen import backend
-
-    return backend.load(path, ref=ref, device=device)
-
-
-def _build_tiny(folder: Path) -> None:
-    from proxytune.backends.students.llamagen import tiny
-
-    tiny.build(folder)
-
-
-def _command():
-    from proxytune.backends.students.llamagen import command
-
-    return command.convert_llamagen
 
 
 def check_folder(folder: Path, meta, config, checks) -> None:
@@ -45,8 +27,8 @@ def check_folder(folder: Path, meta, config, checks) -> None:
 
 
 FAMILY = StudentFamily(
-    name="llamagen", label="LlamaGen", load=_load, sampling=SAMPLING, convert=_command,
-    tiny={"tiny-llamagen": TinyStudent("tiny-llamagen-v2", _build_tiny)}, check_folder=check_folder,
+    name="llamagen", label="LlamaGen", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING, convert=lazy_attribute(f"{__name__}.command:convert_llamagen"),
+    tiny={"tiny-llamagen": TinyStudent("tiny-llamagen-v2", lazy(f"{__name__}.tiny:build"))}, check_folder=check_folder,
     dropout=ORIGINAL_DROPOUT,
     decoder_layers=("LlamaDecoderLayer",),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent
+from proxytune.backends.students import SamplerDefaults, StudentFamily, TinyStudent, lazy, lazy_attribute
 
 # Lumina-mGPT inference_solver.create_logits_processor(cfg=3.0, image_top_k=2000), temperature 1.0
 # (its README example passes cfg=4.0; the solver's and the demo's defaults are 3.0)
@@ -18,24 +18,6 @@ SAMPLING = SamplerDefaults(cfg_scale=3.0, top_k=2000, temperature=1.0, source="L
 NEEDS_META = ("a Lumina-mGPT (Chameleon) checkpoint as released, without the VQ decoder proxytune needs: convert it "
               "once with `proxytune convert lumina-mgpt {src} OUT --vqgan vqgan.ckpt --image-size N` and name OUT "
               "as student.model")
-
-
-def _load(path: str, *, ref: str, device: str = "cpu"):
-    from proxytune.backends.students.lumina import backend
-
-    return backend.load(path, ref=ref, device=device)
-
-
-def _build_tiny(folder: Path) -> None:
-    from proxytune.backends.students.lumina import tiny
-
-    tiny.build(folder)
-
-
-def _command():
-    from proxytune.backends.students.lumina import command
-
-    return command.convert_lumina
 
 
 def check_config(config: dict, meta) -> str | None:
@@ -66,8 +48,8 @@ def check_folder(folder: Path, meta, config, checks) -> None:
 
 
 FAMILY = StudentFamily(
-    name="lumina-mgpt", label="Lumina-mGPT", load=_load, sampling=SAMPLING, model_types=("chameleon",),
-    convert=_command, tiny={"tiny-lumina-mgpt": TinyStudent("tiny-lumina-mgpt-v3", _build_tiny)},
+    name="lumina-mgpt", label="Lumina-mGPT", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING, model_types=("chameleon",),
+    convert=lazy_attribute(f"{__name__}.command:convert_lumina"), tiny={"tiny-lumina-mgpt": TinyStudent("tiny-lumina-mgpt-v3", lazy(f"{__name__}.tiny:build"))},
     check_folder=check_folder, check_config=check_config, needs_meta=NEEDS_META,
     decoder_layers=("ChameleonDecoderLayer", "ChameleonSwinDecoderLayer"),
 )
