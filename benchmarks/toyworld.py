@@ -262,10 +262,10 @@ def paired(project: Path, base: str, label: str, a: tuple[int, bool], b: tuple[i
     subject's prompts)."""
     a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))
     out, pooled = [], {metric: [] for metric in ROWS_METRICS}
-    rng = np.random.default_rng(seed)
 
-    def interval(diffs: list[float]) -> list[float]:
+    def interval(diffs: list[float]) -> list[float]:  # a fresh generator each: the same data, the same interval
         values = np.asarray(diffs)
+        rng = np.random.default_rng(seed)
         means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
         return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 

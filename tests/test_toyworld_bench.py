@@ -134,6 +134,12 @@ def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
     assert rows["all (pooled prompts)"]["prompts"] == 40
     assert rows["all (pooled prompts)"]["subject_acc"]["change"] == pytest.approx(0.125)
     assert "| curated - plain, 128 | dotty-ball | 20 | +0.250 [" in bench.render_paired(list(rows.values()))
+    # an interval does not depend on what else the project holds (each bootstrap draws from its own generator)
+    alone = tmp_path / "alone"
+    per_prompt(alone, "toy-bench", "spotted-can", [0.5, 0.0] * 10)
+    per_prompt(alone, "toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)
+    only = bench.paired(alone, "toy-bench", "curated - plain, 128", (128, False), (128, True), 128)[0]
+    assert only["subject_acc"]["ci95"] == rows["spotted-can"]["subject_acc"]["ci95"]
     per_prompt(tmp_path, "toy-bench-curated", "checked-cone", [0.0])                   # no plain run: left out
     assert {r["subject"] for r in compare()} == set(rows)
     per_prompt(tmp_path, "toy-bench", "checked-cone", [0.0, 1.0])                      # other prompts: refused
