@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,15 +192,35 @@ def experiment_name(base: str, proxies: int, curated: bool, default_proxies: int
     return base + (f"-p{proxies}" if proxies != default_proxies else "") + ("-curated" if curated else "")
 
 
-def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int, method_only: bool = False) -> dict:
+def seeded_base(name: str, seed: int | None, spec_seed: int) -> str:
+    """The experiments' base name for another spec seed (a replication): toy-bench-s1; the spec's seed: toy-bench."""
+    return name if seed is None or seed == spec_seed else f"{name}-s{seed}"
+
+
+def seeds_in(project: Path, name: str, spec_seed: int) -> list[int]:
+    """The spec's seed and every other seed with experiments of this benchmark in the project, ascending."""
+    found = {spec_seed}
+    pattern = re.compile(rf"^{re.escape(name)}-s(\d+)(-p\d+)?(-curated)?$")
+    for folder in (project / "runs").glob(f"{name}-s*"):
+        match = pattern.match(folder.name)
+        if match and folder.is_dir():
+            found.add(int(match.group(1)))
+    return sorted(found)
+
+
+def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int, method_only: bool = False,
+                 seed: int | None = None) -> dict:
     """The benchmark spec with `proxies` per subject, curated or not, as an experiment of its own. `method_only`
-    drops the baselines (student variants) and the variance samples: the matrix reads the student alone."""
+    drops the baselines (student variants) and the variance samples: the matrix reads the student alone.
+    `seed` replicates the whole method (teacher, proxies, student, evaluation samples) with another spec seed."""
     out = json.loads(json.dumps(spec))
     if method_only:
         out["student"].pop("variants", None)
         out["evaluation"]["variance_samples"] = 0
     default = spec["synthesis"]["num_images"]
-    out["name"] = experiment_name(spec["name"], proxies, curated, default)
+    if seed is not None:
+        out["seed"] = seed
+    out["name"] = experiment_name(seeded_base(spec["name"], seed, spec.get("seed", 0)), proxies, curated, default)
     out["synthesis"]["num_images"] = proxies
     if curated:
         out["synthesis"].update(curation_keys(proxies, over_generate))
@@ -209,14 +230,15 @@ def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int, me
 ROWS_METRICS = ("subject_acc", "subject_prompt_acc")
 
 
-def matrix(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
+def matrix(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000),
+           seed: int | None = None) -> list[dict]:
     """One row per (proxy count, curation) whose experiment has outputs: the student's mean over subjects."""
     rows = []
     for proxies in counts:
         for curated in (False, True):
             name = experiment_name(base, proxies, curated, default_proxies)
             table = collect(project, name)["metrics"]
-            row = {"proxies": proxies, "curated": curated, "experiment": name, "subjects": len(table)}
+            row = {"seed": seed, "proxies": proxies, "curated": curated, "experiment": name, "subjects": len(table)}
             row.update({metric: mean_row(table, "student", metric) for metric in ROWS_METRICS})
             rows.append(row)
     return rows
@@ -226,22 +248,22 @@ def curation_verdicts(rows: list[dict]) -> list[dict]:
     """Per proxy count and metric: what curation changed (curated - plain means) and whether it is clear of
     the noise (the intervals over subjects do not overlap)."""
     out = []
-    by_key = {(r["proxies"], r["curated"]): r for r in rows}
-    for proxies in sorted({r["proxies"] for r in rows}):
-        plain, curated = by_key.get((proxies, False)), by_key.get((proxies, True))
+    by_key = {(r.get("seed"), r["proxies"], r["curated"]): r for r in rows}
+    for seed, proxies in sorted({(r.get("seed"), r["proxies"]) for r in rows}, key=lambda k: (k[0] or 0, k[1])):
+        plain, curated = by_key.get((seed, proxies, False)), by_key.get((seed, proxies, True))
         for metric in ROWS_METRICS:
             a, b = (plain or {}).get(metric), (curated or {}).get(metric)
             if a is None or b is None:
-                out.append({"proxies": proxies, "metric": metric, "verdict": "not measured", "change": None})
+                out.append({"seed": seed, "proxies": proxies, "metric": metric, "verdict": "not measured", "change": None})
                 continue
             change = b["mean"] - a["mean"]
             if min(plain["subjects"], curated["subjects"]) < 2:  # a bootstrap over one subject has no width
-                out.append({"proxies": proxies, "metric": metric, "change": change,
+                out.append({"seed": seed, "proxies": proxies, "metric": metric, "change": change,
                             "verdict": "one subject: no interval over subjects (read the paired comparison)"})
                 continue
             clear = b["ci95"][0] > a["ci95"][1] or b["ci95"][1] < a["ci95"][0]
             verdict = ("helps" if change > 0 else "hurts") if clear else "no clear change (intervals overlap)"
-            out.append({"proxies": proxies, "metric": metric, "verdict": verdict, "change": change})
+            out.append({"seed": seed, "proxies": proxies, "metric": metric, "verdict": verdict, "change": change})
     return out
 
 
@@ -254,13 +276,13 @@ def comparisons(counts: tuple[int, ...]) -> list[tuple[str, tuple[int, bool], tu
     return out
 
 
-def paired(project: Path, base: str, label: str, a: tuple[int, bool], b: tuple[int, bool], default_proxies: int,
-           seed: int = 0, resamples: int = 2000) -> list[dict]:
-    """Per subject, and pooled, the student's score in experiment B minus A, prompt by prompt. Every experiment
-    samples the same evaluation prompts with the same seeds, from students of the same teacher (same spec seed),
-    so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled: over every
-    subject's prompts)."""
-    a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))
+def paired(project: Path, bases: str | dict[str, int | None], label: str, a: tuple[int, bool], b: tuple[int, bool],
+           default_proxies: int, seed: int = 0, resamples: int = 2000) -> list[dict]:
+    """Per subject (and spec seed), and pooled, the student's score in experiment B minus A, prompt by prompt.
+    Under one spec seed every experiment samples the same evaluation prompts with the same seeds, from students of
+    the same teacher, so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled:
+    over every subject's and every seed's prompts). `bases`: a base name, or base name -> its spec seed."""
+    bases = {bases: None} if isinstance(bases, str) else bases
     out, pooled = [], {metric: [] for metric in ROWS_METRICS}
 
     def interval(diffs: list[float]) -> list[float]:  # a fresh generator each: the same data, the same interval
@@ -269,22 +291,24 @@ def paired(project: Path, base: str, label: str, a: tuple[int, bool], b: tuple[i
         means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
         return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
-    for b_path in sorted((project / "runs" / b_name).glob("*/eval/per_prompt.json")):
-        subject = b_path.parent.parent.name
-        a_path = project / "runs" / a_name / subject / "eval" / "per_prompt.json"
-        if not a_path.exists():
-            continue
-        before, after = (json.loads(p.read_text())["student"] for p in (a_path, b_path))
-        if [r["prompt"] for r in before] != [r["prompt"] for r in after]:
-            raise SystemExit(f"{a_path} and {b_path} score other prompts: not paired")
-        row = {"comparison": label, "subject": subject, "prompts": len(before)}
-        for metric in ROWS_METRICS:
-            diffs = [y[metric] - x[metric] for x, y in zip(before, after)]
-            pooled[metric] += diffs
-            row[metric] = {"change": float(np.mean(diffs)), "ci95": interval(diffs)}
-        out.append(row)
+    for base, spec_seed in bases.items():
+        a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))
+        for b_path in sorted((project / "runs" / b_name).glob("*/eval/per_prompt.json")):
+            subject = b_path.parent.parent.name
+            a_path = project / "runs" / a_name / subject / "eval" / "per_prompt.json"
+            if not a_path.exists():
+                continue
+            before, after = (json.loads(p.read_text())["student"] for p in (a_path, b_path))
+            if [r["prompt"] for r in before] != [r["prompt"] for r in after]:
+                raise SystemExit(f"{a_path} and {b_path} score other prompts: not paired")
+            row = {"comparison": label, "subject": subject, "seed": spec_seed, "prompts": len(before)}
+            for metric in ROWS_METRICS:
+                diffs = [y[metric] - x[metric] for x, y in zip(before, after)]
+                pooled[metric] += diffs
+                row[metric] = {"change": float(np.mean(diffs)), "ci95": interval(diffs)}
+            out.append(row)
     if len(out) > 1:
-        row = {"comparison": label, "subject": "all (pooled prompts)", "prompts": len(pooled[ROWS_METRICS[0]])}
+        row = {"comparison": label, "subject": "all (pooled prompts)", "seed": None, "prompts": len(pooled[ROWS_METRICS[0]])}
         row.update({m: {"change": float(np.mean(d)), "ci95": interval(d)} for m, d in pooled.items()})
         out.append(row)
     return out
@@ -296,14 +320,18 @@ def render_paired(rows: list[dict]) -> str:
         clear = " (clear)" if lo > 0 or hi < 0 else ""
         return f"{v['change']:+.3f} [{lo:+.3f}, {hi:+.3f}]{clear}"
 
+    def who(r: dict) -> str:
+        return r["subject"] + ("" if r.get("seed") is None else f" (seed {r['seed']})")
+
     lines = ["| comparison | subject | prompts | change: subject acc. | subject+prompt acc. |", "|---|---|---|---|---|"]
-    lines += [f"| {r['comparison']} | {r['subject']} | {r['prompts']} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |"
+    lines += [f"| {r['comparison']} | {who(r)} | {r['prompts']} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |"
               for r in rows]
     lines += ["", "Paired by prompt and seed; 95% bootstrap over prompts; 'clear' when the interval excludes 0."]
     return "\n".join(lines) + "\n"
 
 
-def per_subject(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
+def per_subject(project: Path, base: str, default_proxies: int, counts: tuple[int, ...] = (128, 1000),
+                seed: int | None = None) -> list[dict]:
     """Per subject and (proxy count, curation): the share of the kept proxies the oracle accepts (the synthesis
     stage's proxy_metrics.json), the teacher's and the student's subject accuracy and the student's
     subject+prompt accuracy, each with its evaluation's interval."""
@@ -314,7 +342,7 @@ def per_subject(project: Path, base: str, default_proxies: int, counts: tuple[in
             for subject, models in sorted(collect(project, name)["metrics"].items()):
                 proxy_path = project / "runs" / name / subject / "proxy_metrics.json"
                 kept = json.loads(proxy_path.read_text()).get("kept_scores", {}) if proxy_path.exists() else {}
-                rows.append({"subject": subject, "proxies": proxies, "curated": curated,
+                rows.append({"subject": subject, "seed": seed, "proxies": proxies, "curated": curated,
                              "faithful_kept": kept.get("judge_share"),
                              "teacher_subject_acc": models.get("teacher", {}).get("subject_acc"),
                              **{m: models.get("student", {}).get(m) for m in ROWS_METRICS}})
@@ -325,11 +353,12 @@ def render_per_subject(rows: list[dict]) -> str:
     def cell(v: dict | None) -> str:
         return "-" if v is None else f"{v['mean']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"
 
-    lines = ["| subject | proxies | curation | proxies the oracle accepts | teacher subject acc. | student subject acc. "
-             "| student subject+prompt acc. |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["subject"], r["proxies"], r["curated"])):
+    lines = ["| subject | seed | proxies | curation | proxies the oracle accepts | teacher subject acc. | student subject acc. "
+             "| student subject+prompt acc. |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["subject"], r.get("seed") or 0, r["proxies"], r["curated"])):
         share = "-" if r["faithful_kept"] is None else f"{r['faithful_kept']:.0%}"
-        lines.append(f"| {r['subject']} | {r['proxies']} | {'curated' if r['curated'] else 'none'} | {share} | "
+        seed = "-" if r.get("seed") is None else r["seed"]
+        lines.append(f"| {r['subject']} | {seed} | {r['proxies']} | {'curated' if r['curated'] else 'none'} | {share} | "
                      f"{cell(r['teacher_subject_acc'])} | " + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |")
     return "\n".join(lines) + "\n"
 
@@ -343,10 +372,11 @@ def render_matrix(rows: list[dict], verdicts: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['proxies']} | {'curated' if r['curated'] else 'none'} | {r['experiment']} | {r['subjects']} | "
                      + " | ".join(cell(r[m]) for m in ROWS_METRICS) + " |")
-    lines += ["", "| proxies | metric | curation | change |", "|---|---|---|---|"]
+    lines += ["", "| seed | proxies | metric | curation | change |", "|---|---|---|---|---|"]
     for v in verdicts:
         change = "-" if v["change"] is None else f"{v['change']:+.3f}"
-        lines.append(f"| {v['proxies']} | {v['metric']} | **{v['verdict']}** | {change} |")
+        seed = "-" if v.get("seed") is None else v["seed"]
+        lines.append(f"| {seed} | {v['proxies']} | {v['metric']} | **{v['verdict']}** | {change} |")
     lines += ["", "Means over subjects [95% bootstrap interval over subjects]; 'clear' means the two intervals do not overlap."]
     return "\n".join(lines) + "\n"
 
@@ -367,6 +397,8 @@ def main() -> int:
     parser.add_argument("--over-generate", type=int, default=2, help="With --curate: proxies generated per proxy kept.")
     parser.add_argument("--method-only", action="store_true", help="Only the proxy-tuned student (no baselines, no "
                                                                    "variance samples): what --matrix needs, at a fraction of the cost.")
+    parser.add_argument("--seed", type=int, help="Replicate with another spec seed (teacher, proxies, student and "
+                                                 "evaluation samples; experiment NAME-sN...). --matrix reads every seed.")
     parser.add_argument("--matrix", action="store_true", help="Print the (proxy count x curation) table of every such "
                                                               "experiment in --project (128 and 1000 proxies).")
     args = parser.parse_args()
@@ -376,13 +408,15 @@ def main() -> int:
 
     base = yaml.safe_load(spec.read_text())
     default_proxies = base["synthesis"]["num_images"]
+    spec_seed = base.get("seed", 0)
     if args.matrix:
-        rows = matrix(args.project, base["name"], default_proxies, tuple(sorted({default_proxies, 1000})))
-        found = curation_verdicts(rows)
         counts = tuple(sorted({default_proxies, 1000}))
+        bases = {seeded_base(base["name"], s, spec_seed): s for s in seeds_in(args.project, base["name"], spec_seed)}
+        rows = [r for name, s in bases.items() for r in matrix(args.project, name, default_proxies, counts, seed=s)]
+        found = curation_verdicts(rows)
         paired_rows = [r for label, a, b in comparisons(counts)
-                       for r in paired(args.project, base["name"], label, a, b, default_proxies)]
-        subjects = per_subject(args.project, base["name"], default_proxies, counts)
+                       for r in paired(args.project, bases, label, a, b, default_proxies)]
+        subjects = [r for name, s in bases.items() for r in per_subject(args.project, name, default_proxies, counts, seed=s)]
         print(render_matrix(rows, found))
         if subjects:
             print(render_per_subject(subjects))
@@ -392,8 +426,9 @@ def main() -> int:
             args.json.write_text(json.dumps({"rows": rows, "verdicts": found, "per_subject": subjects,
                                              "paired": paired_rows}, indent=2) + "\n")
         return 0
-    if args.proxies is not None or args.curate or args.method_only:
-        derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only)
+    if args.proxies is not None or args.curate or args.method_only or args.seed is not None:
+        derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only,
+                               args.seed)
         spec = args.project / "specs" / f"{derived['name']}.yaml"
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(yaml.safe_dump(derived, sort_keys=False))

@@ -169,8 +169,8 @@ def test_per_subject_rows_carry_the_oracle_share_of_the_kept_proxies(bench, tmp_
         (128, False, 0.14), (128, True, 0.27), (1000, False, None)]
     assert rows[1]["subject_acc"]["mean"] == 0.18 and rows[1]["teacher_subject_acc"]["mean"] == 0.1
     text = bench.render_per_subject(rows)
-    assert "| dotty-ball | 128 | curated | 27% | 0.10 [0.00, 0.20] | 0.18 [0.08, 0.28] |" in text
-    assert "| dotty-ball | 1000 | none | - |" in text
+    assert "| dotty-ball | - | 128 | curated | 27% | 0.10 [0.00, 0.20] | 0.18 [0.08, 0.28] |" in text
+    assert "| dotty-ball | - | 1000 | none | - |" in text
 
 
 def test_one_subject_gives_no_verdict_over_subjects(bench, tmp_path):
@@ -178,3 +178,23 @@ def test_one_subject_gives_no_verdict_over_subjects(bench, tmp_path):
     write_run(tmp_path, "toy-bench-curated", "dotty-ball", metrics(student=0.18))
     found = bench.curation_verdicts(bench.matrix(tmp_path, "toy-bench", 128))
     assert found[0]["verdict"].startswith("one subject") and found[0]["change"] == pytest.approx(0.10)
+
+
+def test_a_second_seed_is_an_experiment_of_its_own_and_pools_in_the_paired_comparison(bench, tmp_path):
+    spec = {"name": "toy-bench", "seed": 0, "synthesis": {"num_images": 128}}
+    replica = bench.derived_spec(spec, 1000, True, 2, seed=1)
+    assert replica["name"] == "toy-bench-s1-p1000-curated" and replica["seed"] == 1
+    assert bench.derived_spec(spec, 128, False, 2, seed=0)["name"] == "toy-bench"   # the spec's own seed
+    per_prompt(tmp_path, "toy-bench", "dotty-ball", [0.0] * 10)
+    per_prompt(tmp_path, "toy-bench-curated", "dotty-ball", [0.5] * 10)
+    per_prompt(tmp_path, "toy-bench-s1", "dotty-ball", [0.5] * 10)
+    per_prompt(tmp_path, "toy-bench-s1-curated", "dotty-ball", [0.0] * 10)
+    (tmp_path / "runs" / "toy-bench-s12x").mkdir()                                  # not a seed of this benchmark
+    assert bench.seeds_in(tmp_path, "toy-bench", 0) == [0, 1]
+    bases = {bench.seeded_base("toy-bench", s, 0): s for s in (0, 1)}
+    assert bases == {"toy-bench": 0, "toy-bench-s1": 1}
+    rows = bench.paired(tmp_path, bases, "curated - plain, 128", (128, False), (128, True), 128)
+    assert [(r["subject"], r["seed"], r["subject_acc"]["change"]) for r in rows] == [
+        ("dotty-ball", 0, 0.5), ("dotty-ball", 1, -0.5), ("all (pooled prompts)", None, 0.0)]
+    assert rows[-1]["prompts"] == 20
+    assert "| curated - plain, 128 | dotty-ball (seed 1) | 10 | -0.500 [" in bench.render_paired(rows)
