@@ -276,20 +276,16 @@ def comparisons(counts: tuple[int, ...]) -> list[tuple[str, tuple[int, bool], tu
     return out
 
 
-def paired(project: Path, bases: str | dict[str, int | None], label: str, a: tuple[int, bool], b: tuple[int, bool],
+def paired(project: Path, bases: dict[str, int | None], label: str, a: tuple[int, bool], b: tuple[int, bool],
            default_proxies: int, seed: int = 0, resamples: int = 2000) -> list[dict]:
     """Per subject (and spec seed), and pooled, the student's score in experiment B minus A, prompt by prompt.
     Under one spec seed every experiment samples the same evaluation prompts with the same seeds, from students of
     the same teacher, so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled:
-    over every subject's and every seed's prompts). `bases`: a base name, or base name -> its spec seed."""
-    bases = {bases: None} if isinstance(bases, str) else bases
+    over every subject's and every seed's prompts). `bases`: each base name -> its spec seed."""
     out, pooled = [], {metric: [] for metric in ROWS_METRICS}
 
-    def interval(diffs: list[float]) -> list[float]:  # a fresh generator each: the same data, the same interval
-        values = np.asarray(diffs)
-        rng = np.random.default_rng(seed)
-        means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-        return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    def interval(diffs: list[float]) -> list[float]:  # _bootstrap seeds a generator each call: same data, same interval
+        return list(_bootstrap(diffs, seed, resamples))
 
     for base, spec_seed in bases.items():
         a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))

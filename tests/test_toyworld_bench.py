@@ -124,7 +124,7 @@ def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
     per_prompt(tmp_path, "toy-bench-curated", "dotty-ball", [0.5] * 10 + [0.0] * 10)   # +0.25, every prompt >= plain
     per_prompt(tmp_path, "toy-bench", "spotted-can", [0.5, 0.0] * 10)
     per_prompt(tmp_path, "toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)           # same mean: no change
-    compare = lambda: bench.paired(tmp_path, "toy-bench", "curated - plain, 128", (128, False), (128, True), 128)
+    compare = lambda: bench.paired(tmp_path, {"toy-bench": None}, "curated - plain, 128", (128, False), (128, True), 128)
     rows = {r["subject"]: r for r in compare()}
     assert rows["dotty-ball"]["subject_acc"]["change"] == pytest.approx(0.25)
     assert rows["dotty-ball"]["subject_acc"]["ci95"][0] > 0          # clear of 0
@@ -138,7 +138,7 @@ def test_paired_curation_compares_the_same_prompts(bench, tmp_path):
     alone = tmp_path / "alone"
     per_prompt(alone, "toy-bench", "spotted-can", [0.5, 0.0] * 10)
     per_prompt(alone, "toy-bench-curated", "spotted-can", [0.0, 0.5] * 10)
-    only = bench.paired(alone, "toy-bench", "curated - plain, 128", (128, False), (128, True), 128)[0]
+    only = bench.paired(alone, {"toy-bench": None}, "curated - plain, 128", (128, False), (128, True), 128)[0]
     assert only["subject_acc"]["ci95"] == rows["spotted-can"]["subject_acc"]["ci95"]
     per_prompt(tmp_path, "toy-bench-curated", "checked-cone", [0.0])                   # no plain run: left out
     assert {r["subject"] for r in compare()} == set(rows)
@@ -153,7 +153,7 @@ def test_paired_proxy_count_reads_later_minus_earlier(bench, tmp_path):
         ("1000 - 128, plain", (128, False), (1000, False)), ("1000 - 128, curated", (128, True), (1000, True))]
     per_prompt(tmp_path, "toy-bench", "dotty-ball", [0.5] * 20)
     per_prompt(tmp_path, "toy-bench-p1000", "dotty-ball", [0.0] * 5 + [0.5] * 15)      # fewer hits with 1000
-    rows = bench.paired(tmp_path, "toy-bench", "1000 - 128, plain", (128, False), (1000, False), 128)
+    rows = bench.paired(tmp_path, {"toy-bench": None}, "1000 - 128, plain", (128, False), (1000, False), 128)
     assert len(rows) == 1 and rows[0]["subject_acc"]["change"] == pytest.approx(-0.125)
     assert rows[0]["subject_acc"]["ci95"][1] < 0
 

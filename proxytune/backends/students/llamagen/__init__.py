@@ -27,7 +27,8 @@ def check_folder(folder: Path, meta, config, checks) -> None:
 
 
 FAMILY = StudentFamily(
-    name="llamagen", label="LlamaGen", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING, convert=lazy_attribute(f"{__name__}.command:convert_llamagen"),
+    name="llamagen", label="LlamaGen", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING,
+    convert=lazy_attribute(f"{__name__}.command:convert_llamagen"),
     tiny={"tiny-llamagen": TinyStudent("tiny-llamagen-v2", lazy(f"{__name__}.tiny:build"))}, check_folder=check_folder,
     dropout=ORIGINAL_DROPOUT,
     decoder_layers=("LlamaDecoderLayer",),

@@ -48,8 +48,9 @@ def check_folder(folder: Path, meta, config, checks) -> None:
 
 
 FAMILY = StudentFamily(
-    name="lumina-mgpt", label="Lumina-mGPT", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING, model_types=("chameleon",),
-    convert=lazy_attribute(f"{__name__}.command:convert_lumina"), tiny={"tiny-lumina-mgpt": TinyStudent("tiny-lumina-mgpt-v3", lazy(f"{__name__}.tiny:build"))},
+    name="lumina-mgpt", label="Lumina-mGPT", load=lazy(f"{__name__}.backend:load"), sampling=SAMPLING,
+    model_types=("chameleon",), convert=lazy_attribute(f"{__name__}.command:convert_lumina"),
+    tiny={"tiny-lumina-mgpt": TinyStudent("tiny-lumina-mgpt-v3", lazy(f"{__name__}.tiny:build"))},
     check_folder=check_folder, check_config=check_config, needs_meta=NEEDS_META,
     decoder_layers=("ChameleonDecoderLayer", "ChameleonSwinDecoderLayer"),
 )
