@@ -6,25 +6,14 @@ import pytest
 import torch
 
 from proxytune.backends import students
+from proxytune.plan import measure
 from conftest import add_lora
 
 
 def cpu_peak_bytes(fn) -> int:
-    """Peak of the CPU allocator's live bytes while `fn` runs, above what was live before.
-
-    PyTorch's profiler records every allocation and free on CPU: each op's own (self) allocations minus
-    frees, and frees outside any op as "[memory]" events. Their running sum in time order is the live
-    memory after each op; allocations freed inside one op (its temporaries) are not seen, so this is a
-    slight under-estimate of the true peak, the same for both sides of a comparison."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
+    """Peak of the CPU allocator's live bytes while `fn` runs, above what was live before (PyTorch's
+    profiler's allocation and free events, as `proxytune plan` is checked against)."""
+    return measure.allocator_peak(None, lambda _: fn())
 
 
 # -- chunked cross-entropy (Lumina-mGPT's full-vocabulary objective) ----------------------------------------

@@ -33,6 +33,23 @@ def test_estimate_within_15_percent_of_the_cpu_allocator(index):
     assert abs(est - real) / real < 0.15, (case.name, real, est)
 
 
+def test_allocator_peak_ignores_frees_of_blocks_an_earlier_profiler_session_saw():
+    """The CPU reporter keeps the sizes of blocks allocated under any earlier profiler session; freeing one
+    during the step came back as -20 MB and hid the step's own 8 MB (CI measured half of tiny-sd's peak
+    after another test's profiling)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+        held = [torch.ones(5_000_000)]
+
+    def step(_):
+        held.clear()
+        x = torch.ones(1_000_000)
+        return x * 2
+
+    assert 8_000_000 <= measure.allocator_peak(None, step) < 8_000_100  # two 4 MB tensors (and a few scalars)
+
+
 def test_depth_scaling_matches_a_full_depth_trace():
     student = models.describe_student("tiny-llamagen", __import__("pathlib").Path("."))
     deep = models.Component("llamagen", {**student.parts["model"].config, "num_hidden_layers": 5})

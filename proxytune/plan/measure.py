@@ -32,14 +32,30 @@ def allocator_peak(model, step) -> int:
     """Peak bytes the CPU allocator holds during `step(model)` on top of what was allocated before.
 
     No warm-up step: the trace is of a fresh model too, so whatever the first step makes lazily
-    (gradients, cached tables) is counted on both sides."""
+    (gradients, cached tables) is counted on both sides. Only the frees of blocks allocated during
+    the step count: PyTorch's CPU reporter remembers the sizes of blocks an earlier profiler session
+    saw, so a free of such a block (a garbage collection of an earlier test's model, say) comes
+    back as a negative event that would lower the peak."""
+    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(model)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        event = todo.pop()
+        todo.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+    live: dict[int, int] = {}
     current = peak = 0
-    for _, nbytes in events:
+    for _, ptr, nbytes in sorted(events, key=lambda event: event[0]):
+        if nbytes > 0:
+            live[ptr] = nbytes
+        elif ptr not in live:
+            continue  # allocated before the step
+        else:
+            nbytes = -live.pop(ptr)
         current += nbytes
         peak = max(peak, current)
     return peak
