@@ -30,6 +30,11 @@ share of kept proxies the oracle accepts, and, paired by prompt and seed, what c
 
     python benchmarks/toyworld.py --project /tmp/toy-bench --proxies 1000 --curate   # one row of the four
     python benchmarks/toyworld.py --project /tmp/toy-bench --no-apply --matrix       # the four-row table
+
+Student steps: `--student-steps N` adds a student variant (stepsN) that trains N steps on the experiment's own
+proxies, so the teacher and the proxies are reused; `--matrix` then compares it with the spec's steps, paired.
+
+    python benchmarks/toyworld.py --project /tmp/toy-bench --method-only --proxies 1000 --curate --student-steps 1200
 """
 
 from __future__ import annotations
@@ -208,15 +213,25 @@ def seeds_in(project: Path, name: str, spec_seed: int) -> list[int]:
     return sorted(found)
 
 
+STEPS_VARIANT = "steps"  # the student variant steps1200 trains 1200 steps on its experiment's proxies
+
+
+def steps_variant(steps: int) -> str:
+    return f"{STEPS_VARIANT}{steps}"
+
+
 def derived_spec(spec: dict, proxies: int, curated: bool, over_generate: int, method_only: bool = False,
-                 seed: int | None = None) -> dict:
+                 seed: int | None = None, student_steps: tuple[int, ...] = ()) -> dict:
     """The benchmark spec with `proxies` per subject, curated or not, as an experiment of its own. `method_only`
     drops the baselines (student variants) and the variance samples: the matrix reads the student alone.
-    `seed` replicates the whole method (teacher, proxies, student, evaluation samples) with another spec seed."""
+    `seed` replicates the whole method (teacher, proxies, student, evaluation samples) with another spec seed.
+    `student_steps` adds a student variant per count that trains that many steps on the same teacher's proxies."""
     out = json.loads(json.dumps(spec))
     if method_only:
         out["student"].pop("variants", None)
         out["evaluation"]["variance_samples"] = 0
+    for steps in student_steps:
+        out["student"].setdefault("variants", {})[steps_variant(steps)] = {"steps": steps}
     default = spec["synthesis"]["num_images"]
     if seed is not None:
         out["seed"] = seed
@@ -282,13 +297,21 @@ def paired(project: Path, bases: dict[str, int | None], label: str, a: tuple[int
     Under one spec seed every experiment samples the same evaluation prompts with the same seeds, from students of
     the same teacher, so the per-prompt differences are paired; the interval is a bootstrap over prompts (pooled:
     over every subject's and every seed's prompts). `bases`: each base name -> its spec seed."""
+    pairs = [(*(experiment_name(base, n, c, default_proxies) for n, c in (a, b)), spec_seed)
+             for base, spec_seed in bases.items()]
+    return paired_runs(project, pairs, label, seed, resamples)
+
+
+def paired_runs(project: Path, pairs: list[tuple[str, str, int | None]], label: str, seed: int = 0,
+                resamples: int = 2000) -> list[dict]:
+    """`paired` over run folders: each (A, B, spec seed) is two folders under runs/ (an experiment, or an
+    experiment's variant EXP--NAME) whose students were evaluated on the same prompts."""
     out, pooled = [], {metric: [] for metric in ROWS_METRICS}
 
     def interval(diffs: list[float]) -> list[float]:  # _bootstrap seeds a generator each call: same data, same interval
         return list(_bootstrap(diffs, seed, resamples))
 
-    for base, spec_seed in bases.items():
-        a_name, b_name = (experiment_name(base, n, c, default_proxies) for n, c in (a, b))
+    for a_name, b_name, spec_seed in pairs:
         for b_path in sorted((project / "runs" / b_name).glob("*/eval/per_prompt.json")):
             subject = b_path.parent.parent.name
             a_path = project / "runs" / a_name / subject / "eval" / "per_prompt.json"
@@ -308,6 +331,27 @@ def paired(project: Path, bases: dict[str, int | None], label: str, a: tuple[int
         row.update({m: {"change": float(np.mean(d)), "ci95": interval(d)} for m, d in pooled.items()})
         out.append(row)
     return out
+
+
+def steps_comparisons(project: Path, bases: dict[str, int | None], default_proxies: int, default_steps: int,
+                      counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
+    """Paired rows for every student-steps variant in the project (--student-steps): the variant's student minus
+    the experiment's own (default_steps), at each proxy count and curation, pooled over subjects and seeds."""
+    found: dict[tuple[int, int, bool], list[tuple[str, str, int | None]]] = {}
+    for base, spec_seed in bases.items():
+        for proxies in counts:
+            for curated in (False, True):
+                name = experiment_name(base, proxies, curated, default_proxies)
+                for folder in (project / "runs").glob(f"{name}--{STEPS_VARIANT}*"):
+                    match = re.fullmatch(rf"{re.escape(name)}--{STEPS_VARIANT}(\d+)", folder.name)
+                    if match and folder.is_dir():
+                        key = (int(match.group(1)), proxies, curated)
+                        found.setdefault(key, []).append((name, folder.name, spec_seed))
+    rows = []
+    for (steps, proxies, curated), pairs in sorted(found.items(), key=lambda item: (item[0][1], item[0][2], item[0][0])):
+        label = f"{steps} - {default_steps} student steps, {proxies} {'curated' if curated else 'plain'}"
+        rows += paired_runs(project, pairs, label)
+    return rows
 
 
 def render_paired(rows: list[dict]) -> str:
@@ -395,6 +439,9 @@ def main() -> int:
                                                                    "variance samples): what --matrix needs, at a fraction of the cost.")
     parser.add_argument("--seed", type=int, help="Replicate with another spec seed (teacher, proxies, student and "
                                                  "evaluation samples; experiment NAME-sN...). --matrix reads every seed.")
+    parser.add_argument("--student-steps", type=int, action="append", default=[],
+                        help="Also train a student of N steps on the same proxies (variant stepsN; repeatable); "
+                             "--matrix compares it with the spec's steps.")
     parser.add_argument("--matrix", action="store_true", help="Print the (proxy count x curation) table of every such "
                                                               "experiment in --project (128 and 1000 proxies).")
     args = parser.parse_args()
@@ -412,6 +459,7 @@ def main() -> int:
         found = curation_verdicts(rows)
         paired_rows = [r for label, a, b in comparisons(counts)
                        for r in paired(args.project, bases, label, a, b, default_proxies)]
+        paired_rows += steps_comparisons(args.project, bases, default_proxies, base["student"]["steps"], counts)
         subjects = [r for name, s in bases.items() for r in per_subject(args.project, name, default_proxies, counts, seed=s)]
         print(render_matrix(rows, found))
         if subjects:
@@ -422,9 +470,9 @@ def main() -> int:
             args.json.write_text(json.dumps({"rows": rows, "verdicts": found, "per_subject": subjects,
                                              "paired": paired_rows}, indent=2) + "\n")
         return 0
-    if args.proxies is not None or args.curate or args.method_only or args.seed is not None:
+    if args.proxies is not None or args.curate or args.method_only or args.seed is not None or args.student_steps:
         derived = derived_spec(base, args.proxies or default_proxies, args.curate, args.over_generate, args.method_only,
-                               args.seed)
+                               args.seed, tuple(args.student_steps))
         spec = args.project / "specs" / f"{derived['name']}.yaml"
         spec.parent.mkdir(parents=True, exist_ok=True)
         spec.write_text(yaml.safe_dump(derived, sort_keys=False))

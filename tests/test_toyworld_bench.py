@@ -198,3 +198,22 @@ def test_a_second_seed_is_an_experiment_of_its_own_and_pools_in_the_paired_compa
         ("dotty-ball", 0, 0.5), ("dotty-ball", 1, -0.5), ("all (pooled prompts)", None, 0.0)]
     assert rows[-1]["prompts"] == 20
     assert "| curated - plain, 128 | dotty-ball (seed 1) | 10 | -0.500 [" in bench.render_paired(rows)
+
+
+def test_student_steps_are_a_variant_on_the_same_proxies_and_compare_paired(bench, tmp_path):
+    import yaml
+
+    from proxytune.spec import parse_spec
+
+    spec = yaml.safe_load((bench.REPO / "specs" / "toy-bench.yaml").read_text())
+    longer = bench.derived_spec(spec, 1000, True, 2, method_only=True, student_steps=(1200,))
+    assert longer["name"] == "toy-bench-p1000-curated"        # the same experiment: its teacher and proxies reused
+    assert longer["student"]["variants"] == {"steps1200": {"steps": 1200}}
+    parse_spec(longer, "toy-bench-p1000-curated.yaml")
+    per_prompt(tmp_path, "toy-bench-p1000-curated", "dotty-ball", [0.0] * 10)
+    per_prompt(tmp_path, "toy-bench-p1000-curated--steps1200", "dotty-ball", [0.5] * 5 + [0.0] * 5)
+    per_prompt(tmp_path, "toy-bench-p1000-curated--steps1200x", "dotty-ball", [1.0] * 10)   # not a steps variant
+    per_prompt(tmp_path, "toy-bench--direct-lora", "dotty-ball", [1.0] * 10)                # another variant
+    rows = bench.steps_comparisons(tmp_path, {"toy-bench": 0}, 128, 300)
+    assert [(r["comparison"], r["subject"], r["subject_acc"]["change"]) for r in rows] == [
+        ("1200 - 300 student steps, 1000 curated", "dotty-ball", 0.25)]
