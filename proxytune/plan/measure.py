@@ -3,8 +3,9 @@
 For each case: a model built from a built-in tiny model's config, made deeper than the estimator's
 shallow copy (so the depth scaling is exercised too) and run at a batch above 1 (so is the batch
 scaling). The real step runs on a fresh model under torch.profiler with profile_memory=True;
-its peak is the running sum of the allocator's allocation and free events. The estimate is what
-`plan` uses for the same step: B x (traced peak - traced end) + traced end, from `estimate.scaled_trace`.
+its peak is the running sum of the allocator's allocation events and the frees of those blocks.
+The estimate is what `plan` uses for the same step: B x (traced peak - traced end) + traced end,
+from `estimate.scaled_trace`.
 
     python -m proxytune.plan.measure        # prints one line per case
 """
