@@ -337,18 +337,18 @@ def steps_comparisons(project: Path, bases: dict[str, int | None], default_proxi
                       counts: tuple[int, ...] = (128, 1000)) -> list[dict]:
     """Paired rows for every student-steps variant in the project (--student-steps): the variant's student minus
     the experiment's own (default_steps), at each proxy count and curation, pooled over subjects and seeds."""
-    found: dict[tuple[int, int, bool], list[tuple[str, str, int | None]]] = {}
+    found: dict[tuple[int, bool, int], list[tuple[str, str, int | None]]] = {}  # (proxies, curated, steps) -> pairs
     for base, spec_seed in bases.items():
         for proxies in counts:
             for curated in (False, True):
                 name = experiment_name(base, proxies, curated, default_proxies)
-                for folder in (project / "runs").glob(f"{name}--{STEPS_VARIANT}*"):
-                    match = re.fullmatch(rf"{re.escape(name)}--{STEPS_VARIANT}(\d+)", folder.name)
-                    if match and folder.is_dir():
-                        key = (int(match.group(1)), proxies, curated)
-                        found.setdefault(key, []).append((name, folder.name, spec_seed))
+                prefix = f"{name}--{STEPS_VARIANT}"
+                for folder in (project / "runs").glob(f"{prefix}*"):
+                    steps = folder.name[len(prefix):]
+                    if steps.isdigit() and folder.is_dir():
+                        found.setdefault((proxies, curated, int(steps)), []).append((name, folder.name, spec_seed))
     rows = []
-    for (steps, proxies, curated), pairs in sorted(found.items(), key=lambda item: (item[0][1], item[0][2], item[0][0])):
+    for (proxies, curated, steps), pairs in sorted(found.items()):
         label = f"{steps} - {default_steps} student steps, {proxies} {'curated' if curated else 'plain'}"
         rows += paired_runs(project, pairs, label)
     return rows
